@@ -1,0 +1,28 @@
+"""Errors meant for people: each names the offending path or value and the fix.
+
+The CLI prints a `KdreidError` as one line and exits non-zero without a traceback; anything else is a bug.
+"""
+
+
+class KdreidError(Exception):
+    """A user mistake (bad path, layout, value); the message says what and how to fix it."""
+
+
+class DatasetError(KdreidError):
+    """A dataset folder is missing, has the wrong layout, or holds unreadable images."""
+
+
+class ConfigError(KdreidError):
+    """A config file or flag has an unknown key or a value of the wrong type."""
+
+
+class ModelError(KdreidError):
+    """An unknown architecture or weights that do not fit it."""
+
+
+class CheckpointError(KdreidError):
+    """A checkpoint is missing, truncated, of another architecture, or unsafe to load."""
+
+
+class EvaluationError(KdreidError):
+    """Inputs to an evaluation do not fit together (lengths, NaNs, empty sets)."""
