@@ -1,0 +1,56 @@
+"""Decode every training image once into a uint8 tensor (N, 3, H, W), so that an epoch costs index lookups
+instead of JPEG decodes. The cache sits in RAM, or on the GPU when asked (Market-1501's 12,936 training
+images at 256×128 take 1.3 GB)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from kdreid.errors import DatasetError
+
+
+def read_image(path: str, height: int, width: int) -> np.ndarray:
+    """One RGB image resized to height×width (bilinear, antialiased) -> (H, W, 3) uint8.
+    A missing, corrupt or truncated file raises DatasetError naming it."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DatasetError(f"image {path} does not exist; was the dataset moved after it was listed?") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise DatasetError(
+            f"image {path} cannot be decoded ({error}); re-extract the dataset or remove the file"
+        ) from None
+
+
+def decode_images(
+    paths: Sequence[str], height: int, width: int, *, workers: int = 2, progress: bool = False
+) -> torch.Tensor:
+    """All images as one (N, 3, H, W) uint8 tensor on the CPU, decoded by `workers` threads (PIL releases the
+    GIL while decoding)."""
+    out = torch.empty((len(paths), 3, height, width), dtype=torch.uint8)
+    view = out.numpy()  # shares memory with `out`
+
+    def fill(index: int) -> None:
+        view[index] = read_image(paths[index], height, width).transpose(2, 0, 1)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), desc="decoding images", unit="img", leave=False)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for _ in pool.map(fill, range(len(paths))):
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    return out

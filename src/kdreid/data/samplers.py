@@ -1,0 +1,99 @@
+"""P×K batches: P groups (identities, tracklets or pseudo-labels) with K images each.
+
+The batch-hard triplet loss and D-MMD need several images of each group in every batch. An epoch visits every
+group's images once in chunks of K (a group with fewer than K images is topped up by drawing with replacement,
+as torchreid's RandomIdentitySampler does), and packs the chunks into batches of P distinct groups.
+
+Randomness comes from a generator seeded by (seed, epoch) only, so an epoch's batches are the same after a
+resume and the same on every rank; each rank of a distributed run takes every world_size-th batch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from kdreid.errors import DatasetError
+
+
+class PKSampler:
+    """Yields lists of P×K indices into `labels`. `len()` is the number of batches this rank gets per epoch."""
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        batch_size: int,
+        num_instances: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        what: str = "identities",
+    ):
+        if num_instances < 1 or batch_size % num_instances:
+            raise DatasetError(
+                f"batch size {batch_size} is not a multiple of --num-instances {num_instances}; choose P×K"
+            )
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.num_instances = num_instances
+        self.groups_per_batch = batch_size // num_instances
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        members: dict[int, list[int]] = defaultdict(list)
+        for index, label in enumerate(self.labels.tolist()):
+            members[label].append(index)
+        self.members = {label: np.asarray(indices) for label, indices in sorted(members.items())}
+        if len(self.members) < self.groups_per_batch:
+            raise DatasetError(
+                f"a batch of P={self.groups_per_batch} {what} needs at least that many, but the data have "
+                f"{len(self.members)}; lower --batch-size or raise --num-instances"
+            )
+        self._num_batches = self._count_batches()
+        if self._num_batches < world_size:
+            raise DatasetError(
+                f"the data give {self._num_batches} P×K batches per epoch, fewer than the {world_size} processes"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _count_batches(self) -> int:
+        # Every group gives ceil(n / K) chunks of K; an epoch is (all chunks) // P batches, fixed in advance so
+        # that schedules and progress bars do not depend on the shuffle.
+        chunks = sum(max(1, -(-len(m) // self.num_instances)) for m in self.members.values())
+        return chunks // self.groups_per_batch
+
+    def _epoch_batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch, 0x504B])  # 'PK'
+        chunks: dict[int, list[np.ndarray]] = {}
+        for label, indices in self.members.items():
+            indices = rng.permutation(indices)
+            shortfall = -len(indices) % self.num_instances
+            if shortfall:  # top the last chunk up with repeats (all of it, for a group smaller than K)
+                indices = np.concatenate([indices, rng.choice(indices, size=shortfall, replace=True)])
+            chunks[label] = list(indices.reshape(-1, self.num_instances))
+        labels = list(chunks)
+        batches: list[list[int]] = []
+        while len(batches) < self._num_batches:
+            available = [label for label in labels if chunks[label]]
+            if len(available) < self.groups_per_batch:
+                # Large groups outlast the rest; give the emptied ones a fresh chunk so that every epoch has
+                # the same number of batches of P distinct groups.
+                for label in labels:
+                    if not chunks[label]:
+                        chunks[label] = [rng.choice(self.members[label], size=self.num_instances)]
+                available = labels
+            picked = rng.choice(len(available), size=self.groups_per_batch, replace=False)
+            batches.append([int(i) for j in picked for i in chunks[available[j]].pop()])
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._epoch_batches()
+        return iter(batches[self.rank :: self.world_size][: len(self)])
+
+    def __len__(self) -> int:
+        return self._num_batches // self.world_size

@@ -1,0 +1,53 @@
+import collections
+
+import numpy as np
+import pytest
+
+from kdreid.data.samplers import PKSampler
+from kdreid.errors import DatasetError
+
+
+def _labels():
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(1, 15, size=20)  # includes groups smaller than K
+    return [label for label, size in enumerate(sizes) for _ in range(size)]
+
+
+def test_every_batch_is_p_distinct_groups_of_k():
+    labels = _labels()
+    sampler = PKSampler(labels, batch_size=16, num_instances=4, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) > 0
+    for batch in batches:
+        assert len(batch) == 16
+        groups = [labels[i] for i in batch]
+        counts = collections.Counter(groups)
+        assert len(counts) == 4 and set(counts.values()) == {4}
+        # K consecutive indices share a group: consumers may reshape to (P, K).
+        assert all(len(set(groups[k : k + 4])) == 1 for k in range(0, 16, 4))
+
+
+def test_epoch_covers_most_images_and_is_reproducible():
+    labels = _labels()
+    sampler = PKSampler(labels, batch_size=16, num_instances=4, seed=1)
+    seen = {i for batch in sampler for i in batch}
+    assert len(seen) >= 0.8 * len(labels)
+    again = PKSampler(labels, batch_size=16, num_instances=4, seed=1)
+    assert list(again) == list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != list(again)
+
+
+def test_ranks_split_the_epoch_without_overlap():
+    labels = _labels()
+    full = list(PKSampler(labels, 16, 4, seed=5))
+    ranks = [list(PKSampler(labels, 16, 4, seed=5, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(full) // 2
+    assert ranks[0] == full[0::2][: len(ranks[0])] and ranks[1] == full[1::2][: len(ranks[1])]
+
+
+def test_bad_sizes_are_clear():
+    with pytest.raises(DatasetError, match="not a multiple of --num-instances 4"):
+        PKSampler([0, 1], 10, 4)
+    with pytest.raises(DatasetError, match="P=8 tracklets needs at least that many, but the data have 2"):
+        PKSampler([0, 0, 1, 1], 32, 4, what="tracklets")
