@@ -1,0 +1,104 @@
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from kdreid.rundir import RunDir
+from kdreid.stages.loop import TrainConfig, TrainingError, fit, results_table
+from kdreid.stages.optim import OptimConfig, build_optimizer, learning_rate
+
+DATA = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+TARGETS = DATA @ torch.arange(6, dtype=torch.float32)
+
+
+def _train(tmp_path, *, epochs=3, resume=False, interrupt_at=None, nan_at=None, select="last", name="run"):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 1)
+    config = TrainConfig(epochs=epochs, device="cpu", eval_freq=1, select=select,
+                         optim=OptimConfig(optimizer="sgd", lr=0.01, momentum=0.0, warmup_epochs=1, milestones=[2]))
+    optimizer = build_optimizer(model.parameters(), config.optim)
+    evaluations = []
+
+    def step(ctx):
+        if interrupt_at == (ctx.epoch, ctx.iteration):
+            raise KeyboardInterrupt
+        index = torch.randint(0, 64, (8,), generator=ctx.generator)
+        loss = (model(DATA[index]).squeeze(1) - TARGETS[index]).pow(2).mean()
+        if nan_at == (ctx.epoch, ctx.iteration):
+            loss = loss * float("nan")
+        return {"loss": loss, "mse": loss}
+
+    def evaluate(epoch):
+        evaluations.append(epoch)
+        # A fake validation curve that peaks at epoch 2 (1-based), to exercise selection.
+        return {"source-val": {"mAP": [10.0, 30.0, 20.0][epoch]}, "t": {"mAP": 1.0 + epoch, "rank1": 2.0}}
+
+    result = fit(run=RunDir(tmp_path / name), config=config, stage_config=config, modules={"model": model},
+                 optimizer=optimizer, batches_per_epoch=5, train_step=step, evaluate=evaluate, resume=resume)
+    return model, result, evaluations
+
+
+def test_fit_writes_a_checkpoint_per_epoch_and_logs(tmp_path):
+    model, result, evaluations = _train(tmp_path)
+    assert evaluations == [0, 1, 2]
+    assert [e["epoch"] for e in result.epochs] == [1, 2, 3]
+    assert result.epochs[0]["losses"]["mse"] > result.epochs[-1]["losses"]["mse"]
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    assert "epoch 3/3" in (tmp_path / "run" / "log.txt").read_text()
+    assert result.final["t"]["mAP"] == 3.0 and result.selection == "last epoch"
+
+
+def test_existing_run_is_refused_without_resume(tmp_path):
+    _train(tmp_path, epochs=1)
+    with pytest.raises(TrainingError, match="pass --resume to continue it or choose another --out"):
+        _train(tmp_path, epochs=1)
+
+
+def test_resume_after_interruption_gives_identical_weights(tmp_path):
+    reference, _, _ = _train(tmp_path, name="straight")
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, name="broken", interrupt_at=(1, 3))
+    resumed, result, evaluations = _train(tmp_path, name="broken", resume=True)
+    assert evaluations == [1, 2]  # epoch 0 came from the checkpoint
+    assert [e["epoch"] for e in result.epochs] == [1, 2, 3]
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_non_finite_loss_names_epoch_iteration_and_term(tmp_path):
+    with pytest.raises(TrainingError, match=r"epoch 2, iteration 4: loss=nan, mse=nan"):
+        _train(tmp_path, nan_at=(1, 3))
+
+
+def test_source_val_selection_restores_the_best_epoch(tmp_path):
+    model, result, _ = _train(tmp_path, select="source-val")
+    assert result.selected_epoch == 2 and "epoch 2" in result.selection
+    assert result.final["t"]["mAP"] == 2.0
+
+
+def test_learning_rate_schedules():
+    warm = OptimConfig(lr=1.0, warmup_epochs=2, warmup_factor=0.1, scheduler="multistep", milestones=[4, 6])
+    assert [round(learning_rate(warm, e, 8), 4) for e in range(8)] == [0.1, 0.55, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    cosine = OptimConfig(lr=1.0, warmup_epochs=0, scheduler="cosine")
+    assert learning_rate(cosine, 0, 10) == 1.0 and learning_rate(cosine, 5, 10) == pytest.approx(0.5)
+    step = OptimConfig(lr=1.0, warmup_epochs=0, scheduler="step", step_size=3, gamma=0.5)
+    assert [learning_rate(step, e, 9) for e in (0, 3, 6)] == [1.0, 0.5, 0.25]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "amsgrad", "adamw"])
+def test_optimizers_build(name):
+    optimizer = build_optimizer(nn.Linear(2, 2).parameters(), OptimConfig(optimizer=name))
+    assert optimizer.defaults["lr"] == 3.5e-4
+    if name == "sgd":
+        assert optimizer.defaults["nesterov"] is True
+    if name == "amsgrad":
+        assert optimizer.defaults["amsgrad"] is True
+
+
+def test_results_table_names_the_selection_rule():
+    table = results_table([{"model": "source only", "dataset": "synth_duke", "metrics": {"mAP": 12.34, "rank1": 50}}],
+                          "last epoch")
+    assert "| source only | synth_duke | — | 12.3 | 50.0 | — | — | — |" in table
+    assert "Checkpoint selection: last epoch" in table
