@@ -1,0 +1,147 @@
+"""Training data for the stages: datasets combined and relabelled, a held-out source validation split, the
+uint8 image cache and P×K batches drawn from it onto the training device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from kdreid.data.augment import AugmentConfig, augment_batch
+from kdreid.data.cache import decode_images
+from kdreid.data.datasets.base import ImageRecord, ReidDataset, build_dataset
+from kdreid.data.samplers import PKSampler
+from kdreid.errors import DatasetError
+
+
+def load_datasets(names: Sequence[str], root: str, options: dict | None = None) -> list[ReidDataset]:
+    return [build_dataset(name, root, **(options or {}).get(name, {})) for name in names]
+
+
+def combine_train(datasets: Sequence[ReidDataset], combineall: bool = False) -> list[ImageRecord]:
+    """The training records of several datasets as one label space: pids and tracklets of each dataset are
+    offset past the previous ones (as torchreid combines sources). With `combineall`, query and gallery
+    identities (distractors excluded) join the training set under new labels."""
+    combined: list[ImageRecord] = []
+    pid_offset = tracklet_offset = 0
+    for dataset in datasets:
+        records = list(dataset.train)
+        if combineall:
+            records += _test_as_train(dataset, start_pid=dataset.num_train_pids, start_tracklet=1 + max(
+                (r.tracklet for r in dataset.train), default=-1))
+        combined += [
+            ImageRecord(r.path, r.pid + pid_offset, r.camid, r.tracklet + tracklet_offset) for r in records
+        ]
+        pid_offset = 1 + max((r.pid for r in combined), default=-1)
+        tracklet_offset = 1 + max((r.tracklet for r in combined), default=-1)
+    return combined
+
+
+def _test_as_train(dataset: ReidDataset, start_pid: int, start_tracklet: int) -> list[ImageRecord]:
+    records = [r for r in dataset.query + dataset.gallery if r.pid > 0]
+    pids = {pid: start_pid + i for i, pid in enumerate(sorted({r.pid for r in records}))}
+    tracklets = {key: start_tracklet + i for i, key in enumerate(sorted({(r.pid, r.camid) for r in records}))}
+    return [ImageRecord(r.path, pids[r.pid], r.camid, tracklets[(r.pid, r.camid)]) for r in records]
+
+
+@dataclass
+class ValidationSplit:
+    train: list[ImageRecord]
+    query: list[ImageRecord]
+    gallery: list[ImageRecord]
+
+
+def hold_out_validation(records: Sequence[ImageRecord], fraction: float, seed: int) -> ValidationSplit:
+    """Hold out `fraction` of the training identities (those seen by ≥ 2 cameras) as a validation
+    query/gallery: one query per (identity, camera), the rest in the gallery, Market-style. The kept identities
+    are relabelled 0..N-1. Used for checkpoint selection without touching any target test label."""
+    cameras: dict[int, set[int]] = {}
+    for r in records:
+        cameras.setdefault(r.pid, set()).add(r.camid)
+    eligible = sorted(pid for pid, cams in cameras.items() if len(cams) >= 2)
+    count = int(round(fraction * len(cameras)))
+    if count < 2 or count > len(eligible):
+        raise DatasetError(
+            f"cannot hold out {fraction:.0%} of {len(cameras)} source identities for validation "
+            f"({len(eligible)} are seen by two cameras); change --source-val-ids or use --select last"
+        )
+    rng = np.random.default_rng([seed, 0x56414C])  # 'VAL'
+    held = set(rng.choice(eligible, size=count, replace=False).tolist())
+    kept = [r for r in records if r.pid not in held]
+    pid_map = {pid: i for i, pid in enumerate(sorted({r.pid for r in kept}))}
+    train = [ImageRecord(r.path, pid_map[r.pid], r.camid, r.tracklet) for r in kept]
+    query, gallery, seen = [], [], set()
+    for index in rng.permutation(len(records)):
+        r = records[int(index)]
+        if r.pid not in held:
+            continue
+        # Validation ids are shifted by one so that none is 0, the distractor id of the market protocol.
+        shown = ImageRecord(r.path, r.pid + 1, r.camid, r.tracklet)
+        if (r.pid, r.camid) in seen:
+            gallery.append(shown)
+        else:
+            seen.add((r.pid, r.camid))
+            query.append(shown)
+    return ValidationSplit(train, sorted(query, key=lambda r: r.path), sorted(gallery, key=lambda r: r.path))
+
+
+class BatchSource:
+    """P×K batches of one domain: a sampler over group labels, the decoded images, augmentation on `device`.
+
+    `labels` are the groups batches are formed by (identities on a source, tracklets or pseudo-labels on a
+    target); `next_batch(generator)` returns (images float (B, 3, H, W) in [0, 1], labels (B,)) on `device`.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        labels: Sequence[int],
+        *,
+        height: int,
+        width: int,
+        batch_size: int,
+        num_instances: int,
+        augment: AugmentConfig,
+        device: torch.device,
+        seed: int,
+        what: str = "identities",
+        images: torch.Tensor | None = None,
+    ):
+        self.records = list(records)
+        self.augment = augment
+        self.device = device
+        self.images = images if images is not None else decode_images(
+            [r.path for r in self.records], height, width, progress=True
+        )
+        if device.type == "cuda":
+            self.images = self.images.to(device)  # decode once, then every batch is an on-device gather
+        self.set_labels(labels, batch_size=batch_size, num_instances=num_instances, seed=seed, what=what)
+        self._iterator: Iterator[list[int]] | None = None
+
+    def set_labels(self, labels: Sequence[int], *, batch_size: int, num_instances: int, seed: int, what: str) -> None:
+        """(Re)group the images, e.g. after pseudo-labels are refreshed. Label -1 (outliers) is left out."""
+        labels = np.asarray(labels, dtype=np.int64)
+        self.kept = np.flatnonzero(labels >= 0)
+        self.labels = torch.as_tensor(labels)
+        self.sampler = PKSampler(labels[self.kept], batch_size, num_instances, seed=seed, what=what)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self._iterator = iter(self.sampler)
+
+    def next_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            positions = next(self._iterator)
+        except StopIteration:  # a shorter domain paired with a longer one wraps around within the epoch
+            self.sampler.set_epoch(self.sampler.epoch + 10_000)
+            self._iterator = iter(self.sampler)
+            positions = next(self._iterator)
+        index = torch.as_tensor(self.kept[positions])
+        images = self.images[index.to(self.images.device)].to(self.device, non_blocking=True)
+        labels = self.labels[index].to(self.device, non_blocking=True)
+        return augment_batch(images, self.augment, generator), labels
