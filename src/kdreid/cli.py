@@ -44,8 +44,8 @@ def _add_data_check(sub) -> None:
     p.add_argument("--json", action="store_true", help="print only the statistics as JSON")
     p.add_argument("--cuhk03-labeled", action="store_true", help="CUHK03: use the labeled boxes (default detected)")
     p.add_argument("--cuhk03-classic-split", action="store_true", help="CUHK03: the classic 20-split protocol")
-    p.add_argument("--split-id", type=int, default=0, help="CUHK03: which split to read")
-    p.add_argument("--no-verify", action="store_true", help="do not decode every image (faster)")
+    p.add_argument("--split-id", type=int, default=0, help="CUHK03 classic protocol: which of the 20 splits (0..19)")
+    p.add_argument("--no-verify", action="store_true", help="only check that the images exist; do not decode them")
     p.set_defaults(run=_run_data_check)
 
 
@@ -53,6 +53,153 @@ def _run_data_check(args) -> int:
     from kdreid.data.check import check_command
 
     return check_command(args)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the architectures with parameter counts and MACs at 256x128")
+    p.add_argument("names", nargs="*", help="only these models (default: all)")
+    p.add_argument("--tiny", action="store_true", help="also list the test-size variants")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(run=_run_models)
+
+
+def _run_models(args) -> int:
+    import json
+
+    from kdreid.models.registry import describe_models
+
+    rows = describe_models(args.names or None, include_tiny=args.tiny)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<18} {'params':>8} {'MACs@256x128':>13} {'embedding':>9}  {'stage widths':<22} imagenet file")
+    for row in rows:
+        widths = ",".join(str(c) for c in row["stage_channels"])
+        print(
+            f"{row['name']:<18} {row['params'] / 1e6:>7.2f}M {row['macs'] / 1e9:>12.3f}G {row['embedding_dim']:>9}  "
+            f"{widths:<22} {row['imagenet'] or '-'}"
+        )
+    print("params without a classifier; MACs of one 256x128 image in eval mode (convolutions and linear layers)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- data baseline
+def _add_data_baseline(sub) -> None:
+    p = sub.add_parser("baseline", help="colour-histogram retrieval baseline (mAP, rank-1) of a dataset's query/gallery")
+    p.add_argument("--root", required=True, help="parent folder of the datasets (as in torchreid)")
+    p.add_argument("-d", "--dataset", required=True, help="dataset name, e.g. synth_market")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=_run_data_baseline)
+
+
+def _run_data_baseline(args) -> int:
+    from kdreid.evaluation.color_histogram import baseline_command
+
+    return baseline_command(args)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def _add_stage_flags(p) -> None:
+    """The flags every training stage takes; unset flags leave the preset/--config value alone."""
+    p.add_argument("--root", help="parent folder of the datasets (as in torchreid)")
+    p.add_argument("--out", help="run folder (config.yaml, log.txt, checkpoints/, model.pt, metrics.json)")
+    p.add_argument("--config", help="YAML file of settings (applied over --preset, under the flags)")
+    p.add_argument("--preset", help="named settings: quick (CPU minutes) or paper")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="P×K images per domain and step")
+    p.add_argument("--num-instances", type=int, help="K, images per identity/tracklet in a batch")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["adam", "amsgrad", "adamw", "sgd"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--deterministic", action="store_const", const=True, help="deterministic kernels (slower)")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--eval-freq", type=int, help="evaluate every N epochs (0: at the end only)")
+    p.add_argument("--select", choices=["last", "source-val"],
+                   help="which epoch's weights to keep; never chosen on target test labels")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt if it exists")
+    p.add_argument("--cuhk03-labeled", action="store_const", const=True)
+    p.add_argument("--cuhk03-classic-split", action="store_const", const=True)
+
+
+def _stage_overrides(args) -> dict:
+    return {
+        "out": args.out,
+        "data.root": args.root,
+        "data.cuhk03_labeled": args.cuhk03_labeled,
+        "data.cuhk03_classic_split": args.cuhk03_classic_split,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "train.num_instances": args.num_instances,
+        "train.height": args.height,
+        "train.width": args.width,
+        "train.optim.lr": args.lr,
+        "train.optim.optimizer": args.optimizer,
+        "train.seed": args.seed,
+        "train.deterministic": args.deterministic,
+        "train.device": args.device,
+        "train.eval_freq": args.eval_freq,
+        "train.select": args.select,
+    }
+
+
+def _add_train_source(commands) -> None:
+    p = commands.add_parser("train-source", help="stage 1: supervised training on the labelled source")
+    p.add_argument("-s", "--sources", nargs="+", required=True, help="source dataset name(s), combined")
+    p.add_argument("-t", "--targets", nargs="*", help="target datasets to evaluate on (the source-only rows)")
+    p.add_argument("-a", "--arch", help="architecture (see `kdreid models`)")
+    p.add_argument("--pretrained", help="none, imagenet or a weights file")
+    p.add_argument("--combineall", action="store_const", const=True, help="train on query/gallery ids too")
+    _add_stage_flags(p)
+    p.set_defaults(run=_run_train_source)
+
+
+def _run_train_source(args) -> int:
+    from kdreid.stages import source
+    from kdreid.stages.presets import resolve_config
+
+    overrides = _stage_overrides(args) | {
+        "sources": args.sources, "targets": args.targets, "arch": args.arch, "pretrained": args.pretrained,
+        "data.combineall": args.combineall,
+    }
+    config = resolve_config(
+        source.SourceConfig, "source", preset=args.preset, config_file=args.config, overrides=overrides
+    )
+    source.run(config, resume=args.resume)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def _add_evaluate(commands) -> None:
+    p = commands.add_parser("evaluate", help="mAP, rank-1/5/10 and mINP of a model on each target's query/gallery")
+    p.add_argument("--model", required=True, help="a kdreid checkpoint (model.pt), or a plain state dict with -a")
+    p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
+    p.add_argument("-t", "--targets", nargs="+", required=True, help="dataset names, e.g. market1501 synth_duke")
+    p.add_argument("--root", required=True, help="parent folder of the datasets")
+    p.add_argument("--out", default=None, help="run folder: writes OUT/metrics.json (merged into an existing one)")
+    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)")
+    p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
+    p.add_argument("--flip", action="store_true", help="average the embeddings of each image and its mirror")
+    p.add_argument("--protocol", choices=("market", "cuhk03"), default="market",
+                   help="cuhk03 = single-gallery-shot CMC (CUHK03 classic splits)")
+    p.add_argument("--json", action="store_true", help="print only the metrics as JSON")
+    p.add_argument("--height", type=int, default=None, help="input height (default: the checkpoint's, else 256)")
+    p.add_argument("--width", type=int, default=None, help="input width (default: the checkpoint's, else 128)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--cuhk03-labeled", action="store_true", help="CUHK03: use the labeled boxes (default detected)")
+    p.add_argument("--cuhk03-classic-split", action="store_true", help="CUHK03: the classic 20-split protocol")
+    p.add_argument("--split-id", type=int, default=0, help="CUHK03: which split to read")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from kdreid.evaluation.features import evaluate_command
+
+    return evaluate_command(args)
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -68,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND")
     _add_data_synth(data_commands)
     _add_data_check(data_commands)
+    _add_data_baseline(data_commands)
     data.set_defaults(run=lambda args: _missing_subcommand(data))
 
     for add in _COMMANDS:
@@ -76,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Top-level commands other than `data`, in the order `kdreid --help` lists them.
-_COMMANDS: list = []
+_COMMANDS: list = [_add_models, _add_train_source, _add_evaluate]
 
 
 def _missing_subcommand(parser: argparse.ArgumentParser) -> int:

@@ -134,13 +134,17 @@ def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def load_yaml(cls: type[T], path: str | Path) -> T:
-    """Read a config of type `cls` from a YAML file (missing keys keep their defaults)."""
+def read_yaml(path: str | Path) -> Any:
+    """The parsed contents of a YAML file; a missing or malformed file is a ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    return from_dict(cls, data, where=str(path))
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Read a config of type `cls` from a YAML file (missing keys keep their defaults)."""
+    return from_dict(cls, read_yaml(path), where=str(path))

@@ -40,7 +40,11 @@ def combine_train(datasets: Sequence[ReidDataset], combineall: bool = False) -> 
 
 
 def _test_as_train(dataset: ReidDataset, start_pid: int, start_tracklet: int) -> list[ImageRecord]:
-    records = [r for r in dataset.query + dataset.gallery if r.pid > 0]
+    # Market-style galleries use pid 0 for distractors (many different people), which must not become one
+    # identity; in MSMT17 pid 0 is a real person. Classic CUHK03 repeats images across query and gallery.
+    distractors = dataset.name != "msmt17"
+    unique = {r.path: r for r in dataset.query + dataset.gallery if not (distractors and r.pid == 0)}
+    records = [unique[path] for path in sorted(unique)]
     pids = {pid: start_pid + i for i, pid in enumerate(sorted({r.pid for r in records}))}
     tracklets = {key: start_tracklet + i for i, key in enumerate(sorted({(r.pid, r.camid) for r in records}))}
     return [ImageRecord(r.path, pids[r.pid], r.camid, tracklets[(r.pid, r.camid)]) for r in records]

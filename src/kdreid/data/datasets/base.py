@@ -1,15 +1,26 @@
-"""Records, the dataset container and the registry every layout reader registers itself in.
+"""Records, the dataset container, the registry every layout reader registers itself in, and the few rules
+all readers share (junk, relabelling, tracklets, finding the dataset folder, naming a wrong layout).
 
-A reader only parses a folder into records; decoding images is the loader's business.
+A reader only parses a folder into records; decoding images is the loader's business (and `data check`'s).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+import os
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 from kdreid.errors import DatasetError
+
+SPLITS = ("train", "query", "gallery")
+JUNK_PID = -1  # Market-style junk boxes: dropped by every reader
+DISTRACTOR_PID = 0  # Market-style distractors ("0000_..."): kept in the gallery as one more identity
+
+# `PPPP_cC...`: pid (may be -1) and a camera number of any number of digits (a 15-camera domain writes c12).
+MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
 
 
 @dataclass(frozen=True)
@@ -17,8 +28,10 @@ class ImageRecord:
     """One image: where it is, who it shows, which camera saw it and which tracklet it belongs to.
 
     `pid` is relabelled 0..N-1 in the training split and kept raw in query/gallery (0 = distractor).
-    `camid` is the camera number as written in the file name (1-based in Market/Duke).
+    `camid` is the camera number as written in the file name (1-based in Market/Duke/MSMT17, the view 1/2 in
+    CUHK03); only equality matters.
     `tracklet` groups images known to show one person without cross-camera identity (DESIGN §3); -1 = none.
+    In the training split it is relabelled 0..T-1; query/gallery of public datasets carry -1.
     """
 
     path: str
@@ -29,7 +42,10 @@ class ImageRecord:
 
 @dataclass
 class ReidDataset:
-    """The three splits of one dataset, plus problems noticed while parsing (unparsable names...)."""
+    """The three splits of one dataset, plus problems noticed while parsing (unparsable names...).
+
+    `root` is the folder the images were found in (e.g. `.../market1501/Market-1501-v15.09.15`).
+    """
 
     name: str
     root: str
@@ -46,8 +62,12 @@ class ReidDataset:
     def num_train_cams(self) -> int:
         return len({r.camid for r in self.train})
 
+    @property
+    def num_train_tracklets(self) -> int:
+        return len({r.tracklet for r in self.train})
+
     def split(self, name: str) -> list[ImageRecord]:
-        if name not in ("train", "query", "gallery"):
+        if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}")
         return getattr(self, name)
 
@@ -75,14 +95,30 @@ def dataset_names() -> list[str]:
 
 
 def build_dataset(name: str, root: str | Path, **options) -> ReidDataset:
-    """Parse dataset `name` under the parent folder `root` (torchreid's convention: `root/market1501/...`)."""
+    """Parse dataset `name` under the parent folder `root` (torchreid's convention: `root/market1501/...`).
+
+    `options` are the readers' keyword options (cuhk03: `labeled`, `classic_split`, `split_id`). A reader gets
+    only those it takes, so one set of options can be passed for every dataset of a run; a name that no
+    reader takes is a mistake and raises."""
     _load_readers()
     if name not in _READERS:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(_READERS))}")
-    root = Path(root).expanduser()
+    known = {option for reader in _READERS.values() for option in _keyword_options(reader)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise DatasetError(f"unknown dataset option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    root = Path(root).expanduser().absolute()
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} does not exist; pass the parent folder of the datasets with --root")
-    return _READERS[name](root, **options)
+    reader = _READERS[name]
+    accepted = _keyword_options(reader)
+    return reader(root, **{key: value for key, value in options.items() if key in accepted})
+
+
+def _keyword_options(reader: DatasetReader) -> set[str]:
+    parameters = list(inspect.signature(reader).parameters.values())[1:]  # the first one is `root`
+    keyword_kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name for p in parameters if p.kind in keyword_kinds and p.default is not p.empty}
 
 
 def _load_readers() -> None:
@@ -90,8 +126,124 @@ def _load_readers() -> None:
     import kdreid.data.datasets  # noqa: F401
 
 
+# ---------------------------------------------------------------------------------------------- shared rules
 def relabel(records: list[ImageRecord]) -> list[ImageRecord]:
-    """Train split: pids to 0..N-1 in sorted order of the raw pids; tracklets to 0..T-1 likewise."""
+    """Train split: pids to 0..N-1 in sorted order of the raw pids; tracklets to 0..T-1 likewise (-1 stays -1)."""
     pid_map = {pid: i for i, pid in enumerate(sorted({r.pid for r in records}))}
-    track_map = {t: i for i, t in enumerate(sorted({r.tracklet for r in records}))}
+    track_map = {t: i for i, t in enumerate(sorted({r.tracklet for r in records if r.tracklet != -1}))}
+    track_map[-1] = -1
     return [ImageRecord(r.path, pid_map[r.pid], r.camid, track_map[r.tracklet]) for r in records]
+
+
+def derive_tracklets(records: list[ImageRecord]) -> list[ImageRecord]:
+    """Give every record without a tracklet the tracklet of its (raw pid, camera) pair.
+
+    What a single-camera tracker would give for a public dataset: images of one person in one camera, never
+    linked across cameras (DESIGN §3). Given tracklets keep their ids; derived ones are numbered after them so
+    the two never collide. Call before `relabel` (it needs raw pids).
+    """
+    given = {r.tracklet for r in records if r.tracklet != -1}
+    first_free = max(given) + 1 if given else 0
+    pairs = sorted({(r.pid, r.camid) for r in records if r.tracklet == -1})
+    pair_ids = {pair: first_free + i for i, pair in enumerate(pairs)}
+    return [r if r.tracklet != -1 else replace(r, tracklet=pair_ids[(r.pid, r.camid)]) for r in records]
+
+
+def make_dataset(
+    name: str,
+    root: Path,
+    train: Iterable[ImageRecord],
+    query: Iterable[ImageRecord],
+    gallery: Iterable[ImageRecord],
+    problems: list[str] | None = None,
+) -> ReidDataset:
+    """The common finish of every reader: drop junk, derive and relabel train tracklets and pids, sort by path.
+
+    Train records come in with raw pids; query/gallery keep theirs (distractors, pid 0, stay in the gallery).
+    """
+    def keep(records: Iterable[ImageRecord]) -> list[ImageRecord]:
+        return sorted((r for r in records if r.pid != JUNK_PID), key=lambda r: r.path)
+
+    train_records = relabel(derive_tracklets(keep(train)))
+    return ReidDataset(name, str(root), train_records, keep(query), keep(gallery), list(problems or []))
+
+
+def parse_market_name(file_name: str) -> tuple[int, int] | None:
+    """(pid, camid) from `PPPP_cC...` names (Market-1501, DukeMTMC-reID, custom, synthetic), or None."""
+    match = MARKET_NAME.match(file_name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def read_market_style_folder(
+    folder: Path, problems: list[str], extensions: Sequence[str] = (".jpg",)
+) -> list[ImageRecord]:
+    """Every image in `folder` named `PID_cCAM*` as a record with raw pid (junk included; `make_dataset` drops
+    it). Names that do not parse are listed in `problems` and skipped, so one stray file does not stop a run."""
+    # os.scandir: file type without a stat per file, which matters for MSMT17-size folders (126k images)
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries if os.path.splitext(e.name)[1].lower() in extensions and e.is_file())
+    records = []
+    for name in names:
+        parsed = parse_market_name(name)
+        if parsed is None:
+            problems.append(f"{folder / name}: file name does not match PID_cCAM_*{extensions[0]}; rename or remove it")
+            continue
+        records.append(ImageRecord(os.path.join(folder, name), parsed[0], parsed[1]))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- folders
+# What each dataset's folder looks like, to tell a user which layout they actually pointed at.
+_LAYOUT_SIGNS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("Market-1501", "market1501", ("Market-1501-v15.09.15", "market1501")),
+    ("DukeMTMC-reID", "dukemtmcreid", ("DukeMTMC-reID", "dukemtmc-reid")),
+    ("MSMT17", "msmt17", ("MSMT17_V1", "MSMT17_V2", "msmt17", "mask_train_v2")),
+    ("CUHK03", "cuhk03", ("cuhk03_release", "cuhk03", "cuhk03-np", "images_detected", "images_labeled",
+                          "cuhk03_new_protocol_config_detected.mat")),
+]
+
+
+def layout_hint(folder: Path, expected: str) -> str:
+    """'; is this the X layout? then use -d x' when `folder` (or its contents) looks like another dataset, or
+    '; it holds X, Y (-d x, y)' when it is a parent of other datasets; '' when nothing is recognised."""
+    names = {folder.name}
+    if folder.is_dir():
+        names |= {child.name for child in folder.iterdir()}
+    matches = [(title, dataset) for title, dataset, signs in _LAYOUT_SIGNS
+               if dataset != expected and names & set(signs)]
+    matches += [(name, name) for name in sorted(names) if name.startswith("synth_") and name != expected]
+    if expected != "custom" and {"train", "query", "gallery"} <= names:
+        matches.append(("custom (train/, query/, gallery/)", "custom"))
+    if not matches and "list_train.txt" in names and expected != "msmt17":
+        matches.append(("MSMT17 (list_train.txt)", "msmt17"))
+    if not matches and "bounding_box_train" in names and expected in ("msmt17", "cuhk03", "custom"):
+        matches.append(("Market-1501 (bounding_box_train/)", "market1501, dukemtmcreid or a synth_ name"))
+    if len(matches) == 1:
+        return f"; is this the {matches[0][0]} layout? then use -d {matches[0][1]}"
+    if matches:
+        return f"; it holds {', '.join(t for t, _ in matches)} (-d {', '.join(d for _, d in matches)})"
+    return ""
+
+
+def find_dataset_folder(root: Path, candidates: Sequence[Path], marker: str, dataset: str, expected: str) -> Path:
+    """The first candidate folder holding `marker` (e.g. `bounding_box_train`). Otherwise one line that says
+    where it was looked for (`expected`, e.g. "ROOT/market1501/[Market-1501-v15.09.15/]bounding_box_train/"),
+    with a hint when the folder holds another dataset's layout."""
+    for candidate in candidates:
+        if (candidate / marker).exists():
+            return candidate
+    existing = next((c for c in candidates if c.is_dir()), None)
+    if existing is not None:
+        raise DatasetError(
+            f"expected {marker} under {existing}{layout_hint(existing, dataset)}; the -d {dataset} layout is {expected}"
+        )
+    raise DatasetError(
+        f"no -d {dataset} data under {root}: expected {expected}{layout_hint(root, dataset)}; "
+        "--root is the parent folder of the datasets"
+    )
+
+
+def require_split_folder(folder: Path, fix: str) -> Path:
+    if not folder.is_dir():
+        raise DatasetError(f"split folder {folder}/ is missing; {fix}")
+    return folder

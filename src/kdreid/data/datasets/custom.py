@@ -1,0 +1,98 @@
+"""A user's own cameras: a folder with train/, query/ and gallery/, labelled by a CSV manifest or by file names.
+
+    ROOT/                         (or ROOT/custom/)
+        train/  query/  gallery/  images, in sub-folders if you like
+        manifest.csv              optional: path,pid,camid[,tracklet][,split]
+
+With `manifest.csv`, `path` is relative to the folder that holds it (or absolute); the split is the `split`
+column when there is one, else the first folder of the path (train/, query/ or gallery/). `tracklet`, when
+given, groups images one tracker linked in one camera; ids must be unique in the dataset. Without a manifest,
+every image is named `PID_cCAM_anything.jpg` (e.g. `0007_c3_000120.jpg`) and train tracklets are derived from
+(pid, camera) as for the public datasets. pid -1 = junk (dropped), pid 0 = distractor (kept in the gallery).
+Camera numbers are kept as written. Evaluation only counts a query whose identity is in the gallery under
+another camera: `kdreid data check -d custom` says so when no query has one.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from kdreid.data.datasets.base import (
+    SPLITS,
+    ImageRecord,
+    ReidDataset,
+    layout_hint,
+    make_dataset,
+    read_market_style_folder,
+    register_dataset,
+    require_split_folder,
+)
+from kdreid.errors import DatasetError
+
+CUSTOM_MANIFEST = "manifest.csv"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+REQUIRED_COLUMNS = ("path", "pid", "camid")
+
+
+@register_dataset("custom")
+def read_custom(root: Path) -> ReidDataset:
+    candidates = (root, root / "custom")
+    folder = next((f for f in candidates if (f / CUSTOM_MANIFEST).is_file() or (f / "train").is_dir()), None)
+    if folder is None:
+        raise DatasetError(
+            f"expected train/, query/, gallery/ (and optionally {CUSTOM_MANIFEST}) under {root} or {root / 'custom'}"
+            f"{layout_hint(root, 'custom')}"
+        )
+    problems: list[str] = []
+    if (folder / CUSTOM_MANIFEST).is_file():
+        splits = read_manifest(folder, folder / CUSTOM_MANIFEST, problems)
+    else:
+        fix = f"put the images of each split in {folder}/train/, query/ and gallery/"
+        splits = {}
+        for split in SPLITS:
+            split_dir = require_split_folder(folder / split, fix)
+            splits[split] = []
+            for sub_dir in sorted({p.parent for p in split_dir.rglob("*") if p.is_file()}):
+                splits[split] += read_market_style_folder(sub_dir, problems, IMAGE_EXTENSIONS)
+    return make_dataset("custom", folder, splits["train"], splits["query"], splits["gallery"], problems)
+
+
+def read_manifest(folder: Path, manifest_path: Path, problems: list[str]) -> dict[str, list[ImageRecord]]:
+    """Records of a `path,pid,camid[,tracklet][,split]` CSV; bad rows become problems naming the row."""
+    with open(manifest_path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        raise DatasetError(
+            f"{manifest_path} is empty; write a header 'path,pid,camid[,tracklet][,split]' and one row per image"
+        )
+    header = [column.strip().lower() for column in rows[0]]
+    if not set(REQUIRED_COLUMNS) <= set(header):
+        raise DatasetError(
+            f"{manifest_path}: the first line must be a header with columns path,pid,camid[,tracklet][,split]; "
+            f"got {','.join(rows[0])}"
+        )
+    column = {name: header.index(name) for name in header}
+    splits: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}
+    for line_number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"{manifest_path}:{line_number}"
+        try:
+            values = {name: row[index].strip() for name, index in column.items()}
+            pid, camid = int(values["pid"]), int(values["camid"])
+            tracklet = int(values["tracklet"]) if values.get("tracklet") else -1
+        except (IndexError, ValueError):
+            problems.append(f"{where}: expected integer pid and camid (and tracklet), got {','.join(row)}; fix the row")
+            continue
+        relative = Path(values["path"])
+        split = values.get("split") or (relative.parts[0] if len(relative.parts) > 1 else "")
+        if split not in SPLITS:
+            problems.append(
+                f"{where}: cannot tell the split of {values['path']}; put it under train/, query/ or gallery/ "
+                "or add a split column"
+            )
+            continue
+        path = relative if relative.is_absolute() else folder / relative
+        splits[split].append(ImageRecord(str(path), pid, camid, tracklet))
+    return splits

@@ -1,0 +1,237 @@
+"""Reading weights into a model: ImageNet files from the local torch cache, state dicts from other toolkits,
+kdreid checkpoints. Files are opened with `torch.load(weights_only=True)` only, so a file cannot run code.
+
+Containers understood: a bare state dict (torchvision), `{"state_dict": ...}` (torchreid, SpCL, OpenUnReID,
+kdreid), `{"model": ...}` (fast-reid). Key spellings understood: a `module.` prefix (DataParallel / DDP),
+fast-reid's `backbone.` and `heads.bottleneck.0`, SpCL's `base.0/1/4-7` (its ResNet as one Sequential) and
+`feat_bn`, OpenUnReID's `backbone.`, `head.feat_bn`, `head.feat_reduction` and mean-teacher pairs (`mean_net.`
+is kept), and domain-specific BN branches (SpCL's `BN_S` / `BN_T`, OpenUnReID's `dsbn.N`): into a DSBN model
+branch by branch, into plain BatchNorm the target one. A model's own spelling always wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from kdreid.errors import CheckpointError, ModelError
+from kdreid.models.heads import head_key
+
+log = logging.getLogger("kdreid.models")
+
+CHECKPOINT_FORMAT = "kdreid-checkpoint"
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def _numpy_value_globals() -> list:
+    """Constructors of numpy scalars and arrays, which torchreid and SpCL store as metrics (rank1, best_mAP).
+    They only rebuild values from raw bytes and dtypes: allowing them lets those files load with weights_only
+    without allowing anything that runs code."""
+    try:
+        import numpy as np
+        from numpy._core import multiarray  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        import numpy as np
+        from numpy.core import multiarray
+    allowed: list = [np.dtype, np.ndarray]
+    for function in (multiarray.scalar, multiarray._reconstruct):
+        allowed.append(function)
+        # files written under numpy 1.x name numpy.core.multiarray; under 2.x, numpy._core.multiarray
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            allowed.append((function, f"{module}.{function.__name__}"))
+    for code in "?bBhHiIlLqQefdgFD":
+        allowed.append(type(np.dtype(code)))
+    return allowed
+
+
+def read_file(path: str | Path) -> object:
+    """torch.load with weights_only=True, turning every failure into one CheckpointError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        # torch < 2.5 has no allow-list context: numpy-valued metrics are then refused like any other global.
+        allow = getattr(torch.serialization, "safe_globals", None)
+        with allow(_numpy_value_globals()) if allow else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # weights_only refuses any global that is not a tensor/plain type; say which and why.
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        detail = f" (it needs {found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path}: refused, loading it would run code{detail}; kdreid loads tensors and plain values only "
+            "(weights_only); if you trust its author, load it in its own toolkit and re-save the weights with "
+            "torch.save(model.state_dict(), 'weights.pth')"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path}: unreadable ({first_line}); the file is truncated or not a PyTorch checkpoint, copy it again"
+        ) from None
+
+
+def unwrap_state_dict(obj: object, where: str = "file") -> dict[str, torch.Tensor]:
+    """The tensors of a bare state dict or of a torchreid / fast-reid / SpCL / kdreid container."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "net", "model_state_dict"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return dict(inner)
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise CheckpointError(f"{where}: holds no state dict (expected a dict of tensors, or one under 'state_dict')")
+
+
+# ------------------------------------------------------------------------------------------------ key spellings
+_SPCL_RESNET = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+
+
+def _strip_wrappers(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Remove `module.` prefixes; of a mean-teacher pair (MMT / OpenUnReID: `net.` and `mean_net.`) keep the
+    mean network, the one those methods evaluate. -> (tensors by stripped key, original keys set aside)."""
+    stripped: dict[str, tuple[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        short = key
+        while short.startswith("module."):
+            short = short[len("module."):]
+        stripped[short] = (key, value)
+    set_aside = []
+    if any(k.startswith("mean_net.") for k in stripped):
+        set_aside = [original for k, (original, _) in stripped.items() if not k.startswith("mean_net.")]
+        stripped = {k[len("mean_net."):]: v for k, v in stripped.items() if k.startswith("mean_net.")}
+    return stripped, set_aside
+
+
+def _last_domain(keys) -> str | None:
+    """Index of the last domain-specific BN branch (`.dsbn.N.` of OpenUnReID, `.bns.N.` of kdreid): the
+    target domain by those toolkits' convention."""
+    found = [int(m.group(1)) for k in keys for m in [re.search(r"\.(?:dsbn|bns)\.(\d+)\.", k)] if m]
+    return str(max(found)) if found else None
+
+
+def _candidates(key: str, last_domain: str | None) -> list[str]:
+    """Spellings of a foreign key in kdreid's layout, most specific first."""
+    out = [key]
+    for prefix in ("backbone.", "base_model.", "encoder."):
+        if key.startswith(prefix):
+            out.append(key[len(prefix):])
+    renames = {
+        "heads.bottleneck.0.": "bnneck.",  # fast-reid's BNNeck
+        "feat_bn.": "bnneck.",  # SpCL and the original KD-ReID code
+        "head.feat_bn.": "bnneck.",  # OpenUnReID
+        "head.feat_reduction.": "embed.",  # OpenUnReID
+    }
+    for old, new in renames.items():
+        if key.startswith(old):
+            out.append(new + key[len(old):])
+    match = re.match(r"base\.(\d+)\.(.*)", key)
+    if match and match.group(1) in _SPCL_RESNET:  # SpCL's ResNet as one Sequential
+        out.append(f"{_SPCL_RESNET[match.group(1)]}.{match.group(2)}")
+    # Domain-specific BN. Into a kdreid DSBN model: SpCL's BN_S / BN_T are domains 0 / 1, OpenUnReID's dsbn.N
+    # is domain N. Into plain BatchNorm: the target branch (BN_T, or the last domain).
+    branches = []
+    for k in out:
+        branches.append(k.replace(".BN_S.", ".bns.0.").replace(".BN_T.", ".bns.1.").replace(".dsbn.", ".bns."))
+        if ".BN_T." in k:
+            branches.append(k.replace(".BN_T.", "."))
+        if last_domain is not None:
+            for name in ("dsbn", "bns"):
+                if f".{name}.{last_domain}." in k:
+                    branches.append(k.replace(f".{name}.{last_domain}.", "."))
+    return out + [b for b in branches if b not in out]
+
+
+@dataclass
+class LoadReport:
+    source: str
+    matched: list[str] = field(default_factory=list)  # model keys that received a tensor
+    missing: list[str] = field(default_factory=list)  # model keys left as they were
+    discarded: list[str] = field(default_factory=list)  # file keys not used (unknown name or other shape)
+
+    def summary(self) -> str:
+        def names(keys: list[str]) -> str:
+            shown = ", ".join(keys[:4])
+            return shown + (f", … (+{len(keys) - 4})" if len(keys) > 4 else "")
+
+        text = f"loaded {len(self.matched)} tensors from {self.source}"
+        if self.missing:
+            text += f"; {len(self.missing)} missing: {names(self.missing)}"
+        if self.discarded:
+            text += f"; {len(self.discarded)} discarded: {names(self.discarded)}"
+        return text
+
+
+def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> LoadReport:
+    """Copy every tensor whose (re-spelled) name and shape fit; refuse when no backbone tensor fits."""
+    own = model.state_dict()
+    report = LoadReport(source)
+    accepted: dict[str, torch.Tensor] = {}
+    tensors, report.discarded = _strip_wrappers(state_dict)
+    last_domain = _last_domain(tensors)
+    for key, (original, value) in tensors.items():
+        target = next((k for k in _candidates(key, last_domain) if k in own), None)
+        if target is None or own[target].shape != value.shape or target in accepted:
+            report.discarded.append(original)
+            continue
+        accepted[target] = value
+    if not any(not head_key(k) for k in accepted):
+        arch = getattr(model, "arch", type(model).__name__)
+        raise ModelError(
+            f"{source}: none of its {len(state_dict)} tensors fit {arch}'s backbone "
+            f"(its keys look like {', '.join(list(state_dict)[:3])}); is it another architecture?"
+        )
+    model.load_state_dict(accepted, strict=False)
+    report.matched = list(accepted)
+    report.missing = [k for k in own if k not in accepted and not k.endswith("num_batches_tracked")]
+    log.info(report.summary())
+    return report
+
+
+def load_weights(model: nn.Module, path: str | Path, source: str | None = None) -> LoadReport:
+    """Load a file (state dict of any supported toolkit, or a kdreid checkpoint) into `model`."""
+    obj = read_file(path)
+    label = f"{source} weights {path}" if source else str(path)
+    if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
+        arch = getattr(model, "arch", None)
+        if arch and obj.get("arch") != arch:
+            raise CheckpointError(f"{path}: a kdreid checkpoint of {obj.get('arch')}, not of {arch}")
+    return load_state_dict_into(model, unwrap_state_dict(obj, str(path)), label)
+
+
+# ------------------------------------------------------------------------------------------------ ImageNet files
+def torch_home() -> Path:
+    """$TORCH_HOME (torch.hub.get_dir() is $TORCH_HOME/hub)."""
+    return Path(torch.hub.get_dir()).parent
+
+
+def resolve_imagenet(spec) -> Path:
+    """The local ImageNet file for a registered model, or one line saying where to put which file."""
+    if not spec.imagenet:
+        raise ModelError(
+            f"no ImageNet weights are published for {spec.name} in a layout kdreid reads; "
+            "pass pretrained=PATH (a state dict in its layout) or pretrained=none"
+        )
+    home = torch_home()
+    for name in spec.imagenet:
+        for folder in spec.torch_home_dirs:
+            candidate = home / folder / name
+            if candidate.is_file():
+                return candidate
+    target = home / spec.torch_home_dirs[0]
+    howto = spec.imagenet_howto.replace("<file>", spec.imagenet[0])
+    if howto.startswith("torchvision."):
+        howto = f"on a connected machine run `python -c \"import torchvision; {howto}\"` and copy it from there"
+    raise ModelError(
+        f"ImageNet weights for {spec.name} not found: put {spec.imagenet[0]} in {target}/ "
+        f"(kdreid never downloads; {howto}), or pass pretrained=PATH"
+    )

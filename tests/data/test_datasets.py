@@ -1,0 +1,282 @@
+"""Each layout reader on a tiny tree written in that layout: the parsed records are checked exactly, and against
+torchreid's own parsing where torchreid reads the same layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdreid.data.datasets import ImageRecord, build_dataset, dataset_names
+from kdreid.errors import DatasetError
+from tests.data.layouts import (
+    DUKE_NAMES,
+    MARKET_NAMES,
+    MSMT_LISTS,
+    duke_tree,
+    market_tree,
+    msmt_tree,
+    torchreid_reader,
+    write_csv,
+    write_images,
+)
+
+
+def records(folder: Path, rows: list[tuple]) -> list[ImageRecord]:
+    return [ImageRecord(str(folder / name), *values) for name, *values in rows]
+
+
+# ---------------------------------------------------------------------------------------------- Market-1501
+def expected_market(data_dir: Path) -> dict[str, list[ImageRecord]]:
+    return {
+        # raw pids 2, 7, 10 -> 0, 1, 2; tracklets = (raw pid, camera) pairs in sorted order
+        "train": records(data_dir / "bounding_box_train", [
+            ("0002_c1s1_000451_03.jpg", 0, 1, 0),
+            ("0002_c2s1_000301_01.jpg", 0, 2, 1),
+            ("0007_c1s1_000101_01.jpg", 1, 1, 2),
+            ("0007_c1s1_000151_02.jpg", 1, 1, 2),
+            ("0010_c12s3_000001_01.jpg", 2, 12, 3),
+        ]),
+        "query": records(data_dir / "query", [
+            ("0002_c3s1_000001_01.jpg", 2, 3, -1), ("0007_c2s1_000001_01.jpg", 7, 2, -1)]),
+        "gallery": records(data_dir / "bounding_box_test", [
+            ("0000_c1s1_000003_02.jpg", 0, 1, -1),  # distractor kept, junk (-1) dropped
+            ("0002_c1s1_000002_01.jpg", 2, 1, -1),
+            ("0007_c2s1_000009_01.jpg", 7, 2, -1),
+            ("0007_c5s1_000001_01.jpg", 7, 5, -1),
+        ]),
+    }
+
+
+@pytest.mark.parametrize("folder", ["market1501/Market-1501-v15.09.15", "market1501"])
+def test_market1501_records_with_and_without_the_versioned_folder(tmp_path, folder):
+    data_dir = market_tree(tmp_path, folder)
+    dataset = build_dataset("market1501", tmp_path)
+    assert dataset.root == str(data_dir)
+    assert {split: dataset.split(split) for split in ("train", "query", "gallery")} == expected_market(data_dir)
+    assert dataset.problems == []
+    assert (dataset.num_train_pids, dataset.num_train_cams, dataset.num_train_tracklets) == (3, 3, 4)
+
+
+def test_market1501_root_may_be_the_dataset_folder_itself(tmp_path):
+    data_dir = market_tree(tmp_path, "market1501")
+    assert build_dataset("market1501", data_dir).train == expected_market(data_dir)["train"]
+
+
+def test_market1501_lists_unparsable_names_and_keeps_going(tmp_path):
+    data_dir = market_tree(tmp_path)
+    write_images(data_dir / "query", ["holiday.jpg", "c1_0002.jpg"])
+    dataset = build_dataset("market1501", tmp_path)
+    assert dataset.query == expected_market(data_dir)["query"]
+    assert [p.split(":")[0] for p in dataset.problems] == [
+        str(data_dir / "query" / "c1_0002.jpg"),
+        str(data_dir / "query" / "holiday.jpg"),
+    ]
+    assert all("does not match PID_cCAM" in p for p in dataset.problems)
+
+
+@pytest.mark.parametrize("dataset_name, tree, names, module, cls", [
+    ("market1501", market_tree, MARKET_NAMES, "market1501.py", "Market1501"),
+    ("dukemtmcreid", duke_tree, DUKE_NAMES, "dukemtmcreid.py", "DukeMTMCreID"),
+])
+def test_market_style_parsing_matches_torchreid(tmp_path, monkeypatch, dataset_name, tree, names, module, cls):
+    # torchreid reads one-digit cameras only and asserts their range: compare on such names.
+    one_digit = {split: [n for n in split_names if "_c12" not in n] for split, split_names in names.items()}
+    data_dir = tree(tmp_path) if names is DUKE_NAMES else market_tree(tmp_path, names=one_digit)
+    reference = getattr(torchreid_reader(monkeypatch, module), cls)
+    dataset = build_dataset(dataset_name, tmp_path)
+    for split, folder in (("train", "bounding_box_train"), ("query", "query"), ("gallery", "bounding_box_test")):
+        theirs = reference.process_dir(None, str(data_dir / folder), relabel=split == "train")
+        ours = dataset.split(split)
+        assert sorted((path, camid + 1) for path, _, camid in theirs) == sorted((r.path, r.camid) for r in ours)
+        their_pid = {path: pid for path, pid, _ in theirs}
+        if split == "train":  # torchreid numbers pids in set order, we in sorted order: the same partition
+            assert len({(their_pid[r.path], r.pid) for r in ours}) == len({r.pid for r in ours})
+            assert sorted({r.pid for r in ours}) == list(range(len({r.pid for r in ours})))
+        else:
+            assert all(their_pid[r.path] == r.pid for r in ours)
+
+
+# ---------------------------------------------------------------------------------------------- DukeMTMC-reID
+def test_dukemtmcreid_records(tmp_path):
+    data_dir = duke_tree(tmp_path)
+    dataset = build_dataset("dukemtmcreid", tmp_path)
+    assert dataset.root == str(data_dir)
+    assert dataset.train == records(data_dir / "bounding_box_train", [
+        ("0001_c2_f0046182.jpg", 0, 2, 0), ("0001_c6_f0071522.jpg", 0, 6, 1), ("0005_c2_f0046200.jpg", 1, 2, 2)])
+    assert dataset.query == records(data_dir / "query", [("0003_c1_f0044158.jpg", 3, 1, -1)])
+    assert dataset.gallery == records(data_dir / "bounding_box_test", [
+        ("0003_c1_f0044159.jpg", 3, 1, -1), ("0003_c8_f0061220.jpg", 3, 8, -1), ("0009_c4_f0000001.jpg", 9, 4, -1)])
+
+
+# ---------------------------------------------------------------------------------------------- MSMT17
+@pytest.mark.parametrize("version, train_dir, test_dir", [
+    ("MSMT17_V1", "train", "test"), ("MSMT17_V2", "mask_train_v2", "mask_test_v2")])
+def test_msmt17_records_from_list_files(tmp_path, version, train_dir, test_dir):
+    data_dir = msmt_tree(tmp_path, version)
+    dataset = build_dataset("msmt17", tmp_path)
+    assert dataset.root == str(data_dir)
+    train, test = data_dir / train_dir, data_dir / test_dir
+    # train = list_train + list_val; camera = third `_` field as written; tracklets = (pid, camera)
+    assert dataset.train == records(train, [
+        ("0000/0000_000_01_0303morning_0015_0.jpg", 0, 1, 0),
+        ("0000/0000_001_03_0303morning_0016_0.jpg", 0, 3, 1),
+        ("0001/0001_000_14_0303noon_0100_1.jpg", 1, 14, 2),
+        ("0001/0001_001_14_0303noon_0101_1.jpg", 1, 14, 2),
+        ("0002/0002_000_02_0303afternoon_0001_0.jpg", 2, 2, 3),
+    ])
+    assert dataset.query == records(test, [
+        ("0000/0000_000_15_0113morning_0001_0.jpg", 0, 15, -1), ("0001/0001_000_02_0113noon_0002_0.jpg", 1, 2, -1)])
+    assert dataset.gallery == records(test, [
+        ("0000/0000_001_01_0113morning_0003_0.jpg", 0, 1, -1),
+        ("0001/0001_001_05_0113noon_0004_0.jpg", 1, 5, -1),
+        ("0001/0001_002_02_0113noon_0005_0.jpg", 1, 2, -1),
+    ])
+
+
+def test_msmt17_matches_torchreid_list_parsing(tmp_path, monkeypatch):
+    data_dir = msmt_tree(tmp_path)
+    reference = torchreid_reader(monkeypatch, "msmt17.py").MSMT17
+    dataset = build_dataset("msmt17", tmp_path)
+    theirs = {split: [] for split in ("train", "query", "gallery")}
+    for list_name, split, folder in (("list_train.txt", "train", "train"), ("list_val.txt", "train", "train"),
+                                     ("list_query.txt", "query", "test"), ("list_gallery.txt", "gallery", "test")):
+        theirs[split] += reference.process_dir(None, str(data_dir / folder), str(data_dir / list_name))
+    for split, their_records in theirs.items():
+        assert sorted((p, pid, cam + 1) for p, pid, cam in their_records) == \
+            sorted((r.path, r.pid, r.camid) for r in dataset.split(split))
+
+
+def test_msmt17_malformed_list_line_is_a_problem(tmp_path):
+    data_dir = msmt_tree(tmp_path)
+    with open(data_dir / "list_query.txt", "a") as handle:
+        handle.write("0003/broken.jpg\n")
+    dataset = build_dataset("msmt17", tmp_path)
+    assert len(dataset.query) == len(MSMT_LISTS["list_query.txt"])
+    assert dataset.problems == [
+        f"{data_dir / 'list_query.txt'}:3: expected 'DIR/PID_IDX_CAM_....jpg PID', got '0003/broken.jpg'"]
+
+
+def test_msmt17_missing_list_or_image_folder_is_a_one_line_error(tmp_path):
+    data_dir = msmt_tree(tmp_path)
+    (data_dir / "list_val.txt").unlink()
+    with pytest.raises(DatasetError, match=r"list file .*list_val.txt is missing; re-extract MSMT17_V1"):
+        build_dataset("msmt17", tmp_path)
+    msmt_tree(tmp_path)
+    (data_dir / "test").rename(data_dir / "elsewhere")
+    with pytest.raises(DatasetError, match=r"image folder .*MSMT17_V1/test/ is missing"):
+        build_dataset("msmt17", tmp_path)
+
+
+def test_msmt17_market_style_repack_is_read_too(tmp_path):
+    data_dir = market_tree(tmp_path, "msmt17/MSMT17_V1")
+    dataset = build_dataset("msmt17", tmp_path)
+    assert dataset.train == expected_market(data_dir)["train"]
+
+
+# ---------------------------------------------------------------------------------------------- custom
+def test_custom_from_file_names(tmp_path):
+    folder = tmp_path / "mycams"
+    write_images(folder / "train", ["0005_c1_a.jpg", "0005_c2_b.png", "0011_c10_x.jpeg"])
+    write_images(folder / "train" / "day2", ["0005_c1_c.jpg"])
+    write_images(folder / "query", ["0005_c3_q.jpg"])
+    write_images(folder / "gallery", ["0005_c1_g.jpg", "0000_c2_d.jpg", "-1_c2_j.jpg", "notes.jpg"])
+    dataset = build_dataset("custom", folder)
+    assert dataset.train == [
+        ImageRecord(str(folder / "train/0005_c1_a.jpg"), 0, 1, 0),
+        ImageRecord(str(folder / "train/0005_c2_b.png"), 0, 2, 1),
+        ImageRecord(str(folder / "train/0011_c10_x.jpeg"), 1, 10, 2),
+        ImageRecord(str(folder / "train/day2/0005_c1_c.jpg"), 0, 1, 0),
+    ]
+    assert dataset.query == [ImageRecord(str(folder / "query/0005_c3_q.jpg"), 5, 3)]
+    assert dataset.gallery == [ImageRecord(str(folder / "gallery/0000_c2_d.jpg"), 0, 2),
+                               ImageRecord(str(folder / "gallery/0005_c1_g.jpg"), 5, 1)]
+    assert dataset.problems == [
+        f"{folder / 'gallery/notes.jpg'}: file name does not match PID_cCAM_*.jpg; rename or remove it"]
+    # the parent folder works as well when the custom folder is called custom/
+    (tmp_path / "parent").mkdir()
+    folder.rename(tmp_path / "parent" / "custom")
+    assert len(build_dataset("custom", tmp_path / "parent").train) == 4
+
+
+def test_custom_from_csv_manifest_with_tracklets(tmp_path):
+    folder = tmp_path / "shop"
+    write_images(folder / "train", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    write_images(folder / "query", ["q.jpg"])
+    write_images(folder / "gallery", ["g1.jpg", "g2.jpg"])
+    write_csv(folder / "manifest.csv", ["path", "pid", "camid", "tracklet"], [
+        ["train/a.jpg", 40, 1, 900], ["train/b.jpg", 40, 1, 900], ["train/c.jpg", 12, 2, 17],
+        ["train/d.jpg", 12, 3, ""],  # no tracklet: its own (pid, camera) tracklet, numbered after the given ones
+        ["query/q.jpg", 12, 1, 5], ["gallery/g1.jpg", 12, 2, ""], ["gallery/g2.jpg", 40, 3, 8],
+        ["elsewhere.jpg", 1, 1, ""], ["train/x.jpg", "forty", 1, ""],
+    ])
+    dataset = build_dataset("custom", folder)
+    # pids 12, 40 -> 0, 1; tracklets given 17, 900 and derived 901 for (12, camera 3) -> 0, 1, 2
+    assert [(Path(r.path).name, r.pid, r.camid, r.tracklet) for r in dataset.train] == [
+        ("a.jpg", 1, 1, 1), ("b.jpg", 1, 1, 1), ("c.jpg", 0, 2, 0), ("d.jpg", 0, 3, 2)]
+    assert dataset.query == [ImageRecord(str(folder / "query/q.jpg"), 12, 1, 5)]
+    assert dataset.gallery == [ImageRecord(str(folder / "gallery/g1.jpg"), 12, 2, -1),
+                               ImageRecord(str(folder / "gallery/g2.jpg"), 40, 3, 8)]
+    manifest = folder / "manifest.csv"
+    assert dataset.problems == [
+        f"{manifest}:9: cannot tell the split of elsewhere.jpg; put it under train/, query/ or gallery/ "
+        "or add a split column",
+        f"{manifest}:10: expected integer pid and camid (and tracklet), got train/x.jpg,forty,1,; fix the row",
+    ]
+
+
+def test_custom_csv_with_split_column(tmp_path):
+    folder = tmp_path / "custom"
+    write_images(folder / "imgs", ["1.jpg", "2.jpg", "3.jpg"])
+    write_csv(folder / "manifest.csv", ["path", "pid", "camid", "split"],
+              [["imgs/1.jpg", 3, 1, "train"], ["imgs/2.jpg", 3, 2, "query"], ["imgs/3.jpg", 3, 1, "gallery"]])
+    dataset = build_dataset("custom", tmp_path)
+    assert (dataset.train, dataset.query, dataset.gallery) == (
+        [ImageRecord(str(folder / "imgs/1.jpg"), 0, 1, 0)],
+        [ImageRecord(str(folder / "imgs/2.jpg"), 3, 2)],
+        [ImageRecord(str(folder / "imgs/3.jpg"), 3, 1)],
+    )
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+def test_synthetic_domain_uses_market_rules_and_manifest_tracklets(tmp_path):
+    names = {
+        "bounding_box_train": ["0003_c11s1_000010_00.jpg", "0003_c11s1_000011_00.jpg", "0003_c2s4_000500_00.jpg",
+                               "0008_c2s1_000001_00.jpg"],
+        "query": ["0005_c14s2_000001_00.jpg"],
+        "bounding_box_test": ["0005_c1s2_000002_00.jpg", "0000_c15s1_000004_00.jpg", "-1_c3s1_000001_00.jpg"],
+    }
+    domain = market_tree(tmp_path, "synth_msmt", names)
+    rows = [["bounding_box_train/0003_c11s1_000010_00.jpg", 3, 11, 41, "train", 0.5],
+            ["bounding_box_train/0003_c11s1_000011_00.jpg", 3, 11, 41, "train", 0.7],
+            ["bounding_box_train/0003_c2s4_000500_00.jpg", 3, 2, 7, "train", 0.1],
+            ["bounding_box_train/0008_c2s1_000001_00.jpg", 8, 2, 60, "train", 0.2],
+            ["query/0005_c14s2_000001_00.jpg", 5, 14, 3, "query", 0.3],
+            ["bounding_box_test/0005_c1s2_000002_00.jpg", 5, 1, 2, "gallery", 0.3],
+            ["bounding_box_test/0000_c15s1_000004_00.jpg", 0, 15, 99, "gallery", 0.3]]
+    write_csv(domain / "manifest.csv", ["path", "pid", "camid", "tracklet", "split", "scale"], rows)
+    dataset = build_dataset("synth_msmt", tmp_path)
+    train_dir, test_dir = domain / "bounding_box_train", domain / "bounding_box_test"
+    assert dataset.train == records(train_dir, [  # tracklets 7, 41, 60 -> 0, 1, 2
+        ("0003_c11s1_000010_00.jpg", 0, 11, 1), ("0003_c11s1_000011_00.jpg", 0, 11, 1),
+        ("0003_c2s4_000500_00.jpg", 0, 2, 0), ("0008_c2s1_000001_00.jpg", 1, 2, 2)])
+    assert dataset.query == records(domain / "query", [("0005_c14s2_000001_00.jpg", 5, 14, 3)])
+    assert dataset.gallery == records(test_dir, [("0000_c15s1_000004_00.jpg", 0, 15, 99),
+                                                 ("0005_c1s2_000002_00.jpg", 5, 1, 2)])
+    assert dataset.problems == []
+
+
+def test_synthetic_domain_without_manifest_and_manifest_mismatches(tmp_path):
+    domain = market_tree(tmp_path, "synth_duke", DUKE_NAMES)
+    assert [r.tracklet for r in build_dataset("synth_duke", tmp_path).train] == [0, 1, 2]
+    write_csv(domain / "manifest.csv", ["path", "pid", "camid", "tracklet", "split"],
+              [["bounding_box_train/0001_c2_f0046182.jpg", 1, 3, 5, "train"]])  # wrong camera; others missing
+    problems = build_dataset("synth_duke", tmp_path).problems
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{domain / 'manifest.csv'}: 6 images have no tracklet there")
+    assert problems[1].startswith(f"{domain / 'manifest.csv'}: pid/camid of 1 images differ from their file names")
+
+
+def test_every_layout_is_registered():
+    assert set(dataset_names()) >= {"market1501", "dukemtmcreid", "cuhk03", "msmt17", "custom",
+                                    "synth_market", "synth_duke", "synth_cuhk", "synth_msmt"}

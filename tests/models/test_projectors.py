@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import torch
+
+from kdreid.models import FeatureProjector, build_model, build_projector
+
+
+def test_projects_student_maps_to_teacher_widths():
+    student = build_model("osnet_tiny", 3)
+    teacher = build_model("resnet_tiny", 3)
+    projector = build_projector(student, teacher)
+    assert projector.student_channels == (64, 64, 64, 64) and projector.teacher_channels == (8, 16, 32, 64)
+    images = torch.rand(2, 3, 64, 32)
+    student_maps = student(images).feature_maps
+    teacher_maps = teacher(images).feature_maps
+    projected = projector(student_maps)
+    assert [p.shape for p in projected] == [t.shape for t in teacher_maps]
+    # each stage is a 1×1 conv then BN (train mode: per-channel batch statistics are standardised)
+    conv, bn = projector.stages[0]
+    direct = torch.nn.functional.conv2d(student_maps[0], conv.weight)
+    mean = direct.mean(dim=(0, 2, 3), keepdim=True)
+    var = direct.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    assert torch.allclose(projected[0], (direct - mean) / torch.sqrt(var + bn.eps), atol=1e-4)
+    sum(p.sum() for p in projected).backward()
+    assert conv.weight.grad is not None
+
+
+def test_resizes_to_the_teachers_map_when_sizes_differ():
+    projector = FeatureProjector((4, 4, 4, 4), (6, 6, 6, 6))
+    student = [torch.rand(2, 4, 16, 8), torch.rand(2, 4, 8, 4), torch.rand(2, 4, 4, 2), torch.rand(2, 4, 4, 2)]
+    teacher = [torch.rand(2, 6, 16, 8), torch.rand(2, 6, 8, 4), torch.rand(2, 6, 4, 2), torch.rand(2, 6, 2, 1)]
+    out = projector(student, teacher)
+    assert [o.shape for o in out] == [t.shape for t in teacher]
+    smaller = projector(student, [torch.rand(2, 6, 32, 16)] * 4)
+    assert smaller[3].shape == (2, 6, 32, 16)

@@ -1,0 +1,174 @@
+"""Weight files: ImageNet resolution from the torch cache, other toolkits' containers and key spellings,
+the load summary, refusals."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torchvision
+
+from kdreid.errors import ModelError
+from kdreid.models import build_model, get_spec, load_weights
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "torch"
+
+
+def test_imagenet_file_names_are_torchvisions():
+    assert get_spec("resnet50").imagenet[0] == torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+    assert get_spec("resnet18").imagenet[0] == torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+    assert get_spec("mobilenetv2_x1_0").imagenet[0] == (
+        torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+    )
+
+
+def test_imagenet_missing_says_which_file_where(torch_home):
+    with pytest.raises(ModelError) as error:
+        build_model("resnet50", 3, pretrained="imagenet")
+    message = str(error.value)
+    assert "resnet50-0676ba61.pth" in message and str(torch_home / "hub" / "checkpoints") in message
+    assert "weights='IMAGENET1K_V1'" in message and "\n" not in message
+    with pytest.raises(ModelError, match="osnet_x0_25_imagenet.pth.*MODEL_ZOO"):
+        build_model("osnet_x0_25", 3, pretrained="imagenet")
+    with pytest.raises(ModelError, match="no ImageNet weights"):
+        build_model("mobilenetv2_x1_4", 3, pretrained="imagenet")
+
+
+def test_imagenet_loads_from_the_hub_cache(torch_home, caplog):
+    reference = torchvision.models.resnet18(weights=None)
+    folder = torch_home / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(reference.state_dict(), folder / "resnet18-f37072fd.pth")
+    with caplog.at_level(logging.INFO, logger="kdreid.models"):
+        model = build_model("resnet18", 3, pretrained="imagenet")
+    assert torch.equal(model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    summary = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()]
+    assert len(summary) == 1 and summary[0] == model.load_report.summary()
+    assert "discarded: fc.weight, fc.bias" in summary[0] and "missing" in summary[0]
+
+
+def test_torchreid_imagenet_location_is_read(torch_home):
+    """torchreid keeps its OSNet ImageNet files in $TORCH_HOME/checkpoints/<name>_imagenet.pth."""
+    spec = get_spec("osnet_x0_25")
+    (torch_home / "checkpoints").mkdir(parents=True)
+    imagenet = build_model("osnet_x0_25", 1000).state_dict()
+    torch.save(imagenet, torch_home / "checkpoints" / spec.imagenet[0])
+    model = build_model("osnet_x0_25", 3, pretrained="imagenet")
+    assert torch.equal(model.fc[0].weight, imagenet["fc.0.weight"])
+
+
+def _resnet_tiny_state(seed=0):
+    torch.manual_seed(seed)
+    return build_model("resnet_tiny", 0, bnneck=True).state_dict()
+
+
+def test_fastreid_container_and_prefixes(tmp_path):
+    state = _resnet_tiny_state()
+    spelled = {("backbone." + k if not k.startswith("bnneck") else k.replace("bnneck.", "heads.bottleneck.0.")): v
+               for k, v in state.items()}
+    path = tmp_path / "fastreid.pth"
+    torch.save({"model": spelled, "iteration": 100}, path)
+    model = build_model("resnet_tiny", 0)
+    report = load_weights(model, path)
+    assert report.missing == [] and report.discarded == []
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_spcl_container_with_dsbn_branches(tmp_path):
+    """SpCL: module.base.{0,1,4..7} (its ResNet as a Sequential), feat_bn, and BN_S / BN_T branches."""
+    state = _resnet_tiny_state()
+    batchnorms = {name for name, m in build_model("resnet_tiny", 0).named_modules()
+                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    names = {"conv1": "base.0", "bn1": "base.1", "layer1": "base.4", "layer2": "base.5", "layer3": "base.6",
+             "layer4": "base.7", "bnneck": "feat_bn"}
+    spcl = {}
+    for key, value in state.items():
+        module, leaf = key.rsplit(".", 1)
+        head, rest = key.split(".", 1)
+        new = f"module.{names[head]}.{rest}"
+        if module in batchnorms:  # SpCL's DSBN: a source and a target branch
+            stem = new.rsplit(".", 1)[0]
+            spcl[f"{stem}.BN_S.{leaf}"] = torch.zeros_like(value)
+            spcl[f"{stem}.BN_T.{leaf}"] = value
+        else:
+            spcl[new] = value
+    path = tmp_path / "spcl.pth.tar"
+    torch.save({"state_dict": spcl, "epoch": 49, "best_mAP": 0.7}, path)
+    model = build_model("resnet_tiny", 0, pretrained=path)
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key  # the target branch was taken
+
+    # into a DSBN model the branches become domains 0 (source) and 1 (target)
+    from kdreid.models import convert_dsbn
+
+    dsbn = convert_dsbn(build_model("resnet_tiny", 0), 2)
+    load_weights(dsbn, path)
+    assert torch.equal(dsbn.bn1.bns[1].weight, state["bn1.weight"])
+    assert torch.equal(dsbn.bn1.bns[0].weight, torch.zeros_like(state["bn1.weight"]))
+
+
+def test_refuses_weights_of_another_architecture(tmp_path):
+    path = tmp_path / "osnet.pth"
+    torch.save(build_model("osnet_tiny", 3).state_dict(), path)
+    with pytest.raises(ModelError, match="none of its .* tensors fit resnet_tiny's backbone"):
+        build_model("resnet_tiny", 3, pretrained=path)
+
+
+def test_shape_mismatch_is_discarded_not_fatal(tmp_path):
+    state = _resnet_tiny_state()
+    state["layer4.0.conv1.weight"] = torch.zeros(3, 3, 3, 3)
+    path = tmp_path / "odd.pth"
+    torch.save(state, path)
+    model = build_model("resnet_tiny", 0)
+    report = load_weights(model, path)
+    assert report.discarded == ["layer4.0.conv1.weight"] and report.missing == ["layer4.0.conv1.weight"]
+
+
+@pytest.mark.parametrize("numpy_module", ["numpy._core.multiarray", "numpy.core.multiarray"])
+def test_torchreid_checkpoint_with_numpy_metrics(tmp_path, numpy_module):
+    """torchreid / SpCL store rank1 / best_mAP as numpy scalars, in files written by numpy 1.x (numpy.core)
+    or 2.x (numpy._core), often in torch's legacy (non-zip) format: they load, still with weights_only."""
+    import numpy as np
+
+    state = _resnet_tiny_state()
+    path = tmp_path / "model.pth.tar"
+    torch.save({"state_dict": state, "epoch": 60, "rank1": np.float32(0.87), "mAP": np.float64(0.7),
+                "cmc": np.arange(3, dtype=np.float32)}, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes().replace(b"numpy._core.multiarray", numpy_module.encode())
+    path.write_bytes(data)
+    model = build_model("resnet_tiny", 0, pretrained=path)
+    assert torch.equal(model.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+
+
+def test_openunreid_mean_teacher_with_dsbn(tmp_path):
+    """OpenUnReID (MMT-style): module.{net,mean_net}.backbone.*, head.feat_bn, dsbn.N branches; the mean
+    network and the last (target) domain are the ones evaluated, so those load."""
+    state = _resnet_tiny_state(seed=1)
+    batchnorms = {name for name, m in build_model("resnet_tiny", 0).named_modules()
+                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    checkpoint = {}
+    for key, value in state.items():
+        module, leaf = key.rsplit(".", 1)
+        spelled = "head.feat_bn." + leaf if module == "bnneck" else "backbone." + key
+        if module in batchnorms:
+            stem = spelled.rsplit(".", 1)[0]
+            for domain in range(3):
+                branch = value if domain == 2 else torch.full_like(value, float(domain + 7))
+                checkpoint[f"module.mean_net.{stem}.dsbn.{domain}.{leaf}"] = branch
+        else:
+            checkpoint[f"module.mean_net.{spelled}"] = value
+        checkpoint[f"module.net.{spelled}"] = torch.zeros_like(value)  # the student: set aside
+    path = tmp_path / "openunreid.pth"
+    torch.save({"state_dict": checkpoint, "epoch": 40}, path)
+    model = build_model("resnet_tiny", 0)
+    report = load_weights(model, path)
+    assert report.missing == []
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert all(k.startswith("module.net.") or ".dsbn.0." in k or ".dsbn.1." in k for k in report.discarded)
