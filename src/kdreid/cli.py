@@ -202,6 +202,96 @@ def _run_evaluate(args) -> int:
     return evaluate_command(args)
 
 
+def _add_adapt(commands) -> None:
+    p = commands.add_parser("adapt", help="stage 2: D-MMD adaptation to one unlabelled target (a teacher)")
+    p.add_argument("-s", "--sources", nargs="+", required=True, help="labelled source dataset(s)")
+    p.add_argument("-t", "--targets", nargs="+", required=True, help="the target (several only with --blend)")
+    p.add_argument("-a", "--arch", help="architecture; must match the --init checkpoint")
+    p.add_argument("--init", required=True, help="source-trained kdreid checkpoint (train-source's model.pt)")
+    p.add_argument("--grouping", choices=["tracklet", "pseudo", "oracle"],
+                   help="target groups: tracklets (default), pseudo-labels, or identity labels (oracle ablation)")
+    p.add_argument("--dmmd-start", type=int, help="first epoch (0-based) with the D-MMD terms")
+    p.add_argument("--dmmd-weight", type=float, help="weight of the D-MMD terms")
+    p.add_argument("--blend", action="store_const", const=True, help="adapt one model to the union of the targets")
+    _add_stage_flags(p)
+    p.set_defaults(run=_run_adapt)
+
+
+def _run_adapt(args) -> int:
+    from kdreid.stages import adapt
+    from kdreid.stages.presets import resolve_config
+
+    overrides = _stage_overrides(args) | {
+        "sources": args.sources, "targets": args.targets, "arch": args.arch, "init": args.init,
+        "grouping": args.grouping, "dmmd_start": args.dmmd_start, "dmmd_weight": args.dmmd_weight,
+        "blend": args.blend,
+    }
+    config = resolve_config(adapt.AdaptConfig, "adapt", preset=args.preset, config_file=args.config,
+                            overrides=overrides)
+    adapt.run(config, resume=args.resume)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- deployment
+def _add_export(commands) -> None:
+    p = commands.add_parser("export", help="export a model to ONNX / TorchScript / torchreid, checked against PyTorch")
+    p.add_argument("--model", required=True, help="a kdreid checkpoint (model.pt), or a plain state dict with -a")
+    p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "torchreid"))
+    p.add_argument("--out", required=True, help="file to write (atomically, only after the check passes)")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batches of 1)")
+    p.add_argument("--fp16", action="store_true", help="half-precision weights and compute (float32 in and out)")
+    p.add_argument("--images", default=None, help="folder of images to check on (default: random images)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from kdreid.export import export_command
+
+    return export_command(args)
+
+
+def _add_extract(commands) -> None:
+    p = commands.add_parser("extract", help="features of a folder of images into a .npz (for `kdreid search`)")
+    p.add_argument("--model", required=True, help="a kdreid checkpoint, or an .onnx / TorchScript file from export")
+    p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="features file to write, e.g. gallery.npz")
+    p.add_argument("--flip", action="store_true", help="average the features of each image and its mirror")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    p.add_argument("--device", default=None, help="checkpoints only: cpu, cuda (default: cuda when available)")
+    p.set_defaults(run=_run_extract)
+
+
+def _run_extract(args) -> int:
+    from kdreid.deploy import extract_command
+
+    return extract_command(args)
+
+
+def _add_search(commands) -> None:
+    p = commands.add_parser("search", help="rank a gallery features file for query images (or a query .npz)")
+    p.add_argument("--gallery", required=True, help="features file from `kdreid extract`")
+    p.add_argument("--query", required=True, help="an image, a folder of images, or a features .npz")
+    p.add_argument("--model", default=None, help="model that embeds query images (default: the gallery's)")
+    p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (galleries up to 50,000 images)")
+    p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip-average query images (default: as the gallery was extracted)")
+    p.add_argument("--json", action="store_true", help="print the rankings as JSON")
+    p.set_defaults(run=_run_search)
+
+
+def _run_search(args) -> int:
+    from kdreid.deploy import search_command
+
+    return search_command(args)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -224,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Top-level commands other than `data`, in the order `kdreid --help` lists them.
-_COMMANDS: list = [_add_models, _add_train_source, _add_evaluate]
+_COMMANDS: list = [_add_models, _add_train_source, _add_adapt, _add_evaluate, _add_export, _add_extract,
+                   _add_search]
 
 
 def _missing_subcommand(parser: argparse.ArgumentParser) -> int:

@@ -107,8 +107,8 @@ def generate(
         if bar:
             bar.close()
         write_manifest(folder, rows)
-        stats = write_truth(folder, domain)
         contact_sheet(domain, folder)
+        stats = write_truth(folder, domain)  # last: its presence marks a complete domain
         summaries.append(DomainSummary(name, folder, stats, len(rows), time.perf_counter() - started))
     return summaries
 

@@ -37,7 +37,9 @@ def relative_path(domain: Domain, i: int) -> str:
 
 
 def prepare_folder(folder: Path) -> None:
-    """Empty the split folders of a previous run (a smaller scale would otherwise leave stale images behind)."""
+    """Empty the split folders of a previous run (a smaller scale would otherwise leave stale images behind).
+    truth.json goes first and is written last, so its presence means the domain was written completely."""
+    (folder / "truth.json").unlink(missing_ok=True)
     for sub in SPLIT_FOLDERS.values():
         shutil.rmtree(folder / sub, ignore_errors=True)
         (folder / sub).mkdir(parents=True)

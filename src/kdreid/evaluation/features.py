@@ -1,0 +1,350 @@
+"""Feature extraction and the evaluation of a model on a dataset's query and gallery.
+
+Models take RGB float images in [0, 1], N x 3 x H x W, and normalise inside (DESIGN §4), so extraction only
+decodes, resizes and batches. Batches run without gradients, in bf16 autocast on CUDA, optionally averaging the
+embeddings of each image and its horizontal mirror (`flip`).
+
+    extractor = FeatureExtractor("runs/kd/model.pt")          # a kdreid checkpoint, or a model
+    features = extractor(["a.jpg", "b.jpg"])                  # (2, D) float32 on the CPU
+    result = evaluate_model(model, build_dataset("market1501", "data"), flip=True)
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from kdreid.errors import CheckpointError, EvaluationError
+from kdreid.evaluation.distance import compute_distance_matrix
+from kdreid.evaluation.ranking import RankResult, evaluate
+from kdreid.evaluation.rerank import re_ranking_features
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE = (256, 128)  # (height, width): the re-ID convention, and what kdreid trains at by default
+
+
+@dataclass
+class Features:
+    """Embeddings of a list of images with their labels: features (N, D) float32 on the CPU."""
+
+    features: torch.Tensor
+    pids: np.ndarray
+    camids: np.ndarray
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def load_model(path: str | Path, arch: str | None = None) -> nn.Module:
+    """A model in eval mode on the CPU from a kdreid checkpoint, or from another toolkit's plain state dict when
+    `arch` names its architecture."""
+    from kdreid.models import build_model, load_checkpoint
+    from kdreid.models.weights import CHECKPOINT_FORMAT, read_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist; pass the model.pt a kdreid run wrote")
+    content = read_file(path)
+    if isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT:
+        return load_checkpoint(path, arch=arch)
+    if arch is None:
+        raise CheckpointError(f"{path} is a plain state dict with no architecture recorded; name it with -a ARCH "
+                              "(e.g. -a resnet50 or -a osnet_x0_25)")
+    model = build_model(arch, num_classes=0, pretrained=str(path))
+    return model.eval()
+
+
+def model_input_size(model: nn.Module) -> tuple[int, int]:
+    """(height, width) the model was trained at, when its checkpoint records it; else 256 x 128."""
+    meta = getattr(model, "kdreid_meta", None) or {}
+    found = _find_size(meta.get("extra")) or _find_size(meta.get("config"))
+    return found or DEFAULT_SIZE
+
+
+def _find_size(tree: Any) -> tuple[int, int] | None:
+    """The first {height, width} pair (or `input_size: [h, w]`) in nested config dicts."""
+    if not isinstance(tree, dict):
+        return None
+    if isinstance(tree.get("height"), int) and isinstance(tree.get("width"), int):
+        return tree["height"], tree["width"]
+    size = tree.get("input_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return int(size[0]), int(size[1])
+    for value in tree.values():
+        if (found := _find_size(value)) is not None:
+            return found
+    return None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------------------------------ extraction
+@torch.no_grad()
+def embed_batch(model: nn.Module, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """(N, D) float32 embeddings of float images (N, 3, H, W) in [0, 1] already on the model's device."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda)
+    with autocast:
+        features = model(images).float()
+        if flip:
+            # The mean of the image's and its mirror's embedding: people are left-right symmetric, the model
+            # is not quite, and averaging removes part of that noise (a common re-ID test-time augmentation).
+            features = (features + model(images.flip(3)).float()) / 2
+    return features
+
+
+def _records_fields(records) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Paths, pids, camids of records; plain paths get pid and camid -1 (unknown)."""
+    paths = [str(r) if isinstance(r, (str, Path)) else str(r.path) for r in records]
+    pids = np.array([getattr(r, "pid", -1) for r in records], dtype=np.int64)
+    camids = np.array([getattr(r, "camid", -1) for r in records], dtype=np.int64)
+    return paths, pids, camids
+
+
+def extract_features(
+    model: nn.Module,
+    records: Sequence,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 128,
+    flip: bool = False,
+    device: str | torch.device | None = None,
+    workers: int = 2,
+    progress: bool = False,
+) -> Features:
+    """Embed every image of `records` (ImageRecord-like: .path .pid .camid; or plain paths), in order.
+
+    Images are decoded by `workers` threads one batch ahead of the model, resized to height x width (default:
+    the size the checkpoint records, else 256 x 128). The model is put in eval mode and on `device`.
+    """
+    from kdreid.data.cache import read_image
+
+    paths, pids, camids = _records_fields(records)
+    if not paths:
+        return Features(torch.zeros(0, 0), pids, camids, paths)
+    device = torch.device(device) if device is not None else default_device()
+    default_h, default_w = model_input_size(model)
+    height, width = height or default_h, width or default_w
+    model = model.eval().to(device)
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+
+    def decode(batch: list[str]) -> torch.Tensor:  # (B, 3, H, W) uint8, pinned when it goes to a GPU
+        images = torch.from_numpy(np.stack([read_image(p, height, width) for p in batch])).permute(0, 3, 1, 2)
+        return images.pin_memory() if device.type == "cuda" else images
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), desc="extracting features", unit="img", leave=False)
+    outputs = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending = pool.submit(decode, batches[0])
+        for index in range(len(batches)):
+            images = pending.result()
+            if index + 1 < len(batches):
+                pending = pool.submit(decode, batches[index + 1])
+            images = images.to(device, non_blocking=True).float().div_(255)
+            outputs.append(embed_batch(model, images, flip).cpu())
+            if bar is not None:
+                bar.update(len(images))
+    if bar is not None:
+        bar.close()
+    return Features(torch.cat(outputs), pids, camids, paths)
+
+
+class FeatureExtractor:
+    """Embeddings for trackers and notebooks: `FeatureExtractor(model_or_path)(images) -> (N, D)` float32 CPU tensor.
+
+    images: a list of image paths; a list of H x W x 3 uint8 RGB arrays (any size); an (N, H, W, 3) uint8 array;
+    or a tensor (N, 3, H, W) / (3, H, W), uint8 or float in [0, 1]. Everything is resized to height x width
+    (default: the checkpoint's training size, else 256 x 128).
+    """
+
+    def __init__(self, model_or_path: nn.Module | str | Path, *, arch: str | None = None, height: int | None = None,
+                 width: int | None = None, batch_size: int = 64, flip: bool = False, normalize: bool = False,
+                 device: str | torch.device | None = None):
+        model = model_or_path if isinstance(model_or_path, nn.Module) else load_model(model_or_path, arch)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.eval().to(self.device)
+        default_h, default_w = model_input_size(model)
+        self.height, self.width = height or default_h, width or default_w
+        self.batch_size, self.flip, self.normalize = batch_size, flip, normalize
+
+    def __call__(self, images) -> torch.Tensor:
+        batch = self._as_float_batch(images)  # (N, 3, H, W) float in [0, 1], CPU
+        outputs = [embed_batch(self.model, batch[i:i + self.batch_size].to(self.device), self.flip).cpu()
+                   for i in range(0, len(batch), self.batch_size)]
+        features = torch.cat(outputs) if outputs else torch.zeros(0, 0)
+        return F.normalize(features, dim=1) if self.normalize and len(features) else features
+
+    def _as_float_batch(self, images) -> torch.Tensor:
+        size = (self.height, self.width)
+        if isinstance(images, torch.Tensor):
+            batch = images[None] if images.dim() == 3 else images
+            if batch.dim() != 4 or batch.shape[1] != 3:
+                raise EvaluationError(f"image tensors must be (N, 3, H, W) or (3, H, W), got {tuple(images.shape)}")
+            batch = batch.detach().cpu()
+            batch = batch.float() / 255 if batch.dtype == torch.uint8 else batch.float()
+            if tuple(batch.shape[2:]) != size:
+                batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
+            return batch
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        if isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim == 3):
+            images = [images]
+        arrays = [self._as_array(item) for item in images]
+        if not arrays:
+            return torch.zeros(0, 3, *size)
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
+
+    def _as_array(self, item) -> np.ndarray:
+        from kdreid.data.cache import read_image
+
+        if isinstance(item, (str, Path)):
+            return read_image(str(item), self.height, self.width)
+        array = np.asarray(item)
+        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+            raise EvaluationError(f"image arrays must be H x W x 3 uint8 RGB, got shape {array.shape} dtype "
+                                  f"{array.dtype}")
+        if array.shape[:2] != (self.height, self.width):
+            # The same resize as decoding from a file, so a path and its decoded array give the same embedding.
+            array = np.asarray(Image.fromarray(array).resize((self.width, self.height), Image.BILINEAR))
+        return array
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate_features(
+    query: Features,
+    gallery: Features,
+    *,
+    metric: str = "euclidean",
+    normalize: bool = False,
+    rerank: bool = False,
+    protocol: str = "market",
+    max_rank: int = 50,
+    device: str | torch.device | None = None,
+) -> RankResult:
+    """Distances (optionally k-reciprocal re-ranked) and ranking metrics of query features against gallery ones."""
+    if len(query) == 0:
+        raise EvaluationError("empty query set: the dataset's query split holds no image")
+    if len(gallery) == 0:
+        raise EvaluationError("empty gallery: the dataset's gallery split holds no image")
+    device = torch.device(device) if device is not None else default_device()
+    query_features, gallery_features = query.features.to(device), gallery.features.to(device)
+    if normalize:
+        query_features, gallery_features = F.normalize(query_features, dim=1), F.normalize(gallery_features, dim=1)
+    if rerank:
+        distmat = re_ranking_features(query_features, gallery_features, metric=metric)
+    else:
+        distmat = compute_distance_matrix(query_features, gallery_features, metric=metric)
+    return evaluate(distmat, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=max_rank,
+                    protocol=protocol, device=device)
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset,
+    *,
+    metric: str = "euclidean",
+    normalize: bool = False,
+    rerank: bool = False,
+    flip: bool = False,
+    protocol: str = "market",
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+    workers: int = 2,
+    progress: bool = False,
+) -> RankResult:
+    """Extract query and gallery features of `dataset` (.query, .gallery lists of records) and rank them."""
+    if not dataset.query:
+        raise EvaluationError(f"empty query set: dataset {getattr(dataset, 'name', '?')} has no query image")
+    options = dict(height=height, width=width, batch_size=batch_size, flip=flip, device=device, workers=workers,
+                   progress=progress)
+    query = extract_features(model, dataset.query, **options)
+    gallery = extract_features(model, dataset.gallery, **options)
+    return evaluate_features(query, gallery, metric=metric, normalize=normalize, rerank=rerank, protocol=protocol,
+                             device=device)
+
+
+
+# ------------------------------------------------------------------------------------------------ command
+def evaluate_command(args) -> int:
+    """`kdreid evaluate`: one table row per target (percent), `--json` for machines, `--out RUN` writes
+    RUN/metrics.json ({"final": {target: {mAP, rank1, rank5, rank10, mINP}}}, merged into an existing file)."""
+    import json
+    import sys
+    import warnings
+
+    from kdreid.data.datasets.base import build_dataset
+    from kdreid.errors import DatasetError
+    from kdreid.evaluation.ranking import EvaluationWarning
+    from kdreid.rundir import write_json
+
+    cuhk03_options = dict(labeled=args.cuhk03_labeled, classic_split=args.cuhk03_classic_split,
+                          split_id=args.split_id)
+    if (args.cuhk03_labeled or args.cuhk03_classic_split or args.split_id) and "cuhk03" not in args.targets:
+        raise DatasetError("--cuhk03-labeled, --cuhk03-classic-split and --split-id apply only to -t cuhk03")
+    model = load_model(args.model, args.arch)
+    device = torch.device(args.device) if args.device else default_device()
+    final: dict[str, dict[str, float | None]] = {}
+    for target in args.targets:
+        dataset = build_dataset(target, args.root, **(cuhk03_options if target == "cuhk03" else {}))
+        print(f"{target}: {len(dataset.query)} queries, {len(dataset.gallery)} gallery images", file=sys.stderr)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", EvaluationWarning)
+            result = evaluate_model(
+                model, dataset, metric=args.metric, rerank=args.rerank, flip=args.flip, protocol=args.protocol,
+                height=args.height, width=args.width, batch_size=args.batch_size, device=device,
+                workers=args.workers, progress=sys.stderr.isatty())
+        for warning in caught:
+            print(f"kdreid: warning: {target}: {warning.message}", file=sys.stderr)
+        final[target] = {key: (None if value != value else round(value, 4))  # NaN -> null (JSON has no NaN)
+                         for key, value in result.summary().items()}
+
+    if args.out:
+        path = Path(args.out) / "metrics.json"
+        metrics = {}
+        if path.is_file():
+            try:
+                metrics = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                raise EvaluationError(f"{path} exists but is not JSON; remove it or choose another --out") from None
+        metrics.setdefault("final", {}).update(final)
+        metrics["evaluated_with"] = dict(model=str(args.model), metric=args.metric, rerank=args.rerank,
+                                         flip=args.flip, protocol=args.protocol)
+        write_json(path, metrics)
+    if args.json:
+        print(json.dumps({"final": final}, indent=2))
+        return 0
+    print(format_table(final))
+    if args.out:
+        print(f"metrics written to {Path(args.out) / 'metrics.json'}", file=sys.stderr)
+    return 0
+
+
+def format_table(final: dict[str, dict[str, float | None]]) -> str:
+    """Fixed-width rows: target, mAP, R1, R5, R10, mINP (percent)."""
+    columns = [("mAP", "mAP"), ("R1", "rank1"), ("R5", "rank5"), ("R10", "rank10"), ("mINP", "mINP")]
+    name_width = max([len("target"), *map(len, final)])
+    lines = ["target".ljust(name_width) + "".join(f"{title:>8}" for title, _ in columns)]
+    for target, values in final.items():
+        cells = "".join(f"{'n/a':>8}" if values[key] is None else f"{values[key]:8.1f}" for _, key in columns)
+        lines.append(target.ljust(name_width) + cells)
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""`kdreid evaluate` end to end: a tiny Market-layout dataset and a tiny model checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdreid.cli import main
+from kdreid.data.datasets.base import build_dataset
+from kdreid.evaluation.features import evaluate_model, load_model
+from kdreid.models import build_model, save_checkpoint
+
+HEIGHT, WIDTH = 32, 16
+
+
+def write_market(root, num_ids=6, seed=0, lonely_queries=0):
+    """root/market1501 with per-identity colours (so even an untrained model ranks well), two cameras."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (num_ids + 1 + lonely_queries, 3))
+    layout = {"bounding_box_train": [(pid, cam) for pid in range(1, num_ids + 1) for cam in (1, 2)],
+              "query": [(pid, 1) for pid in range(1, num_ids + 1 + lonely_queries)],
+              "bounding_box_test": [(pid, cam) for pid in range(1, num_ids + 1) for cam in (1, 2, 2)] + [(0, 1)] * 3}
+    for folder, items in layout.items():
+        (root / "market1501" / folder).mkdir(parents=True)
+        for frame, (pid, cam) in enumerate(items):
+            pixels = colours[pid] + rng.normal(0, 90, (HEIGHT, WIDTH, 3))
+            image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+            image.save(root / "market1501" / folder / f"{pid:04d}_c{cam}s1_{frame:06d}_01.jpg")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_market(root)
+    torch.manual_seed(0)
+    model = build_model("resnet_tiny", num_classes=6).eval()
+    folder = tmp_path_factory.mktemp("model")
+    checkpoint = save_checkpoint(folder / "model.pt", model, extra={"input_size": [HEIGHT, WIDTH]})
+    torch.save(model.state_dict(), folder / "plain.pth")
+    return root, checkpoint, folder / "plain.pth"
+
+
+def run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_json_equals_evaluate_model_and_metrics_file_is_written(setup, tmp_path, capsys):
+    root, checkpoint, _ = setup
+    code, out, err = run(["evaluate", "--model", str(checkpoint), "-t", "market1501", "--root", str(root),
+                          "--out", str(tmp_path / "run"), "--json", "--device", "cpu", "--flip"], capsys)
+    assert code == 0, err
+    printed = json.loads(out)["final"]["market1501"]
+    expected = evaluate_model(load_model(checkpoint), build_dataset("market1501", root), flip=True, device="cpu",
+                              height=HEIGHT, width=WIDTH).summary()
+    assert set(printed) == {"mAP", "rank1", "rank5", "rank10", "mINP"}
+    for key, value in expected.items():
+        assert printed[key] == pytest.approx(value, abs=1e-3)
+    assert printed["mAP"] > 50  # the colours make identities easy: the pipeline is not scrambling labels
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["final"]["market1501"] == printed
+    assert written["evaluated_with"]["flip"] is True
+
+
+def test_table_rows_plain_state_dict_and_merge(setup, tmp_path, capsys):
+    root, checkpoint, plain = setup
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"history": [1, 2], "final": {"other": {"mAP": 1.0}}}))
+    code, out, err = run(["evaluate", "--model", str(plain), "-a", "resnet_tiny", "-t", "market1501",
+                          "--root", str(root), "--height", str(HEIGHT), "--width", str(WIDTH), "--out", str(run_dir),
+                          "--metric", "cosine", "--rerank", "--device", "cpu"], capsys)
+    assert code == 0, err
+    header, row = out.strip().splitlines()
+    assert header.split() == ["target", "mAP", "R1", "R5", "R10", "mINP"]
+    assert row.split()[0] == "market1501" and len(row.split()) == 6
+    written = json.loads((run_dir / "metrics.json").read_text())
+    assert written["history"] == [1, 2] and set(written["final"]) == {"other", "market1501"}
+    expected = evaluate_model(load_model(checkpoint), build_dataset("market1501", root), metric="cosine",
+                              rerank=True, device="cpu", height=HEIGHT, width=WIDTH).summary()
+    assert float(row.split()[1]) == pytest.approx(expected["mAP"], abs=0.051)
+
+
+def test_user_mistakes_are_one_line(setup, capsys):
+    root, _, plain = setup
+    code, _, err = run(["evaluate", "--model", str(plain), "-t", "market1501", "--root", str(root)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "-a ARCH" in err
+    code, _, err = run(["evaluate", "--model", str(plain), "-a", "resnet_tiny", "-t", "nosuchset", "--root",
+                        str(root)], capsys)
+    assert code == 2 and "unknown dataset" in err and len(err.strip().splitlines()) == 1
+
+
+def test_skipped_queries_are_a_warning_line(tmp_path, capsys, setup):
+    _, checkpoint, _ = setup
+    write_market(tmp_path, lonely_queries=2)  # two query identities absent from the gallery
+    code, out, err = run(["evaluate", "--model", str(checkpoint), "-t", "market1501", "--root", str(tmp_path),
+                          "--json", "--device", "cpu"], capsys)
+    assert code == 0
+    assert "kdreid: warning: market1501: 2 of 8 queries have no true match" in err
+    assert json.loads(out)["final"]["market1501"]["mAP"] is not None
