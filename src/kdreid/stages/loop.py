@@ -140,12 +140,12 @@ def fit(
     model = next(iter(modules.values()))
 
     for epoch in range(start_epoch, config.epochs):
+        if before_epoch is not None:
+            before_epoch(epoch)  # may run the model in eval mode (pseudo-labels), so train mode comes after
         for module in modules.values():
             module.train()
         lr = learning_rate(config.optim, epoch, config.epochs)
         set_learning_rate(optimizer, lr)
-        if before_epoch is not None:
-            before_epoch(epoch)
         sums: dict[str, float] = {}
         started = time.perf_counter()
         bar = _progress(batches_per_epoch, f"epoch {epoch + 1}/{config.epochs}")

@@ -1,0 +1,237 @@
+"""Stage 2: single-target adaptation with D-MMD (Mekhazni et al., ECCV 2020), giving one teacher per target.
+
+Each step draws a source P×K batch by identity and a target P×K batch by *group*, and minimises
+
+    CE + triplet on the source  +  w · [MMD(within_s, within_t) + MMD(between_s, between_t) + MMD(f_s, f_t)]
+
+with the D-MMD terms switched on from epoch `dmmd_start` (see kdreid.losses.mmd for the exact definition).
+Target groups never come from cross-camera identity labels unless asked for as an oracle:
+
+- `tracklet` (default): the dataset's tracklet ids (a tracker's output; for public datasets, (pid, camera) of
+  the training split, which holds no cross-camera identity);
+- `pseudo`: DBSCAN clusters of target embeddings on the k-reciprocal Jaccard distance, refreshed every epoch,
+  outliers left out (SpCL's settings);
+- `oracle`: the target's identity labels, for ablations only; every table row says so.
+
+`blend` adapts one model to the union of several targets (the baseline KD-ReID compares against).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from kdreid.data.datasets.base import ImageRecord
+from kdreid.errors import ConfigError, DatasetError
+from kdreid.evaluation.features import extract_features
+from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, euclidean_distances
+from kdreid.losses.mmd import within_between
+from kdreid.models import build_model, load_checkpoint, save_checkpoint
+from kdreid.rundir import RunDir, atomic_write_bytes
+from kdreid.stages.common import DataOptions, EvalOptions, ResultRow, evaluate_datasets, write_results
+from kdreid.stages.data import BatchSource, combine_train, load_datasets
+from kdreid.stages.loop import StepContext, TrainConfig, fit, seed_everything, select_device
+from kdreid.stages.optim import build_optimizer
+from kdreid.stages.pseudo_labels import dbscan
+from kdreid.stages.source import StageResult
+
+
+@dataclass
+class PseudoLabelConfig:
+    eps: float = 0.6
+    min_samples: int = 4
+    k1: int = 30
+    k2: int = 6
+
+
+@dataclass
+class AdaptConfig:
+    sources: list[str] = field(default_factory=lambda: ["msmt17"])
+    targets: list[str] = field(default_factory=lambda: ["market1501"])
+    blend: bool = False  # several targets: adapt one model to their union
+    arch: str = "resnet50"
+    init: str = ""  # the source-trained kdreid checkpoint to start from
+    grouping: Literal["tracklet", "pseudo", "oracle"] = "tracklet"
+    dmmd_start: int = 0  # first (0-based) epoch with the D-MMD terms; the original code used 25
+    dmmd_weight: float = 1.0
+    label_smoothing: float = 0.1
+    triplet_margin: float = 0.3
+    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    histogram_images: int = 1000  # per domain, for the distance histograms saved before and after
+    out: str = "runs/adapt"
+    data: DataOptions = field(default_factory=DataOptions)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+
+
+GROUPING_NAMES = {"tracklet": "tracklets", "pseudo": "pseudo-labels", "oracle": "oracle identities"}
+
+
+def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
+    if len(config.targets) > 1 and not config.blend:
+        raise ConfigError(
+            f"adapt makes one teacher per target but got {len(config.targets)} targets; run it once per target, "
+            "or pass --blend to adapt one model to their union"
+        )
+    if not config.init:
+        raise ConfigError("adapt starts from a source-trained model: pass --init SOURCE_RUN/model.pt")
+    run_dir = RunDir(config.out)
+    log = run_dir.logger()
+    run_dir.save_config(config)
+    train = config.train
+    seed_everything(train.seed, train.deterministic)
+    device = select_device(train.device)
+
+    options = {name: config.data.reader_options(name) for name in config.sources + config.targets}
+    sources = load_datasets(config.sources, config.data.root, options)
+    targets = load_datasets(config.targets, config.data.root, options)
+    source_records = combine_train(sources, combineall=config.data.combineall)
+    target_records = combine_train(targets)
+    num_classes = 1 + max(r.pid for r in source_records)
+
+    model = _init_model(config, num_classes).to(device)
+    source_batches = BatchSource(
+        source_records, [r.pid for r in source_records], height=train.height, width=train.width,
+        batch_size=train.batch_size, num_instances=train.num_instances, augment=train.augment, device=device,
+        seed=train.seed,
+    )
+    initial_groups = _initial_groups(config, target_records)
+    target_batches = BatchSource(
+        target_records, initial_groups, height=train.height, width=train.width, batch_size=train.batch_size,
+        num_instances=train.num_instances, augment=train.augment, device=device, seed=train.seed + 1,
+        what=GROUPING_NAMES[config.grouping],
+    )
+    log.info(
+        f"adapt {'+'.join(config.sources)} -> {'+'.join(config.targets)} with {config.arch}; target grouping: "
+        f"{GROUPING_NAMES[config.grouping]}"
+        + (" (ORACLE: uses target identity labels)" if config.grouping == "oracle" else "")
+        + f"; D-MMD from epoch {config.dmmd_start + 1}, weight {config.dmmd_weight}; BatchNorm sees "
+        f"{train.batch_size} images per forward"
+    )
+    optimizer = build_optimizer(model.parameters(), train.optim)
+    _save_histograms(run_dir.path / "distances_before.npz", model, source_records, target_records, config, device)
+
+    def before_epoch(epoch: int) -> None:
+        if config.grouping == "pseudo":
+            labels = pseudo_labels(model, target_records, config, device)
+            kept = labels >= 0
+            log.info(f"pseudo-labels: {labels.max() + 1} clusters, {kept.sum()} of {len(labels)} images kept")
+            target_batches.set_labels(
+                labels, batch_size=train.batch_size, num_instances=train.num_instances, seed=train.seed + 1,
+                what=GROUPING_NAMES["pseudo"],
+            )
+        source_batches.start_epoch(epoch)
+        target_batches.start_epoch(epoch)
+
+    def train_step(context: StepContext) -> dict[str, torch.Tensor]:
+        source_images, source_labels = source_batches.next_batch(context.generator)
+        target_images, target_groups = target_batches.next_batch(context.generator)
+        # Two forwards, as the original: each BatchNorm sees one domain's batch at a time.
+        source_out = model(source_images)
+        target_out = model(target_images)
+        ce = cross_entropy_label_smoothing(source_out.logits, source_labels, config.label_smoothing)
+        triplet = batch_hard_triplet(source_out.embedding, source_labels, config.triplet_margin)
+        losses = {"ce": ce, "triplet": triplet}
+        total = ce + triplet
+        if context.epoch >= config.dmmd_start:
+            terms = dmmd_terms(source_out.embedding, source_labels, target_out.embedding, target_groups)
+            losses.update(terms)
+            total = total + config.dmmd_weight * sum(terms.values())
+        return {"loss": total, **losses}
+
+    # The loop must know the epoch length before pseudo-labels exist: an epoch is as long as the source's.
+    result = fit(
+        run=run_dir, config=train, stage_config=config, modules={"model": model}, optimizer=optimizer,
+        batches_per_epoch=len(source_batches), train_step=train_step,
+        evaluate=lambda epoch: evaluate_datasets(model, targets + sources, train, device, config.eval, config.data),
+        before_epoch=before_epoch, resume=resume, log=log,
+    )
+    _save_histograms(run_dir.path / "distances_after.npz", model, source_records, target_records, config, device)
+    model_path = run_dir.path / "model.pt"
+    save_checkpoint(
+        model_path, model.cpu(), config=config, datasets=config.sources + config.targets, metrics=result.final,
+        extra={"stage": "adapt", "grouping": config.grouping, "input_size": [train.height, train.width]},
+    )
+    label = "blend" if config.blend else "teacher"
+    rows = [
+        ResultRow(f"{label} D-MMD ({config.arch})", name, metrics, grouping=config.grouping)
+        for name, metrics in result.final.items()
+    ]
+    write_results(run_dir, result, rows, extra={"grouping": config.grouping})
+    log.info(f"wrote {model_path}")
+    return StageResult(str(model_path), result.final, result)
+
+
+def _init_model(config: AdaptConfig, num_classes: int):
+    """The source model: same architecture, same source label space (its classifier keeps training)."""
+    source_model = load_checkpoint(config.init, arch=config.arch)
+    model = build_model(config.arch, num_classes, **{
+        k: v for k, v in source_model.build_args.items() if k not in ("num_classes", "pretrained")
+    })
+    state = source_model.state_dict()
+    if source_model.num_classes != num_classes:
+        raise ConfigError(
+            f"{config.init} was trained on {source_model.num_classes} source identities, but the sources "
+            f"{'+'.join(config.sources)} have {num_classes}; pass the checkpoint of a source run on the same data"
+        )
+    model.load_state_dict(state)
+    return model
+
+
+def _initial_groups(config: AdaptConfig, records: list[ImageRecord]) -> list[int]:
+    if config.grouping in ("tracklet", "oracle"):
+        groups = [r.tracklet if config.grouping == "tracklet" else r.pid for r in records]
+        if min(groups) < 0:
+            raise DatasetError(
+                f"target {'+'.join(config.targets)} has training images without a tracklet id; "
+                "use --grouping pseudo"
+            )
+        sizes = np.bincount(groups)
+        needed = config.train.batch_size // config.train.num_instances
+        if (sizes >= 2).sum() < needed:
+            raise DatasetError(
+                f"target {'+'.join(config.targets)} has {(sizes >= 2).sum()} {GROUPING_NAMES[config.grouping]} "
+                f"with two or more images, fewer than the {needed} a batch needs: D-MMD needs within-group pairs; "
+                "use --grouping pseudo or a smaller --batch-size"
+            )
+        return groups
+    # Pseudo-labels are computed at the start of every epoch; until then each image is its own group, which
+    # only serves to size the sampler.
+    return list(range(len(records)))
+
+
+def pseudo_labels(model, records: list[ImageRecord], config: AdaptConfig, device) -> np.ndarray:
+    """DBSCAN clusters of the target's training embeddings on the k-reciprocal Jaccard distance (-1: outlier)."""
+    from kdreid.evaluation.rerank import jaccard_distance
+
+    features = extract_features(
+        model, records, height=config.train.height, width=config.train.width,
+        batch_size=config.eval.batch_size, device=device,
+    ).features
+    features = torch.nn.functional.normalize(features, dim=1)
+    distances = jaccard_distance(features, k1=config.pseudo.k1, k2=config.pseudo.k2)
+    return dbscan(distances.cpu().numpy(), config.pseudo.eps, config.pseudo.min_samples)
+
+
+def _save_histograms(path, model, source_records, target_records, config: AdaptConfig, device) -> None:
+    """Within- and between-identity distances of source and target training images, for D-MMD's picture.
+    Target identities are used here for the diagnostic only, never for training."""
+    arrays = {}
+    rng = np.random.default_rng([config.train.seed, 0x48495354])  # 'HIST'
+    for domain, records in (("source", source_records), ("target", target_records)):
+        chosen = sorted(rng.choice(len(records), size=min(config.histogram_images, len(records)), replace=False))
+        subset = [records[i] for i in chosen]
+        features = extract_features(
+            model, subset, height=config.train.height, width=config.train.width,
+            batch_size=config.eval.batch_size, device=device,
+        ).features
+        within, between = within_between(euclidean_distances(features), torch.tensor([r.pid for r in subset]))
+        arrays[f"{domain}_within"] = within.numpy()
+        arrays[f"{domain}_between"] = between.numpy()
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())

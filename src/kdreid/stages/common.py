@@ -1,0 +1,99 @@
+"""What every stage does around the loop: its run folder and config, datasets, evaluation of a model on
+query/gallery splits, and the final files (`model.pt`, `metrics.json`, `results.md`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from kdreid.data.datasets.base import ImageRecord, ReidDataset
+from kdreid.evaluation.features import evaluate_model
+from kdreid.rundir import RunDir, atomic_write_text
+from kdreid.stages.loop import FitResult, TrainConfig, results_table
+
+
+@dataclass
+class DataOptions:
+    """Dataset options shared by the stages (as torchreid's flags)."""
+
+    root: str = "data"
+    cuhk03_labeled: bool = False
+    cuhk03_classic_split: bool = False
+    combineall: bool = False
+
+    def reader_options(self, name: str) -> dict:
+        if name == "cuhk03":
+            return {"labeled": self.cuhk03_labeled, "classic_split": self.cuhk03_classic_split}
+        return {}
+
+
+@dataclass
+class EvalOptions:
+    metric: str = "euclidean"  # euclidean | cosine
+    flip: bool = False  # average the features of an image and its mirror
+    batch_size: int = 128
+
+
+def protocol_for(name: str, data: DataOptions) -> str:
+    """The cuhk03 single-gallery-shot protocol for CUHK03's classic 20-split setting, as torchreid's
+    `use_metric_cuhk03`; the new 767/700 protocol and every other dataset use the market protocol, as the
+    published numbers do."""
+    return "cuhk03" if name == "cuhk03" and data.cuhk03_classic_split else "market"
+
+
+def evaluate_split(
+    model: nn.Module,
+    query: Sequence[ImageRecord],
+    gallery: Sequence[ImageRecord],
+    *,
+    height: int,
+    width: int,
+    device: torch.device,
+    options: EvalOptions,
+    protocol: str = "market",
+) -> dict[str, float]:
+    """mAP, rank-1/5/10 and mINP in percent of `model` on one query/gallery pair."""
+    split = SimpleNamespace(name="validation", query=list(query), gallery=list(gallery))
+    result = evaluate_model(
+        model, split, metric=options.metric, flip=options.flip, protocol=protocol, height=height, width=width,
+        batch_size=options.batch_size, device=device,
+    )
+    return result.summary()
+
+
+def evaluate_datasets(
+    model: nn.Module, datasets: Sequence[ReidDataset], train: TrainConfig, device: torch.device,
+    options: EvalOptions, data: DataOptions,
+) -> dict[str, dict[str, float]]:
+    was_training = model.training
+    model.eval()
+    metrics = {
+        dataset.name: evaluate_split(
+            model, dataset.query, dataset.gallery, height=train.height, width=train.width, device=device,
+            options=options, protocol=protocol_for(dataset.name, data),
+        )
+        for dataset in datasets
+    }
+    model.train(was_training)
+    return metrics
+
+
+@dataclass
+class ResultRow:
+    model: str
+    dataset: str
+    metrics: dict
+    grouping: str = "—"
+
+
+def write_results(run: RunDir, result: FitResult, rows: list[ResultRow], extra: dict | None = None) -> None:
+    """`metrics.json` (final metrics per dataset in percent, every epoch, the selection rule) and
+    `results.md`."""
+    run.save_metrics({"final": result.final, "epochs": result.epochs, "selection": result.selection, **(extra or {})})
+    table = results_table([vars(row) for row in rows], result.selection)
+    atomic_write_text(run.path / "results.md", table)
+

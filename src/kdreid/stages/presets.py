@@ -1,0 +1,66 @@
+"""Named presets: partial configs per stage, applied over the defaults and under --config and CLI flags.
+
+Order of precedence, lowest first: the dataclass defaults (the paper's settings), the preset, the --config
+YAML file, then each CLI flag that was given.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, TypeVar
+
+from kdreid.config import from_dict, override, read_yaml, to_dict
+from kdreid.errors import ConfigError
+
+T = TypeVar("T")
+
+# `paper`: the original scripts' settings where they are sound (Adam 3e-4, batch 32 = 8×4, 256×128). Unlike the
+# original, random erasing runs (its scripts asked for an augmentation their builder did not know).
+# `quick`: small enough for 2 CPU cores in minutes, on the synthetic domains at 128×64.
+PRESETS: dict[str, dict[str, dict]] = {
+    "paper": {
+        "source": {"train": {"epochs": 60, "height": 256, "width": 128, "batch_size": 32, "num_instances": 4,
+                             "optim": {"optimizer": "adam", "lr": 3.5e-4, "scheduler": "multistep",
+                                       "milestones": [20, 40], "warmup_epochs": 10}}},
+        "adapt": {"train": {"epochs": 60, "height": 256, "width": 128, "batch_size": 32, "num_instances": 4,
+                            "optim": {"optimizer": "adam", "lr": 3.5e-4, "scheduler": "multistep",
+                                      "milestones": [30], "warmup_epochs": 0}}},
+    },
+    "quick": {
+        "source": {"train": {"epochs": 12, "height": 128, "width": 64, "batch_size": 32, "num_instances": 4,
+                             "optim": {"optimizer": "adam", "lr": 1e-3, "scheduler": "cosine",
+                                       "warmup_epochs": 2}}},
+        "adapt": {"train": {"epochs": 8, "height": 128, "width": 64, "batch_size": 32, "num_instances": 4,
+                            "optim": {"optimizer": "adam", "lr": 3e-4, "scheduler": "cosine",
+                                      "warmup_epochs": 0}}},
+    },
+}
+
+
+def resolve_config(
+    cls: type[T], stage: str, *, preset: str | None = None, config_file: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> T:
+    config = cls()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+        config = _merge(config, PRESETS[preset].get(stage, {}), where=f"preset {preset}")
+    if config_file is not None:
+        data = read_yaml(config_file) or {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{config_file}: expected a mapping of settings at the top level")
+        config = _merge(config, data, where=str(config_file))
+    return override(config, overrides or {})
+
+
+def _merge(config: T, partial: Mapping, where: str) -> T:
+    def deep(base: dict, update: Mapping) -> dict:
+        merged = dict(base)
+        for key, value in update.items():
+            if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+                merged[key] = deep(base[key], value)
+            else:
+                merged[key] = value
+        return merged
+
+    return from_dict(type(config), deep(to_dict(config), partial), where=where)

@@ -1,0 +1,13 @@
+import pytest
+
+from kdreid.cli import main
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """Two tiny synthetic domains (a source and a target) at 64×32, generated once per test session."""
+    root = tmp_path_factory.mktemp("synth")
+    code = main(["data", "synth", "--out", str(root), "--domains", "synth_msmt", "synth_duke",
+                 "--scale", "0.01", "--size", "64x32", "--seed", "0", "--workers", "1"])
+    assert code == 0
+    return root

@@ -1,0 +1,108 @@
+"""Tiny end-to-end runs of the source and D-MMD stages on CPU (seconds each)."""
+
+import json
+
+import pytest
+import torch
+
+from kdreid.cli import main
+from kdreid.errors import CheckpointError, ConfigError, DatasetError
+from kdreid.models import load_checkpoint
+from kdreid.stages import adapt, source
+from kdreid.stages.presets import resolve_config
+
+TINY = ["--epochs", "2", "--batch-size", "16", "--num-instances", "4", "--height", "64", "--width", "32",
+        "--device", "cpu", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def source_run(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "source"
+    assert main(["train-source", "-s", "synth_msmt", "-t", "synth_duke", "-a", "osnet_tiny",
+                 "--root", str(synth_root), "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_source_run_writes_its_folder(source_run):
+    metrics = json.loads((source_run / "metrics.json").read_text())
+    assert set(metrics["final"]) == {"synth_msmt", "synth_duke"}
+    assert set(metrics["final"]["synth_duke"]) == {"mAP", "rank1", "rank5", "rank10", "mINP"}
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and metrics["selection"] == "last epoch"
+    assert set(metrics["epochs"][0]["losses"]) == {"loss", "ce", "triplet"}
+    for name in ("config.yaml", "log.txt", "results.md", "checkpoints/last.pt"):
+        assert (source_run / name).is_file()
+    assert "source only (osnet_tiny) | synth_duke" in (source_run / "results.md").read_text()
+    model = load_checkpoint(source_run / "model.pt")
+    assert model.arch == "osnet_tiny" and model.kdreid_meta["extra"]["input_size"] == [64, 32]
+    assert model(torch.rand(2, 3, 64, 32)).shape == (2, model.embedding_dim)
+
+
+def test_rerun_without_resume_is_refused_with_a_hint(source_run, synth_root, capsys):
+    code = main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root),
+                 "--out", str(source_run), *TINY])
+    assert code == 2 and "pass --resume" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_trains_no_more(source_run, synth_root):
+    before = (source_run / "checkpoints" / "last.pt").stat().st_mtime_ns
+    assert main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root),
+                 "--out", str(source_run), "--resume", *TINY]) == 0
+    assert (source_run / "checkpoints" / "last.pt").stat().st_mtime_ns == before
+
+
+def test_adapt_with_tracklets_trains_dmmd_and_saves_histograms(source_run, synth_root, tmp_path):
+    out = tmp_path / "teacher"
+    assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "-a", "osnet_tiny",
+                 "--init", str(source_run / "model.pt"), "--root", str(synth_root), "--out", str(out),
+                 "--dmmd-start", "1", *TINY]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "mmd_within" not in metrics["epochs"][0]["losses"]  # before --dmmd-start
+    assert {"mmd_within", "mmd_between", "mmd_features"} <= set(metrics["epochs"][1]["losses"])
+    assert metrics["grouping"] == "tracklet"
+    for name in ("distances_before.npz", "distances_after.npz"):
+        import numpy as np
+
+        arrays = np.load(out / name)
+        assert set(arrays) == {"source_within", "source_between", "target_within", "target_between"}
+        assert arrays["target_within"].mean() < arrays["target_between"].mean() * 1.5
+    teacher = load_checkpoint(out / "model.pt")
+    assert teacher.kdreid_meta["extra"]["grouping"] == "tracklet"
+
+
+def test_adapt_bad_inputs(source_run, synth_root, tmp_path):
+    def config(**changes):
+        base = {"sources": ["synth_msmt"], "targets": ["synth_duke"], "arch": "osnet_tiny",
+                "init": str(source_run / "model.pt"), "out": str(tmp_path / "x"), "data.root": str(synth_root),
+                "train.device": "cpu", "train.height": 64, "train.width": 32, "train.batch_size": 16}
+        return resolve_config(adapt.AdaptConfig, "adapt", overrides=base | changes)
+
+    with pytest.raises(CheckpointError, match="holds a osnet_tiny model, not the resnet_tiny"):
+        adapt.run(config(arch="resnet_tiny"))
+    with pytest.raises(ConfigError, match="run it once per target, or pass --blend"):
+        adapt.run(config(targets=["synth_duke", "synth_msmt"]))
+    with pytest.raises(DatasetError, match="needs at least that many"):
+        adapt.run(config(**{"train.batch_size": 4000}))
+
+
+def test_adapt_with_pseudo_labels_clusters_the_target(source_run, synth_root, tmp_path, monkeypatch):
+    seen = []
+    real = adapt.dbscan
+
+    def spy(distances, eps, min_samples):
+        labels = real(distances, eps, min_samples)
+        seen.append(labels)
+        return labels
+
+    monkeypatch.setattr(adapt, "dbscan", spy)
+    out = tmp_path / "pseudo"
+    # A tight eps: the barely-trained tiny model sees everyone as alike, and eps 0.6 merges them all.
+    config = resolve_config(adapt.AdaptConfig, "adapt", overrides={
+        "sources": ["synth_msmt"], "targets": ["synth_duke"], "arch": "osnet_tiny",
+        "init": str(source_run / "model.pt"), "out": str(out), "data.root": str(synth_root), "grouping": "pseudo",
+        "pseudo.eps": 0.3, "pseudo.min_samples": 2, "train.device": "cpu", "train.epochs": 1,
+        "train.height": 64, "train.width": 32, "train.batch_size": 16,
+    })
+    result = adapt.run(config)
+    assert len(seen) == 1 and seen[0].max() >= 3  # one refresh per epoch, several clusters
+    assert "pseudo" in (out / "results.md").read_text()
+    assert set(result.final) == {"synth_duke", "synth_msmt"}
