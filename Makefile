@@ -12,13 +12,13 @@ REFERENCE := .cache/reference/torchreid-0.2.5.tar.gz
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip >/dev/null
-	$(BIN)/python -m pip install $(TORCH_PIN) -e '.[test,viz]'
+	$(BIN)/python -m pip install $(TORCH_PIN) -e '.[test,viz,export]'
 	touch $(STAMP)
 
-$(REFERENCE):
+$(REFERENCE): | $(STAMP)
 	mkdir -p $(dir $@)
 	$(BIN)/python -m pip download --no-deps --no-binary :all: torchreid==0.2.5 -d $(dir $@)
 

@@ -282,6 +282,7 @@ def _add_search(commands) -> None:
     p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="flip-average query images (default: as the gallery was extracted)")
+    p.add_argument("--faiss", action="store_true", help="search with a faiss flat index (exact; needs faiss-cpu)")
     p.add_argument("--json", action="store_true", help="print the rankings as JSON")
     p.set_defaults(run=_run_search)
 

@@ -24,5 +24,9 @@ class CheckpointError(KdreidError):
     """A checkpoint is missing, truncated, of another architecture, or unsafe to load."""
 
 
+class TrainingError(KdreidError):
+    """Training cannot go on (a non-finite loss, a run folder that already holds a run)."""
+
+
 class EvaluationError(KdreidError):
     """Inputs to an evaluation do not fit together (lengths, NaNs, empty sets)."""

@@ -135,3 +135,14 @@ def test_dmmd_terms_against_pairwise_computation_and_gradients_only_into_target_
     (terms["mmd_within"] + terms["mmd_between"]).backward()
     assert source.grad is None or source.grad.abs().sum() == 0
     assert target.grad.abs().sum() > 0
+
+
+def test_distances_and_kernel_stay_float32_under_autocast():
+    torch.manual_seed(0)
+    x = torch.randn(16, 64) * 10
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = euclidean_distances(x)
+        kernel = mmd(inside[0], inside[1])
+    assert inside.dtype == torch.float32
+    assert torch.allclose(inside, euclidean_distances(x), atol=1e-4)
+    assert kernel.item() == pytest.approx(mmd(euclidean_distances(x)[0], euclidean_distances(x)[1]).item(), rel=1e-5)

@@ -37,10 +37,26 @@ def test_source_run_writes_its_folder(source_run):
     assert model(torch.rand(2, 3, 64, 32)).shape == (2, model.embedding_dim)
 
 
-def test_rerun_without_resume_is_refused_with_a_hint(source_run, synth_root, capsys):
+def test_rerun_without_resume_is_refused_with_a_hint_and_touches_nothing(source_run, synth_root, capsys):
+    config_before = (source_run / "config.yaml").read_text()
     code = main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root),
-                 "--out", str(source_run), *TINY])
+                 "--out", str(source_run), *TINY[:-2], "--seed", "5"])
     assert code == 2 and "pass --resume" in capsys.readouterr().err
+    assert (source_run / "config.yaml").read_text() == config_before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--num-instances", "1"], "--num-instances must be at least 2"),
+    (["--batch-size", "10"], "not a multiple of --num-instances 4"),
+    (["--lr", "-1"], "--lr must be positive"),
+])
+def test_unusable_settings_are_one_line_errors(flags, message, synth_root, tmp_path, capsys):
+    code = main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root),
+                 "--out", str(tmp_path / "r"), *TINY, *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
 
 
 def test_resume_of_a_finished_run_trains_no_more(source_run, synth_root):
@@ -52,7 +68,8 @@ def test_resume_of_a_finished_run_trains_no_more(source_run, synth_root):
 
 def test_adapt_with_tracklets_trains_dmmd_and_saves_histograms(source_run, synth_root, tmp_path):
     out = tmp_path / "teacher"
-    assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "-a", "osnet_tiny",
+    # No -a: the architecture comes from the --init checkpoint.
+    assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke",
                  "--init", str(source_run / "model.pt"), "--root", str(synth_root), "--out", str(out),
                  "--dmmd-start", "1", *TINY]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -82,6 +99,8 @@ def test_adapt_bad_inputs(source_run, synth_root, tmp_path):
         adapt.run(config(targets=["synth_duke", "synth_msmt"]))
     with pytest.raises(DatasetError, match="needs at least that many"):
         adapt.run(config(**{"train.batch_size": 4000}))
+    with pytest.raises(ConfigError, match="needs a source model trained with --select source-val"):
+        adapt.run(config(**{"train.select": "source-val"}))
 
 
 def test_adapt_with_pseudo_labels_clusters_the_target(source_run, synth_root, tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ def decode_images(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(paths), desc="decoding images", unit="img", leave=False)
+        bar = tqdm(total=len(paths), desc="decoding images", unit="img", leave=False, disable=None)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for _ in pool.map(fill, range(len(paths))):
             if bar is not None:

@@ -28,7 +28,13 @@ DEFAULT_SIGMAS: tuple[float, ...] = (
 
 
 def gaussian_kernel(x: torch.Tensor, y: torch.Tensor, sigmas=DEFAULT_SIGMAS) -> torch.Tensor:
-    """Σ_σ exp(−‖x_i − y_j‖² / (2σ)). x (N,) or (N, D), y (M,) or (M, D) -> (N, M)."""
+    """Σ_σ exp(−‖x_i − y_j‖² / (2σ)). x (N,) or (N, D), y (M,) or (M, D) -> (N, M), in float32 even under
+    autocast (bf16 would lose the small differences the narrow bandwidths see)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _gaussian_kernel(x, y, sigmas)
+
+
+def _gaussian_kernel(x: torch.Tensor, y: torch.Tensor, sigmas) -> torch.Tensor:
     x = x.float().reshape(len(x), -1)
     y = y.float().reshape(len(y), -1)
     if x.shape[1] == 1:  # scalar samples (distances): the exact difference, cheap at (N, M)

@@ -11,10 +11,11 @@ def euclidean_distances(a: torch.Tensor, b: torch.Tensor | None = None) -> torch
 
     Computed as sqrt(‖a‖² + ‖b‖² − 2ab) clamped at 1e-12 so that the gradient of the zero self-distances stays
     finite; float32 even under autocast, where the expansion loses too much precision in bf16."""
-    a = a.float()
-    b = a if b is None else b.float()
-    squared = a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1)[None, :] - 2.0 * a @ b.t()
-    return squared.clamp_min(1e-12).sqrt()
+    with torch.autocast(a.device.type, enabled=False):  # the matmul would otherwise run in bf16
+        a = a.float()
+        b = a if b is None else b.float()
+        squared = a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1)[None, :] - 2.0 * a @ b.t()
+        return squared.clamp_min(1e-12).sqrt()
 
 
 def batch_hard_triplet(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -30,11 +31,11 @@ from kdreid.errors import ConfigError, DatasetError
 from kdreid.evaluation.features import extract_features
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, euclidean_distances
 from kdreid.losses.mmd import within_between
-from kdreid.models import build_model, load_checkpoint, save_checkpoint
+from kdreid.models import load_checkpoint, save_checkpoint
 from kdreid.rundir import RunDir, atomic_write_bytes
-from kdreid.stages.common import DataOptions, EvalOptions, ResultRow, evaluate_datasets, write_results
-from kdreid.stages.data import BatchSource, combine_train, load_datasets
-from kdreid.stages.loop import StepContext, TrainConfig, fit, seed_everything, select_device
+from kdreid.stages.common import DataOptions, EvalOptions, ResultRow, evaluate_datasets, evaluate_split, write_results
+from kdreid.stages.data import BatchSource, combine_train, hold_out_validation, load_datasets
+from kdreid.stages.loop import refuse_occupied, StepContext, TrainConfig, fit, seed_everything, select_device
 from kdreid.stages.optim import build_optimizer
 from kdreid.stages.pseudo_labels import dbscan
 from kdreid.stages.source import StageResult
@@ -53,7 +54,7 @@ class AdaptConfig:
     sources: list[str] = field(default_factory=lambda: ["msmt17"])
     targets: list[str] = field(default_factory=lambda: ["market1501"])
     blend: bool = False  # several targets: adapt one model to their union
-    arch: str = "resnet50"
+    arch: str = ""  # empty: the architecture of the --init checkpoint
     init: str = ""  # the source-trained kdreid checkpoint to start from
     grouping: Literal["tracklet", "pseudo", "oracle"] = "tracklet"
     dmmd_start: int = 0  # first (0-based) epoch with the D-MMD terms; the original code used 25
@@ -79,10 +80,12 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         )
     if not config.init:
         raise ConfigError("adapt starts from a source-trained model: pass --init SOURCE_RUN/model.pt")
+    train = config.train
+    train.validate()
+    refuse_occupied(Path(config.out), resume)
     run_dir = RunDir(config.out)
     log = run_dir.logger()
     run_dir.save_config(config)
-    train = config.train
     seed_everything(train.seed, train.deterministic)
     device = select_device(train.device)
 
@@ -91,9 +94,25 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
     targets = load_datasets(config.targets, config.data.root, options)
     source_records = combine_train(sources, combineall=config.data.combineall)
     target_records = combine_train(targets)
+    source_model = load_checkpoint(config.init, arch=config.arch or None)
+    validation = None
+    held_out = source_model.kdreid_meta["extra"].get("held_out")
+    if held_out:
+        # The source run held identities out for validation: the same split gives the same label space.
+        validation = hold_out_validation(source_records, held_out["fraction"], held_out["seed"])
+        source_records = validation.train
+    elif train.select == "source-val":
+        raise ConfigError(
+            f"--select source-val needs a source model trained with --select source-val; {config.init} was not"
+        )
     num_classes = 1 + max(r.pid for r in source_records)
-
-    model = _init_model(config, num_classes).to(device)
+    if source_model.num_classes != num_classes:
+        raise ConfigError(
+            f"{config.init} was trained on {source_model.num_classes} source identities, but the sources "
+            f"{'+'.join(config.sources)} have {num_classes}; pass the checkpoint of a source run on the same data"
+        )
+    model = source_model.train().to(device)
+    arch = model.arch
     source_batches = BatchSource(
         source_records, [r.pid for r in source_records], height=train.height, width=train.width,
         batch_size=train.batch_size, num_instances=train.num_instances, augment=train.augment, device=device,
@@ -106,7 +125,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         what=GROUPING_NAMES[config.grouping],
     )
     log.info(
-        f"adapt {'+'.join(config.sources)} -> {'+'.join(config.targets)} with {config.arch}; target grouping: "
+        f"adapt {'+'.join(config.sources)} -> {'+'.join(config.targets)} with {arch}; target grouping: "
         f"{GROUPING_NAMES[config.grouping]}"
         + (" (ORACLE: uses target identity labels)" if config.grouping == "oracle" else "")
         + f"; D-MMD from epoch {config.dmmd_start + 1}, weight {config.dmmd_weight}; BatchNorm sees "
@@ -143,11 +162,20 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
             total = total + config.dmmd_weight * sum(terms.values())
         return {"loss": total, **losses}
 
+    def evaluate(epoch: int) -> dict:
+        metrics = evaluate_datasets(model, targets + sources, train, device, config.eval, config.data)
+        if validation is not None:
+            metrics["source-val"] = evaluate_split(
+                model, validation.query, validation.gallery, height=train.height, width=train.width,
+                device=device, options=config.eval,
+            )
+        return metrics
+
     # The loop must know the epoch length before pseudo-labels exist: an epoch is as long as the source's.
     result = fit(
         run=run_dir, config=train, stage_config=config, modules={"model": model}, optimizer=optimizer,
         batches_per_epoch=len(source_batches), train_step=train_step,
-        evaluate=lambda epoch: evaluate_datasets(model, targets + sources, train, device, config.eval, config.data),
+        evaluate=evaluate,
         before_epoch=before_epoch, resume=resume, log=log,
     )
     _save_histograms(run_dir.path / "distances_after.npz", model, source_records, target_records, config, device)
@@ -158,28 +186,12 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
     )
     label = "blend" if config.blend else "teacher"
     rows = [
-        ResultRow(f"{label} D-MMD ({config.arch})", name, metrics, grouping=config.grouping)
+        ResultRow(f"{label} D-MMD ({arch})", name, metrics, grouping=config.grouping)
         for name, metrics in result.final.items()
     ]
     write_results(run_dir, result, rows, extra={"grouping": config.grouping})
     log.info(f"wrote {model_path}")
     return StageResult(str(model_path), result.final, result)
-
-
-def _init_model(config: AdaptConfig, num_classes: int):
-    """The source model: same architecture, same source label space (its classifier keeps training)."""
-    source_model = load_checkpoint(config.init, arch=config.arch)
-    model = build_model(config.arch, num_classes, **{
-        k: v for k, v in source_model.build_args.items() if k not in ("num_classes", "pretrained")
-    })
-    state = source_model.state_dict()
-    if source_model.num_classes != num_classes:
-        raise ConfigError(
-            f"{config.init} was trained on {source_model.num_classes} source identities, but the sources "
-            f"{'+'.join(config.sources)} have {num_classes}; pass the checkpoint of a source run on the same data"
-        )
-    model.load_state_dict(state)
-    return model
 
 
 def _initial_groups(config: AdaptConfig, records: list[ImageRecord]) -> list[int]:

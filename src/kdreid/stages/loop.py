@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from torch import nn
 
 from kdreid.config import to_dict
 from kdreid.data.augment import AugmentConfig
-from kdreid.errors import CheckpointError, KdreidError
+from kdreid.errors import CheckpointError, ConfigError, KdreidError, TrainingError
 from kdreid.rundir import RunDir, atomic_write_bytes
 from kdreid.stages.optim import OptimConfig, learning_rate, set_learning_rate
 
@@ -33,10 +34,6 @@ SELECTION_RULES = {
     "last": "last epoch",
     "source-val": "best source-validation mAP (held-out source training identities)",
 }
-
-
-class TrainingError(KdreidError):
-    """Training cannot go on (a non-finite loss, a run folder that already holds a run)."""
 
 
 @dataclass
@@ -59,6 +56,26 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
+    def validate(self) -> None:
+        """Values no run can use: one ConfigError naming the flag, before any work is done."""
+        positive = {"--epochs": self.epochs, "--height": self.height, "--width": self.width,
+                    "--batch-size": self.batch_size}
+        for flag, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if self.num_instances < 2:
+            raise ConfigError(
+                f"--num-instances must be at least 2 (the triplet and D-MMD losses need pairs), got {self.num_instances}"
+            )
+        if self.batch_size % self.num_instances:
+            raise ConfigError(
+                f"--batch-size {self.batch_size} is not a multiple of --num-instances {self.num_instances}"
+            )
+        if not self.optim.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.optim.lr}")
+        if self.eval_freq < 0:
+            raise ConfigError(f"--eval-freq must be 0 (at the end) or positive, got {self.eval_freq}")
+
 
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -74,6 +91,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS needs a fixed workspace for reproducible matmuls, set before CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.benchmark = False
 
@@ -114,16 +133,13 @@ def fit(
     """
     log = log or run.logger()
     device = select_device(config.device)
-    checkpoint_path = run.path / "checkpoints" / "last.pt"
+    checkpoint_path = checkpoint_file(run.path)
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
     history: list[dict] = []
     start_epoch = 0
     best = {"score": -math.inf, "epoch": -1, "state": None, "metrics": {}}
-    if checkpoint_path.exists() and not resume:
-        raise TrainingError(
-            f"{run.path} already holds a run ({checkpoint_path}); pass --resume to continue it or choose another --out"
-        )
+    refuse_occupied(run.path, resume)
     if resume and checkpoint_path.exists():
         state = load_training_state(checkpoint_path)
         for name, module in modules.items():
@@ -226,6 +242,20 @@ def fit(
     return FitResult(final=best["metrics"], epochs=history, selection=selection, selected_epoch=best["epoch"])
 
 
+def checkpoint_file(run_path: Path) -> Path:
+    return Path(run_path) / "checkpoints" / "last.pt"
+
+
+def refuse_occupied(run_path: Path, resume: bool) -> None:
+    """A run folder that already holds a run is only continued with --resume; stages call this before they
+    write anything there, so a mistaken command leaves the earlier run untouched."""
+    if not resume and checkpoint_file(run_path).exists():
+        raise TrainingError(
+            f"{run_path} already holds a run ({checkpoint_file(run_path)}); pass --resume to continue it or "
+            "choose another --out"
+        )
+
+
 def _step_seed(seed: int, epoch: int, iteration: int) -> int:
     # A stable mix of the three (never Python's salted hash): the same step draws the same augmentation on resume.
     return int(np.random.SeedSequence([seed, epoch, iteration]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -274,7 +304,9 @@ def _restore_rng(state: dict) -> None:
 def _progress(total: int, description: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit="it", leave=False, dynamic_ncols=True, mininterval=1.0)
+    # disable=None: no bar when stderr is not a terminal (CI logs, files); the log lines say the same.
+    return tqdm(total=total, desc=description, unit="it", leave=False, dynamic_ncols=True, mininterval=1.0,
+                disable=None)
 
 
 class _NoWriter:

@@ -8,6 +8,7 @@ and on every target named, which gives the "source only" rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -23,7 +24,7 @@ from kdreid.stages.common import (
     write_results,
 )
 from kdreid.stages.data import BatchSource, combine_train, hold_out_validation, load_datasets
-from kdreid.stages.loop import FitResult, StepContext, TrainConfig, fit, seed_everything, select_device
+from kdreid.stages.loop import refuse_occupied, FitResult, StepContext, TrainConfig, fit, seed_everything, select_device
 from kdreid.stages.optim import build_optimizer
 
 
@@ -51,10 +52,12 @@ class StageResult:
 
 
 def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
+    train = config.train
+    train.validate()
+    refuse_occupied(Path(config.out), resume)
     run_dir = RunDir(config.out)
     log = run_dir.logger()
     run_dir.save_config(config)
-    train = config.train
     seed_everything(train.seed, train.deterministic)
     device = select_device(train.device)
 
@@ -107,7 +110,12 @@ def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
     model_path = run_dir.path / "model.pt"
     save_checkpoint(
         model_path, model.cpu(), config=_plain_config(config), datasets=config.sources,
-        metrics=result.final, extra={"stage": "source", "input_size": [train.height, train.width]},
+        metrics=result.final,
+        extra={
+            "stage": "source", "input_size": [train.height, train.width],
+            # Lets adapt rebuild the same label space (and validation split) from the same source data.
+            "held_out": {"fraction": train.source_val_ids, "seed": train.seed} if validation is not None else None,
+        },
     )
     rows = [
         ResultRow(f"source only ({config.arch})", name, metrics)
