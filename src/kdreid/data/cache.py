@@ -14,18 +14,18 @@ from PIL import Image, UnidentifiedImageError
 from kdreid.errors import DatasetError
 
 
-def read_image(path: str, height: int, width: int) -> np.ndarray:
-    """One RGB image resized to height×width (bilinear, antialiased) -> (H, W, 3) uint8.
+def read_image(path: str, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """One RGB image, resized to height×width (bilinear, antialiased) when both are given -> (H, W, 3) uint8.
     A missing, corrupt or truncated file raises DatasetError naming it."""
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")
-            if image.size != (width, height):
+            if height is not None and width is not None and image.size != (width, height):
                 image = image.resize((width, height), Image.BILINEAR)
             return np.asarray(image, dtype=np.uint8)
     except FileNotFoundError:
         raise DatasetError(f"image {path} does not exist; was the dataset moved after it was listed?") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DatasetError(
             f"image {path} cannot be decoded ({error}); re-extract the dataset or remove the file"
         ) from None

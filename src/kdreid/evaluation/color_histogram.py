@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from kdreid.errors import DatasetError, EvaluationError
+from kdreid.data.cache import read_image
+from kdreid.errors import EvaluationError
 from kdreid.evaluation.ranking import evaluate_rank
 
 STRIPES = 6
@@ -46,21 +47,11 @@ def stripe_histograms(rgb: np.ndarray) -> np.ndarray:
     return (counts / counts.sum(axis=1, keepdims=True)).ravel()
 
 
-def read_rgb(path: str) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except FileNotFoundError:
-        raise DatasetError(f"image {path} does not exist; was the dataset moved after it was listed?") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise DatasetError(f"image {path} cannot be decoded ({error}); regenerate or remove it") from None
-
-
 def histogram_features(paths: Sequence[str]) -> np.ndarray:
     """(N, STRIPES * BINS) float32 square roots of the stripe distributions (unit L2 norm), one image at a time."""
     features = np.empty((len(paths), STRIPES * BINS), dtype=np.float32)
     for i, path in enumerate(paths):
-        features[i] = np.sqrt(stripe_histograms(read_rgb(path)) / STRIPES)
+        features[i] = np.sqrt(stripe_histograms(read_image(path)) / STRIPES)
     return features
 
 

@@ -60,7 +60,7 @@ def read_custom(root: Path) -> ReidDataset:
 
 def read_manifest(folder: Path, manifest_path: Path, problems: list[str]) -> dict[str, list[ImageRecord]]:
     """Records of a `path,pid,camid[,tracklet][,split]` CSV; bad rows become problems naming the row."""
-    with open(manifest_path, newline="") as handle:
+    with open(manifest_path, newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheet exports add a BOM
         rows = list(csv.reader(handle))
     if not rows:
         raise DatasetError(
