@@ -1,0 +1,196 @@
+"""`kdreid extract` / `kdreid search`: features of a folder of images (any model file), exact top-k search against a
+brute-force ranking, and the bad inputs (an undecodable image, another feature dimension, a file that is not a
+features file)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdreid import deploy
+from kdreid.cli import main
+from kdreid.deploy import FeatureIndex, load_features, search_features
+from kdreid.evaluation.distance import compute_distance_matrix
+from kdreid.evaluation.features import FeatureExtractor
+from kdreid.evaluation.rerank import re_ranking
+from kdreid.models import build_model, load_checkpoint, save_checkpoint
+
+SIZE = (64, 32)
+MARKET_NAMES = ["0001_c1s1_000151_01.jpg", "0001_c2s1_000301_00.jpg", "0002_c1s2_000021_00.jpg",
+                "0002_c3s1_000111_00.jpg", "0007_c12s3_000001_00.jpg"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny checkpoint trained (as it records) at 64x32, and a folder of JPEGs: Market-style names, one plain
+    name in a sub-folder, and one file that is not an image."""
+    root = tmp_path_factory.mktemp("deploy")
+    torch.manual_seed(0)
+    model = build_model("osnet_tiny", 4)
+    with torch.no_grad():  # non-trivial BN statistics, so that images give distinct features
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    save_checkpoint(root / "tiny.pt", model, extra={"input_size": list(SIZE)})
+    images = root / "images"
+    (images / "more").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in MARKET_NAMES:
+        Image.fromarray(rng.integers(0, 256, (96, 48, 3), dtype=np.uint8)).save(images / name)
+    Image.fromarray(rng.integers(0, 256, (70, 30, 3), dtype=np.uint8)).save(images / "more" / "person.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    return root
+
+
+def extract(workdir, out, *extra) -> int:
+    return main(["extract", "--model", str(workdir / "tiny.pt"), "--images", str(workdir / "images"),
+                 "--out", str(out), "--batch-size", "4", *extra])
+
+
+def test_extract_writes_features_labels_and_lists_the_skipped_image(workdir, tmp_path, capsys):
+    out = tmp_path / "gallery.npz"
+    assert extract(workdir, out, "--flip") == 0
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "broken.jpg" in captured.err
+    assert captured.out.startswith(f"wrote {out}: 6 images x 32-d features (5 with Market-style pid/camid), 1 skipped")
+
+    saved = load_features(out)
+    names = [p.rsplit("/", 1)[-1] for p in saved.paths]
+    assert names == sorted(MARKET_NAMES) + ["person.png"]
+    assert saved.pids.tolist() == [1, 1, 2, 2, 7, -1]
+    assert saved.camids.tolist() == [1, 2, 1, 3, 12, -1]
+    assert saved.flip is True
+    # The same numbers as the evaluation's extractor on the same files.
+    reference = FeatureExtractor(load_checkpoint(workdir / "tiny.pt"), flip=True, device="cpu")(saved.paths)
+    assert reference.std() > 1e-3
+    assert np.abs(saved.features - reference.numpy()).max() <= 1e-5
+
+
+def test_extract_fails_only_when_nothing_decodes(tmp_path, workdir, capsys):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"nope")
+    (folder / "b.png").write_bytes(b"")
+    out = tmp_path / "f.npz"
+    assert main(["extract", "--model", str(workdir / "tiny.pt"), "--images", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("kdreid: error: no image under") and "(2 skipped)" in err[-1]
+    assert not out.exists()
+
+
+def test_extract_with_exported_models_matches_the_checkpoint(workdir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    reference = tmp_path / "ref.npz"
+    assert extract(workdir, reference) == 0
+    expected = load_features(reference)
+    for format, suffix in (("onnx", ".onnx"), ("torchscript", ".ts")):
+        exported = tmp_path / f"tiny{suffix}"
+        args = ["export", "--model", str(workdir / "tiny.pt"), "--format", format, "--out", str(exported)]
+        assert main(args) == 0  # static batch of 1: extract feeds it one image at a time
+        out = tmp_path / f"{format}.npz"
+        assert main(["extract", "--model", str(exported), "--images", str(workdir / "images"), "--out", str(out),
+                     "--batch-size", "4"]) == 0
+        got = load_features(out)
+        assert got.paths == expected.paths
+        assert np.abs(got.features - expected.features).max() <= 1e-4
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_index_search_is_exact_across_chunks(metric, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    gallery, query = torch.randn(1000, 16, generator=gen), torch.randn(7, 16, generator=gen)
+    monkeypatch.setattr(deploy, "_SCORES_PER_CHUNK", 7 * 64)  # 64 gallery rows per chunk: 16 chunks to merge
+    distances, indices = FeatureIndex(gallery, metric, use_faiss=False).search(query, k=25)
+    full = compute_distance_matrix(query, gallery, metric=metric)  # (7, 1000) brute force
+    want_distances, want_indices = full.sort(dim=1)
+    assert torch.equal(indices, want_indices[:, :25])
+    assert torch.allclose(distances, want_distances[:, :25], atol=1e-4)
+    # k larger than the gallery gives the whole gallery
+    assert FeatureIndex(gallery[:5], metric).search(query, k=10)[1].shape == (7, 5)
+
+
+def test_faiss_index_agrees_with_torch():
+    pytest.importorskip("faiss", reason="faiss is optional; without it search uses the exact torch path")
+    gen = torch.Generator().manual_seed(1)
+    gallery, query = torch.randn(500, 8, generator=gen), torch.randn(3, 8, generator=gen)
+    for metric in ("euclidean", "cosine"):
+        plain = FeatureIndex(gallery, metric, use_faiss=False).search(query, 10)
+        fast = FeatureIndex(gallery, metric, use_faiss=True).search(query, 10)
+        assert torch.equal(plain[1], fast[1]) and torch.allclose(plain[0], fast[0], atol=1e-4)
+
+
+def test_rerank_search_ranks_by_the_reranked_distances():
+    gen = torch.Generator().manual_seed(2)
+    centres = torch.randn(6, 8, generator=gen)
+    gallery = centres.repeat_interleave(5, 0) + 0.3 * torch.randn(30, 8, generator=gen)
+    query = centres[:3] + 0.3 * torch.randn(3, 8, generator=gen)
+    distances, indices = search_features(query.numpy(), gallery.numpy(), k=5, rerank=True)
+    q_g, q_q, g_g = (compute_distance_matrix(a, b) for a, b in ((query, gallery), (query, query), (gallery, gallery)))
+    reranked = torch.as_tensor(re_ranking(q_g, q_q, g_g))
+    want = reranked.sort(dim=1)
+    assert torch.equal(indices, want.indices[:, :5])
+    assert torch.allclose(distances, want.values[:, :5], atol=1e-4)
+
+
+def test_search_command_ranks_query_images(workdir, tmp_path, capsys):
+    gallery = tmp_path / "g.npz"
+    assert extract(workdir, gallery) == 0
+    capsys.readouterr()
+    query = workdir / "images" / MARKET_NAMES[2]
+    # No --model: the gallery file records which model made it.
+    assert main(["search", "--gallery", str(gallery), "--query", str(query), "--topk", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"query {query}"
+    rank, distance, path = lines[1].split()
+    assert rank == "1" and float(distance) < 1e-3 and path.endswith(MARKET_NAMES[2])  # itself, first
+    assert len(lines) == 4
+    distances = [float(line.split()[1]) for line in lines[1:]]
+    assert distances == sorted(distances)
+
+    assert main(["search", "--gallery", str(gallery), "--query", str(gallery), "--topk", "2", "--json",
+                 "--metric", "cosine"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 6 and all(row["results"][0]["path"] == row["query"] for row in rows)
+
+
+def test_search_refuses_other_dimensions_and_other_files(workdir, tmp_path, capsys):
+    gallery = tmp_path / "g.npz"
+    assert extract(workdir, gallery) == 0
+    other = tmp_path / "other.npz"
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "wide.pt", build_model("resnet_tiny", 3), extra={"input_size": list(SIZE)})
+    assert main(["extract", "--model", str(tmp_path / "wide.pt"), "--images", str(workdir / "images"),
+                 "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["search", "--gallery", str(gallery), "--query", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds 32-d features but the query's are" in err[0] and "same model" in err[0]
+
+    # query images embedded by a model of another dimension
+    assert main(["search", "--gallery", str(gallery), "--query", str(workdir / "images" / MARKET_NAMES[0]),
+                 "--model", str(tmp_path / "wide.pt")]) == 2
+    assert "same model" in capsys.readouterr().err
+
+    not_features = tmp_path / "x.npz"
+    np.savez(not_features, a=np.zeros(3))
+    assert main(["search", "--gallery", str(not_features), "--query", str(gallery)]) == 2
+    assert "not a kdreid features file" in capsys.readouterr().err
+    garbage = tmp_path / "y.npz"
+    garbage.write_bytes(b"garbage")
+    assert main(["search", "--gallery", str(garbage), "--query", str(gallery)]) == 2
+    assert "cannot be read as a features file" in capsys.readouterr().err
+
+
+def test_faiss_flag_without_faiss_is_one_line(workdir, tmp_path, capsys, monkeypatch):
+    gallery = tmp_path / "g.npz"
+    assert extract(workdir, gallery) == 0
+    capsys.readouterr()
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # `import faiss` now raises ImportError
+    assert main(["search", "--gallery", str(gallery), "--query", str(gallery), "--faiss"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install faiss-cpu" in err[0]

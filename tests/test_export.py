@@ -1,0 +1,245 @@
+"""`kdreid export`: ONNX / TorchScript files reproduce PyTorch's features and carry the input contract; a torchreid
+state dict loads into torchreid's own OSNet; refusals leave no file behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kdreid import export as export_module
+from kdreid.cli import main
+from kdreid.errors import ModelError
+from kdreid.export import export_model, read_metadata
+from kdreid.models import build_model, convert_dsbn, save_checkpoint
+from kdreid.models.heads import IMAGENET_MEAN, IMAGENET_STD
+
+pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime: pip install 'kdreid[export]'")
+import onnxruntime  # noqa: E402
+
+SIZE = (64, 32)
+
+
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
+    """Random BN statistics and affine weights: an identity BN would hide a wrongly exported one."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
+
+
+def tiny(arch: str = "osnet_tiny", **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(arch, 5, **kwargs)
+    randomise_batchnorm(model)
+    model.eval()
+    model.kdreid_meta = {"extra": {"input_size": list(SIZE)}}  # what a checkpoint trained at 64x32 records
+    return model
+
+
+def images(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 3, *SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def expected(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+def run_torchscript(path, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return export_module._jit_load(path)(x).numpy()
+
+
+def run_onnx(path, x: torch.Tensor) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("arch", ["osnet_tiny", "resnet_tiny"])
+def test_onnx_dynamic_batch_matches_pytorch_and_records_the_contract(arch, tmp_path):
+    model = tiny(arch)
+    out = tmp_path / "model.onnx"
+    result = export_model(model, out, "onnx", dynamic_batch=True, images=images(4))
+    assert result.max_abs_diff <= 1e-4
+    # Checked here again, independently of the command's own check, on new images and other batch sizes.
+    for n in (1, 3, 7):
+        x = images(n, seed=10 + n)
+        got, want = run_onnx(out, x), expected(model, x)
+        assert got.shape == want.shape == (n, model.embedding_dim)
+        assert want.std() > 1e-3
+        assert np.abs(got - want).max() <= 1e-4
+    meta = read_metadata(out)
+    assert meta["input_height"] == "64" and meta["input_width"] == "32" and meta["batch"] == "dynamic"
+    assert meta["input_shape"] == "[N, 3, 64, 32]" and meta["arch"] == arch
+    assert "[0, 1]" in meta["input_format"] and "inside the model" in meta["normalization"]
+    assert float(meta["checked_max_abs_diff"]) <= 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temp file left
+
+
+def test_onnx_static_batch_takes_one_image(tmp_path):
+    model = tiny()
+    out = export_model(model, tmp_path / "m.onnx", "onnx", images=images(3)).path
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 3, 64, 32]
+    assert read_metadata(out)["batch"] == "1"
+    with pytest.raises(Exception):  # the batch size is baked in
+        session.run(None, {"images": images(2).numpy()})
+
+
+@pytest.mark.parametrize("format", ["onnx", "torchscript"])
+def test_fp16_export_is_half_precision_and_within_tolerance(format, tmp_path):
+    model = tiny()
+    out = tmp_path / f"m16.{format}"
+    result = export_model(model, out, format, dynamic_batch=True, fp16=True, images=images(4))
+    x = images(5, seed=3)
+    if format == "onnx":
+        import onnx
+
+        graph = onnx.load(str(out)).graph
+        weight_types = {init.data_type for init in graph.initializer if len(init.dims) == 4}
+        assert weight_types == {onnx.TensorProto.FLOAT16}  # conv weights really are half
+        got = run_onnx(out, x)
+    else:
+        got = run_torchscript(out, x)
+    diff = np.abs(got - expected(model, x)).max()
+    assert 0 < diff <= 1e-2  # rounded (so half precision ran), yet within the fp16 tolerance
+    assert result.tolerance == 1e-2
+    assert read_metadata(out)["precision"].startswith("float16")
+
+
+def test_torchscript_round_trip_with_metadata(tmp_path):
+    model = tiny()
+    out = tmp_path / "m.ts"
+    export_model(model, out, "torchscript", dynamic_batch=True, images=images(2))
+    for n in (1, 6):
+        x = images(n, seed=20 + n)
+        assert np.abs(run_torchscript(out, x) - expected(model, x)).max() <= 1e-4
+    meta = read_metadata(out)
+    assert meta["input_height"] == "64" and meta["embedding_dim"] == str(model.embedding_dim)
+
+
+def test_dsbn_model_exports_its_default_domain(tmp_path):
+    model = convert_dsbn(tiny(), 2)
+    randomise_batchnorm(model, seed=5)  # the two domains' BNs now differ
+    model.default_domain = 1
+    x = images(3)
+    with torch.no_grad():
+        domain1, domain0 = model(x, domain=1).numpy(), model(x, domain=0).numpy()
+    assert np.abs(domain1 - domain0).max() > 1e-3
+    out = export_model(model, tmp_path / "d.ts", "torchscript", dynamic_batch=True, images=x).path
+    assert np.abs(run_torchscript(out, x) - domain1).max() <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ torchreid
+@pytest.fixture(scope="module")
+def torchreid_osnet():
+    from tests.reference import load_torchreid_module
+
+    return load_torchreid_module("torchreid/reid/models/osnet.py")
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("arch", ["osnet_x0_25", "osnet_tiny"])
+def test_torchreid_state_dict_loads_into_torchreid_osnet(arch, torchreid_osnet, tmp_path):
+    model = tiny(arch)
+    out = tmp_path / f"{arch}_kdreid.pth"
+    export_model(model, out, "torchreid", images=images(2))
+    state = torch.load(out, map_location="cpu", weights_only=True)
+    if arch == "osnet_x0_25":
+        reference = torchreid_osnet.osnet_x0_25(num_classes=5, pretrained=False)
+    else:  # the same class at our tiny widths
+        block = torchreid_osnet.OSBlock
+        reference = torchreid_osnet.OSNet(5, blocks=[block] * 3, layers=[1, 1, 1], channels=[16, 64, 64, 64],
+                                          feature_dim=32)
+    reference.load_state_dict(state, strict=True)  # every key and shape is torchreid's, classifier bias included
+    reference.eval()
+    x = images(3, seed=7)
+    with torch.no_grad():
+        theirs = reference(normalise(x))  # torchreid takes normalised images and returns its fc feature
+        ours = model(x, return_all=True).embedding  # our pre-BNNeck embedding: the same space
+        logits_theirs = reference.classifier(theirs)
+    assert theirs.std() > 1e-3
+    assert (theirs - ours).abs().max().item() <= 1e-5
+    with torch.no_grad():  # the classifier came along too (its bias is zero: ours has none)
+        assert torch.allclose(logits_theirs, model.classifier(ours), atol=1e-5)
+
+
+def test_torchreid_format_refuses_what_torchreid_cannot_hold(tmp_path):
+    with pytest.raises(ModelError, match="OSNet"):
+        export_model(tiny("resnet_tiny"), tmp_path / "r.pth", "torchreid")
+    with pytest.raises(ModelError, match="embedding layer"):
+        export_model(tiny(embedding_dim=16), tmp_path / "e.pth", "torchreid")
+    with pytest.raises(ModelError, match="fp16"):
+        export_model(tiny(), tmp_path / "h.pth", "torchreid", fp16=True)
+    with pytest.raises(ModelError, match="unknown export format"):
+        export_model(tiny(), tmp_path / "x.bin", "tflite")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def test_a_failing_check_refuses_and_leaves_no_file(tmp_path, monkeypatch):
+    real_runner = export_module._run_torchscript
+
+    def drifting_runner(path):  # an exporter that got the graph slightly wrong
+        run = real_runner(path)
+        return lambda x: run(x) + 1e-3
+
+    monkeypatch.setattr(export_module, "_run_torchscript", drifting_runner)
+    target = tmp_path / "m.ts"
+    with pytest.raises(ModelError, match=r"refusing to write .*m\.ts.*differs from PyTorch by 0\.001"):
+        export_model(tiny(), target, "torchscript", images=images(2))
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temp file
+
+
+def test_an_exporter_failure_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::weird' to ONNX opset version 18 is not supported.\nmore")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    with pytest.raises(ModelError, match=r"^ONNX \(opset 18\) cannot take osnet_tiny: RuntimeError: .*aten::weird"):
+        export_model(tiny(), tmp_path / "m.onnx", "onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ command
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, tiny(), extra={"input_size": list(SIZE)})
+    return path
+
+
+def test_export_command(checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (80, 40, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", "--model", str(checkpoint), "--format", "onnx", "--out", str(out), "--dynamic-batch",
+                 "--images", str(folder)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"wrote {out} (onnx, dynamic batch)") and line.endswith("on 3 images")
+    assert read_metadata(out)["source_checkpoint"] == "tiny.pt"
+
+    assert main(["export", "--model", str(tmp_path / "missing.pt"), "--format", "onnx", "--out", str(out)]) == 2
+    assert main(["export", "--model", str(checkpoint), "--format", "onnx", "--out", str(out), "--images",
+                 str(tmp_path / "nowhere")]) == 2
+    resnet = tmp_path / "resnet.pt"
+    save_checkpoint(resnet, tiny("resnet_tiny"), extra={"input_size": list(SIZE)})
+    assert main(["export", "--model", str(resnet), "--format", "torchreid", "--out", str(tmp_path / "r.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "missing.pt does not exist" in err[0] and "nowhere is not a folder" in err[1]
+    assert "--format torchreid takes OSNet models" in err[2]
+    assert not (tmp_path / "r.pth").exists()
