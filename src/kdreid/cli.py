@@ -232,6 +232,49 @@ def _run_adapt(args) -> int:
     return 0
 
 
+def _add_distill(commands) -> None:
+    p = commands.add_parser("distill", help="stage 3: distil one teacher per target into one student (KD-ReID)")
+    p.add_argument("-s", "--sources", nargs="+", required=True, help="labelled source dataset(s)")
+    p.add_argument("-t", "--targets", nargs="+", required=True, help="the targets, in the order of --teachers")
+    p.add_argument("-a", "--arch", help="student architecture (default osnet_x0_25; must match --student-init)")
+    p.add_argument("--teachers", nargs="+", required=True, help="one teacher checkpoint per target, same order")
+    p.add_argument("--teacher-arch", help="the teachers are plain state dicts of this architecture (other toolkits)")
+    p.add_argument("--teacher-mode", choices=["eval", "train"],
+                   help="eval (default); train = the original code's BatchNorm behaviour, for ablation")
+    p.add_argument("--student-init", help="source-trained kdreid checkpoint of the student (train-source's model.pt)")
+    p.add_argument("--pretrained", help="student weights without --student-init: none, imagenet or a file")
+    p.add_argument("--target-alt", choices=["batch", "full"],
+                   help="batch: one step per target in each iteration; full: a whole target epoch at a time")
+    p.add_argument("--target-order", choices=["random", "fixed", "shift"],
+                   help="order of the targets: random, as given, or by ascending domain shift (MMD)")
+    p.add_argument("--kd-style", choices=["outputs", "feats", "all"],
+                   help="outputs: embedding distances; feats: stage maps (margin loss); all: both")
+    p.add_argument("--lkdt-weight", type=float, help="weight of KD on target images (default 1)")
+    p.add_argument("--lkds-weight", type=float, help="weight of KD on source images (default 0)")
+    p.add_argument("--lda-weight", type=float, help="weight of the student's own D-MMD + CE + triplet (default 0)")
+    p.add_argument("--multi-head", action="store_const", const=True, help="one classifier per target")
+    p.add_argument("--combineall", action="store_const", const=True, help="train on source query/gallery ids too")
+    _add_stage_flags(p)
+    p.set_defaults(run=_run_distill)
+
+
+def _run_distill(args) -> int:
+    from kdreid.stages import distill
+    from kdreid.stages.presets import resolve_config
+
+    overrides = _stage_overrides(args) | {
+        "sources": args.sources, "targets": args.targets, "arch": args.arch, "teachers": args.teachers,
+        "teacher_arch": args.teacher_arch, "teacher_mode": args.teacher_mode, "student_init": args.student_init,
+        "pretrained": args.pretrained, "target_alt": args.target_alt, "target_order": args.target_order,
+        "kd_style": args.kd_style, "lkdt_weight": args.lkdt_weight, "lkds_weight": args.lkds_weight,
+        "lda_weight": args.lda_weight, "multi_head": args.multi_head, "data.combineall": args.combineall,
+    }
+    config = resolve_config(distill.DistillConfig, "distill", preset=args.preset, config_file=args.config,
+                            overrides=overrides)
+    distill.run(config, resume=args.resume)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- deployment
 def _add_export(commands) -> None:
     p = commands.add_parser("export", help="export a model to ONNX / TorchScript / torchreid, checked against PyTorch")
@@ -315,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Top-level commands other than `data`, in the order `kdreid --help` lists them.
-_COMMANDS: list = [_add_models, _add_train_source, _add_adapt, _add_evaluate, _add_export, _add_extract,
-                   _add_search]
+_COMMANDS: list = [_add_models, _add_train_source, _add_adapt, _add_distill, _add_evaluate, _add_export,
+                   _add_extract, _add_search]
 
 
 def _missing_subcommand(parser: argparse.ArgumentParser) -> int:

@@ -150,7 +150,7 @@ def extract_features(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(paths), desc="extracting features", unit="img", leave=False)
+        bar = tqdm(total=len(paths), desc="extracting features", unit="img", leave=False, disable=None)
     outputs = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending = pool.submit(decode, batches[0])

@@ -26,6 +26,12 @@ PRESETS: dict[str, dict[str, dict]] = {
                   "train": {"epochs": 80, "height": 256, "width": 128, "batch_size": 32, "num_instances": 4,
                             "optim": {"optimizer": "adam", "lr": 3.5e-4, "scheduler": "multistep",
                                       "milestones": [50], "warmup_epochs": 0}}},
+        # KD: the original's SGD 0.01 and 50 epochs, decayed at 20 and 40 (its step of 5 assumed the schedule
+        # its engine ran, which stepped T times per epoch); evaluation every 5 epochs.
+        "distill": {"train": {"epochs": 50, "height": 256, "width": 128, "batch_size": 32, "num_instances": 4,
+                              "eval_freq": 5,
+                              "optim": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False,
+                                        "scheduler": "multistep", "milestones": [20, 40], "warmup_epochs": 0}}},
     },
     "quick": {
         "source": {"train": {"epochs": 12, "height": 128, "width": 64, "batch_size": 32, "num_instances": 4,
@@ -35,6 +41,10 @@ PRESETS: dict[str, dict[str, dict]] = {
                   "train": {"epochs": 8, "height": 128, "width": 64, "batch_size": 32, "num_instances": 4,
                             "optim": {"optimizer": "adam", "lr": 3e-4, "scheduler": "cosine",
                                       "warmup_epochs": 0}}},
+        # The student starts from its source-trained weights: a small Adam LR keeps what it knows.
+        "distill": {"train": {"epochs": 6, "height": 128, "width": 64, "batch_size": 32, "num_instances": 4,
+                              "optim": {"optimizer": "adam", "lr": 3e-4, "scheduler": "cosine",
+                                        "warmup_epochs": 0}}},
     },
 }
 

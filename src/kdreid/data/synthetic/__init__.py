@@ -87,7 +87,7 @@ def generate(
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(domain.plan), desc=name, unit="img", leave=False)
+            bar = tqdm(total=len(domain.plan), desc=name, unit="img", leave=False, disable=None)
         rows: list[list] = []
         if workers > 1 and domain.num_chunks > 1:
             # fork shares the plan without pickling; workers only use numpy and PIL (no torch threads to inherit)
