@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -32,10 +31,18 @@ from kdreid.evaluation.features import extract_features
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, euclidean_distances
 from kdreid.losses.mmd import within_between
 from kdreid.models import load_checkpoint, save_checkpoint
-from kdreid.rundir import RunDir, atomic_write_bytes
-from kdreid.stages.common import DataOptions, EvalOptions, ResultRow, evaluate_datasets, evaluate_split, write_results
-from kdreid.stages.data import BatchSource, combine_train, hold_out_validation, load_datasets
-from kdreid.stages.loop import refuse_occupied, StepContext, TrainConfig, fit, seed_everything, select_device
+from kdreid.rundir import atomic_write_bytes
+from kdreid.stages.common import (
+    DataOptions,
+    EvalOptions,
+    ResultRow,
+    begin_stage,
+    evaluate_datasets,
+    evaluate_split,
+    write_results,
+)
+from kdreid.stages.data import BatchSource, combine_train, hold_out_validation
+from kdreid.stages.loop import StepContext, TrainConfig, fit
 from kdreid.stages.optim import build_optimizer
 from kdreid.stages.pseudo_labels import dbscan
 from kdreid.stages.source import StageResult
@@ -81,17 +88,8 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
     if not config.init:
         raise ConfigError("adapt starts from a source-trained model: pass --init SOURCE_RUN/model.pt")
     train = config.train
-    train.validate()
-    refuse_occupied(Path(config.out), resume)
-    run_dir = RunDir(config.out)
-    log = run_dir.logger()
-    run_dir.save_config(config)
-    seed_everything(train.seed, train.deterministic)
-    device = select_device(train.device)
-
-    options = {name: config.data.reader_options(name) for name in config.sources + config.targets}
-    sources = load_datasets(config.sources, config.data.root, options)
-    targets = load_datasets(config.targets, config.data.root, options)
+    start = begin_stage(config, resume=resume)
+    run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets
     source_records = combine_train(sources, combineall=config.data.combineall)
     target_records = combine_train(targets)
     source_model = load_checkpoint(config.init, arch=config.arch or None)

@@ -4,6 +4,7 @@ query/gallery splits, and the final files (`model.pt`, `metrics.json`, `results.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
 
@@ -13,7 +14,8 @@ from torch import nn
 from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.evaluation.features import evaluate_model
 from kdreid.rundir import RunDir, atomic_write_text
-from kdreid.stages.loop import FitResult, TrainConfig, results_table
+from kdreid.stages.data import load_datasets
+from kdreid.stages.loop import FitResult, TrainConfig, refuse_occupied, results_table, seed_everything, select_device
 
 
 @dataclass
@@ -80,6 +82,32 @@ def evaluate_datasets(
     }
     model.train(was_training)
     return metrics
+
+
+@dataclass
+class StageStart:
+    run: RunDir
+    log: object  # logging.Logger writing to RUN/log.txt and stderr
+    device: torch.device
+    sources: list[ReidDataset]
+    targets: list[ReidDataset]
+
+
+def begin_stage(config, *, resume: bool) -> StageStart:
+    """What every stage does first, in this order: reject unusable settings and an occupied run folder before
+    anything is written, then open the run folder (resolved config, log), seed, pick the device and read the
+    source and target datasets. `config` has .out, .train, .data, .sources and .targets."""
+    config.train.validate()
+    refuse_occupied(Path(config.out), resume)
+    run = RunDir(config.out)
+    log = run.logger()
+    run.save_config(config)
+    seed_everything(config.train.seed, config.train.deterministic)
+    device = select_device(config.train.device)
+    options = {name: config.data.reader_options(name) for name in [*config.sources, *config.targets]}
+    sources = load_datasets(config.sources, config.data.root, options)
+    targets = load_datasets(config.targets, config.data.root, options)
+    return StageStart(run, log, device, sources, targets)
 
 
 @dataclass

@@ -8,14 +8,13 @@ and on every target named, which gives the "source only" rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing
 from kdreid.models import build_model, save_checkpoint
-from kdreid.rundir import RunDir
 from kdreid.stages.common import (
+    begin_stage,
     DataOptions,
     EvalOptions,
     ResultRow,
@@ -23,8 +22,8 @@ from kdreid.stages.common import (
     evaluate_split,
     write_results,
 )
-from kdreid.stages.data import BatchSource, combine_train, hold_out_validation, load_datasets
-from kdreid.stages.loop import refuse_occupied, FitResult, StepContext, TrainConfig, fit, seed_everything, select_device
+from kdreid.stages.data import BatchSource, combine_train, hold_out_validation
+from kdreid.stages.loop import FitResult, StepContext, TrainConfig, fit
 from kdreid.stages.optim import build_optimizer
 
 
@@ -53,17 +52,8 @@ class StageResult:
 
 def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
     train = config.train
-    train.validate()
-    refuse_occupied(Path(config.out), resume)
-    run_dir = RunDir(config.out)
-    log = run_dir.logger()
-    run_dir.save_config(config)
-    seed_everything(train.seed, train.deterministic)
-    device = select_device(train.device)
-
-    options = {name: config.data.reader_options(name) for name in config.sources + config.targets}
-    sources = load_datasets(config.sources, config.data.root, options)
-    targets = load_datasets(config.targets, config.data.root, options)
+    start = begin_stage(config, resume=resume)
+    run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets
     records = combine_train(sources, combineall=config.data.combineall)
     validation = None
     if train.select == "source-val":
