@@ -236,7 +236,7 @@ def _add_distill(commands) -> None:
     p = commands.add_parser("distill", help="stage 3: distil one teacher per target into one student (KD-ReID)")
     p.add_argument("-s", "--sources", nargs="+", required=True, help="labelled source dataset(s)")
     p.add_argument("-t", "--targets", nargs="+", required=True, help="the targets, in the order of --teachers")
-    p.add_argument("-a", "--arch", help="student architecture (default osnet_x0_25; must match --student-init)")
+    p.add_argument("-a", "--arch", help="student architecture (default: that of --student-init, else osnet_x0_25)")
     p.add_argument("--teachers", nargs="+", required=True, help="one teacher checkpoint per target, same order")
     p.add_argument("--teacher-arch", help="the teachers are plain state dicts of this architecture (other toolkits)")
     p.add_argument("--teacher-mode", choices=["eval", "train"],

@@ -37,11 +37,12 @@ from kdreid.stages.common import (
     EvalOptions,
     ResultRow,
     begin_stage,
+    source_label_space,
     evaluate_datasets,
     evaluate_split,
     write_results,
 )
-from kdreid.stages.data import BatchSource, combine_train, hold_out_validation
+from kdreid.stages.data import BatchSource, combine_train
 from kdreid.stages.loop import StepContext, TrainConfig, fit
 from kdreid.stages.optim import build_optimizer
 from kdreid.stages.pseudo_labels import dbscan
@@ -93,13 +94,8 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
     source_records = combine_train(sources, combineall=config.data.combineall)
     target_records = combine_train(targets)
     source_model = load_checkpoint(config.init, arch=config.arch or None)
-    validation = None
-    held_out = source_model.kdreid_meta["extra"].get("held_out")
-    if held_out:
-        # The source run held identities out for validation: the same split gives the same label space.
-        validation = hold_out_validation(source_records, held_out["fraction"], held_out["seed"])
-        source_records = validation.train
-    elif train.select == "source-val":
+    source_records, validation = source_label_space(source_records, source_model)
+    if validation is None and train.select == "source-val":
         raise ConfigError(
             f"--select source-val needs a source model trained with --select source-val; {config.init} was not"
         )

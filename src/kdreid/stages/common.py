@@ -14,7 +14,7 @@ from torch import nn
 from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.evaluation.features import evaluate_model
 from kdreid.rundir import RunDir, atomic_write_text
-from kdreid.stages.data import load_datasets
+from kdreid.stages.data import hold_out_validation, load_datasets
 from kdreid.stages.loop import FitResult, TrainConfig, refuse_occupied, results_table, seed_everything, select_device
 
 
@@ -108,6 +108,17 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     sources = load_datasets(config.sources, config.data.root, options)
     targets = load_datasets(config.targets, config.data.root, options)
     return StageStart(run, log, device, sources, targets)
+
+
+def source_label_space(records: list[ImageRecord], init_model) -> tuple[list[ImageRecord], object]:
+    """The source training records in the label space of a source-trained model: when its run held identities
+    out for validation (`extra.held_out`), the same split is rebuilt, so the classifier rows line up and the
+    held-out identities can validate this stage too. -> (training records, ValidationSplit or None)."""
+    held_out = (getattr(init_model, "kdreid_meta", None) or {}).get("extra", {}).get("held_out")
+    if not held_out:
+        return records, None
+    validation = hold_out_validation(records, held_out["fraction"], held_out["seed"])
+    return validation.train, validation
 
 
 @dataclass

@@ -1,0 +1,424 @@
+"""Stage 3: multi-target distillation (KD-ReID): one adapted teacher per target teaches one small student.
+
+For each target t, teacher t (frozen, eval mode, no gradients) sees target t's batch and the student learns its
+batch geometry:
+
+    loss_t = lkdt · KD(target batch) + lkds · KD(source batch)
+             + lda · (D-MMD(source, target t) + CE + triplet on the source, with the student's own classifier)
+
+where KD = ‖D(student) − D(teacher)‖_F on the cosine-distance matrices of the pre-BNNeck embeddings
+(`kd_style outputs`), or Heo et al.'s margin loss on the stage maps through 1×1 conv+BN projectors
+(`feats`, scaled by `feats_weight`), or both (`all`). See kdreid.losses.distill.
+
+How the visits map onto the shared loop, which does one backward and one optimiser step per `train_step` call:
+
+- `target_alt batch`: one loop iteration is one (iteration, target) pair, so an epoch has `iterations × T` loop
+  iterations (iterations = the longest target's batches per epoch). Loop iterations g·T … g·T+T−1 form group g:
+  its first one draws the source batch and one batch per target and fixes the visiting order of the group
+  (`random`: a fresh permutation; `fixed`: the given order; `shift`: ascending global MMD between the student's
+  source and target embeddings of these batches, measured without gradients); each of the T steps then trains
+  on the next target of that order. One optimiser step per target per iteration, as the original.
+- `target_alt full`: the loop walks target order[0]'s whole epoch of batches, then order[1]'s, and so on (an
+  epoch has Σ_t len(target t) loop iterations); the order is fixed at the start of each epoch (`shift`: mean
+  MMD over `shift_batches` batch pairs per target).
+
+The learning-rate schedule steps once per epoch (the loop sets it), whatever T is. Unlike the original code:
+multi-head classifiers are created before the optimiser (so they train), feature KD works for any
+student/teacher pair (the projectors are in the optimiser), and teachers stay in eval mode unless
+`teacher_mode: train` asks for the original's behaviour (their BatchNorm statistics then follow each batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdreid.errors import CheckpointError, ConfigError, DatasetError
+from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, mmd
+from kdreid.losses.distill import bn_margins, distance_kd, margin_feature_loss
+from kdreid.models import build_model, build_projector, load_checkpoint, save_checkpoint
+from kdreid.stages.common import (
+    DataOptions,
+    EvalOptions,
+    ResultRow,
+    begin_stage,
+    evaluate_datasets,
+    evaluate_split,
+    source_label_space,
+    write_results,
+)
+from kdreid.stages.data import BatchSource, combine_train
+from kdreid.stages.loop import StepContext, TrainConfig, fit
+from kdreid.stages.optim import OptimConfig, build_optimizer
+from kdreid.stages.source import StageResult
+
+
+def _kd_train_defaults() -> TrainConfig:
+    # The original KD script's optimiser (SGD 0.01, momentum 0.9, no Nesterov, 50 epochs, evaluation every 5),
+    # decayed ×0.1 at epochs 20 and 40: its StepLR(5) decayed T times per epoch in its engine, so its LR was
+    # negligible after a few epochs; a decay every 5 real epochs would be the same mistake. As the paper preset.
+    return TrainConfig(
+        epochs=50, eval_freq=5,
+        optim=OptimConfig(optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False, scheduler="multistep",
+                          milestones=[20, 40], warmup_epochs=0),
+    )
+
+
+@dataclass
+class DistillConfig:
+    sources: list[str] = field(default_factory=lambda: ["msmt17"])
+    targets: list[str] = field(default_factory=lambda: ["market1501"])
+    teachers: list[str] = field(default_factory=list)  # one checkpoint per target, in the targets' order
+    teacher_arch: str = ""  # set: the teachers are plain state dicts of this architecture (other toolkits)
+    teacher_mode: Literal["eval", "train"] = "eval"  # train = the original code's BatchNorm behaviour (ablation)
+    arch: str = ""  # the student: empty = the architecture of student_init, or osnet_x0_25 without one
+    student_init: str = ""  # source-trained kdreid checkpoint of the student (recommended)
+    pretrained: str = "none"  # student weights when there is no student_init: none | imagenet | PATH
+    target_alt: Literal["batch", "full"] = "batch"
+    target_order: Literal["random", "fixed", "shift"] = "random"
+    kd_style: Literal["outputs", "feats", "all"] = "outputs"
+    lkdt_weight: float = 1.0  # KD on target images
+    lkds_weight: float = 0.0  # KD on source images (with the same teacher)
+    lda_weight: float = 0.0  # the student's own D-MMD + CE + triplet
+    feats_weight: float = 1e-3  # on the margin feature loss: the 1/1000 of Heo et al.'s code and the original
+    multi_head: bool = False  # one classifier per target
+    shift_batches: int = 4  # target_alt full + shift: batch pairs per target to measure the MMD on
+    label_smoothing: float = 0.1
+    triplet_margin: float = 0.3
+    out: str = "runs/distill"
+    data: DataOptions = field(default_factory=DataOptions)
+    train: TrainConfig = field(default_factory=_kd_train_defaults)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+
+    def validate(self) -> None:
+        self.train.validate()
+        if not self.targets:
+            raise ConfigError("distill needs at least one target: -t T1 T2 ...")
+        if len(self.teachers) != len(self.targets):
+            raise ConfigError(
+                f"{len(self.teachers)} teacher(s) for {len(self.targets)} target(s) ({' '.join(self.targets)}): "
+                "pass one --teachers checkpoint per target, in the same order"
+            )
+        weights = {"--lkdt-weight": self.lkdt_weight, "--lkds-weight": self.lkds_weight,
+                   "--lda-weight": self.lda_weight, "feats_weight": self.feats_weight}
+        for flag, value in weights.items():
+            if value < 0:
+                raise ConfigError(f"{flag} must be 0 or positive, got {value}")
+        if self.lkdt_weight == 0 and self.lkds_weight == 0 and self.lda_weight == 0:
+            raise ConfigError("--lkdt-weight, --lkds-weight and --lda-weight are all 0: nothing to train")
+        if self.shift_batches < 1:
+            raise ConfigError(f"shift_batches must be at least 1, got {self.shift_batches}")
+
+
+# ------------------------------------------------------------------------------------------------ visiting order
+def target_order(
+    style: str, count: int, *, rng: np.random.Generator | None = None, shifts: Sequence[float] | None = None
+) -> list[int]:
+    """Indices of the `count` targets in the order they are visited.
+
+    fixed: as given; random: a permutation drawn from `rng`; shift: ascending `shifts` (the domain shift
+    between source and each target; the closest target first, ties in the given order)."""
+    if style == "fixed":
+        return list(range(count))
+    if style == "random":
+        if rng is None:
+            raise ValueError("random order needs an rng")
+        return [int(i) for i in rng.permutation(count)]
+    if style == "shift":
+        if shifts is None or len(shifts) != count:
+            raise ValueError(f"shift order needs {count} shifts, got {shifts}")
+        return [int(i) for i in np.argsort(np.asarray(shifts, dtype=np.float64), kind="stable")]
+    raise ValueError(f"unknown target order {style!r}")
+
+
+def batch_schedule(iteration: int, count: int) -> tuple[int, int]:
+    """`target_alt batch`: loop iteration -> (group, position within the group's visiting order)."""
+    return divmod(iteration, count)
+
+
+def full_schedule(iteration: int, lengths: Sequence[int], order: Sequence[int]) -> tuple[int, int]:
+    """`target_alt full`: loop iteration -> (target index, batch within that target's epoch), walking the targets'
+    epochs one after the other in `order`. lengths[t]: batches per epoch of target t."""
+    for target in order:
+        if iteration < lengths[target]:
+            return target, iteration
+        iteration -= lengths[target]
+    raise IndexError(f"iteration past the epoch's {sum(lengths)} batches")
+
+
+def _order_rng(seed: int, epoch: int, group: int) -> np.random.Generator:
+    # Stable across runs and resumes (never Python's hash); 0x4F524452 = 'ORDR'.
+    return np.random.default_rng([seed, 0x4F524452, epoch, group])
+
+
+# ------------------------------------------------------------------------------------------------ models
+class Teacher(nn.Module):
+    """A frozen teacher and what distilling from it needs: the margins of its stage maps (Heo et al.)."""
+
+    def __init__(self, model: nn.Module, mode: str):
+        super().__init__()
+        self.model = model.requires_grad_(False)
+        self.mode = mode
+        for j, bn in enumerate(model.stage_batchnorms()):
+            self.register_buffer(f"margin{j}", bn_margins(bn.weight, bn.bias), persistent=False)
+
+    @property
+    def margins(self) -> list[torch.Tensor]:
+        return [getattr(self, f"margin{j}") for j in range(len(self.model.stage_channels))]
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor):
+        # eval: BatchNorm uses the teacher's own statistics; train: the batch's, and they keep updating, as the
+        # original code ran its teachers (for ablation only). Set on every call: nothing else may change it.
+        self.model.train(self.mode == "train")
+        return self.model(images, return_all=True)
+
+
+def load_teacher(path: str, arch: str = "") -> nn.Module:
+    """A kdreid checkpoint, or (with `arch`) a plain state dict of another toolkit, as an eval-mode model."""
+    if arch:
+        return build_model(arch, 0, pretrained=path).eval()
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as error:
+        if "not a kdreid checkpoint" in str(error):
+            raise CheckpointError(
+                f"{path}: not a kdreid checkpoint; to load a plain state dict of another toolkit, pass "
+                "--teacher-arch ARCH"
+            ) from None
+        raise
+
+
+def multi_head_copy(model: nn.Module, heads: int) -> nn.Module:
+    """The same model with `heads` classifiers, each a copy of `model`'s one (built anew, so that every head's
+    parameters exist before the optimiser is made)."""
+    args = dict(model.build_args)
+    if args.get("num_heads", 1) != 1 or getattr(model, "classifier", None) is None:
+        raise ConfigError(f"--multi-head needs a single-head student with a classifier; {model.arch} has none")
+    args.update(num_classes=[model.num_classes] * heads, num_heads=heads)
+    copy = build_model(model.arch, **args)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    for i in range(heads):
+        state[f"classifiers.{i}.weight"] = model.classifier.weight.detach().clone()
+    copy.load_state_dict(state)
+    copy.kdreid_meta = getattr(model, "kdreid_meta", {})
+    return copy
+
+
+def feature_kd(projector: nn.Module, student_maps, teacher_maps, margins) -> torch.Tensor:
+    """Margin feature loss between the student's maps, projected to the teacher's widths and sizes, and the
+    teacher's."""
+    return margin_feature_loss(projector(student_maps, teacher_maps), teacher_maps, margins)
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
+    config.validate()
+    train = config.train
+    start = begin_stage(config, resume=resume)
+    run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets
+    source_records = combine_train(sources, combineall=config.data.combineall)
+
+    # The student: from its source-trained checkpoint (same label space as the sources), or built anew.
+    validation = None
+    if config.student_init:
+        student = load_checkpoint(config.student_init, arch=config.arch or None)
+        source_records, validation = source_label_space(source_records, student)
+    else:
+        student = None
+    if train.select == "source-val" and validation is None:
+        raise ConfigError(
+            "--select source-val needs a --student-init trained with --select source-val (its held-out identities)"
+        )
+    num_classes = 1 + max(r.pid for r in source_records)
+    if student is None:
+        student = build_model(config.arch or "osnet_x0_25", num_classes, pretrained=config.pretrained)
+    elif config.lda_weight > 0 and student.num_classes != num_classes:
+        raise ConfigError(
+            f"{config.student_init} was trained on {student.num_classes} source identities, but the sources "
+            f"{'+'.join(config.sources)} have {num_classes}; --lda-weight needs the student of a source run on "
+            "the same data"
+        )
+    if config.multi_head:
+        student = multi_head_copy(student, len(targets))
+    student = student.train().to(device)
+
+    teachers = nn.ModuleList(
+        Teacher(load_teacher(path, config.teacher_arch), config.teacher_mode) for path in config.teachers
+    ).to(device)
+    use_feats = config.kd_style in ("feats", "all")
+    use_outputs = config.kd_style in ("outputs", "all")
+    # One projector per teacher (their widths may differ), made before the optimiser so that it trains.
+    projectors = nn.ModuleList(build_projector(student, t.model) for t in teachers if use_feats).to(device)
+
+    for teacher, path in zip(teachers, config.teachers):
+        size = getattr(teacher.model, "kdreid_meta", {}).get("extra", {}).get("input_size")
+        if size and list(size) != [train.height, train.width]:
+            log.warning(f"teacher {path} was trained at {size[0]}x{size[1]}, distilled at {train.height}x{train.width}")
+
+    need_source = config.lkds_weight > 0 or config.lda_weight > 0 or config.target_order == "shift"
+    # Source images are decoded only when a loss or the shift order uses them (MSMT17 is 30k images).
+    source_batches = BatchSource(
+        source_records, [r.pid for r in source_records], height=train.height, width=train.width,
+        batch_size=train.batch_size, num_instances=train.num_instances, augment=train.augment, device=device,
+        seed=train.seed,
+    ) if need_source else None
+    target_batches = []
+    for t, dataset in enumerate(targets):
+        tracklets = [r.tracklet for r in dataset.train]
+        if min(tracklets) < 0:
+            raise DatasetError(
+                f"target {dataset.name} has training images without a tracklet id; distill samples target batches "
+                "by tracklet (give the custom manifest a tracklet column)"
+            )
+        target_batches.append(BatchSource(
+            dataset.train, tracklets, height=train.height, width=train.width, batch_size=train.batch_size,
+            num_instances=train.num_instances, augment=train.augment, device=device, seed=train.seed + 1 + t,
+            what="tracklets",
+        ))
+
+    count = len(targets)
+    lengths = [len(b) for b in target_batches]
+    iterations = max(lengths)
+    batches_per_epoch = iterations * count if config.target_alt == "batch" else sum(lengths)
+    log.info(
+        f"distill {'+'.join(config.sources)} -> {' '.join(config.targets)}: student {student.arch} "
+        f"({sum(p.numel() for p in student.parameters()):,} parameters), teachers "
+        + ", ".join(f"{t.model.arch} ({path})" for t, path in zip(teachers, config.teachers))
+        + f"; target_alt {config.target_alt}, order {config.target_order}, kd_style {config.kd_style}, "
+        f"lkdt {config.lkdt_weight}, lkds {config.lkds_weight}, lda {config.lda_weight}, teachers in "
+        f"{config.teacher_mode} mode; {batches_per_epoch} optimiser steps per epoch"
+    )
+    if config.multi_head and config.lda_weight == 0:
+        log.warning("--multi-head without --lda-weight: no loss reaches the classifiers, so the heads stay as they are")
+    optimizer = build_optimizer(list(student.parameters()) + list(projectors.parameters()), train.optim)
+
+    @torch.no_grad()
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        # Eval mode: measuring the domain shift must not move the student's BatchNorm statistics.
+        was_training = student.training
+        student.eval()
+        embeddings = student(images, return_all=True).embedding  # (B, D), before BNNeck
+        student.train(was_training)
+        return embeddings
+
+    def domain_shift(source_images: torch.Tensor, target_images: torch.Tensor) -> float:
+        return float(mmd(embed(source_images), embed(target_images)))
+
+    state: dict = {"order": list(range(count)), "group": None}
+
+    def before_epoch(epoch: int) -> None:
+        if source_batches is not None:
+            source_batches.start_epoch(epoch)
+        for batches in target_batches:
+            batches.start_epoch(epoch)
+        state["group"] = None
+        if config.target_alt == "full":
+            shifts = None
+            if config.target_order == "shift":
+                generator = torch.Generator(device=device).manual_seed(train.seed * 1000 + epoch)
+                shifts = []
+                for batches in target_batches:
+                    values = [
+                        domain_shift(source_batches.next_batch(generator)[0], batches.next_batch(generator)[0])
+                        for _ in range(config.shift_batches)
+                    ]
+                    shifts.append(float(np.mean(values)))
+                # The measurement consumed batches: start the epoch's sampling afresh.
+                source_batches.start_epoch(epoch)
+                for batches in target_batches:
+                    batches.start_epoch(epoch)
+                log.info("domain shift (MMD) per target: " + ", ".join(
+                    f"{name} {value:.4f}" for name, value in zip(config.targets, shifts)))
+            state["order"] = target_order(
+                config.target_order, count, rng=_order_rng(train.seed, epoch, 0), shifts=shifts
+            )
+
+    def step_batches(context: StepContext):
+        """(target index, source batch or None, target batch) of this loop iteration."""
+        if config.target_alt == "full":
+            t, _ = full_schedule(context.iteration, lengths, state["order"])
+            source = source_batches.next_batch(context.generator) if need_source else None
+            return t, source, target_batches[t].next_batch(context.generator)
+        group, position = batch_schedule(context.iteration, count)
+        if position == 0 or state["group"] is None:
+            source = source_batches.next_batch(context.generator) if need_source else None
+            batches = [b.next_batch(context.generator) for b in target_batches]
+            shifts = None
+            if config.target_order == "shift":
+                source_embeddings = embed(source[0])
+                shifts = [float(mmd(source_embeddings, embed(images))) for images, _ in batches]
+            order = target_order(config.target_order, count, rng=_order_rng(train.seed, context.epoch, group),
+                                 shifts=shifts)
+            state["group"] = {"source": source, "targets": batches, "order": order}
+        current = state["group"]
+        t = current["order"][position]
+        return t, current["source"], current["targets"][t]
+
+    def kd_terms(t: int, images: torch.Tensor, student_out, prefix: str) -> dict[str, torch.Tensor]:
+        teacher_out = teachers[t](images)
+        terms = {}
+        if use_outputs:
+            terms[f"kd_{prefix}"] = distance_kd(student_out.embedding, teacher_out.embedding)
+        if use_feats:
+            terms[f"feat_{prefix}"] = config.feats_weight * feature_kd(
+                projectors[t], student_out.feature_maps, teacher_out.feature_maps, teachers[t].margins
+            )
+        return terms
+
+    def train_step(context: StepContext) -> dict[str, torch.Tensor]:
+        t, source, (target_images, target_groups) = step_batches(context)
+        target_out = student(target_images)
+        total = target_out.embedding.new_zeros((), dtype=torch.float32)
+        losses: dict[str, torch.Tensor] = {}
+        if config.lkdt_weight > 0:
+            terms = kd_terms(t, target_images, target_out, "target")
+            losses.update(terms)
+            total = total + config.lkdt_weight * sum(terms.values())
+        if config.lkds_weight > 0 or config.lda_weight > 0:
+            source_images, source_labels = source
+            source_out = student(source_images)
+            if config.lkds_weight > 0:
+                terms = kd_terms(t, source_images, source_out, "source")
+                losses.update(terms)
+                total = total + config.lkds_weight * sum(terms.values())
+            if config.lda_weight > 0:
+                logits = source_out.logits[t] if config.multi_head else source_out.logits
+                da = {
+                    "ce": cross_entropy_label_smoothing(logits, source_labels, config.label_smoothing),
+                    "triplet": batch_hard_triplet(source_out.embedding, source_labels, config.triplet_margin),
+                    **dmmd_terms(source_out.embedding, source_labels, target_out.embedding, target_groups),
+                }
+                losses.update(da)
+                total = total + config.lda_weight * sum(da.values())
+        return {"loss": total, **losses}
+
+    def evaluate(epoch: int) -> dict:
+        metrics = evaluate_datasets(student, targets + sources, train, device, config.eval, config.data)
+        if validation is not None:
+            metrics["source-val"] = evaluate_split(
+                student, validation.query, validation.gallery, height=train.height, width=train.width,
+                device=device, options=config.eval,
+            )
+        return metrics
+
+    result = fit(
+        run=run_dir, config=train, stage_config=config, modules={"student": student, "projectors": projectors},
+        optimizer=optimizer, batches_per_epoch=batches_per_epoch, train_step=train_step, evaluate=evaluate,
+        before_epoch=before_epoch, resume=resume, log=log,
+    )
+    model_path = run_dir.path / "model.pt"
+    save_checkpoint(
+        model_path, student.cpu(), config=config, datasets=config.sources + config.targets, metrics=result.final,
+        extra={"stage": "distill", "input_size": [train.height, train.width], "targets": list(config.targets),
+               "teachers": list(config.teachers)},
+    )
+    name = f"KD-ReID student ({student.arch}, kd {config.kd_style}, {config.target_alt}/{config.target_order})"
+    rows = [ResultRow(name, dataset, metrics) for dataset, metrics in result.final.items()]
+    write_results(run_dir, result, rows, extra={"student": student.arch, "targets": list(config.targets)})
+    log.info(f"wrote {model_path}")
+    return StageResult(str(model_path), result.final, result)

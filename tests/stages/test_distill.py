@@ -1,0 +1,244 @@
+"""The distillation stage: visiting order, teacher handling, a tiny end-to-end run on CPU, and the three defects
+of the original code that must not come back (LR stepped T times per epoch, multi-head classifiers never
+trained, feature KD silently zero for OSNet students)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from kdreid.cli import main
+from kdreid.errors import CheckpointError, ConfigError
+from kdreid.models import build_model, build_projector, load_checkpoint, save_checkpoint
+from kdreid.stages import distill
+from kdreid.data.samplers import PKSampler
+from kdreid.stages.data import combine_train, load_datasets
+from kdreid.stages.optim import learning_rate
+from kdreid.stages.presets import resolve_config
+
+TARGETS = ["synth_duke", "synth_cuhk"]
+TINY = ["--batch-size", "16", "--num-instances", "4", "--height", "64", "--width", "32", "--device", "cpu",
+        "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def three_domains(synth_root, tmp_path_factory):
+    """The session's synth_msmt and synth_duke plus a third domain, synth_cuhk, generated the same way."""
+    root = tmp_path_factory.mktemp("synth3")
+    assert main(["data", "synth", "--out", str(root), "--domains", "synth_cuhk", "--scale", "0.01",
+                 "--size", "64x32", "--seed", "0", "--workers", "1"]) == 0
+    for name in ("synth_msmt", "synth_duke"):
+        os.symlink(synth_root / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoints(three_domains, tmp_path_factory):
+    """A student (osnet_tiny, with the source's label space) and two teachers of different architectures, as
+    kdreid checkpoints with random weights: the stage's mechanics do not need trained models."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    num_classes = 1 + max(r.pid for r in combine_train(load_datasets(["synth_msmt"], str(three_domains))))
+    torch.manual_seed(0)
+    paths = {}
+    for name, arch, classes in (("student", "osnet_tiny", num_classes), ("t_duke", "resnet_tiny", 7),
+                                ("t_cuhk", "osnet_tiny", 5)):
+        paths[name] = str(save_checkpoint(folder / f"{name}.pt", build_model(arch, classes),
+                                          extra={"stage": "source", "input_size": [64, 32]}))
+    return paths
+
+
+def _distill_args(three_domains, checkpoints, out, *extra):
+    return ["distill", "-s", "synth_msmt", "-t", *TARGETS, "-a", "osnet_tiny",
+            "--teachers", checkpoints["t_duke"], checkpoints["t_cuhk"], "--student-init", checkpoints["student"],
+            "--root", str(three_domains), "--out", str(out), *TINY, *extra]
+
+
+# ------------------------------------------------------------------------------------------------ pure logic
+def test_target_order_fixed_random_and_shift():
+    assert distill.target_order("fixed", 3) == [0, 1, 2]
+    orders = {tuple(distill.target_order("random", 3, rng=np.random.default_rng(s))) for s in range(30)}
+    assert all(sorted(o) == [0, 1, 2] for o in orders) and len(orders) == 6  # every permutation occurs
+    first = distill.target_order("random", 4, rng=np.random.default_rng([0, 1]))
+    assert distill.target_order("random", 4, rng=np.random.default_rng([0, 1])) == first  # seeded: reproducible
+    # Ascending domain shift: the closest target first; ties keep the given order.
+    assert distill.target_order("shift", 3, shifts=[0.5, 0.1, 0.3]) == [1, 2, 0]
+    assert distill.target_order("shift", 3, shifts=[0.2, 0.1, 0.2]) == [1, 0, 2]
+    with pytest.raises(ValueError):
+        distill.target_order("shift", 3, shifts=[0.1])
+
+
+def test_schedules_map_loop_iterations_to_targets():
+    # batch: groups of T loop iterations, one per target.
+    assert [distill.batch_schedule(i, 3) for i in range(7)] == [
+        (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]
+    # full: target order[0]'s whole epoch, then order[1]'s.
+    lengths, order = [2, 3], [1, 0]
+    assert [distill.full_schedule(i, lengths, order) for i in range(5)] == [(1, 0), (1, 1), (1, 2), (0, 0), (0, 1)]
+    with pytest.raises(IndexError):
+        distill.full_schedule(5, lengths, order)
+
+
+def test_teacher_count_must_match_target_count(three_domains, checkpoints, tmp_path, capsys):
+    args = _distill_args(three_domains, checkpoints, tmp_path / "r", "--epochs", "1")
+    one_teacher = args[:args.index("--teachers") + 2] + args[args.index("--student-init"):]
+    assert main(one_teacher) == 2
+    err = capsys.readouterr().err
+    assert "1 teacher(s) for 2 target(s) (synth_duke synth_cuhk)" in err and "in the same order" in err
+    assert err.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
+def test_teachers_are_frozen_and_eval_mode_keeps_their_batchnorm_statistics():
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 64, 32)
+    for mode, moves in (("eval", False), ("train", True)):
+        model = build_model("resnet_tiny", 3)
+        teacher = distill.Teacher(model, mode)
+        before = model.bn1.running_mean.clone()
+        out = teacher(images)
+        assert not out.embedding.requires_grad and not any(p.requires_grad for p in model.parameters())
+        assert (not torch.equal(before, model.bn1.running_mean)) == moves
+    assert all(m.item() < 0 for margins in teacher.margins for m in margins)
+
+
+def test_plain_state_dict_teachers_load_with_teacher_arch(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet_tiny", 9)
+    path = tmp_path / "foreign.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    with pytest.raises(CheckpointError, match="pass --teacher-arch ARCH"):
+        distill.load_teacher(str(path))
+    teacher = distill.load_teacher(str(path), "resnet_tiny")
+    assert not teacher.training and torch.equal(teacher.layer1[0].conv1.weight, model.layer1[0].conv1.weight)
+
+
+def test_feature_kd_reaches_an_osnet_student_through_the_projector():
+    # The original's feature KD was silently zero for OSNet students (no maps): here every student gets one.
+    torch.manual_seed(0)
+    student = build_model("osnet_tiny", 5).train()
+    teacher = distill.Teacher(build_model("resnet_tiny", 3), "eval")
+    projector = build_projector(student, teacher.model)
+    images = torch.rand(4, 3, 64, 32)
+    loss = distill.feature_kd(projector, student(images).feature_maps, teacher(images).feature_maps, teacher.margins)
+    assert loss.item() > 0
+    loss.backward()
+    assert student.conv1.conv.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters() if p.ndim == 4)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_distill_end_to_end_with_two_teachers_of_different_architectures(three_domains, checkpoints, tmp_path):
+    out = tmp_path / "kd"
+    assert main(_distill_args(three_domains, checkpoints, out, "--epochs", "1", "--kd-style", "all",
+                              "--target-order", "shift", "--lkds-weight", "0.5")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["final"]) == {"synth_duke", "synth_cuhk", "synth_msmt"}
+    losses = metrics["epochs"][0]["losses"]
+    assert {"kd_target", "feat_target", "kd_source", "feat_source"} <= set(losses)
+    assert losses["kd_target"] > 0 and losses["feat_target"] > 0
+    table = (out / "results.md").read_text()
+    assert "KD-ReID student (osnet_tiny, kd all, batch/shift) | synth_cuhk" in table and "last epoch" in table
+    student = load_checkpoint(out / "model.pt")
+    assert student.arch == "osnet_tiny"
+    assert student.kdreid_meta["extra"]["stage"] == "distill"
+    assert student.kdreid_meta["extra"]["input_size"] == [64, 32]
+    initial = load_checkpoint(checkpoints["student"])
+    assert not torch.equal(student.conv1.conv.weight, initial.conv1.conv.weight)  # the student learnt
+
+
+def _spy_on_steps(monkeypatch):
+    """Record (epoch, learning rate, target of the step) of every optimiser step of a distill run."""
+    steps = []
+    real_fit = distill.fit
+
+    def fit(**kwargs):
+        optimizer, train_step = kwargs["optimizer"], kwargs["train_step"]
+
+        def recorded(context):
+            losses = train_step(context)
+            steps.append((context.epoch, optimizer.param_groups[0]["lr"]))
+            return losses
+
+        return real_fit(**{**kwargs, "train_step": recorded})
+
+    monkeypatch.setattr(distill, "fit", fit)
+    return steps
+
+
+def test_lr_steps_once_per_epoch_and_each_target_steps_once_per_iteration(three_domains, checkpoints, tmp_path,
+                                                                         monkeypatch):
+    # The original's batch engine stepped the schedule once per teacher per epoch (T times too fast).
+    steps = _spy_on_steps(monkeypatch)
+    config = resolve_config(distill.DistillConfig, "distill", overrides={
+        "sources": ["synth_msmt"], "targets": TARGETS, "arch": "osnet_tiny",
+        "teachers": [checkpoints["t_duke"], checkpoints["t_cuhk"]], "student_init": checkpoints["student"],
+        "out": str(tmp_path / "lr"), "data.root": str(three_domains), "train.device": "cpu", "train.epochs": 2,
+        "train.height": 64, "train.width": 32, "train.batch_size": 16, "train.eval_freq": 0,
+        "train.optim.scheduler": "step", "train.optim.step_size": 1, "train.optim.gamma": 0.5,
+        "train.optim.warmup_epochs": 0, "train.optim.lr": 0.01,
+    })
+    result = distill.run(config)
+    # One loop iteration per (iteration, target): iterations = the longest target's batches per epoch.
+    batches = [len(PKSampler([r.tracklet for r in d.train], 16, 4)) for d in load_datasets(TARGETS, str(three_domains))]
+    assert len(steps) == 2 * 2 * max(batches)
+    for epoch in range(2):
+        lrs = [lr for e, lr in steps if e == epoch]
+        assert lrs == [pytest.approx(learning_rate(config.train.optim, epoch, 2))] * (2 * max(batches))
+        assert lrs[0] == pytest.approx(0.01 * 0.5 ** epoch)
+    assert [e["lr"] for e in result.fit.epochs] == [0.01, 0.005]
+
+
+def test_full_alternation_walks_each_target_epoch_in_turn_and_resumes(three_domains, checkpoints, tmp_path,
+                                                                      monkeypatch):
+    visits = []
+    real = distill.full_schedule
+
+    def spy(iteration, lengths, order):
+        visits.append(real(iteration, lengths, order)[0])
+        return real(iteration, lengths, order)
+
+    monkeypatch.setattr(distill, "full_schedule", spy)
+    out = tmp_path / "full"
+    args = _distill_args(three_domains, checkpoints, out, "--target-alt", "full", "--target-order", "shift")
+    assert main([*args, "--epochs", "1"]) == 0
+    # One target's whole epoch of batches, then the other's: one change of teacher in the epoch.
+    assert sorted(set(visits)) == [0, 1] and sum(a != b for a, b in zip(visits, visits[1:])) == 1
+    assert "domain shift (MMD) per target: synth_duke" in (out / "log.txt").read_text()
+    # Resumed for a second epoch: another such walk, and the history continues.
+    first = len(visits)
+    assert main([*args, "--epochs", "2", "--resume"]) == 0
+    second = visits[first:]
+    assert len(second) == first and sum(a != b for a, b in zip(second, second[1:])) == 1
+    assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2]
+
+
+def test_every_head_of_a_multi_head_student_trains(three_domains, checkpoints, tmp_path):
+    # The original created the heads after the optimiser, so they never changed.
+    out = tmp_path / "heads"
+    assert main(_distill_args(three_domains, checkpoints, out, "--epochs", "1", "--multi-head",
+                              "--lda-weight", "1")) == 0
+    student = load_checkpoint(out / "model.pt")
+    initial = load_checkpoint(checkpoints["student"]).classifier.weight
+    assert student.num_heads == 2
+    for head in student.classifiers:
+        assert head.weight.shape == initial.shape and not torch.allclose(head.weight, initial)
+    losses = json.loads((out / "metrics.json").read_text())["epochs"][0]["losses"]
+    assert {"ce", "triplet", "mmd_within", "mmd_between", "mmd_features"} <= set(losses)
+
+
+def test_config_errors_are_caught_before_any_work(three_domains, checkpoints, tmp_path):
+    base = {"sources": ["synth_msmt"], "targets": TARGETS, "teachers": [checkpoints["t_duke"], checkpoints["t_cuhk"]],
+            "out": str(tmp_path / "x"), "data.root": str(three_domains)}
+    with pytest.raises(ConfigError, match="nothing to train"):
+        distill.run(resolve_config(distill.DistillConfig, "distill", overrides=base | {"lkdt_weight": 0.0}))
+    with pytest.raises(ConfigError, match="must be 0 or positive"):
+        distill.run(resolve_config(distill.DistillConfig, "distill", overrides=base | {"lda_weight": -1.0}))
+    assert not (tmp_path / "x").exists()
+
+
+def test_presets_resolve_for_distill():
+    paper = resolve_config(distill.DistillConfig, "distill", preset="paper")
+    assert paper.train.optim.optimizer == "sgd" and paper.train.optim.lr == 0.01 and paper.train.epochs == 50
+    quick = resolve_config(distill.DistillConfig, "distill", preset="quick")
+    assert (quick.train.height, quick.train.width) == (128, 64) and quick.train.epochs < paper.train.epochs
