@@ -30,23 +30,22 @@ from kdreid.errors import ConfigError, DatasetError
 from kdreid.evaluation.features import extract_features
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, euclidean_distances
 from kdreid.losses.mmd import within_between
-from kdreid.models import load_checkpoint, save_checkpoint
+from kdreid.models import load_checkpoint
 from kdreid.rundir import atomic_write_bytes
 from kdreid.stages.common import (
     DataOptions,
     EvalOptions,
-    ResultRow,
+    StageResult,
     begin_stage,
+    finish_stage,
     source_label_space,
     evaluate_datasets,
     evaluate_split,
-    write_results,
 )
 from kdreid.stages.data import BatchSource, combine_train
 from kdreid.stages.loop import StepContext, TrainConfig, fit
 from kdreid.stages.optim import build_optimizer
 from kdreid.stages.pseudo_labels import dbscan
-from kdreid.stages.source import StageResult
 
 
 @dataclass
@@ -173,19 +172,12 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         before_epoch=before_epoch, resume=resume, log=log,
     )
     _save_histograms(run_dir.path / "distances_after.npz", model, source_records, target_records, config, device)
-    model_path = run_dir.path / "model.pt"
-    save_checkpoint(
-        model_path, model.cpu(), config=config, datasets=config.sources + config.targets, metrics=result.final,
-        extra={"stage": "adapt", "grouping": config.grouping, "input_size": [train.height, train.width]},
+    return finish_stage(
+        start, config, model, result, stage="adapt",
+        label=f"{'blend' if config.blend else 'teacher'} D-MMD ({arch})", datasets=config.sources + config.targets,
+        grouping=config.grouping, checkpoint_extra={"grouping": config.grouping},
+        metrics_extra={"grouping": config.grouping},
     )
-    label = "blend" if config.blend else "teacher"
-    rows = [
-        ResultRow(f"{label} D-MMD ({arch})", name, metrics, grouping=config.grouping)
-        for name, metrics in result.final.items()
-    ]
-    write_results(run_dir, result, rows, extra={"grouping": config.grouping})
-    log.info(f"wrote {model_path}")
-    return StageResult(str(model_path), result.final, result)
 
 
 def _initial_groups(config: AdaptConfig, records: list[ImageRecord]) -> list[int]:

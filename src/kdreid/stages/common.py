@@ -13,6 +13,7 @@ from torch import nn
 
 from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.evaluation.features import evaluate_model
+from kdreid.models import save_checkpoint
 from kdreid.rundir import RunDir, atomic_write_text
 from kdreid.stages.data import hold_out_validation, load_datasets
 from kdreid.stages.loop import FitResult, TrainConfig, refuse_occupied, results_table, seed_everything, select_device
@@ -127,6 +128,28 @@ class ResultRow:
     dataset: str
     metrics: dict
     grouping: str = "—"
+
+
+@dataclass
+class StageResult:
+    model_path: str
+    final: dict  # {dataset: {metric: percent}} of the selected epoch
+    fit: FitResult
+
+
+def finish_stage(
+    start: StageStart, config, model: nn.Module, result: FitResult, *, stage: str, label: str, datasets: list[str],
+    grouping: str = "—", checkpoint_extra: dict | None = None, metrics_extra: dict | None = None,
+) -> StageResult:
+    """What every stage does last: RUN/model.pt (a kdreid checkpoint recording the stage and input size),
+    metrics.json and results.md (one row per evaluated dataset, named `label`)."""
+    model_path = start.run.path / "model.pt"
+    extra = {"stage": stage, "input_size": [config.train.height, config.train.width], **(checkpoint_extra or {})}
+    save_checkpoint(model_path, model.cpu(), config=config, datasets=datasets, metrics=result.final, extra=extra)
+    rows = [ResultRow(label, name, metrics, grouping) for name, metrics in result.final.items()]
+    write_results(start.run, result, rows, extra=metrics_extra)
+    start.log.info(f"wrote {model_path}")
+    return StageResult(str(model_path), result.final, result)
 
 
 def write_results(run: RunDir, result: FitResult, rows: list[ResultRow], extra: dict | None = None) -> None:

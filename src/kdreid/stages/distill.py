@@ -40,21 +40,20 @@ from torch import nn
 from kdreid.errors import CheckpointError, ConfigError, DatasetError
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, mmd
 from kdreid.losses.distill import bn_margins, distance_kd, margin_feature_loss
-from kdreid.models import build_model, build_projector, load_checkpoint, save_checkpoint
+from kdreid.models import build_model, build_projector, load_checkpoint
 from kdreid.stages.common import (
     DataOptions,
     EvalOptions,
-    ResultRow,
+    StageResult,
     begin_stage,
+    finish_stage,
     evaluate_datasets,
     evaluate_split,
     source_label_space,
-    write_results,
 )
 from kdreid.stages.data import BatchSource, combine_train
 from kdreid.stages.loop import StepContext, TrainConfig, fit
 from kdreid.stages.optim import OptimConfig, build_optimizer
-from kdreid.stages.source import StageResult
 
 
 def _kd_train_defaults() -> TrainConfig:
@@ -411,14 +410,10 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         optimizer=optimizer, batches_per_epoch=batches_per_epoch, train_step=train_step, evaluate=evaluate,
         before_epoch=before_epoch, resume=resume, log=log,
     )
-    model_path = run_dir.path / "model.pt"
-    save_checkpoint(
-        model_path, student.cpu(), config=config, datasets=config.sources + config.targets, metrics=result.final,
-        extra={"stage": "distill", "input_size": [train.height, train.width], "targets": list(config.targets),
-               "teachers": list(config.teachers)},
+    return finish_stage(
+        start, config, student, result, stage="distill",
+        label=f"KD-ReID student ({student.arch}, kd {config.kd_style}, {config.target_alt}/{config.target_order})",
+        datasets=config.sources + config.targets,
+        checkpoint_extra={"targets": list(config.targets), "teachers": list(config.teachers)},
+        metrics_extra={"student": student.arch, "targets": list(config.targets)},
     )
-    name = f"KD-ReID student ({student.arch}, kd {config.kd_style}, {config.target_alt}/{config.target_order})"
-    rows = [ResultRow(name, dataset, metrics) for dataset, metrics in result.final.items()]
-    write_results(run_dir, result, rows, extra={"student": student.arch, "targets": list(config.targets)})
-    log.info(f"wrote {model_path}")
-    return StageResult(str(model_path), result.final, result)

@@ -12,18 +12,18 @@ from dataclasses import dataclass, field
 import torch
 
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing
-from kdreid.models import build_model, save_checkpoint
+from kdreid.models import build_model
 from kdreid.stages.common import (
+    StageResult,
     begin_stage,
+    finish_stage,
     DataOptions,
     EvalOptions,
-    ResultRow,
     evaluate_datasets,
     evaluate_split,
-    write_results,
 )
 from kdreid.stages.data import BatchSource, combine_train, hold_out_validation
-from kdreid.stages.loop import FitResult, StepContext, TrainConfig, fit
+from kdreid.stages.loop import StepContext, TrainConfig, fit
 from kdreid.stages.optim import build_optimizer
 
 
@@ -41,13 +41,6 @@ class SourceConfig:
     data: DataOptions = field(default_factory=DataOptions)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalOptions = field(default_factory=EvalOptions)
-
-
-@dataclass
-class StageResult:
-    model_path: str
-    final: dict  # {dataset: {metric: percent}}
-    fit: FitResult
 
 
 def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
@@ -97,26 +90,10 @@ def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
         batches_per_epoch=len(batches), train_step=train_step, evaluate=evaluate,
         before_epoch=batches.start_epoch, resume=resume, log=log,
     )
-    model_path = run_dir.path / "model.pt"
-    save_checkpoint(
-        model_path, model.cpu(), config=_plain_config(config), datasets=config.sources,
-        metrics=result.final,
-        extra={
-            "stage": "source", "input_size": [train.height, train.width],
-            # Lets adapt rebuild the same label space (and validation split) from the same source data.
-            "held_out": {"fraction": train.source_val_ids, "seed": train.seed} if validation is not None else None,
-        },
+    # `held_out` lets adapt and distill rebuild the same label space (and validation split) from the same data.
+    held_out = {"fraction": train.source_val_ids, "seed": train.seed} if validation is not None else None
+    return finish_stage(
+        start, config, model, result, stage="source", label=f"source only ({config.arch})",
+        datasets=config.sources, checkpoint_extra={"held_out": held_out},
     )
-    rows = [
-        ResultRow(f"source only ({config.arch})", name, metrics)
-        for name, metrics in result.final.items()
-    ]
-    write_results(run_dir, result, rows)
-    log.info(f"wrote {model_path}")
-    return StageResult(str(model_path), result.final, result)
 
-
-def _plain_config(config) -> dict:
-    from kdreid.config import to_dict
-
-    return to_dict(config)
