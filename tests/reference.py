@@ -37,3 +37,20 @@ def load_torchreid_module(relative_path: str, name: str | None = None):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def randomise_batchnorm(model, seed: int = 0) -> None:
+    """Random BN statistics and affine weights, so that a parity test exercises every BatchNorm (an identity BN
+    would hide a wrong one)."""
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            with torch.no_grad():
+                m.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)

@@ -14,23 +14,13 @@ from kdreid.errors import ModelError
 from kdreid.export import export_model, read_metadata
 from kdreid.models import build_model, convert_dsbn, save_checkpoint
 from kdreid.models.heads import IMAGENET_MEAN, IMAGENET_STD
+from tests.reference import randomise_batchnorm
 
 pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime: pip install 'kdreid[export]'")
 import onnxruntime  # noqa: E402
 
 SIZE = (64, 32)
 
-
-def randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
-    """Random BN statistics and affine weights: an identity BN would hide a wrongly exported one."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
 
 
 def tiny(arch: str = "osnet_tiny", **kwargs) -> nn.Module:

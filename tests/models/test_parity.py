@@ -6,27 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 from kdreid.models import build_model, load_weights
 from kdreid.models.heads import IMAGENET_MEAN, IMAGENET_STD
-from tests.reference import load_torchreid_module
+from tests.reference import load_torchreid_module, randomise_batchnorm
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
-
-def randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
-    """Random BN statistics and affine weights, so that eval-mode parity tests every BN, not an identity."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
 
 
 @pytest.fixture(scope="module")

@@ -37,10 +37,9 @@ from kdreid.stages.common import (
     EvalOptions,
     StageResult,
     begin_stage,
+    stage_evaluator,
     finish_stage,
     source_label_space,
-    evaluate_datasets,
-    evaluate_split,
 )
 from kdreid.stages.data import BatchSource, combine_train
 from kdreid.stages.loop import StepContext, TrainConfig, fit
@@ -155,14 +154,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
             total = total + config.dmmd_weight * sum(terms.values())
         return {"loss": total, **losses}
 
-    def evaluate(epoch: int) -> dict:
-        metrics = evaluate_datasets(model, targets + sources, train, device, config.eval, config.data)
-        if validation is not None:
-            metrics["source-val"] = evaluate_split(
-                model, validation.query, validation.gallery, height=train.height, width=train.width,
-                device=device, options=config.eval,
-            )
-        return metrics
+    evaluate = stage_evaluator(model, targets + sources, validation, config, device)
 
     # The loop must know the epoch length before pseudo-labels exist: an epoch is as long as the source's.
     result = fit(

@@ -85,6 +85,22 @@ def evaluate_datasets(
     return metrics
 
 
+def stage_evaluator(model: nn.Module, datasets: Sequence[ReidDataset], validation, config, device: torch.device):
+    """The `evaluate(epoch)` a stage gives the loop: every dataset's query/gallery, plus the held-out source
+    identities as "source-val" when there are some (what --select source-val chooses by)."""
+
+    def evaluate(epoch: int) -> dict[str, dict[str, float]]:
+        metrics = evaluate_datasets(model, datasets, config.train, device, config.eval, config.data)
+        if validation is not None:
+            metrics["source-val"] = evaluate_split(
+                model, validation.query, validation.gallery, height=config.train.height,
+                width=config.train.width, device=device, options=config.eval,
+            )
+        return metrics
+
+    return evaluate
+
+
 @dataclass
 class StageStart:
     run: RunDir

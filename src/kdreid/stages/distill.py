@@ -46,9 +46,8 @@ from kdreid.stages.common import (
     EvalOptions,
     StageResult,
     begin_stage,
+    stage_evaluator,
     finish_stage,
-    evaluate_datasets,
-    evaluate_split,
     source_label_space,
 )
 from kdreid.stages.data import BatchSource, combine_train
@@ -396,14 +395,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
                 total = total + config.lda_weight * sum(da.values())
         return {"loss": total, **losses}
 
-    def evaluate(epoch: int) -> dict:
-        metrics = evaluate_datasets(student, targets + sources, train, device, config.eval, config.data)
-        if validation is not None:
-            metrics["source-val"] = evaluate_split(
-                student, validation.query, validation.gallery, height=train.height, width=train.width,
-                device=device, options=config.eval,
-            )
-        return metrics
+    evaluate = stage_evaluator(student, targets + sources, validation, config, device)
 
     result = fit(
         run=run_dir, config=train, stage_config=config, modules={"student": student, "projectors": projectors},

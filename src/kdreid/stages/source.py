@@ -16,11 +16,10 @@ from kdreid.models import build_model
 from kdreid.stages.common import (
     StageResult,
     begin_stage,
+    stage_evaluator,
     finish_stage,
     DataOptions,
     EvalOptions,
-    evaluate_datasets,
-    evaluate_split,
 )
 from kdreid.stages.data import BatchSource, combine_train, hold_out_validation
 from kdreid.stages.loop import StepContext, TrainConfig, fit
@@ -75,15 +74,7 @@ def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
         triplet = batch_hard_triplet(out.embedding, labels, config.triplet_margin, config.soft_margin)
         return {"loss": ce + triplet, "ce": ce, "triplet": triplet}
 
-    def evaluate(epoch: int) -> dict:
-        metrics = evaluate_datasets(model, sources + targets, train, device, config.eval, config.data)
-        if validation is not None:
-            model.eval()
-            metrics["source-val"] = evaluate_split(
-                model, validation.query, validation.gallery, height=train.height, width=train.width,
-                device=device, options=config.eval,
-            )
-        return metrics
+    evaluate = stage_evaluator(model, sources + targets, validation, config, device)
 
     result = fit(
         run=run_dir, config=train, stage_config=config, modules={"model": model}, optimizer=optimizer,
