@@ -275,6 +275,41 @@ def _run_distill(args) -> int:
     return 0
 
 
+def _add_pipeline(commands) -> None:
+    p = commands.add_parser(
+        "pipeline", help="all stages: source, one D-MMD teacher per target, blend, KD-ReID student (cached)"
+    )
+    p.add_argument("-s", "--sources", nargs="+", required=True, help="labelled source dataset(s)")
+    p.add_argument("-t", "--targets", nargs="+", required=True, help="the unlabelled targets")
+    p.add_argument("--teacher-arch", help="architecture of the source model and the teachers (default resnet50)")
+    p.add_argument("--student-arch", help="architecture of the student and the blend (default osnet_x0_25)")
+    _add_stage_flags(p)
+    p.set_defaults(run=_run_pipeline)
+
+
+def _run_pipeline(args) -> int:
+    from pathlib import Path
+
+    from kdreid.stages import pipeline
+    from kdreid.stages.presets import resolve_config
+
+    # The stage flags go to every stage ("common"); --out/--root/--preset/--config are the pipeline's own.
+    # --resume is implied: finished stages are reused and an interrupted one continues.
+    stage_flags = {k: v for k, v in _stage_overrides(args).items() if v is not None and k not in ("out", "data.root")}
+    overrides = {
+        "sources": args.sources, "targets": args.targets, "teacher_arch": args.teacher_arch,
+        "student_arch": args.student_arch, "root": args.root, "out": args.out, "preset": args.preset,
+    }
+    config = resolve_config(pipeline.PipelineConfig, "pipeline", preset=args.preset, config_file=args.config,
+                            overrides=overrides)
+    if stage_flags:
+        config.common = {**pipeline.flatten(config.common), **stage_flags}
+    result = pipeline.run(config)
+    print(f"run folder: {result.out} (results.md, metrics.json, student.pt)")
+    print((Path(result.out) / "results.md").read_text(), end="")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- deployment
 def _add_export(commands) -> None:
     p = commands.add_parser("export", help="export a model to ONNX / TorchScript / torchreid, checked against PyTorch")
@@ -359,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Top-level commands other than `data`, in the order `kdreid --help` lists them.
 _COMMANDS: list = [_add_models, _add_train_source, _add_adapt, _add_distill, _add_evaluate, _add_export,
-                   _add_extract, _add_search]
+                   _add_extract, _add_search, _add_pipeline]
 
 
 def _missing_subcommand(parser: argparse.ArgumentParser) -> int:

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Step 2 of the seed: D-MMD adaptation of a source-trained model to one target (a teacher), or to the union of
+several targets (the blended baseline).
+
+    python scripts/DMMD.py -ds msmt17 -dt market1501 -a resnet50 -data-dir $DATA -mp $MODEL_PATH
+
+A thin wrapper over `kdreid adapt` (kdreid.stages.adapt.run) that keeps the seed's flags. `-mp` takes a kdreid
+checkpoint, or a plain state dict (e.g. the seed's model-best.pth.tar), which is rebuilt as a kdreid checkpoint
+of `-a` with the source's identities first (RUN/init.pt).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _seed_args, when imported rather than run
+
+from _seed_args import (  # noqa: E402
+    common_overrides,
+    common_parser,
+    is_kdreid_checkpoint,
+    note_ignored,
+    run_main,
+)
+
+
+def build_parser():
+    p = common_parser("D-MMD adaptation (the seed's scripts/DMMD.py, on kdreid)")
+    p.add_argument("-ds", "--dataset-source", dest="sources", nargs="+", default=["msmt17"])
+    p.add_argument("-dt", "--dataset-target", dest="targets", nargs="+", default=["market1501"],
+                   help="the target; several targets adapt one blended model to their union, as the seed")
+    p.add_argument("-a", "--arch", default="resnet50")
+    p.add_argument("-mp", "--model-path", dest="model_path", required=True,
+                   help="the source-trained model to start from")
+    p.add_argument("--grouping", choices=["tracklet", "pseudo", "oracle"],
+                   help="target groups (kdreid): tracklets (default), pseudo-labels, or identity labels (oracle)")
+    p.add_argument("--dmmd-start", type=int, help="first epoch (0-based) with the D-MMD terms")
+    return p
+
+
+def init_checkpoint(model_path: str, arch: str, config, out: Path) -> str:
+    """`model_path` as a kdreid checkpoint: as it is, or a plain state dict of `arch` rebuilt with the source's
+    label space and saved as OUT/init.pt."""
+    if is_kdreid_checkpoint(model_path):
+        return model_path
+    from kdreid.models import build_model, save_checkpoint
+    from kdreid.stages.data import combine_train, load_datasets
+
+    options = {name: config.data.reader_options(name) for name in config.sources}
+    records = combine_train(load_datasets(config.sources, config.data.root, options))
+    model = build_model(arch, 1 + max(r.pid for r in records), pretrained=model_path)
+    return str(save_checkpoint(out / "init.pt", model, datasets=list(config.sources),
+                               extra={"stage": "source", "converted_from": model_path}))
+
+
+def train(args) -> str:
+    from kdreid.stages import adapt
+    from kdreid.stages.presets import resolve_config
+
+    note_ignored(args)
+    sources = "+".join(args.sources)
+    out = args.out or str(Path("runs") / "DMMD" / f"{sources}{'_new_cuhk' if args.new_cuhk else ''}"
+                          / f"{sources}_to_{'+'.join(args.targets)}_{args.arch}")
+    overrides = common_overrides(args) | {
+        "sources": args.sources, "targets": args.targets, "blend": len(args.targets) > 1, "arch": args.arch,
+        "init": args.model_path, "out": out, "grouping": args.grouping, "dmmd_start": args.dmmd_start,
+    }
+    config = resolve_config(adapt.AdaptConfig, "adapt", preset=args.preset, overrides=overrides)
+    config.init = init_checkpoint(args.model_path, args.arch, config, Path(out))
+    return str(Path(adapt.run(config, resume=args.resume).model_path).parent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(train, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

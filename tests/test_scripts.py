@@ -1,0 +1,141 @@
+"""The seed's three scripts (scripts/source_training.py, DMMD.py, KD-REID.py and its alias KD_REID.py) run with
+their original flags on tiny synthetic data and produce the same runs as the `kdreid` stage commands."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kdreid.cli import main as kdreid_main
+from kdreid.models import load_checkpoint
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+TINY = ["--epochs", "1", "-b", "16", "--num-instances", "4", "--height", "64", "--width", "32", "--device", "cpu",
+        "--seed", "0"]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"seed_script_{name.replace('-', '_')}", SCRIPTS / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _config(run: Path) -> dict:
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seed_data")
+    assert kdreid_main(["data", "synth", "--out", str(root), "--domains", "synth_msmt", "synth_duke", "synth_cuhk",
+                        "--scale", "0.01", "--size", "64x32", "--seed", "0", "--workers", "1"]) == 0
+    return root
+
+
+def test_the_three_scripts_chain_with_the_original_flags(data, tmp_path, capsys):
+    # One test for the chain (source -> teachers -> KD), so that `pytest -n 2` never trains it twice.
+    source_training, dmmd, kd_reid = _script("source_training.py"), _script("DMMD.py"), _script("KD-REID.py")
+    runs = {}
+    for arch in ("resnet_tiny", "osnet_tiny"):
+        runs[arch] = tmp_path / f"source_{arch}"
+        # `-data-dir` (the README's spelling), an ignored original flag, evaluation-only targets.
+        assert source_training.main(["-ds", "synth_msmt", "-dt", "synth_duke", "-a", arch, "-data-dir", str(data),
+                                     "--out", str(runs[arch]), "--features", "512", *TINY]) == 0
+    out = capsys.readouterr()
+    assert f"run folder: {runs['osnet_tiny']}" in out.out and "--features is accepted" in out.err
+    config = _config(runs["resnet_tiny"])
+    assert config["arch"] == "resnet_tiny" and config["sources"] == ["synth_msmt"] and config["data"]["root"] == str(data)
+    assert config["train"]["batch_size"] == 16 and config["data"]["cuhk03_classic_split"]  # the seed's CUHK03 default
+
+    teachers = []
+    for target in ("synth_duke", "synth_cuhk"):
+        run = tmp_path / f"teacher_{target}"
+        # `--data-dir` (the code's spelling) works as well.
+        assert dmmd.main(["-ds", "synth_msmt", "-dt", target, "-a", "resnet_tiny", "--data-dir", str(data),
+                          "-mp", str(runs["resnet_tiny"] / "model.pt"), "--out", str(run), "--dmmd-start", "0",
+                          *TINY]) == 0
+        assert not _config(run)["blend"] and _config(run)["targets"] == [target]
+        teachers.append(run / "model.pt")
+
+    # Several targets: one blended model, as the seed; a plain state dict (the seed's model-best.pth.tar) as -mp.
+    plain = tmp_path / "model-best.pth.tar"
+    torch.save({"state_dict": load_checkpoint(runs["osnet_tiny"] / "model.pt").state_dict(), "epoch": 1}, plain)
+    blend = tmp_path / "blend"
+    assert dmmd.main(["-ds", "synth_msmt", "-dt", "synth_duke", "synth_cuhk", "-a", "osnet_tiny",
+                      "-data-dir", str(data), "-mp", str(plain), "--out", str(blend), *TINY]) == 0
+    assert _config(blend)["blend"] and _config(blend)["init"] == str(blend / "init.pt")
+    assert load_checkpoint(blend / "model.pt").arch == "osnet_tiny"
+
+    student = tmp_path / "student"
+    capsys.readouterr()
+    assert kd_reid.main(["-ds", "synth_msmt", "-dt", "synth_duke", "synth_cuhk", "-as", "osnet_tiny",
+                         "-at", "resnet_tiny", "-data-dir", str(data), "-mps", str(runs["osnet_tiny"] / "model.pt"),
+                         "-mpt", *map(str, teachers), "--out", str(student), "--kd-style", "only_feats",
+                         "--target-order", "fixed", "--target-alt", "full", "--lkds_weight", "0.5",
+                         "--lda-weight", "0.1", "--multi-head", "--lr", "0.001", *TINY]) == 0
+    assert f"run folder: {student}" in capsys.readouterr().out
+    config = _config(student)
+    assert config["kd_style"] == "feats" and config["target_order"] == "fixed" and config["target_alt"] == "full"
+    assert config["lkds_weight"] == 0.5 and config["lda_weight"] == 0.1 and config["lkdt_weight"] == 1.0
+    assert config["multi_head"] and config["train"]["optim"]["lr"] == 0.001
+    assert config["teachers"] == list(map(str, teachers)) and config["teacher_arch"] == ""
+    assert config["student_init"] == str(runs["osnet_tiny"] / "model.pt")
+    assert load_checkpoint(student / "model.pt").arch == "osnet_tiny"
+
+
+def test_kd_reid_flags_map_onto_the_distill_config(monkeypatch, tmp_path):
+    # Without training: capture the config the script hands to the distill stage.
+    from kdreid.stages import distill
+
+    seen = {}
+
+    def fake_run(config, *, resume=False):
+        seen["config"] = config
+        path = tmp_path / "out" / "model.pt"
+        return distill.StageResult(str(path), {}, None)
+
+    monkeypatch.setattr(distill, "run", fake_run)
+    plain = tmp_path / "teacher.pth"
+    torch.save({"state_dict": {}}, plain)
+    kd_reid = _script("KD-REID.py")
+    assert kd_reid.main(["-dt", "market1501", "-mpt", str(plain), "--kd-style", "all", "--lkdt_weight", "2",
+                         "--lkds-weight", "0.3", "-data-dir", str(tmp_path), "--new-cuhk"]) == 0
+    config = seen["config"]
+    assert config.kd_style == "all" and config.lkdt_weight == 2.0 and config.lkds_weight == 0.3
+    # A plain state dict as teacher loads as -at (resnet50, the seed's default); the seed's CUHK03 settings.
+    assert config.teacher_arch == "resnet50" and config.arch == "resnet50"
+    assert config.data.cuhk03_labeled and not config.data.cuhk03_classic_split
+    assert config.out == str(Path("runs") / "KD_ReID_D-MMD" / "msmt172market1501_new_cuhk" / "resnet50_t_resnet50_s"
+                             / "target_alt_batch_kd_style_outs_feats_lkds_0.3")
+    for style, expected in (("only_outputs", "outputs"), ("outputs", "outputs"), ("feats", "feats")):
+        assert kd_reid.main(["-dt", "market1501", "-mpt", str(plain), "--kd-style", style]) == 0
+        assert seen["config"].kd_style == expected
+
+
+@pytest.mark.parametrize("script", ["KD-REID.py", "KD_REID.py"])
+def test_teacher_count_mismatch_is_one_line(script, tmp_path):
+    # A real process, as users run it: the alias behaves the same, and nothing is trained or written.
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), "-ds", "synth_msmt", "-dt", "market1501", "dukemtmcreid",
+         "-as", "osnet_x0_25", "-at", "resnet50", "-data-dir", str(tmp_path), "-mpt", str(tmp_path / "t1.pt"),
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "1 teacher(s) in -mpt for 2 target(s)" in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_scripts_answer_help_with_the_original_flags():
+    for name, flags in (("source_training.py", ["-ds", "-a", "-data-dir", "--new-cuhk"]),
+                        ("DMMD.py", ["-dt", "-mp"]),
+                        ("KD-REID.py", ["-as", "-at", "-mps", "-mpt", "--lkds_weight", "--target-alt"])):
+        parser = _script(name).build_parser()
+        text = parser.format_help()
+        assert all(flag in text for flag in flags), name
