@@ -3,7 +3,6 @@
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import yaml
 from kdreid.cli import main
 from kdreid.models import build_model, count_macs, count_parameters, load_checkpoint
 from kdreid.stages import pipeline
-from kdreid.stages.presets import resolve_config
 
 TARGETS = ["synth_duke", "synth_cuhk"]
 STAGES = ["source_resnet_tiny", "source_osnet_tiny", "teacher_synth_duke", "teacher_synth_cuhk", "blend", "distill"]
