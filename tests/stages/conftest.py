@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from kdreid.cli import main
@@ -10,4 +12,15 @@ def synth_root(tmp_path_factory):
     code = main(["data", "synth", "--out", str(root), "--domains", "synth_msmt", "synth_duke",
                  "--scale", "0.01", "--size", "64x32", "--seed", "0", "--workers", "1"])
     assert code == 0
+    return root
+
+
+@pytest.fixture(scope="session")
+def three_domains(synth_root, tmp_path_factory):
+    """The session's synth_msmt and synth_duke plus a third domain, synth_cuhk, generated the same way."""
+    root = tmp_path_factory.mktemp("synth3")
+    assert main(["data", "synth", "--out", str(root), "--domains", "synth_cuhk", "--scale", "0.01",
+                 "--size", "64x32", "--seed", "0", "--workers", "1"]) == 0
+    for name in ("synth_msmt", "synth_duke"):
+        os.symlink(synth_root / name, root / name)
     return root

@@ -3,7 +3,6 @@ of the original code that must not come back (LR stepped T times per epoch, mult
 trained, feature KD silently zero for OSNet students)."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -22,16 +21,6 @@ TARGETS = ["synth_duke", "synth_cuhk"]
 TINY = ["--batch-size", "16", "--num-instances", "4", "--height", "64", "--width", "32", "--device", "cpu",
         "--seed", "0"]
 
-
-@pytest.fixture(scope="module")
-def three_domains(synth_root, tmp_path_factory):
-    """The session's synth_msmt and synth_duke plus a third domain, synth_cuhk, generated the same way."""
-    root = tmp_path_factory.mktemp("synth3")
-    assert main(["data", "synth", "--out", str(root), "--domains", "synth_cuhk", "--scale", "0.01",
-                 "--size", "64x32", "--seed", "0", "--workers", "1"]) == 0
-    for name in ("synth_msmt", "synth_duke"):
-        os.symlink(synth_root / name, root / name)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,6 @@ TINY = ["--epochs", "1", "--batch-size", "16", "--num-instances", "4", "--height
         "--device", "cpu", "--seed", "0"]
 
 
-@pytest.fixture(scope="module")
-def three_domains(synth_root, tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth3p")
-    assert main(["data", "synth", "--out", str(root), "--domains", "synth_cuhk", "--scale", "0.01",
-                 "--size", "64x32", "--seed", "0", "--workers", "1"]) == 0
-    for name in ("synth_msmt", "synth_duke"):
-        os.symlink(synth_root / name, root / name)
-    return root
-
 
 def _args(root, out, config_file, *extra):
     return ["pipeline", "-s", "synth_msmt", "-t", *TARGETS, "--root", str(root), "--teacher-arch", "resnet_tiny",

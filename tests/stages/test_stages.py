@@ -8,7 +8,7 @@ import torch
 from kdreid.cli import main
 from kdreid.errors import CheckpointError, ConfigError, DatasetError
 from kdreid.models import load_checkpoint
-from kdreid.stages import adapt, source
+from kdreid.stages import adapt
 from kdreid.stages.presets import resolve_config
 
 TINY = ["--epochs", "2", "--batch-size", "16", "--num-instances", "4", "--height", "64", "--width", "32",
