@@ -230,4 +230,4 @@ def test_presets_resolve_for_distill():
     paper = resolve_config(distill.DistillConfig, "distill", preset="paper")
     assert paper.train.optim.optimizer == "sgd" and paper.train.optim.lr == 0.01 and paper.train.epochs == 50
     quick = resolve_config(distill.DistillConfig, "distill", preset="quick")
-    assert (quick.train.height, quick.train.width) == (128, 64) and quick.train.epochs < paper.train.epochs
+    assert (quick.train.height, quick.train.width) == (64, 32) and quick.train.epochs < paper.train.epochs

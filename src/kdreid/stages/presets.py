@@ -15,7 +15,7 @@ T = TypeVar("T")
 
 # `paper`: the original scripts' settings where they are sound (Adam 3e-4, batch 32 = 8×4, 256×128). Unlike the
 # original, random erasing runs (its scripts asked for an augmentation their builder did not know).
-# `quick`: small enough for 2 CPU cores in minutes, on the synthetic domains at 128×64.
+# `quick`: small enough for 2 CPU cores in minutes, on the synthetic domains at 64×32.
 PRESETS: dict[str, dict[str, dict]] = {
     "paper": {
         "source": {"train": {"epochs": 60, "height": 256, "width": 128, "batch_size": 32, "num_instances": 4,
@@ -34,15 +34,15 @@ PRESETS: dict[str, dict[str, dict]] = {
                                         "scheduler": "multistep", "milestones": [20, 40], "warmup_epochs": 0}}},
     },
     "quick": {
-        "source": {"train": {"epochs": 12, "height": 128, "width": 64, "batch_size": 32, "num_instances": 4,
+        "source": {"train": {"epochs": 12, "height": 64, "width": 32, "batch_size": 32, "num_instances": 4,
                              "optim": {"optimizer": "adam", "lr": 1e-3, "scheduler": "cosine",
                                        "warmup_epochs": 2}}},
         "adapt": {"dmmd_start": 1,
-                  "train": {"epochs": 8, "height": 128, "width": 64, "batch_size": 32, "num_instances": 4,
+                  "train": {"epochs": 8, "height": 64, "width": 32, "batch_size": 32, "num_instances": 4,
                             "optim": {"optimizer": "adam", "lr": 3e-4, "scheduler": "cosine",
                                       "warmup_epochs": 0}}},
         # The student starts from its source-trained weights: a small Adam LR keeps what it knows.
-        "distill": {"train": {"epochs": 6, "height": 128, "width": 64, "batch_size": 32, "num_instances": 4,
+        "distill": {"train": {"epochs": 6, "height": 64, "width": 32, "batch_size": 32, "num_instances": 4,
                               "optim": {"optimizer": "adam", "lr": 3e-4, "scheduler": "cosine",
                                         "warmup_epochs": 0}}},
     },
