@@ -1,0 +1,384 @@
+"""`kdreid report RUN`: one static page, RUN/report.html, with the tables and pictures of a run.
+
+The pictures are written beside the page in RUN/report/ and referenced by relative paths, so the folder can be
+copied or zipped and opened in any browser without a server. What the page holds depends on the run:
+
+- a pipeline run (RUN/stages/ and a metrics.json with the final rows): the results table and its bar chart per
+  target, ranked results of the student on each target, then one section per stage (its table, training
+  curves, and for the D-MMD stages the distance histograms before and after adaptation);
+- a single-stage run (train-source, adapt, distill): its table, curves, histograms when it has them, and ranked
+  results of its model.pt on its targets;
+- an evaluation folder (`kdreid evaluate --out`): its metrics and the `--visrank` pictures it holds.
+
+Ranked results need the datasets: they are read from the data root recorded in the run's config (or --root);
+when a dataset cannot be read the page says so and the rest of the report is still written.
+
+    path = build_report("runs/all")                  # -> runs/all/report.html
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+import kdreid
+from kdreid.errors import KdreidError
+from kdreid.rundir import atomic_write_text
+
+REPORT_PAGE = "report.html"
+PICTURES = "report"  # RUN/report/: the pictures the page shows
+# Stage folders of a pipeline run in the order they ran (kdreid.stages.pipeline); others follow by name.
+STAGE_ORDER = ("source_", "teacher_", "blend", "distill")
+METRIC_COLUMNS = (("mAP", "mAP"), ("R1", "rank1"), ("R5", "rank5"), ("R10", "rank10"), ("mINP", "mINP"))
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[str] = field(default_factory=list)  # HTML fragments, in order
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise KdreidError(f"{path} is not valid JSON; the run that wrote it was interrupted or the file was "
+                          "edited: run that stage again") from None
+    if not isinstance(content, dict):
+        raise KdreidError(f"{path} holds {type(content).__name__}, not the object a kdreid run writes")
+    return content
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def run_kind(run: Path) -> str:
+    """"pipeline", "stage" or "evaluation"; KdreidError (one line) when `run` is not a kdreid run folder."""
+    if not run.exists():
+        raise KdreidError(f"run folder {run} does not exist; pass the --out folder of a kdreid command")
+    if not run.is_dir():
+        raise KdreidError(f"{run} is a file, not a run folder; pass the --out folder of a kdreid command")
+    metrics = _read_json(run / "metrics.json")
+    if (run / "stages").is_dir() and (metrics is None or "student" in metrics or "source_only" in metrics):
+        return "pipeline"
+    if metrics is not None and isinstance(metrics.get("epochs"), list):
+        return "stage"
+    if metrics is not None and isinstance(metrics.get("final"), dict):
+        return "evaluation"
+    raise KdreidError(f"{run} is not a kdreid run folder (no metrics.json of a stage, a pipeline or `kdreid "
+                      "evaluate --out`); pass the --out folder of a finished run")
+
+
+# ------------------------------------------------------------------------------------------------ HTML pieces
+def markdown_to_html(text: str) -> str:
+    """The small Markdown subset results.md uses: '#' headings, '|' tables (first row the header, the '---'
+    row skipped), paragraphs, and `code` spans."""
+    out: list[str] = []
+    lines = text.splitlines()
+    index = 0
+    while index < len(lines):
+        line = lines[index].strip()
+        if not line:
+            index += 1
+        elif line.startswith("#"):
+            level = min(6, len(line) - len(line.lstrip("#")) + 2)  # the page's own h1/h2 come first
+            out.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
+            index += 1
+        elif line.startswith("|"):
+            rows = []
+            while index < len(lines) and lines[index].strip().startswith("|"):
+                cells = [c.strip() for c in lines[index].strip().strip("|").split("|")]
+                if not all(re.fullmatch(r":?-{3,}:?", c) for c in cells):
+                    rows.append(cells)
+                index += 1
+            out.append(_table(rows[0], rows[1:]) if rows else "")
+        else:
+            paragraph = []
+            while index < len(lines) and lines[index].strip() and not lines[index].strip().startswith(("#", "|")):
+                paragraph.append(lines[index].strip())
+                index += 1
+            out.append(f"<p>{_inline(' '.join(paragraph))}</p>")
+    return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    escaped = html.escape(text)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{_inline(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def metrics_table(final: dict) -> str:
+    """{dataset: {mAP, rank1, ...}} in percent -> an HTML table."""
+    rows = []
+    for dataset, values in final.items():
+        if not isinstance(values, dict):
+            continue
+        rows.append([dataset] + ["n/a" if values.get(key) is None else f"{values[key]:.1f}"
+                                 for _, key in METRIC_COLUMNS])
+    return _table(["dataset", *(title for title, _ in METRIC_COLUMNS)], rows)
+
+
+def _figure(run: Path, picture: Path, caption: str) -> str:
+    relative = picture.relative_to(run).as_posix()
+    return (f'<figure><a href="{html.escape(relative)}"><img src="{html.escape(relative)}" '
+            f'alt="{html.escape(caption)}"></a><figcaption>{html.escape(caption)}</figcaption></figure>')
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _config_block(path: Path) -> str:
+    if not path.is_file():
+        return ""
+    return (f"<details><summary>{html.escape(path.name)}</summary><pre>{html.escape(path.read_text())}</pre>"
+            "</details>")
+
+
+# ------------------------------------------------------------------------------------------------ pictures
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def stage_section(run: Path, folder: Path, pictures: Path, title: str) -> Section:
+    """A stage's table, training curves and (adapt stages) D-MMD histograms."""
+    from kdreid.viz import dmmd_histograms, training_curves
+
+    section = Section(title)
+    metrics = _read_json(folder / "metrics.json")
+    results = folder / "results.md"
+    if results.is_file():
+        section.blocks.append(markdown_to_html(results.read_text()))
+    elif metrics and isinstance(metrics.get("final"), dict):
+        section.blocks.append(metrics_table(metrics["final"]))
+    if metrics is None:
+        section.blocks.append(_note(f"{folder.name}: no metrics.json (the stage has not finished)"))
+    elif isinstance(metrics.get("epochs"), list) and metrics["epochs"]:
+        name = _safe_name(folder.relative_to(run).as_posix() if folder != run else "run")
+        picture = training_curves(metrics, pictures / f"curves_{name}.png", title=f"{title}: training")
+        section.blocks.append(_figure(run, picture, f"{title}: losses and mAP per dataset over epochs"))
+    before, after = folder / "distances_before.npz", folder / "distances_after.npz"
+    if before.is_file():
+        name = _safe_name(folder.relative_to(run).as_posix() if folder != run else "run")
+        picture = dmmd_histograms(before, after if after.is_file() else None, pictures / f"dmmd_{name}.png",
+                                  title=f"{title}: within- and between-identity distances")
+        caption = (f"{title}: D-MMD distance histograms, source and target, before"
+                   + (" and after adaptation" if after.is_file() else " adaptation (no 'after' file: unfinished)"))
+        section.blocks.append(_figure(run, picture, caption))
+    section.blocks.append(_config_block(folder / "config.yaml"))
+    return section
+
+
+def ranked_results_section(run: Path, model_path: Path, targets: list[str], root: str | None, pictures: Path,
+                           *, num_queries: int, topk: int, data_options: dict | None = None,
+                           device: str | None = None) -> Section:
+    """Ranked results of `model_path` on each target's query/gallery (features extracted here)."""
+    from kdreid.data.datasets.base import build_dataset
+    from kdreid.evaluation.features import extract_features, load_model
+    from kdreid.viz import visualize_ranked_results
+
+    section = Section(f"Ranked results: {model_path.name}")
+    if not model_path.is_file():
+        section.blocks.append(_note(f"no ranked results: {model_path} does not exist"))
+        return section
+    if not root:
+        section.blocks.append(_note("no ranked results: the run records no data root; pass --root DATA"))
+        return section
+    model = None
+    for target in targets:
+        try:
+            options = (data_options or {}).get(target, {})
+            dataset = build_dataset(target, root, **options)
+            model = model or load_model(model_path)
+            features = {split: extract_features(model, getattr(dataset, split), device=device, batch_size=64)
+                        for split in ("query", "gallery")}
+            pages = visualize_ranked_results(
+                features["query"], features["gallery"], pictures / "visrank", prefix=_safe_name(target),
+                num_queries=num_queries, topk=topk, title=f"{target}: {model_path.name}")
+        except KdreidError as error:
+            section.blocks.append(_note(f"{target}: no ranked results ({error})"))
+            continue
+        for page in pages:
+            section.blocks.append(_figure(
+                run, page, f"{target}: query (grey frame) and its top-{topk} gallery images, nearest first; "
+                "green = same identity, red = another; distance under each (same-camera matches of the "
+                "query's identity are left out, as the market protocol scores)"))
+    return section
+
+
+def existing_visrank_section(run: Path) -> Section | None:
+    """The pictures `kdreid evaluate --visrank --out RUN` left in RUN/visrank/."""
+    pages = sorted((run / "visrank").glob("*.png"))
+    if not pages:
+        return None
+    section = Section("Ranked results (kdreid evaluate --visrank)")
+    section.blocks += [_figure(run, page, page.stem) for page in pages]
+    return section
+
+
+def _stage_folders(run: Path) -> list[Path]:
+    folders = [p for p in (run / "stages").iterdir() if p.is_dir()]
+
+    def order(folder: Path) -> tuple[int, str]:
+        rank = next((i for i, prefix in enumerate(STAGE_ORDER) if folder.name.startswith(prefix)), len(STAGE_ORDER))
+        return rank, folder.name
+
+    return sorted(folders, key=order)
+
+
+def _stage_targets(config: dict) -> list[str]:
+    targets = config.get("targets") or config.get("sources") or []
+    return [t for t in targets if isinstance(t, str)]
+
+
+def _data_options(config: dict) -> dict:
+    data = config.get("data") or {}
+    cuhk03 = {"labeled": bool(data.get("cuhk03_labeled")), "classic_split": bool(data.get("cuhk03_classic_split"))}
+    return {"cuhk03": cuhk03}
+
+
+# ------------------------------------------------------------------------------------------------ the page
+def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, root: str | None = None,
+                 device: str | None = None) -> Path:
+    """Write RUN/report.html and its pictures in RUN/report/; -> the page's path. `visrank` queries per target
+    in the ranked results (0: none), `root` overrides the data root the run recorded."""
+    from kdreid.viz import pipeline_bars
+
+    run = Path(run)
+    kind = run_kind(run)
+    pictures = run / PICTURES
+    if pictures.is_dir():
+        shutil.rmtree(pictures)  # a report is rebuilt whole: no picture of an older report lingers
+    pictures.mkdir(parents=True)
+    config = _read_yaml(run / "config.yaml")
+    metrics = _read_json(run / "metrics.json") or {}
+    sections: list[Section] = []
+    title = f"kdreid run {run.resolve().name}"
+
+    if kind == "pipeline":
+        overview = Section("Results")
+        results = run / "results.md"
+        if results.is_file():
+            text = results.read_text()
+            first = text.splitlines()[0] if text else ""
+            if first.startswith("#"):
+                title = f"{title}: {first.lstrip('#').strip()}"
+                text = "\n".join(text.splitlines()[1:])
+            overview.blocks.append(markdown_to_html(text))
+        if any(key in metrics for key in ("student", "source_only")):
+            labels = {"source_only": f"source only ({config.get('teacher_arch', 'teacher arch.')})",
+                      "source_only_student": f"source only ({config.get('student_arch', 'student arch.')})",
+                      "teachers": f"teacher (D-MMD, {config.get('teacher_arch', '')}) on its target",
+                      "blend": f"blend (D-MMD on all targets, {config.get('student_arch', '')})",
+                      "student": f"KD-ReID student ({config.get('student_arch', '')})"}
+            for metric in ("mAP", "rank1"):
+                picture = pipeline_bars(metrics, pictures / f"pipeline_{metric}.png", metric=metric, labels=labels,
+                                        title=f"{metric} per target")
+                overview.blocks.append(_figure(run, picture, f"{metric} (%) per target of every model of the run"))
+        else:
+            overview.blocks.append(_note("the pipeline has not finished: no final metrics.json yet"))
+        overview.blocks.append(_config_block(run / "config.yaml"))
+        sections.append(overview)
+        if visrank > 0:
+            sections.append(ranked_results_section(
+                run, run / "student.pt", _stage_targets(config), root or config.get("root"), pictures,
+                num_queries=visrank, topk=topk, data_options=_data_options(_first_stage_config(run)), device=device))
+        for folder in _stage_folders(run):
+            sections.append(stage_section(run, folder, pictures, f"Stage {folder.name}"))
+    elif kind == "stage":
+        sections.append(stage_section(run, run, pictures, "Results"))
+        if visrank > 0 and (run / "model.pt").is_file():
+            sections.append(ranked_results_section(
+                run, run / "model.pt", _stage_targets(config), root or (config.get("data") or {}).get("root"),
+                pictures, num_queries=visrank, topk=topk, data_options=_data_options(config), device=device))
+    else:
+        evaluation = Section("Evaluation")
+        evaluation.blocks.append(metrics_table(metrics["final"]))
+        if isinstance(metrics.get("evaluated_with"), dict):
+            settings = ", ".join(f"{k} {v}" for k, v in metrics["evaluated_with"].items())
+            evaluation.blocks.append(_note(f"evaluated with {settings}"))
+        sections.append(evaluation)
+    if (extra := existing_visrank_section(run)) is not None:
+        sections.append(extra)
+
+    page = run / REPORT_PAGE
+    atomic_write_text(page, render_page(title, run, kind, sections))
+    return page
+
+
+def _first_stage_config(run: Path) -> dict:
+    for folder in _stage_folders(run):
+        config = _read_yaml(folder / "config.yaml")
+        if config:
+            return config
+    return {}
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+thead { background: #f2f2f2; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.85em; color: #555; }
+.note { color: #8a5a00; } pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
+nav a { margin-right: 1em; }
+"""
+
+
+def render_page(title: str, run: Path, kind: str, sections: list[Section]) -> str:
+    anchors = [f"s{i}" for i in range(len(sections))]
+    nav = " ".join(f'<a href="#{a}">{html.escape(s.title)}</a>' for a, s in zip(anchors, sections))
+    body = "\n".join(f'<section id="{a}"><h2>{html.escape(s.title)}</h2>\n' + "\n".join(b for b in s.blocks if b)
+                     + "</section>" for a, s in zip(anchors, sections))
+    generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<style>{STYLE}</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p>{html.escape(kind)} run <code>{html.escape(str(run.resolve()))}</code>; written by kdreid {kdreid.__version__}
+on {html.escape(generated)}.</p>
+<nav>{nav}</nav>
+{body}
+</body>
+</html>
+"""
+
+
+# ------------------------------------------------------------------------------------------------ command
+def report_command(args) -> int:
+    page = build_report(args.run_dir, visrank=args.visrank, topk=args.visrank_topk, root=args.root, device=args.device)
+    images = len(list((page.parent / PICTURES).rglob("*.png")))
+    print(f"wrote {page} ({images} pictures in {page.parent / PICTURES})", file=sys.stderr)
+    print(page)
+    return 0

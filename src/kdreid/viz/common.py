@@ -1,0 +1,41 @@
+"""What every picture shares: a matplotlib Figure drawn without pyplot (no global state, no display: the Agg
+canvas renders straight to PNG bytes, so pictures work headless and from threads) and an atomic PNG write."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from kdreid.errors import KdreidError
+from kdreid.rundir import atomic_write_bytes
+
+try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+except ImportError:  # an optional dependency: say how to get it rather than show a traceback
+    raise KdreidError("pictures need matplotlib: pip install 'kdreid[viz]' (or pip install matplotlib)") from None
+
+DPI = 100
+# The colours of a correct and a wrong match: pure enough that a test can find them in the PNG's pixels.
+CORRECT_RGB = (0, 170, 0)
+WRONG_RGB = (220, 0, 0)
+QUERY_RGB = (40, 40, 40)
+# One colour per series, the same in every picture (matplotlib's default cycle, colour-blind friendlier than
+# its older palette).
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure of width x height inches on an Agg canvas (never shown, only saved)."""
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_png(figure: Figure, path: str | Path) -> Path:
+    """Render `figure` to `path` as PNG, atomically (a reader never sees half a picture)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)

@@ -1,0 +1,70 @@
+"""Training curves of one stage from its RUN/metrics.json: each loss over epochs, and mAP per dataset at the
+epochs where the stage evaluated (every `eval_freq` epochs, and the last)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from matplotlib.ticker import MaxNLocator
+
+from kdreid.errors import KdreidError
+from kdreid.viz.common import PALETTE, new_figure, save_png
+
+
+def curve_series(metrics: Mapping) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, float]]]]:
+    """({loss name: [(epoch, mean loss)]}, {dataset: [(epoch, mAP)]}) from a stage's metrics.json content."""
+    epochs = metrics.get("epochs")
+    if not isinstance(epochs, list):
+        raise KdreidError("metrics.json has no 'epochs' list: only a training stage's metrics have curves")
+    losses: dict[str, list[tuple[int, float]]] = {}
+    maps: dict[str, list[tuple[int, float]]] = {}
+    for entry in epochs:
+        epoch = int(entry["epoch"])
+        for name, value in (entry.get("losses") or {}).items():
+            losses.setdefault(name, []).append((epoch, float(value)))
+        for dataset, values in (entry.get("metrics") or {}).items():
+            if isinstance(values, Mapping) and values.get("mAP") is not None:
+                maps.setdefault(dataset, []).append((epoch, float(values["mAP"])))
+    return losses, maps
+
+
+def training_curves(metrics: Mapping, path: str | Path, title: str = "") -> Path:
+    """Two panels side by side: losses (the total `loss` in black, its terms in colour) and mAP (%) per dataset."""
+    losses, maps = curve_series(metrics)
+    if not losses and not maps:
+        raise KdreidError("metrics.json lists no epoch with losses or metrics; nothing to plot")
+    figure = new_figure(11, 3.8 + (0.3 if title else 0))
+    loss_axes, map_axes = figure.subplots(1, 2)
+    colours = iter(PALETTE)
+    for name, points in losses.items():
+        epochs, values = zip(*points)
+        total = name == "loss"
+        loss_axes.plot(epochs, values, marker="o", markersize=3, label=name, color="black" if total else
+                       next(colours, None), linewidth=2.2 if total else 1.3)
+    loss_axes.set_title("training losses (epoch means)", fontsize=10)
+    loss_axes.set_xlabel("epoch")
+    loss_axes.set_ylabel("loss")
+    loss_axes.grid(alpha=0.3)
+    if losses:
+        loss_axes.legend(fontsize=8)
+    colours = iter(PALETTE)
+    for dataset, points in maps.items():
+        epochs, values = zip(*points)
+        map_axes.plot(epochs, values, marker="o", markersize=4, label=dataset, color=next(colours, None),
+                      linestyle="--" if dataset == "source-val" else "-")
+    map_axes.set_title("mAP (%) when evaluated", fontsize=10)
+    map_axes.set_xlabel("epoch")
+    map_axes.set_ylabel("mAP (%)")
+    map_axes.grid(alpha=0.3)
+    if maps:
+        map_axes.legend(fontsize=8)
+    else:
+        map_axes.text(0.5, 0.5, "no evaluation recorded", ha="center", va="center", transform=map_axes.transAxes)
+    # Whole epochs on the x axes: a fractional epoch tick would suggest measurements that do not exist.
+    for axes in (loss_axes, map_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    return save_png(figure, path)

@@ -1,0 +1,175 @@
+"""`kdreid report RUN`: the page and its pictures for a pipeline run, a single stage and an evaluation folder, its
+one-line refusals, and (with Chromium) that the page renders and every picture in it loads.
+
+The run folders are written by the test with the writers the stages use (`write_results`, the pipeline's
+metrics keys, the adapt stage's distance files): a real tiny stage run takes a minute or more on 2 shared cores.
+"""
+
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from kdreid.cli import main
+from kdreid.report import build_report, markdown_to_html
+from kdreid.rundir import RunDir
+from kdreid.stages.common import ResultRow, write_results
+from kdreid.stages.loop import FitResult
+from tests.viz.fixtures import tiny_domain, tiny_model  # noqa: F401  (fixtures)
+
+TARGET = "synth_duke"
+
+
+def _stage(folder: Path, label: str, *, histograms: bool, rng) -> None:
+    """A finished stage folder as the stages write it: config.yaml, metrics.json, results.md, distances."""
+    run = RunDir(folder)
+    final = {TARGET: {"mAP": 20.0, "rank1": 30.0, "rank5": 50.0, "rank10": 60.0, "mINP": 5.0}}
+    epochs = [{"epoch": e, "lr": 1e-4, "losses": {"loss": 5.0 - e, "ce": 3.0 - e / 2}, "seconds": 1.0,
+               "metrics": {TARGET: {**final[TARGET], "mAP": 10.0 * e}}} for e in (1, 2)]
+    write_results(run, FitResult(final, epochs, "last epoch", 2), [ResultRow(label, TARGET, final[TARGET])])
+    (folder / "config.yaml").write_text(yaml.safe_dump({"sources": ["synth_msmt"], "targets": [TARGET],
+                                                        "data": {"root": "nowhere"}}))
+    if histograms:
+        for moment in ("before", "after"):
+            np.savez_compressed(folder / f"distances_{moment}.npz", **{
+                key: rng.gamma(2.0, 1.0, 40) for key in
+                ("source_within", "source_between", "target_within", "target_between")})
+
+
+@pytest.fixture
+def pipeline_run(tmp_path, tiny_domain, tiny_model, rng):
+    """A finished pipeline run folder and its report."""
+    run = tmp_path / "pipe"
+    stages = {"source_resnet_tiny": False, "source_osnet_tiny": False, f"teacher_{TARGET}": True, "blend": True,
+              "distill": False}
+    for name, histograms in stages.items():
+        _stage(run / "stages" / name, name, histograms=histograms, rng=rng)
+    row = {TARGET: {"mAP": 20.0, "rank1": 30.0}}
+    (run / "metrics.json").write_text(json.dumps({
+        "source_only": row, "source_only_student": row, "teachers": row, "blend": row, "student": row,
+        "teachers_on_all_targets": {TARGET: row}, "grouping": "tracklet"}))
+    (run / "results.md").write_text("# synth_msmt -> synth_duke\n\n| model | synth_duke mAP |\n|---|---|\n"
+                                    "| KD-ReID student (osnet_tiny) | 20.0 |\n\nNo number from `target` labels.\n")
+    (run / "config.yaml").write_text(yaml.safe_dump({"sources": ["synth_msmt"], "targets": [TARGET],
+                                                     "teacher_arch": "resnet_tiny", "student_arch": "osnet_tiny",
+                                                     "root": str(tiny_domain)}))
+    shutil.copy(tiny_model, run / "student.pt")
+    stale = run / "report" / "stale.png"
+    stale.parent.mkdir()
+    stale.write_bytes(b"an older report's picture")
+    assert build_report(run, visrank=2, topk=3, device="cpu") == run / "report.html"
+    return run
+
+
+def _images(page: Path) -> list[str]:
+    return re.findall(r'<img src="([^"]+)"', page.read_text())
+
+
+def test_pipeline_report_has_every_picture_and_renders_in_chromium(pipeline_run, tmp_path):
+    # One test (not two sharing a fixture) so that `pytest -n 2` never draws the pipeline's pictures twice.
+    page = pipeline_run / "report.html"
+    images = _images(page)
+    # bars (mAP, rank-1), ranked results, curves of 5 stages, histograms of the teacher and the blend
+    assert len(images) == 2 + 1 + 5 + 2
+    assert all(src.startswith("report/") and (pipeline_run / src).is_file() for src in images)
+    assert sorted(str(p.relative_to(pipeline_run)) for p in (pipeline_run / "report").rglob("*.png")) == \
+        sorted(images)  # rebuilt whole: the older report's picture is gone
+    text = page.read_text()
+    assert "report/visrank/synth_duke_01.png" in images and "report/dmmd_stages_blend.png" in images
+    for name in ("source_resnet_tiny", "teacher_synth_duke", "blend", "distill"):
+        assert f"Stage {name}" in text
+    assert "<td>KD-ReID student (osnet_tiny)</td>" in text and "<code>target</code>" in text
+
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("CHROMIUM NOT FOUND: the report's content was checked but its browser test did not run; "
+                    "install Debian's `chromium` (apt-get install -y chromium) or set KDREID_CHROMIUM=/path/to/chrome")
+    result = _render(chromium, page, tmp_path / "profile")
+    assert result == {"total": 10, "broken": [], "title": "kdreid run pipe: synth_msmt -> synth_duke"}
+    # The check can fail: a picture gone from report/ is reported as broken.
+    (pipeline_run / "report" / "pipeline_mAP.png").unlink()
+    result = _render(chromium, page, tmp_path / "profile")
+    assert result["broken"] == ["report/pipeline_mAP.png"]
+
+
+def test_single_stage_report_shows_what_it_has(tmp_path, tiny_model, rng, capsys):
+    run = tmp_path / "adapt"
+    _stage(run, "teacher D-MMD", histograms=True, rng=rng)
+    shutil.copy(tiny_model, run / "model.pt")
+    assert main(["report", str(run), "--visrank", "2"]) == 0
+    page = run / "report.html"
+    assert capsys.readouterr().out.strip() == str(page)
+    assert _images(page) == ["report/curves_run.png", "report/dmmd_run.png"]
+    # Its config's data root does not exist: the ranked results become a note, the rest is written.
+    assert "synth_duke: no ranked results (" in page.read_text()
+
+
+def test_evaluation_folder_report_includes_its_visrank_pictures(tiny_domain, tiny_model, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_model), "-t", TARGET, "--root", str(tiny_domain), "--device",
+                 "cpu", "--out", str(out), "--visrank", "2", "--visrank-topk", "3"]) == 0
+    page = build_report(out)
+    assert _images(page) == ["visrank/synth_duke_01.png"]
+    assert "<td>synth_duke</td>" in page.read_text()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.write_text("x"), "is a file, not a run folder"),
+    (lambda p: p.mkdir(), "is not a kdreid run folder"),
+    (lambda p: (p.mkdir(), (p / "metrics.json").write_text("{trunc")), "is not valid JSON"),
+    (lambda p: (p.mkdir(), (p / "metrics.json").write_text("[1]")), "holds list, not the object"),
+])
+def test_not_a_run_is_one_line(make, message, tmp_path, capsys):
+    path = tmp_path / "x"
+    make(path)
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and str(path) in err
+
+
+def test_markdown_tables_and_paragraphs():
+    html = markdown_to_html("# T\n\n| a | b |\n|---|---|\n| 1 | <x> |\n\nsome `code` here\nand more\n")
+    assert html == ("<h3>T</h3>\n<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td>"
+                    "<td>&lt;x&gt;</td></tr></tbody></table>\n<p>some <code>code</code> here and more</p>")
+
+
+# ------------------------------------------------------------------------------------------------ Chromium
+def _chromium() -> str | None:
+    for name in (os.environ.get("KDREID_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+CHECK_SCRIPT = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const broken = images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src"));
+  const out = document.createElement("pre");
+  out.id = "kdreid-image-check";
+  out.textContent = JSON.stringify({total: images.length, broken: broken, title: document.title});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _render(chromium: str, page: Path, profile: Path) -> dict:
+    """Open a copy of `page` (beside it, so relative paths hold) with a load-time check appended, in headless
+    Chromium; -> what the check wrote into the DOM."""
+    probe = page.with_name("_probe.html")
+    probe.write_text(page.read_text().replace("</body>", CHECK_SCRIPT + "</body>"))
+    done = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="kdreid-image-check">(.*?)</pre>', done.stdout, re.S)
+    assert found, f"Chromium printed no check result (exit {done.returncode}): {done.stderr[-2000:]}"
+    return json.loads(html.unescape(found.group(1)))

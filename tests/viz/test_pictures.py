@@ -1,0 +1,101 @@
+"""D-MMD histograms, training curves and the pipeline bar chart: what they read, and that they draw it."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdreid.errors import KdreidError
+from kdreid.viz import dmmd_histograms, load_distances, pipeline_bars, training_curves
+from kdreid.viz.bars import pipeline_rows
+from kdreid.viz.curves import curve_series
+from kdreid.viz.histograms import KEYS, summarize
+
+
+def _distances(rng, scale=1.0):
+    return {key: rng.gamma(2.0, scale * (1.0 if "within" in key else 2.0), size=50 + 10 * i)
+            for i, key in enumerate(KEYS)}
+
+
+def _save(path, arrays):
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def test_histograms_read_what_adapt_saves_and_draw_one_row_per_moment(rng, tmp_path):
+    before = _save(tmp_path / "distances_before.npz", _distances(rng))
+    after = _save(tmp_path / "distances_after.npz", _distances(rng, 0.5))
+    loaded = load_distances(before)
+    assert summarize(loaded)["source_within"]["count"] == 50
+    assert summarize(loaded)["target_between"]["mean"] == pytest.approx(np.load(before)["target_between"].mean())
+    both = Image.open(dmmd_histograms(before, after, tmp_path / "both.png")).size
+    only_before = Image.open(dmmd_histograms(before, None, tmp_path / "before.png")).size
+    assert both[0] == only_before[0] and both[1] > 1.8 * only_before[1]
+
+
+def test_histogram_files_that_do_not_fit_are_one_line(rng, tmp_path):
+    arrays = _distances(rng)
+    del arrays["target_within"]
+    with pytest.raises(KdreidError, match="lacks target_within; it is not an adapt stage's distance file"):
+        load_distances(_save(tmp_path / "partial.npz", arrays))
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(KdreidError, match="junk.npz is not a readable .npz"):
+        load_distances(tmp_path / "junk.npz")
+    with pytest.raises(KdreidError, match="missing.npz does not exist"):
+        load_distances(tmp_path / "missing.npz")
+
+
+def test_histograms_survive_an_empty_set(rng, tmp_path):
+    arrays = _distances(rng)
+    arrays["target_within"] = np.zeros(0)  # a target batch without any pair of one identity
+    assert dmmd_histograms(arrays, arrays, tmp_path / "h.png").is_file()
+
+
+METRICS = {
+    "final": {"synth_duke": {"mAP": 30.0}},
+    "epochs": [
+        {"epoch": 1, "lr": 1e-4, "losses": {"loss": 5.0, "ce": 3.0}, "seconds": 1.0},
+        {"epoch": 2, "lr": 1e-4, "losses": {"loss": 4.0, "ce": 2.5, "mmd_within": 0.2},
+         "metrics": {"synth_duke": {"mAP": 20.0, "rank1": 30.0}, "source-val": {"mAP": 50.0}}},
+        {"epoch": 3, "lr": 1e-5, "losses": {"loss": 3.0, "ce": 2.0, "mmd_within": 0.1},
+         "metrics": {"synth_duke": {"mAP": 30.0, "rank1": 40.0}}},
+    ],
+}
+
+
+def test_curves_take_losses_of_every_epoch_and_map_where_evaluated(tmp_path):
+    losses, maps = curve_series(METRICS)
+    assert losses == {"loss": [(1, 5.0), (2, 4.0), (3, 3.0)], "ce": [(1, 3.0), (2, 2.5), (3, 2.0)],
+                      "mmd_within": [(2, 0.2), (3, 0.1)]}
+    assert maps == {"synth_duke": [(2, 20.0), (3, 30.0)], "source-val": [(2, 50.0)]}
+    assert training_curves(METRICS, tmp_path / "c.png", title="adapt").is_file()
+
+
+def test_curves_refuse_metrics_without_epochs(tmp_path):
+    with pytest.raises(KdreidError, match="no 'epochs' list"):
+        training_curves({"final": {}}, tmp_path / "c.png")
+    with pytest.raises(KdreidError, match="nothing to plot"):
+        training_curves({"epochs": []}, tmp_path / "c.png")
+
+
+PIPELINE = {
+    "source_only": {"a": {"mAP": 10.0, "rank1": 20.0}, "b": {"mAP": 12.0, "rank1": 22.0}},
+    "source_only_student": {"a": {"mAP": 8.0, "rank1": 15.0}, "b": {"mAP": 9.0, "rank1": 16.0}},
+    "teachers": {"a": {"mAP": 30.0, "rank1": 50.0}, "b": {"mAP": 25.0, "rank1": 45.0}},
+    "blend": {"a": {"mAP": 20.0, "rank1": 35.0}, "b": {"mAP": 18.0, "rank1": 30.0}},
+    "student": {"a": {"mAP": 28.0, "rank1": 48.0}},  # a student evaluated on one target only
+    "teachers_on_all_targets": {"a": {"a": {"mAP": 30.0}, "b": {"mAP": 5.0}}},
+    "grouping": "tracklet",
+}
+
+
+def test_bars_take_the_pipelines_rows_per_target(tmp_path):
+    targets, rows = pipeline_rows(PIPELINE, "rank1")
+    assert targets == ["a", "b"]
+    assert list(rows) == ["source_only", "source_only_student", "teachers", "blend", "student"]
+    assert rows["teachers"] == {"a": 50.0, "b": 45.0} and rows["student"] == {"a": 48.0}
+    assert pipeline_bars(PIPELINE, tmp_path / "bars.png").is_file()
+
+
+def test_bars_refuse_a_stages_metrics(tmp_path):
+    with pytest.raises(KdreidError, match="not a pipeline run's metrics"):
+        pipeline_bars(METRICS, tmp_path / "bars.png")

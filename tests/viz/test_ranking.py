@@ -1,0 +1,117 @@
+"""Ranked-results pictures (`--visrank`): the ranking they show, the frames' colours, and the evaluate flags."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdreid.cli import main
+from kdreid.evaluation.distance import compute_distance_matrix
+from kdreid.evaluation.features import Features
+from kdreid.viz.common import CORRECT_RGB, QUERY_RGB, WRONG_RGB
+from kdreid.viz.ranking import (
+    RankedQuery,
+    choose_queries,
+    draw_ranked_results,
+    query_distances,
+    rank_queries,
+    visualize_ranked_results,
+)
+
+
+def test_rank_queries_is_the_protocols_ranking(rng):
+    num_query, num_gallery, topk = 6, 40, 7
+    distances = np.round(rng.random((num_query, num_gallery)), 1)  # rounded: many ties, kept in gallery order
+    q_pids, g_pids = rng.integers(0, 4, num_query), rng.integers(0, 4, num_gallery)
+    q_camids, g_camids = rng.integers(0, 3, num_query), rng.integers(0, 3, num_gallery)
+    chosen = [0, 2, 5]
+    ranked = rank_queries(distances[chosen], q_pids, g_pids, q_camids, g_camids, chosen, topk)
+    for item, q in zip(ranked, chosen):
+        # Direct formula: drop same identity + same camera, sort by (distance, gallery index).
+        kept = [g for g in range(num_gallery) if not (g_pids[g] == q_pids[q] and g_camids[g] == q_camids[q])]
+        expected = sorted(kept, key=lambda g: (distances[q, g], g))[:topk]
+        assert item.query_index == q
+        assert item.gallery_indices == expected
+        assert item.distances == pytest.approx([distances[q, g] for g in expected])
+        assert item.correct == [bool(g_pids[g] == q_pids[q]) for g in expected]
+
+
+def test_rank_queries_refuses_mismatched_distances(rng):
+    from kdreid.errors import EvaluationError
+
+    with pytest.raises(EvaluationError, match=r"distances are \(2, 5\) but there are 3 chosen queries"):
+        rank_queries(np.zeros((2, 5)), np.zeros(3), np.zeros(5), np.zeros(3), np.zeros(5), [0, 1, 2])
+
+
+def test_choose_queries_spreads_over_the_list():
+    assert choose_queries(100, 5) == [0, 25, 50, 74, 99]
+    assert choose_queries(3, 10) == [0, 1, 2]
+    assert choose_queries(0, 4) == [] and choose_queries(10, 0) == []
+    assert choose_queries(1, 1) == [0]
+
+
+def _pixels(path) -> set[tuple[int, int, int]]:
+    return {tuple(p) for p in np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)}
+
+
+def _grey_images(folder, count):
+    paths = []
+    for i in range(count):
+        path = folder / f"{i}.png"
+        Image.fromarray(np.full((32, 16, 3), 100 + 10 * i, np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_frames_are_green_for_matches_and_red_for_others(tmp_path):
+    paths = _grey_images(tmp_path, 4)
+    pids, camids = np.array([1, 1, 2, 3]), np.array([0, 1, 1, 1])
+    mixed = [RankedQuery(0, [1, 2], [0.1, 0.2], [True, False])]
+    all_correct = [RankedQuery(0, [1], [0.1], [True])]
+    all_wrong = [RankedQuery(0, [2, 3], [0.1, 0.2], [False, False])]
+    colours = {}
+    for name, ranked in (("mixed", mixed), ("correct", all_correct), ("wrong", all_wrong)):
+        out = draw_ranked_results(ranked, paths, paths, pids, camids, pids, camids, tmp_path / f"{name}.png")
+        colours[name] = _pixels(out)
+    assert {CORRECT_RGB, WRONG_RGB, QUERY_RGB} <= colours["mixed"]
+    assert CORRECT_RGB in colours["correct"] and WRONG_RGB not in colours["correct"]
+    assert WRONG_RGB in colours["wrong"] and CORRECT_RGB not in colours["wrong"]
+
+
+def test_pages_hold_eight_queries_each(tmp_path):
+    paths = _grey_images(tmp_path, 4)
+    features = torch.eye(4)
+    query = Features(features[:1].repeat(9, 1), np.arange(9) % 3, np.zeros(9, int), [paths[0]] * 9)
+    gallery = Features(features, np.arange(4), np.ones(4, int), paths)
+    pages = visualize_ranked_results(query, gallery, tmp_path / "out", prefix="t", num_queries=9, topk=1)
+    assert [p.name for p in pages] == ["t_01.png", "t_02.png"]
+    heights = [Image.open(p).size[1] for p in pages]
+    assert heights[0] > 6 * heights[1]  # 8 rows, then 1
+
+
+def test_query_distances_are_the_evaluation_rows(rng):
+    query, gallery = torch.from_numpy(rng.random((9, 5))).float(), torch.from_numpy(rng.random((20, 5))).float()
+    for metric in ("euclidean", "cosine"):
+        full = compute_distance_matrix(query, gallery, metric=metric)
+        assert torch.allclose(query_distances(query, gallery, [1, 4, 8], metric=metric), full[[1, 4, 8]])
+
+
+def test_evaluate_visrank_draws_and_keeps_the_numbers(tiny_domain, tiny_model, tmp_path, capsys):
+    common = ["evaluate", "--model", str(tiny_model), "-t", "synth_duke", "--root", str(tiny_domain),
+              "--device", "cpu", "--json"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*common, "--out", str(tmp_path / "pictures"), "--visrank", "3", "--visrank-topk", "4"]) == 0
+    with_pictures = json.loads(capsys.readouterr().out)
+    assert with_pictures == plain  # the pictures' extraction path gives the evaluation's numbers
+    page = tmp_path / "pictures" / "visrank" / "synth_duke_01.png"
+    assert sorted(p.name for p in page.parent.iterdir()) == [page.name]
+    assert {CORRECT_RGB, WRONG_RGB} & _pixels(page)
+
+
+def test_visrank_without_out_is_one_line(tiny_model, tmp_path, capsys):
+    code = main(["evaluate", "--model", str(tiny_model), "-t", "synth_duke", "--root", str(tmp_path), "--visrank"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "pass --out FOLDER" in err
