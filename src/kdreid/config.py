@@ -45,7 +45,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, where: str = "con
         raise ConfigError(f"{where}: expected a mapping of settings, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(key) for key in set(data) - set(fields))  # YAML keys may be numbers ("0: x")
     if unknown:
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}"
@@ -140,9 +140,15 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except (ValueError, RecursionError) as error:
+        # PyYAML builds dates and nests by recursion: "2001-02-30" or thousands of "[" fail outside YAMLError.
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise ConfigError(f"{path} is not valid YAML: {reason}") from None
 
 
 def load_yaml(cls: type[T], path: str | Path) -> T:

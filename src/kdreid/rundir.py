@@ -1,8 +1,10 @@
-"""One folder per run: the resolved config, a log, metrics. Files are written atomically (temp file + rename),
-so a run killed mid-write never leaves a half-written file behind."""
+"""One folder per run: the resolved config, a log, metrics. Files are written atomically (temp file, fsync,
+rename, fsync of the folder), so a run killed mid-write — or a machine that loses power — never leaves a
+half-written file behind: the path holds either the old complete file or the new one."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -11,21 +13,90 @@ from pathlib import Path
 from typing import Any
 
 from kdreid.config import dump_yaml
+from kdreid.errors import KdreidError
+
+# Write failures that are the machine's state, not a bug: said in one line, as a user error.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+}
+
+
+class WriteError(KdreidError, OSError):
+    """A file could not be written for a reason outside kdreid (full disk, quota, permissions). Still an
+    OSError, so callers that handle I/O errors keep working; the CLI prints it as one line."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return str(self.strerror) if self.strerror else super().__str__()
+
+
+def _as_write_error(path: Path, error: OSError) -> OSError:
+    reason = _ENVIRONMENT_ERRNOS.get(error.errno)
+    if reason is None or isinstance(error, WriteError):
+        return error
+    return WriteError(
+        error.errno, f"cannot write {path}: {reason}; nothing was half-written (the previous file, if any, is "
+        "intact): free space or fix the permissions, then run the same command again (with --resume for training)"
+    )
+
+
+def fsync_directory(folder: str | Path) -> None:
+    """Make a rename inside `folder` durable (POSIX: the new directory entry survives a power loss)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (and FUSE mounts) refuse fsync on a directory; the rename still happened
+        pass
+    finally:
+        os.close(fd)
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode the file would get from a plain open(): the old file's when there is one, else 0666 & ~umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        pass
+    try:  # Linux reports the umask without changing it (os.umask can only read it by setting it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is never seen half-written: a temporary file in the same folder,
+    flushed and fsynced, renamed over `path`, then the folder fsynced. On any failure (a full disk is often
+    reported only by fsync) the temporary file is removed and `path` keeps its old content."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise _as_write_error(path, error) from None
+    try:
+        os.chmod(tmp, _new_file_mode(path))  # mkstemp makes 0600 files; give the usual permissions instead
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _as_write_error(path, error) from None
         raise
+    fsync_directory(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -41,7 +112,12 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise KdreidError(f"--out {self.path} is a file, not a folder; choose another --out") from None
+        except OSError as error:
+            raise _as_write_error(self.path, error) from None
 
     def save_config(self, config: Any) -> Path:
         target = self.path / "config.yaml"
@@ -59,7 +135,10 @@ class RunDir:
         if not log.handlers:
             log.setLevel(logging.INFO)
             log.propagate = False
-            file_handler = logging.FileHandler(self.path / "log.txt")
+            try:
+                file_handler = logging.FileHandler(self.path / "log.txt")
+            except OSError as error:
+                raise _as_write_error(self.path / "log.txt", error) from None
             file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
             console = logging.StreamHandler()
             console.setFormatter(logging.Formatter("%(message)s"))

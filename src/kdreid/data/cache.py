@@ -25,6 +25,8 @@ def read_image(path: str, height: int | None = None, width: int | None = None) -
             return np.asarray(image, dtype=np.uint8)
     except FileNotFoundError:
         raise DatasetError(f"image {path} does not exist; was the dataset moved after it was listed?") from None
+    except PermissionError:
+        raise DatasetError(f"image {path} is not readable (permission denied); fix its permissions") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DatasetError(
             f"image {path} cannot be decoded ({error}); re-extract the dataset or remove the file"

@@ -15,10 +15,10 @@ import contextlib
 import logging
 import pickle
 import re
-import zipfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import IO, Mapping
 
 import torch
 from torch import nn
@@ -53,30 +53,50 @@ def _numpy_value_globals() -> list:
     return allowed
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A file whose unpickling would run code (it names globals beyond tensors and plain values)."""
+
+
 def read_file(path: str | Path) -> object:
     """torch.load with weights_only=True, turning every failure into one CheckpointError line."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    return safe_load(path, str(path))
+
+
+def safe_load(source: str | Path | IO[bytes], where: str) -> object:
+    """torch.load(weights_only=True) of a path or a binary file object: tensors, plain values and numpy values
+    only, so a stranger's file cannot run code. Failures: UnsafeCheckpointError (the file asks for code to run),
+    CheckpointError (truncated, damaged or not a PyTorch file), each one line naming `where`."""
     try:
         # torch < 2.5 has no allow-list context: numpy-valued metrics are then refused like any other global.
         allow = getattr(torch.serialization, "safe_globals", None)
-        with allow(_numpy_value_globals()) if allow else contextlib.nullcontext():
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with allow(_numpy_value_globals()) if allow else contextlib.nullcontext(), warnings.catch_warnings():
+            # A foreign pickle's protocol is reported below as a refusal; torch's own warning would be a 2nd line.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        # weights_only refuses any global that is not a tensor/plain type; say which and why.
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        detail = f" (it needs {found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"{path}: refused, loading it would run code{detail}; kdreid loads tensors and plain values only "
-            "(weights_only); if you trust its author, load it in its own toolkit and re-save the weights with "
-            "torch.save(model.state_dict(), 'weights.pth')"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"{path}: unreadable ({first_line}); the file is truncated or not a PyTorch checkpoint, copy it again"
-        ) from None
+        # weights_only refuses any global that is not a tensor/plain type; say which and why. Other unpickling
+        # errors ("invalid load key") are damaged files, below.
+        if "weights only" in str(error).lower() or "GLOBAL" in str(error):
+            found = re.search(r"GLOBAL ([\w.]+)", str(error))
+            # Without a named global, the safe unpickler stopped at an opcode torch.save never writes (a pickle
+            # made by pickle.dump): not weights, and unpickling it the unsafe way could run anything.
+            detail = (f"refused, loading it would run code (it needs {found.group(1)})" if found else
+                      "refused, it is a pickle of arbitrary objects, not weights, and loading it could run code")
+            raise UnsafeCheckpointError(
+                f"{where}: {detail}; kdreid loads tensors and plain values only "
+                "(weights_only); if you trust its author, load it in its own toolkit and re-save the weights with "
+                "torch.save(model.state_dict(), 'weights.pth')"
+            ) from None
+        error_text = str(error)
+    except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, ValueError... on damaged bytes
+        error_text = str(error).strip() or type(error).__name__
+    first_line = error_text.strip().splitlines()[0] if error_text.strip() else "empty file"
+    raise CheckpointError(
+        f"{where}: unreadable ({first_line}); the file is truncated or not a PyTorch checkpoint, copy it again"
+    )
 
 
 def unwrap_state_dict(obj: object, where: str = "file") -> dict[str, torch.Tensor]:

@@ -180,8 +180,11 @@ def read_market_style_folder(
     """Every image in `folder` named `PID_cCAM*` as a record with raw pid (junk included; `make_dataset` drops
     it). Names that do not parse are listed in `problems` and skipped, so one stray file does not stop a run."""
     # os.scandir: file type without a stat per file, which matters for MSMT17-size folders (126k images)
-    with os.scandir(folder) as entries:
-        names = sorted(e.name for e in entries if os.path.splitext(e.name)[1].lower() in extensions and e.is_file())
+    try:
+        with os.scandir(folder) as entries:
+            names = sorted(e.name for e in entries if os.path.splitext(e.name)[1].lower() in extensions and e.is_file())
+    except PermissionError:
+        raise DatasetError(f"cannot list {folder}: permission denied; make it readable (chmod -R u+rX)") from None
     records = []
     for name in names:
         parsed = parse_market_name(name)

@@ -60,8 +60,13 @@ def read_custom(root: Path) -> ReidDataset:
 
 def read_manifest(folder: Path, manifest_path: Path, problems: list[str]) -> dict[str, list[ImageRecord]]:
     """Records of a `path,pid,camid[,tracklet][,split]` CSV; bad rows become problems naming the row."""
-    with open(manifest_path, newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheet exports add a BOM
-        rows = list(csv.reader(handle))
+    try:
+        with open(manifest_path, newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheet exports add a BOM
+            rows = list(csv.reader(handle))
+    except (UnicodeDecodeError, csv.Error) as error:
+        reason = f"not UTF-8 text ({error.reason} at byte {error.start})" if isinstance(error, UnicodeDecodeError) \
+            else f"not a CSV file ({error})"
+        raise DatasetError(f"{manifest_path} is {reason}; save it as UTF-8 CSV") from None
     if not rows:
         raise DatasetError(
             f"{manifest_path} is empty; write a header 'path,pid,camid[,tracklet][,split]' and one row per image"

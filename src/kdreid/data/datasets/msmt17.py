@@ -16,6 +16,7 @@ with the Market-1501 rules when no list files are there.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from kdreid.data.datasets.base import ImageRecord, ReidDataset, find_dataset_folder, make_dataset, register_dataset
@@ -34,18 +35,24 @@ MSMT_LISTS = {
 def parse_msmt_camera(file_name: str) -> int | None:
     """The camera of `0000_000_01_0303morning_0015_0.jpg` (third `_` field, here 1), or None."""
     fields = file_name.split("_")
-    return int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else None
+    # isdecimal, not isdigit: "²" is a digit that int() refuses.
+    return int(fields[2]) if len(fields) > 2 and fields[2].isascii() and fields[2].isdecimal() else None
 
 
 def read_list_file(list_path: Path, image_dir: Path, problems: list[str]) -> list[ImageRecord]:
     """Records of one MSMT17 list file; malformed lines become problems, not a stop."""
     records = []
-    for line_number, line in enumerate(list_path.read_text().splitlines(), start=1):
+    try:
+        text = list_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{list_path} is not a UTF-8 text file ({error.reason} at byte {error.start}); "
+                           "re-extract the dataset") from None
+    for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.split()
         camid = parse_msmt_camera(Path(fields[0]).name) if len(fields) == 2 else None
-        if camid is None or not fields[1].lstrip("-").isdigit():
+        if camid is None or not re.fullmatch(r"-?[0-9]+", fields[1]):
             problems.append(f"{list_path}:{line_number}: expected 'DIR/PID_IDX_CAM_....jpg PID', got {line.strip()!r}")
             continue
         records.append(ImageRecord(str(image_dir / fields[0]), int(fields[1]), camid))

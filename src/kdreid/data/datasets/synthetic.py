@@ -13,6 +13,7 @@ written in the MSMT17 layout instead (`list_train.txt`, `train/`, `test/`) is re
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from kdreid.data.datasets.base import (
 )
 from kdreid.data.datasets.market1501 import read_market_splits
 from kdreid.data.datasets.msmt17 import image_dirs_of, read_msmt_splits
+from kdreid.errors import DatasetError
 
 SYNTHETIC_DOMAINS = ("synth_market", "synth_duke", "synth_cuhk", "synth_msmt")
 MANIFEST = "manifest.csv"
@@ -58,8 +60,18 @@ def attach_manifest_tracklets(
     manifest_path = domain_dir / MANIFEST
     if not manifest_path.is_file():
         return splits
-    with open(manifest_path, newline="") as handle:
-        rows = {row["path"]: row for row in csv.DictReader(handle)}
+    try:
+        with open(manifest_path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            columns = set(reader.fieldnames or [])
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DatasetError(f"{manifest_path} is not a readable CSV file ({error}); regenerate the domain") from None
+    if not {"path", "pid", "camid", "tracklet"} <= columns:
+        raise DatasetError(
+            f"{manifest_path} lacks the columns path, pid, camid, tracklet; regenerate the domain"
+        )
+    rows = {row["path"]: row for row in rows}
     missing: list[str] = []
     mismatched: list[str] = []
 
@@ -68,12 +80,13 @@ def attach_manifest_tracklets(
             return record
         relative = Path(record.path).relative_to(domain_dir).as_posix()
         row = rows.get(relative)
-        if row is None or not (row.get("tracklet") or "").strip():
+        tracklet = _integer(row.get("tracklet")) if row is not None else None
+        if tracklet is None:
             missing.append(relative)
             return record
-        if int(row["pid"]) != record.pid or int(row["camid"]) != record.camid:
+        if _integer(row["pid"]) != record.pid or _integer(row["camid"]) != record.camid:
             mismatched.append(relative)
-        return replace(record, tracklet=int(row["tracklet"]))
+        return replace(record, tracklet=tracklet)
 
     splits = {split: [with_tracklet(r) for r in records] for split, records in splits.items()}
     if missing:
@@ -87,6 +100,12 @@ def attach_manifest_tracklets(
             f"(e.g. {', '.join(mismatched[:_EXAMPLES])}); regenerate the domain"
         )
     return splits
+
+
+def _integer(cell: str | None) -> int | None:
+    """A manifest cell as an int; None when empty or not a plain integer (a damaged manifest, a short row)."""
+    cell = (cell or "").strip()
+    return int(cell) if re.fullmatch(r"-?[0-9]+", cell) else None
 
 
 def _register_domain(name: str) -> None:

@@ -1,0 +1,397 @@
+"""Bad inputs of docs/bad-input.md: each is tried on the CLI in-process and must answer with exit code 2 and one
+line naming the path or value and the fix; malicious pickles are refused without running their payload; a full
+disk leaves no half-written file; an internal error keeps its traceback.
+
+`python -m tests.test_bad_input` prints the table of docs/bad-input.md from the real answers."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from kdreid.cli import main
+from kdreid.models import build_model, save_checkpoint
+from tests.data.layouts import duke_tree, market_tree
+
+TINY = ["--epochs", "1", "--batch-size", "4", "--num-instances", "2", "--height", "32", "--width", "16",
+        "--device", "cpu", "--seed", "0"]
+TRAIN_IMAGE = "bounding_box_train/0002_c1s1_000451_03.jpg"
+
+
+class Payload:
+    """Unpickling this calls os.system, which would create `marker`: the test that it never runs."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@dataclass
+class Case:
+    what: str  # the bad input, as the docs table names it
+    setup: Callable  # (tmp: Path, monkeypatch) -> argv
+    answer: str  # a fragment of the one-line answer
+    code: int = 2
+
+
+def _market(tmp: Path) -> tuple[Path, Path]:
+    root = tmp / "data"
+    return root, market_tree(root)
+
+
+def _train(tmp: Path, root: Path, *extra: str) -> list[str]:
+    return ["train-source", "-s", "market1501", "-a", "osnet_tiny", "--root", str(root), "--out",
+            str(tmp / "run"), *TINY, *extra]
+
+
+def _replace_image(content: bytes) -> Callable:
+    def setup(tmp, monkeypatch):
+        root, folder = _market(tmp)
+        (folder / TRAIN_IMAGE).write_bytes(content if content != b"cut" else (folder / TRAIN_IMAGE).read_bytes()[:40])
+        return _train(tmp, root)
+
+    return setup
+
+
+def _missing_root(tmp, monkeypatch):
+    return ["data", "check", "--root", str(tmp / "nowhere"), "-d", "market1501"]
+
+
+def _empty_folder(tmp, monkeypatch):
+    (tmp / "data" / "market1501").mkdir(parents=True)
+    return ["train-source", "-s", "market1501", "-a", "osnet_tiny", "--root", str(tmp / "data"), "--out",
+            str(tmp / "run"), *TINY]
+
+
+def _empty_train_split(tmp, monkeypatch):
+    root, folder = _market(tmp)
+    for path in (folder / "bounding_box_train").iterdir():
+        path.unlink()
+    return _train(tmp, root)
+
+
+def _missing_split(tmp, monkeypatch):
+    root, folder = _market(tmp)
+    shutil.rmtree(folder / "query")
+    return _train(tmp, root)
+
+
+def _wrong_layout(tmp, monkeypatch):
+    duke_tree(tmp / "data")
+    (tmp / "data" / "dukemtmc-reid").rename(tmp / "data" / "market1501")
+    return ["data", "check", "--root", str(tmp / "data"), "-d", "market1501"]
+
+
+def _unreadable_image(tmp, monkeypatch):
+    root, folder = _market(tmp)
+    target = folder / TRAIN_IMAGE
+    target.chmod(0)
+    if os.geteuid() == 0:  # root reads any file: make the refusal the kernel would give happen at open()
+        import PIL.Image
+
+        real_open = PIL.Image.open
+
+        def refusing_open(path, *args, **kwargs):
+            if str(path) == str(target):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(PIL.Image, "open", refusing_open)
+    return _train(tmp, root)
+
+
+def _unreadable_folder(tmp, monkeypatch):
+    root, folder = _market(tmp)
+    target = folder / "bounding_box_train"
+    target.chmod(0)
+    if os.geteuid() == 0:
+        real_scandir = os.scandir
+
+        def refusing_scandir(path="."):
+            if str(path) == str(target):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", refusing_scandir)
+    return _train(tmp, root)
+
+
+def _unknown_dataset(tmp, monkeypatch):
+    root, _ = _market(tmp)
+    return ["train-source", "-s", "market1502", "-a", "osnet_tiny", "--root", str(root), "--out", str(tmp / "run"),
+            *TINY]
+
+
+def _unknown_model(tmp, monkeypatch):
+    root, _ = _market(tmp)
+    return _train(tmp, root)[:4] + ["resnet51"] + _train(tmp, root)[5:]
+
+
+def _checkpoint(tmp: Path, name: str, arch: str = "osnet_tiny", classes: int = 3) -> str:
+    torch.manual_seed(0)
+    return str(save_checkpoint(tmp / name, build_model(arch, classes), extra={"input_size": [32, 16]}))
+
+
+def _teacher_count(tmp, monkeypatch):
+    root, _ = _market(tmp)
+    duke_tree(root)
+    return ["distill", "-s", "market1501", "-t", "market1501", "dukemtmcreid", "--teachers",
+            _checkpoint(tmp, "t.pt"), "--root", str(root), "--out", str(tmp / "run"), *TINY]
+
+
+def _teacher_architecture(tmp, monkeypatch):
+    root, _ = _market(tmp)
+    plain = tmp / "osnet_weights.pth"
+    torch.save(build_model("osnet_tiny", 3).state_dict(), plain)
+    return ["distill", "-s", "market1501", "-t", "market1501", "--teachers", str(plain), "--teacher-arch",
+            "resnet_tiny", "--root", str(root), "--out", str(tmp / "run"), *TINY]
+
+
+def _init_architecture(tmp, monkeypatch):
+    root, _ = _market(tmp)
+    return ["adapt", "-s", "market1501", "-t", "market1501", "-a", "resnet_tiny", "--init",
+            _checkpoint(tmp, "src.pt"), "--root", str(root), "--out", str(tmp / "run"), *TINY]
+
+
+def _config_size(text: str) -> Callable:
+    def setup(tmp, monkeypatch):
+        root, _ = _market(tmp)
+        (tmp / "config.yaml").write_text(text)
+        return ["train-source", "-s", "market1501", "-a", "osnet_tiny", "--root", str(root), "--out",
+                str(tmp / "run"), "--config", str(tmp / "config.yaml"), "--device", "cpu"]
+
+    return setup
+
+
+def _too_big_batch(tmp, monkeypatch):
+    root, _ = _market(tmp)
+    return _train(tmp, root, "--batch-size", "64")
+
+
+def _out_is_a_file(tmp, monkeypatch):
+    root, _ = _market(tmp)
+    (tmp / "run").write_text("not a folder")
+    return _train(tmp, root)
+
+
+def _non_finite_loss(value: float) -> Callable:
+    def setup(tmp, monkeypatch):
+        from kdreid.stages import source
+
+        monkeypatch.setattr(source, "batch_hard_triplet", lambda embedding, *args: embedding.sum() * 0 + value)
+        root, _ = _market(tmp)
+        return _train(tmp, root)
+
+    return setup
+
+
+def _disk_full(tmp, monkeypatch):
+    """fsync of the second last.pt (epoch 2) fails with ENOSPC, as a full disk often reports it."""
+    from kdreid import rundir
+
+    real_fsync = rundir.os.fsync
+    writes = []
+
+    def fsync(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if ".last.pt." in name:
+            writes.append(name)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(rundir.os, "fsync", fsync)
+    root, _ = _market(tmp)
+    return _train(tmp, root)[:-len(TINY)] + [*TINY[2:], "--epochs", "2"]
+
+
+def _bad_yaml(tmp, monkeypatch):
+    (tmp / "config.yaml").write_text("train: {epochs: 3\n")
+    root, _ = _market(tmp)
+    return _train(tmp, root, "--config", str(tmp / "config.yaml"))
+
+
+CASES = [
+    Case("--root that does not exist", _missing_root, "does not exist; pass the parent folder of the datasets"),
+    Case("empty dataset folder", _empty_folder, "expected bounding_box_train under"),
+    Case("empty train split (no images)", _empty_train_split, "has no training images"),
+    Case("a split folder missing", _missing_split, "query/ is missing; re-extract"),
+    Case("wrong layout (Duke files under market1501/)", _wrong_layout, "is this the DukeMTMC-reID layout?"),
+    Case("truncated JPEG", _replace_image(b"cut"), "cannot be decoded (Truncated File Read)"),
+    Case("zero-byte JPEG", _replace_image(b""), "cannot be decoded (cannot identify image file"),
+    Case("non-image file named .jpg", _replace_image(b"<html>not an image</html>"), "cannot identify image file"),
+    Case("unreadable image (permissions)", _unreadable_image, "is not readable (permission denied)"),
+    Case("unreadable split folder (permissions)", _unreadable_folder, "permission denied; make it readable"),
+    Case("unknown dataset name", _unknown_dataset, "unknown dataset 'market1502'; known:"),
+    Case("unknown model name", _unknown_model, "unknown model 'resnet51'; known models:"),
+    Case("wrong teacher count", _teacher_count, "1 teacher(s) for 2 target(s)"),
+    Case("teacher of the wrong architecture", _teacher_architecture, "fit resnet_tiny's backbone"),
+    Case("--init of another architecture than -a", _init_architecture, "holds a osnet_tiny model, not the resnet_tiny"),
+    Case("image size in a config: not an integer", _config_size("train: {height: 64x32}\n"),
+         "train.height: expected an integer, got '64x32'"),
+    Case("image size in a config: zero", _config_size("train: {height: 0, width: 16}\n"),
+         "--height must be at least 1"),
+    Case("config file that is not valid YAML", _bad_yaml, "is not valid YAML"),
+    Case("P×K batch larger than the data allow", _too_big_batch, "lower --batch-size or raise --num-instances"),
+    Case("--out is a file", _out_is_a_file, "is a file, not a folder; choose another --out"),
+    Case("NaN loss", _non_finite_loss(float("nan")), "non-finite loss at epoch 1, iteration 1: loss=nan, triplet=nan"),
+    Case("inf loss", _non_finite_loss(float("inf")), "non-finite loss at epoch 1, iteration 1: loss=inf, triplet=inf"),
+    Case("out of disk space while writing a checkpoint (simulated)", _disk_full,
+         "no space left on the device; nothing was half-written"),
+]
+
+
+def _one_line_error(err: str) -> str:
+    errors = [line for line in err.splitlines() if line.startswith("kdreid: error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    return errors[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.what for case in CASES])
+def test_bad_input_answers_in_one_line(case, tmp_path, monkeypatch, capsys):
+    argv = case.setup(tmp_path, monkeypatch)
+    code = main(argv)
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == case.code and case.answer in line, line
+
+
+def test_out_of_disk_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch, capsys):
+    from kdreid.stages.loop import load_training_state
+
+    assert main(_disk_full(tmp_path, monkeypatch)) == 2
+    assert "cannot write" in _one_line_error(capsys.readouterr().err)
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "previous.pt"]  # no .tmp left behind
+    assert load_training_state(folder / "last.pt")["epoch"] == 1  # the complete epoch-1 checkpoint, intact
+
+
+def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch):
+    from kdreid.stages import source
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(source, "build_model", broken)
+    root, _ = _market(tmp_path)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(_train(tmp_path, root))
+
+
+# ------------------------------------------------------------------------------------------------ malicious files
+def _evil(tmp: Path, kind: str) -> tuple[Path, Path]:
+    """A file whose loading with pickle would run `touch marker`. -> (file, marker)."""
+    marker = tmp / "PAYLOAD_RAN"
+    if kind == "npz":
+        path = tmp / "evil.npz"
+        np.savez(path, format=np.array("kdreid-features"), features=np.array([Payload(marker)], dtype=object),
+                 paths=np.array(["a.jpg"]), pids=np.array([1]), camids=np.array([1]), model=np.array("m"),
+                 flip=np.array(False))
+    elif kind == "zip":  # what torch.save writes
+        path = tmp / "evil.pt"
+        torch.save({"state_dict": {"conv1.weight": Payload(marker)}}, path)
+    else:  # a bare pickle (the legacy torch format)
+        path = tmp / "evil.pth"
+        path.write_bytes(pickle.dumps({"state_dict": Payload(marker)}))
+    return path, marker
+
+
+def _entry_points(tmp: Path, root: Path, evil: Path, good: str) -> dict[str, list[str]]:
+    out = str(tmp / "run")
+    kd = ["distill", "-s", "market1501", "-t", "market1501", "--root", str(root), "--out", out, *TINY]
+    return {
+        "evaluate --model": ["evaluate", "--model", str(evil), "-t", "market1501", "--root", str(root)],
+        "export --model": ["export", "--model", str(evil), "--format", "onnx", "--out", str(tmp / "m.onnx")],
+        "extract --model": ["extract", "--model", str(evil), "--images", str(root), "--out", str(tmp / "g.npz")],
+        "train-source --pretrained": _train(tmp, root, "--pretrained", str(evil)),
+        "adapt --init": ["adapt", "-s", "market1501", "-t", "market1501", "--init", str(evil), "--root", str(root),
+                         "--out", out, *TINY],
+        "distill --teachers": [*kd, "--teachers", str(evil), "--student-init", good],
+        "distill --student-init": [*kd, "--teachers", good, "--student-init", str(evil)],
+        "distill --teachers --teacher-arch": [*kd, "--teachers", str(evil), "--teacher-arch", "osnet_tiny"],
+        "train-source --resume (checkpoints/last.pt)": _train(tmp, root, "--resume"),
+    }
+
+
+ENTRY_POINTS = list(_entry_points(Path("t"), Path("r"), Path("e"), "g"))
+
+
+@pytest.mark.parametrize("kind", ["zip", "pickle"])
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_a_malicious_pickle_is_refused_without_running(entry, kind, tmp_path, capsys):
+    root, _ = _market(tmp_path)
+    evil, marker = _evil(tmp_path, kind)
+    if entry.startswith("train-source --resume"):
+        (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+        shutil.copy(evil, tmp_path / "run" / "checkpoints" / "last.pt")
+    argv = _entry_points(tmp_path, root, evil, _checkpoint(tmp_path, "good.pt"))[entry]
+    code = main(argv)
+    line = _one_line_error(capsys.readouterr().err)
+    expected = ("refused, loading it would run code (it needs posix.system)" if kind == "zip" else
+                "refused, it is a pickle of arbitrary objects, not weights, and loading it could run code")
+    assert code == 2 and expected in line, line
+    assert not marker.exists()
+
+
+def test_a_features_file_with_pickled_objects_is_refused_without_running(tmp_path, capsys):
+    evil, marker = _evil(tmp_path, "npz")
+    code = main(["search", "--gallery", str(evil), "--query", str(evil)])
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == 2 and "Object arrays cannot be loaded when allow_pickle=False" in line, line
+    assert not marker.exists()
+
+
+def test_the_payload_would_run_if_unpickled(tmp_path):
+    # The guard on the tests above: the same files do run their payload when loaded unsafely.
+    evil, marker = _evil(tmp_path, "pickle")
+    pickle.loads(evil.read_bytes())
+    assert marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------ the docs table
+def render_table() -> str:
+    """The Markdown rows of docs/bad-input.md, from the CLI's real answers (temporary paths shortened)."""
+    import contextlib
+    import io
+    import tempfile
+
+    rows = ["| bad input | exit | what kdreid answers (one line on stderr) |", "|---|---|---|"]
+    entries = [(case.what, case.setup) for case in CASES]
+    for name in ENTRY_POINTS:
+        for kind in ("zip", "pickle")[:1]:
+            def setup(tmp, monkeypatch, name=name, kind=kind):
+                root, _ = _market(tmp)
+                evil, _ = _evil(tmp, kind)
+                if name.startswith("train-source --resume"):
+                    (tmp / "run" / "checkpoints").mkdir(parents=True)
+                    shutil.copy(evil, tmp / "run" / "checkpoints" / "last.pt")
+                return _entry_points(tmp, root, evil, _checkpoint(tmp, "good.pt"))[name]
+            entries.append((f"malicious pickle to `{name}`", setup))
+    entries.append(("malicious .npz (object arrays) to `search --gallery`",
+                    lambda tmp, monkeypatch: ["search", "--gallery", str(_evil(tmp, "npz")[0]), "--query", "q.jpg"]))
+    for what, setup in entries:
+        with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as monkeypatch:
+            tmp = Path(folder)
+            argv = setup(tmp, monkeypatch)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = main(argv)
+            line = next(line for line in err.getvalue().splitlines() if line.startswith("kdreid: error:"))
+            line = line.replace(str(tmp.resolve()), "TMP").replace(str(tmp), "TMP").replace("|", "\\|")
+            rows.append(f"| {what} | {code} | `` {line} `` |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_table(), end="")
