@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kdreid.data.samplers import PKSampler
-from kdreid.errors import DatasetError
+from kdreid.errors import ConfigError, DatasetError
 
 
 def _labels():
@@ -38,12 +38,25 @@ def test_epoch_covers_most_images_and_is_reproducible():
     assert list(sampler) != list(again)
 
 
-def test_ranks_split_the_epoch_without_overlap():
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ranks_share_each_global_batch_by_whole_groups(world_size):
     labels = _labels()
     full = list(PKSampler(labels, 16, 4, seed=5))
-    ranks = [list(PKSampler(labels, 16, 4, seed=5, rank=r, world_size=2)) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == len(full) // 2
-    assert ranks[0] == full[0::2][: len(ranks[0])] and ranks[1] == full[1::2][: len(ranks[1])]
+    ranks = [list(PKSampler(labels, 16, 4, seed=5, rank=r, world_size=world_size)) for r in range(world_size)]
+    # Every rank takes as many steps as one process; step i's shares, in rank order, are its global batch.
+    assert all(len(shares) == len(full) for shares in ranks)
+    for step, batch in enumerate(full):
+        shares = [shares[step] for shares in ranks]
+        assert [i for share in shares for i in share] == batch
+        groups = [{labels[i] for i in share} for share in shares]
+        assert all(len(share) == 16 // world_size and len(g) == 4 // world_size for share, g in zip(shares, groups))
+        # No group is split between ranks: all K of its images are on one rank.
+        assert sum(len(g) for g in groups) == len(set().union(*groups)) == 4
+
+
+def test_a_p_the_ranks_cannot_share_is_refused():
+    with pytest.raises(ConfigError, match="P=4 tracklets cannot be shared by 3 processes"):
+        PKSampler(_labels(), 16, 4, world_size=3, what="tracklets")
 
 
 def test_bad_sizes_are_clear():

@@ -5,7 +5,10 @@ group's images once in chunks of K (a group with fewer than K images is topped u
 as torchreid's RandomIdentitySampler does), and packs the chunks into batches of P distinct groups.
 
 Randomness comes from a generator seeded by (seed, epoch) only, so an epoch's batches are the same after a
-resume and the same on every rank; each rank of a distributed run takes every world_size-th batch.
+resume and the same on every rank. In a distributed run `batch_size` is the global batch: each of the
+world_size ranks takes its share of every batch, P/world_size whole groups (D-MMD's within/between split and
+the triplet's positives need all K images of a group on one rank), so the ranks together see exactly the
+batches of a one-process run.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from kdreid.errors import DatasetError
+from kdreid.errors import ConfigError, DatasetError
 
 
 class PKSampler:
-    """Yields lists of P×K indices into `labels`. `len()` is the number of batches this rank gets per epoch."""
+    """Yields lists of (P / world_size)×K indices into `labels`, this rank's share of each global P×K batch (all of
+    it in a one-process run). `len()` is the number of batches per epoch, the same on every rank."""
 
     def __init__(
         self,
@@ -52,11 +56,8 @@ class PKSampler:
                 f"a batch of P={self.groups_per_batch} {what} needs at least that many, but the data have "
                 f"{len(self.members)}; lower --batch-size or raise --num-instances"
             )
+        self.groups_per_rank = groups_per_rank(self.groups_per_batch, world_size, what)
         self._num_batches = self._count_batches()
-        if self._num_batches < world_size:
-            raise DatasetError(
-                f"the data give {self._num_batches} P×K batches per epoch, fewer than the {world_size} processes"
-            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -92,8 +93,20 @@ class PKSampler:
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._epoch_batches()
-        return iter(batches[self.rank :: self.world_size][: len(self)])
+        # A batch lists its groups one after the other, K indices each: this rank's groups are one slice.
+        share = self.groups_per_rank * self.num_instances
+        return iter(batch[self.rank * share : (self.rank + 1) * share] for batch in self._epoch_batches())
 
     def __len__(self) -> int:
-        return self._num_batches // self.world_size
+        return self._num_batches
+
+
+def groups_per_rank(groups_per_batch: int, world_size: int, what: str = "identities") -> int:
+    """P / world_size, the whole groups of a global P×K batch that each rank trains on; a P that the ranks
+    cannot share equally is refused."""
+    if world_size < 1 or groups_per_batch % world_size:
+        raise ConfigError(
+            f"a batch of P={groups_per_batch} {what} cannot be shared by {world_size} processes, each taking whole "
+            f"{what}; choose --batch-size / --num-instances divisible by {world_size}"
+        )
+    return groups_per_batch // world_size
