@@ -3,7 +3,9 @@ its own randomness per sample, on a uint8 batch from the image cache. Normalisat
 
 These are the re-ID augmentations of torchreid/fast-reid practice (Zhong et al., "Random Erasing Data
 Augmentation", 2017, for the erasing); colour jitter is deliberately absent: it would erase the camera-style
-gap that adaptation is meant to bridge.
+gap that adaptation is meant to bridge. Each draw follows the distribution of the CPU transforms it replaces
+(torchvision's RandomHorizontalFlip, Pad + RandomCrop, and torchreid's RandomErasing with its defaults): see
+tests/data/test_augment.py. Nothing here reads a value back to the host, so a CUDA step never waits on it.
 """
 
 from __future__ import annotations
@@ -23,10 +25,15 @@ class AugmentConfig:
     erase: float = 0.5  # probability of random erasing
     erase_area: tuple[float, float] = (0.02, 0.4)  # erased fraction of the image
     erase_aspect: float = 0.3  # aspect ratio drawn from [r, 1/r]
+    erase_attempts: int = 100  # rectangles tried per sample before giving up, as torchreid's RandomErasing
 
 
-def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """images (B, 3, H, W) uint8 -> (B, 3, H, W) float in [0, 1], augmented on images.device."""
+def augment_batch(
+    images: torch.Tensor, config: AugmentConfig, generator: torch.Generator,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """images (B, 3, H, W) uint8 -> (B, 3, H, W) float in [0, 1], augmented on images.device, laid out in
+    `memory_format` (channels_last for a CUDA model in that layout)."""
     x = images.float().div_(255.0)
     batch, _, height, width = x.shape
     device = x.device
@@ -47,21 +54,23 @@ def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.
         b = torch.arange(batch, device=device)[:, None, None]
         x = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, 3, H, W)
 
+    x = x.contiguous(memory_format=memory_format)
     if config.erase > 0:
         x = _random_erase(x, config, uniform)
-    return x.contiguous()
+    return x
 
 
-def _random_erase(x: torch.Tensor, config: AugmentConfig, uniform, attempts: int = 10) -> torch.Tensor:
-    # Each sample draws up to `attempts` rectangles and keeps the first that fits, as the reference
-    # implementation retries; a sample whose attempts all fail is left unerased.
+def _random_erase(x: torch.Tensor, config: AugmentConfig, uniform) -> torch.Tensor:
+    # Each sample draws up to `erase_attempts` rectangles and keeps the first that fits, as the reference
+    # implementation retries (drawn all at once: (B, attempts)); a sample whose attempts all fail is left unerased.
+    attempts = max(1, config.erase_attempts)
     batch, _, height, width = x.shape
     low, high = config.erase_area
     area = (low + (high - low) * uniform(batch, attempts)) * height * width
     aspect = config.erase_aspect + (1.0 / config.erase_aspect - config.erase_aspect) * uniform(batch, attempts)
     h = (area * aspect).sqrt().round().long()
     w = (area / aspect).sqrt().round().long()
-    fits = (h < height) & (w < width) & (h > 0) & (w > 0)
+    fits = (h < height) & (w < width)  # as torchreid: a rectangle rounded to zero size 'fits' and erases nothing
     first = torch.where(fits.any(1), fits.float().argmax(1), torch.zeros_like(fits[:, 0], dtype=torch.long))
     pick = torch.arange(batch, device=x.device)
     h, w = h[pick, first], w[pick, first]
@@ -73,5 +82,7 @@ def _random_erase(x: torch.Tensor, config: AugmentConfig, uniform, attempts: int
     inside_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])  # (B, H)
     inside_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])  # (B, W)
     mask = inside_rows[:, :, None] & inside_cols[:, None, :] & apply[:, None, None]  # (B, H, W)
-    fill = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype)[None, :, None, None]
-    return torch.where(mask[:, None], fill, x)
+    # One masked fill per channel with a Python scalar: a tensor of the means would be a host-to-device copy.
+    for channel, mean in enumerate(IMAGENET_MEAN):
+        x[:, channel].masked_fill_(mask, mean)
+    return x

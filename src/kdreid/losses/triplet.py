@@ -33,10 +33,9 @@ def batch_hard_triplet(
     negative = ~same
     hardest_positive = dist.masked_fill(~positive, float("-inf")).amax(1)
     hardest_negative = dist.masked_fill(~negative, float("inf")).amin(1)
-    valid = positive.any(1) & negative.any(1)
-    if not bool(valid.any()):
-        return dist.sum() * 0.0  # keeps the graph; nothing to learn from this batch
-    gap = hardest_positive[valid] - hardest_negative[valid]
-    if soft_margin:
-        return F.softplus(gap).mean()
-    return F.relu(gap + margin).mean()
+    valid = positive.any(1) & negative.any(1)  # (N,)
+    # A weighted mean over the valid anchors instead of boolean indexing: no host-device sync on CUDA, and a
+    # batch without any valid anchor gives 0 with the graph kept (nothing to learn from it).
+    gap = torch.where(valid, hardest_positive - hardest_negative, torch.zeros_like(hardest_positive))
+    per_anchor = F.softplus(gap) if soft_margin else F.relu(gap + margin)
+    return (per_anchor * valid).sum() / valid.sum().clamp_min(1)

@@ -31,11 +31,14 @@ class OptimConfig:
     clip_grad_norm: float = 0.0  # 0 = no clipping
 
 
-def build_optimizer(params: Iterable, config: OptimConfig) -> torch.optim.Optimizer:
-    """The optimiser named in `config`; fused kernels on CUDA where torch has them."""
+def build_optimizer(params: Iterable, config: OptimConfig, *, fused: bool | None = None) -> torch.optim.Optimizer:
+    """The optimiser named in `config`. fused=None: torch's fused kernels (one launch for all parameters instead
+    of several per tensor) when the parameters are on CUDA, the default implementation elsewhere."""
     params = list(params)
-    on_cuda = any(p.is_cuda for group in params for p in (group["params"] if isinstance(group, dict) else [group]))
-    fused = {"fused": True} if on_cuda else {}
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    if fused is None:
+        fused = bool(tensors) and all(p.is_cuda for p in tensors)
+    fused = {"fused": True} if fused else {}
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,

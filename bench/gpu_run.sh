@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The one GPU command of issue 7: training throughput (kdreid vs plain PyTorch vs torchreid 0.2.5), the distillation
+# stage, torch.compile for OSNet x0.25, the fast-vs-plain accuracy check and the pipeline's time per stage.
+#
+#   bash bench/gpu_run.sh                 # on the GPU machine, from the repository root; results under $OUT
+#   TINY=1 bash bench/gpu_run.sh          # CPU smoke run of the same script (every step, tiny settings)
+#
+# Needs: python3 with torch, torchvision, numpy, scipy, pillow, pyyaml, tqdm, tensorboard (kdreid itself runs from
+# src/ via PYTHONPATH) and torchreid 0.2.5's extracted sdist in .cache/reference/torchreid-0.2.5 (carried; no
+# network). The whole script stays within BUDGET seconds (default 470, under the 8 minutes it is given): the runs go
+# in order of importance, each under `timeout`, and a step that no longer fits is skipped and said so.
+set -u
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-/tmp/kdreid_gpu_out}
+BUDGET=${BUDGET:-470}
+PY=${PYTHON:-python3}
+SCRATCH=${SCRATCH:-/tmp/kdreid_gpu_scratch}  # generated images and run folders: not copied back
+DATA=$SCRATCH/data
+mkdir -p "$OUT" "$SCRATCH/work"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+START=$(date +%s)
+CORES=$(nproc 2>/dev/null || echo 4)
+WORKERS=$(( CORES > 2 ? CORES - 2 : 1 ))
+
+if [ "${TINY:-0}" = 1 ]; then
+  # Compilation takes minutes on a CPU: the compile steps are skipped here (tests/stages/test_optim_fast_path.py
+  # covers the compile path and its fallback with a light backend).
+  COMMON=(--tiny --device cpu)
+  SPEED=(); COMPILE=(); ACCURACY=(--acc-epochs 1 --seeds 0 1)
+  PIPE=(--tiny); PIPE_DATA=$SCRATCH/pipeline_data  # the tiny speed domains are too small for a source
+  PIPE_MAX=400
+else
+  COMMON=(--device cuda --workers "$WORKERS")
+  SPEED=(--steps 80 --warmup 15)
+  COMPILE=(--steps 60)
+  ACCURACY=(--acc-epochs 15 --seeds 0 1 2 --size 128x64)  # 128x64: 3 seeds × 2 paths fit in ~2 min
+  PIPE=(--device cuda --epochs-scale 0.05 --workers "$WORKERS"); PIPE_DATA=$DATA; PIPE_MAX=150
+fi
+
+say() { echo "[gpu_run +$(( $(date +%s) - START ))s] $*"; }
+
+# step NAME MAX_SECONDS MIN_SECONDS COMMAND...: runs COMMAND under `timeout` for min(MAX, what is left of BUDGET);
+# skipped when less than MIN_SECONDS are left. Output goes to the console and to $OUT/NAME.log.
+step() {
+  local name=$1 max=$2 min=$3; shift 3
+  if [ "${TINY:-0}" = 1 ] && [ "${name#compile}" != "$name" ]; then
+    say "SKIPPED $name in the CPU smoke run"; return
+  fi
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  local limit=$(( left < max ? left : max ))
+  if [ "$limit" -lt "$min" ]; then
+    say "SKIPPED $name: ${left}s of the budget left, it needs at least ${min}s"
+    echo "skipped: ${left}s left" > "$OUT/$name.log"
+    return
+  fi
+  say "START $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  say "END $name: exit $rc$([ "$rc" = 124 ] && echo ' (TIMED OUT)')"
+}
+
+say "machine: $CORES CPU cores"
+(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true) | tee "$OUT/gpu.txt"
+$PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
+'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee -a "$OUT/gpu.txt"
+[ -d .cache/reference/torchreid-0.2.5/torchreid ] || say "WARNING: .cache/reference/torchreid-0.2.5 missing: the torchreid rows will fail"
+
+# 1. Throughput: kdreid (eager) / bare step / plain / torchreid for ResNet-50 and OSNet x0.25, then distillation.
+#    Generates the synthetic domains first (synth_market 0.2 = 2.6k training images; 3 targets at 0.04).
+step train_speed 240 60 $PY bench/train_speed.py "${COMMON[@]}" "${SPEED[@]}" \
+  --only kdreid bare plain torchreid distill --data "$DATA" --work "$SCRATCH/work" --json "$OUT/train_speed.json"
+
+# 2. torch.compile with CUDA graphs for the launch-bound OSNet x0.25 (compilation takes a minute or two).
+step compile_osnet 160 60 $PY bench/train_speed.py "${COMMON[@]}" "${COMPILE[@]}" --only compiled \
+  --models osnet_x0_25 --compile reduce-overhead --data "$DATA" --work "$SCRATCH/work" --json "$OUT/compile_osnet.json" \
+  --compare "$OUT/train_speed.json"
+
+# 3. Accuracy: the same short training, fast path (the source stage) vs plain DataLoader path, 3 seeds.
+step accuracy 160 60 $PY bench/train_speed.py "${COMMON[@]}" "${ACCURACY[@]}" --only none --accuracy \
+  --data "$DATA" --work "$SCRATCH/work" --json "$OUT/accuracy.json"
+
+# 4. Whatever time is left: the pipeline's stages on the same domains, a shortened paper schedule, extrapolated.
+step pipeline_time "$PIPE_MAX" 45 $PY bench/pipeline_time.py "${PIPE[@]}" --data "$PIPE_DATA" --out "$SCRATCH/pipeline" \
+  --json "$OUT/pipeline_time.json"
+
+# 5. Only if there is still time: torch.compile (default mode) of ResNet-50.
+step compile_r50 120 80 $PY bench/train_speed.py "${COMMON[@]}" "${COMPILE[@]}" --only compiled \
+  --models resnet50 --compile default --data "$DATA" --work "$SCRATCH/work" --json "$OUT/compile_r50.json" \
+  --compare "$OUT/train_speed.json"
+
+say "done; logs and JSON in $OUT:"
+ls -la "$OUT"

@@ -1,0 +1,119 @@
+"""The fast-path pieces of the training loop on the CPU: losses read from the device once per window (with the
+NaN check naming the step and term), torch.compile with its eager fallback, and channels_last batches."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from kdreid.data.augment import AugmentConfig, augment_batch
+from kdreid.rundir import RunDir
+from kdreid.stages.loop import TrainConfig, fit
+from kdreid.stages.optim import OptimConfig, build_optimizer
+from kdreid.stages.speed import CompiledStep, LossWindow
+from kdreid.errors import ConfigError, TrainingError
+
+DATA = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+TARGETS = DATA @ torch.arange(6, dtype=torch.float32)
+
+
+def test_loss_window_means_and_first_bad_step():
+    window = LossWindow(epoch=2)
+    for i, value in enumerate([1.0, 2.0, 3.0]):
+        window.add(i, {"loss": torch.tensor(value), "ce": torch.tensor(value / 2)})
+    assert window.pending and not window.sums  # nothing read back before the flush
+    window.flush()
+    window.add(3, {"loss": torch.tensor(4.0), "ce": torch.tensor(2.0)})
+    assert window.means() == {"loss": 2.5, "ce": 1.25}
+    window.add(4, {"loss": torch.tensor(1.0), "ce": torch.tensor(1.0)})
+    window.add(5, {"loss": torch.tensor(float("inf")), "ce": torch.tensor(float("nan"))})
+    window.add(6, {"loss": torch.tensor(float("nan")), "ce": torch.tensor(1.0)})
+    with pytest.raises(TrainingError, match=r"epoch 3, iteration 6: loss=inf, ce=nan;"):
+        window.flush()
+
+
+def _fit(tmp_path, name, compile="off", log_freq=3):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+    config = TrainConfig(epochs=2, device="cpu", compile=compile, log_freq=log_freq,
+                         optim=OptimConfig(optimizer="adam", lr=0.01, warmup_epochs=0))
+    optimizer = build_optimizer(model.parameters(), config.optim)
+
+    def step(ctx):
+        index = torch.randint(0, 64, (8,), generator=ctx.generator)
+        loss = (model(DATA[index]).squeeze(1) - TARGETS[index]).pow(2).mean()
+        return {"loss": loss, "mse": loss}
+
+    evaluated_eagerly = []
+
+    def evaluate(epoch):
+        evaluated_eagerly.append(torch.compiler.is_compiling())
+        with torch.no_grad():
+            return {"t": {"mAP": float(model(DATA[:7]).mean())}}  # another batch size than training's
+
+    run = RunDir(tmp_path / name)
+    result = fit(run=run, config=config, stage_config=config, modules={"model": model}, optimizer=optimizer,
+                 batches_per_epoch=7, train_step=step, evaluate=evaluate)
+    return model, result, (tmp_path / name / "log.txt").read_text()
+
+
+def _eager_backend(monkeypatch):
+    # The real dynamo path (nn.Module.compile, guards, set_stance) without inductor's C++ build (minutes on 2 cores).
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: original(fn, backend="eager"))
+
+
+def test_loss_means_do_not_depend_on_the_window(tmp_path):
+    _, every_step, _ = _fit(tmp_path, "a", log_freq=1)
+    _, windowed, _ = _fit(tmp_path, "b", log_freq=5)
+    assert every_step.epochs[1]["losses"] == pytest.approx(windowed.epochs[1]["losses"])
+
+
+def test_compiled_training_matches_eager_and_leaves_a_plain_module(tmp_path, monkeypatch):
+    eager, eager_result, _ = _fit(tmp_path, "eager")
+    _eager_backend(monkeypatch)
+    compiled, compiled_result, log = _fit(tmp_path, "compiled", compile="default")
+    assert "torch.compile (default)" in log and "failed" not in log
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(a, b)
+    assert compiled_result.epochs[1]["losses"] == pytest.approx(eager_result.epochs[1]["losses"])
+    assert compiled._compiled_call_impl is None  # evaluation and export after training see the eager module
+
+
+def test_compile_failure_falls_back_to_eager_and_says_why(tmp_path, monkeypatch):
+    eager, _, _ = _fit(tmp_path, "eager")
+
+    def broken(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("inductor needs a C++ compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    fallen, _, log = _fit(tmp_path, "fallen", compile="default")
+    assert "torch.compile (default) failed (RuntimeError: inductor needs a C++ compiler); training eagerly" in log
+    for a, b in zip(eager.parameters(), fallen.parameters()):
+        torch.testing.assert_close(a, b)  # the failed first step left no trace: same result as eager
+
+
+def test_cuda_graph_mode_needs_a_gpu(caplog):
+    model = nn.Linear(2, 2)
+    with caplog.at_level(logging.WARNING):
+        compiled = CompiledStep(model, "reduce-overhead", torch.device("cpu"), logging.getLogger("t"))
+    assert compiled.mode == "default" and "need a GPU" in caplog.text
+    compiled.release()
+    assert model._compiled_call_impl is None
+
+
+def test_unknown_compile_mode_is_a_config_error():
+    with pytest.raises(ConfigError, match="--compile 'fast'"):
+        TrainConfig(compile="fast").validate()
+
+
+def test_channels_last_batches_hold_the_same_values():
+    images = torch.randint(0, 256, (6, 3, 16, 8), dtype=torch.uint8)
+    config = AugmentConfig()
+    plain = augment_batch(images, config, torch.Generator().manual_seed(3))
+    nhwc = augment_batch(images, config, torch.Generator().manual_seed(3), memory_format=torch.channels_last)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and plain.is_contiguous()
+    assert torch.equal(plain, nhwc)
