@@ -117,6 +117,9 @@ def _add_stage_flags(p) -> None:
     p.add_argument("--deterministic", action="store_const", const=True, help="deterministic kernels (slower)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--eval-freq", type=int, help="evaluate every N epochs (0: at the end only)")
+    p.add_argument("--compile", choices=["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the trained model (reduce-overhead: CUDA graphs, for small models on a GPU); "
+                        "auto = off; falls back to eager with a warning if compilation fails")
     p.add_argument("--select", choices=["last", "source-val"],
                    help="which epoch's weights to keep; never chosen on target test labels")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt if it exists")
@@ -140,6 +143,7 @@ def _stage_overrides(args) -> dict:
         "train.seed": args.seed,
         "train.deterministic": args.deterministic,
         "train.device": args.device,
+        "train.compile": args.compile,
         "train.eval_freq": args.eval_freq,
         "train.select": args.select,
     }
@@ -193,6 +197,9 @@ def _add_evaluate(commands) -> None:
     p.add_argument("--cuhk03-labeled", action="store_true", help="CUHK03: use the labeled boxes (default detected)")
     p.add_argument("--cuhk03-classic-split", action="store_true", help="CUHK03: the classic 20-split protocol")
     p.add_argument("--split-id", type=int, default=0, help="CUHK03: which split to read")
+    p.add_argument("--visrank", type=int, nargs="?", const=8, default=0, metavar="N",
+                   help="draw the ranked results of N queries per target (default 8) into OUT/visrank/*.png")
+    p.add_argument("--visrank-topk", type=int, default=10, metavar="K", help="gallery images per query (default 10)")
     p.set_defaults(run=_run_evaluate)
 
 
@@ -212,6 +219,8 @@ def _add_adapt(commands) -> None:
                    help="target groups: tracklets (default), pseudo-labels, or identity labels (oracle ablation)")
     p.add_argument("--dmmd-start", type=int, help="first epoch (0-based) with the D-MMD terms")
     p.add_argument("--dmmd-weight", type=float, help="weight of the D-MMD terms")
+    p.add_argument("--dmmd-terms", nargs="+", metavar="TERM",
+                   help="D-MMD terms in the loss: within between features (default all three)")
     p.add_argument("--blend", action="store_const", const=True, help="adapt one model to the union of the targets")
     _add_stage_flags(p)
     p.set_defaults(run=_run_adapt)
@@ -224,6 +233,7 @@ def _run_adapt(args) -> int:
     overrides = _stage_overrides(args) | {
         "sources": args.sources, "targets": args.targets, "arch": args.arch, "init": args.init,
         "grouping": args.grouping, "dmmd_start": args.dmmd_start, "dmmd_weight": args.dmmd_weight,
+        "dmmd_terms": args.dmmd_terms,
         "blend": args.blend,
     }
     config = resolve_config(adapt.AdaptConfig, "adapt", preset=args.preset, config_file=args.config,
@@ -371,6 +381,24 @@ def _run_search(args) -> int:
     return search_command(args)
 
 
+# ---------------------------------------------------------------------------------------------- report
+def _add_report(commands) -> None:
+    p = commands.add_parser("report", help="RUN/report.html: the tables and pictures of a run (static page)")
+    p.add_argument("run_dir", metavar="RUN", help="a run folder: a pipeline's, a stage's, or `kdreid evaluate --out`'s")
+    p.add_argument("--visrank", type=int, default=4, metavar="N",
+                   help="ranked results of N queries per target with the run's final model (0: none; default 4)")
+    p.add_argument("--visrank-topk", type=int, default=8, metavar="K", help="gallery images per query (default 8)")
+    p.add_argument("--root", default=None, help="data root for the ranked results (default: the one the run used)")
+    p.add_argument("--device", default=None, help="for the ranked results: cpu, cuda (default: cuda when available)")
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args) -> int:
+    from kdreid.report import report_command
+
+    return report_command(args)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -394,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Top-level commands other than `data`, in the order `kdreid --help` lists them.
 _COMMANDS: list = [_add_models, _add_train_source, _add_adapt, _add_distill, _add_evaluate, _add_export,
-                   _add_extract, _add_search, _add_pipeline]
+                   _add_extract, _add_search, _add_pipeline, _add_report]
 
 
 def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
@@ -412,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except KdreidError as error:
         print(f"kdreid: error: {error}", file=sys.stderr)
-        return USAGE_ERROR
+        # Training stopped by SIGINT/SIGTERM (after its checkpoint) exits 128 + signal, as shells expect.
+        return getattr(error, "exit_code", USAGE_ERROR)
     except KeyboardInterrupt:
         print("kdreid: interrupted", file=sys.stderr)
         return 130

@@ -216,6 +216,15 @@ def test_every_head_of_a_multi_head_student_trains(three_domains, checkpoints, t
     assert {"ce", "triplet", "mmd_within", "mmd_between", "mmd_features"} <= set(losses)
 
 
+def test_multi_head_with_one_target_keeps_the_single_head(three_domains, checkpoints, tmp_path):
+    out = tmp_path / "one"
+    args = ["distill", "-s", "synth_msmt", "-t", TARGETS[0], "-a", "osnet_tiny", "--teachers", checkpoints["t_duke"],
+            "--student-init", checkpoints["student"], "--root", str(three_domains), "--out", str(out), *TINY,
+            "--epochs", "1", "--multi-head", "--lda-weight", "1"]
+    assert main(args) == 0
+    assert load_checkpoint(out / "model.pt").num_heads == 1
+
+
 def test_config_errors_are_caught_before_any_work(three_domains, checkpoints, tmp_path):
     base = {"sources": ["synth_msmt"], "targets": TARGETS, "teachers": [checkpoints["t_duke"], checkpoints["t_cuhk"]],
             "out": str(tmp_path / "x"), "data.root": str(three_domains)}

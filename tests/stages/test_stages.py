@@ -74,7 +74,10 @@ def test_adapt_with_tracklets_trains_dmmd_and_saves_histograms(source_run, synth
                  "--dmmd-start", "1", *TINY]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert "mmd_within" not in metrics["epochs"][0]["losses"]  # before --dmmd-start
-    assert {"mmd_within", "mmd_between", "mmd_features"} <= set(metrics["epochs"][1]["losses"])
+    losses = metrics["epochs"][1]["losses"]
+    assert {"mmd_within", "mmd_between", "mmd_features"} <= set(losses)
+    assert losses["loss"] == pytest.approx(sum(losses[k] for k in ("ce", "triplet", "mmd_within", "mmd_between",
+                                                                    "mmd_features")), rel=1e-4)
     assert metrics["grouping"] == "tracklet"
     for name in ("distances_before.npz", "distances_after.npz"):
         import numpy as np
@@ -84,6 +87,16 @@ def test_adapt_with_tracklets_trains_dmmd_and_saves_histograms(source_run, synth
         assert arrays["target_within"].mean() < arrays["target_between"].mean() * 1.5
     teacher = load_checkpoint(out / "model.pt")
     assert teacher.kdreid_meta["extra"]["grouping"] == "tracklet"
+
+
+def test_adapt_minimises_only_the_chosen_dmmd_terms(source_run, synth_root, tmp_path):
+    out = tmp_path / "within-only"
+    assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", str(source_run / "model.pt"),
+                 "--root", str(synth_root), "--out", str(out), "--dmmd-start", "0", "--dmmd-weight", "2",
+                 "--dmmd-terms", "within", *TINY]) == 0
+    losses = json.loads((out / "metrics.json").read_text())["epochs"][0]["losses"]
+    assert "mmd_features" in losses  # logged, not minimised
+    assert losses["loss"] == pytest.approx(losses["ce"] + losses["triplet"] + 2 * losses["mmd_within"], rel=1e-4)
 
 
 def test_adapt_bad_inputs(source_run, synth_root, tmp_path):
@@ -101,6 +114,8 @@ def test_adapt_bad_inputs(source_run, synth_root, tmp_path):
         adapt.run(config(**{"train.batch_size": 4000}))
     with pytest.raises(ConfigError, match="needs a source model trained with --select source-val"):
         adapt.run(config(**{"train.select": "source-val"}))
+    with pytest.raises(ConfigError, match="--dmmd-terms within var: choose one or more of within, between, features"):
+        adapt.run(config(dmmd_terms=["within", "var"]))
 
 
 def test_adapt_with_pseudo_labels_clusters_the_target(source_run, synth_root, tmp_path, monkeypatch):

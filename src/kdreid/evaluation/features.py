@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from kdreid import distributed
 from kdreid.errors import CheckpointError, EvaluationError
 from kdreid.evaluation.distance import compute_distance_matrix
 from kdreid.evaluation.ranking import RankResult, evaluate
@@ -130,6 +131,9 @@ def extract_features(
 
     Images are decoded by `workers` threads one batch ahead of the model, resized to height x width (default:
     the size the checkpoint records, else 256 x 128). The model is put in eval mode and on `device`.
+
+    In a distributed run (torchrun) each process embeds its share of the images and every process gets all
+    features back, so every process must call this together.
     """
     from kdreid.data.cache import read_image
 
@@ -140,7 +144,8 @@ def extract_features(
     default_h, default_w = model_input_size(model)
     height, width = height or default_h, width or default_w
     model = model.eval().to(device)
-    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    mine = distributed.shard(len(paths))  # all of them unless several processes share the work
+    batches = [paths[i:min(i + batch_size, mine.stop)] for i in range(mine.start, mine.stop, batch_size)]
 
     def decode(batch: list[str]) -> torch.Tensor:  # (B, 3, H, W) uint8, pinned when it goes to a GPU
         images = torch.from_numpy(np.stack([read_image(p, height, width) for p in batch])).permute(0, 3, 1, 2)
@@ -153,7 +158,7 @@ def extract_features(
         bar = tqdm(total=len(paths), desc="extracting features", unit="img", leave=False, disable=None)
     outputs = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending = pool.submit(decode, batches[0])
+        pending = pool.submit(decode, batches[0]) if batches else None
         for index in range(len(batches)):
             images = pending.result()
             if index + 1 < len(batches):
@@ -164,7 +169,9 @@ def extract_features(
                 bar.update(len(images))
     if bar is not None:
         bar.close()
-    return Features(torch.cat(outputs), pids, camids, paths)
+    # A process whose share is empty still takes part in the gathering.
+    local = torch.cat(outputs) if outputs else torch.zeros(0, 0)
+    return Features(distributed.gather_rows(local), pids, camids, paths)
 
 
 class FeatureExtractor:
@@ -301,6 +308,11 @@ def evaluate_command(args) -> int:
                           split_id=args.split_id)
     if (args.cuhk03_labeled or args.cuhk03_classic_split or args.split_id) and "cuhk03" not in args.targets:
         raise DatasetError("--cuhk03-labeled, --cuhk03-classic-split and --split-id apply only to -t cuhk03")
+    visrank = getattr(args, "visrank", 0)
+    if visrank and not args.out:
+        raise EvaluationError("--visrank writes pictures into the run folder: pass --out FOLDER")
+    if visrank < 0 or (visrank and args.visrank_topk < 1):
+        raise EvaluationError(f"--visrank {visrank} --visrank-topk {args.visrank_topk}: both must be positive")
     model = load_model(args.model, args.arch)
     device = torch.device(args.device) if args.device else default_device()
     final: dict[str, dict[str, float | None]] = {}
@@ -309,10 +321,27 @@ def evaluate_command(args) -> int:
         print(f"{target}: {len(dataset.query)} queries, {len(dataset.gallery)} gallery images", file=sys.stderr)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", EvaluationWarning)
-            result = evaluate_model(
-                model, dataset, metric=args.metric, rerank=args.rerank, flip=args.flip, protocol=args.protocol,
-                height=args.height, width=args.width, batch_size=args.batch_size, device=device,
-                workers=args.workers, progress=sys.stderr.isatty())
+            if visrank:
+                # The pictures need the features: extract them here, once, and rank them as evaluate_model does.
+                options = dict(height=args.height, width=args.width, batch_size=args.batch_size, flip=args.flip,
+                               device=device, workers=args.workers, progress=sys.stderr.isatty())
+                query = extract_features(model, dataset.query, **options)
+                gallery = extract_features(model, dataset.gallery, **options)
+                result = evaluate_features(query, gallery, metric=args.metric, rerank=args.rerank,
+                                           protocol=args.protocol, device=device)
+            else:
+                result = evaluate_model(
+                    model, dataset, metric=args.metric, rerank=args.rerank, flip=args.flip, protocol=args.protocol,
+                    height=args.height, width=args.width, batch_size=args.batch_size, device=device,
+                    workers=args.workers, progress=sys.stderr.isatty())
+        if visrank:
+            from kdreid.viz.ranking import visualize_ranked_results
+
+            pages = visualize_ranked_results(
+                query, gallery, Path(args.out) / "visrank", prefix=target, num_queries=visrank,
+                topk=args.visrank_topk, metric=args.metric, rerank=args.rerank,
+                title=f"{target}: {Path(args.model).name}, {args.metric}{', re-ranked' if args.rerank else ''}")
+            print(f"{target}: ranked results in {', '.join(str(p) for p in pages)}", file=sys.stderr)
         for warning in caught:
             print(f"kdreid: warning: {target}: {warning.message}", file=sys.stderr)
         final[target] = {key: (None if value != value else round(value, 4))  # NaN -> null (JSON has no NaN)

@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from kdreid import distributed
 from kdreid.data.datasets.base import ImageRecord
 from kdreid.errors import ConfigError, DatasetError
 from kdreid.evaluation.features import extract_features
@@ -47,6 +48,9 @@ from kdreid.stages.optim import build_optimizer
 from kdreid.stages.pseudo_labels import dbscan
 
 
+DMMD_TERMS = ("within", "between", "features")
+
+
 @dataclass
 class PseudoLabelConfig:
     eps: float = 0.6
@@ -65,6 +69,8 @@ class AdaptConfig:
     grouping: Literal["tracklet", "pseudo", "oracle"] = "tracklet"
     dmmd_start: int = 0  # first (0-based) epoch with the D-MMD terms; the original code used 25
     dmmd_weight: float = 1.0
+    # Which D-MMD terms enter the loss (all three in the paper); for ablations such as distances only.
+    dmmd_terms: list[str] = field(default_factory=lambda: list(DMMD_TERMS))
     label_smoothing: float = 0.1
     triplet_margin: float = 0.3
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
@@ -86,6 +92,11 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         )
     if not config.init:
         raise ConfigError("adapt starts from a source-trained model: pass --init SOURCE_RUN/model.pt")
+    unknown = sorted(set(config.dmmd_terms) - set(DMMD_TERMS))
+    if unknown or not config.dmmd_terms:
+        raise ConfigError(
+            f"--dmmd-terms {' '.join(config.dmmd_terms) or '(none)'}: choose one or more of {', '.join(DMMD_TERMS)}"
+        )
     train = config.train
     start = begin_stage(config, resume=resume)
     run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets
@@ -103,7 +114,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
             f"{config.init} was trained on {source_model.num_classes} source identities, but the sources "
             f"{'+'.join(config.sources)} have {num_classes}; pass the checkpoint of a source run on the same data"
         )
-    model = source_model.train().to(device)
+    model = distributed.sync_batchnorm(source_model.train().to(device))  # BatchNorm over the global batch
     arch = model.arch
     source_batches = BatchSource(
         source_records, [r.pid for r in source_records], height=train.height, width=train.width,
@@ -120,7 +131,8 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         f"adapt {'+'.join(config.sources)} -> {'+'.join(config.targets)} with {arch}; target grouping: "
         f"{GROUPING_NAMES[config.grouping]}"
         + (" (ORACLE: uses target identity labels)" if config.grouping == "oracle" else "")
-        + f"; D-MMD from epoch {config.dmmd_start + 1}, weight {config.dmmd_weight}; BatchNorm sees "
+        + f"; D-MMD ({'+'.join(config.dmmd_terms)}) from epoch {config.dmmd_start + 1}, weight {config.dmmd_weight}; "
+        f"BatchNorm sees "
         f"{train.batch_size} images per forward"
     )
     optimizer = build_optimizer(model.parameters(), train.optim)
@@ -128,7 +140,8 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
 
     def before_epoch(epoch: int) -> None:
         if config.grouping == "pseudo":
-            labels = pseudo_labels(model, target_records, config, device)
+            # The main process's clustering for all: every process must group the target the same way.
+            labels = distributed.broadcast_array(pseudo_labels(model, target_records, config, device))
             kept = labels >= 0
             log.info(f"pseudo-labels: {labels.max() + 1} clusters, {kept.sum()} of {len(labels)} images kept")
             target_batches.set_labels(
@@ -150,8 +163,8 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         total = ce + triplet
         if context.epoch >= config.dmmd_start:
             terms = dmmd_terms(source_out.embedding, source_labels, target_out.embedding, target_groups)
-            losses.update(terms)
-            total = total + config.dmmd_weight * sum(terms.values())
+            losses.update(terms)  # all three are logged; only the chosen ones are minimised
+            total = total + config.dmmd_weight * sum(terms[f"mmd_{name}"] for name in config.dmmd_terms)
         return {"loss": total, **losses}
 
     evaluate = stage_evaluator(model, targets + sources, validation, config, device)
@@ -161,7 +174,8 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         run=run_dir, config=train, stage_config=config, modules={"model": model}, optimizer=optimizer,
         batches_per_epoch=len(source_batches), train_step=train_step,
         evaluate=evaluate,
-        before_epoch=before_epoch, resume=resume, log=log,
+        before_epoch=before_epoch, resumables={"source_batches": source_batches, "target_batches": target_batches},
+        resume=resume, log=log,
     )
     _save_histograms(run_dir.path / "distances_after.npz", model, source_records, target_records, config, device)
     return finish_stage(
@@ -222,6 +236,7 @@ def _save_histograms(path, model, source_records, target_records, config: AdaptC
         within, between = within_between(euclidean_distances(features), torch.tensor([r.pid for r in subset]))
         arrays[f"{domain}_within"] = within.numpy()
         arrays[f"{domain}_between"] = between.numpy()
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+    if distributed.is_main():  # every process took part in the extraction; one writes
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        atomic_write_bytes(path, buffer.getvalue())

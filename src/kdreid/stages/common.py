@@ -11,7 +11,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from kdreid import distributed
 from kdreid.data.datasets.base import ImageRecord, ReidDataset
+from kdreid.data.samplers import groups_per_rank
 from kdreid.evaluation.features import evaluate_model
 from kdreid.models import save_checkpoint
 from kdreid.rundir import RunDir, atomic_write_text
@@ -115,12 +117,21 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     anything is written, then open the run folder (resolved config, log), seed, pick the device and read the
     source and target datasets. `config` has .out, .train, .data, .sources and .targets."""
     config.train.validate()
+    # Under torchrun: join the other processes, and refuse a P×K batch they cannot share before any work.
+    distributed.init(config.train.device)
+    groups_per_rank(config.train.batch_size // config.train.num_instances, distributed.world_size(), "groups")
     refuse_occupied(Path(config.out), resume)
     run = RunDir(config.out)
-    log = run.logger()
-    run.save_config(config)
+    # Only the main process writes the run's files; the others log warnings to their console.
+    log = run.logger() if distributed.is_main() else distributed.worker_logger()
+    if distributed.is_main():
+        run.save_config(config)
     seed_everything(config.train.seed, config.train.deterministic)
     device = select_device(config.train.device)
+    if distributed.world_size() > 1:
+        share = config.train.batch_size // distributed.world_size()
+        log.info(f"{distributed.world_size()} processes: each trains on {share} images of every global batch of "
+                 f"{config.train.batch_size}, with BatchNorm statistics synchronised over the global batch")
     options = {name: config.data.reader_options(name) for name in [*config.sources, *config.targets]}
     sources = load_datasets(config.sources, config.data.root, options)
     targets = load_datasets(config.targets, config.data.root, options)
@@ -161,10 +172,13 @@ def finish_stage(
     metrics.json and results.md (one row per evaluated dataset, named `label`)."""
     model_path = start.run.path / "model.pt"
     extra = {"stage": stage, "input_size": [config.train.height, config.train.width], **(checkpoint_extra or {})}
-    save_checkpoint(model_path, model.cpu(), config=config, datasets=datasets, metrics=result.final, extra=extra)
-    rows = [ResultRow(label, name, metrics, grouping) for name, metrics in result.final.items()]
-    write_results(start.run, result, rows, extra=metrics_extra)
-    start.log.info(f"wrote {model_path}")
+    if distributed.is_main():
+        save_checkpoint(model_path, model.cpu(), config=config, datasets=datasets, metrics=result.final,
+                        extra=extra)
+        rows = [ResultRow(label, name, metrics, grouping) for name, metrics in result.final.items()]
+        write_results(start.run, result, rows, extra=metrics_extra)
+        start.log.info(f"wrote {model_path}")
+    distributed.barrier()  # the next stage of a pipeline reads model.pt on every process
     return StageResult(str(model_path), result.final, result)
 
 

@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from kdreid import distributed
 from kdreid.data.augment import AugmentConfig, augment_batch
 from kdreid.data.cache import decode_images
 from kdreid.data.datasets.base import ImageRecord, ReidDataset, build_dataset
@@ -36,6 +37,9 @@ def combine_train(datasets: Sequence[ReidDataset], combineall: bool = False) -> 
         ]
         pid_offset = 1 + max((r.pid for r in combined), default=-1)
         tracklet_offset = 1 + max((r.tracklet for r in combined), default=-1)
+    if not combined:
+        names = "+".join(dataset.name for dataset in datasets)
+        raise DatasetError(f"{names} has no training images; check the layout with: kdreid data check -d {names}")
     return combined
 
 
@@ -123,13 +127,17 @@ class BatchSource:
             self.images = self.images.to(device)  # decode once, then every batch is an on-device gather
         self.set_labels(labels, batch_size=batch_size, num_instances=num_instances, seed=seed, what=what)
         self._iterator: Iterator[list[int]] | None = None
+        self._drawn = 0
 
     def set_labels(self, labels: Sequence[int], *, batch_size: int, num_instances: int, seed: int, what: str) -> None:
         """(Re)group the images, e.g. after pseudo-labels are refreshed. Label -1 (outliers) is left out."""
         labels = np.asarray(labels, dtype=np.int64)
         self.kept = np.flatnonzero(labels >= 0)
         self.labels = torch.as_tensor(labels)
-        self.sampler = PKSampler(labels[self.kept], batch_size, num_instances, seed=seed, what=what)
+        # Under torchrun each process draws its share (whole groups) of every global P×K batch.
+        self.sampler = PKSampler(labels[self.kept], batch_size, num_instances, seed=seed, what=what,
+                                 rank=distributed.rank(), world_size=distributed.world_size())
+        self._grouping = {"batch_size": batch_size, "num_instances": num_instances, "seed": seed, "what": what}
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -137,6 +145,26 @@ class BatchSource:
     def start_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
         self._iterator = iter(self.sampler)
+        self._drawn = 0  # batches taken from this iterator: with the sampler's epoch, the position to resume at
+
+    def state_dict(self) -> dict:
+        """Where sampling stands inside an epoch (for a checkpoint written mid-epoch): the group labels (they
+        change with pseudo-labels), the sampler's epoch and the batches already drawn from it."""
+        started = self._iterator is not None
+        return {"labels": self.labels.clone(), "epoch": self.sampler.epoch if started else -1,
+                "drawn": self._drawn if started else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not torch.equal(state["labels"], self.labels):
+            self.set_labels(state["labels"].tolist(), **self._grouping)
+        if state["epoch"] < 0:
+            self._iterator = None
+            return
+        # The sampler's batches are a function of (seed, epoch): rebuild the epoch's and skip those already used.
+        self.start_epoch(state["epoch"])
+        for _ in range(state["drawn"]):
+            next(self._iterator)
+        self._drawn = state["drawn"]
 
     def next_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -144,8 +172,13 @@ class BatchSource:
         except StopIteration:  # a shorter domain paired with a longer one wraps around within the epoch
             self.sampler.set_epoch(self.sampler.epoch + 10_000)
             self._iterator = iter(self.sampler)
+            self._drawn = 0
             positions = next(self._iterator)
+        self._drawn += 1
         index = torch.as_tensor(self.kept[positions])
-        images = self.images[index.to(self.images.device)].to(self.device, non_blocking=True)
+        # non_blocking: the small index copy must not make the host wait for the GPU's queue of work.
+        images = self.images[index.to(self.images.device, non_blocking=True)].to(self.device, non_blocking=True)
         labels = self.labels[index].to(self.device, non_blocking=True)
-        return augment_batch(images, self.augment, generator), labels
+        # channels_last on CUDA, the layout the training loop gives the model there.
+        layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        return augment_batch(images, self.augment, generator, memory_format=layout), labels

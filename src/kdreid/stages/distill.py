@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdreid import distributed
 from kdreid.errors import CheckpointError, ConfigError, DatasetError
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, mmd
 from kdreid.losses.distill import bn_margins, distance_kd, margin_feature_loss
@@ -241,17 +242,24 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
             f"{'+'.join(config.sources)} have {num_classes}; --lda-weight needs the student of a source run on "
             "the same data"
         )
-    if config.multi_head:
+    # One target has one head: --multi-head changes nothing there (the model keeps its single classifier).
+    multi_head = config.multi_head and len(targets) > 1
+    if multi_head:
         student = multi_head_copy(student, len(targets))
-    student = student.train().to(device)
+    student = distributed.sync_batchnorm(student.train().to(device))  # BatchNorm over the global batch
 
     teachers = nn.ModuleList(
         Teacher(load_teacher(path, config.teacher_arch), config.teacher_mode) for path in config.teachers
     ).to(device)
+    if device.type == "cuda":  # the layout the loop gives the student and its batches there (no-grad, bf16 autocast)
+        teachers.to(memory_format=torch.channels_last)
     use_feats = config.kd_style in ("feats", "all")
     use_outputs = config.kd_style in ("outputs", "all")
     # One projector per teacher (their widths may differ), made before the optimiser so that it trains.
     projectors = nn.ModuleList(build_projector(student, t.model) for t in teachers if use_feats).to(device)
+    distributed.sync_batchnorm(projectors)
+    if config.teacher_mode == "train":  # teachers that normalise with batch statistics see the global batch too
+        distributed.sync_batchnorm(teachers)
 
     for teacher, path in zip(teachers, config.teachers):
         size = getattr(teacher.model, "kdreid_meta", {}).get("extra", {}).get("input_size")
@@ -326,6 +334,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
                         for _ in range(config.shift_batches)
                     ]
                     shifts.append(float(np.mean(values)))
+                shifts = distributed.average_list(shifts)  # one order for every process (each saw its share)
                 # The measurement consumed batches: start the epoch's sampling afresh.
                 source_batches.start_epoch(epoch)
                 for batches in target_batches:
@@ -350,6 +359,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
             if config.target_order == "shift":
                 source_embeddings = embed(source[0])
                 shifts = [float(mmd(source_embeddings, embed(images))) for images, _ in batches]
+                shifts = distributed.average_list(shifts)  # one order for every process (each saw its share)
             order = target_order(config.target_order, count, rng=_order_rng(train.seed, context.epoch, group),
                                  shifts=shifts)
             state["group"] = {"source": source, "targets": batches, "order": order}
@@ -385,7 +395,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
                 losses.update(terms)
                 total = total + config.lkds_weight * sum(terms.values())
             if config.lda_weight > 0:
-                logits = source_out.logits[t] if config.multi_head else source_out.logits
+                logits = source_out.logits[t] if multi_head else source_out.logits
                 da = {
                     "ce": cross_entropy_label_smoothing(logits, source_labels, config.label_smoothing),
                     "triplet": batch_hard_triplet(source_out.embedding, source_labels, config.triplet_margin),
@@ -401,6 +411,10 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         run=run_dir, config=train, stage_config=config, modules={"student": student, "projectors": projectors},
         optimizer=optimizer, batches_per_epoch=batches_per_epoch, train_step=train_step, evaluate=evaluate,
         before_epoch=before_epoch, resume=resume, log=log,
+        # A checkpoint inside an epoch keeps the sampling positions and the group's visiting order and batches.
+        resumables={"order_and_group": state,
+                    **({"source_batches": source_batches} if source_batches is not None else {}),
+                    **{f"target_batches{t}": batches for t, batches in enumerate(target_batches)}},
     )
     return finish_stage(
         start, config, student, result, stage="distill",

@@ -5,29 +5,48 @@ that returns metrics per dataset, and an optional `before_epoch` hook — and th
 bf16 autocast on CUDA, backward, gradient clipping, the LR schedule, NaN checks, progress bar, log lines,
 TensorBoard scalars, a checkpoint every epoch, resume, evaluation every `eval_freq` epochs, checkpoint
 selection without target test labels, `metrics.json` and `results.md`.
+
+Resume. A checkpoint holds everything the next step depends on: the modules, the optimiser (whose state is the
+only AMP state: bf16 autocast needs no GradScaler, unlike fp16), the position (the LR schedule is a function of
+the epoch, the P×K sampler is seeded by (seed, epoch) and augmentation by (seed, epoch, iteration), so the
+position is their state), every RNG state (Python, numpy, torch CPU and CUDA) and, for a checkpoint written
+inside an epoch, the stage's `resumables` (sampler positions, pseudo-labels, cached batches). It is written
+atomically with a sha256 header (`RUN/checkpoints/last.pt`, the one before kept as `previous.pt`), so a kill at
+any moment leaves a complete file and a damaged one is detected and skipped. With --deterministic a resumed
+run is bit-identical to an uninterrupted one. SIGINT/SIGTERM finish the current step, write a checkpoint at
+that position and stop with `TrainingInterrupted` (exit code 128 + signal), which says how to resume.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from kdreid import distributed
 from kdreid.config import to_dict
 from kdreid.data.augment import AugmentConfig
 from kdreid.errors import CheckpointError, ConfigError, KdreidError, TrainingError
+from kdreid.models.weights import UnsafeCheckpointError, safe_load
 from kdreid.rundir import RunDir, atomic_write_bytes
 from kdreid.stages.optim import OptimConfig, learning_rate, set_learning_rate
+from kdreid.stages.speed import (
+    COMPILE_MODES, CompiledStep, LossWindow, resolve_compile, to_memory_format, tune_backends, use_channels_last,
+)
 
 METRIC_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")
 SELECTION_RULES = {
@@ -52,7 +71,8 @@ class TrainConfig:
     eval_freq: int = 0  # evaluate every N epochs; 0 = at the end only
     select: Literal["last", "source-val"] = "last"
     source_val_ids: float = 0.1  # fraction of source training identities held out when select = source-val
-    log_freq: int = 20  # iterations between log lines
+    log_freq: int = 20  # iterations between reads of the losses from the device (and NaN checks)
+    compile: str = "auto"  # auto (= off) | off | default | reduce-overhead | max-autotune-no-cudagraphs
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -75,15 +95,17 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, got {self.optim.lr}")
         if self.eval_freq < 0:
             raise ConfigError(f"--eval-freq must be 0 (at the end) or positive, got {self.eval_freq}")
+        if self.compile != "auto" and self.compile not in COMPILE_MODES:
+            raise ConfigError(f"--compile {self.compile!r} is not one of auto, {', '.join(COMPILE_MODES)}")
 
 
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.device_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KdreidError(f"--device {name} asked for CUDA, but no GPU is visible; use --device cpu")
-    return device
+    return distributed.device_for(device)  # under torchrun, "cuda" is this process's GPU
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -112,8 +134,29 @@ class FitResult:
     selected_epoch: int
 
 
-def fit(
+def fit(**arguments) -> FitResult:
+    """Train `modules` (the first one is the model whose weights are selected and saved) for config.epochs.
+
+    `train_step` returns a dict of scalar losses whose "loss" entry is minimised; `evaluate(epoch)` returns
+    {dataset: {"mAP", "rank1", ...}} in percent, and for select="source-val" a "source-val" entry.
+
+    `resumables`: what a stage keeps across the iterations of an epoch outside the modules and optimiser (its
+    batch sources' sampler positions, pseudo-labels, a cached group of batches), by name: objects with
+    `state_dict()` / `load_state_dict()`, or plain dicts (saved and restored in place). They are saved only in
+    a checkpoint written inside an epoch (SIGINT/SIGTERM); resuming there restores them instead of calling
+    `before_epoch`, so the epoch goes on exactly as it would have.
+
+    SIGINT and SIGTERM are handled while this runs (the previous handlers are restored afterwards): the step in
+    flight finishes, a checkpoint is written at that position and `TrainingInterrupted` is raised. A second
+    signal stops at once (KeyboardInterrupt).
+    """
+    with _GracefulStop() as stop:
+        return _train(stop=stop, **arguments)
+
+
+def _train(
     *,
+    stop: _GracefulStop,
     run: RunDir,
     config: TrainConfig,
     stage_config,
@@ -123,15 +166,12 @@ def fit(
     train_step: Callable[[StepContext], dict[str, torch.Tensor]],
     evaluate: Callable[[int], dict[str, dict[str, float]]],
     before_epoch: Callable[[int], None] | None = None,
+    resumables: Mapping[str, Any] | None = None,
     resume: bool = False,
     log=None,
 ) -> FitResult:
-    """Train `modules` (the first one is the model whose weights are selected and saved) for config.epochs.
-
-    `train_step` returns a dict of scalar losses whose "loss" entry is minimised; `evaluate(epoch)` returns
-    {dataset: {"mAP", "rank1", ...}} in percent, and for select="source-val" a "source-val" entry.
-    """
     log = log or run.logger()
+    stop.log = log
     device = select_device(config.device)
     checkpoint_path = checkpoint_file(run.path)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -139,60 +179,122 @@ def fit(
     history: list[dict] = []
     start_epoch = 0
     best = {"score": -math.inf, "epoch": -1, "state": None, "metrics": {}}
+    resumables = dict(resumables or {})
+    inside = None  # the position of a checkpoint written inside an epoch: iteration, loss sums, resumables
     refuse_occupied(run.path, resume)
-    if resume and checkpoint_path.exists():
-        state = load_training_state(checkpoint_path)
+    found = load_latest_training_state(run.path, log) if resume else None
+    if found is not None:
+        state, path = found
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
         optimizer.load_state_dict(state["optimizer"])
         history = state["history"]
-        start_epoch = state["epoch"]
+        start_epoch = state["epoch"]  # completed epochs
         best.update(state["best"])
         _restore_rng(state["rng"])
-        log.info(f"resumed from {checkpoint_path} at epoch {start_epoch}")
+        inside = state.get("inside")
+        where = f"epoch {start_epoch + 1}" + (f", iteration {inside['iteration'] + 1}" if inside else "")
+        log.info(f"resumed from {path}: continuing at {where}")
+    distributed.broadcast_modules(modules.values())  # every process starts from the main one's weights
 
+    def write_checkpoint(completed_epochs: int, position: dict | None = None) -> None:
+        if not distributed.is_main():
+            return  # one writer: the main process (all hold the same weights)
+        state = {
+            "format": TRAINING_STATE_FORMAT,
+            "epoch": completed_epochs,
+            "modules": {name: module.state_dict() for name, module in modules.items()},
+            "optimizer": optimizer.state_dict(),
+            "history": history,
+            "best": best,
+            "rng": _capture_rng(),
+            "config": to_dict(stage_config),
+        }
+        if position is not None:
+            state["inside"] = position
+        save_training_state(checkpoint_path, state)
+
+    hold_at = _test_hold_step()
     use_amp = config.amp and device.type == "cuda"
-    writer = _tensorboard(run.path / "tensorboard")
+    # A resumed run drops the scalars logged after its checkpoint, so no curve holds an epoch twice.
+    writer = _tensorboard(run.path / "tensorboard", purge_step=start_epoch + 1 if found is not None else None) \
+        if distributed.is_main() else _NoWriter()
     model = next(iter(modules.values()))
+    # channels_last while training on CUDA (back to the default layout at the end), and torch.compile if asked.
+    channels_last = use_channels_last(device)
+    tune_backends(device, config.deterministic)
+    if channels_last:
+        to_memory_format(modules.values(), torch.channels_last)
+    compiled = CompiledStep(model, resolve_compile(config.compile, device), device, log)
 
     for epoch in range(start_epoch, config.epochs):
-        if before_epoch is not None:
-            before_epoch(epoch)  # may run the model in eval mode (pseudo-labels), so train mode comes after
+        resuming_inside = inside is not None and epoch == start_epoch
+        if resuming_inside:
+            _load_resumables(resumables, inside["resumables"])  # what before_epoch and the first steps left
+        elif before_epoch is not None:
+            with compiled.eager():
+                before_epoch(epoch)  # may run the model in eval mode (pseudo-labels), so train mode comes after
         for module in modules.values():
             module.train()
         lr = learning_rate(config.optim, epoch, config.epochs)
         set_learning_rate(optimizer, lr)
-        sums: dict[str, float] = {}
+        window = LossWindow(epoch)  # losses stay on the device; read every log_freq iterations
+        first_iteration, seconds_before = 0, 0.0
+        if resuming_inside:
+            first_iteration, seconds_before = inside["iteration"], inside["seconds"]
+            window.sums, window.counts = dict(inside["loss_sums"]), dict(inside["loss_counts"])
         started = time.perf_counter()
-        bar = _progress(batches_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
-        for iteration in range(batches_per_epoch):
-            generator = torch.Generator(device=device).manual_seed(_step_seed(config.seed, epoch, iteration))
-            context = StepContext(epoch, iteration, generator)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                losses = train_step(context)
-            loss = losses["loss"]
-            values = {name: float(value.detach()) for name, value in losses.items()}
-            bad = {name: value for name, value in values.items() if not math.isfinite(value)}
-            if bad:
-                raise TrainingError(
-                    f"non-finite loss at epoch {epoch + 1}, iteration {iteration + 1}: "
-                    + ", ".join(f"{name}={value}" for name, value in bad.items())
-                    + "; lower --lr or check the inputs"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        bar = _progress(batches_per_epoch, f"epoch {epoch + 1}/{config.epochs}", initial=first_iteration) \
+            if distributed.is_main() else None
+        for iteration in range(first_iteration, batches_per_epoch):
+            if epoch * batches_per_epoch + iteration == hold_at:
+                _hold(epoch * batches_per_epoch + iteration, stop)
+            if stop.requested():  # between steps: the previous one is complete, this one not begun
+                window.flush()  # a non-finite loss must stop the run, not be saved
+                write_checkpoint(epoch, {
+                    "iteration": iteration,
+                    "loss_sums": dict(window.sums),
+                    "loss_counts": dict(window.counts),
+                    "seconds": seconds_before + time.perf_counter() - started,
+                    "resumables": _resumable_states(resumables),
+                })
+                if bar is not None:
+                    bar.close()
+                raise stop.interrupted(f"at epoch {epoch + 1}, iteration {iteration + 1} of {batches_per_epoch}",
+                                       checkpoint_path)
+            compiled.step_begin()
+
+            def forward_backward(iteration=iteration) -> dict[str, torch.Tensor]:
+                # The generator is made here so that a step repeated after a compile failure draws the same.
+                # Each process augments its own share of the batch: its own stream (rank 0's is a one-process
+                # run's).
+                step_seed = _step_seed(config.seed, epoch, iteration) + distributed.rank()
+                generator = torch.Generator(device=device).manual_seed(step_seed)
+                context = StepContext(epoch, iteration, generator)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    losses = train_step(context)
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                return losses
+
+            losses = compiled.run(forward_backward)
+            distributed.average_gradients(params)  # several processes: the mean over their batches' shares
             if config.optim.clip_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.optim.clip_grad_norm)
+            # A non-finite loss is caught at the next flush (naming its step), before the epoch's checkpoint.
             optimizer.step()
-            for name, value in values.items():
-                sums[name] = sums.get(name, 0.0) + value
+            window.add(iteration, losses)
+            if (iteration + 1) % max(1, config.log_freq) == 0 or iteration + 1 == batches_per_epoch:
+                window.flush()
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in window.last.items()}, refresh=False)
             if bar is not None:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
                 bar.update()
         if bar is not None:
             bar.close()
-        means = {name: total / max(1, batches_per_epoch) for name, total in sums.items()}
-        seconds = time.perf_counter() - started
+        means = distributed.mean_across_ranks(window.means())  # over the global batch
+        distributed.check_same_weights(modules.values())  # several processes: still the same weights on each
+        seconds = seconds_before + time.perf_counter() - started
         entry = {"epoch": epoch + 1, "lr": lr, "losses": means, "seconds": round(seconds, 2)}
         log.info(
             f"epoch {epoch + 1}/{config.epochs} lr {lr:.2e} "
@@ -205,7 +307,8 @@ def fit(
 
         last = epoch + 1 == config.epochs
         if last or (config.eval_freq > 0 and (epoch + 1) % config.eval_freq == 0):
-            metrics = evaluate(epoch)
+            with compiled.eager():  # evaluation batch sizes vary: no recompilation
+                metrics = evaluate(epoch)
             entry["metrics"] = metrics
             for dataset, values in metrics.items():
                 log.info(f"  {dataset:<16} " + "  ".join(f"{k} {values[k]:.1f}" for k in METRIC_KEYS if k in values))
@@ -220,19 +323,13 @@ def fit(
                     "metrics": metrics,
                 }
         history.append(entry)
-        save_training_state(
-            checkpoint_path,
-            {
-                "epoch": epoch + 1,
-                "modules": {name: module.state_dict() for name, module in modules.items()},
-                "optimizer": optimizer.state_dict(),
-                "history": history,
-                "best": best,
-                "rng": _capture_rng(),
-                "config": to_dict(stage_config),
-            },
-        )
+        write_checkpoint(epoch + 1)
+        if stop.requested() and epoch + 1 < config.epochs:
+            raise stop.interrupted(f"after epoch {epoch + 1}", checkpoint_path)
     writer.close()
+    compiled.release()
+    if channels_last:
+        to_memory_format(modules.values(), torch.contiguous_format)
 
     if config.select != "last" and best["state"] is not None:
         model.load_state_dict(best["state"])
@@ -246,10 +343,15 @@ def checkpoint_file(run_path: Path) -> Path:
     return Path(run_path) / "checkpoints" / "last.pt"
 
 
+def previous_checkpoint_file(run_path: Path) -> Path:
+    """The checkpoint before last.pt, kept so that a damaged last.pt still leaves a complete one."""
+    return Path(run_path) / "checkpoints" / "previous.pt"
+
+
 def refuse_occupied(run_path: Path, resume: bool) -> None:
     """A run folder that already holds a run is only continued with --resume; stages call this before they
     write anything there, so a mistaken command leaves the earlier run untouched."""
-    if not resume and checkpoint_file(run_path).exists():
+    if not resume and (checkpoint_file(run_path).exists() or previous_checkpoint_file(run_path).exists()):
         raise TrainingError(
             f"{run_path} already holds a run ({checkpoint_file(run_path)}); pass --resume to continue it or "
             "choose another --out"
@@ -261,19 +363,190 @@ def _step_seed(seed: int, epoch: int, iteration: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, iteration]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+TRAINING_STATE_FORMAT = "kdreid-training-state"
+# First line of a training checkpoint: b"KDREID-TRAINING-STATE 1 sha256=<hex> bytes=<n>\n", then torch.save bytes.
+# The digest and length catch a truncated or half-copied file (a zip's own CRCs are not always checked on read).
+_HEADER_MAGIC = b"KDREID-TRAINING-STATE "
+_HEADER_VERSION = 1
+
+
 def save_training_state(path: Path, state: dict) -> None:
+    """Write `state` atomically to `path` behind a sha256 header, keeping the file it replaces as previous.pt."""
+    path = Path(path)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    payload = buffer.getvalue()
+    digest = hashlib.sha256(payload).hexdigest()
+    header = _HEADER_MAGIC + f"{_HEADER_VERSION} sha256={digest} bytes={len(payload)}\n".encode()
+    _keep_as_previous(path)
+    atomic_write_bytes(path, header + payload)
+
+
+def _keep_as_previous(path: Path) -> None:
+    """previous.pt := last.pt, without a moment where last.pt is missing (a hard link, renamed into place)."""
+    if not path.exists():
+        return
+    previous = path.with_name("previous.pt")
+    link = path.with_name(".previous.pt.link")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+        os.replace(link, previous)
+    except OSError:  # no hard links here: rename; until the new last.pt lands, the loader reads previous.pt
+        link.unlink(missing_ok=True)
+        os.replace(path, previous)
 
 
 def load_training_state(path: Path) -> dict:
+    """A training checkpoint's dict, after checking its header's length and sha256 (files written before the
+    header existed are read without). CheckpointError when it is truncated or damaged, UnsafeCheckpointError
+    when unpickling it would run code."""
+    path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated file, foreign pickle
+        data = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read it ({error.strerror or error})") from None
+    payload = data
+    if data.startswith(_HEADER_MAGIC):
+        end = data.find(b"\n", 0, 256)
+        if end < 0:
+            raise CheckpointError(f"{path}: truncated (inside its header)")
+        fields = dict(item.split("=", 1) for item in data[len(_HEADER_MAGIC):end].decode("ascii", "replace").split()
+                      if "=" in item)
+        payload = data[end + 1:]
+        expected = fields.get("bytes", "")
+        if not expected.isdigit() or "sha256" not in fields:
+            raise CheckpointError(f"{path}: damaged header")
+        if len(payload) != int(expected):
+            raise CheckpointError(f"{path}: truncated ({len(payload)} of {expected} bytes)")
+        if hashlib.sha256(payload).hexdigest() != fields["sha256"]:
+            raise CheckpointError(f"{path}: damaged (its sha256 does not match its header)")
+    state = safe_load(io.BytesIO(payload), str(path))
+    if not isinstance(state, dict) or not {"epoch", "modules", "optimizer", "rng"} <= set(state):
+        raise CheckpointError(f"{path}: not a kdreid training checkpoint")
+    return state
+
+
+def load_latest_training_state(run_path: Path, log=None) -> tuple[dict, Path] | None:
+    """The newest complete training checkpoint of a run folder and its path: last.pt, or previous.pt when last.pt
+    is missing or damaged (with a warning naming it; the damaged file is set aside as last.pt.damaged so that the
+    next checkpoint does not turn it into previous.pt). None when the run has no checkpoint yet."""
+    last, previous = checkpoint_file(run_path), previous_checkpoint_file(run_path)
+    problems = []
+    for candidate in (last, previous):
+        if not candidate.exists():
+            continue
+        try:
+            state = load_training_state(candidate)
+        except UnsafeCheckpointError:
+            raise  # not damage: someone put a file here that would run code; stop rather than skip it
+        except CheckpointError as error:
+            problems.append(str(error))
+            continue
+        if problems:
+            message = f"{problems[0]}; skipped it and resumed from {candidate}"
+            (log.warning if log is not None else print)(f"warning: {message}")
+            if distributed.is_main():  # one process sets it aside; the others may or may not have seen it
+                os.replace(last, last.with_name(last.name + ".damaged"))
+        return state, candidate
+    if problems:
         raise CheckpointError(
-            f"cannot read the training checkpoint {path} ({type(error).__name__}); delete it to start over"
-        ) from None
+            f"no complete checkpoint to resume from ({'; '.join(problems)}); delete {last.parent} to start over"
+        )
+    return None
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGINT/SIGTERM stopped training after a checkpoint; `exit_code` is the shell's 128 + signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+class _GracefulStop:
+    """SIGINT/SIGTERM while training: note the signal and let the loop stop between two steps (the step in flight
+    is finished, a checkpoint written). A second signal stops at once. The handlers are only installed from the
+    main thread (Python's rule) and the previous ones are put back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.log = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            # None: the handler was not installed from Python; the default is the closest we can restore.
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        message = (f"{signal.Signals(signum).name} received: finishing the current step, then writing a checkpoint "
+                   "(send it again to stop at once)")
+        if self.log is not None:
+            self.log.warning(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        """Whether to stop now. Under torchrun the processes agree (one small all-reduce per step): a process
+        that stopped alone would leave the others waiting in the next gradient all-reduce."""
+        agreed = distributed.max_across_ranks(self.signal or 0)
+        if agreed and self.signal is None:
+            self.signal = agreed  # another process got the signal; stop at the same step with it
+        return self.signal is not None
+
+    def interrupted(self, where: str, checkpoint: Path) -> TrainingInterrupted:
+        name = signal.Signals(self.signal).name
+        return TrainingInterrupted(
+            f"stopped by {name} {where}; the checkpoint {checkpoint} holds that position: run the same command "
+            "with --resume to continue exactly from there", self.signal,
+        )
+
+
+def _resumable_states(resumables: Mapping[str, Any]) -> dict:
+    return {name: dict(obj) if isinstance(obj, dict) else obj.state_dict() for name, obj in resumables.items()}
+
+
+def _load_resumables(resumables: Mapping[str, Any], states: Mapping[str, Any]) -> None:
+    missing = sorted(set(resumables) - set(states))
+    if missing:
+        raise CheckpointError(f"the checkpoint was written inside an epoch but lacks the state of {', '.join(missing)}")
+    for name, obj in resumables.items():
+        if isinstance(obj, dict):
+            obj.clear()
+            obj.update(states[name])
+        else:
+            obj.load_state_dict(states[name])
+
+
+# Test-only hook (tests/stages/test_resume.py): KDREID_TEST_HOLD_AT_STEP=N makes the loop print a marker line
+# before global step N (epoch × batches per epoch + iteration, 0-based) and wait there, up to two minutes, until
+# a signal arrives, so that a test can kill or signal the process at a known point without sleeping and guessing.
+_HOLD_VARIABLE = "KDREID_TEST_HOLD_AT_STEP"
+
+
+def _test_hold_step() -> int | None:
+    value = os.environ.get(_HOLD_VARIABLE, "")
+    return int(value) if value.strip().lstrip("-").isdigit() else None
+
+
+def _hold(step: int, stop: _GracefulStop) -> None:
+    print(f"kdreid-test: holding before step {step}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 120
+    while stop.signal is None and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _capture_rng() -> dict:
@@ -301,12 +574,12 @@ def _restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _progress(total: int, description: str):
+def _progress(total: int, description: str, initial: int = 0):
     from tqdm import tqdm
 
     # disable=None: no bar when stderr is not a terminal (CI logs, files); the log lines say the same.
     return tqdm(total=total, desc=description, unit="it", leave=False, dynamic_ncols=True, mininterval=1.0,
-                disable=None)
+                disable=None, initial=initial)
 
 
 class _NoWriter:
@@ -317,12 +590,12 @@ class _NoWriter:
         pass
 
 
-def _tensorboard(path: Path):
+def _tensorboard(path: Path, purge_step: int | None = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a dependency; keep training if a user removed it
         return _NoWriter()
-    return SummaryWriter(str(path))
+    return SummaryWriter(str(path), purge_step=purge_step)
 
 
 def results_table(rows: list[dict], selection: str) -> str:

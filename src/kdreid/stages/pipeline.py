@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 import torch
 import yaml
 
+from kdreid import distributed
 from kdreid.config import dump_yaml
 from kdreid.errors import ConfigError
 from kdreid.models import count_macs, load_checkpoint
@@ -186,7 +187,9 @@ def run_stage(name: str, stage_config, log) -> tuple[dict, bool]:
     if state == "fresh" and folder.exists():
         # Only the pipeline writes here: a changed config or a retrained input makes the old run meaningless.
         log.info(f"stage {name}: {folder} holds an older run (other config or inputs); training it again")
-        shutil.rmtree(folder)
+        if distributed.is_main():
+            shutil.rmtree(folder)
+        distributed.barrier()  # under torchrun, no process looks at the folder while it is being removed
     log.info(f"stage {name}: {'resuming' if state == 'resume' else 'training'} in {folder}")
     result = RUNNERS[type(stage_config)](stage_config, resume=state == "resume")
     return result.final, True
@@ -208,7 +211,9 @@ def evaluate_on_targets(name: str, stage_config, targets: list[str], log) -> dic
     device = select_device(stage_config.train.device)
     model = load_checkpoint(model_path).to(device)
     metrics = evaluate_datasets(model, datasets, stage_config.train, device, stage_config.eval, data)
-    write_json(cache, {"targets": targets, "metrics": metrics})
+    if distributed.is_main():
+        write_json(cache, {"targets": targets, "metrics": metrics})
+    distributed.barrier()
     return metrics
 
 
@@ -285,9 +290,14 @@ def run(config: PipelineConfig) -> PipelineResult:
     """Run (or continue) the whole pipeline; see the module docstring for the folders and files."""
     config.validate()
     configs = stage_configs(config)  # every config error surfaces before any training
+    # Under torchrun every process runs this function; the first stage's device decides the backend, and only
+    # the main process writes the pipeline's own files.
+    distributed.init(next(iter(configs.values())).train.device)
+    main = distributed.is_main()
     out = RunDir(config.out)
-    log = out.logger()
-    out.save_config(config)
+    log = out.logger() if main else distributed.worker_logger()
+    if main:
+        out.save_config(config)
     log.info(f"pipeline {'+'.join(config.sources)} -> {', '.join(config.targets)}: teachers "
              f"{config.teacher_arch}, student {config.student_arch}, preset {config.preset or 'none'}; "
              f"{len(configs)} stages in {Path(config.out) / 'stages'}")
@@ -321,8 +331,10 @@ def run(config: PipelineConfig) -> PipelineResult:
         "grouping": configs["blend"].grouping,
     }
 
-    # Final models at the top of the run folder (atomic copies: a crash never leaves half a file).
     run_path = Path(config.out)
+    if not main:
+        return PipelineResult(str(run_path), metrics, ran, reused)
+    # Final models at the top of the run folder (atomic copies: a crash never leaves half a file).
     stages = run_path / "stages"
     _copy(stages / "distill" / "model.pt", run_path / "student.pt")
     for t in targets:

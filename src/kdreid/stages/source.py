@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kdreid import distributed
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing
 from kdreid.models import build_model
 from kdreid.stages.common import (
@@ -42,6 +43,19 @@ class SourceConfig:
     eval: EvalOptions = field(default_factory=EvalOptions)
 
 
+def source_train_step(model: torch.nn.Module, batches: BatchSource, config: SourceConfig):
+    """The stage's step for the loop (also what bench/train_speed.py times): CE + triplet on one P×K batch."""
+
+    def train_step(context: StepContext) -> dict[str, torch.Tensor]:
+        images, labels = batches.next_batch(context.generator)
+        out = model(images)
+        ce = cross_entropy_label_smoothing(out.logits, labels, config.label_smoothing)
+        triplet = batch_hard_triplet(out.embedding, labels, config.triplet_margin, config.soft_margin)
+        return {"loss": ce + triplet, "ce": ce, "triplet": triplet}
+
+    return train_step
+
+
 def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
     train = config.train
     start = begin_stage(config, resume=resume)
@@ -61,25 +75,19 @@ def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
     model = build_model(
         config.arch, num_classes, pretrained=config.pretrained, last_stride=config.last_stride
     ).to(device)
+    distributed.sync_batchnorm(model)  # several processes: BatchNorm over the global batch
     batches = BatchSource(
         records, [r.pid for r in records], height=train.height, width=train.width, batch_size=train.batch_size,
         num_instances=train.num_instances, augment=train.augment, device=device, seed=train.seed,
     )
     optimizer = build_optimizer(model.parameters(), train.optim)
-
-    def train_step(context: StepContext) -> dict[str, torch.Tensor]:
-        images, labels = batches.next_batch(context.generator)
-        out = model(images)
-        ce = cross_entropy_label_smoothing(out.logits, labels, config.label_smoothing)
-        triplet = batch_hard_triplet(out.embedding, labels, config.triplet_margin, config.soft_margin)
-        return {"loss": ce + triplet, "ce": ce, "triplet": triplet}
-
+    train_step = source_train_step(model, batches, config)
     evaluate = stage_evaluator(model, sources + targets, validation, config, device)
 
     result = fit(
         run=run_dir, config=train, stage_config=config, modules={"model": model}, optimizer=optimizer,
         batches_per_epoch=len(batches), train_step=train_step, evaluate=evaluate,
-        before_epoch=batches.start_epoch, resume=resume, log=log,
+        before_epoch=batches.start_epoch, resumables={"batches": batches}, resume=resume, log=log,
     )
     # `held_out` lets adapt and distill rebuild the same label space (and validation split) from the same data.
     held_out = {"fraction": train.source_val_ids, "seed": train.seed} if validation is not None else None
