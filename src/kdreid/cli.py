@@ -120,8 +120,10 @@ def _add_stage_flags(p) -> None:
     p.add_argument("--compile", choices=["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile the trained model (reduce-overhead: CUDA graphs, for small models on a GPU); "
                         "auto = off; falls back to eager with a warning if compilation fails")
-    p.add_argument("--select", choices=["last", "source-val"],
-                   help="which epoch's weights to keep; never chosen on target test labels")
+    p.add_argument("--select", choices=["last", "source-val", "target-clusters"],
+                   help="which epoch's weights to keep: the last, the best on held-out source identities, or the "
+                        "best label-free clustering score of the targets' training images; never on target test "
+                        "labels")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt if it exists")
     p.add_argument("--cuhk03-labeled", action="store_const", const=True)
     p.add_argument("--cuhk03-classic-split", action="store_const", const=True)

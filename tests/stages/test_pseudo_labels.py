@@ -18,3 +18,34 @@ def test_dbscan_matches_scikit_learn(seed):
     theirs = sklearn_cluster.DBSCAN(eps=1.0, min_samples=4, metric="precomputed").fit_predict(distances)
     assert np.array_equal(ours, theirs)
     assert ours.max() >= 1 and (ours == -1).any()
+
+
+def test_silhouette_equals_scikit_learn_on_the_clustered_points():
+    from sklearn.metrics import silhouette_score
+
+    from kdreid.stages.pseudo_labels import silhouette
+
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(60, 4))
+    distances = cdist(points, points)
+    labels = rng.integers(-1, 5, size=60)
+    labels[7] = 9  # a cluster of one point (silhouette 0 by definition)
+    kept = labels >= 0
+    expected = silhouette_score(distances[np.ix_(kept, kept)], labels[kept], metric="precomputed")
+    assert silhouette(distances, labels) == pytest.approx(expected, abs=1e-12)
+    assert np.isnan(silhouette(distances, np.where(kept, 0, -1)))  # one cluster: undefined
+
+
+def test_cluster_quality_ranks_separated_identities_above_noise():
+    import torch
+
+    from kdreid.stages.pseudo_labels import PseudoLabelConfig, cluster_quality
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(12, 32, generator=generator)
+    separated = centres.repeat_interleave(8, 0) + 0.05 * torch.randn(96, 32, generator=generator)
+    noise = torch.randn(96, 32, generator=generator)
+    settings = PseudoLabelConfig(k1=10, k2=3)
+    good, bad = cluster_quality(separated, settings), cluster_quality(noise, settings)
+    assert good["clusters"] == 12 and good["clustered"] == 100.0 and good["score"] > 50
+    assert bad["score"] < good["score"] / 2

@@ -99,6 +99,25 @@ def test_adapt_minimises_only_the_chosen_dmmd_terms(source_run, synth_root, tmp_
     assert losses["loss"] == pytest.approx(losses["ce"] + losses["triplet"] + 2 * losses["mmd_within"], rel=1e-4)
 
 
+def test_adapt_selects_by_the_label_free_target_score(source_run, synth_root, tmp_path):
+    out = tmp_path / "selected"
+    assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", str(source_run / "model.pt"),
+                 "--root", str(synth_root), "--out", str(out), "--select", "target-clusters", "--eval-freq", "1",
+                 *TINY]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    scores = [e["metrics"]["target-clusters"]["score"] for e in metrics["epochs"]]
+    best = 1 + max(range(len(scores)), key=lambda i: (scores[i], -i))  # the first of equal scores
+    assert metrics["selection"].startswith("best label-free target score") and f"(epoch {best})" in metrics["selection"]
+    assert metrics["final"] == metrics["epochs"][best - 1]["metrics"]
+    assert "target-clusters" not in (out / "results.md").read_text()  # a score, not a retrieval row
+    with pytest.raises(ConfigError, match="name them with -t"):
+        main_config = resolve_config(adapt.AdaptConfig, "adapt")
+        from kdreid.stages.common import stage_evaluator
+
+        main_config.targets, main_config.train.select = [], "target-clusters"
+        stage_evaluator(None, [], None, main_config, torch.device("cpu"))
+
+
 def test_adapt_bad_inputs(source_run, synth_root, tmp_path):
     def config(**changes):
         base = {"sources": ["synth_msmt"], "targets": ["synth_duke"], "arch": "osnet_tiny",

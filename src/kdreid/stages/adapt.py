@@ -45,18 +45,9 @@ from kdreid.stages.common import (
 from kdreid.stages.data import BatchSource, combine_train
 from kdreid.stages.loop import StepContext, TrainConfig, fit
 from kdreid.stages.optim import build_optimizer
-from kdreid.stages.pseudo_labels import dbscan
-
+from kdreid.stages.pseudo_labels import PseudoLabelConfig, dbscan
 
 DMMD_TERMS = ("within", "between", "features")
-
-
-@dataclass
-class PseudoLabelConfig:
-    eps: float = 0.6
-    min_samples: int = 4
-    k1: int = 30
-    k2: int = 6
 
 
 @dataclass

@@ -14,10 +14,12 @@ from torch import nn
 from kdreid import distributed
 from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.data.samplers import groups_per_rank
-from kdreid.evaluation.features import evaluate_model
+from kdreid.errors import ConfigError
+from kdreid.evaluation.features import evaluate_model, extract_features
 from kdreid.models import save_checkpoint
 from kdreid.rundir import RunDir, atomic_write_text
 from kdreid.stages.data import hold_out_validation, load_datasets
+from kdreid.stages.pseudo_labels import PseudoLabelConfig, cluster_quality
 from kdreid.stages.loop import FitResult, TrainConfig, refuse_occupied, results_table, seed_everything, select_device
 
 
@@ -91,6 +93,10 @@ def stage_evaluator(model: nn.Module, datasets: Sequence[ReidDataset], validatio
     """The `evaluate(epoch)` a stage gives the loop: every dataset's query/gallery, plus the held-out source
     identities as "source-val" when there are some (what --select source-val chooses by)."""
 
+    targets = [d for d in datasets if d.name in config.targets]
+    if config.train.select == "target-clusters" and not targets:
+        raise ConfigError("--select target-clusters scores the targets' training images: name them with -t")
+
     def evaluate(epoch: int) -> dict[str, dict[str, float]]:
         metrics = evaluate_datasets(model, datasets, config.train, device, config.eval, config.data)
         if validation is not None:
@@ -98,9 +104,24 @@ def stage_evaluator(model: nn.Module, datasets: Sequence[ReidDataset], validatio
                 model, validation.query, validation.gallery, height=config.train.height,
                 width=config.train.width, device=device, options=config.eval,
             )
+        if config.train.select == "target-clusters":
+            metrics["target-clusters"] = target_cluster_quality(model, targets, config, device)
         return metrics
 
     return evaluate
+
+
+def target_cluster_quality(model: nn.Module, targets: Sequence[ReidDataset], config, device) -> dict[str, float]:
+    """`cluster_quality` of each target's training images (no labels read), averaged over the targets."""
+    settings = getattr(config, "pseudo", None) or PseudoLabelConfig()
+    scores = []
+    for dataset in targets:
+        features = extract_features(
+            model, dataset.train, height=config.train.height, width=config.train.width,
+            batch_size=config.eval.batch_size, device=device,
+        ).features
+        scores.append(cluster_quality(features, settings))
+    return {key: sum(s[key] for s in scores) / len(scores) for key in scores[0]}
 
 
 @dataclass
@@ -175,7 +196,8 @@ def finish_stage(
     if distributed.is_main():
         save_checkpoint(model_path, model.cpu(), config=config, datasets=datasets, metrics=result.final,
                         extra=extra)
-        rows = [ResultRow(label, name, metrics, grouping) for name, metrics in result.final.items()]
+        rows = [ResultRow(label, name, metrics, grouping) for name, metrics in result.final.items()
+                if name != "target-clusters"]  # a score, not retrieval metrics: it stays in metrics.json
         write_results(start.run, result, rows, extra=metrics_extra)
         start.log.info(f"wrote {model_path}")
     distributed.barrier()  # the next stage of a pipeline reads model.pt on every process

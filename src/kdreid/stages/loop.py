@@ -52,7 +52,11 @@ METRIC_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")
 SELECTION_RULES = {
     "last": "last epoch",
     "source-val": "best source-validation mAP (held-out source training identities)",
+    "target-clusters": "best label-free target score (silhouette of DBSCAN clusters of the targets' training "
+                       "images × share clustered)",
 }
+# What each rule compares between evaluations: (entry of evaluate()'s result, its key); "last" compares epochs.
+SELECTION_SCORES = {"source-val": ("source-val", "mAP"), "target-clusters": ("target-clusters", "score")}
 
 
 @dataclass
@@ -69,7 +73,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     eval_freq: int = 0  # evaluate every N epochs; 0 = at the end only
-    select: Literal["last", "source-val"] = "last"
+    select: Literal["last", "source-val", "target-clusters"] = "last"
     source_val_ids: float = 0.1  # fraction of source training identities held out when select = source-val
     log_freq: int = 20  # iterations between reads of the losses from the device (and NaN checks)
     compile: str = "auto"  # auto (= off) | off | default | reduce-overhead | max-autotune-no-cudagraphs
@@ -138,7 +142,7 @@ def fit(**arguments) -> FitResult:
     """Train `modules` (the first one is the model whose weights are selected and saved) for config.epochs.
 
     `train_step` returns a dict of scalar losses whose "loss" entry is minimised; `evaluate(epoch)` returns
-    {dataset: {"mAP", "rank1", ...}} in percent, and for select="source-val" a "source-val" entry.
+    {dataset: {"mAP", "rank1", ...}} in percent, and the entry its selection rule compares (SELECTION_SCORES).
 
     `resumables`: what a stage keeps across the iterations of an epoch outside the modules and optimiser (its
     batch sources' sampler positions, pseudo-labels, a cached group of batches), by name: objects with
@@ -311,10 +315,15 @@ def _train(
                 metrics = evaluate(epoch)
             entry["metrics"] = metrics
             for dataset, values in metrics.items():
-                log.info(f"  {dataset:<16} " + "  ".join(f"{k} {values[k]:.1f}" for k in METRIC_KEYS if k in values))
+                shown = [k for k in METRIC_KEYS if k in values] or list(values)  # a selection score has its own keys
+                log.info(f"  {dataset:<16} " + "  ".join(f"{k} {values[k]:.1f}" for k in shown))
                 for key, value in values.items():
                     writer.add_scalar(f"{dataset}/{key}", value, epoch + 1)
-            score = metrics.get("source-val", {}).get("mAP", -math.inf) if config.select == "source-val" else epoch
+            if config.select in SELECTION_SCORES:
+                entry_name, key = SELECTION_SCORES[config.select]
+                score = metrics.get(entry_name, {}).get(key, -math.inf)
+            else:
+                score = epoch
             if config.select == "last" or score > best["score"]:
                 best = {
                     "score": score,
