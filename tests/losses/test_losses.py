@@ -146,3 +146,13 @@ def test_distances_and_kernel_stay_float32_under_autocast():
     assert inside.dtype == torch.float32
     assert torch.allclose(inside, euclidean_distances(x), atol=1e-4)
     assert kernel.item() == pytest.approx(mmd(euclidean_distances(x)[0], euclidean_distances(x)[1]).item(), rel=1e-5)
+
+
+def test_dmmd_terms_stay_finite_when_a_batch_has_one_group_only():
+    # Every pair is then a within-class pair: the between-class term has no samples and contributes nothing.
+    torch.manual_seed(1)
+    x, y = torch.randn(6, 4), torch.randn(6, 4)
+    one = torch.zeros(6, dtype=torch.long)
+    terms = dmmd_terms(x, one, y, one)
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert terms["mmd_between"].item() == 0.0 and terms["mmd_within"].item() > 0

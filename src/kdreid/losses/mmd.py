@@ -41,8 +41,19 @@ def _gaussian_kernel(x: torch.Tensor, y: torch.Tensor, sigmas) -> torch.Tensor:
         squared = (x - y.t()).pow(2)
     else:  # wide embeddings: the expansion avoids an (N, M, D) tensor
         squared = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1)[None, :] - 2.0 * x @ y.t()).clamp_min(0.0)
-    scales = 1.0 / (2.0 * torch.tensor(sigmas, dtype=squared.dtype, device=squared.device))  # (S,)
-    return torch.exp(-squared[..., None] * scales).sum(-1)
+    return torch.exp(-squared[..., None] * _inverse_widths(tuple(sigmas), squared.device)).sum(-1)
+
+
+_WIDTHS: dict = {}
+
+
+def _inverse_widths(sigmas: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """1 / (2σ) as a float32 tensor on `device`, made once: a host-to-device copy per call would stall the GPU's
+    queue every step (and cannot be captured in a CUDA graph)."""
+    key = (sigmas, device)
+    if key not in _WIDTHS:
+        _WIDTHS[key] = 1.0 / (2.0 * torch.tensor(sigmas, dtype=torch.float32, device=device))
+    return _WIDTHS[key]
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor, sigmas=DEFAULT_SIGMAS) -> torch.Tensor:
@@ -55,6 +66,16 @@ def mmd(x: torch.Tensor, y: torch.Tensor, sigmas=DEFAULT_SIGMAS) -> torch.Tensor
         + gaussian_kernel(y, y, sigmas).mean()
         - 2.0 * gaussian_kernel(x, y, sigmas).mean()
     )
+
+
+def weighted_mmd(k_xx: torch.Tensor, k_yy: torch.Tensor, k_xy: torch.Tensor, w_x: torch.Tensor,
+                 w_y: torch.Tensor) -> torch.Tensor:
+    """The biased MMD between the samples of x with weight w_x > 0 and those of y with w_y > 0 (0/1 weights: the
+    MMD of those subsets, as `mmd` computes it), from the kernel matrices of all samples. Fixed shapes whatever
+    the subsets: no host-device synchronisation. k_xx (N, N), k_yy (M, M), k_xy (N, M), w_x (N,), w_y (M,)."""
+    w_x = w_x / w_x.sum().clamp_min(1e-12)
+    w_y = w_y / w_y.sum().clamp_min(1e-12)
+    return w_x @ k_xx @ w_x + w_y @ k_yy @ w_y - 2.0 * (w_x @ k_xy @ w_y)
 
 
 def within_between(dist: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,11 +95,28 @@ def dmmd_terms(
 ) -> dict[str, torch.Tensor]:
     """The three D-MMD terms: MMD of within-class distances, of between-class distances, and of the
     embeddings. The source distance samples are detached, so only the target's distance distributions move
-    towards the source's; the embedding term keeps gradients on both sides, as the original code did."""
-    source_within, source_between = within_between(euclidean_distances(source_embeddings), source_groups)
-    target_within, target_between = within_between(euclidean_distances(target_embeddings), target_groups)
+    towards the source's; the embedding term keeps gradients on both sides, as the original code did.
+
+    Every unordered pair of different images is a sample; the within/between split is a 0/1 weight on the pairs
+    (`weighted_mmd`), equal to `mmd` on the subsets that `within_between` selects but without their
+    data-dependent sizes, so a training step never waits for the GPU to count them."""
+    source_pairs, source_same = _pair_distances(source_embeddings, source_groups)
+    target_pairs, target_same = _pair_distances(target_embeddings, target_groups)
+    source_pairs = source_pairs.detach()
+    with torch.autocast(source_pairs.device.type, enabled=False):
+        k_ss = _gaussian_kernel(source_pairs, source_pairs, sigmas)
+        k_tt = _gaussian_kernel(target_pairs, target_pairs, sigmas)
+        k_st = _gaussian_kernel(source_pairs, target_pairs, sigmas)
     return {
-        "mmd_within": mmd(source_within.detach(), target_within, sigmas),
-        "mmd_between": mmd(source_between.detach(), target_between, sigmas),
+        "mmd_within": weighted_mmd(k_ss, k_tt, k_st, source_same, target_same),
+        "mmd_between": weighted_mmd(k_ss, k_tt, k_st, 1.0 - source_same, 1.0 - target_same),
         "mmd_features": mmd(source_embeddings, target_embeddings, sigmas),
     }
+
+
+def _pair_distances(embeddings: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances of every unordered pair of different images (P,) and whether the pair shares a group (P,) as
+    float 0/1; P = N(N-1)/2."""
+    first, second = torch.triu_indices(len(embeddings), len(embeddings), offset=1, device=embeddings.device)
+    distances = euclidean_distances(embeddings)[first, second]
+    return distances, (groups[first] == groups[second]).float()
