@@ -189,3 +189,12 @@ def test_pipeline_config_errors_are_one_line(flags, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "stages").exists()
+
+
+def test_quick_preset_picks_resnet18_teachers_unless_told_otherwise():
+    from kdreid.stages.presets import resolve_config
+
+    assert resolve_config(pipeline.PipelineConfig, "pipeline", preset="quick").teacher_arch == "resnet18"
+    assert resolve_config(pipeline.PipelineConfig, "pipeline", preset="paper").teacher_arch == "resnet50"
+    chosen = resolve_config(pipeline.PipelineConfig, "pipeline", preset="quick", overrides={"teacher_arch": "resnet34"})
+    assert chosen.teacher_arch == "resnet34"

@@ -34,6 +34,8 @@ PRESETS: dict[str, dict[str, dict]] = {
                                         "scheduler": "multistep", "milestones": [20, 40], "warmup_epochs": 0}}},
     },
     "quick": {
+        # ResNet-18 teachers: ResNet-50 is too slow for 2 CPU cores (the study in docs/algorithms.md used these).
+        "pipeline": {"teacher_arch": "resnet18"},
         "source": {"train": {"epochs": 12, "height": 64, "width": 32, "batch_size": 32, "num_instances": 4,
                              "optim": {"optimizer": "adam", "lr": 1e-3, "scheduler": "cosine",
                                        "warmup_epochs": 2}}},
