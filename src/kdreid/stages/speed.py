@@ -8,7 +8,7 @@ On the CPU every piece is a no-op or the same code path, so CI exercises it with
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -168,17 +168,3 @@ class CompiledStep:
         if self.active and hasattr(torch.compiler, "set_stance"):
             return torch.compiler.set_stance("force_eager")
         return nullcontext()
-
-
-@contextmanager
-def restored_memory_format(modules, device: torch.device):
-    """channels_last on CUDA for the duration of training; the weights leave in the default layout, so that
-    checkpoints, export and CPU evaluation see ordinary tensors."""
-    convert = use_channels_last(device)
-    if convert:
-        to_memory_format(modules, torch.channels_last)
-    try:
-        yield convert
-    finally:
-        if convert:
-            to_memory_format(modules, torch.contiguous_format)
