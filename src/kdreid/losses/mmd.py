@@ -81,9 +81,8 @@ def weighted_mmd(k_xx: torch.Tensor, k_yy: torch.Tensor, k_xy: torch.Tensor, w_x
 def within_between(dist: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a pairwise distance matrix into its within-class and between-class scalar distances.
     dist (N, N), groups (N,) -> (within (n_w,), between (n_b,)); each unordered pair once, no self-pairs."""
-    same = groups[:, None] == groups[None, :]
-    upper = torch.ones_like(same).triu(diagonal=1)
-    return dist[same & upper], dist[~same & upper]
+    pairs, same = _pairs(dist, groups)
+    return pairs[same > 0], pairs[same == 0]
 
 
 def dmmd_terms(
@@ -100,8 +99,8 @@ def dmmd_terms(
     Every unordered pair of different images is a sample; the within/between split is a 0/1 weight on the pairs
     (`weighted_mmd`), equal to `mmd` on the subsets that `within_between` selects but without their
     data-dependent sizes, so a training step never waits for the GPU to count them."""
-    source_pairs, source_same = _pair_distances(source_embeddings, source_groups)
-    target_pairs, target_same = _pair_distances(target_embeddings, target_groups)
+    source_pairs, source_same = _pairs(euclidean_distances(source_embeddings), source_groups)
+    target_pairs, target_same = _pairs(euclidean_distances(target_embeddings), target_groups)
     source_pairs = source_pairs.detach()
     with torch.autocast(source_pairs.device.type, enabled=False):
         k_ss = _gaussian_kernel(source_pairs, source_pairs, sigmas)
@@ -114,9 +113,8 @@ def dmmd_terms(
     }
 
 
-def _pair_distances(embeddings: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distances of every unordered pair of different images (P,) and whether the pair shares a group (P,) as
-    float 0/1; P = N(N-1)/2."""
-    first, second = torch.triu_indices(len(embeddings), len(embeddings), offset=1, device=embeddings.device)
-    distances = euclidean_distances(embeddings)[first, second]
-    return distances, (groups[first] == groups[second]).float()
+def _pairs(dist: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every unordered pair of different images, in row order: its distance (P,) and whether it shares a group
+    (P,) as float 0/1; P = N(N-1)/2, whatever the groups (no data-dependent shape). dist (N, N), groups (N,)."""
+    first, second = torch.triu_indices(len(dist), len(dist), offset=1, device=dist.device)
+    return dist[first, second], (groups[first] == groups[second]).float()

@@ -45,7 +45,7 @@ from kdreid.stages.common import (
 from kdreid.stages.data import BatchSource, combine_train
 from kdreid.stages.loop import StepContext, TrainConfig, fit
 from kdreid.stages.optim import build_optimizer
-from kdreid.stages.pseudo_labels import PseudoLabelConfig, dbscan
+from kdreid.stages.pseudo_labels import PseudoLabelConfig, clustering_distances, dbscan
 
 DMMD_TERMS = ("within", "between", "features")
 
@@ -201,15 +201,11 @@ def _initial_groups(config: AdaptConfig, records: list[ImageRecord]) -> list[int
 
 def pseudo_labels(model, records: list[ImageRecord], config: AdaptConfig, device) -> np.ndarray:
     """DBSCAN clusters of the target's training embeddings on the k-reciprocal Jaccard distance (-1: outlier)."""
-    from kdreid.evaluation.rerank import jaccard_distance
-
     features = extract_features(
         model, records, height=config.train.height, width=config.train.width,
         batch_size=config.eval.batch_size, device=device,
     ).features
-    features = torch.nn.functional.normalize(features, dim=1)
-    distances = jaccard_distance(features, k1=config.pseudo.k1, k2=config.pseudo.k2)
-    return dbscan(distances.cpu().numpy(), config.pseudo.eps, config.pseudo.min_samples)
+    return dbscan(clustering_distances(features, config.pseudo), config.pseudo.eps, config.pseudo.min_samples)
 
 
 def _save_histograms(path, model, source_records, target_records, config: AdaptConfig, device) -> None:

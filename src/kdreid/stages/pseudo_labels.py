@@ -72,15 +72,21 @@ def silhouette(distances: np.ndarray, labels: np.ndarray) -> float:
     return float(s.mean())
 
 
+def clustering_distances(features: torch.Tensor, settings: PseudoLabelConfig) -> np.ndarray:
+    """What the target is clustered on: the k-reciprocal Jaccard distance (N, N) of the L2-normalised
+    embeddings (N, D)."""
+    from kdreid.evaluation.rerank import jaccard_distance
+
+    features = torch.nn.functional.normalize(features.float(), dim=1)
+    return jaccard_distance(features, k1=settings.k1, k2=settings.k2).cpu().numpy()
+
+
 def cluster_quality(features: torch.Tensor, settings: PseudoLabelConfig) -> dict[str, float]:
     """A label-free score of how well a model separates an unlabelled domain: the target's embeddings are
     clustered as for pseudo-labels, and score = 100 × silhouette of the clusters on the Jaccard distance × the
     share of images clustered (a model that leaves most images as outliers does not score by its few tight
     clusters). -100 when fewer than two clusters form."""
-    from kdreid.evaluation.rerank import jaccard_distance
-
-    features = torch.nn.functional.normalize(features.float(), dim=1)
-    distances = jaccard_distance(features, k1=settings.k1, k2=settings.k2).cpu().numpy()
+    distances = clustering_distances(features, settings)
     labels = dbscan(distances, settings.eps, settings.min_samples)
     clustered = float((labels >= 0).mean()) if len(labels) else 0.0
     value = silhouette(distances, labels)
