@@ -10,8 +10,10 @@ evaluation frequency) multiplied by --epochs-scale. Each stage is timed as a who
 evaluation, checkpoint); the stage's own per-epoch training seconds come from its metrics.json.
 
 The extrapolation (printed as such, never as a measurement) is, per stage:
-    setup and evaluation seconds as measured + mean training seconds per epoch × the preset's epochs
-                                             × (full-size training images / the images used here)
+    setup and evaluation seconds as measured + steady training seconds per epoch × the preset's epochs
+                                               × (full-size training images / the images used here)
+where the steady epoch is the mean of every epoch but the first: the first also pays one-off costs (cuDNN
+autotuning, compilation, the caching allocator's growth), which are counted once, with the setup.
 where full size is the real dataset each synthetic domain mimics at --scale 1 (MSMT17 32,621 training images;
 Market-1501 12,936; DukeMTMC-reID 16,522; CUHK03 7,365): the paper's workload. An epoch of source training and of
 adaptation walks the source's images; an epoch of distillation walks the largest target's batches once per target.
@@ -75,8 +77,9 @@ def stage_row(name: str, stage_config, wall: float, args, train_images: dict) ->
             train_images[t] for t in args.targets)
     else:
         ratio = FULL_TRAIN_IMAGES.get(args.source, train_images[args.source]) / train_images[args.source]
-    mean_epoch = sum(epoch_seconds) / len(epoch_seconds)
-    overhead = wall - sum(epoch_seconds)  # decoding, evaluation, checkpoints: not scaled
+    steady = epoch_seconds[1:] or epoch_seconds  # the first epoch's one-off costs are not scaled
+    mean_epoch = sum(steady) / len(steady)
+    overhead = wall - mean_epoch * len(epoch_seconds)  # decoding, evaluation, checkpoints, warm-up: not scaled
     return {"stage": name, "wall_s": wall, "epochs_run": len(epoch_seconds), "train_s": sum(epoch_seconds),
             "mean_epoch_s": mean_epoch, "full_epochs": full_epochs, "image_ratio": ratio,
             "extrapolated_full_s": overhead + mean_epoch * full_epochs * ratio, "kind": stage}
