@@ -10,9 +10,9 @@ themselves. This module follows the paper's definition:
 
 The original code differed (rows of K squared distances as samples, self-distances included, 50 of the 56 group
 pairs of a P=8 batch); see docs/algorithms.md. Its kernel is kept as the default: a *sum* of 19 Gaussians
-exp(−‖a − b‖² / (2σ)) with σ (a variance) from 1e-6 to 1e6. On scalar Euclidean distances of BNNeck-scale
-embeddings (tens of units apart) the bandwidths σ ≈ 1…1e3 carry the signal; the tiny ones contribute only on
-the diagonal of K(X, X), a constant.
+exp(−‖a − b‖² / (2σ)) with σ (a variance) from 1e-6 to 1e6. Which bandwidths carry the signal depends on the
+embeddings' scale (docs/algorithms.md gives measured values); the tiny ones contribute only on the diagonal of
+K(X, X), a constant.
 """
 
 from __future__ import annotations
