@@ -223,6 +223,10 @@ def _add_adapt(commands) -> None:
     p.add_argument("--dmmd-weight", type=float, help="weight of the D-MMD terms")
     p.add_argument("--dmmd-terms", nargs="+", metavar="TERM",
                    help="D-MMD terms in the loss: within between features (default all three)")
+    p.add_argument("--dmmd-source-groups", choices=["identity", "tracklet"],
+                   help="how the source batch's distances split into within/between classes for D-MMD: by "
+                        "identity (default, the paper) or by tracklet (same person and camera), like-for-like "
+                        "with tracklet-grouped targets")
     p.add_argument("--blend", action="store_const", const=True, help="adapt one model to the union of the targets")
     _add_stage_flags(p)
     p.set_defaults(run=_run_adapt)
@@ -235,7 +239,7 @@ def _run_adapt(args) -> int:
     overrides = _stage_overrides(args) | {
         "sources": args.sources, "targets": args.targets, "arch": args.arch, "init": args.init,
         "grouping": args.grouping, "dmmd_start": args.dmmd_start, "dmmd_weight": args.dmmd_weight,
-        "dmmd_terms": args.dmmd_terms,
+        "dmmd_terms": args.dmmd_terms, "dmmd_source_groups": args.dmmd_source_groups,
         "blend": args.blend,
     }
     config = resolve_config(adapt.AdaptConfig, "adapt", preset=args.preset, config_file=args.config,

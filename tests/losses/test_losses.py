@@ -148,6 +148,18 @@ def test_distances_and_kernel_stay_float32_under_autocast():
     assert kernel.item() == pytest.approx(mmd(euclidean_distances(x)[0], euclidean_distances(x)[1]).item(), rel=1e-5)
 
 
+def test_dmmd_term_is_zero_without_gradient_when_one_side_has_no_pair_of_its_kind():
+    # Source groups all different (no within-class pair, as a source batch grouped by tracklet can be): the
+    # within term is undefined and must contribute nothing, rather than pull the target's own pairs around.
+    torch.manual_seed(2)
+    x, y = torch.randn(6, 4), torch.randn(6, 4, requires_grad=True)
+    terms = dmmd_terms(x, torch.arange(6), y, torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert terms["mmd_within"].item() == 0.0
+    (grad,) = torch.autograd.grad(terms["mmd_within"], y)
+    assert torch.count_nonzero(grad) == 0
+    assert terms["mmd_between"].item() > 0  # the other terms are unaffected
+
+
 def test_dmmd_terms_stay_finite_when_a_batch_has_one_group_only():
     # Every pair is then a within-class pair: the between-class term has no samples and contributes nothing.
     torch.manual_seed(1)

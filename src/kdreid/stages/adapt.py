@@ -62,6 +62,10 @@ class AdaptConfig:
     dmmd_weight: float = 1.0
     # Which D-MMD terms enter the loss (all three in the paper); for ablations such as distances only.
     dmmd_terms: list[str] = field(default_factory=lambda: list(DMMD_TERMS))
+    # How the source batch's pairs split into within/between classes for D-MMD. "identity" (the paper): same
+    # person, usually across cameras. "tracklet": same person and camera, the kind of pair a tracklet-grouped
+    # target has (its same-person cross-camera pairs are unknown and fall in "between"); see docs/algorithms.md.
+    dmmd_source_groups: Literal["identity", "tracklet"] = "identity"
     label_smoothing: float = 0.1
     triplet_margin: float = 0.3
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
@@ -88,6 +92,8 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         raise ConfigError(
             f"--dmmd-terms {' '.join(config.dmmd_terms) or '(none)'}: choose one or more of {', '.join(DMMD_TERMS)}"
         )
+    if config.dmmd_source_groups not in ("identity", "tracklet"):
+        raise ConfigError(f"--dmmd-source-groups {config.dmmd_source_groups!r}: choose identity or tracklet")
     train = config.train
     start = begin_stage(config, resume=resume)
     run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets
@@ -112,6 +118,14 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         batch_size=train.batch_size, num_instances=train.num_instances, augment=train.augment, device=device,
         seed=train.seed,
     )
+    source_dmmd_groups = None  # None: the identity labels of the batch
+    if config.dmmd_source_groups == "tracklet":
+        if any(r.tracklet < 0 for r in source_records):
+            raise DatasetError(
+                f"--dmmd-source-groups tracklet: source {'+'.join(config.sources)} has training images without a "
+                "tracklet id; use --dmmd-source-groups identity"
+            )
+        source_dmmd_groups = torch.tensor([r.tracklet for r in source_records], device=device)
     initial_groups = _initial_groups(config, target_records)
     target_batches = BatchSource(
         target_records, initial_groups, height=train.height, width=train.width, batch_size=train.batch_size,
@@ -122,7 +136,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         f"adapt {'+'.join(config.sources)} -> {'+'.join(config.targets)} with {arch}; target grouping: "
         f"{GROUPING_NAMES[config.grouping]}"
         + (" (ORACLE: uses target identity labels)" if config.grouping == "oracle" else "")
-        + f"; D-MMD ({'+'.join(config.dmmd_terms)}) from epoch {config.dmmd_start + 1}, weight {config.dmmd_weight}; "
+        + f"; D-MMD ({'+'.join(config.dmmd_terms)}, source pairs by {config.dmmd_source_groups}) from epoch {config.dmmd_start + 1}, weight {config.dmmd_weight}; "
         f"BatchNorm sees "
         f"{train.batch_size} images per forward"
     )
@@ -153,7 +167,9 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         losses = {"ce": ce, "triplet": triplet}
         total = ce + triplet
         if context.epoch >= config.dmmd_start:
-            terms = dmmd_terms(source_out.embedding, source_labels, target_out.embedding, target_groups)
+            source_groups = (source_labels if source_dmmd_groups is None
+                             else source_dmmd_groups[source_batches.last_index.to(device, non_blocking=True)])
+            terms = dmmd_terms(source_out.embedding, source_groups, target_out.embedding, target_groups)
             losses.update(terms)  # all three are logged; only the chosen ones are minimised
             total = total + config.dmmd_weight * sum(terms[f"mmd_{name}"] for name in config.dmmd_terms)
         return {"loss": total, **losses}

@@ -128,6 +128,7 @@ class BatchSource:
         self.set_labels(labels, batch_size=batch_size, num_instances=num_instances, seed=seed, what=what)
         self._iterator: Iterator[list[int]] | None = None
         self._drawn = 0
+        self.last_index: torch.Tensor | None = None
 
     def set_labels(self, labels: Sequence[int], *, batch_size: int, num_instances: int, seed: int, what: str) -> None:
         """(Re)group the images, e.g. after pseudo-labels are refreshed. Label -1 (outliers) is left out."""
@@ -176,6 +177,7 @@ class BatchSource:
             positions = next(self._iterator)
         self._drawn += 1
         index = torch.as_tensor(self.kept[positions])
+        self.last_index = index  # positions in `records` of the batch just drawn (for per-image fields)
         # non_blocking: the small index copy must not make the host wait for the GPU's queue of work.
         images = self.images[index.to(self.images.device, non_blocking=True)].to(self.device, non_blocking=True)
         labels = self.labels[index].to(self.device, non_blocking=True)
