@@ -136,9 +136,9 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         f"adapt {'+'.join(config.sources)} -> {'+'.join(config.targets)} with {arch}; target grouping: "
         f"{GROUPING_NAMES[config.grouping]}"
         + (" (ORACLE: uses target identity labels)" if config.grouping == "oracle" else "")
-        + f"; D-MMD ({'+'.join(config.dmmd_terms)}, source pairs by {config.dmmd_source_groups}) from epoch {config.dmmd_start + 1}, weight {config.dmmd_weight}; "
-        f"BatchNorm sees "
-        f"{train.batch_size} images per forward"
+        + f"; D-MMD ({'+'.join(config.dmmd_terms)}, source pairs by {config.dmmd_source_groups}) "
+        f"from epoch {config.dmmd_start + 1}, weight {config.dmmd_weight}; "
+        f"BatchNorm sees {train.batch_size} images per forward"
     )
     optimizer = build_optimizer(model.parameters(), train.optim)
     _save_histograms(run_dir.path / "distances_before.npz", model, source_records, target_records, config, device)
