@@ -227,6 +227,8 @@ def _add_adapt(commands) -> None:
                    help="how the source batch's distances split into within/between classes for D-MMD: by "
                         "identity (default, the paper) or by tracklet (same person and camera), like-for-like "
                         "with tracklet-grouped targets")
+    p.add_argument("--dmmd-normalize", action="store_const", const=True,
+                   help="L2-normalise the embeddings inside the D-MMD terms (scale-free; not in the paper)")
     p.add_argument("--blend", action="store_const", const=True, help="adapt one model to the union of the targets")
     _add_stage_flags(p)
     p.set_defaults(run=_run_adapt)
@@ -240,6 +242,7 @@ def _run_adapt(args) -> int:
         "sources": args.sources, "targets": args.targets, "arch": args.arch, "init": args.init,
         "grouping": args.grouping, "dmmd_start": args.dmmd_start, "dmmd_weight": args.dmmd_weight,
         "dmmd_terms": args.dmmd_terms, "dmmd_source_groups": args.dmmd_source_groups,
+        "dmmd_normalize": args.dmmd_normalize,
         "blend": args.blend,
     }
     config = resolve_config(adapt.AdaptConfig, "adapt", preset=args.preset, config_file=args.config,

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kdreid.losses import (
     DEFAULT_SIGMAS,
@@ -146,6 +147,23 @@ def test_distances_and_kernel_stay_float32_under_autocast():
     assert inside.dtype == torch.float32
     assert torch.allclose(inside, euclidean_distances(x), atol=1e-4)
     assert kernel.item() == pytest.approx(mmd(euclidean_distances(x)[0], euclidean_distances(x)[1]).item(), rel=1e-5)
+
+
+def test_normalised_dmmd_terms_ignore_the_embedding_scale_and_raw_ones_do_not():
+    # With fixed kernel bandwidths, scaling the target's embeddings changes the raw terms: training can move
+    # the scale instead of the distributions. Normalised, the terms see directions only.
+    torch.manual_seed(3)
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    raw, raw_scaled = dmmd_terms(x, groups, y, groups), dmmd_terms(x, groups, 3 * y, groups)
+    norm, norm_scaled = (dmmd_terms(x, groups, y, groups, normalize=True),
+                         dmmd_terms(x, groups, 3 * y, groups, normalize=True))
+    unit = dmmd_terms(F.normalize(x, dim=1), groups, F.normalize(y, dim=1), groups)
+    # (rel 1e-2: the narrowest bandwidths magnify float32 rounding of the normalised vectors' distances.)
+    for name in norm:
+        assert norm_scaled[name].item() == pytest.approx(norm[name].item(), rel=1e-2)
+        assert norm[name].item() == pytest.approx(unit[name].item(), rel=1e-2)
+        assert abs(raw_scaled[name].item() / raw[name].item() - 1) > 0.5
 
 
 def test_dmmd_term_is_zero_without_gradient_when_one_side_has_no_pair_of_its_kind():

@@ -101,23 +101,24 @@ def test_adapt_minimises_only_the_chosen_dmmd_terms(source_run, synth_root, tmp_
     assert losses["loss"] == pytest.approx(losses["ce"] + losses["triplet"] + 2 * losses["mmd_within"], rel=1e-4)
 
 
-def test_adapt_can_split_source_pairs_by_tracklet(source_run, synth_root, tmp_path, monkeypatch):
+def test_adapt_can_split_source_pairs_by_tracklet_and_normalise(source_run, synth_root, tmp_path, monkeypatch):
     seen = []
 
-    def spy(source_embeddings, source_groups, target_embeddings, target_groups):
+    def spy(source_embeddings, source_groups, target_embeddings, target_groups, normalize):
+        assert normalize is True
         seen.append(source_groups.clone())
-        return dmmd_terms(source_embeddings, source_groups, target_embeddings, target_groups)
+        return dmmd_terms(source_embeddings, source_groups, target_embeddings, target_groups, normalize=normalize)
 
     monkeypatch.setattr(adapt, "dmmd_terms", spy)
     out = tmp_path / "source-tracklets"
     assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", str(source_run / "model.pt"),
                  "--root", str(synth_root), "--out", str(out), "--dmmd-start", "0",
-                 "--dmmd-source-groups", "tracklet", *TINY]) == 0
+                 "--dmmd-source-groups", "tracklet", "--dmmd-normalize", *TINY]) == 0
     tracklets = {r.tracklet for r in build_dataset("synth_msmt", synth_root).train}
     assert seen and all(set(groups.tolist()) <= tracklets for groups in seen)
     # A source batch holds K images of each of P identities; split by tracklet, some identity spans cameras.
     assert any(len(set(groups.tolist())) > 16 // 4 for groups in seen)
-    assert "source pairs by tracklet" in (out / "log.txt").read_text()
+    assert "source pairs by tracklet, normalised embeddings" in (out / "log.txt").read_text()
 
 
 def test_adapt_selects_by_the_label_free_target_score(source_run, synth_root, tmp_path):

@@ -93,14 +93,20 @@ def dmmd_terms(
     target_embeddings: torch.Tensor,
     target_groups: torch.Tensor,
     sigmas=DEFAULT_SIGMAS,
+    normalize: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The three D-MMD terms: MMD of within-class distances, of between-class distances, and of the
-    embeddings. The source distance samples are detached, so only the target's distance distributions move
+    embeddings. `normalize` L2-normalises the embeddings first: the kernel's bandwidths are fixed, so on raw
+    embeddings the terms also change with the embedding's overall scale, which training can then move instead
+    of the distributions' shape (docs/algorithms.md shows it happening). The source distance samples are detached, so only the target's distance distributions move
     towards the source's; the embedding term keeps gradients on both sides, as the original code did.
 
     Every unordered pair of different images is a sample; the within/between split is a 0/1 weight on the pairs
     (`weighted_mmd`), equal to `mmd` on the subsets that `within_between` selects but without their
     data-dependent sizes, so a training step never waits for the GPU to count them."""
+    if normalize:
+        source_embeddings = torch.nn.functional.normalize(source_embeddings, dim=1)
+        target_embeddings = torch.nn.functional.normalize(target_embeddings, dim=1)
     source_pairs, source_same = _pairs(euclidean_distances(source_embeddings), source_groups)
     target_pairs, target_same = _pairs(euclidean_distances(target_embeddings), target_groups)
     source_pairs = source_pairs.detach()

@@ -66,6 +66,9 @@ class AdaptConfig:
     # person, usually across cameras. "tracklet": same person and camera, the kind of pair a tracklet-grouped
     # target has (its same-person cross-camera pairs are unknown and fall in "between"); see docs/algorithms.md.
     dmmd_source_groups: Literal["identity", "tracklet"] = "identity"
+    # L2-normalise the embeddings inside the D-MMD terms (not in the paper): removes the scale the fixed kernel
+    # bandwidths otherwise let training change instead of the distributions.
+    dmmd_normalize: bool = False
     label_smoothing: float = 0.1
     triplet_margin: float = 0.3
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
@@ -136,7 +139,8 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         f"adapt {'+'.join(config.sources)} -> {'+'.join(config.targets)} with {arch}; target grouping: "
         f"{GROUPING_NAMES[config.grouping]}"
         + (" (ORACLE: uses target identity labels)" if config.grouping == "oracle" else "")
-        + f"; D-MMD ({'+'.join(config.dmmd_terms)}, source pairs by {config.dmmd_source_groups}) "
+        + f"; D-MMD ({'+'.join(config.dmmd_terms)}, source pairs by {config.dmmd_source_groups}"
+        + (", normalised embeddings" if config.dmmd_normalize else "") + ") "
         f"from epoch {config.dmmd_start + 1}, weight {config.dmmd_weight}; "
         f"BatchNorm sees {train.batch_size} images per forward"
     )
@@ -169,7 +173,8 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         if context.epoch >= config.dmmd_start:
             source_groups = (source_labels if source_dmmd_groups is None
                              else source_dmmd_groups[source_batches.last_index.to(device, non_blocking=True)])
-            terms = dmmd_terms(source_out.embedding, source_groups, target_out.embedding, target_groups)
+            terms = dmmd_terms(source_out.embedding, source_groups, target_out.embedding, target_groups,
+                               normalize=config.dmmd_normalize)
             losses.update(terms)  # all three are logged; only the chosen ones are minimised
             total = total + config.dmmd_weight * sum(terms[f"mmd_{name}"] for name in config.dmmd_terms)
         return {"loss": total, **losses}
