@@ -98,8 +98,9 @@ def dmmd_terms(
     """The three D-MMD terms: MMD of within-class distances, of between-class distances, and of the
     embeddings. `normalize` L2-normalises the embeddings first: the kernel's bandwidths are fixed, so on raw
     embeddings the terms also change with the embedding's overall scale, which training can then move instead
-    of the distributions' shape (docs/algorithms.md shows it happening). The source distance samples are detached, so only the target's distance distributions move
-    towards the source's; the embedding term keeps gradients on both sides, as the original code did.
+    of the distributions' shape (docs/algorithms.md shows it happening). The source distance samples are
+    detached, so only the target's distance distributions move towards the source's; the embedding term keeps
+    gradients on both sides, as the original code did.
 
     Every unordered pair of different images is a sample; the within/between split is a 0/1 weight on the pairs
     (`weighted_mmd`), equal to `mmd` on the subsets that `within_between` selects but without their
