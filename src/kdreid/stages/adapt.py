@@ -95,8 +95,6 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         raise ConfigError(
             f"--dmmd-terms {' '.join(config.dmmd_terms) or '(none)'}: choose one or more of {', '.join(DMMD_TERMS)}"
         )
-    if config.dmmd_source_groups not in ("identity", "tracklet"):
-        raise ConfigError(f"--dmmd-source-groups {config.dmmd_source_groups!r}: choose identity or tracklet")
     train = config.train
     start = begin_stage(config, resume=resume)
     run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets

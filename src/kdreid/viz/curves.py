@@ -42,24 +42,14 @@ def training_curves(metrics: Mapping, path: str | Path, title: str = "") -> Path
         total = name == "loss"
         loss_axes.plot(epochs, values, marker="o", markersize=3, label=name, color="black" if total else
                        next(colours, None), linewidth=2.2 if total else 1.3)
-    loss_axes.set_title("training losses (epoch means)", fontsize=10)
-    loss_axes.set_xlabel("epoch")
-    loss_axes.set_ylabel("loss")
-    loss_axes.grid(alpha=0.3)
-    if losses:
-        loss_axes.legend(fontsize=8)
+    _finish_axes(loss_axes, "training losses (epoch means)", "loss", legend=bool(losses))
     colours = iter(PALETTE)
     for dataset, points in maps.items():
         epochs, values = zip(*points)
         map_axes.plot(epochs, values, marker="o", markersize=4, label=dataset, color=next(colours, None),
                       linestyle="--" if dataset == "source-val" else "-")
-    map_axes.set_title("mAP (%) when evaluated", fontsize=10)
-    map_axes.set_xlabel("epoch")
-    map_axes.set_ylabel("mAP (%)")
-    map_axes.grid(alpha=0.3)
-    if maps:
-        map_axes.legend(fontsize=8)
-    else:
+    _finish_axes(map_axes, "mAP (%) when evaluated", "mAP (%)", legend=bool(maps))
+    if not maps:
         map_axes.text(0.5, 0.5, "no evaluation recorded", ha="center", va="center", transform=map_axes.transAxes)
     # Whole epochs on the x axes: a fractional epoch tick would suggest measurements that do not exist.
     for axes in (loss_axes, map_axes):
@@ -68,3 +58,13 @@ def training_curves(metrics: Mapping, path: str | Path, title: str = "") -> Path
         figure.suptitle(title, fontsize=11)
     figure.tight_layout()
     return save_png(figure, path)
+
+
+def _finish_axes(axes, title: str, ylabel: str, *, legend: bool) -> None:
+    """Title, epoch x label, y label and grid of one panel; the legend when something was plotted."""
+    axes.set_title(title, fontsize=10)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    if legend:
+        axes.legend(fontsize=8)
