@@ -268,6 +268,8 @@ def _add_distill(commands) -> None:
                    help="order of the targets: random, as given, or by ascending domain shift (MMD)")
     p.add_argument("--kd-style", choices=["outputs", "feats", "all"],
                    help="outputs: embedding distances; feats: stage maps (margin loss); all: both")
+    p.add_argument("--kd-feature", choices=["embedding", "neck"],
+                   help="the vectors outputs-KD compares: embedding (before BNNeck, default) or neck (after it)")
     p.add_argument("--lkdt-weight", type=float, help="weight of KD on target images (default 1)")
     p.add_argument("--lkds-weight", type=float, help="weight of KD on source images (default 0)")
     p.add_argument("--lda-weight", type=float, help="weight of the student's own D-MMD + CE + triplet (default 0)")
@@ -285,7 +287,7 @@ def _run_distill(args) -> int:
         "sources": args.sources, "targets": args.targets, "arch": args.arch, "teachers": args.teachers,
         "teacher_arch": args.teacher_arch, "teacher_mode": args.teacher_mode, "student_init": args.student_init,
         "pretrained": args.pretrained, "target_alt": args.target_alt, "target_order": args.target_order,
-        "kd_style": args.kd_style, "lkdt_weight": args.lkdt_weight, "lkds_weight": args.lkds_weight,
+        "kd_style": args.kd_style, "kd_feature": args.kd_feature, "lkdt_weight": args.lkdt_weight, "lkds_weight": args.lkds_weight,
         "lda_weight": args.lda_weight, "multi_head": args.multi_head, "data.combineall": args.combineall,
     }
     config = resolve_config(distill.DistillConfig, "distill", preset=args.preset, config_file=args.config,

@@ -53,6 +53,7 @@ def test_shapes_of_every_model(name):
     assert [bn.num_features for bn in model.stage_batchnorms()] == list(channels)
     # eval output = BNNeck(embedding) with the running statistics
     assert torch.allclose(features, model.bnneck(everything.embedding), atol=1e-6)
+    assert torch.allclose(everything.neck, features)  # Out.neck is the retrieval feature
 
 
 def test_last_stride_two_halves_the_last_map():

@@ -155,6 +155,30 @@ def _spy_on_steps(monkeypatch):
     return steps
 
 
+def test_kd_feature_picks_the_vectors_whose_distances_are_matched(three_domains, checkpoints, tmp_path, monkeypatch):
+    # A teacher whose BNNeck shifts every feature by -1000: its neck is far below zero, its embedding (a pooled
+    # ReLU map) is not, so the vectors that reach the KD loss tell which space was compared.
+    torch.manual_seed(0)
+    teacher = build_model("resnet_tiny", 7)
+    teacher.bnneck.running_mean.fill_(1000.0)
+    path = str(save_checkpoint(tmp_path / "shifted.pt", teacher, extra={"stage": "adapt"}))
+    seen = []
+    real = distill.distance_kd
+
+    def spy(student_vectors, teacher_vectors):
+        seen.append(float(teacher_vectors.max()))
+        return real(student_vectors, teacher_vectors)
+
+    monkeypatch.setattr(distill, "distance_kd", spy)
+    for feature in ("embedding", "neck"):
+        seen.clear()
+        args = ["distill", "-s", "synth_msmt", "-t", "synth_duke", "-a", "osnet_tiny", "--teachers", path,
+                "--student-init", checkpoints["student"], "--root", str(three_domains), "--out",
+                str(tmp_path / feature), "--epochs", "1", "--kd-feature", feature, *TINY]
+        assert main(args) == 0
+        assert seen and (min(seen) >= 0 if feature == "embedding" else max(seen) < -100)
+
+
 def test_lr_steps_once_per_epoch_and_each_target_steps_once_per_iteration(three_domains, checkpoints, tmp_path,
                                                                          monkeypatch):
     # The original's batch engine stepped the schedule once per teacher per epoch (T times too fast).

@@ -2,7 +2,7 @@
 feature projectors, weight loading and kdreid checkpoints.
 
     model = build_model("osnet_x0_25", num_classes=751, pretrained="imagenet")
-    out = model(images)              # train mode: Out(feature_maps, embedding, logits)
+    out = model(images)              # train mode: Out(feature_maps, embedding, logits, neck)
     features = model.eval()(images)  # eval mode: (N, model.embedding_dim)
     save_checkpoint("model.pt", model, config=cfg, datasets=["market1501"], metrics={"mAP": 0.7})
     model = load_checkpoint("model.pt")   # eval mode, CPU, metadata in model.kdreid_meta

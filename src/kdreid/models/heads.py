@@ -8,9 +8,9 @@ the ones torchvision / torchreid checkpoints use) and implements `forward_stages
     neck     = bnneck(embedding)            BNNeck (Luo et al., "Bag of tricks", CVPRW 2019), when enabled
     logits   = classifier(neck)             one Linear per head, no bias
 
-Training mode returns `Out(feature_maps, embedding, logits)`: triplet / distillation losses use `embedding`
-(before BNNeck), cross-entropy uses `logits`. Eval mode returns `neck`, the retrieval feature, unless
-`return_all=True`.
+Training mode returns `Out(feature_maps, embedding, logits, neck)`: triplet / distillation losses use
+`embedding` (before BNNeck; distillation can use `neck` instead), cross-entropy uses `logits`. Eval mode returns
+`neck`, the retrieval feature, unless `return_all=True`.
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ class Out(NamedTuple):
     embedding:    (N, model.embedding_dim), pooled feature before BNNeck.
     logits:       (N, num_classes) tensor; a list of per-head tensors when num_heads > 1; None when the
                   model has no classifier (num_classes == 0).
+    neck:         (N, model.embedding_dim), the retrieval feature (after BNNeck; the embedding without one).
     """
 
     feature_maps: list[torch.Tensor]
     embedding: torch.Tensor
     logits: torch.Tensor | list[torch.Tensor] | None
+    neck: torch.Tensor | None = None
 
 
 def head_key(key: str) -> bool:
@@ -162,5 +164,5 @@ class ReidModel(nn.Module):
             logits = self.classifier(neck)
         else:
             logits = None
-        return Out(feature_maps, embedding, logits)
+        return Out(feature_maps, embedding, logits, neck)
 

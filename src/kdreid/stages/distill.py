@@ -7,8 +7,9 @@ batch geometry:
              + lda · (D-MMD(source, target t) + CE + triplet on the source, with the student's own classifier)
 
 where KD = ‖D(student) − D(teacher)‖_F on the cosine-distance matrices of the pre-BNNeck embeddings
-(`kd_style outputs`), or Heo et al.'s margin loss on the stage maps through 1×1 conv+BN projectors
-(`feats`, scaled by `feats_weight`), or both (`all`). See kdreid.losses.distill.
+(`kd_style outputs`; `kd_feature: neck` compares the retrieval features after BNNeck instead), or Heo et
+al.'s margin loss on the stage maps through 1×1 conv+BN projectors (`feats`, scaled by `feats_weight`), or both
+(`all`). See kdreid.losses.distill.
 
 How the visits map onto the shared loop, which does one backward and one optimiser step per `train_step` call:
 
@@ -80,6 +81,9 @@ class DistillConfig:
     target_alt: Literal["batch", "full"] = "batch"
     target_order: Literal["random", "fixed", "shift"] = "random"
     kd_style: Literal["outputs", "feats", "all"] = "outputs"
+    # Which vectors `outputs` KD compares: the pre-BNNeck embedding (DESIGN §5, the original's space) or the
+    # retrieval feature after BNNeck, whose geometry is the one evaluated (docs/algorithms.md says when it helps).
+    kd_feature: Literal["embedding", "neck"] = "embedding"
     lkdt_weight: float = 1.0  # KD on target images
     lkds_weight: float = 0.0  # KD on source images (with the same teacher)
     lda_weight: float = 0.0  # the student's own D-MMD + CE + triplet
@@ -295,9 +299,9 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         f"distill {'+'.join(config.sources)} -> {' '.join(config.targets)}: student {student.arch} "
         f"({sum(p.numel() for p in student.parameters()):,} parameters), teachers "
         + ", ".join(f"{t.model.arch} ({path})" for t, path in zip(teachers, config.teachers))
-        + f"; target_alt {config.target_alt}, order {config.target_order}, kd_style {config.kd_style}, "
-        f"lkdt {config.lkdt_weight}, lkds {config.lkds_weight}, lda {config.lda_weight}, teachers in "
-        f"{config.teacher_mode} mode; {batches_per_epoch} optimiser steps per epoch"
+        + f"; target_alt {config.target_alt}, order {config.target_order}, kd_style {config.kd_style} "
+        f"on the {config.kd_feature}, lkdt {config.lkdt_weight}, lkds {config.lkds_weight}, "
+        f"lda {config.lda_weight}, teachers in {config.teacher_mode} mode; {batches_per_epoch} optimiser steps per epoch"
     )
     if config.multi_head and config.lda_weight == 0:
         log.warning("--multi-head without --lda-weight: no loss reaches the classifiers, so the heads stay as they are")
@@ -371,7 +375,8 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         teacher_out = teachers[t](images)
         terms = {}
         if use_outputs:
-            terms[f"kd_{prefix}"] = distance_kd(student_out.embedding, teacher_out.embedding)
+            terms[f"kd_{prefix}"] = distance_kd(getattr(student_out, config.kd_feature),
+                                                getattr(teacher_out, config.kd_feature))
         if use_feats:
             terms[f"feat_{prefix}"] = config.feats_weight * feature_kd(
                 projectors[t], student_out.feature_maps, teacher_out.feature_maps, teachers[t].margins
