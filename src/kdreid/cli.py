@@ -287,8 +287,9 @@ def _run_distill(args) -> int:
         "sources": args.sources, "targets": args.targets, "arch": args.arch, "teachers": args.teachers,
         "teacher_arch": args.teacher_arch, "teacher_mode": args.teacher_mode, "student_init": args.student_init,
         "pretrained": args.pretrained, "target_alt": args.target_alt, "target_order": args.target_order,
-        "kd_style": args.kd_style, "kd_feature": args.kd_feature, "lkdt_weight": args.lkdt_weight, "lkds_weight": args.lkds_weight,
-        "lda_weight": args.lda_weight, "multi_head": args.multi_head, "data.combineall": args.combineall,
+        "kd_style": args.kd_style, "kd_feature": args.kd_feature, "lkdt_weight": args.lkdt_weight,
+        "lkds_weight": args.lkds_weight, "lda_weight": args.lda_weight, "multi_head": args.multi_head,
+        "data.combineall": args.combineall,
     }
     config = resolve_config(distill.DistillConfig, "distill", preset=args.preset, config_file=args.config,
                             overrides=overrides)

@@ -11,6 +11,7 @@ import yaml
 from kdreid.cli import main
 from kdreid.models import build_model, count_macs, count_parameters, load_checkpoint
 from kdreid.stages import pipeline
+from kdreid.stages.presets import PRESETS
 
 TARGETS = ["synth_duke", "synth_cuhk"]
 STAGES = ["source_resnet_tiny", "source_osnet_tiny", "teacher_synth_duke", "teacher_synth_cuhk", "blend", "distill"]
@@ -166,14 +167,17 @@ def test_stage_state_follows_config_inputs_and_crashes(tmp_path):
 
 
 def test_stage_settings_layer_over_the_preset():
+    quick = PRESETS["quick"]
     config = pipeline.PipelineConfig(targets=["market1501", "cuhk03"], preset="quick",
-                                     common={"train": {"seed": 3}}, adapt={"train.epochs": 2},
+                                     common={"train": {"seed": 3}}, adapt={"train.epochs": 5},
                                      blend={"dmmd_weight": 0.5}, distill={"train": {"optim": {"lr": 0.1}}})
     configs = pipeline.stage_configs(config)
-    assert configs["source_resnet50"].train.epochs == 12 and configs["source_resnet50"].train.seed == 3
-    assert configs["teacher_cuhk03"].train.epochs == 2 and configs["teacher_cuhk03"].dmmd_weight == 1.0
-    assert configs["blend"].train.epochs == 2 and configs["blend"].dmmd_weight == 0.5
-    assert configs["distill"].train.optim.lr == 0.1 and configs["distill"].train.epochs == 6
+    source = configs["source_resnet50"].train
+    assert source.epochs == quick["source"]["train"]["epochs"] and source.seed == 3
+    assert configs["teacher_cuhk03"].train.epochs == 5 and configs["teacher_cuhk03"].dmmd_weight == 1.0
+    assert configs["blend"].train.epochs == 5 and configs["blend"].dmmd_weight == 0.5
+    distill_train = configs["distill"].train
+    assert distill_train.optim.lr == 0.1 and distill_train.epochs == quick["distill"]["train"]["epochs"]
     # What the pipeline wires cannot be overridden by a stage setting.
     wired = pipeline.stage_configs(pipeline.PipelineConfig(distill={"teachers": ["x.pt"], "out": "elsewhere"}))
     assert len(wired["distill"].teachers) == 3 and wired["distill"].out == "runs/pipeline/stages/distill"

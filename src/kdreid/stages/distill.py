@@ -301,7 +301,8 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         + ", ".join(f"{t.model.arch} ({path})" for t, path in zip(teachers, config.teachers))
         + f"; target_alt {config.target_alt}, order {config.target_order}, kd_style {config.kd_style} "
         f"on the {config.kd_feature}, lkdt {config.lkdt_weight}, lkds {config.lkds_weight}, "
-        f"lda {config.lda_weight}, teachers in {config.teacher_mode} mode; {batches_per_epoch} optimiser steps per epoch"
+        f"lda {config.lda_weight}, teachers in {config.teacher_mode} mode; "
+        f"{batches_per_epoch} optimiser steps per epoch"
     )
     if config.multi_head and config.lda_weight == 0:
         log.warning("--multi-head without --lda-weight: no loss reaches the classifiers, so the heads stay as they are")
