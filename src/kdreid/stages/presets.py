@@ -50,7 +50,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         # BNNeck): their pooled embeddings are packed so tightly in angle that the distances' structure is a tiny
         # part of the loss there (docs/algorithms.md, "The quick student").
         "distill": {"kd_feature": "neck",
-                    "train": {"epochs": 8, "height": 64, "width": 32, "batch_size": 32, "num_instances": 4,
+                    "train": {"epochs": 7, "height": 64, "width": 32, "batch_size": 32, "num_instances": 4,
                               "eval_freq": 0,
                               "optim": {"optimizer": "adam", "lr": 3e-3, "scheduler": "cosine",
                                         "warmup_epochs": 0}}},
