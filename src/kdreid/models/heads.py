@@ -42,7 +42,7 @@ class Out(NamedTuple):
     feature_maps: list[torch.Tensor]
     embedding: torch.Tensor
     logits: torch.Tensor | list[torch.Tensor] | None
-    neck: torch.Tensor | None = None
+    neck: torch.Tensor
 
 
 def head_key(key: str) -> bool:
