@@ -101,6 +101,24 @@ def test_adapt_minimises_only_the_chosen_dmmd_terms(source_run, synth_root, tmp_
     assert losses["loss"] == pytest.approx(losses["ce"] + losses["triplet"] + 2 * losses["mmd_within"], rel=1e-4)
 
 
+def test_a_control_run_logs_the_dmmd_terms_without_building_their_graph(source_run, synth_root, tmp_path,
+                                                                         monkeypatch):
+    grad_enabled = []
+
+    def spy(*args, **kwargs):
+        grad_enabled.append(torch.is_grad_enabled())
+        return dmmd_terms(*args, **kwargs)
+
+    monkeypatch.setattr(adapt, "dmmd_terms", spy)
+    out = tmp_path / "control"
+    assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", str(source_run / "model.pt"),
+                 "--root", str(synth_root), "--out", str(out), "--dmmd-start", "0", "--dmmd-weight", "0",
+                 *TINY]) == 0
+    losses = json.loads((out / "metrics.json").read_text())["epochs"][0]["losses"]
+    assert grad_enabled and not any(grad_enabled)
+    assert losses["mmd_within"] > 0 and losses["loss"] == pytest.approx(losses["ce"] + losses["triplet"], rel=1e-4)
+
+
 def test_adapt_can_split_source_pairs_by_tracklet_and_normalise(source_run, synth_root, tmp_path, monkeypatch):
     seen = []
 
