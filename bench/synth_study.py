@@ -93,6 +93,8 @@ def main() -> int:
     parser.add_argument("--ablations", action="store_true", help="also pseudo-label and oracle grouping")
     parser.add_argument("--calibration", action="store_true",
                         help="only the source stage (source-only on the targets) and the in-domain runs")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic domains (another draw of "
+                        "identities and cameras: the calibration's spread)")
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--deadline", type=float, default=1e9, help="seconds; jobs still running are killed")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
@@ -106,7 +108,7 @@ def main() -> int:
     for gap in args.gaps:
         data = out / f"data_g{gap}"
         subprocess.run(kdreid("data", "synth", "--out", str(data), "--scale", str(args.scale), "--size", args.size,
-                              "--gap", str(gap), "--seed", "0", "--workers", str(args.workers)),
+                              "--gap", str(gap), "--seed", str(args.data_seed), "--workers", str(args.workers)),
                        check=True, stdout=subprocess.DEVNULL)
         print(f"[{time.time() - START:6.0f} s] data gap {gap} written", flush=True)
         root = ["--root", str(data), "--preset", "quick"]
