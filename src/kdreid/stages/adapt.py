@@ -172,7 +172,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
             source_groups = (source_labels if source_dmmd_groups is None
                              else source_dmmd_groups[source_batches.last_index.to(device, non_blocking=True)])
             minimised = config.dmmd_weight != 0
-            # A control run (weight 0) still logs the terms; without their graph they cost half as much.
+            # A control run (weight 0) still logs the terms, but builds no graph and runs no backward through them.
             with torch.set_grad_enabled(torch.is_grad_enabled() and minimised):
                 terms = dmmd_terms(source_out.embedding, source_groups, target_out.embedding, target_groups,
                                    normalize=config.dmmd_normalize)
