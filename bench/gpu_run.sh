@@ -70,7 +70,7 @@ $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvisio
 # 1. Throughput: kdreid (eager) / bare step / plain / torchreid for ResNet-50 and OSNet x0.25, then distillation.
 #    Generates the synthetic domains first (synth_market 0.2 = 2.6k training images; 3 targets at 0.04).
 step train_speed 240 60 $PY bench/train_speed.py "${COMMON[@]}" "${SPEED[@]}" \
-  --only kdreid bare plain torchreid distill --data "$DATA" --work "$SCRATCH/work" --json "$OUT/train_speed.json"
+  --only kdreid bare data plain torchreid distill --data "$DATA" --work "$SCRATCH/work" --json "$OUT/train_speed.json"
 
 # 2. torch.compile with CUDA graphs for the launch-bound OSNet x0.25 (compilation takes a minute or two).
 step compile_osnet 160 60 $PY bench/train_speed.py "${COMMON[@]}" "${COMPILE[@]}" --only compiled \

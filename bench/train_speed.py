@@ -1,12 +1,14 @@
 """Training throughput (images/s) of source training, side by side, on the same synthetic images on disk:
 
-  kdreid        the stage's own path: uint8 image cache on the device, batch augmentation there, bf16 autocast,
-                channels_last, fused optimiser, losses read every `log_freq` steps; timed inside `fit` (the loop
-                every stage runs) with the source stage's `train_step`
+  kdreid        the stage's own path, eager (--compile off): uint8 image cache on the device, batch augmentation
+                there, bf16 autocast, channels_last, fused optimiser, losses read every `log_freq` steps; timed
+                inside `fit` (the loop every stage runs) with the source stage's `train_step`
   kdreid+compile the same with `--compile MODE` (torch.compile of the model; reduce-overhead = CUDA graphs)
   plain         a plain PyTorch loop: DataLoader workers decoding JPEGs, torchvision CPU transforms (Resize,
                 RandomHorizontalFlip, Pad+RandomCrop, ToTensor, torchreid's RandomErasing), fp32, same model/losses
   bare step     the model step alone on one fixed device batch (no data path, no loop): the eager ceiling
+  data path     kdreid's batches alone (P×K sampling, cache gather, augmentation on the device), no model: what
+                the data path costs a step, host launch time included
   torchreid     torchreid 0.2.5's own ImageDataManager (RandomIdentitySampler) and ImageTripletEngine step, loaded
                 from the sdist in .cache/reference/ (its cv2/gdown imports stubbed: only visualisation uses them)
 
@@ -18,9 +20,11 @@ query/gallery.
     python bench/train_speed.py --device cuda               # R50 and OSNet x0.25, batch 64 (16×4), 256×128
     python bench/train_speed.py --device cuda --only kdreid --compile reduce-overhead --models osnet_x0_25
     python bench/train_speed.py --device cuda --accuracy --only none
+    python bench/train_speed.py --device cuda --accuracy --only none --acc-paths fast compiled --acc-arch resnet18
 
 Batch 64 = P 16 × K 4 at 256×128, CE (label smoothing 0.1) + batch-hard triplet (0.3), Adam. kdreid's ResNet-50
-uses last stride 1 (the stage default, 1.5× the FLOPs); torchreid's resnet50 uses its own default, last stride 2.
+uses last stride 1 (the stage default, 1.5× the FLOPs; `--last-stride 2` times kdreid's paths at torchreid's
+stride); torchreid's resnet50 uses its own default, last stride 2.
 kdreid paths: one warm-up epoch of --steps steps (compilation happens there), then one timed epoch of --steps.
 """
 
@@ -63,7 +67,7 @@ from kdreid.stages.optim import OptimConfig, build_optimizer, learning_rate  # n
 
 SOURCE = "synth_market"
 TARGETS = ("synth_duke", "synth_cuhk", "synth_msmt")
-ALL_PATHS = ("kdreid", "compiled", "bare", "plain", "torchreid", "distill")
+ALL_PATHS = ("kdreid", "compiled", "bare", "data", "plain", "torchreid", "distill")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -115,7 +119,8 @@ def kdreid_speed(args, arch: str, records, cache: torch.Tensor, compile_mode: st
     """The source stage's train_step inside `fit`: epoch 1 warms up (compiles), epoch 2 is timed by `fit`."""
     device = select_device(args.device)
     seed_everything(0, False)
-    config = source.SourceConfig(sources=[SOURCE], arch=arch, train=base_train_config(args, compile=compile_mode))
+    config = source.SourceConfig(sources=[SOURCE], arch=arch, last_stride=args.last_stride,
+                                 train=base_train_config(args, compile=compile_mode))
     num_classes = 1 + max(r.pid for r in records)
     model = build_model(arch, num_classes, pretrained="none", last_stride=config.last_stride).to(device)
     batches = BatchSource(
@@ -149,7 +154,7 @@ def bare_speed(args, arch: str, num_classes: int) -> dict:
     CUDA, channels_last, fused Adam, the same losses; a ceiling for the eager kdreid path."""
     device = select_device(args.device)
     torch.manual_seed(0)
-    model = build_model(arch, num_classes, pretrained="none", last_stride=1).to(device).train()
+    model = build_model(arch, num_classes, pretrained="none", last_stride=args.last_stride).to(device).train()
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model.to(memory_format=layout)
     optimizer = build_optimizer(model.parameters(), OptimConfig(optimizer="adam", lr=3.5e-4))
@@ -175,6 +180,30 @@ def bare_speed(args, arch: str, num_classes: int) -> dict:
     seconds = time.perf_counter() - started
     return {"images_per_s": args.steps * args.batch / seconds, "seconds": seconds, "steps": args.steps,
             "loss": float(loss.detach())}
+
+
+# ------------------------------------------------------------------------------------------------ data path alone
+def data_speed(args, records, cache: torch.Tensor) -> dict:
+    """kdreid's batches without a model: P×K sampling on the host, the gather from the device cache and the
+    augmentation kernels. Its host time per batch is what a launch-bound step pays on top of the bare step."""
+    device = select_device(args.device)
+    batches = BatchSource(
+        records, [r.pid for r in records], height=args.height, width=args.width, batch_size=args.batch,
+        num_instances=args.instances, augment=AugmentConfig(), device=device, seed=0, images=cache,
+    )
+    batches.start_epoch(0)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for _ in range(args.warmup):
+        batches.next_batch(generator)
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        images, _ = batches.next_batch(generator)
+    host_seconds = time.perf_counter() - started  # the host is free again: all launched, nothing waited for
+    sync(device)
+    seconds = time.perf_counter() - started
+    return {"images_per_s": args.steps * args.batch / seconds, "seconds": seconds, "steps": args.steps,
+            "host_ms_per_batch": host_seconds / args.steps * 1e3, "ms_per_batch": seconds / args.steps * 1e3}
 
 
 # ------------------------------------------------------------------------------------------------ plain PyTorch
@@ -228,7 +257,8 @@ class PlainTrainer:
         self.args = args
         self.optim = optim or OptimConfig(optimizer="adam", lr=3.5e-4, warmup_epochs=0)
         num_classes = 1 + max(r.pid for r in records)
-        self.model = build_model(arch, num_classes, pretrained="none", last_stride=1).to(self.device).train()
+        self.model = build_model(arch, num_classes, pretrained="none", last_stride=args.last_stride)
+        self.model = self.model.to(self.device).train()
         self.optimizer = build_optimizer(self.model.parameters(), self.optim, fused=False)
         self.sampler = PKSampler([r.pid for r in records], args.batch, args.instances, seed=seed)
         cuda = self.device.type == "cuda"
@@ -376,36 +406,41 @@ def distill_speed(args, root: Path, work: Path, compile_mode: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ accuracy check
 def accuracy_check(args, root: Path, work: Path) -> dict:
-    """The same short training from scratch with the fast path (the source stage itself) and the plain path;
-    mAP on the domain's query/gallery, per seed, mean ± std."""
+    """The same short training from scratch on each of --acc-paths: the fast path (the source stage itself,
+    eager), the same compiled (--acc-compile) and the plain path; mAP on the domain's query/gallery, per seed,
+    mean ± std."""
     dataset, records = train_records(root)
     optim = OptimConfig(optimizer="adam", lr=3.5e-4, scheduler="cosine", warmup_epochs=1)
-    rows = {"fast": [], "plain": []}
+    rows: dict[str, list[float]] = {name: [] for name in args.acc_paths}
     for seed in args.seeds:
-        train = base_train_config(args, epochs=args.acc_epochs, seed=seed, compile=args.acc_compile, optim=optim)
-        out = Path(tempfile.mkdtemp(dir=work, prefix=f"acc_fast_{seed}_")) / "run"
-        config = source.SourceConfig(sources=[SOURCE], arch=args.acc_arch, out=str(out),
-                                     data=DataOptions(root=str(root)), train=train, eval=EvalOptions(batch_size=256))
-        started = time.perf_counter()
-        with contextlib.redirect_stderr(io.StringIO()):
-            result = source.run(config)
-        fast_s = time.perf_counter() - started
-        rows["fast"].append(result.final[SOURCE]["mAP"])
-
-        started = time.perf_counter()
-        trainer = PlainTrainer(args, args.acc_arch, records, seed=seed, optim=optim)
-        trainer.train_epochs(args.acc_epochs)
-        metrics = evaluate_datasets(trainer.model, [dataset], train, trainer.device, EvalOptions(batch_size=256),
-                                    DataOptions(root=str(root)))
-        plain_s = time.perf_counter() - started
-        rows["plain"].append(metrics[SOURCE]["mAP"])
-        print(f"[accuracy] seed {seed}: fast mAP {rows['fast'][-1]:.1f} ({fast_s:.0f} s incl. eval), "
-              f"plain mAP {rows['plain'][-1]:.1f} ({plain_s:.0f} s incl. eval)", flush=True)
+        timings = []
+        for name in args.acc_paths:
+            started = time.perf_counter()
+            if name == "plain":
+                train = base_train_config(args, epochs=args.acc_epochs, seed=seed, optim=optim)
+                trainer = PlainTrainer(args, args.acc_arch, records, seed=seed, optim=optim)
+                trainer.train_epochs(args.acc_epochs)
+                metrics = evaluate_datasets(trainer.model, [dataset], train, trainer.device,
+                                            EvalOptions(batch_size=256), DataOptions(root=str(root)))
+            else:
+                mode = args.acc_compile if name == "compiled" else "off"
+                train = base_train_config(args, epochs=args.acc_epochs, seed=seed, compile=mode, optim=optim)
+                out = Path(tempfile.mkdtemp(dir=work, prefix=f"acc_{name}_{seed}_")) / "run"
+                config = source.SourceConfig(sources=[SOURCE], arch=args.acc_arch, last_stride=args.last_stride,
+                                             out=str(out), data=DataOptions(root=str(root)), train=train,
+                                             eval=EvalOptions(batch_size=256))
+                with contextlib.redirect_stderr(io.StringIO()):
+                    metrics = source.run(config).final
+                if name == "compiled" and "failed" in (out / "log.txt").read_text():
+                    print(f"[accuracy] seed {seed}: the compiled run fell back to eager (see {out / 'log.txt'})")
+            rows[name].append(metrics[SOURCE]["mAP"])
+            timings.append(f"{name} mAP {rows[name][-1]:.1f} ({time.perf_counter() - started:.0f} s incl. eval)")
+        print(f"[accuracy] seed {seed}: " + ", ".join(timings), flush=True)
     summary = {name: {"mAP": values, "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))
                       if len(values) > 1 else 0.0} for name, values in rows.items()}
     summary["setting"] = (f"{args.acc_arch} from scratch, {args.acc_epochs} epochs, {len(records)} images of {SOURCE}, "
-                          f"{args.height}x{args.width}, batch {args.batch}, Adam 3.5e-4 cosine, fast compile "
-                          f"{args.acc_compile}")
+                          f"{args.height}x{args.width}, batch {args.batch}, Adam 3.5e-4 cosine"
+                          + (f", compiled = --compile {args.acc_compile}" if "compiled" in rows else ""))
     return summary
 
 
@@ -442,7 +477,11 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--acc-arch", default="resnet50")
     parser.add_argument("--acc-epochs", type=int, default=12)
-    parser.add_argument("--acc-compile", default="off")
+    parser.add_argument("--acc-paths", nargs="+", default=["fast", "plain"], choices=["fast", "compiled", "plain"],
+                        help="paths of the accuracy check (compiled: the fast path with --acc-compile)")
+    parser.add_argument("--acc-compile", default="reduce-overhead", help="compile mode of the 'compiled' path")
+    parser.add_argument("--last-stride", type=int, default=1, choices=[1, 2],
+                        help="ResNet last stride of kdreid's paths (1: the stage default; torchreid uses 2)")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke run in < 1 min: 64x32, batch 16, 2 steps, tiny domains (figures meaningless)")
     args = parser.parse_args(argv)
@@ -489,7 +528,7 @@ def main(argv=None) -> dict:
         dataset, records = train_records(root)
         print(f"[setup] {SOURCE}: {len(records)} training images, {dataset.num_train_pids} identities", flush=True)
         cache = None
-        if {"kdreid", "compiled"} & set(paths):
+        if {"kdreid", "compiled", "data"} & set(paths):
             started = time.perf_counter()
             cache = decode_images([r.path for r in records], args.height, args.width, workers=args.workers)
             print(f"[setup] decoded {len(records)} images into the uint8 cache in {time.perf_counter() - started:.1f} s"
@@ -508,24 +547,29 @@ def main(argv=None) -> dict:
             if "images_per_s" in row:
                 print(f"[run] {label}: {row['images_per_s']:,.0f} img/s "
                       f"({row['steps']} steps in {row['seconds']:.2f} s)"
-                      + (f"; warm-up epoch {row['warmup_epoch_s']:.1f} s" if "warmup_epoch_s" in row else ""),
+                      + (f"; warm-up epoch {row['warmup_epoch_s']:.1f} s" if "warmup_epoch_s" in row else "")
+                      + (f"; host {row['host_ms_per_batch']:.2f} ms a batch" if "host_ms_per_batch" in row else ""),
                       flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             return row
 
+        if "data" in paths:  # the same for every model
+            attempt("data path (no model)", lambda: data_speed(args, records, cache))
         for arch in args.models:
+            # A ResNet timed at another last stride is another network: its rows say so.
+            name = f"{arch}@stride{args.last_stride}" if arch.startswith("resnet") and args.last_stride != 1 else arch
             if "kdreid" in paths:
-                attempt(f"{arch} kdreid", lambda: kdreid_speed(args, arch, records, cache, "off", work))
+                attempt(f"{name} kdreid", lambda: kdreid_speed(args, arch, records, cache, "off", work))
             if "compiled" in paths and arch in (args.compile_models or args.models):
-                attempt(f"{arch} kdreid+compile({args.compile})",
+                attempt(f"{name} kdreid+compile({args.compile})",
                         lambda: kdreid_speed(args, arch, records, cache, args.compile, work))
             if "bare" in paths:
-                attempt(f"{arch} bare step", lambda: bare_speed(args, arch, dataset.num_train_pids))
+                attempt(f"{name} bare step", lambda: bare_speed(args, arch, dataset.num_train_pids))
             if "plain" in paths:
-                attempt(f"{arch} plain", lambda: PlainTrainer(args, arch, records).speed(args.warmup, args.steps))
+                attempt(f"{name} plain", lambda: PlainTrainer(args, arch, records).speed(args.warmup, args.steps))
             if "torchreid" in paths:
-                attempt(f"{arch} torchreid", lambda: torchreid_speed(args, arch, root, work))
+                attempt(f"{name} torchreid", lambda: torchreid_speed(args, arch, root, work))
         if "distill" in paths:
             attempt(f"distill 3 teachers ({args.student} student)",
                     lambda: distill_speed(args, root, work, args.distill_compile))
@@ -562,14 +606,16 @@ def print_table(results: dict, args) -> None:
             print(f"{label:<44} {row['images_per_s']:>9,.0f} {ratios[0]:>13} {ratios[1]:>9}")
     accuracy = results.get("accuracy")
     if accuracy:
-        print(f"\n## Accuracy, fast vs plain path ({accuracy['setting']})")
-        for name in ("fast", "plain"):
+        paths = [name for name in ("fast", "compiled", "plain") if name in accuracy]
+        print(f"\n## Accuracy, {' vs '.join(paths)} ({accuracy['setting']})")
+        for name in paths:
             row = accuracy[name]
-            print(f"{name:<6} mAP per seed {', '.join(f'{v:.1f}' for v in row['mAP'])}: "
+            print(f"{name:<8} mAP per seed {', '.join(f'{v:.1f}' for v in row['mAP'])}: "
                   f"mean {row['mean']:.1f} ± {row['std']:.1f} (sample std over {len(row['mAP'])} seeds)")
-        gap = accuracy["fast"]["mean"] - accuracy["plain"]["mean"]
-        spread = max(accuracy["fast"]["std"], accuracy["plain"]["std"])
-        print(f"fast − plain = {gap:+.1f} mAP; largest seed spread {spread:.1f}")
+        for name in paths[1:]:
+            gap = accuracy[paths[0]]["mean"] - accuracy[name]["mean"]
+            spread = max(accuracy[paths[0]]["std"], accuracy[name]["std"])
+            print(f"{paths[0]} − {name} = {gap:+.1f} mAP; largest seed spread {spread:.1f}")
 
 
 if __name__ == "__main__":

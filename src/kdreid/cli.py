@@ -119,7 +119,8 @@ def _add_stage_flags(p) -> None:
     p.add_argument("--eval-freq", type=int, help="evaluate every N epochs (0: at the end only)")
     p.add_argument("--compile", choices=["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile the trained model (reduce-overhead: CUDA graphs, for small models on a GPU); "
-                        "auto = off; falls back to eager with a warning if compilation fails")
+                        "auto: reduce-overhead for OSNet in the source stage on a GPU, off otherwise; falls back "
+                        "to eager with a warning if compilation fails")
     p.add_argument("--select", choices=["last", "source-val", "target-clusters"],
                    help="which epoch's weights to keep: the last, the best on held-out source identities, or the "
                         "best label-free clustering score of the targets' training images; never on target test "

@@ -11,7 +11,7 @@ from kdreid.data.augment import AugmentConfig, augment_batch
 from kdreid.rundir import RunDir
 from kdreid.stages.loop import TrainConfig, fit
 from kdreid.stages.optim import OptimConfig, build_optimizer
-from kdreid.stages.speed import CompiledStep, LossWindow
+from kdreid.stages.speed import CompiledStep, LossWindow, auto_compile_mode, resolve_compile
 from kdreid.errors import ConfigError, TrainingError
 
 DATA = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
@@ -103,6 +103,17 @@ def test_cuda_graph_mode_needs_a_gpu(caplog):
     assert compiled.mode == "default" and "need a GPU" in caplog.text
     compiled.release()
     assert model._compiled_call_impl is None
+
+
+def test_compile_auto_is_cuda_graphs_for_osnet_on_one_gpu_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing runs on them
+    assert auto_compile_mode("osnet_x0_25") == "reduce-overhead" and auto_compile_mode("resnet50") == "off"
+    assert resolve_compile("auto", cuda, auto_compile_mode("osnet_x0_25")) == "reduce-overhead"
+    assert resolve_compile("auto", cuda, auto_compile_mode("resnet50")) == "off"
+    assert resolve_compile("auto", cpu, "reduce-overhead") == "off"  # compiling for a CPU takes minutes
+    assert resolve_compile("auto", cuda, "reduce-overhead", distributed=True) == "off"
+    assert resolve_compile("auto", cuda) == "off"  # stages other than the source stage
+    assert resolve_compile("default", cpu) == "default"  # an explicit mode is always obeyed
 
 
 def test_unknown_compile_mode_is_a_config_error():

@@ -76,7 +76,7 @@ class TrainConfig:
     select: Literal["last", "source-val", "target-clusters"] = "last"
     source_val_ids: float = 0.1  # fraction of source training identities held out when select = source-val
     log_freq: int = 20  # iterations between reads of the losses from the device (and NaN checks)
-    compile: str = "auto"  # auto (= off) | off | default | reduce-overhead | max-autotune-no-cudagraphs
+    compile: str = "auto"  # auto (the stage's choice on CUDA, off on CPU) | off | default | reduce-overhead | ...
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -150,6 +150,9 @@ def fit(**arguments) -> FitResult:
     a checkpoint written inside an epoch (SIGINT/SIGTERM); resuming there restores them instead of calling
     `before_epoch`, so the epoch goes on exactly as it would have.
 
+    `compile_auto`: the compile mode that `--compile auto` stands for in this stage on CUDA (see
+    `speed.auto_compile_mode`); on a CPU auto is always off.
+
     SIGINT and SIGTERM are handled while this runs (the previous handlers are restored afterwards): the step in
     flight finishes, a checkpoint is written at that position and `TrainingInterrupted` is raised. A second
     signal stops at once (KeyboardInterrupt).
@@ -173,6 +176,7 @@ def _train(
     resumables: Mapping[str, Any] | None = None,
     resume: bool = False,
     log=None,
+    compile_auto: str = "off",
 ) -> FitResult:
     log = log or run.logger()
     stop.log = log
@@ -229,7 +233,8 @@ def _train(
     tune_backends(device, config.deterministic)
     if channels_last:
         to_memory_format(modules.values(), torch.channels_last)
-    compiled = CompiledStep(model, resolve_compile(config.compile, device), device, log)
+    mode = resolve_compile(config.compile, device, compile_auto, distributed.is_distributed())
+    compiled = CompiledStep(model, mode, device, log)
 
     for epoch in range(start_epoch, config.epochs):
         resuming_inside = inside is not None and epoch == start_epoch

@@ -25,6 +25,7 @@ from kdreid.stages.common import (
 from kdreid.stages.data import BatchSource, combine_train, hold_out_validation
 from kdreid.stages.loop import StepContext, TrainConfig, fit
 from kdreid.stages.optim import build_optimizer
+from kdreid.stages.speed import auto_compile_mode
 
 
 @dataclass
@@ -88,6 +89,7 @@ def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
         run=run_dir, config=train, stage_config=config, modules={"model": model}, optimizer=optimizer,
         batches_per_epoch=len(batches), train_step=train_step, evaluate=evaluate,
         before_epoch=batches.start_epoch, resumables={"batches": batches}, resume=resume, log=log,
+        compile_auto=auto_compile_mode(config.arch),
     )
     # `held_out` lets adapt and distill rebuild the same label space (and validation split) from the same data.
     held_out = {"fraction": train.source_val_ids, "seed": train.seed} if validation is not None else None

@@ -85,10 +85,20 @@ def to_memory_format(modules, memory_format: torch.memory_format) -> None:
         module.to(memory_format=memory_format)
 
 
-def resolve_compile(mode: str, device: torch.device) -> str:
-    """The compile mode to use: "auto" is off (the eager step is the tested default on every device)."""
+def auto_compile_mode(arch: str) -> str:
+    """What `--compile auto` means for a stage training `arch` on a GPU. OSNet's eager step is launch-bound
+    (hundreds of small kernels: x0.25 trains at 1,113 img/s eagerly on an H200 and 6,621 with CUDA graphs), and
+    training with CUDA graphs reached the eager mAP (ResNet-18, 3 seeds; docs/training-speed.md). The ResNets'
+    eager step is much less launch-bound, so they stay eager unless asked (compilation takes minutes per run)."""
+    return "reduce-overhead" if arch.startswith("osnet") else "off"
+
+
+def resolve_compile(mode: str, device: torch.device, auto: str = "off", distributed: bool = False) -> str:
+    """The compile mode to use. "auto" is the stage's `auto` on one GPU and off elsewhere: compiling for a CPU
+    takes minutes, and with several processes SyncBatchNorm's collectives run inside the forward, where CUDA
+    graphs have not been tried."""
     if mode == "auto":
-        return "off"
+        return auto if device.type == "cuda" and not distributed else "off"
     if mode not in COMPILE_MODES:
         raise ConfigError(f"--compile {mode!r} is not one of auto, {', '.join(COMPILE_MODES)}")
     return mode
