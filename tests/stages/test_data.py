@@ -54,6 +54,7 @@ def test_batch_source_draws_pk_batches_of_augmented_images():
         assert batch.shape == (6, 3, 8, 4) and labels.tolist()[0:3] == [labels[0].item()] * 3
         index = (batch[:, 0, 0, 0] * 255).round().long()
         assert [records[i].pid for i in index.tolist()] == labels.tolist()
+        assert source.last_index.tolist() == index.tolist()  # the batch's positions, for per-image fields
     source.set_labels([-1] * 9 + [r.pid for r in records[9:]], batch_size=6, num_instances=3, seed=0, what="ids")
     source.start_epoch(0)
     batch, labels = source.next_batch(torch.Generator().manual_seed(0))

@@ -11,7 +11,7 @@ from kdreid.data.augment import AugmentConfig, augment_batch
 from kdreid.rundir import RunDir
 from kdreid.stages.loop import TrainConfig, fit
 from kdreid.stages.optim import OptimConfig, build_optimizer
-from kdreid.stages.speed import CompiledStep, LossWindow, auto_compile_mode, resolve_compile
+from kdreid.stages.speed import CompiledStep, LossWindow, auto_compile_mode, host_to_device, resolve_compile
 from kdreid.errors import ConfigError, TrainingError
 
 DATA = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
@@ -114,6 +114,19 @@ def test_compile_auto_is_cuda_graphs_for_osnet_on_one_gpu_only():
     assert resolve_compile("auto", cuda, "reduce-overhead", distributed=True) == "off"
     assert resolve_compile("auto", cuda) == "off"  # stages other than the source stage
     assert resolve_compile("default", cpu) == "default"  # an explicit mode is always obeyed
+
+
+def test_a_batch_index_goes_to_the_gpu_through_pinned_memory(monkeypatch):
+    # From pageable memory CUDA synchronises the stream before the copy: the host would wait for the GPU each
+    # step. Nothing runs on a GPU here; the test records the calls.
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: calls.append((args, kwargs)) or self)
+    host_to_device(torch.arange(3), torch.device("cuda"))
+    assert calls == ["pin", ((torch.device("cuda"),), {"non_blocking": True})]
+    calls.clear()
+    host_to_device(torch.arange(3), torch.device("cpu"))
+    assert calls == [((torch.device("cpu"),), {})]  # no pinning without a GPU
 
 
 def test_unknown_compile_mode_is_a_config_error():

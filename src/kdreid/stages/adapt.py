@@ -170,7 +170,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         total = ce + triplet
         if context.epoch >= config.dmmd_start:
             source_groups = (source_labels if source_dmmd_groups is None
-                             else source_dmmd_groups[source_batches.last_index.to(device, non_blocking=True)])
+                             else source_dmmd_groups[source_batches.last_index])
             minimised = config.dmmd_weight != 0
             # A control run (weight 0) still logs the terms, but builds no graph and runs no backward through them.
             with torch.set_grad_enabled(torch.is_grad_enabled() and minimised):

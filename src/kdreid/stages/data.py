@@ -15,6 +15,7 @@ from kdreid.data.cache import decode_images
 from kdreid.data.datasets.base import ImageRecord, ReidDataset, build_dataset
 from kdreid.data.samplers import PKSampler
 from kdreid.errors import DatasetError
+from kdreid.stages.speed import host_to_device
 
 
 def load_datasets(names: Sequence[str], root: str, options: dict | None = None) -> list[ReidDataset]:
@@ -128,13 +129,14 @@ class BatchSource:
         self.set_labels(labels, batch_size=batch_size, num_instances=num_instances, seed=seed, what=what)
         self._iterator: Iterator[list[int]] | None = None
         self._drawn = 0
-        self.last_index: torch.Tensor | None = None
+        self.last_index: torch.Tensor | None = None  # the last batch's positions in `records`, on `device`
 
     def set_labels(self, labels: Sequence[int], *, batch_size: int, num_instances: int, seed: int, what: str) -> None:
         """(Re)group the images, e.g. after pseudo-labels are refreshed. Label -1 (outliers) is left out."""
         labels = np.asarray(labels, dtype=np.int64)
         self.kept = np.flatnonzero(labels >= 0)
         self.labels = torch.as_tensor(labels)
+        self._device_labels = self.labels.to(self.device)  # once per grouping, not per batch
         # Under torchrun each process draws its share (whole groups) of every global P×K batch.
         self.sampler = PKSampler(labels[self.kept], batch_size, num_instances, seed=seed, what=what,
                                  rank=distributed.rank(), world_size=distributed.world_size())
@@ -176,11 +178,11 @@ class BatchSource:
             self._drawn = 0
             positions = next(self._iterator)
         self._drawn += 1
-        index = torch.as_tensor(self.kept[positions])
-        self.last_index = index  # positions in `records` of the batch just drawn (for per-image fields)
-        # non_blocking: the small index copy must not make the host wait for the GPU's queue of work.
-        images = self.images[index.to(self.images.device, non_blocking=True)].to(self.device, non_blocking=True)
-        labels = self.labels[index].to(self.device, non_blocking=True)
+        # The batch's one host-to-device copy: its positions in `records` (also kept for per-image fields).
+        index = host_to_device(torch.as_tensor(self.kept[positions]), self.device)
+        self.last_index = index
+        images = self.images[index]  # the cache lives on `device`
+        labels = self._device_labels[index]
         # channels_last on CUDA, the layout the training loop gives the model there.
         layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         return augment_batch(images, self.augment, generator, memory_format=layout), labels

@@ -93,6 +93,18 @@ def auto_compile_mode(arch: str) -> str:
     return "reduce-overhead" if arch.startswith("osnet") else "off"
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` (a small host tensor: a batch's indices) on `device`, without making the host wait for the GPU.
+
+    CUDA performs a stream synchronisation before a copy from pageable host memory ("API synchronization
+    behavior" in the CUDA runtime docs), `non_blocking` or not: the host would wait for all queued work, every
+    step. A copy from pinned memory is queued like a kernel; PyTorch's caching host allocator keeps the pinned
+    block until that copy has run."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def resolve_compile(mode: str, device: torch.device, auto: str = "off", distributed: bool = False) -> str:
     """The compile mode to use. "auto" is the stage's `auto` on one GPU and off elsewhere: compiling for a CPU
     takes minutes, and with several processes SyncBatchNorm's collectives run inside the forward, where CUDA
