@@ -558,18 +558,20 @@ def main(argv=None) -> dict:
             attempt("data path (no model)", lambda: data_speed(args, records, cache))
         for arch in args.models:
             # A ResNet timed at another last stride is another network: its rows say so.
-            name = f"{arch}@stride{args.last_stride}" if arch.startswith("resnet") and args.last_stride != 1 else arch
+            restrided = arch.startswith("resnet") and args.last_stride != 1
+            model_label = f"{arch}@stride{args.last_stride}" if restrided else arch
             if "kdreid" in paths:
-                attempt(f"{name} kdreid", lambda: kdreid_speed(args, arch, records, cache, "off", work))
+                attempt(f"{model_label} kdreid", lambda: kdreid_speed(args, arch, records, cache, "off", work))
             if "compiled" in paths and arch in (args.compile_models or args.models):
-                attempt(f"{name} kdreid+compile({args.compile})",
+                attempt(f"{model_label} kdreid+compile({args.compile})",
                         lambda: kdreid_speed(args, arch, records, cache, args.compile, work))
             if "bare" in paths:
-                attempt(f"{name} bare step", lambda: bare_speed(args, arch, dataset.num_train_pids))
+                attempt(f"{model_label} bare step", lambda: bare_speed(args, arch, dataset.num_train_pids))
             if "plain" in paths:
-                attempt(f"{name} plain", lambda: PlainTrainer(args, arch, records).speed(args.warmup, args.steps))
+                attempt(f"{model_label} plain",
+                        lambda: PlainTrainer(args, arch, records).speed(args.warmup, args.steps))
             if "torchreid" in paths:
-                attempt(f"{name} torchreid", lambda: torchreid_speed(args, arch, root, work))
+                attempt(f"{model_label} torchreid", lambda: torchreid_speed(args, arch, root, work))
         if "distill" in paths:
             attempt(f"distill 3 teachers ({args.student} student)",
                     lambda: distill_speed(args, root, work, args.distill_compile))
