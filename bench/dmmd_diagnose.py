@@ -6,10 +6,10 @@ batches, under each way of grouping them, and the D-MMD terms between them.
 It draws `--batches` P×K batches from each side (as the adapt stage does: the source by identity; the target by
 tracklet, and by identity for comparison), runs the model in training mode without gradients (each BatchNorm
 normalises one domain's batch, as in the adapt step), and prints, per grouping, the mean within-class and
-between-class Euclidean distances of the embeddings (before BNNeck, what the loss sees) and the mean D-MMD terms
-against the source. A target grouping whose within-class pairs are of another kind than the source's (same
-camera vs across cameras) shows up as a large `mmd_within` that aligning cannot remove without moving the
-target's same-person pairs apart. Target identity labels are read for this diagnostic only.
+between-class Euclidean distances of the embeddings (before BNNeck, what the loss sees; `--normalize` for the
+quick preset's L2-normalised D-MMD) and the mean D-MMD terms against the source. A target grouping whose
+within-class pairs are of another kind than the source's (same camera vs across cameras) shows up as a large
+`mmd_within` that aligning cannot remove without moving the target's same-person pairs apart. Target identity labels are read for this diagnostic only.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     parser.add_argument("-p", type=int, default=8)
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--normalize", action="store_true",
+                        help="L2-normalise the embeddings first, as `kdreid adapt --dmmd-normalize` (the quick preset)")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -79,6 +81,8 @@ def main(argv=None) -> int:
             s_idx = draw_batch(rng, source_groups[s_name], args.p, args.k)
             t_idx = draw_batch(rng, target_groups[t_name], args.p, args.k)
             s_emb, t_emb = embed(model, source, s_idx, size), embed(model, target, t_idx, size)
+            if args.normalize:
+                s_emb, t_emb = (torch.nn.functional.normalize(e, dim=1) for e in (s_emb, t_emb))
             s_lab = torch.as_tensor(source_groups[s_name][s_idx])
             t_lab = torch.as_tensor(target_groups[t_name][t_idx])
             terms = {k: v.item() for k, v in dmmd_terms(s_emb, s_lab, t_emb, t_lab).items()}
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
                  terms["mmd_within"], terms["mmd_between"], terms["mmd_features"]])
 
     print(f"{args.model}: {args.source} -> {args.target}, {args.batches} batches of {args.p}x{args.k} per row, "
-          f"{size[0]}x{size[1]}; mean over batches")
+          f"{size[0]}x{size[1]}{', L2-normalised' if args.normalize else ''}; mean over batches")
     header = ("source groups", "target groups", "src within", "src between", "tgt within", "tgt between",
               "mmd_within", "mmd_between", "mmd_features")
     print(" | ".join(header))

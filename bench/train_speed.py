@@ -515,6 +515,7 @@ def main(argv=None) -> dict:
                      "batch": args.batch, "steps": args.steps, "speed": {}}
     with work_context as work:
         work = Path(work)
+        work.mkdir(parents=True, exist_ok=True)  # a named --work folder need not exist yet
         root = Path(args.data) if args.data else work / "data"
         paths = [p for p in args.only if p != "none"]
         size = (args.height, args.width) if args.tiny else None  # tiny images render faster
