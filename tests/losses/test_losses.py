@@ -13,6 +13,7 @@ from kdreid.losses import (
     cross_entropy_label_smoothing,
     dmmd_terms,
     euclidean_distances,
+    gaussian_kernel,
     mmd,
     within_between,
 )
@@ -94,6 +95,26 @@ def test_mmd_on_vectors_matches_direct_sum():
     )
     assert mmd(x, y).item() == pytest.approx(expected, rel=1e-4)
     assert mmd(x, x).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def _mmd_float64(x, y):
+    def kernel(a, b):  # exact differences, no expansion
+        squared = (a[:, None, :] - b[None, :, :]).pow(2).sum(-1)
+        return sum(torch.exp(-squared / (2 * s)) for s in DEFAULT_SIGMAS)
+
+    x, y = x.double(), y.double()
+    return (kernel(x, x).mean() + kernel(y, y).mean() - 2 * kernel(x, y).mean()).item()
+
+
+def test_mmd_of_wide_embeddings_keeps_the_exact_kernel_diagonal():
+    # 2048-d embeddings of norm ~45, as a ResNet-50's pooled features: in float32 the expansion
+    # |x|² + |y|² - 2x·y leaves rounding of ~1e-4 where x_i meets itself, which the narrow bandwidths
+    # (1/(2σ) up to 5e5) would turn into a diagonal anywhere between 15.8 and 19.
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 2048), torch.randn(32, 2048) + 0.05
+    assert torch.equal(gaussian_kernel(x, x).diagonal(), torch.full((32,), float(len(DEFAULT_SIGMAS))))
+    assert mmd(x, y).item() == pytest.approx(_mmd_float64(x, y), abs=1e-4)
+    assert mmd(x, x).item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_within_between_groups_by_label_not_position():

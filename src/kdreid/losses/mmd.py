@@ -35,12 +35,18 @@ def gaussian_kernel(x: torch.Tensor, y: torch.Tensor, sigmas=DEFAULT_SIGMAS) -> 
 
 
 def _gaussian_kernel(x: torch.Tensor, y: torch.Tensor, sigmas) -> torch.Tensor:
+    same = x is y
     x = x.float().reshape(len(x), -1)
-    y = y.float().reshape(len(y), -1)
+    y = x if same else y.float().reshape(len(y), -1)
     if x.shape[1] == 1:  # scalar samples (distances): the exact difference, cheap at (N, M)
         squared = (x - y.t()).pow(2)
     else:  # wide embeddings: the expansion avoids an (N, M, D) tensor
         squared = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1)[None, :] - 2.0 * x @ y.t()).clamp_min(0.0)
+        if same:
+            # Each sample against itself: exactly 0. The expansion leaves float32 rounding there (~1e-4 for
+            # 2048-d features of norm ~45), which the narrow bandwidths (1/(2σ) up to 5e5) would turn into a
+            # diagonal anywhere between ~16 and 19 instead of the constant 19.
+            squared = squared.fill_diagonal_(0.0)
     return torch.exp(-squared[..., None] * _inverse_widths(tuple(sigmas), squared.device)).sum(-1)
 
 
