@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU command of issue 7: training throughput (kdreid vs plain PyTorch vs torchreid 0.2.5), the distillation
-# stage, torch.compile for OSNet x0.25, the fast-vs-plain accuracy check and the pipeline's time per stage.
+# stage, torch.compile for OSNet x0.25, the fast-vs-plain accuracy check, D-MMD compiled and the pipeline's time per
+# stage.
 #
 #   bash bench/gpu_run.sh                 # on the GPU machine, from the repository root; results under $OUT
 #   TINY=1 bash bench/gpu_run.sh          # CPU smoke run of the same script (every step, tiny settings)
@@ -80,6 +81,9 @@ step compile_osnet 160 60 $PY bench/train_speed.py "${COMMON[@]}" "${COMPILE[@]}
 # 3. Accuracy: the same short training, fast path (the source stage) vs plain DataLoader path, 3 seeds.
 step accuracy 160 60 $PY bench/train_speed.py "${COMMON[@]}" "${ACCURACY[@]}" --only none --accuracy \
   --data "$DATA" --work "$SCRATCH/work" --json "$OUT/accuracy.json"
+
+# 3b. D-MMD's terms eager vs compiled (what `kdreid adapt --compile` adds), ResNet-50's 2048-d embeddings.
+step compile_dmmd 120 60 $PY bench/dmmd_cost.py --device cuda --compiled --dims 2048 --batch-sizes 32 64 --repeats 50
 
 # 4. Whatever time is left: the pipeline's stages on the same domains, a shortened paper schedule, extrapolated.
 step pipeline_time "$PIPE_MAX" 45 $PY bench/pipeline_time.py "${PIPE[@]}" --data "$PIPE_DATA" --out "$SCRATCH/pipeline" \

@@ -118,7 +118,8 @@ def _add_stage_flags(p) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--eval-freq", type=int, help="evaluate every N epochs (0: at the end only)")
     p.add_argument("--compile", choices=["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-                   help="torch.compile the trained model (reduce-overhead: CUDA graphs, for small models on a GPU); "
+                   help="torch.compile the trained model, and in adapt the D-MMD terms (reduce-overhead: CUDA "
+                        "graphs, for small models on a GPU); "
                         "auto: reduce-overhead for OSNet in the source stage on a GPU, off otherwise; falls back "
                         "to eager with a warning if compilation fails")
     p.add_argument("--select", choices=["last", "source-val", "target-clusters"],

@@ -33,6 +33,10 @@ def test_loss_window_means_and_first_bad_step():
         window.flush()
 
 
+def squared_error(prediction, target):
+    return (prediction - target).pow(2).mean()
+
+
 def _fit(tmp_path, name, compile="off", log_freq=3):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -42,7 +46,9 @@ def _fit(tmp_path, name, compile="off", log_freq=3):
 
     def step(ctx):
         index = torch.randint(0, 64, (8,), generator=ctx.generator)
-        loss = (model(DATA[index]).squeeze(1) - TARGETS[index]).pow(2).mean()
+        # From the second epoch the loss goes through the stage's compile, as D-MMD does from --dmmd-start.
+        loss_fn = ctx.compile_loss(squared_error) if ctx.epoch >= 1 else squared_error
+        loss = loss_fn(model(DATA[index]).squeeze(1), TARGETS[index])
         return {"loss": loss, "mse": loss}
 
     evaluated_eagerly = []
@@ -94,6 +100,36 @@ def test_compile_failure_falls_back_to_eager_and_says_why(tmp_path, monkeypatch)
     assert "torch.compile (default) failed (RuntimeError: inductor needs a C++ compiler); training eagerly" in log
     for a, b in zip(eager.parameters(), fallen.parameters()):
         torch.testing.assert_close(a, b)  # the failed first step left no trace: same result as eager
+
+
+def test_a_stage_loss_compiles_with_the_step_and_its_late_failure_falls_back(tmp_path, monkeypatch):
+    eager, eager_result, _ = _fit(tmp_path, "eager")
+    original, compiled_fns = torch.compile, []
+
+    def spy(fn, **kwargs):
+        compiled_fns.append((fn, kwargs.get("mode")))
+        return original(fn, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", spy)
+    compiled, compiled_result, log = _fit(tmp_path, "compiled", compile="default")
+    assert (squared_error, "default") in compiled_fns and "failed" not in log
+    assert compiled_result.epochs[1]["losses"] == pytest.approx(eager_result.epochs[1]["losses"])
+
+    # The loss first runs in the second epoch, after the guarded first step: its own first call is guarded.
+    def loss_breaks(fn, **kwargs):
+        if fn is not squared_error:
+            return original(fn, backend="eager")
+
+        def call(*args, **kw):
+            raise RuntimeError("no Triton for this loss")
+        return call
+
+    monkeypatch.setattr(torch, "compile", loss_breaks)
+    fallen, _, log = _fit(tmp_path, "fallen", compile="default")
+    assert "torch.compile (default) failed (RuntimeError: no Triton for this loss); training eagerly" in log
+    for a, b in zip(eager.parameters(), fallen.parameters()):
+        torch.testing.assert_close(a, b)
+    assert fallen._compiled_call_impl is None
 
 
 def test_cuda_graph_mode_needs_a_gpu(caplog):

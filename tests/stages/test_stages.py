@@ -119,6 +119,24 @@ def test_a_control_run_logs_the_dmmd_terms_without_building_their_graph(source_r
     assert losses["mmd_within"] > 0 and losses["loss"] == pytest.approx(losses["ce"] + losses["triplet"], rel=1e-4)
 
 
+def test_a_compiled_adaptation_compiles_the_dmmd_terms(source_run, synth_root, tmp_path, monkeypatch):
+    original, compiled_fns = torch.compile, []
+
+    def eager_backend(fn, **kwargs):  # dynamo's real path without inductor's C++ build (minutes on 2 cores)
+        compiled_fns.append(fn)
+        return original(fn, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_backend)
+    out = tmp_path / "compiled"
+    assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", str(source_run / "model.pt"),
+                 "--root", str(synth_root), "--out", str(out), "--dmmd-start", "1", "--compile", "default",
+                 *TINY]) == 0
+    assert dmmd_terms in compiled_fns
+    log = (out / "log.txt").read_text()
+    assert "torch.compile (default)" in log and "failed" not in log
+    assert json.loads((out / "metrics.json").read_text())["epochs"][1]["losses"]["mmd_within"] > 0
+
+
 def test_adapt_can_split_source_pairs_by_tracklet_and_normalise(source_run, synth_root, tmp_path, monkeypatch):
     seen = []
 

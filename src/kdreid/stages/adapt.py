@@ -174,8 +174,8 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
             minimised = config.dmmd_weight != 0
             # A control run (weight 0) still logs the terms, but builds no graph and runs no backward through them.
             with torch.set_grad_enabled(torch.is_grad_enabled() and minimised):
-                terms = dmmd_terms(source_out.embedding, source_groups, target_out.embedding, target_groups,
-                                   normalize=config.dmmd_normalize)
+                terms = context.compile_loss(dmmd_terms)(source_out.embedding, source_groups, target_out.embedding,
+                                                         target_groups, normalize=config.dmmd_normalize)
             losses.update(terms)  # all three are logged; only the chosen ones are minimised
             if minimised:
                 total = total + config.dmmd_weight * sum(terms[f"mmd_{name}"] for name in config.dmmd_terms)

@@ -123,11 +123,16 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def _as_is(fn):
+    return fn
+
+
 @dataclass
 class StepContext:
     epoch: int  # 0-based
     iteration: int  # 0-based within the epoch
     generator: torch.Generator  # augmentation randomness, seeded from (seed, epoch, iteration)
+    compile_loss: Callable = _as_is  # fn -> fn through torch.compile when the step is compiled (CompiledStep.loss)
 
 
 @dataclass
@@ -279,7 +284,7 @@ def _train(
                 # run's).
                 step_seed = _step_seed(config.seed, epoch, iteration) + distributed.rank()
                 generator = torch.Generator(device=device).manual_seed(step_seed)
-                context = StepContext(epoch, iteration, generator)
+                context = StepContext(epoch, iteration, generator, compiled.loss)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     losses = train_step(context)
                 optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """What makes the training step fast on a GPU without changing what it computes: no host-device sync per
 step (losses stay on the device and are read every `log_freq` steps), channels_last memory layout, and an
-optional `torch.compile` of the trained model for launch-bound small models (OSNet x0.25).
+optional `torch.compile` of the trained model for launch-bound small models (OSNet x0.25), and of a stage's
+loss where the stage asks (D-MMD).
 
 On the CPU every piece is a no-op or the same code path, so CI exercises it without a GPU.
 """
@@ -131,6 +132,7 @@ class CompiledStep:
         self.log = log
         self.active = False
         self.checked = False
+        self._losses: dict = {}  # loss function -> its wrapper (see `loss`)
         if mode == "off":
             return
         if not hasattr(torch, "compile") or not hasattr(model, "compile"):
@@ -168,6 +170,36 @@ class CompiledStep:
             result = step()
         self.checked = True
         return result
+
+    def loss(self, fn):
+        """`fn` (a loss function with fixed shapes per step) through torch.compile while the model's forward is
+        compiled, `fn` itself otherwise. D-MMD eagerly is hundreds of small kernels, each Gaussian block
+        materialised 19 wide; compiled they fuse into a few (bench/dmmd_cost.py --compiled). Mode default:
+        CUDA graphs stay the model's. A loss may first run after the guarded first step (D-MMD starts at
+        `--dmmd-start`), so its own first call is guarded the same way: a failure means eager training."""
+        if not self.active:
+            return fn
+        if fn not in self._losses:
+            fused, checked = torch.compile(fn, mode="default"), False
+
+            def call(*args, **kwargs):
+                nonlocal checked
+                if not self.active:  # fell back since
+                    return fn(*args, **kwargs)
+                if checked:
+                    return fused(*args, **kwargs)
+                try:
+                    result = fused(*args, **kwargs)
+                except (KeyboardInterrupt, KdreidError):
+                    raise
+                except Exception as error:
+                    self.fall_back(error)
+                    return fn(*args, **kwargs)
+                checked = True
+                return result
+
+            self._losses[fn] = call
+        return self._losses[fn]
 
     def fall_back(self, error: BaseException) -> None:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
