@@ -64,10 +64,25 @@ def _fit(tmp_path, name, compile="off", log_freq=3):
     return model, result, (tmp_path / name / "log.txt").read_text()
 
 
-def _eager_backend(monkeypatch):
+def _eager_backend(monkeypatch, compiled=None):
     # The real dynamo path (nn.Module.compile, guards, set_stance) without inductor's C++ build (minutes on 2 cores).
+    # `compiled`, a list, collects (fn, mode) of every call.
     original = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: original(fn, backend="eager"))
+
+    def eager_compile(fn, **kwargs):
+        if compiled is not None:
+            compiled.append((fn, kwargs.get("mode")))
+        return original(fn, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    return original
+
+
+def _failing_compilation(message):
+    """What torch.compile gives when compilation fails: a callable that raises at its first call."""
+    def call(*args, **kwargs):
+        raise RuntimeError(message)
+    return call
 
 
 def test_loss_means_do_not_depend_on_the_window(tmp_path):
@@ -90,12 +105,7 @@ def test_compiled_training_matches_eager_and_leaves_a_plain_module(tmp_path, mon
 def test_compile_failure_falls_back_to_eager_and_says_why(tmp_path, monkeypatch):
     eager, _, _ = _fit(tmp_path, "eager")
 
-    def broken(fn, **kwargs):
-        def call(*args, **kw):
-            raise RuntimeError("inductor needs a C++ compiler")
-        return call
-
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: _failing_compilation("inductor needs a C++ compiler"))
     fallen, _, log = _fit(tmp_path, "fallen", compile="default")
     assert "torch.compile (default) failed (RuntimeError: inductor needs a C++ compiler); training eagerly" in log
     for a, b in zip(eager.parameters(), fallen.parameters()):
@@ -104,25 +114,17 @@ def test_compile_failure_falls_back_to_eager_and_says_why(tmp_path, monkeypatch)
 
 def test_a_stage_loss_compiles_with_the_step_and_its_late_failure_falls_back(tmp_path, monkeypatch):
     eager, eager_result, _ = _fit(tmp_path, "eager")
-    original, compiled_fns = torch.compile, []
-
-    def spy(fn, **kwargs):
-        compiled_fns.append((fn, kwargs.get("mode")))
-        return original(fn, backend="eager")
-
-    monkeypatch.setattr(torch, "compile", spy)
+    compiled_fns = []
+    original = _eager_backend(monkeypatch, compiled_fns)
     compiled, compiled_result, log = _fit(tmp_path, "compiled", compile="default")
     assert (squared_error, "default") in compiled_fns and "failed" not in log
     assert compiled_result.epochs[1]["losses"] == pytest.approx(eager_result.epochs[1]["losses"])
 
     # The loss first runs in the second epoch, after the guarded first step: its own first call is guarded.
     def loss_breaks(fn, **kwargs):
-        if fn is not squared_error:
-            return original(fn, backend="eager")
-
-        def call(*args, **kw):
-            raise RuntimeError("no Triton for this loss")
-        return call
+        if fn is squared_error:
+            return _failing_compilation("no Triton for this loss")
+        return original(fn, backend="eager")
 
     monkeypatch.setattr(torch, "compile", loss_breaks)
     fallen, _, log = _fit(tmp_path, "fallen", compile="default")

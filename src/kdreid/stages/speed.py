@@ -161,15 +161,20 @@ class CompiledStep:
         """Run `step()` (forward + backward); the first time under the compilation guard."""
         if not self.active or self.checked:
             return step()
-        try:
-            result = step()
-        except (KeyboardInterrupt, KdreidError):  # a user mistake or a NaN: the eager step would say the same
-            raise
-        except Exception as error:  # any compiler failure: say why, train eagerly
-            self.fall_back(error)
-            result = step()
+        result = self._guarded(step, step)  # after a fallback the same step runs eagerly
         self.checked = True
         return result
+
+    def _guarded(self, attempt, eager):
+        """`attempt()`, the first call of something compiled; if compilation fails there, say why, train eagerly
+        from now on, and return `eager()` instead."""
+        try:
+            return attempt()
+        except (KeyboardInterrupt, KdreidError):  # a user mistake or a NaN: the eager step would say the same
+            raise
+        except Exception as error:  # any compiler failure
+            self.fall_back(error)
+            return eager()
 
     def loss(self, fn):
         """`fn` (a loss function with fixed shapes per step) through torch.compile while the model's forward is
@@ -188,13 +193,7 @@ class CompiledStep:
                     return fn(*args, **kwargs)
                 if checked:
                     return fused(*args, **kwargs)
-                try:
-                    result = fused(*args, **kwargs)
-                except (KeyboardInterrupt, KdreidError):
-                    raise
-                except Exception as error:
-                    self.fall_back(error)
-                    return fn(*args, **kwargs)
+                result = self._guarded(lambda: fused(*args, **kwargs), lambda: fn(*args, **kwargs))
                 checked = True
                 return result
 
