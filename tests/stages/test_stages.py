@@ -91,6 +91,36 @@ def test_adapt_with_tracklets_trains_dmmd_and_saves_histograms(source_run, synth
     assert teacher.kdreid_meta["extra"]["grouping"] == "tracklet"
 
 
+def test_before_dmmd_starts_the_target_forward_keeps_no_graph_but_moves_batchnorm(source_run, synth_root,
+                                                                                   tmp_path, monkeypatch):
+    calls = []  # grad mode of each training-mode forward, in order: source, target, source, target, ...
+    batchnorm_means = []
+
+    def load_and_spy(*args, **kwargs):
+        model = load_checkpoint(*args, **kwargs)
+        first_bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+        def hook(module, inputs, output):
+            if module.training:
+                calls.append(torch.is_grad_enabled())
+                batchnorm_means.append(first_bn.running_mean.clone())
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(adapt, "load_checkpoint", load_and_spy)
+    out = tmp_path / "late-dmmd"
+    assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", str(source_run / "model.pt"),
+                 "--root", str(synth_root), "--out", str(out), "--dmmd-start", "1", *TINY]) == 0
+    steps = len(calls) // 4  # 2 epochs × 2 forwards a step
+    assert len(calls) == 4 * steps and steps > 0
+    first_epoch, second_epoch = calls[:2 * steps], calls[2 * steps:]
+    assert first_epoch[0::2] == [True] * steps and first_epoch[1::2] == [False] * steps  # target: no graph
+    assert all(second_epoch)  # D-MMD on: the target batch is in the loss
+    # The graph-free target forward still updates the BatchNorm statistics (the original's mild AdaBN).
+    assert not torch.equal(batchnorm_means[0], batchnorm_means[1])
+
+
 def test_adapt_minimises_only_the_chosen_dmmd_terms(source_run, synth_root, tmp_path):
     out = tmp_path / "within-only"
     assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", str(source_run / "model.pt"),

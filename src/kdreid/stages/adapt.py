@@ -163,12 +163,16 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         target_images, target_groups = target_batches.next_batch(context.generator)
         # Two forwards, as the original: each BatchNorm sees one domain's batch at a time.
         source_out = model(source_images)
-        target_out = model(target_images)
+        dmmd_on = context.epoch >= config.dmmd_start
+        # Before D-MMD starts no loss uses the target batch: its forward only moves the BatchNorm statistics
+        # (as the original's did), so it keeps no graph — half the step's activation memory, fewer autograd nodes.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and dmmd_on):
+            target_out = model(target_images)
         ce = cross_entropy_label_smoothing(source_out.logits, source_labels, config.label_smoothing)
         triplet = batch_hard_triplet(source_out.embedding, source_labels, config.triplet_margin)
         losses = {"ce": ce, "triplet": triplet}
         total = ce + triplet
-        if context.epoch >= config.dmmd_start:
+        if dmmd_on:
             source_groups = (source_labels if source_dmmd_groups is None
                              else source_dmmd_groups[source_batches.last_index])
             minimised = config.dmmd_weight != 0
