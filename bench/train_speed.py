@@ -12,7 +12,8 @@
   torchreid     torchreid 0.2.5's own ImageDataManager (RandomIdentitySampler) and ImageTripletEngine step, loaded
                 from the sdist in .cache/reference/ (its cv2/gdown imports stubbed: only visualisation uses them)
 
-plus the distillation stage (3 ResNet-50 teachers, OSNet x0.25 student) in student images/s, and with --accuracy
+plus the adaptation stage (ResNet-50, D-MMD on; source + target images/s, `--adapt-compile MODE`), the distillation
+stage (3 ResNet-50 teachers, OSNet x0.25 student) in student images/s, and with --accuracy
 the fast-vs-plain accuracy check: the same short training from scratch, 3 seeds each, mAP on the domain's
 query/gallery.
 
@@ -59,7 +60,7 @@ from kdreid.data.synthetic import generate  # noqa: E402
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing  # noqa: E402
 from kdreid.models import build_model, save_checkpoint  # noqa: E402
 from kdreid.rundir import RunDir  # noqa: E402
-from kdreid.stages import distill, source  # noqa: E402
+from kdreid.stages import adapt, distill, source  # noqa: E402
 from kdreid.stages.common import DataOptions, EvalOptions, evaluate_datasets  # noqa: E402
 from kdreid.stages.data import BatchSource  # noqa: E402
 from kdreid.stages.loop import TrainConfig, fit, seed_everything, select_device  # noqa: E402
@@ -67,7 +68,7 @@ from kdreid.stages.optim import OptimConfig, build_optimizer, learning_rate  # n
 
 SOURCE = "synth_market"
 TARGETS = ("synth_duke", "synth_cuhk", "synth_msmt")
-ALL_PATHS = ("kdreid", "compiled", "bare", "data", "plain", "torchreid", "distill")
+ALL_PATHS = ("kdreid", "compiled", "bare", "data", "plain", "torchreid", "adapt", "distill")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -404,6 +405,34 @@ def distill_speed(args, root: Path, work: Path, compile_mode: str) -> dict:
             "compile": compile_mode}
 
 
+def adapt_speed(args, root: Path, work: Path, compile_mode: str) -> dict:
+    """kdreid's adaptation stage (D-MMD on from the first epoch, tracklets of the first target), ResNet-50 from
+    random weights as the source model; one source and one target batch a step. Epoch 2 timed; images/s counts
+    both batches (what an adaptation epoch costs per image it walks)."""
+    dataset, records = train_records(root)
+    init = work / f"source_{args.adapt_arch}.pt"
+    if not init.exists():
+        torch.manual_seed(0)
+        model = build_model(args.adapt_arch, dataset.num_train_pids, pretrained="none")
+        save_checkpoint(init, model, datasets=[SOURCE], extra={"stage": "source"})
+    out = Path(tempfile.mkdtemp(dir=work, prefix=f"adapt_{compile_mode}_")) / "run"
+    config = adapt.AdaptConfig(
+        sources=[SOURCE], targets=[TARGETS[0]], init=str(init), dmmd_start=0, out=str(out), histogram_images=64,
+        data=DataOptions(root=str(root)), train=base_train_config(args, compile=compile_mode),
+        eval=EvalOptions(batch_size=256),
+    )
+    steps = len(PKSampler([r.pid for r in records], args.batch, args.instances, what="identities"))
+    started = time.perf_counter()
+    with contextlib.redirect_stderr(io.StringIO()) as printed:
+        result = adapt.run(config)
+    if "failed" in printed.getvalue():
+        print(printed.getvalue(), file=sys.stderr)
+    seconds = result.fit.epochs[-1]["seconds"]
+    return {"images_per_s": 2 * steps * args.batch / seconds, "seconds": seconds, "steps": steps,
+            "warmup_epoch_s": result.fit.epochs[0]["seconds"], "wall_s": time.perf_counter() - started,
+            "compile": compile_mode}
+
+
 # ------------------------------------------------------------------------------------------------ accuracy check
 def accuracy_check(args, root: Path, work: Path) -> dict:
     """The same short training from scratch on each of --acc-paths: the fast path (the source stage itself,
@@ -461,6 +490,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile-models", nargs="+", default=None,
                         help="models timed with --compile (default: all of --models)")
     parser.add_argument("--distill-compile", default="off", help="compile mode of the distillation run")
+    parser.add_argument("--adapt-compile", default="off", help="compile mode of the adaptation run")
+    parser.add_argument("--adapt-arch", default="resnet50", help="architecture of the adapted model")
     parser.add_argument("--student", default="osnet_x0_25")
     parser.add_argument("--teacher", default="resnet50", help="architecture of the 3 distillation teachers")
     parser.add_argument("--data", default=None, help="folder of the synthetic domains (generated there if absent)")
@@ -492,7 +523,7 @@ def parse_args(argv=None):
         args.size, args.batch, args.steps, args.warmup, args.scale, args.distill_scale = "64x32", 16, 2, 1, 0.02, 0.01
         args.acc_epochs, args.seeds, args.workers = 1, args.seeds[:2], min(args.workers, 2)
         args.models = args.models or ["osnet_x0_25"]
-        args.teacher, args.acc_arch, args.log_freq = "osnet_x0_25", "osnet_x0_25", 1
+        args.teacher, args.acc_arch, args.adapt_arch, args.log_freq = "osnet_x0_25", "osnet_x0_25", "osnet_x0_25", 1
         args.only = args.only or [p for p in ALL_PATHS if p != "compiled"]
         torch.set_num_threads(1)  # the 2-core box is shared: one thread avoids oversubscription stalls
     args.only = args.only or list(ALL_PATHS)
@@ -520,8 +551,8 @@ def main(argv=None) -> dict:
         paths = [p for p in args.only if p != "none"]
         size = (args.height, args.width) if args.tiny else None  # tiny images render faster
         ensure_data(root, [SOURCE], args.scale, args.workers, size)
-        if "distill" in paths:
-            for target in TARGETS:
+        if {"adapt", "distill"} & set(paths):
+            for target in TARGETS if "distill" in paths else TARGETS[:1]:
                 # tiny: each target small enough for a few batches per epoch (MSMT17's style has 4× CUHK03's ids)
                 tiny_scale = {"synth_msmt": 0.003, "synth_duke": 0.006}.get(target, 0.01)
                 scale = tiny_scale if args.tiny else args.distill_scale
@@ -573,6 +604,10 @@ def main(argv=None) -> dict:
                         lambda: PlainTrainer(args, arch, records).speed(args.warmup, args.steps))
             if "torchreid" in paths:
                 attempt(f"{model_label} torchreid", lambda: torchreid_speed(args, arch, root, work))
+        if "adapt" in paths:
+            compiled = f"+compile({args.adapt_compile})" if args.adapt_compile != "off" else ""
+            attempt(f"adapt {args.adapt_arch}{compiled} (source+target)",
+                    lambda: adapt_speed(args, root, work, args.adapt_compile))
         if "distill" in paths:
             attempt(f"distill 3 teachers ({args.student} student)",
                     lambda: distill_speed(args, root, work, args.distill_compile))
