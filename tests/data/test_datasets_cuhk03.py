@@ -191,3 +191,52 @@ def test_raw_mat_without_h5py_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)  # import h5py now raises ImportError
     with pytest.raises(DatasetError, match=r"reading .*cuhk-03.mat \(MATLAB v7.3\) needs h5py: pip install h5py"):
         build_dataset("cuhk03", tmp_path, classic_split=True)
+
+
+@pytest.mark.parametrize("root", ["cuhk03-np", "cuhk03-np/labeled"])
+def test_root_at_the_cuhk03_np_release_itself(tmp_path, root):
+    np_dir = tmp_path / "cuhk03-np" / "labeled"
+    write_images(np_dir / "bounding_box_train", ["0001_c1_1.png", "0002_c2_1.png"], fmt="PNG")
+    write_images(np_dir / "query", ["0020_c1_1.png"], fmt="PNG")
+    write_images(np_dir / "bounding_box_test", ["0020_c2_3.png"], fmt="PNG")
+    assert build_dataset("cuhk03", tmp_path / root, labeled=True).root == str(np_dir)
+    with pytest.raises(DatasetError, match=r"this CUHK03-NP release has labeled boxes, not detected; add --cuhk03-l"):
+        build_dataset("cuhk03", tmp_path / root)
+
+
+def test_an_empty_new_protocol_split_file_is_a_clear_error(tmp_path):
+    data_dir = new_protocol_tree(tmp_path)
+    (data_dir / "cuhk03_new_protocol_config_detected.mat").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"is not a CUHK03 new-protocol split file .*download it again"):
+        build_dataset("cuhk03", tmp_path)
+
+
+@needs_h5py
+def test_a_read_only_dataset_folder_is_read_as_it_is(tmp_path, monkeypatch):
+    from kdreid.data.datasets import cuhk03
+
+    data_dir, people = raw_tree(tmp_path)
+    build_dataset("cuhk03", tmp_path, classic_split=True)  # extracted (as torchreid would have), split cached
+    (data_dir / "images_detected" / EXTRACTED_MARKER).unlink()  # torchreid writes no marker
+    (data_dir / CLASSIC_SPLITS).unlink()
+    written = []
+    monkeypatch.setattr(cuhk03.os, "access", lambda path, mode: False)  # a read-only mount (root ignores chmod)
+    monkeypatch.setattr(cuhk03, "write_json", lambda path, data: (written.append(path), _read_only())[1])
+    monkeypatch.setattr(cuhk03, "extract_images", lambda *args: written.append(args))
+    dataset = build_dataset("cuhk03", tmp_path, classic_split=True)
+    assert sorted(Path(r.path).name for r in dataset.train + dataset.query) == expected_image_names(people)
+    assert written == [data_dir / CLASSIC_SPLITS]  # tried, failed, went on without the cache; nothing extracted
+
+
+def _read_only():
+    raise OSError(30, "Read-only file system")
+
+
+@needs_h5py
+def test_extracting_into_a_read_only_folder_is_a_clear_error(tmp_path, monkeypatch):
+    from kdreid.data.datasets import cuhk03
+
+    raw_tree(tmp_path)
+    monkeypatch.setattr(cuhk03, "extract_images", lambda *args: _read_only())
+    with pytest.raises(DatasetError, match=r"cannot extract the CUHK03 detected images into .*writable copy"):
+        build_dataset("cuhk03", tmp_path, classic_split=True)

@@ -304,3 +304,33 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path), "--gap", "1.5"]) == 2
     with pytest.raises(KdreidError):
         build_domain("synth_msmt", scale=3.0, seed=0)  # more pids than 4 digits hold
+    capsys.readouterr()
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out in (afile, afile / "below"):
+        assert main(["data", "synth", "--out", str(out), "--domains", "synth_cuhk", "--scale", "0.01"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and str(afile) in err and "Traceback" not in err
+
+
+def test_an_interrupted_write_leaves_the_previous_domain_and_nothing_half_written(tmp_path, monkeypatch):
+    from kdreid.data.synthetic import writer
+
+    generate(tmp_path, ["synth_cuhk"], scale=SCALE, seed=SEED, size=SIZE)
+    before = (tmp_path / "synth_cuhk" / "truth.json").read_text()
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    real = writer.write_chunk
+    monkeypatch.setattr(writer, "write_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path, ["synth_cuhk"], scale=0.02, seed=SEED, size=SIZE)  # a bigger domain, cut off
+    assert len(calls) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth_cuhk"]  # no partial folder left
+    assert (tmp_path / "synth_cuhk" / "truth.json").read_text() == before
+    assert build_dataset("synth_cuhk", str(tmp_path)).num_train_pids == json.loads(before)["train"]["ids"]

@@ -25,6 +25,7 @@ labeled 767 / 7,368, 700 / 1,400, 700 / 5,328.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -59,14 +60,26 @@ def read_cuhk03(root: Path, labeled: bool = False, classic_split: bool = False, 
     if not data_dir.is_dir() and root.name == "cuhk03":
         data_dir = root
     kind = "labeled" if labeled else "detected"
-    np_dir = next((d for d in (data_dir / "cuhk03-np" / kind, root / "cuhk03-np" / kind)
-                   if (d / "bounding_box_train").is_dir()), None)
+    np_candidates = [data_dir / "cuhk03-np" / kind, root / "cuhk03-np" / kind]
+    if root.name == "cuhk03-np":  # --root pointed at the release itself, or at its labeled/detected folder
+        np_candidates.append(root / kind)
+    if root.name == kind and root.parent.name == "cuhk03-np":
+        np_candidates.append(root)
+    np_dir = next((d for d in np_candidates if (d / "bounding_box_train").is_dir()), None)
     if np_dir is not None and not classic_split and not (data_dir / new_protocol_mat(kind)).is_file():
         return read_cuhk03_np(np_dir, split_id)
     if not data_dir.is_dir():
+        other_kind = "detected" if labeled else "labeled"
+        release = next((d for d in (root, root.parent) if d.name == "cuhk03-np"), root / "cuhk03-np")
+        if (release / other_kind).is_dir():
+            raise DatasetError(
+                f"{root}: this CUHK03-NP release has {other_kind} boxes, not {kind}; "
+                + ("add --cuhk03-labeled" if other_kind == "labeled" else "drop --cuhk03-labeled")
+            )
         raise DatasetError(
             f"no -d cuhk03 data under {root}: expected {data_dir}/ holding {RAW_MAT} and "
-            f"{new_protocol_mat('detected')}{layout_hint(root, 'cuhk03')}; --root is the parent folder of the datasets"
+            f"{new_protocol_mat('detected')}, or the CUHK03-NP release {root}/cuhk03-np/{kind}/bounding_box_train/"
+            f"{layout_hint(root, 'cuhk03')}; --root is the parent folder of the datasets"
         )
     if not classic_split:  # the cheap checks first, before any image extraction
         if split_id != 0:
@@ -116,6 +129,7 @@ def new_protocol_records(mat_path: Path, image_dir: Path) -> tuple[list[ImageRec
     """Train/query/gallery records from a `cuhk03_new_protocol_config_*.mat` (indices into `filelist`, 1-based)."""
     require_new_protocol_mat(mat_path)
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError  # an empty or truncated file
 
     try:
         config = loadmat(str(mat_path))
@@ -128,7 +142,7 @@ def new_protocol_records(mat_path: Path, image_dir: Path) -> tuple[list[ImageRec
              for i in indices]
             for indices in index_sets
         )
-    except (KeyError, IndexError, ValueError, OSError, NotImplementedError) as error:
+    except (KeyError, IndexError, ValueError, OSError, NotImplementedError, MatReadError) as error:
         raise DatasetError(f"{mat_path} is not a CUHK03 new-protocol split file ({error}); download it again") from None
 
 
@@ -164,7 +178,10 @@ def classic_testsets(data_dir: Path) -> list[list[list[int]]]:
         return json.loads(cache.read_text())
     with _open_raw_mat(data_dir) as mat:
         testsets = [np.asarray(mat[ref][()]).T.astype(int).tolist() for ref in mat["testsets"][()].ravel()]
-    write_json(cache, testsets)
+    try:
+        write_json(cache, testsets)
+    except OSError:  # a read-only dataset folder: the raw file is read again next time
+        pass
     return testsets
 
 
@@ -175,11 +192,21 @@ def ensure_images(data_dir: Path, kind: str) -> Path:
     if (image_dir / EXTRACTED_MARKER).is_file():
         return image_dir
     raw = data_dir / RAW_MAT
+    extracted_elsewhere = image_dir.is_dir() and any(image_dir.glob("*.png"))  # e.g. by torchreid
+    if extracted_elsewhere and not os.access(image_dir, os.W_OK):
+        return image_dir  # a read-only dataset folder: its images are used as they are
     if raw.is_file():
-        extract_images(data_dir, kind)
+        try:
+            extract_images(data_dir, kind)
+        except OSError as error:
+            raise DatasetError(
+                f"cannot extract the CUHK03 {kind} images into {image_dir}/ ({error.strerror or error}); extract "
+                "them once in a writable copy of the dataset folder (kdreid data check -d cuhk03 --root COPY) "
+                "and use that copy"
+            ) from None
         return image_dir
-    if image_dir.is_dir() and any(image_dir.glob("*.png")):
-        return image_dir  # extracted elsewhere (e.g. by torchreid), no raw file to redo it from
+    if extracted_elsewhere:
+        return image_dir  # no raw file to redo the extraction from
     raise DatasetError(
         f"CUHK03 {kind} images not found: expected {image_dir}/ or the raw {raw} to extract them from "
         "(the CUHK03 release zip holds cuhk03_release/cuhk-03.mat)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,44 +74,70 @@ def generate(
 ) -> list[DomainSummary]:
     """Write each domain under out/<name>/; returns what was written. `size` (H, W) overrides every camera's
     written size; `workers` processes render chunks in parallel without changing the output."""
-    from kdreid.data.synthetic.writer import contact_sheet, prepare_folder, write_chunk, write_manifest, write_truth
+    from kdreid.data.synthetic.writer import move_into_place, staging_folder
 
     _validate(domains, scale, gap, size, workers)
+    out = _output_folder(out)
     summaries = []
     for name in domains:
         started = time.perf_counter()
         domain = build_domain(name, scale=scale, seed=seed, gap=gap, size=size)
-        folder = Path(out) / name
-        prepare_folder(folder)
-        chunks = range(domain.num_chunks)
-        bar = None
-        if progress:
-            from tqdm import tqdm
+        staging = staging_folder(out / name)  # out/<name> only appears once complete
+        try:
+            images, stats = _write_domain(domain, staging, workers, progress)
+        except BaseException:  # interrupted or failed (a full disk): nothing half-written stays
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        move_into_place(staging, out / name)
+        summaries.append(DomainSummary(name, out / name, stats, images, time.perf_counter() - started))
+    return summaries
 
-            bar = tqdm(total=len(domain.plan), desc=name, unit="img", leave=False, disable=None)
-        rows: list[list] = []
-        if workers > 1 and domain.num_chunks > 1:
-            # fork shares the plan without pickling; workers only use numpy and PIL (no torch threads to inherit)
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            context = multiprocessing.get_context(method)
-            with context.Pool(workers, initializer=_init_worker, initargs=(domain, folder)) as pool:
-                for chunk_rows in pool.imap(_write_chunk_in_worker, chunks):  # imap keeps chunk order
-                    rows.extend(chunk_rows)
-                    if bar:
-                        bar.update(len(chunk_rows))
-        else:
-            for chunk in chunks:
-                chunk_rows = write_chunk(domain, chunk, folder)
+
+def _write_domain(domain: Domain, folder: Path, workers: int, progress: bool) -> tuple[int, dict]:
+    """Every image, the manifest, the contact sheet and truth.json of `domain` into `folder`; (images, truth)."""
+    from kdreid.data.synthetic.writer import contact_sheet, write_chunk, write_manifest, write_truth
+
+    chunks = range(domain.num_chunks)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(domain.plan), desc=domain.preset.name, unit="img", leave=False, disable=None)
+    rows: list[list] = []
+    if workers > 1 and domain.num_chunks > 1:
+        # fork shares the plan without pickling; workers only use numpy and PIL (no torch threads to inherit)
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        with context.Pool(workers, initializer=_init_worker, initargs=(domain, folder)) as pool:
+            for chunk_rows in pool.imap(_write_chunk_in_worker, chunks):  # imap keeps chunk order
                 rows.extend(chunk_rows)
                 if bar:
                     bar.update(len(chunk_rows))
-        if bar:
-            bar.close()
-        write_manifest(folder, rows)
-        contact_sheet(domain, folder)
-        stats = write_truth(folder, domain)  # last: its presence marks a complete domain
-        summaries.append(DomainSummary(name, folder, stats, len(rows), time.perf_counter() - started))
-    return summaries
+    else:
+        for chunk in chunks:
+            chunk_rows = write_chunk(domain, chunk, folder)
+            rows.extend(chunk_rows)
+            if bar:
+                bar.update(len(chunk_rows))
+    if bar:
+        bar.close()
+    write_manifest(folder, rows)
+    contact_sheet(domain, folder)
+    return len(rows), write_truth(folder, domain)
+
+
+def _output_folder(out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KdreidError(f"--out {out} is a file; give a folder for the domains")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".kdreid-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise KdreidError(f"--out {out}: cannot write there ({error.strerror or error}); give a writable folder")
+    return out
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:

@@ -36,13 +36,24 @@ def relative_path(domain: Domain, i: int) -> str:
     return f"{SPLIT_FOLDERS[SPLITS[domain.plan.split[i]]]}/{domain.plan.file_name(i)}"
 
 
-def prepare_folder(folder: Path) -> None:
-    """Empty the split folders of a previous run (a smaller scale would otherwise leave stale images behind).
-    truth.json goes first and is written last, so its presence means the domain was written completely."""
-    (folder / "truth.json").unlink(missing_ok=True)
+def staging_folder(folder: Path) -> Path:
+    """Where a domain is written before it takes `folder`'s place: a hidden sibling, made empty."""
+    staging = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # a run interrupted before
     for sub in SPLIT_FOLDERS.values():
-        shutil.rmtree(folder / sub, ignore_errors=True)
-        (folder / sub).mkdir(parents=True)
+        (staging / sub).mkdir(parents=True)
+    return staging
+
+
+def move_into_place(staging: Path, folder: Path) -> None:
+    """Replace `folder` (a previous run's domain, if any) by the completely written `staging` folder, so that a
+    domain folder is never half-written: an interrupted run leaves the previous domain, or none."""
+    previous = folder.with_name(f".{folder.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if folder.exists():
+        folder.rename(previous)
+    staging.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def write_chunk(domain: Domain, chunk: int, folder: Path) -> list[list]:
