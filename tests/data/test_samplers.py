@@ -64,3 +64,18 @@ def test_bad_sizes_are_clear():
         PKSampler([0, 1], 10, 4)
     with pytest.raises(DatasetError, match="P=8 tracklets needs at least that many, but the data have 2"):
         PKSampler([0, 0, 1, 1], 32, 4, what="tracklets")
+
+
+def test_no_chunk_repeats_an_image_unless_its_group_is_smaller_than_k():
+    labels = _labels()
+    sizes = collections.Counter(labels)
+    for epoch in range(5):
+        sampler = PKSampler(labels, batch_size=16, num_instances=4, seed=2)
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            for k in range(0, 16, 4):
+                chunk = batch[k : k + 4]
+                if sizes[labels[chunk[0]]] >= 4:
+                    assert len(set(chunk)) == 4, (epoch, chunk)
+                else:
+                    assert set(chunk) <= {i for i, label in enumerate(labels) if label == labels[chunk[0]]}

@@ -1,8 +1,13 @@
 """P×K batches: P groups (identities, tracklets or pseudo-labels) with K images each.
 
-The batch-hard triplet loss and D-MMD need several images of each group in every batch. An epoch visits every
-group's images once in chunks of K (a group with fewer than K images is topped up by drawing with replacement,
-as torchreid's RandomIdentitySampler does), and packs the chunks into batches of P distinct groups.
+The batch-hard triplet loss and D-MMD need several images of each group in every batch. Each epoch shuffles
+every group's images into chunks of K: a last chunk short of K is completed with other images of the group, so
+that no chunk holds an image twice (two copies would be a zero-distance "pair", which D-MMD's within-class
+distances exclude); only a group of fewer than K images repeats some, drawn with replacement as torchreid's
+RandomIdentitySampler does. Batches take P distinct groups, picked uniformly among those with chunks left. The
+number of batches is fixed in advance, (all chunks) // P; when fewer than P groups have chunks left, the emptied
+groups get a fresh chunk of K different images. So large groups may keep unvisited chunks at the end of an
+epoch — torchreid's sampler, whose epoch ends as soon as fewer than P identities have chunks left, leaves them too.
 
 Randomness comes from a generator seeded by (seed, epoch) only, so an epoch's batches are the same after a
 resume and the same on every rank. In a distributed run `batch_size` is the global batch: each of the
@@ -74,8 +79,13 @@ class PKSampler:
         for label, indices in self.members.items():
             indices = rng.permutation(indices)
             shortfall = -len(indices) % self.num_instances
-            if shortfall:  # top the last chunk up with repeats (all of it, for a group smaller than K)
-                indices = np.concatenate([indices, rng.choice(indices, size=shortfall, replace=True)])
+            if shortfall:
+                whole = len(indices) - (self.num_instances - shortfall)  # images before the short last chunk
+                if whole:  # complete it with images of the earlier chunks: K different images
+                    extra = rng.choice(indices[:whole], size=shortfall, replace=False)
+                else:  # a group smaller than K: repeats are unavoidable
+                    extra = rng.choice(indices, size=shortfall, replace=True)
+                indices = np.concatenate([indices, extra])
             chunks[label] = list(indices.reshape(-1, self.num_instances))
         labels = list(chunks)
         batches: list[list[int]] = []
@@ -86,7 +96,9 @@ class PKSampler:
                 # the same number of batches of P distinct groups.
                 for label in labels:
                     if not chunks[label]:
-                        chunks[label] = [rng.choice(self.members[label], size=self.num_instances)]
+                        members = self.members[label]
+                        chunks[label] = [rng.choice(members, size=self.num_instances,
+                                                    replace=len(members) < self.num_instances)]
                 available = labels
             picked = rng.choice(len(available), size=self.groups_per_batch, replace=False)
             batches.append([int(i) for j in picked for i in chunks[available[j]].pop()])
