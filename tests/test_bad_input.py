@@ -216,6 +216,22 @@ def _disk_full(tmp, monkeypatch):
     return _train(tmp, root)[:-len(TINY)] + [*TINY[2:], "--epochs", "2"]
 
 
+def _finished_run(tmp) -> Path:
+    root, _ = _market(tmp)
+    assert main(_train(tmp, root)) == 0
+    return root
+
+
+def _resume_with_other_settings(tmp, monkeypatch):
+    return _train(tmp, _finished_run(tmp), "--resume", "--lr", "0.01")
+
+
+def _finished_run_without_checkpoints(tmp, monkeypatch):
+    root = _finished_run(tmp)
+    shutil.rmtree(tmp / "run" / "checkpoints")
+    return _train(tmp, root)
+
+
 def _bad_yaml(tmp, monkeypatch):
     (tmp / "config.yaml").write_text("train: {epochs: 3\n")
     root, _ = _market(tmp)
@@ -245,6 +261,10 @@ CASES = [
     Case("config file that is not valid YAML", _bad_yaml, "is not valid YAML"),
     Case("P×K batch larger than the data allow", _too_big_batch, "lower --batch-size or raise --num-instances"),
     Case("--out is a file", _out_is_a_file, "is a file, not a folder; choose another --out"),
+    Case("--resume with other settings than the run's", _resume_with_other_settings,
+         "was trained with other settings than this command's (train.optim.lr 0.00035 -> 0.01)"),
+    Case("a finished run folder whose checkpoints were deleted", _finished_run_without_checkpoints,
+         "already holds a finished model"),
     Case("NaN loss", _non_finite_loss(float("nan")), "non-finite loss at epoch 1, iteration 1: loss=nan, triplet=nan"),
     Case("inf loss", _non_finite_loss(float("inf")), "non-finite loss at epoch 1, iteration 1: loss=inf, triplet=inf"),
     Case("out of disk space while writing a checkpoint (simulated)", _disk_full,

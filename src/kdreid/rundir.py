@@ -145,3 +145,10 @@ class RunDir:
             log.addHandler(file_handler)
             log.addHandler(console)
         return log
+
+    def close_logger(self, name: str = "kdreid") -> None:
+        """Close `logger(name)`'s handlers (its log.txt), so that the folder can go and a later run there logs anew."""
+        log = logging.getLogger(f"{name}.{self.path.resolve()}")
+        for handler in list(log.handlers):
+            handler.close()
+            log.removeHandler(handler)

@@ -68,6 +68,51 @@ def test_resume_of_a_finished_run_trains_no_more(source_run, synth_root):
     assert (source_run / "checkpoints" / "last.pt").stat().st_mtime_ns == before
 
 
+def test_resume_with_other_training_settings_is_refused_and_touches_nothing(source_run, synth_root, capsys):
+    config_before = (source_run / "config.yaml").read_text()
+    flags = ["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root), "--out",
+             str(source_run), "--resume"]
+    code = main([*flags, *TINY[:-2], "--seed", "7", "--lr", "0.05"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "train.seed 0 -> 7" in err and "train.optim.lr" in err and "resume it with its own settings" in err
+    assert (source_run / "config.yaml").read_text() == config_before
+    # What only changes how the run is executed or reported may differ: it resumes (and, finished, trains no more).
+    before = (source_run / "checkpoints" / "last.pt").stat().st_mtime_ns
+    assert main([*flags, *TINY[:-4], "--device", "auto", "--seed", "0", "--compile", "off", "--eval-freq", "1"]) == 0
+    assert (source_run / "checkpoints" / "last.pt").stat().st_mtime_ns == before
+
+
+def test_a_finished_run_without_its_checkpoints_is_not_overwritten(source_run, synth_root, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "finished"
+    shutil.copytree(source_run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    model_before = (copy / "model.pt").read_bytes()
+    for resume in ([], ["--resume"]):
+        code = main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root),
+                     "--out", str(copy), *TINY, *resume])
+        assert code == 2 and "already holds a finished model" in capsys.readouterr().err
+    assert (copy / "model.pt").read_bytes() == model_before
+
+
+def test_a_stage_that_fails_on_its_inputs_leaves_no_run_folder(source_run, synth_root, tmp_path, capsys):
+    out = tmp_path / "teacher"
+    code = main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", str(tmp_path / "missing.pt"),
+                 "--root", str(synth_root), "--out", str(out), *TINY])
+    assert code == 2 and "missing.pt" in capsys.readouterr().err
+    assert not out.exists()
+    code = main(["train-source", "-s", "synth_nowhere", "-a", "osnet_tiny", "--root", str(synth_root),
+                 "--out", str(out), *TINY])
+    assert code == 2 and not out.exists()
+    # A folder that was there before is left as it was.
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["train-source", "-s", "synth_nowhere", "-a", "osnet_tiny", "--root", str(synth_root),
+                 "--out", str(out), *TINY]) == 2
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_adapt_with_tracklets_trains_dmmd_and_saves_histograms(source_run, synth_root, tmp_path):
     out = tmp_path / "teacher"
     # No -a: the architecture comes from the --init checkpoint.

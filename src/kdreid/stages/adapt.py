@@ -40,6 +40,7 @@ from kdreid.stages.common import (
     begin_stage,
     stage_evaluator,
     finish_stage,
+    removes_its_folder_on_setup_error,
     source_label_space,
 )
 from kdreid.stages.data import BatchSource, combine_train
@@ -82,6 +83,7 @@ class AdaptConfig:
 GROUPING_NAMES = {"tracklet": "tracklets", "pseudo": "pseudo-labels", "oracle": "oracle identities"}
 
 
+@removes_its_folder_on_setup_error
 def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
     if len(config.targets) > 1 and not config.blend:
         raise ConfigError(

@@ -3,24 +3,31 @@ query/gallery splits, and the final files (`model.pt`, `metrics.json`, `results.
 
 from __future__ import annotations
 
+import functools
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
 
 import torch
+import yaml
 from torch import nn
 
 from kdreid import distributed
+from kdreid.config import dump_yaml, read_yaml
 from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.data.samplers import groups_per_rank
-from kdreid.errors import ConfigError
+from kdreid.errors import ConfigError, KdreidError
 from kdreid.evaluation.features import evaluate_model, extract_features
 from kdreid.models import save_checkpoint
 from kdreid.rundir import RunDir, atomic_write_text
 from kdreid.stages.data import hold_out_validation, load_datasets
 from kdreid.stages.pseudo_labels import PseudoLabelConfig, cluster_quality
-from kdreid.stages.loop import FitResult, TrainConfig, refuse_occupied, results_table, seed_everything, select_device
+from kdreid.stages.loop import (
+    FitResult, TrainConfig, check_resumed_settings, checkpoint_file, refuse_occupied, results_table, seed_everything,
+    select_device,
+)
 
 
 @dataclass
@@ -133,6 +140,29 @@ class StageStart:
     targets: list[ReidDataset]
 
 
+SETUP_FILES = frozenset({"config.yaml", "log.txt"})  # what a stage writes before its training begins
+
+
+def removes_its_folder_on_setup_error(run):
+    """Wraps a stage's `run(config, resume=...)`: when it fails with a KdreidError (a bad input: a missing --init
+    file, an unknown dataset, a wrong architecture) before training began, in a run folder this call created, the
+    folder goes — a failed command leaves nothing half-written behind. A folder that already existed, or where
+    training began (checkpoints, tensorboard, histograms), is kept."""
+    @functools.wraps(run)
+    def guarded(config, *, resume: bool = False):
+        out = Path(config.out)
+        created = not out.exists()
+        try:
+            return run(config, resume=resume)
+        except KdreidError:
+            if created and distributed.is_main() and out.is_dir() and {p.name for p in out.iterdir()} <= SETUP_FILES:
+                RunDir(out).close_logger()
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+    return guarded
+
+
 def begin_stage(config, *, resume: bool) -> StageStart:
     """What every stage does first, in this order: reject unusable settings and an occupied run folder before
     anything is written, then open the run folder (resolved config, log), seed, pick the device and read the
@@ -142,9 +172,17 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     distributed.init(config.train.device)
     groups_per_rank(config.train.batch_size // config.train.num_instances, distributed.world_size(), "groups")
     refuse_occupied(Path(config.out), resume)
+    extended = None
+    saved_config = Path(config.out) / "config.yaml"
+    if resume and checkpoint_file(Path(config.out)).exists() and saved_config.is_file():
+        # Compared as YAML holds them, so that tuples and lists, or 3.5e-4 and 0.00035, are the same setting.
+        extended = check_resumed_settings(Path(config.out), read_yaml(saved_config), yaml.safe_load(dump_yaml(config)),
+                                          getattr(config, "EVALUATION_ONLY", ()))
     run = RunDir(config.out)
     # Only the main process writes the run's files; the others log warnings to their console.
     log = run.logger() if distributed.is_main() else distributed.worker_logger()
+    if extended:
+        log.info(extended)
     if distributed.is_main():
         run.save_config(config)
     seed_everything(config.train.seed, config.train.deterministic)

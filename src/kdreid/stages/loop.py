@@ -370,11 +370,68 @@ def previous_checkpoint_file(run_path: Path) -> Path:
 def refuse_occupied(run_path: Path, resume: bool) -> None:
     """A run folder that already holds a run is only continued with --resume; stages call this before they
     write anything there, so a mistaken command leaves the earlier run untouched."""
-    if not resume and (checkpoint_file(run_path).exists() or previous_checkpoint_file(run_path).exists()):
+    has_checkpoint = checkpoint_file(run_path).exists() or previous_checkpoint_file(run_path).exists()
+    if not resume and has_checkpoint:
         raise TrainingError(
             f"{run_path} already holds a run ({checkpoint_file(run_path)}); pass --resume to continue it or "
             "choose another --out"
         )
+    if not has_checkpoint and (Path(run_path) / "model.pt").exists():  # finished, its checkpoints deleted
+        raise TrainingError(
+            f"{run_path} already holds a finished model ({Path(run_path) / 'model.pt'}) and no checkpoint to "
+            "continue from; choose another --out"
+        )
+
+
+# Settings that change how a run is executed or reported, not what it trains: a resumed run may change them (and
+# `kdreid pipeline` reuses a finished stage across them). A dotted name covers everything under it.
+RUN_ONLY_SETTINGS = ("out", "train.device", "train.compile", "train.log_freq", "data.root", "eval")
+
+
+def settings_that_differ(used: Mapping[str, Any], asked: Mapping[str, Any],
+                         evaluation_only: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """{dotted name: (used, asked)} for every training setting that differs between two configs (as `to_dict`
+    gives them), leaving out RUN_ONLY_SETTINGS and, while the final model is the last epoch's, what only decides
+    what is evaluated: the evaluation frequency and a stage's `evaluation_only` settings (e.g. the datasets the
+    source stage evaluates on), which then change nothing that is kept."""
+    def flat(value, prefix=""):
+        if isinstance(value, Mapping):
+            items = {}
+            for key, inner in value.items():
+                items.update(flat(inner, f"{prefix}{key}."))
+            return items
+        return {prefix[:-1]: value}
+
+    used, asked = flat(used), flat(asked)
+    run_only = list(RUN_ONLY_SETTINGS)
+    if used.get("train.select", "last") == "last" and asked.get("train.select", "last") == "last":
+        run_only += ["train.eval_freq", *evaluation_only]
+    return {
+        name: (used.get(name), asked.get(name)) for name in sorted(set(used) | set(asked))
+        if used.get(name) != asked.get(name)
+        and not any(name == prefix or name.startswith(prefix + ".") for prefix in run_only)
+    }
+
+
+def check_resumed_settings(run_path: Path, used: Mapping[str, Any], asked: Mapping[str, Any],
+                           evaluation_only: tuple[str, ...] = ()) -> str | None:
+    """A run resumes with the settings it was trained with: only more epochs (and RUN_ONLY_SETTINGS) may change;
+    any other difference is one TrainingError naming the settings, before anything is written. Returns a line to
+    log when the run is extended."""
+    differences = settings_that_differ(used, asked, evaluation_only)
+    more_epochs = differences.pop("train.epochs", None)
+    if more_epochs is not None and more_epochs[1] < more_epochs[0]:
+        differences["train.epochs"] = more_epochs  # fewer epochs than trained: a different schedule
+    if differences:
+        listed = ", ".join(f"{name} {was!r} -> {now!r}" for name, (was, now) in differences.items())
+        raise TrainingError(
+            f"{run_path} was trained with other settings than this command's ({listed}); resume it with its own "
+            f"settings ({Path(run_path) / 'config.yaml'}) or choose another --out"
+        )
+    if more_epochs is not None:
+        return (f"resuming for {more_epochs[1]} epochs instead of {more_epochs[0]}: the learning-rate schedule runs "
+                "to the new end")
+    return None
 
 
 def _step_seed(seed: int, epoch: int, iteration: int) -> int:

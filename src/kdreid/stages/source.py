@@ -8,6 +8,7 @@ and on every target named, which gives the "source only" rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -19,6 +20,7 @@ from kdreid.stages.common import (
     begin_stage,
     stage_evaluator,
     finish_stage,
+    removes_its_folder_on_setup_error,
     DataOptions,
     EvalOptions,
 )
@@ -30,6 +32,10 @@ from kdreid.stages.speed import auto_compile_mode
 
 @dataclass
 class SourceConfig:
+    # Settings that only decide what is evaluated (while the final model is the last epoch's): a resumed run may
+    # change them.
+    EVALUATION_ONLY: ClassVar[tuple[str, ...]] = ("targets",)
+
     sources: list[str] = field(default_factory=lambda: ["msmt17"])
     targets: list[str] = field(default_factory=list)  # evaluated only: the "source only" rows
     arch: str = "resnet50"
@@ -57,6 +63,7 @@ def source_train_step(model: torch.nn.Module, batches: BatchSource, config: Sour
     return train_step
 
 
+@removes_its_folder_on_setup_error
 def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
     train = config.train
     start = begin_stage(config, resume=resume)
