@@ -385,15 +385,15 @@ def refuse_occupied(run_path: Path, resume: bool) -> None:
 
 # Settings that change how a run is executed or reported, not what it trains: a resumed run may change them (and
 # `kdreid pipeline` reuses a finished stage across them). A dotted name covers everything under it.
-RUN_ONLY_SETTINGS = ("out", "train.device", "train.compile", "train.log_freq", "data.root", "eval")
+RUN_ONLY_SETTINGS = ("out", "train.device", "train.compile", "train.log_freq", "data.root")
 
 
 def settings_that_differ(used: Mapping[str, Any], asked: Mapping[str, Any],
                          evaluation_only: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
     """{dotted name: (used, asked)} for every training setting that differs between two configs (as `to_dict`
     gives them), leaving out RUN_ONLY_SETTINGS and, while the final model is the last epoch's, what only decides
-    what is evaluated: the evaluation frequency and a stage's `evaluation_only` settings (e.g. the datasets the
-    source stage evaluates on), which then change nothing that is kept."""
+    how and what is evaluated: the evaluation frequency, `eval.*` and a stage's `evaluation_only` settings (e.g.
+    the datasets the source stage evaluates on), which then change nothing that is trained or kept."""
     def flat(value, prefix=""):
         if isinstance(value, Mapping):
             items = {}
@@ -405,7 +405,7 @@ def settings_that_differ(used: Mapping[str, Any], asked: Mapping[str, Any],
     used, asked = flat(used), flat(asked)
     run_only = list(RUN_ONLY_SETTINGS)
     if used.get("train.select", "last") == "last" and asked.get("train.select", "last") == "last":
-        run_only += ["train.eval_freq", *evaluation_only]
+        run_only += ["train.eval_freq", "eval", *evaluation_only]
     return {
         name: (used.get(name), asked.get(name)) for name in sorted(set(used) | set(asked))
         if used.get(name) != asked.get(name)
