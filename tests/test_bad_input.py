@@ -232,6 +232,34 @@ def _finished_run_without_checkpoints(tmp, monkeypatch):
     return _train(tmp, root)
 
 
+def _evaluate(tmp: Path, model, *extra: str) -> list[str]:
+    root, _ = _market(tmp)
+    return ["evaluate", "--model", str(model), "-t", "market1501", "--root", str(root), *extra]
+
+
+def _weights_of_another_osnet(tmp, monkeypatch):
+    plain = tmp / "osnet_tiny_weights.pth"
+    torch.save(build_model("osnet_tiny", 3).state_dict(), plain)
+    return _evaluate(tmp, plain, "-a", "osnet_x0_25")
+
+
+def _onnx_as_model(tmp, monkeypatch):
+    exported = tmp / "m.onnx"
+    assert main(["export", "--model", _checkpoint(tmp, "m.pt"), "--format", "onnx", "--out", str(exported)]) == 0
+    return _evaluate(tmp, exported)
+
+
+def _text_as_model(tmp, monkeypatch):
+    (tmp / "junk.pt").write_text("not weights")
+    return _evaluate(tmp, tmp / "junk.pt")
+
+
+def _training_state_as_init(tmp, monkeypatch):
+    root = _finished_run(tmp)
+    return ["adapt", "-s", "market1501", "-t", "market1501", "--init", str(tmp / "run" / "checkpoints" / "last.pt"),
+            "--root", str(root), "--out", str(tmp / "teacher"), *TINY]
+
+
 def _bad_yaml(tmp, monkeypatch):
     (tmp / "config.yaml").write_text("train: {epochs: 3\n")
     root, _ = _market(tmp)
@@ -261,6 +289,14 @@ CASES = [
     Case("config file that is not valid YAML", _bad_yaml, "is not valid YAML"),
     Case("P×K batch larger than the data allow", _too_big_batch, "lower --batch-size or raise --num-instances"),
     Case("--out is a file", _out_is_a_file, "is a file, not a folder; choose another --out"),
+    Case("plain state dict with the wrong -a (only part of the backbone fits)", _weights_of_another_osnet,
+         "backbone tensors are missing or of another shape"),
+    Case("an exported ONNX file as --model", _onnx_as_model, "an exported ONNX model; this command takes"),
+    Case("a text file as --model", _text_as_model, "not a PyTorch file"),
+    Case("a run's checkpoints/last.pt as --init", _training_state_as_init,
+         "a run's training checkpoint, not a model; pass RUN/model.pt"),
+    Case("--topk below 1", lambda tmp, monkeypatch: ["search", "--gallery", str(tmp / "g.npz"), "--query",
+                                                      str(tmp), "--topk", "-1"], "--topk must be at least 1, got -1"),
     Case("--resume with other settings than the run's", _resume_with_other_settings,
          "was trained with other settings than this command's (train.optim.lr 0.00035 -> 0.01)"),
     Case("a finished run folder whose checkpoints were deleted", _finished_run_without_checkpoints,

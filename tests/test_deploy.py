@@ -194,3 +194,42 @@ def test_faiss_flag_without_faiss_is_one_line(workdir, tmp_path, capsys, monkeyp
     assert main(["search", "--gallery", str(gallery), "--query", str(gallery), "--faiss"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install faiss-cpu" in err[0]
+
+
+def test_extract_and_search_take_the_input_size(workdir, tmp_path, capsys):
+    """--height/--width embed at that size (a plain state dict has no recorded one); search embeds its query
+    images at the size the gallery was extracted at, so an image finds itself at distance 0."""
+    plain = tmp_path / "plain.pth"
+    torch.save(load_checkpoint(workdir / "tiny.pt").state_dict(), plain)
+    gallery = tmp_path / "g.npz"
+    assert main(["extract", "--model", str(plain), "-a", "osnet_tiny", "--images", str(workdir / "images"),
+                 "--out", str(gallery), "--height", "48", "--width", "24"]) == 0
+    written = load_features(gallery)
+    assert (written.height, written.width) == (48, 24)
+    expected = FeatureExtractor(load_checkpoint(workdir / "tiny.pt"), height=48, width=24, device="cpu")(
+        written.paths)
+    assert np.abs(written.features - expected.numpy()).max() <= 1e-4
+
+    capsys.readouterr()
+    query = workdir / "images" / MARKET_NAMES[2]
+    assert main(["search", "--gallery", str(gallery), "--query", str(query), "--topk", "1", "-a", "osnet_tiny"]) == 0
+    _, distance, path = capsys.readouterr().out.strip().splitlines()[1].split()
+    assert path.endswith(MARKET_NAMES[2]) and float(distance) < 1e-3
+    assert main(["search", "--gallery", str(gallery), "--query", str(query), "--topk", "1", "-a", "osnet_tiny",
+                 "--height", "64", "--width", "32"]) == 0
+    _, distance, _ = capsys.readouterr().out.strip().splitlines()[1].split()
+    assert float(distance) > 1e-3  # embedded at another size than the gallery: it no longer matches itself
+
+
+def test_an_exported_file_takes_only_its_own_size(workdir, tmp_path, capsys):
+    exported = tmp_path / "tiny.ts"
+    assert main(["export", "--model", str(workdir / "tiny.pt"), "--format", "torchscript", "--out",
+                 str(exported), "--height", "48", "--width", "24"]) == 0
+    out = tmp_path / "ts.npz"
+    assert main(["extract", "--model", str(exported), "--images", str(workdir / "images"), "--out", str(out)]) == 0
+    assert (load_features(out).height, load_features(out).width) == (48, 24)
+    capsys.readouterr()
+    assert main(["extract", "--model", str(exported), "--images", str(workdir / "images"), "--out", str(out),
+                 "--height", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes 48x24 images (its export size), not 64x24" in err[0]

@@ -233,3 +233,28 @@ def test_export_command(checkpoint, tmp_path, capsys):
     assert len(err) == 3 and "missing.pt does not exist" in err[0] and "nowhere is not a folder" in err[1]
     assert "--format torchreid takes OSNet models" in err[2]
     assert not (tmp_path / "r.pth").exists()
+
+
+def test_export_refuses_a_state_dict_of_another_architecture(tmp_path, capsys):
+    plain = tmp_path / "osnet_tiny.pth"
+    torch.save(tiny().state_dict(), plain)
+    out = tmp_path / "wrong.onnx"
+    assert main(["export", "--model", str(plain), "-a", "osnet_x0_25", "--format", "onnx", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "backbone tensors are missing" in err[0] and "pass the right -a" in err[0]
+    assert not out.exists()
+
+
+def test_export_command_takes_the_input_size(tmp_path, capsys):
+    """A plain state dict records no size: --height/--width set the file's input shape and its contract."""
+    from kdreid.export import read_metadata as metadata_of
+
+    plain = tmp_path / "plain.pth"
+    torch.save(tiny().state_dict(), plain)
+    out = tmp_path / "sized.onnx"
+    assert main(["export", "--model", str(plain), "-a", "osnet_tiny", "--format", "onnx", "--out", str(out),
+                 "--height", "48", "--width", "24"]) == 0
+    metadata = metadata_of(out)
+    assert (metadata["input_height"], metadata["input_width"]) == ("48", "24")
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 3, 48, 24]

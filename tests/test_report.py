@@ -120,6 +120,20 @@ def test_evaluation_folder_report_includes_its_visrank_pictures(tiny_domain, tin
     assert "<td>synth_duke</td>" in page.read_text()
 
 
+def test_evaluation_report_shows_only_the_latest_visrank_pages_and_counts_them(tiny_domain, tiny_model, tmp_path,
+                                                                             capsys):
+    out = tmp_path / "eval"
+    common = ["evaluate", "--model", str(tiny_model), "-t", TARGET, "--root", str(tiny_domain), "--device", "cpu",
+              "--out", str(out), "--visrank-topk", "2"]
+    assert main([*common, "--visrank", "9"]) == 0  # two pages
+    assert main([*common, "--visrank", "2"]) == 0  # one page: the first run's second page must go
+    capsys.readouterr()
+    assert main(["report", str(out), "--visrank", "0"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert _images(out / "report.html") == ["visrank/synth_duke_01.png"]
+    assert err.endswith("(1 picture)"), err
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: None, "does not exist"),
     (lambda p: p.write_text("x"), "is a file, not a run folder"),

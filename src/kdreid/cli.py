@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from kdreid import __version__
-from kdreid.errors import KdreidError
+from kdreid.errors import ConfigError, KdreidError
 
 USAGE_ERROR = 2
 
@@ -190,11 +190,11 @@ def _add_evaluate(commands) -> None:
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)")
     p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
     p.add_argument("--flip", action="store_true", help="average the embeddings of each image and its mirror")
-    p.add_argument("--protocol", choices=("market", "cuhk03"), default="market",
-                   help="cuhk03 = single-gallery-shot CMC (CUHK03 classic splits)")
+    p.add_argument("--protocol", choices=("market", "cuhk03"), default=None,
+                   help="one protocol for every target (default: per target, as the training stages score it: "
+                        "cuhk03 = single-gallery-shot CMC for -t cuhk03 --cuhk03-classic-split, else market)")
     p.add_argument("--json", action="store_true", help="print only the metrics as JSON")
-    p.add_argument("--height", type=int, default=None, help="input height (default: the checkpoint's, else 256)")
-    p.add_argument("--width", type=int, default=None, help="input width (default: the checkpoint's, else 128)")
+    _add_input_size(p)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2, help="image decoding threads")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -207,9 +207,25 @@ def _add_evaluate(commands) -> None:
     p.set_defaults(run=_run_evaluate)
 
 
+def _add_input_size(p, default: str = "the checkpoint's, else 256x128") -> None:
+    """--height/--width of the commands that embed images with a model."""
+    p.add_argument("--height", type=int, default=None, help=f"input height (default: {default})")
+    p.add_argument("--width", type=int, default=None, help=f"input width (default: {default})")
+
+
+def _require_positive(args, *flags: str) -> None:
+    """Sizes and counts below 1 would fail deep inside with a traceback, or (--height 0) silently mean the
+    default: refuse them here, in one line."""
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+
+
 def _run_evaluate(args) -> int:
     from kdreid.evaluation.features import evaluate_command
 
+    _require_positive(args, "--height", "--width", "--batch-size")
     return evaluate_command(args)
 
 
@@ -314,20 +330,21 @@ def _add_pipeline(commands) -> None:
 def _run_pipeline(args) -> int:
     from pathlib import Path
 
+    from kdreid.config import flatten
     from kdreid.stages import pipeline
-    from kdreid.stages.presets import resolve_config
 
-    # The stage flags go to every stage ("common"); --out/--root/--preset/--config are the pipeline's own.
-    # --resume is implied: finished stages are reused and an interrupted one continues.
+    # The stage flags go to every stage, after the stage sections of --config ("overrides"); --out/--root/--preset/
+    # --config are the pipeline's own. --resume is implied: finished stages are reused and an interrupted one
+    # continues.
     stage_flags = {k: v for k, v in _stage_overrides(args).items() if v is not None and k not in ("out", "data.root")}
     overrides = {
         "sources": args.sources, "targets": args.targets, "teacher_arch": args.teacher_arch,
         "student_arch": args.student_arch, "root": args.root, "out": args.out, "preset": args.preset,
     }
-    config = resolve_config(pipeline.PipelineConfig, "pipeline", preset=args.preset, config_file=args.config,
-                            overrides=overrides)
+    config = pipeline.resolve_pipeline_config(preset=args.preset, config_file=args.config, overrides=overrides)
+    config.validate()  # the stage sections are mappings before the flags are merged into one
     if stage_flags:
-        config.common = {**pipeline.flatten(config.common), **stage_flags}
+        config.overrides = {**flatten(config.overrides), **stage_flags}
     result = pipeline.run(config)
     print(f"run folder: {result.out} (results.md, metrics.json, student.pt)")
     print((Path(result.out) / "results.md").read_text(), end="")
@@ -345,12 +362,14 @@ def _add_export(commands) -> None:
     p.add_argument("--fp16", action="store_true", help="half-precision weights and compute (float32 in and out)")
     p.add_argument("--images", default=None, help="folder of images to check on (default: random images)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    _add_input_size(p)
     p.set_defaults(run=_run_export)
 
 
 def _run_export(args) -> int:
     from kdreid.export import export_command
 
+    _require_positive(args, "--height", "--width")
     return export_command(args)
 
 
@@ -364,12 +383,14 @@ def _add_extract(commands) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="image decoding threads")
     p.add_argument("--device", default=None, help="checkpoints only: cpu, cuda (default: cuda when available)")
+    _add_input_size(p, default="the checkpoint's or the exported file's, else 256x128")
     p.set_defaults(run=_run_extract)
 
 
 def _run_extract(args) -> int:
     from kdreid.deploy import extract_command
 
+    _require_positive(args, "--height", "--width", "--batch-size")
     return extract_command(args)
 
 
@@ -386,12 +407,14 @@ def _add_search(commands) -> None:
                    help="flip-average query images (default: as the gallery was extracted)")
     p.add_argument("--faiss", action="store_true", help="search with a faiss flat index (exact; needs faiss-cpu)")
     p.add_argument("--json", action="store_true", help="print the rankings as JSON")
+    _add_input_size(p, default="the size the gallery was extracted at")
     p.set_defaults(run=_run_search)
 
 
 def _run_search(args) -> int:
     from kdreid.deploy import search_command
 
+    _require_positive(args, "--height", "--width", "--topk")
     return search_command(args)
 
 

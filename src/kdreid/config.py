@@ -154,3 +154,15 @@ def read_yaml(path: str | Path) -> Any:
 def load_yaml(cls: type[T], path: str | Path) -> T:
     """Read a config of type `cls` from a YAML file (missing keys keep their defaults)."""
     return from_dict(cls, read_yaml(path), where=str(path))
+
+
+def flatten(mapping: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"epochs": 3}} -> {"train.epochs": 3}; dotted keys pass through."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

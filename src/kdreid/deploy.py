@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from kdreid.errors import DatasetError, EvaluationError, KdreidError
 from kdreid.evaluation.distance import METRICS
+from kdreid.models.weights import model_kind
 from kdreid.rundir import atomic_write_bytes
 
 FEATURES_FORMAT = "kdreid-features"
@@ -60,46 +61,34 @@ class Embedder:
 
 
 def open_embedder(path: str | Path, *, arch: str | None = None, flip: bool = False, batch_size: int = 64,
-                  device: str | None = None) -> Embedder:
+                  device: str | None = None, height: int | None = None, width: int | None = None) -> Embedder:
     """An Embedder for a kdreid checkpoint (or a plain state dict with `arch`), an ONNX file or a TorchScript
-    file written by `kdreid export`. `flip` averages each image's features with its mirror's."""
+    file written by `kdreid export`. `flip` averages each image's features with its mirror's. height, width: the
+    input size (default: the one the checkpoint records, else 256 x 128); an exported file takes only its own."""
     path = Path(path)
     if not path.is_file():
         raise KdreidError(f"model file {path} does not exist; pass a kdreid checkpoint or an exported .onnx file")
-    kind = _model_kind(path)
+    kind = model_kind(path)
     if kind == "onnx":
-        return _onnx_embedder(path, flip, batch_size)
+        return _onnx_embedder(path, flip, batch_size, height, width)
     if kind == "torchscript":
-        return _torchscript_embedder(path, flip, batch_size)
-    return _checkpoint_embedder(path, arch, flip, batch_size, device)
-
-
-def _model_kind(path: Path) -> str:
-    """ONNX files are protobufs; checkpoints and TorchScript archives are zips, and ours carry `kdreid.json`."""
-    from kdreid.export import METADATA_FILE
-
-    if not zipfile.is_zipfile(path):
-        with open(path, "rb") as handle:
-            first = handle.read(1)
-        # An ONNX ModelProto starts with field 1 (ir_version, a varint): byte 0x08. Legacy torch.save files
-        # start with a pickle opcode (0x80) and go to the checkpoint loader, which explains what it cannot read.
-        return "onnx" if first == b"\x08" or path.suffix.lower() == ".onnx" else "checkpoint"
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-    return "torchscript" if any(name.endswith(f"extra/{METADATA_FILE}") for name in names) else "checkpoint"
+        return _torchscript_embedder(path, flip, batch_size, height, width)
+    return _checkpoint_embedder(path, arch, flip, batch_size, device, height, width)
 
 
 def _as_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)  # (N, 3, H, W)
 
 
-def _checkpoint_embedder(path: Path, arch, flip: bool, batch_size: int, device) -> Embedder:
+def _checkpoint_embedder(path: Path, arch, flip: bool, batch_size: int, device, height: int | None,
+                         width: int | None) -> Embedder:
     from kdreid.evaluation.features import default_device, embed_batch, load_model, model_input_size
 
     model = load_model(path, arch)
     device = torch.device(device) if device else default_device()
     model = model.eval().to(device)
-    height, width = model_input_size(model)
+    recorded_height, recorded_width = model_input_size(model)
+    height, width = height or recorded_height, width or recorded_width
 
     def embed(images: np.ndarray) -> np.ndarray:
         return embed_batch(model, _as_float(images).to(device), flip).cpu().numpy()
@@ -107,22 +96,30 @@ def _checkpoint_embedder(path: Path, arch, flip: bool, batch_size: int, device) 
     return Embedder(embed, height, width, str(path), "checkpoint", flip, batch_size)
 
 
-def _exported_size(metadata: dict, shape) -> tuple[int, int]:
-    if "input_height" in metadata and "input_width" in metadata:
-        return int(metadata["input_height"]), int(metadata["input_width"])
-    if len(shape) == 4 and isinstance(shape[2], int) and isinstance(shape[3], int):
-        return shape[2], shape[3]
+def _exported_size(path: Path, metadata: dict, shape, height: int | None, width: int | None) -> tuple[int, int]:
+    """The input size of an exported file: the one it records (or its fixed input shape), which --height/--width
+    may not change; for a file that records none, theirs, else 256 x 128."""
     from kdreid.evaluation.features import DEFAULT_SIZE
 
-    return DEFAULT_SIZE
+    if "input_height" in metadata and "input_width" in metadata:
+        fixed = int(metadata["input_height"]), int(metadata["input_width"])
+    elif len(shape) == 4 and isinstance(shape[2], int) and isinstance(shape[3], int):
+        fixed = shape[2], shape[3]
+    else:
+        return height or DEFAULT_SIZE[0], width or DEFAULT_SIZE[1]
+    asked = height or fixed[0], width or fixed[1]
+    if asked != fixed:
+        raise KdreidError(f"{path} takes {fixed[0]}x{fixed[1]} images (its export size), not {asked[0]}x{asked[1]}; "
+                          f"embed at its size, or export it again with --height {asked[0]} --width {asked[1]}")
+    return fixed
 
 
-def _onnx_embedder(path: Path, flip: bool, batch_size: int) -> Embedder:
+def _onnx_embedder(path: Path, flip: bool, batch_size: int, height: int | None, width: int | None) -> Embedder:
     from kdreid.export import onnx_session, read_metadata
 
     session = onnx_session(path)
     model_input = session.get_inputs()[0]
-    height, width = _exported_size(read_metadata(path), model_input.shape)
+    height, width = _exported_size(path, read_metadata(path), model_input.shape, height, width)
     fixed_batch = model_input.shape[0] if isinstance(model_input.shape[0], int) else None
 
     def run(batch: np.ndarray) -> np.ndarray:  # (N, 3, H, W) float32 -> (N, D)
@@ -142,11 +139,11 @@ def _onnx_embedder(path: Path, flip: bool, batch_size: int) -> Embedder:
     return Embedder(embed, height, width, str(path), "onnx", flip, batch_size)
 
 
-def _torchscript_embedder(path: Path, flip: bool, batch_size: int) -> Embedder:
+def _torchscript_embedder(path: Path, flip: bool, batch_size: int, height: int | None, width: int | None) -> Embedder:
     from kdreid.export import _jit_load, read_metadata
 
     module = _jit_load(path).eval()
-    height, width = _exported_size(read_metadata(path), ())
+    height, width = _exported_size(path, read_metadata(path), (), height, width)
 
     def embed(images: np.ndarray) -> np.ndarray:
         batch = _as_float(images)
@@ -243,6 +240,8 @@ class FeatureFile:
     camids: np.ndarray
     model: str
     flip: bool
+    height: int
+    width: int
 
 
 def load_features(path: str | Path) -> FeatureFile:
@@ -255,7 +254,8 @@ def load_features(path: str | Path) -> FeatureFile:
                 raise EvaluationError(f"{path} is not a kdreid features file; write one with `kdreid extract`")
             features = np.asarray(data["features"], dtype=np.float32)
             return FeatureFile(features.reshape(len(data["paths"]), -1), [str(p) for p in data["paths"]],
-                               data["pids"], data["camids"], str(data["model"]), bool(data["flip"]))
+                               data["pids"], data["camids"], str(data["model"]), bool(data["flip"]),
+                               int(data["height"]), int(data["width"]))
     except (OSError, ValueError, zipfile.BadZipFile, KeyError) as error:
         raise EvaluationError(f"{path} cannot be read as a features file ({error}); write it again with "
                               "`kdreid extract`") from None
@@ -354,7 +354,7 @@ def search_features(query: np.ndarray, gallery: np.ndarray, *, k: int = 10, metr
 def extract_command(args) -> int:
     """`kdreid extract`: features of every image under --images into --out; undecodable images listed last."""
     embedder = open_embedder(args.model, arch=args.arch, flip=args.flip, batch_size=args.batch_size,
-                             device=args.device)
+                             device=args.device, height=args.height, width=args.width)
     extracted = extract_folder(embedder, args.images, workers=args.workers)
     for path, why in extracted.skipped:
         print(f"kdreid: skipped {path}: {why}", file=sys.stderr)
@@ -381,7 +381,9 @@ def search_command(args) -> int:
         if not model or not Path(model).is_file():
             raise KdreidError(f"embedding {args.query} needs the model: pass --model (the gallery's recorded model "
                               f"{model or '(none)'} does not exist)")
-        embedder = open_embedder(model, arch=args.arch, flip=gallery.flip if args.flip is None else args.flip)
+        # Query images are embedded as the gallery was (its size and flip) unless the flags say otherwise.
+        embedder = open_embedder(model, arch=args.arch, flip=gallery.flip if args.flip is None else args.flip,
+                                 height=args.height or gallery.height, width=args.width or gallery.width)
         extracted = extract_paths(embedder, list_images(query_path))
         for path, why in extracted.skipped:
             print(f"kdreid: skipped {path}: {why}", file=sys.stderr)

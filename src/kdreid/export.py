@@ -79,21 +79,22 @@ def export_model(
     images: torch.Tensor | None = None,
     opset: int = DEFAULT_OPSET,
     source: str = "",
+    height: int | None = None,
+    width: int | None = None,
 ) -> ExportResult:
     """Write `model` (a kdreid model) to `out` in `format`, after checking the file against PyTorch.
 
-    images: (N, 3, H, W) float in [0, 1] at the model's input size to check on (default: CHECK_IMAGES seeded
-    random images). dynamic_batch: the file takes any batch size (else exactly 1). Raises ModelError (one line)
+    images: (N, 3, H, W) float in [0, 1] at the input size to check on (default: CHECK_IMAGES seeded random
+    images). height, width: the input size the file takes and records (default: the one the checkpoint records,
+    else 256 x 128). dynamic_batch: the file takes any batch size (else exactly 1). Raises ModelError (one line)
     when the format cannot take the model or the exported features differ from PyTorch's beyond the tolerance.
     """
-    from kdreid.evaluation.features import model_input_size
-
     if format not in FORMATS:
         raise ModelError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     if fp16 and format == "torchreid":
         raise ModelError("--fp16 applies to onnx and torchscript; a torchreid state dict is saved in float32")
     model = _deployable(model)
-    height, width = model_input_size(model)
+    height, width = input_size(model, height, width)
     if images is None:
         generator = torch.Generator().manual_seed(0)
         images = torch.rand(CHECK_IMAGES, 3, height, width, generator=generator)
@@ -138,6 +139,14 @@ def export_model(
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult(out, format, diff, tolerance, metadata)
+
+
+def input_size(model: nn.Module, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """(height, width) to export at: the ones given, else the checkpoint's, else 256 x 128."""
+    from kdreid.evaluation.features import model_input_size
+
+    recorded_height, recorded_width = model_input_size(model)
+    return height or recorded_height, width or recorded_width
 
 
 def _deployable(model: nn.Module) -> nn.Module:
@@ -366,17 +375,15 @@ def _first_line(error: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------ command
 def export_command(args) -> int:
     """`kdreid export`: load the checkpoint, export, check, print one summary line."""
-    from kdreid.evaluation.features import load_model, model_input_size
+    from kdreid.evaluation.features import load_model
 
     model = load_model(args.model, getattr(args, "arch", None))
-    images = None
-    if args.images:
-        height, width = model_input_size(model)
-        images = load_check_images(args.images, height, width)
+    height, width = input_size(model, args.height, args.width)
+    images = load_check_images(args.images, height, width) if args.images else None
     if args.format == "onnx":
         _require_onnx()
     result = export_model(model, args.out, args.format, dynamic_batch=args.dynamic_batch, fp16=args.fp16,
-                          images=images, opset=args.opset, source=Path(args.model).name)
+                          images=images, opset=args.opset, source=Path(args.model).name, height=height, width=width)
     checked = f"{len(images) if images is not None else CHECK_IMAGES} {'' if images is not None else 'random '}images"
     print(f"wrote {result.path} ({result.format}{', fp16' if args.fp16 else ''}"
           f"{', dynamic batch' if args.dynamic_batch else ''}); max |diff| vs PyTorch {result.max_abs_diff:.2g} "

@@ -318,7 +318,7 @@ def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, root: str 
         evaluation = Section("Evaluation")
         evaluation.blocks.append(metrics_table(metrics["final"]))
         if isinstance(metrics.get("evaluated_with"), dict):
-            settings = ", ".join(f"{k} {v}" for k, v in metrics["evaluated_with"].items())
+            settings = ", ".join(f"{k} {_setting(v)}" for k, v in metrics["evaluated_with"].items())
             evaluation.blocks.append(_note(f"evaluated with {settings}"))
         sections.append(evaluation)
     if (extra := existing_visrank_section(run)) is not None:
@@ -327,6 +327,13 @@ def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, root: str 
     page = run / REPORT_PAGE
     atomic_write_text(page, render_page(title, run, kind, sections))
     return page
+
+
+def _setting(value) -> str:
+    """A setting of `evaluated_with`; the protocol is recorded per target, {target: protocol}."""
+    if isinstance(value, dict):
+        return "(" + "; ".join(f"{key}: {item}" for key, item in value.items()) + ")"
+    return str(value)
 
 
 def _first_stage_config(run: Path) -> dict:
@@ -378,7 +385,8 @@ on {html.escape(generated)}.</p>
 # ------------------------------------------------------------------------------------------------ command
 def report_command(args) -> int:
     page = build_report(args.run_dir, visrank=args.visrank, topk=args.visrank_topk, root=args.root, device=args.device)
-    images = len(list((page.parent / PICTURES).rglob("*.png")))
-    print(f"wrote {page} ({images} pictures in {page.parent / PICTURES})", file=sys.stderr)
+    # Counted on the page: an evaluation folder's --visrank pictures are shown from RUN/visrank/, not RUN/report/.
+    images = len(re.findall(r"<img ", page.read_text()))
+    print(f"wrote {page} ({images} picture{'' if images == 1 else 's'})", file=sys.stderr)
     print(page)
     return 0

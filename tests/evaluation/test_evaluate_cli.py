@@ -103,3 +103,61 @@ def test_skipped_queries_are_a_warning_line(tmp_path, capsys, setup):
     assert code == 0
     assert "kdreid: warning: market1501: 2 of 8 queries have no true match" in err
     assert json.loads(out)["final"]["market1501"]["mAP"] is not None
+
+
+def test_a_state_dict_of_another_architecture_is_refused(setup, tmp_path, capsys):
+    """osnet_tiny's tensors partly fit osnet_x0_25 (by name and shape): scoring that mix would print an mAP of
+    a half-initialised model, so it is refused in one line naming the fix."""
+    root, _, _ = setup
+    plain = tmp_path / "osnet_tiny.pth"
+    torch.save(build_model("osnet_tiny", 0).state_dict(), plain)
+    code, out, err = run(["evaluate", "--model", str(plain), "-a", "osnet_x0_25", "-t", "market1501", "--root",
+                          str(root), "--device", "cpu"], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "backbone tensors are missing" in err and "pass the right -a" in err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--cuhk03-classic-split"], {"market1501": "market", "cuhk03": "cuhk03"}),  # as the training stages
+    ([], {"market1501": "market", "cuhk03": "market"}),  # CUHK03's new 767/700 protocol is scored like Market
+    (["--cuhk03-classic-split", "--protocol", "market"], {"market1501": "market", "cuhk03": "market"}),
+    (["--protocol", "cuhk03"], {"market1501": "cuhk03", "cuhk03": "cuhk03"}),  # an explicit choice is for all
+])
+def test_protocol_is_chosen_per_target_as_the_stages_do(setup, tmp_path, capsys, monkeypatch, flags, expected):
+    from kdreid.data.datasets import base
+    from kdreid.evaluation import features
+    from kdreid.stages.common import DataOptions, protocol_for
+
+    root, checkpoint, _ = setup
+    market = build_dataset("market1501", root)
+    real_build = base.build_dataset
+    # A CUHK03 classic split needs the raw .mat; the Market images stand in for its query and gallery.
+    monkeypatch.setattr(base, "build_dataset", lambda name, *a, **kw: market if name == "cuhk03" else
+                        real_build(name, *a, **kw))
+    scored = []
+    real_evaluate = features.evaluate
+    monkeypatch.setattr(features, "evaluate", lambda *a, protocol, **kw: scored.append(protocol) or
+                        real_evaluate(*a, protocol=protocol, **kw))
+    code, out, err = run(["evaluate", "--model", str(checkpoint), "-t", "market1501", "cuhk03", "--root", str(root),
+                          "--out", str(tmp_path), "--json", "--device", "cpu", *flags], capsys)
+    assert code == 0, err
+    assert scored == list(expected.values())
+    if "--protocol" not in flags:
+        stages = DataOptions(cuhk03_classic_split="--cuhk03-classic-split" in flags)
+        assert expected == {target: protocol_for(target, stages) for target in expected}
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["evaluated_with"]["protocol"] == expected
+    cuhk03 = evaluate_model(load_model(checkpoint), market, protocol=expected["cuhk03"], device="cpu",
+                            height=HEIGHT, width=WIDTH).summary()
+    assert json.loads(out)["final"]["cuhk03"]["rank1"] == pytest.approx(cuhk03["rank1"], abs=1e-3)
+
+
+def test_an_exported_model_is_sent_to_the_commands_that_take_it(setup, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    root, checkpoint, _ = setup
+    exported = tmp_path / "model.onnx"
+    assert main(["export", "--model", str(checkpoint), "--format", "onnx", "--out", str(exported)]) == 0
+    capsys.readouterr()
+    code, out, err = run(["evaluate", "--model", str(exported), "-t", "market1501", "--root", str(root)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "an exported ONNX model" in err and "`kdreid extract`" in err and "pickle" not in err

@@ -280,3 +280,22 @@ def test_threaded_chunks_agree_with_sequential():
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(threaded.cmc, sequential.cmc)
     assert (threaded.mAP, threaded.mINP) == (sequential.mAP, sequential.mINP)
+
+
+def test_ranked_order_is_the_order_evaluate_counts(rng):
+    """On tie-heavy rows, the AP and first-match rank read off `ranked_order` equal `evaluate`'s."""
+    from kdreid.evaluation.ranking import ranked_order
+
+    distances = rng.integers(0, 4, (12, 30)).astype(np.float32)
+    q_pids, g_pids = rng.integers(0, 3, 12), rng.integers(0, 3, 30)
+    q_camids, g_camids = np.zeros(12, int), rng.integers(0, 2, 30)
+    for q in range(12):
+        kept = np.flatnonzero(~((g_pids == q_pids[q]) & (g_camids == q_camids[q])))
+        is_match = torch.from_numpy(g_pids[kept] == q_pids[q])
+        if not is_match.any():
+            continue
+        order = ranked_order(torch.from_numpy(distances[q, kept]), is_match)
+        ranks = torch.nonzero(is_match[order]).flatten().numpy() + 1  # 1-based ranks of the matches
+        expected = evaluate(distances[q:q + 1], q_pids[q:q + 1], g_pids, q_camids[q:q + 1], g_camids, max_rank=30)
+        assert expected.rank(int(ranks[0])) == 1 and (ranks[0] == 1 or expected.rank(int(ranks[0]) - 1) == 0)
+        assert expected.mAP == pytest.approx(float(np.mean(np.arange(1, len(ranks) + 1) / ranks)))

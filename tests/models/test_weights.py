@@ -120,14 +120,48 @@ def test_refuses_weights_of_another_architecture(tmp_path):
         build_model("resnet_tiny", 3, pretrained=path)
 
 
-def test_shape_mismatch_is_discarded_not_fatal(tmp_path):
+def test_head_shape_mismatch_is_discarded_not_fatal(tmp_path):
+    """Another toolkit's (or ImageNet's) classifier has other classes: it is left out, the backbone loads."""
+    torch.manual_seed(0)
+    state = build_model("resnet_tiny", 7).state_dict()
+    path = tmp_path / "other_classes.pth"
+    torch.save(state, path)
+    model = build_model("resnet_tiny", 3)
+    report = load_weights(model, path)
+    assert report.discarded == ["classifier.weight"] and report.missing == ["classifier.weight"]
+    assert torch.equal(model.layer4[0].conv1.weight, state["layer4.0.conv1.weight"])
+
+
+def test_backbone_shape_mismatch_is_refused(tmp_path):
     state = _resnet_tiny_state()
     state["layer4.0.conv1.weight"] = torch.zeros(3, 3, 3, 3)
     path = tmp_path / "odd.pth"
     torch.save(state, path)
     model = build_model("resnet_tiny", 0)
-    report = load_weights(model, path)
-    assert report.discarded == ["layer4.0.conv1.weight"] and report.missing == ["layer4.0.conv1.weight"]
+    before = model.layer1[0].conv1.weight.detach().clone()
+    with pytest.raises(ModelError) as error:
+        load_weights(model, path)
+    message = str(error.value)
+    assert "1 of resnet_tiny's" in message and "layer4.0.conv1.weight" in message and "\n" not in message
+    assert torch.equal(model.layer1[0].conv1.weight, before)  # nothing was loaded
+
+
+def test_partly_fitting_weights_of_another_architecture_are_refused(tmp_path):
+    """osnet_tiny's state dict fits some of osnet_x0_25's tensors by name and shape, not its whole backbone: a
+    model evaluated or exported from such a mix would give silently wrong features."""
+    path = tmp_path / "osnet_tiny.pth"
+    torch.save(build_model("osnet_tiny", 0).state_dict(), path)
+    with pytest.raises(ModelError, match=r"of osnet_x0_25's \d+ backbone tensors are missing .*pass the right -a"):
+        build_model("osnet_x0_25", 0, pretrained=path)
+
+
+def test_a_missing_head_is_not_fatal(tmp_path):
+    """A backbone-only file (ImageNet weights, a toolkit without BNNeck) loads; the head keeps its init."""
+    state = {k: v for k, v in _resnet_tiny_state().items() if not k.startswith("bnneck.")}
+    path = tmp_path / "backbone.pth"
+    torch.save(state, path)
+    report = load_weights(build_model("resnet_tiny", 4), path)
+    assert report.missing and all(k.startswith(("bnneck.", "classifier.")) for k in report.missing)
 
 
 @pytest.mark.parametrize("numpy_module", ["numpy._core.multiarray", "numpy.core.multiarray"])
@@ -172,3 +206,60 @@ def test_openunreid_mean_teacher_with_dsbn(tmp_path):
     for key, value in state.items():
         assert torch.equal(model.state_dict()[key], value), key
     assert all(k.startswith("module.net.") or ".dsbn.0." in k or ".dsbn.1." in k for k in report.discarded)
+
+
+def _traced(path):
+    import warnings
+
+    model = build_model("resnet_tiny", 0).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.trace is deprecated": it still writes the file
+        torch.jit.trace(model, torch.rand(1, 3, 32, 16)).save(str(path))  # plain TorchScript: no kdreid metadata
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: _traced(p / "model.ts"), "an exported TorchScript model; this command takes a kdreid checkpoint"),
+    (lambda p: (p / "model.onnx").write_bytes(b"\x08\x08\x12\x07pytorch") and p / "model.onnx",
+     "an exported ONNX model; this command takes a kdreid checkpoint"),
+    (lambda p: (p / "junk.pt").write_text("hello, not weights\n") and p / "junk.pt", "junk.pt: not a PyTorch file"),
+])
+def test_files_that_are_not_weights_say_what_they_are(make, message, tmp_path):
+    from kdreid.errors import CheckpointError
+
+    path = make(tmp_path)
+    with pytest.raises(CheckpointError) as error:
+        build_model("resnet_tiny", 0, pretrained=path)
+    text = str(error.value)
+    assert message in text and "pickle" not in text and "truncated" not in text and "\n" not in text
+
+
+def test_a_pickle_is_still_called_one(tmp_path):
+    import pickle
+
+    from kdreid.models.weights import UnsafeCheckpointError
+
+    path = tmp_path / "objects.pkl"
+    path.write_bytes(pickle.dumps({"weights": [1, 2]}))
+    with pytest.raises(UnsafeCheckpointError, match="a pickle of arbitrary objects"):
+        build_model("resnet_tiny", 0, pretrained=path)
+
+
+def test_a_training_checkpoint_is_named_with_the_file_to_pass_instead(tmp_path):
+    """RUN/checkpoints/last.pt is complete, just not a model: say so, and which file to pass."""
+    from kdreid.errors import CheckpointError
+    from kdreid.stages.loop import TRAINING_STATE_FORMAT, save_training_state
+
+    model = build_model("resnet_tiny", 3)
+    optimizer = torch.optim.Adam(model.parameters())
+    state = {"format": TRAINING_STATE_FORMAT, "epoch": 2, "modules": {"model": model.state_dict()},
+             "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.parent.mkdir()
+    save_training_state(last, state)
+    headerless = tmp_path / "headerless.pt"  # as written before the checksum header existed
+    torch.save(state, headerless)
+    for path in (last, headerless):
+        with pytest.raises(CheckpointError, match=r"training checkpoint, not a model; pass RUN/model.pt \(this is "
+                                                  r"the training state for --resume\)"):
+            build_model("resnet_tiny", 3, pretrained=path)

@@ -78,6 +78,35 @@ def test_teacher_count_must_match_target_count(three_domains, checkpoints, tmp_p
     assert err.count("\n") == 1 and not (tmp_path / "r").exists()
 
 
+def test_teachers_adapted_to_other_targets_are_refused_before_any_work(three_domains, checkpoints, tmp_path, capsys):
+    torch.manual_seed(0)
+    adapted = {}
+    for name, datasets in (("duke", ["synth_msmt", "synth_duke"]), ("cuhk", ["synth_msmt", "synth_cuhk"]),
+                           ("source", ["synth_msmt"])):
+        adapted[name] = str(save_checkpoint(tmp_path / f"{name}.pt", build_model("resnet_tiny", 7), datasets=datasets,
+                                            extra={"stage": "adapt" if name != "source" else "source"}))
+    args = _distill_args(three_domains, checkpoints, tmp_path / "r", "--epochs", "1")
+    at = args.index("--teachers")
+    cases = {
+        ("cuhk", "duke"): f"teacher 1 ({adapted['cuhk']}) was adapted to synth_cuhk, but target 1 is synth_duke: "
+                          "pass --teachers in the targets' order",
+        ("duke", "source"): f"teacher 2 ({adapted['source']}) was trained on synth_msmt only, not on target 2 "
+                            "synth_cuhk: pass a teacher adapted to synth_cuhk (kdreid adapt -t synth_cuhk)",
+    }
+    for (first, second), message in cases.items():
+        assert main([*args[:at + 1], adapted[first], adapted[second], *args[at + 3:]]) == 2
+        assert capsys.readouterr().err == f"kdreid: error: {message}\n"
+        assert not (tmp_path / "r").exists()
+    # In the targets' order they pass that check (the run itself is another test's).
+    distill.check_teacher_targets([distill.load_teacher(adapted[n]) for n in ("duke", "cuhk")],
+                                  [adapted["duke"], adapted["cuhk"]], TARGETS, ["synth_msmt"])
+
+
+def test_plain_state_dict_teachers_are_not_checked_against_the_targets():
+    # --teacher-arch: another toolkit's weights record no datasets.
+    distill.check_teacher_targets([build_model("resnet_tiny", 0)], ["foreign.pth"], ["synth_duke"], ["synth_msmt"])
+
+
 def test_teachers_are_frozen_and_eval_mode_keeps_their_batchnorm_statistics():
     torch.manual_seed(0)
     images = torch.rand(4, 3, 64, 32)
@@ -128,6 +157,9 @@ def test_distill_end_to_end_with_two_teachers_of_different_architectures(three_d
     assert losses["kd_target"] > 0 and losses["feat_target"] > 0
     table = (out / "results.md").read_text()
     assert "KD-ReID student (osnet_tiny, kd all, batch/shift) | synth_cuhk" in table and "last epoch" in table
+    # The fixture's teachers come from source training: the stage says so (and trains).
+    log = (out / "log.txt").read_text()
+    assert f"teacher {checkpoints['t_duke']} comes from the source stage, not adapt" in log
     student = load_checkpoint(out / "model.pt")
     assert student.arch == "osnet_tiny"
     assert student.kdreid_meta["extra"]["stage"] == "distill"

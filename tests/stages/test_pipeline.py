@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from kdreid.cli import main
+from kdreid.config import dump_yaml
 from kdreid.models import build_model, count_macs, count_parameters, load_checkpoint
 from kdreid.stages import pipeline
 from kdreid.stages.presets import PRESETS
@@ -51,9 +52,17 @@ def test_pipeline_end_to_end_then_stage_reuse(three_domains, tmp_path, capsys):
     assert all(f"stage {name}: reusing" in err for name in STAGES)
     assert _model_mtimes(out) == before
 
-    # Another distillation setting: only the student trains again.
+    # Flags that do not change the weights (under `select: last`) keep every stage too.
+    assert main(_args(three_domains, out, config_file, "--compile", "off", "--eval-freq", "1")) == 0
+    err = capsys.readouterr().err
+    assert all(f"stage {name}: reusing" in err for name in STAGES) and "train.eval_freq 0 -> 1" in err
+    assert _model_mtimes(out) == before
+
+    # Another distillation setting: only the student trains again, after a line that names the setting.
     changed = _config_file(tmp_path, {"target_order": "fixed", "lkdt_weight": 2.0})
     assert main(_args(three_domains, out, changed)) == 0
+    assert any("stage distill: removing" in line and "lkdt_weight 1.0 -> 2.0" in line
+               for line in capsys.readouterr().err.splitlines())
     after = _model_mtimes(out)
     assert {name for name in STAGES if after[name] != before[name]} == {"distill"}
     assert yaml.safe_load((out / "stages" / "distill" / "config.yaml").read_text())["lkdt_weight"] == 2.0
@@ -119,8 +128,10 @@ def _check_outputs(out: Path) -> None:
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 6  # header + source ×2, teacher ×2, blend, student
     assert rows[0].count("mAP") == len(TARGETS) + 1 and "M parameters" in table and "images/s" in table
+    assert "| teacher synth_duke (D-MMD, resnet_tiny) | tracklet | last |" in table
+    assert metrics["training"]["teacher_synth_cuhk"] == {"grouping": "tracklet", "select": "last"}
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["targets"] == TARGETS and saved["common"]["train.epochs"] == 1
+    assert saved["targets"] == TARGETS and saved["overrides"]["train.epochs"] == 1
 
 
 def _touch(path: Path, seconds: int) -> None:
@@ -135,35 +146,35 @@ def test_stage_state_follows_config_inputs_and_crashes(tmp_path):
                                      preset="quick")
     configs = pipeline.stage_configs(config)
     assert list(configs) == STAGES
-    assert all(pipeline.stage_state(c) == "fresh" for c in configs.values())  # nothing there yet
+    assert all(pipeline.stage_state(c).action == "fresh" for c in configs.values())  # nothing there yet
     for when, stage_config in enumerate(configs.values(), start=100):  # each stage finished after its inputs
         folder = Path(stage_config.out)
         _touch(folder / "model.pt", when)
-        (folder / "config.yaml").write_text(pipeline.dump_yaml(stage_config))
+        (folder / "config.yaml").write_text(dump_yaml(stage_config))
     # Killed between model.pt and metrics.json (finish_stage's order): not finished yet.
-    assert all(pipeline.stage_state(c) == "fresh" for c in configs.values())
+    assert all(pipeline.stage_state(c).action == "fresh" for c in configs.values())
     for stage_config in configs.values():
         (Path(stage_config.out) / "metrics.json").write_text("{}")
-    assert all(pipeline.stage_state(c) == "done" for c in configs.values())
+    assert all(pipeline.stage_state(c).action == "done" for c in configs.values())
 
     # Another setting of one stage makes only that stage stale.
     other = pipeline.stage_configs(pipeline.PipelineConfig(**{**vars(config), "distill": {"lkds_weight": 0.5}}))
-    assert [name for name, c in other.items() if pipeline.stage_state(c) != "done"] == ["distill"]
+    assert [name for name, c in other.items() if pipeline.stage_state(c).action != "done"] == ["distill"]
 
     # The teachers' source model retrained (newer): the teachers and the student are stale, the blend is not.
     _touch(Path(configs["source_resnet_tiny"].out) / "model.pt", 1000)
-    stale = [name for name, c in configs.items() if pipeline.stage_state(c) != "done"]
+    stale = [name for name, c in configs.items() if pipeline.stage_state(c).action != "done"]
     assert stale == ["teacher_synth_duke", "teacher_synth_cuhk"]  # distill's teachers are still older...
     _touch(Path(configs["teacher_synth_duke"].out) / "model.pt", 1001)  # ...until they are retrained
-    assert pipeline.stage_state(configs["distill"]) == "fresh"
+    assert pipeline.stage_state(configs["distill"]).action == "fresh"
 
     # A crash: a training checkpoint but no model.pt, same config and inputs -> resume; older inputs only.
     blend = Path(configs["blend"].out)
     (blend / "model.pt").unlink()
     _touch(blend / "checkpoints" / "last.pt", 500)
-    assert pipeline.stage_state(configs["blend"]) == "resume"
+    assert pipeline.stage_state(configs["blend"]).action == "resume"
     _touch(Path(configs["source_osnet_tiny"].out) / "model.pt", 600)
-    assert pipeline.stage_state(configs["blend"]) == "fresh"
+    assert pipeline.stage_state(configs["blend"]).action == "fresh"
 
 
 def test_stage_settings_layer_over_the_preset():

@@ -23,19 +23,32 @@ from kdreid.viz.ranking import (
 
 def test_rank_queries_is_the_protocols_ranking(rng):
     num_query, num_gallery, topk = 6, 40, 7
-    distances = np.round(rng.random((num_query, num_gallery)), 1)  # rounded: many ties, kept in gallery order
+    distances = np.round(rng.random((num_query, num_gallery)), 1)  # rounded: many ties
     q_pids, g_pids = rng.integers(0, 4, num_query), rng.integers(0, 4, num_gallery)
     q_camids, g_camids = rng.integers(0, 3, num_query), rng.integers(0, 3, num_gallery)
     chosen = [0, 2, 5]
     ranked = rank_queries(distances[chosen], q_pids, g_pids, q_camids, g_camids, chosen, topk)
     for item, q in zip(ranked, chosen):
-        # Direct formula: drop same identity + same camera, sort by (distance, gallery index).
+        # Direct formula: drop same identity + same camera, sort by (distance, match after non-match, gallery index).
         kept = [g for g in range(num_gallery) if not (g_pids[g] == q_pids[q] and g_camids[g] == q_camids[q])]
-        expected = sorted(kept, key=lambda g: (distances[q, g], g))[:topk]
+        expected = sorted(kept, key=lambda g: (distances[q, g], g_pids[g] == q_pids[q], g))[:topk]
         assert item.query_index == q
         assert item.gallery_indices == expected
         assert item.distances == pytest.approx([distances[q, g] for g in expected])
         assert item.correct == [bool(g_pids[g] == q_pids[q]) for g in expected]
+
+
+def test_ties_are_drawn_as_the_metric_counts_them():
+    """All distances equal, gallery[0] the only match: evaluate gives rank-1 0 and mAP 0.25 (the match ranks
+    after its tied non-matches), so the picture must not show it as a green #1."""
+    from kdreid.evaluation.ranking import evaluate
+
+    distances = np.zeros((1, 4), np.float32)
+    q_pids, g_pids, q_camids, g_camids = np.array([1]), np.array([1, 2, 3, 4]), np.array([0]), np.ones(4, int)
+    result = evaluate(distances, q_pids, g_pids, q_camids, g_camids, max_rank=4)
+    assert result.rank(1) == 0 and result.mAP == pytest.approx(0.25)
+    [item] = rank_queries(distances, q_pids, g_pids, q_camids, g_camids, [0], topk=4)
+    assert item.gallery_indices == [1, 2, 3, 0] and item.correct == [False, False, False, True]
 
 
 def test_rank_queries_refuses_mismatched_distances(rng):
@@ -89,6 +102,21 @@ def test_pages_hold_eight_queries_each(tmp_path):
     assert [p.name for p in pages] == ["t_01.png", "t_02.png"]
     heights = [Image.open(p).size[1] for p in pages]
     assert heights[0] > 6 * heights[1]  # 8 rows, then 1
+
+
+def test_a_second_call_with_fewer_pages_leaves_none_of_the_first(tmp_path):
+    paths = _grey_images(tmp_path, 4)
+    features = torch.eye(4)
+    query = Features(features[:1].repeat(9, 1), np.arange(9) % 3, np.zeros(9, int), [paths[0]] * 9)
+    gallery = Features(features, np.arange(4), np.ones(4, int), paths)
+    out = tmp_path / "out"
+    assert len(visualize_ranked_results(query, gallery, out, prefix="t", num_queries=9, topk=1)) == 2
+    other_target = visualize_ranked_results(query, gallery, out, prefix="t_x", num_queries=1, topk=1)
+    unrelated = out / "t_notes.png"
+    unrelated.write_bytes(b"not a page")
+    pages = visualize_ranked_results(query, gallery, out, prefix="t", num_queries=2, topk=1)
+    assert sorted(p.name for p in out.iterdir()) == sorted([pages[0].name, other_target[0].name, unrelated.name])
+    assert [p.name for p in pages] == ["t_01.png"]
 
 
 def test_query_distances_are_the_evaluation_rows(rng):

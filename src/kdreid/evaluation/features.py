@@ -303,6 +303,7 @@ def evaluate_command(args) -> int:
     from kdreid.errors import DatasetError
     from kdreid.evaluation.ranking import EvaluationWarning
     from kdreid.rundir import write_json
+    from kdreid.stages.common import DataOptions, protocol_for
 
     cuhk03_options = dict(labeled=args.cuhk03_labeled, classic_split=args.cuhk03_classic_split,
                           split_id=args.split_id)
@@ -316,6 +317,10 @@ def evaluate_command(args) -> int:
     model = load_model(args.model, args.arch)
     device = torch.device(args.device) if args.device else default_device()
     final: dict[str, dict[str, float | None]] = {}
+    # Each target is scored as the training stages score it (so a run's metrics.json and this agree), unless
+    # --protocol names one for all.
+    data_options = DataOptions(cuhk03_labeled=args.cuhk03_labeled, cuhk03_classic_split=args.cuhk03_classic_split)
+    protocols = {target: args.protocol or protocol_for(target, data_options) for target in args.targets}
     for target in args.targets:
         dataset = build_dataset(target, args.root, **(cuhk03_options if target == "cuhk03" else {}))
         print(f"{target}: {len(dataset.query)} queries, {len(dataset.gallery)} gallery images", file=sys.stderr)
@@ -328,10 +333,10 @@ def evaluate_command(args) -> int:
                 query = extract_features(model, dataset.query, **options)
                 gallery = extract_features(model, dataset.gallery, **options)
                 result = evaluate_features(query, gallery, metric=args.metric, rerank=args.rerank,
-                                           protocol=args.protocol, device=device)
+                                           protocol=protocols[target], device=device)
             else:
                 result = evaluate_model(
-                    model, dataset, metric=args.metric, rerank=args.rerank, flip=args.flip, protocol=args.protocol,
+                    model, dataset, metric=args.metric, rerank=args.rerank, flip=args.flip, protocol=protocols[target],
                     height=args.height, width=args.width, batch_size=args.batch_size, device=device,
                     workers=args.workers, progress=sys.stderr.isatty())
         if visrank:
@@ -357,7 +362,7 @@ def evaluate_command(args) -> int:
                 raise EvaluationError(f"{path} exists but is not JSON; remove it or choose another --out") from None
         metrics.setdefault("final", {}).update(final)
         metrics["evaluated_with"] = dict(model=str(args.model), metric=args.metric, rerank=args.rerank,
-                                         flip=args.flip, protocol=args.protocol)
+                                         flip=args.flip, protocol=protocols)
         write_json(path, metrics)
     if args.json:
         print(json.dumps({"final": final}, indent=2))

@@ -178,6 +178,13 @@ def evaluate(
     return RankResult(cmc.astype(np.float64), mean_ap, mean_inp, num_valid, num_q)
 
 
+def ranked_order(distances: torch.Tensor, is_match: torch.Tensor) -> torch.Tensor:
+    """Indices of one query's gallery items nearest first, in the order `evaluate` counts them: ties resolved
+    against the query (a non-match before a tied match), otherwise gallery order. distances, is_match: (G,)."""
+    non_matches_first = torch.argsort(is_match.to(torch.uint8), stable=True)
+    return non_matches_first[torch.argsort(distances[non_matches_first], stable=True)]
+
+
 # ------------------------------------------------------------------------------------------------ internals
 class _GalleryIndex:
     """The gallery grouped by identity: group p holds the gallery indices of `ids[p]` in gallery order."""

@@ -16,6 +16,7 @@ import logging
 import pickle
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Mapping
@@ -57,12 +58,58 @@ class UnsafeCheckpointError(CheckpointError):
     """A file whose unpickling would run code (it names globals beyond tensors and plain values)."""
 
 
+# A run's training state (stages/loop.py writes and reads it): a dict with this "format", behind a first line
+# b"KDREID-TRAINING-STATE 1 sha256=<hex> bytes=<n>\n".
+TRAINING_STATE_FORMAT = "kdreid-training-state"
+TRAINING_STATE_MAGIC = b"KDREID-TRAINING-STATE "
+
+
+def model_kind(path: Path) -> str:
+    """"onnx", "torchscript" or "checkpoint" (anything else: the checkpoint loader explains what it cannot read).
+    ONNX files are protobufs; torch.save files and TorchScript archives are zips, and only TorchScript's hold
+    compiled code (`code/`, `constants.pkl`)."""
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            first = handle.read(1)
+        # An ONNX ModelProto starts with field 1 (ir_version, a varint): byte 0x08. Legacy torch.save files
+        # start with a pickle opcode (0x80).
+        return "onnx" if first == b"\x08" or path.suffix.lower() == ".onnx" else "checkpoint"
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return "torchscript" if any(name.endswith("/constants.pkl") or "/code/" in name for name in names) else "checkpoint"
+
+
 def read_file(path: str | Path) -> object:
-    """torch.load with weights_only=True, turning every failure into one CheckpointError line."""
+    """torch.load with weights_only=True, turning every failure into one CheckpointError line; files that are
+    models of another kind (ONNX, TorchScript, a run's training state) are named as such."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    return safe_load(path, str(path))
+    kind = model_kind(path)
+    if kind != "checkpoint":
+        raise CheckpointError(
+            f"{path}: an exported {'ONNX' if kind == 'onnx' else 'TorchScript'} model; this command takes a kdreid "
+            "checkpoint (model.pt) or a state dict; exported files go to `kdreid extract` and `kdreid search`"
+        )
+    training_state = CheckpointError(f"{path}: a run's training checkpoint, not a model; pass RUN/model.pt (this "
+                                     "is the training state for --resume)")
+    try:
+        content = safe_load(path, str(path))
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError:
+        # The stages write their training state behind a checksum header, which torch.load cannot read.
+        if _is_training_state(path):
+            raise training_state from None
+        raise
+    if isinstance(content, Mapping) and content.get("format") == TRAINING_STATE_FORMAT:  # one without the header
+        raise training_state
+    return content
+
+
+def _is_training_state(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(TRAINING_STATE_MAGIC)) == TRAINING_STATE_MAGIC
 
 
 def safe_load(source: str | Path | IO[bytes], where: str) -> object:
@@ -81,8 +128,10 @@ def safe_load(source: str | Path | IO[bytes], where: str) -> object:
         # errors ("invalid load key") are damaged files, below.
         if "weights only" in str(error).lower() or "GLOBAL" in str(error):
             found = re.search(r"GLOBAL ([\w.]+)", str(error))
-            # Without a named global, the safe unpickler stopped at an opcode torch.save never writes (a pickle
-            # made by pickle.dump): not weights, and unpickling it the unsafe way could run anything.
+            # Without a named global, the safe unpickler stopped at an opcode torch.save never writes: in a pickle
+            # (made by pickle.dump) that means arbitrary objects; in anything else, bytes that are no pickle at all.
+            if not found and not _head(source).startswith(_PICKLE_STARTS):
+                raise _not_pytorch(where) from None
             detail = (f"refused, loading it would run code (it needs {found.group(1)})" if found else
                       "refused, it is a pickle of arbitrary objects, not weights, and loading it could run code")
             raise UnsafeCheckpointError(
@@ -93,10 +142,34 @@ def safe_load(source: str | Path | IO[bytes], where: str) -> object:
         error_text = str(error)
     except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, ValueError... on damaged bytes
         error_text = str(error).strip() or type(error).__name__
+    head = _head(source)
+    if head and not head.startswith((b"PK", *_PICKLE_STARTS)):  # neither torch.save's zip nor its legacy pickle
+        raise _not_pytorch(where)
     first_line = error_text.strip().splitlines()[0] if error_text.strip() else "empty file"
     raise CheckpointError(
         f"{where}: unreadable ({first_line}); the file is truncated or not a PyTorch checkpoint, copy it again"
     )
+
+
+# A binary pickle starts with the PROTO opcode and its protocol, 2 to 5 (torch.save's legacy format uses 2).
+_PICKLE_STARTS = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
+
+
+def _head(source: str | Path | IO[bytes]) -> bytes:
+    """The first bytes of a path or of a seekable binary file (its position is kept)."""
+    if isinstance(source, (str, Path)):
+        with open(source, "rb") as handle:
+            return handle.read(2)
+    position = source.tell()
+    source.seek(0)
+    head = source.read(2)
+    source.seek(position)
+    return head
+
+
+def _not_pytorch(where: str) -> CheckpointError:
+    return CheckpointError(f"{where}: not a PyTorch file; pass a kdreid checkpoint (model.pt) or a state dict "
+                           "written by torch.save")
 
 
 def unwrap_state_dict(obj: object, where: str = "file") -> dict[str, torch.Tensor]:
@@ -192,7 +265,9 @@ class LoadReport:
 
 
 def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> LoadReport:
-    """Copy every tensor whose (re-spelled) name and shape fit; refuse when no backbone tensor fits."""
+    """Copy every tensor whose (re-spelled) name and shape fit. The backbone must be complete: a file that leaves
+    any backbone tensor missing or of another shape is refused. The head (embedding, BNNeck, classifiers) may be
+    absent or differ, as other toolkits' heads and ImageNet classifiers do."""
     own = model.state_dict()
     report = LoadReport(source)
     accepted: dict[str, torch.Tensor] = {}
@@ -204,15 +279,24 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             report.discarded.append(original)
             continue
         accepted[target] = value
+    arch = getattr(model, "arch", type(model).__name__)
     if not any(not head_key(k) for k in accepted):
-        arch = getattr(model, "arch", type(model).__name__)
         raise ModelError(
             f"{source}: none of its {len(state_dict)} tensors fit {arch}'s backbone "
             f"(its keys look like {', '.join(list(state_dict)[:3])}); is it another architecture?"
         )
-    model.load_state_dict(accepted, strict=False)
     report.matched = list(accepted)
     report.missing = [k for k in own if k not in accepted and not k.endswith("num_batches_tracked")]
+    backbone = [k for k in own if not head_key(k) and not k.endswith("num_batches_tracked")]
+    backbone_missing = [k for k in report.missing if not head_key(k)]
+    if backbone_missing:
+        # A partly loaded backbone still runs and gives numbers, silently wrong ones: refuse it.
+        raise ModelError(
+            f"{source}: {len(backbone_missing)} of {arch}'s {len(backbone)} backbone tensors are missing or of "
+            f"another shape (e.g. {backbone_missing[0]}); is this a checkpoint of another architecture? "
+            "pass the right -a"
+        )
+    model.load_state_dict(accepted, strict=False)
     log.info(report.summary())
     return report
 

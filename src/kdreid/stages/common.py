@@ -11,11 +11,10 @@ from types import SimpleNamespace
 from typing import Sequence
 
 import torch
-import yaml
 from torch import nn
 
 from kdreid import distributed
-from kdreid.config import dump_yaml, read_yaml
+from kdreid.config import read_yaml
 from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.data.samplers import groups_per_rank
 from kdreid.errors import ConfigError, KdreidError
@@ -175,9 +174,7 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     extended = None
     saved_config = Path(config.out) / "config.yaml"
     if resume and checkpoint_file(Path(config.out)).exists() and saved_config.is_file():
-        # Compared as YAML holds them, so that tuples and lists, or 3.5e-4 and 0.00035, are the same setting.
-        extended = check_resumed_settings(Path(config.out), read_yaml(saved_config), yaml.safe_load(dump_yaml(config)),
-                                          getattr(config, "EVALUATION_ONLY", ()))
+        extended = check_resumed_settings(Path(config.out), read_yaml(saved_config), config)
     run = RunDir(config.out)
     # Only the main process writes the run's files; the others log warnings to their console.
     log = run.logger() if distributed.is_main() else distributed.worker_logger()

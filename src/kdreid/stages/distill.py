@@ -50,6 +50,7 @@ from kdreid.stages.common import (
     begin_stage,
     stage_evaluator,
     finish_stage,
+    removes_its_folder_on_setup_error,
     source_label_space,
 )
 from kdreid.stages.data import BatchSource, combine_train
@@ -196,6 +197,26 @@ def load_teacher(path: str, arch: str = "") -> nn.Module:
         raise
 
 
+def check_teacher_targets(teachers: Sequence[nn.Module], paths: Sequence[str], targets: Sequence[str],
+                          sources: Sequence[str]) -> None:
+    """Refuse a kdreid teacher that was not trained on the target at its position (teachers in another order,
+    or never adapted). A plain state dict (--teacher-arch) records no datasets and is not checked."""
+    for position, (teacher, path, target) in enumerate(zip(teachers, paths, targets), start=1):
+        datasets = list((getattr(teacher, "kdreid_meta", None) or {}).get("datasets") or [])
+        if not datasets or target in datasets:
+            continue
+        adapted_to = [d for d in datasets if d not in sources]
+        if adapted_to:
+            raise ConfigError(
+                f"teacher {position} ({path}) was adapted to {', '.join(adapted_to)}, but target {position} is "
+                f"{target}: pass --teachers in the targets' order"
+            )
+        raise ConfigError(
+            f"teacher {position} ({path}) was trained on {', '.join(datasets)} only, not on target {position} "
+            f"{target}: pass a teacher adapted to {target} (kdreid adapt -t {target})"
+        )
+
+
 def multi_head_copy(model: nn.Module, heads: int) -> nn.Module:
     """The same model with `heads` classifiers, each a copy of `model`'s one (built anew, so that every head's
     parameters exist before the optimiser is made)."""
@@ -219,8 +240,13 @@ def feature_kd(projector: nn.Module, student_maps, teacher_maps, margins) -> tor
 
 
 # ------------------------------------------------------------------------------------------------ the stage
+@removes_its_folder_on_setup_error
 def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     config.validate()
+    # The teachers are read before the run folder is made: a teacher of the wrong target stops here, not after
+    # the datasets are read.
+    teacher_models = [load_teacher(path, config.teacher_arch) for path in config.teachers]
+    check_teacher_targets(teacher_models, config.teachers, config.targets, config.sources)
     train = config.train
     start = begin_stage(config, resume=resume)
     run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets
@@ -252,9 +278,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         student = multi_head_copy(student, len(targets))
     student = distributed.sync_batchnorm(student.train().to(device))  # BatchNorm over the global batch
 
-    teachers = nn.ModuleList(
-        Teacher(load_teacher(path, config.teacher_arch), config.teacher_mode) for path in config.teachers
-    ).to(device)
+    teachers = nn.ModuleList(Teacher(model, config.teacher_mode) for model in teacher_models).to(device)
     if device.type == "cuda":  # the layout the loop gives the student and its batches there (no-grad, bf16 autocast)
         teachers.to(memory_format=torch.channels_last)
     use_feats = config.kd_style in ("feats", "all")
@@ -266,9 +290,13 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         distributed.sync_batchnorm(teachers)
 
     for teacher, path in zip(teachers, config.teachers):
-        size = getattr(teacher.model, "kdreid_meta", {}).get("extra", {}).get("input_size")
+        extra = getattr(teacher.model, "kdreid_meta", {}).get("extra", {})
+        size = extra.get("input_size")
         if size and list(size) != [train.height, train.width]:
             log.warning(f"teacher {path} was trained at {size[0]}x{size[1]}, distilled at {train.height}x{train.width}")
+        if extra.get("stage", "adapt") != "adapt":
+            log.warning(f"teacher {path} comes from the {extra['stage']} stage, not adapt: it was not adapted to "
+                        "its target")
 
     need_source = config.lkds_weight > 0 or config.lda_weight > 0 or config.target_order == "shift"
     # Source images are decoded only when a loss or the shift order uses them (MSMT17 is 30k images).

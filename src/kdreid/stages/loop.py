@@ -35,13 +35,14 @@ from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from kdreid import distributed
-from kdreid.config import to_dict
+from kdreid.config import dump_yaml, flatten, to_dict
 from kdreid.data.augment import AugmentConfig
 from kdreid.errors import CheckpointError, ConfigError, KdreidError, TrainingError
-from kdreid.models.weights import UnsafeCheckpointError, safe_load
+from kdreid.models.weights import TRAINING_STATE_FORMAT, TRAINING_STATE_MAGIC, UnsafeCheckpointError, safe_load
 from kdreid.rundir import RunDir, atomic_write_bytes
 from kdreid.stages.optim import OptimConfig, learning_rate, set_learning_rate
 from kdreid.stages.speed import (
@@ -383,44 +384,46 @@ def refuse_occupied(run_path: Path, resume: bool) -> None:
         )
 
 
-# Settings that change how a run is executed or reported, not what it trains: a resumed run may change them (and
-# `kdreid pipeline` reuses a finished stage across them). A dotted name covers everything under it.
-RUN_ONLY_SETTINGS = ("out", "train.device", "train.compile", "train.log_freq", "data.root")
+# Settings of a stage config (dotted keys) that decide how a run executes or what it reports, never the weights it
+# trains: a resumed run may change them, and `kdreid pipeline` reuses a finished stage across them. `deterministic`
+# only picks reproducible kernels for the same computation; `eval.batch_size` gives the same features in other
+# batches.
+RUN_ONLY_SETTINGS = frozenset({
+    "out", "histogram_images", "train.device", "train.compile", "train.log_freq", "train.deterministic",
+    "eval.batch_size",
+})
+# Settings that reach the weights only through the epoch a score keeps (`select` source-val or target-clusters):
+# how often and how that score is measured, and which source identities are held out for it. A stage config may
+# add its own (EVALUATION_ONLY: the source stage's targets, which it only evaluates on).
+SELECTION_SETTINGS = frozenset({"train.eval_freq", "train.source_val_ids", "eval.metric", "eval.flip"})
+_UNSET = "(unset)"
 
 
-def settings_that_differ(used: Mapping[str, Any], asked: Mapping[str, Any],
-                         evaluation_only: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
-    """{dotted name: (used, asked)} for every training setting that differs between two configs (as `to_dict`
-    gives them), leaving out RUN_ONLY_SETTINGS and, while the final model is the last epoch's, what only decides
-    how and what is evaluated: the evaluation frequency, `eval.*` and a stage's `evaluation_only` settings (e.g.
-    the datasets the source stage evaluates on), which then change nothing that is trained or kept."""
-    def flat(value, prefix=""):
-        if isinstance(value, Mapping):
-            items = {}
-            for key, inner in value.items():
-                items.update(flat(inner, f"{prefix}{key}."))
-            return items
-        return {prefix[:-1]: value}
-
-    used, asked = flat(used), flat(asked)
-    run_only = list(RUN_ONLY_SETTINGS)
-    if used.get("train.select", "last") == "last" and asked.get("train.select", "last") == "last":
-        run_only += ["train.eval_freq", "eval", *evaluation_only]
-    return {
-        name: (used.get(name), asked.get(name)) for name in sorted(set(used) | set(asked))
-        if used.get(name) != asked.get(name)
-        and not any(name == prefix or name.startswith(prefix + ".") for prefix in run_only)
-    }
+def changed_settings(saved: Mapping[str, Any], stage_config) -> dict[str, tuple[Any, Any]]:
+    """Every setting that differs between a saved config.yaml and `stage_config`: {dotted key: (saved, now)}."""
+    before = flatten(saved)
+    now = flatten(yaml.safe_load(dump_yaml(stage_config)))  # through YAML, as the saved one went
+    return {key: (before.get(key, _UNSET), now.get(key, _UNSET)) for key in sorted(before.keys() | now.keys())
+            if before.get(key, _UNSET) != now.get(key, _UNSET)}
 
 
-def check_resumed_settings(run_path: Path, used: Mapping[str, Any], asked: Mapping[str, Any],
-                           evaluation_only: tuple[str, ...] = ()) -> str | None:
-    """A run resumes with the settings it was trained with: only more epochs (and RUN_ONLY_SETTINGS) may change;
-    any other difference is one TrainingError naming the settings, before anything is written. Returns a line to
-    log when the run is extended."""
-    differences = settings_that_differ(used, asked, evaluation_only)
+def changes_weights(key: str, stage_config, also_run_only: tuple[str, ...] = ()) -> bool:
+    """Whether setting `key` of `stage_config` can change the weights the stage keeps."""
+    if key in RUN_ONLY_SETTINGS or key in also_run_only:
+        return False
+    selection_only = SELECTION_SETTINGS | set(getattr(stage_config, "EVALUATION_ONLY", ()))
+    return not (stage_config.train.select == "last" and key in selection_only)
+
+
+def check_resumed_settings(run_path: Path, saved: Mapping[str, Any], stage_config) -> str | None:
+    """A run resumes with the settings it was trained with (`saved`, its config.yaml): only more epochs, what
+    `changes_weights` lets change and the start weights (`init`, `student_init`: the checkpoint replaces them)
+    may differ; anything else is one TrainingError naming the settings, before anything is written. Returns a
+    line to log when the run is extended."""
+    differences = {key: values for key, values in changed_settings(saved, stage_config).items()
+                   if changes_weights(key, stage_config, ("init", "student_init"))}
     more_epochs = differences.pop("train.epochs", None)
-    if more_epochs is not None and more_epochs[1] < more_epochs[0]:
+    if more_epochs is not None and not more_epochs[1] > more_epochs[0]:
         differences["train.epochs"] = more_epochs  # fewer epochs than trained: a different schedule
     if differences:
         listed = ", ".join(f"{name} {was!r} -> {now!r}" for name, (was, now) in differences.items())
@@ -439,10 +442,8 @@ def _step_seed(seed: int, epoch: int, iteration: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, iteration]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-TRAINING_STATE_FORMAT = "kdreid-training-state"
-# First line of a training checkpoint: b"KDREID-TRAINING-STATE 1 sha256=<hex> bytes=<n>\n", then torch.save bytes.
+# First line of a training checkpoint: TRAINING_STATE_MAGIC + b"1 sha256=<hex> bytes=<n>\n", then torch.save bytes.
 # The digest and length catch a truncated or half-copied file (a zip's own CRCs are not always checked on read).
-_HEADER_MAGIC = b"KDREID-TRAINING-STATE "
 _HEADER_VERSION = 1
 
 
@@ -453,7 +454,7 @@ def save_training_state(path: Path, state: dict) -> None:
     torch.save(state, buffer)
     payload = buffer.getvalue()
     digest = hashlib.sha256(payload).hexdigest()
-    header = _HEADER_MAGIC + f"{_HEADER_VERSION} sha256={digest} bytes={len(payload)}\n".encode()
+    header = TRAINING_STATE_MAGIC + f"{_HEADER_VERSION} sha256={digest} bytes={len(payload)}\n".encode()
     _keep_as_previous(path)
     atomic_write_bytes(path, header + payload)
 
@@ -483,11 +484,11 @@ def load_training_state(path: Path) -> dict:
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read it ({error.strerror or error})") from None
     payload = data
-    if data.startswith(_HEADER_MAGIC):
+    if data.startswith(TRAINING_STATE_MAGIC):
         end = data.find(b"\n", 0, 256)
         if end < 0:
             raise CheckpointError(f"{path}: truncated (inside its header)")
-        fields = dict(item.split("=", 1) for item in data[len(_HEADER_MAGIC):end].decode("ascii", "replace").split()
+        fields = dict(item.split("=", 1) for item in data[len(TRAINING_STATE_MAGIC):end].decode("ascii", "replace").split()
                       if "=" in item)
         payload = data[end + 1:]
         expected = fields.get("bytes", "")

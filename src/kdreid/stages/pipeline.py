@@ -7,9 +7,11 @@ KD-ReID student, each stage in its own folder under RUN/stages/, then one table 
     RUN/stages/blend/                   the student architecture adapted with D-MMD to the union of the targets
     RUN/stages/distill/                 the student, taught by the teachers in target order
 
-A stage is reused, make-style, when its folder holds `model.pt`, the `config.yaml` saved there equals the
-config it would run now, and its model is newer than the models it starts from; a folder with a training
-checkpoint but no `model.pt` (a crash) is resumed; anything else there is stale and trained again.
+A stage is reused, make-style, when its folder holds `model.pt`, the `config.yaml` saved there agrees with the
+config it would run now on every setting that decides its weights (see `loop.changes_weights`; the paths of its
+input models may differ), and its model is newer than the models it starts from; a folder with a training
+checkpoint but no `model.pt` (a crash) is resumed; anything else there is stale and trained again, after a log
+line that says why.
 """
 
 from __future__ import annotations
@@ -25,17 +27,21 @@ import torch
 import yaml
 
 from kdreid import distributed
-from kdreid.config import dump_yaml
+from kdreid.config import flatten, read_yaml
 from kdreid.errors import ConfigError
 from kdreid.models import count_macs, load_checkpoint
 from kdreid.rundir import RunDir, atomic_write_bytes, atomic_write_text, write_json
 from kdreid.stages import adapt, distill, source
 from kdreid.stages.common import evaluate_datasets
 from kdreid.stages.data import load_datasets
-from kdreid.stages.loop import SELECTION_RULES, checkpoint_file, select_device
+from kdreid.stages.loop import SELECTION_RULES, changed_settings, changes_weights, checkpoint_file, select_device
 from kdreid.stages.presets import resolve_config
 
-STAGE_OVERRIDES = ("common", "source", "adapt", "blend", "distill")
+STAGE_OVERRIDES = ("common", "source", "adapt", "blend", "distill", "overrides")
+
+# The inputs a stage starts from (`init`, `student_init`, `teachers`) are wired by the pipeline from its run folder
+# and checked by modification time (`stage_inputs`), so their paths never decide a reuse.
+PIPELINE_WIRED_SETTINGS = ("init", "student_init", "teachers")
 
 
 @dataclass
@@ -55,6 +61,9 @@ class PipelineConfig:
     adapt: Any = field(default_factory=dict)
     blend: Any = field(default_factory=dict)
     distill: Any = field(default_factory=dict)
+    # Applied to every stage after its own section: where `kdreid pipeline` puts its stage flags, so that a
+    # flag wins over the --config file as it does in the standalone stages.
+    overrides: Any = field(default_factory=dict)
 
     def validate(self) -> None:
         if not self.sources:
@@ -78,16 +87,19 @@ class PipelineResult:
     reused: list[str]  # stages whose finished model was kept
 
 
-def flatten(mapping: Mapping, prefix: str = "") -> dict[str, Any]:
-    """{"train": {"epochs": 3}} -> {"train.epochs": 3}; dotted keys pass through."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
+def resolve_pipeline_config(*, preset: str | None = None, config_file: str | None = None,
+                            overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+    """The pipeline's config: defaults < the preset's `pipeline` section < the YAML file < `overrides`. The preset
+    is `preset` (--preset), else the one the YAML file names, else the default, so that `preset: quick` in the
+    file picks quick's teachers as --preset quick does."""
+    if preset is None and config_file is not None:
+        data = read_yaml(config_file)
+        if isinstance(data, Mapping) and isinstance(data.get("preset"), str):
+            preset = data["preset"]
+    if preset is None:
+        preset = PipelineConfig().preset
+    return resolve_config(PipelineConfig, "pipeline", preset=preset or None, config_file=config_file,
+                          overrides=overrides)
 
 
 def stage_configs(config: PipelineConfig) -> dict[str, Any]:
@@ -96,14 +108,15 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
     preset = config.preset or None
 
     def resolve(cls, stage: str, layers: list[Mapping], fixed: dict):
-        # Precedence, lowest first: defaults, the preset, `common`, the stage's own settings, then what the
-        # pipeline decides (datasets, architectures, inputs, folders), which no setting may change.
-        overrides: dict[str, Any] = {}
-        for layer in (config.common, *layers):
-            overrides.update(flatten(layer))
-        overrides.update(fixed)
-        overrides["data.root"] = config.root
-        return resolve_config(cls, stage, preset=preset, overrides=overrides)
+        # Precedence, lowest first: defaults, the preset, `common`, the stage's own settings, `overrides` (the
+        # CLI flags), then what the pipeline decides (datasets, architectures, inputs, folders), which no setting
+        # may change.
+        settings: dict[str, Any] = {}
+        for layer in (config.common, *layers, config.overrides):
+            settings.update(flatten(layer))
+        settings.update(fixed)
+        settings["data.root"] = config.root
+        return resolve_config(cls, stage, preset=preset, overrides=settings)
 
     def source_name(arch: str) -> str:
         return f"source_{arch}"
@@ -112,10 +125,14 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
     for arch in dict.fromkeys([config.teacher_arch, config.student_arch]):  # once when they are the same
         # No targets here: the pipeline evaluates the model on them afterwards, so that the source model (and
         # everything made from it) is reused when targets are added or removed.
-        configs[source_name(arch)] = resolve(source.SourceConfig, "source", [config.source], {
+        source_config = resolve(source.SourceConfig, "source", [config.source], {
             "sources": config.sources, "targets": [], "arch": arch,
             "out": str(run / source_name(arch)),
         })
+        if source_config.train.select == "target-clusters":
+            # It scores target images, which source training does not see: the source model keeps its last epoch.
+            source_config.train.select = "last"
+        configs[source_name(arch)] = source_config
     teacher_init = str(run / source_name(config.teacher_arch) / "model.pt")
     student_init = str(run / source_name(config.student_arch) / "model.pt")
     for target in config.targets:
@@ -135,6 +152,21 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
     return configs
 
 
+def check_datasets(configs: Mapping[str, Any], targets: list[str]) -> None:
+    """Parse every source and target the stages read, with each stage's reader options, so that a missing or
+    unreadable dataset stops the pipeline before hours of training rather than at the first stage that needs it.
+    The source stages name no target, but the pipeline evaluates them on every target afterwards."""
+    checked = set()
+    for stage_config in configs.values():
+        data = stage_config.data
+        for name in dict.fromkeys([*stage_config.sources, *stage_config.targets, *targets]):
+            options = data.reader_options(name)
+            key = (name, data.root, tuple(sorted(options.items())))
+            if key not in checked:
+                load_datasets([name], data.root, {name: options})
+                checked.add(key)
+
+
 def stage_inputs(stage_config) -> list[Path]:
     """The model files a stage starts from (its results are stale when one of them is newer)."""
     paths = [getattr(stage_config, "init", ""), getattr(stage_config, "student_init", "")]
@@ -142,34 +174,53 @@ def stage_inputs(stage_config) -> list[Path]:
     return [Path(p) for p in paths if p]
 
 
-def _same_config(saved: Path, stage_config) -> bool:
-    if not saved.is_file():
-        return False
+def _describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{key} {before} -> {now}" for key, (before, now) in changes.items())
+
+
+def _read_saved_config(path: Path) -> Mapping | None:
     try:
-        return yaml.safe_load(saved.read_text()) == yaml.safe_load(dump_yaml(stage_config))
+        saved = yaml.safe_load(path.read_text()) if path.is_file() else None
     except yaml.YAMLError:
-        return False
+        return None
+    return saved if isinstance(saved, Mapping) else None
 
 
-def _newer_than_inputs(path: Path, inputs: list[Path]) -> bool:
+def _newer_inputs(path: Path, inputs: list[Path]) -> list[Path]:
     mtime = path.stat().st_mtime_ns
-    return all(not p.exists() or p.stat().st_mtime_ns <= mtime for p in inputs)
+    return [p for p in inputs if p.exists() and p.stat().st_mtime_ns > mtime]
 
 
-def stage_state(stage_config) -> str:
-    """"done" (reuse), "resume" (interrupted, same config and inputs) or "fresh" (train from the start)."""
+@dataclass
+class StageState:
+    action: str  # "done" (reuse), "resume" (interrupted, same weight settings and inputs) or "fresh" (train anew)
+    reason: str  # why, for the log line
+
+
+def stage_state(stage_config) -> StageState:
     folder = Path(stage_config.out)
-    same = _same_config(folder / "config.yaml", stage_config)
-    inputs = stage_inputs(stage_config)
     model = folder / "model.pt"
     # finish_stage writes model.pt, then metrics.json: a stage is finished when both are there.
     finished = model.is_file() and (folder / "metrics.json").is_file()
-    if same and finished and _newer_than_inputs(model, inputs):
-        return "done"
     checkpoint = checkpoint_file(folder)
-    if same and not finished and checkpoint.is_file() and _newer_than_inputs(checkpoint, inputs):
-        return "resume"
-    return "fresh"
+    if not finished and not checkpoint.is_file():
+        return StageState("fresh", "no finished model or training checkpoint")
+    saved = _read_saved_config(folder / "config.yaml")
+    if saved is None:
+        return StageState("fresh", f"no readable {folder / 'config.yaml'}")
+    changes = changed_settings(saved, stage_config)
+    differing = {key: values for key, values in changes.items()
+                 if changes_weights(key, stage_config, PIPELINE_WIRED_SETTINGS)}
+    if differing:
+        return StageState("fresh", f"settings that change its weights differ: {_describe(differing)}")
+    newer = _newer_inputs(model if finished else checkpoint, stage_inputs(stage_config))
+    if newer:
+        return StageState("fresh", f"its input {newer[0]} was trained again after it")
+    if finished:
+        # A reused model keeps the numbers it measured: evaluation settings changed since are named here.
+        ignored = f"; ignoring {_describe(changes)}" if changes else ""
+        return StageState("done", f"same weight settings, newer than its inputs{ignored}")
+    return StageState("resume", "interrupted, same weight settings and inputs")
 
 
 RUNNERS: dict[type, Callable] = {
@@ -181,17 +232,19 @@ def run_stage(name: str, stage_config, log) -> tuple[dict, bool]:
     """Run one stage, or reuse it. -> (final metrics {dataset: {metric: percent}}, whether it trained)."""
     folder = Path(stage_config.out)
     state = stage_state(stage_config)
-    if state == "done":
-        log.info(f"stage {name}: reusing {folder / 'model.pt'} (same config, newer than its inputs)")
+    if state.action == "done":
+        log.info(f"stage {name}: reusing {folder / 'model.pt'} ({state.reason})")
         return json.loads((folder / "metrics.json").read_text())["final"], False
-    if state == "fresh" and folder.exists():
-        # Only the pipeline writes here: a changed config or a retrained input makes the old run meaningless.
-        log.info(f"stage {name}: {folder} holds an older run (other config or inputs); training it again")
+    if state.action == "fresh" and folder.exists():
+        # Only the pipeline writes here: other weight settings or a retrained input make the old run meaningless.
+        finished = (folder / "model.pt").is_file()
+        log.info(f"stage {name}: removing {folder}{' and its finished model' if finished else ''} to train it "
+                 f"again: {state.reason}")
         if distributed.is_main():
             shutil.rmtree(folder)
         distributed.barrier()  # under torchrun, no process looks at the folder while it is being removed
-    log.info(f"stage {name}: {'resuming' if state == 'resume' else 'training'} in {folder}")
-    result = RUNNERS[type(stage_config)](stage_config, resume=state == "resume")
+    log.info(f"stage {name}: {'resuming' if state.action == 'resume' else 'training'} in {folder}")
+    result = RUNNERS[type(stage_config)](stage_config, resume=state.action == "resume")
     return result.final, True
 
 
@@ -201,7 +254,7 @@ def evaluate_on_targets(name: str, stage_config, targets: list[str], log) -> dic
     folder = Path(stage_config.out)
     cache = folder / "all_targets.json"
     model_path = folder / "model.pt"
-    if cache.is_file() and _newer_than_inputs(cache, [model_path]):
+    if cache.is_file() and not _newer_inputs(cache, [model_path]):
         cached = json.loads(cache.read_text())
         if cached.get("targets") == targets:
             return cached["metrics"]
@@ -251,45 +304,95 @@ def _copy(source_path: Path, target: Path) -> None:
     atomic_write_bytes(target, Path(source_path).read_bytes())
 
 
-def results_markdown(config: PipelineConfig, metrics: dict, rows: list[tuple[str, dict]], info: dict,
-                     selection: str) -> str:
+ORACLE_MARK = "**oracle** (target labels)"
+GROUPING_LEGEND = {
+    "tracklet": "tracklet ids, one person in one camera, no cross-camera identity",
+    "pseudo": "clusters of the target embeddings, no labels",
+    "oracle": "the targets' identity labels, an ablation and not unsupervised adaptation",
+}
+
+
+@dataclass
+class TableRow:
+    label: str
+    grouping: str  # the target grouping its training used: a GROUPING_LEGEND key, or "—" without target images
+    select: str  # its checkpoint selection rule: a SELECTION_RULES key
+    per_target: dict  # {target: {metric: percent}}
+
+
+def target_grouping(stage_config) -> str | None:
+    """How a stage grouped its target batches: None in source training (it sees no target image), the adapt
+    stages' `grouping`, tracklets in distillation (its only use of groups is the student's own D-MMD)."""
+    if isinstance(stage_config, source.SourceConfig):
+        return None
+    return stage_config.grouping if isinstance(stage_config, adapt.AdaptConfig) else "tracklet"
+
+
+def _grouping_cell(stage_config) -> str:
+    grouping = target_grouping(stage_config)
+    return "—" if grouping is None else ORACLE_MARK if grouping == "oracle" else grouping
+
+
+def results_markdown(config: PipelineConfig, rows: list[TableRow], info: dict) -> str:
     targets = config.targets
-    header = "| model | " + " | ".join(f"{t} mAP | {t} R1" for t in targets) + " | mean mAP |"
+    header = "| model | grouping | selection | " + " | ".join(f"{t} mAP | {t} R1" for t in targets) + " | mean mAP |"
     lines = [
         f"# {'+'.join(config.sources)} -> {', '.join(targets)}",
         "",
         header,
-        "|---|" + "---|---|" * len(targets) + "---|",
+        "|---|---|---|" + "---|---|" * len(targets) + "---|",
     ]
-    for label, per_target in rows:
+    for row in rows:
         cells, maps = [], []
         for t in targets:
-            m = per_target.get(t)
+            m = row.per_target.get(t)
             if m is None:
                 cells += ["—", "—"]
             else:
                 cells += [f"{m['mAP']:.1f}", f"{m['rank1']:.1f}"]
                 maps.append(m["mAP"])
         mean = f"{sum(maps) / len(maps):.1f}" if len(maps) == len(targets) else "—"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
+        lines.append(f"| {row.label} | {row.grouping} | {row.select} | " + " | ".join(cells) + f" | {mean} |")
+    groupings = [g for g in GROUPING_LEGEND if any(g in row.grouping for row in rows)]
+    rules = [r for r in SELECTION_RULES if any(row.select == r for row in rows)]
     lines += [
         "",
-        f"Student {info['arch']}: {info['parameters'] / 1e6:.3f} M parameters (without classifier), {info['macs'] / 1e6:.1f} M MACs "
-        f"per {info['height']}x{info['width']} image, {info['images_per_second']:.0f} images/s "
-        f"(eval forward, batch {info['batch_size']}, {info['device']}).",
+        f"Student {info['arch']}: {info['parameters'] / 1e6:.3f} M parameters (without classifier), "
+        f"{info['macs'] / 1e6:.1f} M MACs per {info['height']}x{info['width']} image, "
+        f"{info['images_per_second']:.0f} images/s (eval forward, batch {info['batch_size']}, {info['device']}).",
         "",
         "Teachers' rows: each teacher on every target; its own target is what the `teachers` entry of "
-        "metrics.json holds. Target grouping for D-MMD: "
-        f"{metrics.get('grouping', 'tracklet')}. Checkpoint selection: {selection}. No number here comes "
-        "from a checkpoint chosen on target test labels.",
+        "metrics.json holds. Grouping, the target groups a row's D-MMD trained on: "
+        + "; ".join(f"{g}: {GROUPING_LEGEND[g]}" for g in groupings)
+        + ". The student draws its target batches by tracklet and learns from teachers of the grouping it names. "
+        "Selection: " + "; ".join(f"{r}: {SELECTION_RULES[r]}" for r in rules)
+        + ". No number here comes from a checkpoint chosen on target test labels.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def table_rows(config: PipelineConfig, configs: Mapping[str, Any], finals: Mapping[str, dict],
+               teacher_all: Mapping[str, dict]) -> list[TableRow]:
+    """The results table's rows, each with the grouping and selection of the stage that trained it."""
+    def row(label: str, name: str, per_target: dict, grouping: str = "") -> TableRow:
+        return TableRow(label, grouping or _grouping_cell(configs[name]), configs[name].train.select, per_target)
+
+    rows = [row(f"source only ({arch})", f"source_{arch}", finals[f"source_{arch}"])
+            for arch in dict.fromkeys([config.teacher_arch, config.student_arch])]
+    rows += [row(f"teacher {t} (D-MMD, {config.teacher_arch})", f"teacher_{t}", teacher_all[t]) for t in config.targets]
+    rows.append(row(f"blend (D-MMD on all targets, {config.student_arch})", "blend", finals["blend"]))
+    # The student inherits what its teachers learnt from their grouping: an oracle teacher makes an oracle row.
+    teachers = dict.fromkeys(_grouping_cell(configs[f"teacher_{t}"]) for t in config.targets)
+    rows.append(row(f"KD-ReID student ({config.student_arch})", "distill", finals["distill"],
+                    grouping=f"{_grouping_cell(configs['distill'])}; teachers {', '.join(teachers)}"))
+    return rows
 
 
 def run(config: PipelineConfig) -> PipelineResult:
     """Run (or continue) the whole pipeline; see the module docstring for the folders and files."""
     config.validate()
     configs = stage_configs(config)  # every config error surfaces before any training
+    check_datasets(configs, config.targets)  # and every missing dataset
     # Under torchrun every process runs this function; the first stage's device decides the backend, and only
     # the main process writes the pipeline's own files.
     distributed.init(next(iter(configs.values())).train.device)
@@ -301,6 +404,10 @@ def run(config: PipelineConfig) -> PipelineResult:
     log.info(f"pipeline {'+'.join(config.sources)} -> {', '.join(config.targets)}: teachers "
              f"{config.teacher_arch}, student {config.student_arch}, preset {config.preset or 'none'}; "
              f"{len(configs)} stages in {Path(config.out) / 'stages'}")
+    sources_keep_last = all(c.train.select == "last" for c in configs.values() if isinstance(c, source.SourceConfig))
+    if sources_keep_last and any(c.train.select == "target-clusters" for c in configs.values()):
+        log.info("source stages: checkpoint selection last (target-clusters scores target images, which source "
+                 "training does not see)")
 
     finals: dict[str, dict] = {}
     ran, reused = [], []
@@ -328,7 +435,8 @@ def run(config: PipelineConfig) -> PipelineResult:
         "blend": on_targets(finals["blend"]),
         "student": on_targets(finals["distill"]),
         "teachers_on_all_targets": teacher_all,
-        "grouping": configs["blend"].grouping,
+        # How each stage trained: how it grouped its target batches and the rule that chose its checkpoint.
+        "training": {name: {"grouping": target_grouping(c), "select": c.train.select} for name, c in configs.items()},
     }
 
     run_path = Path(config.out)
@@ -355,14 +463,7 @@ def run(config: PipelineConfig) -> PipelineResult:
     metrics["student_model"] = info
     write_json(run_path / "metrics.json", metrics)
 
-    same_arch = config.teacher_arch == config.student_arch
-    rows = [(f"source only ({config.teacher_arch})", source_teacher)]
-    if not same_arch:
-        rows.append((f"source only ({config.student_arch})", source_student))
-    rows += [(f"teacher {t} (D-MMD, {config.teacher_arch})", teacher_all[t]) for t in targets]
-    rows.append((f"blend (D-MMD on all targets, {config.student_arch})", finals["blend"]))
-    rows.append((f"KD-ReID student ({config.student_arch})", finals["distill"]))
-    table = results_markdown(config, metrics, rows, info, SELECTION_RULES[distill_config.train.select])
+    table = results_markdown(config, table_rows(config, configs, finals, teacher_all), info)
     atomic_write_text(run_path / "results.md", table)
     log.info(f"wrote {run_path / 'metrics.json'}, {run_path / 'results.md'} and the final models in {run_path}")
     return PipelineResult(str(run_path), metrics, ran, reused)

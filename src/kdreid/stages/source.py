@@ -32,8 +32,8 @@ from kdreid.stages.speed import auto_compile_mode
 
 @dataclass
 class SourceConfig:
-    # Settings that only decide what is evaluated (while the final model is the last epoch's): a resumed run may
-    # change them.
+    # Settings that only decide what is evaluated: like loop.SELECTION_SETTINGS, they change no weights while the
+    # final model is the last epoch's.
     EVALUATION_ONLY: ClassVar[tuple[str, ...]] = ("targets",)
 
     sources: list[str] = field(default_factory=lambda: ["msmt17"])

@@ -9,6 +9,8 @@ identity seen by the same camera are dropped, so the picture shows exactly the r
 
 from __future__ import annotations
 
+import glob
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -54,8 +56,11 @@ def rank_queries(
 ) -> list[RankedQuery]:
     """Top-k of each chosen query. distances: (len(query_indices), G), row i for query query_indices[i].
 
-    Gallery items of the query's identity *and* camera are left out (market protocol); ties keep gallery order
-    (a stable sort), as the evaluation does."""
+    Gallery items of the query's identity *and* camera are left out (market protocol); tied distances are ordered
+    as the evaluation counts them (`kdreid.evaluation.ranking.ranked_order`): against the query, a non-match
+    before a tied match, else gallery order."""
+    from kdreid.evaluation.ranking import ranked_order
+
     distances = torch.as_tensor(distances, dtype=torch.float32).cpu()
     if distances.shape != (len(query_indices), len(gallery_pids)):
         raise EvaluationError(f"distances are {tuple(distances.shape)} but there are {len(query_indices)} chosen "
@@ -66,8 +71,7 @@ def rank_queries(
         pid, camid = int(query_pids[query_index]), int(query_camids[query_index])
         keep = ~((gallery_pids_t == pid) & (gallery_camids_t == camid))  # (G,)
         candidates = torch.nonzero(keep).flatten()
-        order = torch.argsort(distances[row, candidates], stable=True)[:topk]
-        chosen = candidates[order]
+        chosen = candidates[ranked_order(distances[row, candidates], gallery_pids_t[candidates] == pid)[:topk]]
         ranked.append(RankedQuery(
             query_index=int(query_index),
             gallery_indices=chosen.tolist(),
@@ -163,9 +167,15 @@ def visualize_ranked_results(
 ) -> list[Path]:
     """Ranked-results pictures of `num_queries` queries (chosen by `choose_queries`) for query and gallery
     `Features` (kdreid.evaluation.features), written as OUT_DIR/<prefix>_01.png, _02.png, ... with
-    QUERIES_PER_PAGE queries per page. -> the written paths."""
+    QUERIES_PER_PAGE queries per page; that prefix's pages from an earlier call are removed first, so the folder
+    never shows an older ranking beside this one. -> the written paths."""
     if topk < 1:
         raise EvaluationError(f"--visrank-topk must be at least 1, got {topk}")
+    # Only this prefix's numbered pages: another target's prefix may start with this one (synth, synth_duke).
+    page_name = re.compile(rf"{re.escape(prefix)}_\d+\.png")
+    for old_page in Path(out_dir).glob(f"{glob.escape(prefix)}_*.png"):
+        if page_name.fullmatch(old_page.name):
+            old_page.unlink()
     chosen = choose_queries(len(query), num_queries)
     if not chosen or len(gallery) == 0:
         return []

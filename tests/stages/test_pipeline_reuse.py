@@ -1,0 +1,189 @@
+"""`kdreid pipeline` without training: which finished stages are reused when settings change, what is said
+before one is trained again, datasets checked before any stage, the results table's per-row grouping and
+selection, and the precedence of presets, --config sections and CLI flags."""
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from kdreid.cli import main
+from kdreid.config import dump_yaml
+from kdreid.errors import DatasetError
+from kdreid.stages import pipeline
+from kdreid.stages.presets import PRESETS
+
+TARGETS = ["synth_duke", "synth_cuhk"]
+
+
+def _config(tmp_path, **settings) -> pipeline.PipelineConfig:
+    return pipeline.PipelineConfig(sources=["synth_msmt"], targets=TARGETS, teacher_arch="resnet_tiny",
+                                   student_arch="osnet_tiny", root=str(tmp_path), out=str(tmp_path / "run"),
+                                   preset="quick", **settings)
+
+
+def _finish(configs: dict) -> None:
+    """Make every stage look finished (model.pt, metrics.json, its config.yaml), each after its inputs."""
+    for stage_config in configs.values():
+        folder = Path(stage_config.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(dump_yaml(stage_config))
+        (folder / "model.pt").write_bytes(b"")
+        (folder / "metrics.json").write_text(json.dumps({"final": {}}))
+
+
+def _actions(config) -> dict[str, str]:
+    return {name: pipeline.stage_state(c).action for name, c in pipeline.stage_configs(config).items()}
+
+
+def test_settings_that_do_not_change_the_weights_keep_finished_stages(tmp_path):
+    _finish(pipeline.stage_configs(_config(tmp_path)))
+    run_only = {"train.device": "cuda", "train.compile": "off", "train.log_freq": 5, "train.eval_freq": 1,
+                "train.deterministic": True, "eval.flip": True, "eval.metric": "cosine", "eval.batch_size": 7}
+    assert set(_actions(_config(tmp_path, overrides=run_only, adapt={"histogram_images": 10})).values()) == {"done"}
+    state = pipeline.stage_state(pipeline.stage_configs(_config(tmp_path, overrides={"train.device": "cuda"}))["blend"])
+    assert "ignoring train.device auto -> cuda" in state.reason
+
+    # What does change the weights: the number of epochs, the seed, a loss weight, the selection rule.
+    assert set(_actions(_config(tmp_path, overrides={"train.epochs": 9})).values()) == {"fresh"}
+    assert set(_actions(_config(tmp_path, common={"train.seed": 4})).values()) == {"fresh"}
+    assert [n for n, a in _actions(_config(tmp_path, blend={"dmmd_weight": 0.5})).items() if a != "done"] == ["blend"]
+    fresh = pipeline.stage_state(pipeline.stage_configs(_config(tmp_path, overrides={"train.epochs": 9}))["distill"])
+    quick_epochs = PRESETS["quick"]["distill"]["train"]["epochs"]
+    assert fresh.reason == f"settings that change its weights differ: train.epochs {quick_epochs} -> 9"
+
+
+def test_evaluation_settings_matter_when_a_score_picks_the_epoch(tmp_path):
+    by_score = {"train.select": "source-val"}
+    _finish(pipeline.stage_configs(_config(tmp_path, adapt=by_score)))
+    assert _actions(_config(tmp_path, adapt=by_score))["teacher_synth_duke"] == "done"
+    changed = _actions(_config(tmp_path, adapt={**by_score, "train.eval_freq": 1}))
+    assert [name for name, action in changed.items() if action != "done"] == [
+        "teacher_synth_duke", "teacher_synth_cuhk", "blend"]
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def _logger():
+    log = logging.getLogger("test_pipeline_reuse")
+    log.handlers = [_Lines()]
+    log.setLevel(logging.INFO)
+    return log, log.handlers[0].lines
+
+
+def test_a_finished_stage_is_only_removed_after_a_line_naming_what_changed(tmp_path, monkeypatch):
+    _finish(pipeline.stage_configs(_config(tmp_path)))
+    trained = []
+
+    def fake_run(stage_config, resume):
+        trained.append(stage_config.out)
+        assert not (Path(stage_config.out) / "model.pt").exists()  # the old model was removed first
+        return SimpleNamespace(final={})
+
+    monkeypatch.setitem(pipeline.RUNNERS, pipeline.distill.DistillConfig, fake_run)
+    log, lines = _logger()
+    changed = pipeline.stage_configs(_config(tmp_path, distill={"lkdt_weight": 2.0}))["distill"]
+    pipeline.run_stage("distill", changed, log)
+    assert trained == [changed.out]
+    assert any(line.startswith("stage distill: removing") and "finished model" in line
+               and "lkdt_weight 1.0 -> 2.0" in line for line in lines)
+
+    lines.clear()
+    same_weights = pipeline.stage_configs(_config(tmp_path, overrides={"train.compile": "off"}))["blend"]
+    assert pipeline.run_stage("blend", same_weights, log) == ({}, False)
+    assert lines == [f"stage blend: reusing {Path(same_weights.out) / 'model.pt'} (same weight settings, newer "
+                     "than its inputs; ignoring train.compile auto -> off)"]
+
+
+def test_a_missing_target_stops_the_pipeline_before_any_stage(synth_root, tmp_path, monkeypatch):
+    calls = []
+    for kind in list(pipeline.RUNNERS):
+        monkeypatch.setitem(pipeline.RUNNERS, kind, lambda config, resume: calls.append(config.out))
+    config = pipeline.PipelineConfig(sources=["synth_msmt"], targets=["synth_duke", "market1501"],
+                                     root=str(synth_root), out=str(tmp_path / "run"), preset="quick")
+    with pytest.raises(DatasetError, match="no -d market1501 data under"):
+        pipeline.run(config)
+    assert calls == [] and not (tmp_path / "run").exists()
+
+
+def _table(tmp_path, **settings) -> tuple[list[str], dict]:
+    config = _config(tmp_path, **settings)
+    configs = pipeline.stage_configs(config)
+    numbers = {t: {"mAP": 10.0, "rank1": 20.0} for t in TARGETS}
+    finals = {name: numbers for name in configs}
+    info = {"arch": "osnet_tiny", "parameters": 1e5, "macs": 1e6, "height": 64, "width": 32,
+            "images_per_second": 100.0, "batch_size": 32, "device": "cpu"}
+    rows = pipeline.table_rows(config, configs, finals, {t: numbers for t in TARGETS})
+    table = pipeline.results_markdown(config, rows, info)
+    return table.splitlines(), configs
+
+
+def test_each_results_row_names_its_own_grouping_and_selection(tmp_path):
+    lines, _ = _table(tmp_path, adapt={"grouping": "oracle", "train": {"select": "target-clusters"}},
+                      blend={"grouping": "tracklet", "train": {"select": "last"}})
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in lines if line.startswith("| ")}
+    assert rows["source only (resnet_tiny)"] == ["—", "last"]
+    for target in TARGETS:
+        assert rows[f"teacher {target} (D-MMD, resnet_tiny)"] == [pipeline.ORACLE_MARK, "target-clusters"]
+    assert rows["blend (D-MMD on all targets, osnet_tiny)"] == ["tracklet", "last"]
+    assert rows["KD-ReID student (osnet_tiny)"] == [f"tracklet; teachers {pipeline.ORACLE_MARK}", "last"]
+    legend = lines[-1]
+    assert "oracle: the targets' identity labels, an ablation" in legend
+    assert "target-clusters: best label-free" in legend
+
+
+def test_select_target_clusters_leaves_the_source_stages_their_last_epoch(tmp_path):
+    configs = pipeline.stage_configs(_config(tmp_path, common={"train.select": "target-clusters"}))
+    assert {name: c.train.select for name, c in configs.items()} == {
+        "source_resnet_tiny": "last", "source_osnet_tiny": "last", "teacher_synth_duke": "target-clusters",
+        "teacher_synth_cuhk": "target-clusters", "blend": "target-clusters", "distill": "target-clusters"}
+
+
+def _resolved_by_cli(tmp_path, monkeypatch, yaml_settings: dict, *flags) -> pipeline.PipelineConfig:
+    """The PipelineConfig `kdreid pipeline` hands to pipeline.run for these --config settings and flags."""
+    seen = []
+
+    def fake_run(config):
+        seen.append(config)
+        (tmp_path / "results.md").write_text("")
+        return pipeline.PipelineResult(str(tmp_path), {}, [], [])
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text(yaml.safe_dump(yaml_settings))
+    assert main(["pipeline", "-s", "synth_msmt", "-t", *TARGETS, "--out", str(tmp_path / "run"),
+                 "--config", str(config_file), *flags]) == 0
+    return seen[0]
+
+
+def test_cli_flags_win_over_the_config_file_in_every_stage(tmp_path, monkeypatch):
+    settings = {"source": {"train": {"epochs": 5}}, "adapt": {"train": {"epochs": 6}},
+                "blend": {"train": {"epochs": 7}}, "distill": {"train.epochs": 8, "train.seed": 3}}
+    config = _resolved_by_cli(tmp_path, monkeypatch, settings, "--epochs", "1")
+    configs = pipeline.stage_configs(config)
+    assert {name: c.train.epochs for name, c in configs.items()} == dict.fromkeys(configs, 1)
+    assert configs["distill"].train.seed == 3  # what no flag names still comes from the file
+    # Without the flag the file's sections apply.
+    configs = pipeline.stage_configs(_resolved_by_cli(tmp_path, monkeypatch, settings))
+    assert [configs[n].train.epochs for n in ("source_resnet50", "teacher_synth_duke", "blend", "distill")] == [
+        5, 6, 7, 8]
+
+
+def test_a_preset_named_in_the_config_file_applies_its_pipeline_section(tmp_path, monkeypatch):
+    config = _resolved_by_cli(tmp_path, monkeypatch, {"preset": "quick"})
+    assert config.preset == "quick" and config.teacher_arch == PRESETS["quick"]["pipeline"]["teacher_arch"]
+    assert _resolved_by_cli(tmp_path, monkeypatch, {"preset": "quick", "teacher_arch": "resnet34"}).teacher_arch == \
+        "resnet34"
+    # --preset wins over the file's.
+    config = _resolved_by_cli(tmp_path, monkeypatch, {"preset": "quick"}, "--preset", "paper")
+    assert config.preset == "paper" and config.teacher_arch == "resnet50"
