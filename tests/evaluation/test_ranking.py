@@ -299,3 +299,16 @@ def test_ranked_order_is_the_order_evaluate_counts(rng):
         expected = evaluate(distances[q:q + 1], q_pids[q:q + 1], g_pids, q_camids[q:q + 1], g_camids, max_rank=30)
         assert expected.rank(int(ranks[0])) == 1 and (ranks[0] == 1 or expected.rank(int(ranks[0]) - 1) == 0)
         assert expected.mAP == pytest.approx(float(np.mean(np.arange(1, len(ranks) + 1) / ranks)))
+
+
+def test_evaluate_rank_takes_torchreids_arguments():
+    distmat, q_pids, g_pids, q_camids, g_camids = random_problem(5, num_q=12, num_g=40, num_ids=6, num_cams=2)
+    cuhk03 = evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=10, protocol="cuhk03")
+    for call in (dict(use_metric_cuhk03=True), dict(use_metric_cuhk03=True, use_cython=False)):
+        cmc, mean_ap = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, 10, **call)
+        np.testing.assert_allclose(cmc, cuhk03.cmc)
+        assert mean_ap == cuhk03.mAP
+    cmc, _ = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, 10, True)  # torchreid's positional order
+    np.testing.assert_allclose(cmc, cuhk03.cmc)
+    with pytest.raises(EvaluationError, match="q_pids must hold integers"):
+        evaluate_rank(distmat, q_pids.astype(str), g_pids, q_camids, g_camids)

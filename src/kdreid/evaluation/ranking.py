@@ -82,9 +82,12 @@ class RankResult:
         }
 
 
-def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, protocol: str = "market"):
-    """torchreid's signature and return shape: `(cmc, mAP)`; see `evaluate` for everything else."""
-    result = evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank, protocol=protocol)
+def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, use_metric_cuhk03: bool = False,
+                  use_cython: bool = True):
+    """torchreid's `evaluate_rank`, a drop-in: its signature (`use_cython` is accepted and has nothing to choose
+    here) and its return, `(cmc, mAP)`; see `evaluate` for everything else."""
+    result = evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank,
+                      protocol="cuhk03" if use_metric_cuhk03 else "market")
     return result.cmc, result.mAP
 
 
@@ -341,6 +344,8 @@ def _as_int_array(values, name: str) -> np.ndarray:
     array = np.asarray(values)
     if array.ndim != 1:
         raise EvaluationError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.number):  # e.g. string ids: one line, not a TypeError
+        raise EvaluationError(f"{name} must hold integers (identity / camera numbers), got dtype {array.dtype}")
     if array.size and not np.issubdtype(array.dtype, np.integer):
         if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
             raise EvaluationError(f"{name} must hold integers (identity / camera numbers), got dtype {array.dtype}")
