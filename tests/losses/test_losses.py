@@ -207,3 +207,18 @@ def test_dmmd_terms_stay_finite_when_a_batch_has_one_group_only():
     terms = dmmd_terms(x, one, y, one)
     assert all(torch.isfinite(v) for v in terms.values())
     assert terms["mmd_between"].item() == 0.0 and terms["mmd_within"].item() > 0
+
+
+def test_a_first_call_in_inference_mode_does_not_break_later_training():
+    import importlib
+
+    module = importlib.import_module("kdreid.losses.mmd")  # the module: the package's attribute is the function
+    module._WIDTHS.clear()  # the cache is filled by whichever call comes first  # the cache is filled by whichever call comes first
+    a, b = torch.randn(8, 4), torch.randn(8, 4)
+    with torch.inference_mode():
+        mmd(a, b)
+    x = torch.randn(8, 4, requires_grad=True)
+    groups = torch.arange(4).repeat_interleave(2)
+    terms = dmmd_terms(a, groups, x, groups)
+    sum(terms.values()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

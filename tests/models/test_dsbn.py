@@ -78,3 +78,31 @@ def test_select_domain_gives_a_plain_model():
     with torch.no_grad():
         assert torch.equal(model(images), expected)
     assert set(model.state_dict()) == set(build_model("mobilenetv2_tiny", 3).state_dict())
+
+
+def test_a_dsbn_checkpoint_loads_into_a_plain_model_with_its_own_default_domain(tmp_path):
+    from kdreid.models import save_checkpoint
+
+    torch.manual_seed(0)
+    model = convert_dsbn(build_model("resnet_tiny", 5), 3).train()
+    images = torch.rand(4, 3, 32, 16)
+    for domain in range(3):
+        model(images * (domain + 1) * 0.3, domain=domain)  # different statistics per domain
+    model.default_domain = 1
+    model.eval()
+    save_checkpoint(tmp_path / "dsbn.pt", model)
+    plain = build_model("resnet_tiny", 5, pretrained=str(tmp_path / "dsbn.pt")).eval()
+    assert torch.allclose(plain(images), model(images), atol=1e-5)  # domain 1, as the checkpoint evaluates
+
+
+def test_a_dsbn_teacher_distils_with_the_margins_of_its_default_domain():
+    from kdreid.losses.distill import bn_margins
+    from kdreid.stages.distill import Teacher
+
+    model = convert_dsbn(build_model("resnet_tiny", 5), 2)
+    model.default_domain = 1
+    for bn in model.stage_batchnorms():
+        bn.bns[1].weight.data.uniform_(0.5, 1.5)
+    teacher = Teacher(model, "eval")
+    for margin, bn in zip(teacher.margins, model.stage_batchnorms()):
+        assert torch.equal(margin, bn_margins(bn.bns[1].weight, bn.bns[1].bias))

@@ -33,3 +33,10 @@ def test_resizes_to_the_teachers_map_when_sizes_differ():
     assert [o.shape for o in out] == [t.shape for t in teacher]
     smaller = projector(student, [torch.rand(2, 6, 32, 16)] * 4)
     assert smaller[3].shape == (2, 6, 32, 16)
+
+
+def test_connectors_start_he_normal_on_the_fan_out_as_heo_et_al():
+    torch.manual_seed(0)
+    projector = FeatureProjector((64, 64, 64, 64), (256, 512, 1024, 2048))
+    for (conv, _), c_out in zip(projector.stages, (256, 512, 1024, 2048)):
+        assert abs(conv.weight.std().item() / (2.0 / c_out) ** 0.5 - 1) < 0.05

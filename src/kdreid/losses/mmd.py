@@ -58,7 +58,10 @@ def _inverse_widths(sigmas: tuple[float, ...], device: torch.device) -> torch.Te
     queue every step (and cannot be captured in a CUDA graph)."""
     key = (sigmas, device)
     if key not in _WIDTHS:
-        _WIDTHS[key] = 1.0 / (2.0 * torch.tensor(sigmas, dtype=torch.float32, device=device))
+        # Made outside inference mode even when the first call is inside it: an inference tensor could not be
+        # saved for the backward pass of every later training step.
+        with torch.inference_mode(False):
+            _WIDTHS[key] = 1.0 / (2.0 * torch.tensor(sigmas, dtype=torch.float32, device=device))
     return _WIDTHS[key]
 
 

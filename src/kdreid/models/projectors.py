@@ -26,8 +26,8 @@ class FeatureProjector(nn.Module):
         self.stages = nn.ModuleList()
         for c_in, c_out in zip(student_channels, teacher_channels):
             conv = nn.Conv2d(c_in, c_out, 1, bias=False)
-            # He-normal on the fan-in, as Heo et al.'s connectors.
-            nn.init.normal_(conv.weight, std=math.sqrt(2.0 / c_in))
+            # He-normal on the fan-out (1·1·c_out), as Heo et al.'s connectors.
+            nn.init.normal_(conv.weight, std=math.sqrt(2.0 / c_out))
             bn = nn.BatchNorm2d(c_out)
             self.stages.append(nn.Sequential(conv, bn))
 

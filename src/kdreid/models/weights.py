@@ -264,15 +264,17 @@ class LoadReport:
         return text
 
 
-def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> LoadReport:
+def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                         domain: int | None = None) -> LoadReport:
     """Copy every tensor whose (re-spelled) name and shape fit. The backbone must be complete: a file that leaves
     any backbone tensor missing or of another shape is refused. The head (embedding, BNNeck, classifiers) may be
-    absent or differ, as other toolkits' heads and ImageNet classifiers do."""
+    absent or differ, as other toolkits' heads and ImageNet classifiers do. Domain-specific BatchNorm loaded into
+    plain BatchNorm takes branch `domain` (default: the last one, the target by the other toolkits' convention)."""
     own = model.state_dict()
     report = LoadReport(source)
     accepted: dict[str, torch.Tensor] = {}
     tensors, report.discarded = _strip_wrappers(state_dict)
-    last_domain = _last_domain(tensors)
+    last_domain = str(domain) if domain is not None else _last_domain(tensors)
     for key, (original, value) in tensors.items():
         target = next((k for k in _candidates(key, last_domain) if k in own), None)
         if target is None or own[target].shape != value.shape or target in accepted:
@@ -305,11 +307,13 @@ def load_weights(model: nn.Module, path: str | Path, source: str | None = None) 
     """Load a file (state dict of any supported toolkit, or a kdreid checkpoint) into `model`."""
     obj = read_file(path)
     label = f"{source} weights {path}" if source else str(path)
+    domain = None
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         arch = getattr(model, "arch", None)
         if arch and obj.get("arch") != arch:
             raise CheckpointError(f"{path}: a kdreid checkpoint of {obj.get('arch')}, not of {arch}")
-    return load_state_dict_into(model, unwrap_state_dict(obj, str(path)), label)
+        domain = obj.get("default_domain")  # the branch the checkpoint itself evaluates with
+    return load_state_dict_into(model, unwrap_state_dict(obj, str(path)), label, domain)
 
 
 # ------------------------------------------------------------------------------------------------ ImageNet files

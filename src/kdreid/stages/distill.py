@@ -43,6 +43,7 @@ from kdreid.errors import CheckpointError, ConfigError, DatasetError
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, mmd
 from kdreid.losses.distill import bn_margins, distance_kd, margin_feature_loss
 from kdreid.models import build_model, build_projector, load_checkpoint
+from kdreid.models.dsbn import DSBatchNorm
 from kdreid.stages.common import (
     DataOptions,
     EvalOptions,
@@ -168,6 +169,8 @@ class Teacher(nn.Module):
         self.model = model.requires_grad_(False)
         self.mode = mode
         for j, bn in enumerate(model.stage_batchnorms()):
+            if isinstance(bn, DSBatchNorm):  # a domain-specific teacher: the branch it evaluates with
+                bn = bn.bns[model.default_domain]
             self.register_buffer(f"margin{j}", bn_margins(bn.weight, bn.bias), persistent=False)
 
     @property
