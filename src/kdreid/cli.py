@@ -330,6 +330,7 @@ def _add_pipeline(commands) -> None:
 def _run_pipeline(args) -> int:
     from pathlib import Path
 
+    from kdreid import distributed
     from kdreid.config import flatten
     from kdreid.stages import pipeline
 
@@ -346,8 +347,9 @@ def _run_pipeline(args) -> int:
     if stage_flags:
         config.overrides = {**flatten(config.overrides), **stage_flags}
     result = pipeline.run(config)
-    print(f"run folder: {result.out} (results.md, metrics.json, student.pt)")
-    print((Path(result.out) / "results.md").read_text(), end="")
+    if distributed.is_main():  # under torchrun the main process writes the table, and prints it once
+        print(f"run folder: {result.out} (results.md, metrics.json, student.pt)")
+        print((Path(result.out) / "results.md").read_text(), end="")
     return 0
 
 

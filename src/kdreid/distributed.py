@@ -235,6 +235,15 @@ def broadcast_array(array: np.ndarray) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
+def broadcast_object(value):
+    """The main process's `value` (any picklable object) on every process: one decision taken for all."""
+    if world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 def shard(count: int) -> range:
     """This process's contiguous share of `count` items (all of them when not distributed)."""

@@ -259,3 +259,21 @@ def test_train_source_on_two_processes_agrees_with_one_process_and_resumes(synth
     assert {"mmd_within", "mmd_between", "mmd_features"} <= set(
         json.loads((adapted / "metrics.json").read_text())["epochs"][0]["losses"])
     assert (adapted / "distances_after.npz").is_file()
+
+
+def test_the_pipeline_on_two_processes_decides_each_stage_once_and_prints_once(synth_root, tmp_path):
+    # Each process used to look at a stage's folder on its own: one that looked after the other had begun
+    # writing there removed it and waited in another collective (a deadlock); then a process printed the results
+    # table before the main one had written it.
+    out = tmp_path / "pipeline"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m",
+               "kdreid.cli", "pipeline", "-s", "synth_msmt", "-t", "synth_duke", "--teacher-arch", "osnet_tiny",
+               "--student-arch", "mobilenetv2_tiny", "--root", str(synth_root), "--out", str(out), "--preset",
+               "quick", "--epochs", "1", "--batch-size", "16", "--num-instances", "4", "--height", "64", "--width",
+               "32", "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "removing" not in done.stderr  # a fresh run removes nothing
+    assert done.stdout.count("| KD-ReID student (mobilenetv2_tiny)") == 1
+    assert (out / "results.md").is_file() and (out / "stages" / "distill" / "model.pt").is_file()

@@ -231,18 +231,23 @@ RUNNERS: dict[type, Callable] = {
 def run_stage(name: str, stage_config, log) -> tuple[dict, bool]:
     """Run one stage, or reuse it. -> (final metrics {dataset: {metric: percent}}, whether it trained)."""
     folder = Path(stage_config.out)
-    state = stage_state(stage_config)
+    # Under torchrun the main process decides for all: a process that looked at the folder after another had
+    # begun writing to it would decide otherwise and wait in another collective (a deadlock).
+    distributed.barrier()
+    state, remove, finished = distributed.broadcast_object(
+        (stage_state(stage_config), folder.exists(), (folder / "model.pt").is_file()) if distributed.is_main()
+        else None
+    )
     if state.action == "done":
         log.info(f"stage {name}: reusing {folder / 'model.pt'} ({state.reason})")
         return json.loads((folder / "metrics.json").read_text())["final"], False
-    if state.action == "fresh" and folder.exists():
+    if state.action == "fresh" and remove:
         # Only the pipeline writes here: other weight settings or a retrained input make the old run meaningless.
-        finished = (folder / "model.pt").is_file()
         log.info(f"stage {name}: removing {folder}{' and its finished model' if finished else ''} to train it "
                  f"again: {state.reason}")
         if distributed.is_main():
             shutil.rmtree(folder)
-        distributed.barrier()  # under torchrun, no process looks at the folder while it is being removed
+    distributed.barrier()  # no process looks at the folder before the main one has removed it
     log.info(f"stage {name}: {'resuming' if state.action == 'resume' else 'training'} in {folder}")
     result = RUNNERS[type(stage_config)](stage_config, resume=state.action == "resume")
     return result.final, True
