@@ -24,6 +24,8 @@ from _seed_args import (  # noqa: E402
     run_main,
 )
 
+from kdreid.stages.common import removes_its_folder_on_setup_error  # noqa: E402
+
 
 def build_parser():
     p = common_parser("D-MMD adaptation (the seed's scripts/DMMD.py, on kdreid)")
@@ -39,19 +41,38 @@ def build_parser():
     return p
 
 
-def init_checkpoint(model_path: str, arch: str, config, out: Path) -> str:
+def init_checkpoint(model_path: str, arch: str, config, out: Path, resume: bool) -> str:
     """`model_path` as a kdreid checkpoint: as it is, or a plain state dict of `arch` rebuilt with the source's
-    label space and saved as OUT/init.pt."""
+    label space and saved as OUT/init.pt (by the main process only; a resumed run keeps the one it started from)."""
     if is_kdreid_checkpoint(model_path):
         return model_path
+    from kdreid import distributed
     from kdreid.models import build_model, save_checkpoint
+    from kdreid.models.weights import embedding_dim_of
     from kdreid.stages.data import combine_train, load_datasets
 
+    converted = out / "init.pt"
+    if (resume and converted.is_file()) or not distributed.is_main():
+        # The other processes read it once the main one has written it: the stage's start is a rendezvous.
+        return str(converted)
     options = {name: config.data.reader_options(name) for name in config.sources}
     records = combine_train(load_datasets(config.sources, config.data.root, options))
-    model = build_model(arch, 1 + max(r.pid for r in records), pretrained=model_path)
-    return str(save_checkpoint(out / "init.pt", model, datasets=list(config.sources),
+    model = build_model(arch, 1 + max(r.pid for r in records), pretrained=model_path,
+                        embedding_dim=embedding_dim_of(model_path))  # the seed's `feat` layer, when it has one
+    return str(save_checkpoint(converted, model, datasets=list(config.sources),
                                extra={"stage": "source", "converted_from": model_path}))
+
+
+@removes_its_folder_on_setup_error
+def adapt_from(config, *, resume: bool = False):
+    """adapt.run from config.init, a kdreid checkpoint or a plain state dict converted first; the run folder is
+    checked before anything is written there, and a failure before training leaves no folder behind."""
+    from kdreid.stages import adapt
+    from kdreid.stages.loop import refuse_occupied
+
+    refuse_occupied(Path(config.out), resume)
+    config.init = init_checkpoint(config.init, config.arch, config, Path(config.out), resume)
+    return adapt.run(config, resume=resume)
 
 
 def train(args) -> str:
@@ -67,8 +88,7 @@ def train(args) -> str:
         "init": args.model_path, "out": out, "grouping": args.grouping, "dmmd_start": args.dmmd_start,
     }
     config = resolve_config(adapt.AdaptConfig, "adapt", preset=args.preset, overrides=overrides)
-    config.init = init_checkpoint(args.model_path, args.arch, config, Path(out))
-    return str(Path(adapt.run(config, resume=args.resume).model_path).parent)
+    return str(Path(adapt_from(config, resume=args.resume).model_path).parent)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,3 +139,23 @@ def test_scripts_answer_help_with_the_original_flags():
         parser = _script(name).build_parser()
         text = parser.format_help()
         assert all(flag in text for flag in flags), name
+
+
+def test_dmmd_checks_its_run_folder_before_converting_and_leaves_nothing_on_bad_input(data, tmp_path, capsys):
+    from kdreid.models import build_model
+
+    dmmd = _script("DMMD.py")
+    plain = tmp_path / "model-best.pth.tar"
+    torch.save({"state_dict": build_model("osnet_tiny", 5).state_dict()}, plain)
+    flags = ["-ds", "synth_msmt", "-a", "osnet_tiny", "-data-dir", str(data), "-mp", str(plain), *TINY]
+    bad = tmp_path / "bad"
+    assert dmmd.main([*flags, "-dt", "synth_nowhere", "--out", str(bad)]) == 2
+    assert "synth_nowhere" in capsys.readouterr().err and not bad.exists()  # not even the converted init.pt
+    # An occupied run folder is refused before the conversion could replace the start weights its config names.
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"a run's state")
+    (run / "init.pt").write_bytes(b"the run's start weights")
+    assert dmmd.main([*flags, "-dt", "synth_duke", "--out", str(run)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert (run / "init.pt").read_bytes() == b"the run's start weights"

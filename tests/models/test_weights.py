@@ -263,3 +263,20 @@ def test_a_training_checkpoint_is_named_with_the_file_to_pass_instead(tmp_path):
         with pytest.raises(CheckpointError, match=r"training checkpoint, not a model; pass RUN/model.pt \(this is "
                                                   r"the training state for --resume\)"):
             build_model("resnet_tiny", 3, pretrained=path)
+
+
+def test_an_embedding_layer_in_the_file_is_loaded_or_refused_never_dropped(tmp_path):
+    from kdreid.models.weights import embedding_dim_of
+
+    # SpCL's and the original KD-ReID code's layout: backbone, `feat` (Linear), `feat_bn`, classifier.
+    trained = build_model("resnet_tiny", 5, embedding_dim=24)
+    state = {k.replace("embed.", "feat.").replace("bnneck.", "feat_bn."): v for k, v in trained.state_dict().items()}
+    path = tmp_path / "seed.pth.tar"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(ModelError, match=r"holds an embedding layer \(\d+ -> 24\) that this resnet_tiny was built "
+                                         r"without; build it with embedding_dim=24"):
+        build_model("resnet_tiny", 5, pretrained=str(path))
+    assert embedding_dim_of(path) == 24
+    loaded = build_model("resnet_tiny", 5, pretrained=str(path), embedding_dim=embedding_dim_of(path)).eval()
+    images = torch.rand(2, 3, 32, 16)
+    assert torch.allclose(loaded(images), trained.eval()(images), atol=1e-6)

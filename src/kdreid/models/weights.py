@@ -221,6 +221,7 @@ def _candidates(key: str, last_domain: str | None) -> list[str]:
     renames = {
         "heads.bottleneck.0.": "bnneck.",  # fast-reid's BNNeck
         "feat_bn.": "bnneck.",  # SpCL and the original KD-ReID code
+        "feat.": "embed.",  # their embedding Linear (pooled feature -> --features), before feat_bn
         "head.feat_bn.": "bnneck.",  # OpenUnReID
         "head.feat_reduction.": "embed.",  # OpenUnReID
     }
@@ -282,6 +283,14 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             continue
         accepted[target] = value
     arch = getattr(model, "arch", type(model).__name__)
+    embedding = next((value for key, (_, value) in tensors.items()
+                      if "embed.weight" in _candidates(key, last_domain) and value.ndim == 2), None)
+    if embedding is not None and "embed.weight" not in own:
+        # Dropping it would feed the pooled feature to a BNNeck whose statistics were learnt after the layer.
+        raise ModelError(
+            f"{source}: holds an embedding layer ({embedding.shape[1]} -> {embedding.shape[0]}) that this {arch} "
+            f"was built without; build it with embedding_dim={embedding.shape[0]}"
+        )
     if not any(not head_key(k) for k in accepted):
         raise ModelError(
             f"{source}: none of its {len(state_dict)} tensors fit {arch}'s backbone "
@@ -343,3 +352,12 @@ def resolve_imagenet(spec) -> Path:
         f"ImageNet weights for {spec.name} not found: put {spec.imagenet[0]} in {target}/ "
         f"(kdreid never downloads; {howto}), or pass pretrained=PATH"
     )
+
+
+def embedding_dim_of(path: str | Path) -> int:
+    """The width of the embedding layer a weights file holds (0 without one): what `build_model`'s
+    `embedding_dim` must be for the file to load whole."""
+    tensors, _ = _strip_wrappers(unwrap_state_dict(read_file(path), str(path)))
+    last_domain = _last_domain(tensors)
+    return next((int(value.shape[0]) for key, (_, value) in tensors.items()
+                 if "embed.weight" in _candidates(key, last_domain) and value.ndim == 2), 0)

@@ -139,7 +139,8 @@ class StageStart:
     targets: list[ReidDataset]
 
 
-SETUP_FILES = frozenset({"config.yaml", "log.txt"})  # what a stage writes before its training begins
+# What a stage writes before its training begins (init.pt: the seed script DMMD.py's converted start weights).
+SETUP_FILES = frozenset({"config.yaml", "log.txt", "init.pt"})
 
 
 def removes_its_folder_on_setup_error(run):

@@ -44,6 +44,7 @@ from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmm
 from kdreid.losses.distill import bn_margins, distance_kd, margin_feature_loss
 from kdreid.models import build_model, build_projector, load_checkpoint
 from kdreid.models.dsbn import DSBatchNorm
+from kdreid.models.weights import embedding_dim_of
 from kdreid.stages.common import (
     DataOptions,
     EvalOptions,
@@ -187,8 +188,8 @@ class Teacher(nn.Module):
 
 def load_teacher(path: str, arch: str = "") -> nn.Module:
     """A kdreid checkpoint, or (with `arch`) a plain state dict of another toolkit, as an eval-mode model."""
-    if arch:
-        return build_model(arch, 0, pretrained=path).eval()
+    if arch:  # with the embedding layer the file holds, if any (SpCL's and the seed's `feat`)
+        return build_model(arch, 0, pretrained=path, embedding_dim=embedding_dim_of(path)).eval()
     try:
         return load_checkpoint(path)
     except CheckpointError as error:
@@ -268,7 +269,9 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         )
     num_classes = 1 + max(r.pid for r in source_records)
     if student is None:
-        student = build_model(config.arch or "osnet_x0_25", num_classes, pretrained=config.pretrained)
+        from_file = config.pretrained not in ("none", "imagenet")
+        student = build_model(config.arch or "osnet_x0_25", num_classes, pretrained=config.pretrained,
+                              embedding_dim=embedding_dim_of(config.pretrained) if from_file else 0)
     elif config.lda_weight > 0 and student.num_classes != num_classes:
         raise ConfigError(
             f"{config.student_init} was trained on {student.num_classes} source identities, but the sources "
