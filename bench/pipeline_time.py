@@ -103,8 +103,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--scale", type=float, default=0.05, help="size of the generated domains (1 = full size)")
     parser.add_argument("--size", default=None, help="HxW of the generated images (default: each domain's own)")
     parser.add_argument("--full-size", choices=["market", "real"], default="market",
-                        help="workload extrapolated to: every domain Market-size (12,936 training images; the target's) "
-                             "or each domain's real dataset size (MSMT17's 32,621 for synth_msmt)")
+                        help="workload extrapolated to: every domain Market-size (12,936 training images; the "
+                             "target's) or each domain's real dataset size (MSMT17's 32,621 for synth_msmt)")
     parser.add_argument("--epochs-scale", type=float, default=0.05, help="fraction of the preset's epochs to run")
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--teacher-arch", default="resnet50")
@@ -197,8 +197,8 @@ def main(argv=None) -> dict:
                - (r["kind"] == "adapt") * saved * r["mean_epoch_s"] * r["full_epochs"] * r["image_ratio"]
                for r in rows)
     print(f"measured: {measured:.0f} s in the stages, {total:.0f} s for the whole pipeline call")
-    print(f"EXTRAPOLATED (not measured) to the full {args.preset} schedule on {args.full_size}-size domains: {full / 60:.1f} min; "
-          f"with {args.dmmd_factor:g}× the adaptation epochs: {half / 60:.1f} min")
+    print(f"EXTRAPOLATED (not measured) to the full {args.preset} schedule on {args.full_size}-size domains: "
+          f"{full / 60:.1f} min; with {args.dmmd_factor:g}× the adaptation epochs: {half / 60:.1f} min")
     result = {"rows": rows, "measured_total_s": total, "extrapolated_full_min": full / 60,
               "extrapolated_dmmd_factor_min": half / 60, "settings": vars(args)}
     if args.json:

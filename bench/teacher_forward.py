@@ -130,7 +130,8 @@ def main(argv=None) -> dict:
     torch.backends.cudnn.benchmark = device.type == "cuda"
     teachers = make_teachers(args.arch, args.teachers, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"## {args.teachers} {args.arch} teachers, one batch each, {height}x{width}, {name}, torch {torch.__version__}")
+    print(f"## {args.teachers} {args.arch} teachers, one batch each, {height}x{width}, {name}, "
+          f"torch {torch.__version__}")
     print(f"{'batch':>5} {'path':<12} {'ms/iteration':>13} {'vs sequential':>14} {'max |diff|':>11}")
     results = {}
     for batch in args.batch:

@@ -138,6 +138,7 @@ def test_evaluation_report_shows_only_the_latest_visrank_pages_and_counts_them(t
     (lambda p: None, "does not exist"),
     (lambda p: p.write_text("x"), "is a file, not a run folder"),
     (lambda p: p.mkdir(), "is not a kdreid run folder"),
+    (lambda p: (p.mkdir(), (p / "config.yaml").write_text("out: x\n")), "holds a run that has not finished"),
     (lambda p: (p.mkdir(), (p / "metrics.json").write_text("{trunc")), "is not valid JSON"),
     (lambda p: (p.mkdir(), (p / "metrics.json").write_text("[1]")), "holds list, not the object"),
 ])

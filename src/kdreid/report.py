@@ -83,6 +83,9 @@ def run_kind(run: Path) -> str:
         return "stage"
     if metrics is not None and isinstance(metrics.get("final"), dict):
         return "evaluation"
+    if metrics is None and (run / "config.yaml").is_file():  # a stage that has not finished (or was stopped)
+        raise KdreidError(f"{run} holds a run that has not finished (no metrics.json yet); continue it with the same "
+                          "command and --resume, then report it")
     raise KdreidError(f"{run} is not a kdreid run folder (no metrics.json of a stage, a pipeline or `kdreid "
                       "evaluate --out`); pass the --out folder of a finished run")
 

@@ -213,7 +213,7 @@ def test_a_first_call_in_inference_mode_does_not_break_later_training():
     import importlib
 
     module = importlib.import_module("kdreid.losses.mmd")  # the module: the package's attribute is the function
-    module._WIDTHS.clear()  # the cache is filled by whichever call comes first  # the cache is filled by whichever call comes first
+    module._WIDTHS.clear()  # the cache is filled by whichever call comes first
     a, b = torch.randn(8, 4), torch.randn(8, 4)
     with torch.inference_mode():
         mmd(a, b)

@@ -488,8 +488,8 @@ def load_training_state(path: Path) -> dict:
         end = data.find(b"\n", 0, 256)
         if end < 0:
             raise CheckpointError(f"{path}: truncated (inside its header)")
-        fields = dict(item.split("=", 1) for item in data[len(TRAINING_STATE_MAGIC):end].decode("ascii", "replace").split()
-                      if "=" in item)
+        header = data[len(TRAINING_STATE_MAGIC):end].decode("ascii", "replace")
+        fields = dict(item.split("=", 1) for item in header.split() if "=" in item)
         payload = data[end + 1:]
         expected = fields.get("bytes", "")
         if not expected.isdigit() or "sha256" not in fields:
