@@ -394,13 +394,18 @@ def distill_speed(args, root: Path, work: Path, compile_mode: str) -> dict:
                       what="tracklets"))
         for t in TARGETS
     )
+    return stage_speed(distill.run, config, steps, steps * args.batch, compile_mode)
+
+
+def stage_speed(run, config, steps: int, images_per_epoch: int, compile_mode: str) -> dict:
+    """`run(config)` (a stage), its output kept quiet unless a compilation fell back; the second epoch timed."""
     started = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()) as printed:
-        result = distill.run(config)
+        result = run(config)
     if "failed" in printed.getvalue():
         print(printed.getvalue(), file=sys.stderr)
     seconds = result.fit.epochs[-1]["seconds"]
-    return {"images_per_s": steps * args.batch / seconds, "seconds": seconds, "steps": steps,
+    return {"images_per_s": images_per_epoch / seconds, "seconds": seconds, "steps": steps,
             "warmup_epoch_s": result.fit.epochs[0]["seconds"], "wall_s": time.perf_counter() - started,
             "compile": compile_mode}
 
@@ -422,15 +427,7 @@ def adapt_speed(args, root: Path, work: Path, compile_mode: str) -> dict:
         eval=EvalOptions(batch_size=256),
     )
     steps = len(PKSampler([r.pid for r in records], args.batch, args.instances, what="identities"))
-    started = time.perf_counter()
-    with contextlib.redirect_stderr(io.StringIO()) as printed:
-        result = adapt.run(config)
-    if "failed" in printed.getvalue():
-        print(printed.getvalue(), file=sys.stderr)
-    seconds = result.fit.epochs[-1]["seconds"]
-    return {"images_per_s": 2 * steps * args.batch / seconds, "seconds": seconds, "steps": steps,
-            "warmup_epoch_s": result.fit.epochs[0]["seconds"], "wall_s": time.perf_counter() - started,
-            "compile": compile_mode}
+    return stage_speed(adapt.run, config, steps, 2 * steps * args.batch, compile_mode)
 
 
 # ------------------------------------------------------------------------------------------------ accuracy check
