@@ -83,6 +83,17 @@ def test_resume_with_other_training_settings_is_refused_and_touches_nothing(sour
     assert (source_run / "checkpoints" / "last.pt").stat().st_mtime_ns == before
 
 
+def test_resume_after_the_datasets_moved_continues_and_records_their_new_place(source_run, synth_root, tmp_path):
+    # `--root` says where the datasets lie, not which ones: moving them must not force training from scratch.
+    moved = tmp_path / "moved"
+    moved.symlink_to(synth_root, target_is_directory=True)
+    before = (source_run / "checkpoints" / "last.pt").stat().st_mtime_ns
+    assert main(["train-source", "-s", "synth_msmt", "-t", "synth_duke", "-a", "osnet_tiny", "--root", str(moved),
+                 "--out", str(source_run), "--resume", *TINY]) == 0
+    assert (source_run / "checkpoints" / "last.pt").stat().st_mtime_ns == before
+    assert f"root: {moved}" in (source_run / "config.yaml").read_text()
+
+
 def test_a_finished_run_without_its_checkpoints_is_not_overwritten(source_run, synth_root, tmp_path, capsys):
     import shutil
 

@@ -387,10 +387,11 @@ def refuse_occupied(run_path: Path, resume: bool) -> None:
 # Settings of a stage config (dotted keys) that decide how a run executes or what it reports, never the weights it
 # trains: a resumed run may change them, and `kdreid pipeline` reuses a finished stage across them. `deterministic`
 # only picks reproducible kernels for the same computation; `eval.batch_size` gives the same features in other
-# batches.
+# batches; `data.root` says where the datasets lie, not which ones (their names do), so a moved data folder
+# resumes and keeps the pipeline's stages.
 RUN_ONLY_SETTINGS = frozenset({
     "out", "histogram_images", "train.device", "train.compile", "train.log_freq", "train.deterministic",
-    "eval.batch_size",
+    "eval.batch_size", "data.root",
 })
 # Settings that reach the weights only through the epoch a score keeps (`select` source-val or target-clusters):
 # how often and how that score is measured, and which source identities are held out for it. A stage config may
