@@ -42,11 +42,15 @@ def _add_data_check(sub) -> None:
     p.add_argument("--root", required=True, help="parent folder of the datasets (as in torchreid)")
     p.add_argument("-d", "--dataset", required=True, help="dataset name, e.g. market1501 or synth_duke")
     p.add_argument("--json", action="store_true", help="print only the statistics as JSON")
+    _add_cuhk03_flags(p)
+    p.add_argument("--no-verify", action="store_true", help="only check that the images exist; do not decode them")
+    p.set_defaults(run=_run_data_check)
+
+
+def _add_cuhk03_flags(p) -> None:
     p.add_argument("--cuhk03-labeled", action="store_true", help="CUHK03: use the labeled boxes (default detected)")
     p.add_argument("--cuhk03-classic-split", action="store_true", help="CUHK03: the classic 20-split protocol")
     p.add_argument("--split-id", type=int, default=0, help="CUHK03 classic protocol: which of the 20 splits (0..19)")
-    p.add_argument("--no-verify", action="store_true", help="only check that the images exist; do not decode them")
-    p.set_defaults(run=_run_data_check)
 
 
 def _run_data_check(args) -> int:
@@ -90,6 +94,7 @@ def _add_data_baseline(sub) -> None:
     p.add_argument("--root", required=True, help="parent folder of the datasets (as in torchreid)")
     p.add_argument("-d", "--dataset", required=True, help="dataset name, e.g. synth_market")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_cuhk03_flags(p)
     p.set_defaults(run=_run_data_baseline)
 
 

@@ -105,3 +105,30 @@ def test_baseline_command(tmp_path, capsys):
     assert 0.0 <= result["mAP"] <= 100.0 and 0.0 < result["chance_mAP"] < 100.0
     assert main(["data", "baseline", "--root", str(tmp_path), "-d", "synth_cuhk"]) == 0
     assert "colour-histogram baseline mAP" in capsys.readouterr().out
+
+
+def test_baseline_command_reads_cuhk03_as_the_other_data_commands_do(tmp_path, capsys):
+    # The classic 20-split protocol: its split chosen with --split-id, its CMC single-gallery-shot (torchreid's
+    # use_metric_cuhk03), as `kdreid evaluate --cuhk03-classic-split` scores the models beside it.
+    pytest.importorskip("h5py")
+    from kdreid.data.datasets import build_dataset
+    from kdreid.evaluation.color_histogram import histogram_features
+    from tests.data.layouts import cuhk03_people, write_cuhk03_raw_mat
+
+    write_cuhk03_raw_mat(tmp_path / "cuhk03" / "cuhk03_release" / "cuhk-03.mat", cuhk03_people(),
+                         [[(1, 2), (2, 1)], [(1, 1), (2, 2)]])
+    flags = ["data", "baseline", "--root", str(tmp_path), "-d", "cuhk03", "--json", "--cuhk03-classic-split"]
+    assert main([*flags, "--split-id", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    dataset = build_dataset("cuhk03", tmp_path, classic_split=True, split_id=1)
+    assert result["num_query"] == len(dataset.query) and {r.pid for r in dataset.query} == {1001, 2002}
+    q_pids, g_pids = (np.array([r.pid for r in split]) for split in (dataset.query, dataset.gallery))
+    q_camids, g_camids = (np.array([r.camid for r in split]) for split in (dataset.query, dataset.gallery))
+    distances = hellinger_distances(histogram_features([r.path for r in dataset.query]),
+                                    histogram_features([r.path for r in dataset.gallery]))
+    cmc, mean_ap = evaluate_rank(distances, q_pids, g_pids, q_camids, g_camids, use_metric_cuhk03=True)
+    assert result["rank1"] == pytest.approx(100 * cmc[0]) and result["mAP"] == pytest.approx(100 * mean_ap)
+    # The CUHK03 flags on another dataset are a one-line usage error, as for `kdreid data check`.
+    generate(tmp_path, ["synth_cuhk"], scale=0.01, seed=0, size=(64, 32), workers=1)
+    assert main(["data", "baseline", "--root", str(tmp_path), "-d", "synth_cuhk", "--cuhk03-labeled"]) == 2
+    assert "apply only to -d cuhk03, not to -d synth_cuhk" in capsys.readouterr().err

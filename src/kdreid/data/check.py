@@ -111,14 +111,19 @@ def format_report(dataset: ReidDataset, statistics: dict, problems: list[str], v
     return "\n".join(lines)
 
 
-def check_command(args) -> int:
-    """`kdreid data check`: 0 without problems, 1 with problems; a usage error raises DatasetError (exit 2)."""
+def dataset_from_args(args) -> ReidDataset:
+    """The dataset a `kdreid data` command names (`--root`, `-d` and the CUHK03 flags, which only -d cuhk03 takes)."""
     options = {}
     if args.dataset == "cuhk03":
         options = dict(labeled=args.cuhk03_labeled, classic_split=args.cuhk03_classic_split, split_id=args.split_id)
     elif args.cuhk03_labeled or args.cuhk03_classic_split or args.split_id != 0:
         raise DatasetError(f"{', '.join(_CUHK03_FLAGS)} apply only to -d cuhk03, not to -d {args.dataset}")
-    dataset = build_dataset(args.dataset, args.root, **options)
+    return build_dataset(args.dataset, args.root, **options)
+
+
+def check_command(args) -> int:
+    """`kdreid data check`: 0 without problems, 1 with problems; a usage error raises DatasetError (exit 2)."""
+    dataset = dataset_from_args(args)
     statistics = dataset_statistics(dataset)
     verify = not args.no_verify
     if verify and not args.json:

@@ -106,8 +106,9 @@ class BaselineResult:
                 f"{self.num_query} queries, {self.num_gallery} gallery images)")
 
 
-def color_histogram_baseline(dataset) -> BaselineResult:
-    """Run the baseline on a parsed dataset (`kdreid.data.datasets.base.ReidDataset`): query against gallery."""
+def color_histogram_baseline(dataset, use_metric_cuhk03: bool = False) -> BaselineResult:
+    """Run the baseline on a parsed dataset (`kdreid.data.datasets.base.ReidDataset`): query against gallery, its
+    CMC single-gallery-shot under CUHK03's classic protocol (`use_metric_cuhk03`, as torchreid)."""
     if not dataset.query or not dataset.gallery:
         raise EvaluationError(f"{dataset.name} has an empty query or gallery split; nothing to evaluate")
     query_features = histogram_features([r.path for r in dataset.query])
@@ -117,7 +118,8 @@ def color_histogram_baseline(dataset) -> BaselineResult:
     q_camids = np.array([r.camid for r in dataset.query])
     g_camids = np.array([r.camid for r in dataset.gallery])
     distances = hellinger_distances(query_features, gallery_features)
-    cmc, mean_ap = evaluate_rank(distances, q_pids, g_pids, q_camids, g_camids, max_rank=50)
+    cmc, mean_ap = evaluate_rank(distances, q_pids, g_pids, q_camids, g_camids, max_rank=50,
+                                 use_metric_cuhk03=use_metric_cuhk03)
     rank = lambda r: 100.0 * float(cmc[min(r, len(cmc)) - 1])  # noqa: E731
     return BaselineResult(
         dataset=dataset.name, mAP=100.0 * float(mean_ap), rank1=rank(1), rank5=rank(5), rank10=rank(10),
@@ -127,12 +129,12 @@ def color_histogram_baseline(dataset) -> BaselineResult:
 
 
 def baseline_command(args) -> int:
-    """`kdreid data baseline --root R -d NAME [--json]`."""
+    """`kdreid data baseline --root R -d NAME [--json] [CUHK03 flags]`."""
     import json
     from dataclasses import asdict
 
-    from kdreid.data.datasets.base import build_dataset
+    from kdreid.data.check import dataset_from_args
 
-    result = color_histogram_baseline(build_dataset(args.dataset, args.root))
+    result = color_histogram_baseline(dataset_from_args(args), use_metric_cuhk03=args.cuhk03_classic_split)
     print(json.dumps(asdict(result), indent=2) if args.json else result.line())
     return 0
