@@ -170,6 +170,20 @@ def test_distances_and_kernel_stay_float32_under_autocast():
     assert kernel.item() == pytest.approx(mmd(euclidean_distances(x)[0], euclidean_distances(x)[1]).item(), rel=1e-5)
 
 
+def test_dmmd_terms_under_bf16_autocast_equal_the_float32_ones():
+    # The training step runs under bf16 autocast on CUDA: the weighted kernel sums must not run in bf16 there
+    # (they rounded mmd_between 0.044 to 0.125 before).
+    torch.manual_seed(0)
+    source, target = torch.randn(16, 64), torch.randn(16, 64) * 1.3 + 0.2
+    source_groups, target_groups = torch.arange(16) // 4, torch.arange(16) // 2
+    exact = dmmd_terms(source, source_groups, target, target_groups)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = dmmd_terms(source, source_groups, target, target_groups)
+    for name, value in exact.items():
+        assert under[name].dtype == torch.float32
+        assert under[name].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-7), name
+
+
 def test_normalised_dmmd_terms_ignore_the_embedding_scale_and_raw_ones_do_not():
     # With fixed kernel bandwidths, scaling the target's embeddings changes the raw terms: training can move
     # the scale instead of the distributions. Normalised, the terms see directions only.

@@ -82,11 +82,14 @@ def weighted_mmd(k_xx: torch.Tensor, k_yy: torch.Tensor, k_xy: torch.Tensor, w_x
     """The biased MMD between the samples of x with weight w_x > 0 and those of y with w_y > 0 (0/1 weights: the
     MMD of those subsets, as `mmd` computes it), from the kernel matrices of all samples. Fixed shapes whatever
     the subsets: no host-device synchronisation. k_xx (N, N), k_yy (M, M), k_xy (N, M), w_x (N,), w_y (M,).
-    A side with no sample (all weights 0) leaves the MMD undefined: the term is then 0, with no gradient."""
-    present = ((w_x.sum() > 0) & (w_y.sum() > 0)).to(k_xx.dtype)  # a tensor, not a branch: no host sync
-    w_x = w_x / w_x.sum().clamp_min(1e-12)
-    w_y = w_y / w_y.sum().clamp_min(1e-12)
-    return present * (w_x @ k_xx @ w_x + w_y @ k_yy @ w_y - 2.0 * (w_x @ k_xy @ w_y))
+    A side with no sample (all weights 0) leaves the MMD undefined: the term is then 0, with no gradient.
+    float32 even under autocast: in bf16 the products (sums of up to 19 per entry) round the MMD to steps of ~0.1."""
+    with torch.autocast(k_xx.device.type, enabled=False):
+        k_xx, k_yy, k_xy, w_x, w_y = (t.float() for t in (k_xx, k_yy, k_xy, w_x, w_y))
+        present = ((w_x.sum() > 0) & (w_y.sum() > 0)).float()  # a tensor, not a branch: no host sync
+        w_x = w_x / w_x.sum().clamp_min(1e-12)
+        w_y = w_y / w_y.sum().clamp_min(1e-12)
+        return present * (w_x @ k_xx @ w_x + w_y @ k_yy @ w_y - 2.0 * (w_x @ k_xy @ w_y))
 
 
 def within_between(dist: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
