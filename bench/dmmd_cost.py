@@ -13,11 +13,15 @@ For a batch of N images there are N(N-1)/2 distance samples per domain, and each
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from kdreid.losses import dmmd_terms
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout, kdreid not installed
+
+from kdreid.losses import dmmd_terms  # noqa: E402
 
 
 def timed(step, repeats: int, device: torch.device) -> float:

@@ -18,6 +18,9 @@ BUDGET=${BUDGET:-540}
 PY=${PYTHON:-python3}
 SCRATCH=${SCRATCH:-/tmp/kdreid_gpu_scratch}  # generated images and run folders: not copied back
 DATA=$SCRATCH/data
+# A rerun on the same warm machine keeps the generated images but never a previous run's pipeline stages: reused
+# or resumed stages would give meaningless pipeline times.
+rm -rf "$SCRATCH/pipeline"
 mkdir -p "$OUT" "$SCRATCH/work"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
