@@ -182,7 +182,7 @@ DATA = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
 TARGETS = DATA @ torch.arange(6, dtype=torch.float32)
 
 
-def _train(folder, *, resume=False, interrupt_at=None):
+def _train(folder, *, resume=False, interrupt_at=None, evaluate=None):
     torch.manual_seed(0)
     model = nn.Linear(6, 1)
     config = TrainConfig(epochs=4, device="cpu", optim=OptimConfig(optimizer="adam", lr=0.01, warmup_epochs=1))
@@ -195,8 +195,9 @@ def _train(folder, *, resume=False, interrupt_at=None):
         loss = (model(DATA[index]).squeeze(1) - TARGETS[index]).pow(2).mean()
         return {"loss": loss}
 
+    evaluate = evaluate or (lambda epoch: {"t": {"mAP": 1.0}})
     fit(run=RunDir(folder), config=config, stage_config=config, modules={"model": model}, optimizer=optimizer,
-        batches_per_epoch=5, train_step=step, evaluate=lambda epoch: {"t": {"mAP": 1.0}}, resume=resume)
+        batches_per_epoch=5, train_step=step, evaluate=evaluate, resume=resume)
     return model
 
 
@@ -259,3 +260,37 @@ def test_sigint_before_the_first_step_of_an_epoch_resumes_there_and_handlers_com
     reference = _train(tmp_path / "straight")
     for a, b in zip(reference.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_sigint_during_the_last_evaluation_stops_after_its_checkpoint_and_resume_only_finishes(tmp_path):
+    """Ctrl-C while the last epoch is evaluated: the stage must not write its model and exit 0 (a pipeline would
+    go on to the next stages); the checkpoint holds the finished epoch, and --resume trains and evaluates nothing."""
+    evaluated = []
+
+    def evaluate_then_interrupt(epoch):
+        evaluated.append(epoch)
+        if epoch == 3:
+            signal.raise_signal(signal.SIGINT)
+        return {"t": {"mAP": 1.0}}
+
+    with pytest.raises(TrainingInterrupted, match="after epoch 4, the last") as caught:
+        _train(tmp_path / "run", evaluate=evaluate_then_interrupt)
+    assert caught.value.exit_code == 130
+    assert load_training_state(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 4
+    resumed = _train(tmp_path / "run", resume=True, evaluate=evaluate_then_interrupt)
+    assert evaluated == [3]
+    for a, b in zip(_train(tmp_path / "straight").parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resumed_plain_dict_states_come_back_on_the_training_device():
+    """Checkpoints load onto the CPU; distillation's cached group of batches must reach the device its steps run on
+    (on CUDA a resumed group failed with a device mismatch). The meta device stands in for a GPU here."""
+    group = {"group": None}
+    saved = {"group": {"group": {"source": (torch.zeros(2, 3), torch.tensor([1, 2])),
+                                 "targets": [(torch.ones(2, 3), torch.tensor([0, 0]))], "order": [0]}}}
+    loop._load_resumables({"group": group}, saved, torch.device("meta"))
+    restored = group["group"]
+    tensors = [*restored["source"], *restored["targets"][0]]
+    assert all(tensor.device.type == "meta" for tensor in tensors)
+    assert isinstance(restored["source"], tuple) and restored["order"] == [0]

@@ -245,7 +245,8 @@ def _train(
     for epoch in range(start_epoch, config.epochs):
         resuming_inside = inside is not None and epoch == start_epoch
         if resuming_inside:
-            _load_resumables(resumables, inside["resumables"])  # what before_epoch and the first steps left
+            # What before_epoch and the first steps left (checkpoints load onto the CPU: tensors go back to device).
+            _load_resumables(resumables, inside["resumables"], device)
         elif before_epoch is not None:
             with compiled.eager():
                 before_epoch(epoch)  # may run the model in eval mode (pseudo-labels), so train mode comes after
@@ -344,8 +345,10 @@ def _train(
                 }
         history.append(entry)
         write_checkpoint(epoch + 1)
-        if stop.requested() and epoch + 1 < config.epochs:
-            raise stop.interrupted(f"after epoch {epoch + 1}", checkpoint_path)
+        if stop.requested():  # also after the last epoch (a signal in its evaluation): the stage must not go on
+            where = f"after epoch {epoch + 1}" + (", the last (resuming only writes the stage's model)"
+                                                  if epoch + 1 == config.epochs else "")
+            raise stop.interrupted(where, checkpoint_path)
     writer.close()
     compiled.release()
     if channels_last:
@@ -597,16 +600,29 @@ def _resumable_states(resumables: Mapping[str, Any]) -> dict:
     return {name: dict(obj) if isinstance(obj, dict) else obj.state_dict() for name, obj in resumables.items()}
 
 
-def _load_resumables(resumables: Mapping[str, Any], states: Mapping[str, Any]) -> None:
+def _load_resumables(resumables: Mapping[str, Any], states: Mapping[str, Any], device: torch.device) -> None:
+    """Put saved states back in place. A plain dict's tensors (e.g. distillation's cached group of image batches)
+    move to `device`: the checkpoint was loaded onto the CPU, and the steps that read them run on `device`."""
     missing = sorted(set(resumables) - set(states))
     if missing:
         raise CheckpointError(f"the checkpoint was written inside an epoch but lacks the state of {', '.join(missing)}")
     for name, obj in resumables.items():
         if isinstance(obj, dict):
             obj.clear()
-            obj.update(states[name])
+            obj.update(_tensors_to(states[name], device))
         else:
             obj.load_state_dict(states[name])
+
+
+def _tensors_to(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor inside its dicts, lists and tuples moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _tensors_to(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tensors_to(item, device) for item in value)
+    return value
 
 
 # Test-only hook (tests/stages/test_resume.py): KDREID_TEST_HOLD_AT_STEP=N makes the loop print a marker line
