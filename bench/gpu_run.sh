@@ -64,7 +64,9 @@ step() {
   say "START $name (limit ${limit}s): $*"
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
-  say "END $name: exit $rc$([ "$rc" = 124 ] && echo ' (TIMED OUT)')"
+  # 124: timeout's own code; 137: killed after --kill-after; 143: a training loop that stopped on the SIGTERM.
+  local cut=""; case $rc in 124|137|143) cut=" (TIMED OUT at ${limit}s)";; esac
+  say "END $name: exit $rc$cut"
 }
 
 say "machine: $CORES CPU cores"
@@ -81,6 +83,9 @@ $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvisio
 step train_speed 240 60 $PY bench/train_speed.py "${COMMON[@]}" "${SPEED[@]}" \
   --only kdreid bare data plain torchreid adapt distill --data "$DATA" --work "$SCRATCH/work" --json "$OUT/train_speed.json"
 
+# 1b. The distillation's teacher forwards: sequential (the stage) vs batched across targets (vmap) vs a CUDA graph.
+step teacher_forward 60 30 $PY bench/teacher_forward.py "${TEACHERS[@]}"
+
 # 2. CUDA graphs (torch.compile reduce-overhead) for both models: ResNet-50's never timed, OSNet's only on an H200.
 step compile_graphs 200 90 $PY bench/train_speed.py "${COMMON[@]}" "${COMPILE[@]}" --only compiled \
   --models resnet50 osnet_x0_25 --compile reduce-overhead --data "$DATA" --work "$SCRATCH/work" \
@@ -89,9 +94,6 @@ step compile_graphs 200 90 $PY bench/train_speed.py "${COMMON[@]}" "${COMPILE[@]
 # 2b. The adaptation stage (the pipeline's main cost) compiled: the model to CUDA graphs, the D-MMD terms fused.
 step compile_adapt 150 90 $PY bench/train_speed.py "${COMMON[@]}" "${SPEED[@]}" --only adapt \
   --adapt-compile reduce-overhead --data "$DATA" --work "$SCRATCH/work" --json "$OUT/compile_adapt.json"
-
-# 3. The distillation's teacher forwards: sequential (the stage) vs batched across targets (vmap) vs a CUDA graph.
-step teacher_forward 60 30 $PY bench/teacher_forward.py "${TEACHERS[@]}"
 
 # 4. The distillation stage with its student compiled to CUDA graphs (eager row: step 1's).
 step compile_distill 150 90 $PY bench/train_speed.py "${COMMON[@]}" "${SPEED[@]}" --only distill \

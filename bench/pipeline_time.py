@@ -170,6 +170,9 @@ def main(argv=None) -> dict:
             result = original(name, stage_config, log)
             row = stage_row(name, stage_config, time.perf_counter() - started, args, train_images)
             rows.append(row)
+            if args.json:  # so far: a run cut by its time limit keeps the stages it finished
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps({"rows": rows, "partial": True}, indent=2))
             print(f"[stage] {name}: {row['wall_s']:.1f} s measured ({row['epochs_run']} epochs, {row['train_s']:.1f} s "
                   f"training) -> EXTRAPOLATED {row['extrapolated_full_s']:.0f} s for {row['full_epochs']} epochs on "
                   f"{row['image_ratio']:.1f}x the images", flush=True)

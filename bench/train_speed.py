@@ -63,7 +63,7 @@ from kdreid.rundir import RunDir  # noqa: E402
 from kdreid.stages import adapt, distill, source  # noqa: E402
 from kdreid.stages.common import DataOptions, EvalOptions, evaluate_datasets  # noqa: E402
 from kdreid.stages.data import BatchSource  # noqa: E402
-from kdreid.stages.loop import TrainConfig, fit, seed_everything, select_device  # noqa: E402
+from kdreid.stages.loop import TrainConfig, TrainingInterrupted, fit, seed_everything, select_device  # noqa: E402
 from kdreid.stages.optim import OptimConfig, build_optimizer, learning_rate  # noqa: E402
 
 SOURCE = "synth_market"
@@ -569,10 +569,16 @@ def main(argv=None) -> dict:
             print(f"[run] {label} ...", flush=True)
             try:
                 row = fn()
+            except TrainingInterrupted as stopped:  # the step's `timeout` (SIGTERM): stop here, keep the rows so far
+                results["speed"][label] = {"error": str(stopped)}
+                save_json(results, args.json)
+                print(f"[run] {label}: {stopped}", flush=True)
+                sys.exit(stopped.exit_code)
             except Exception as error:  # one failing path must not hide the others' numbers
                 traceback.print_exc()
                 row = {"error": f"{type(error).__name__}: {error}"}
             results["speed"][label] = row
+            save_json(results, args.json)  # after every row: a run cut short keeps what it measured
             if "images_per_s" in row:
                 print(f"[run] {label}: {row['images_per_s']:,.0f} img/s "
                       f"({row['steps']} steps in {row['seconds']:.2f} s)"
@@ -612,10 +618,14 @@ def main(argv=None) -> dict:
             results["accuracy"] = accuracy_check(args, root, work)
 
     print_table(results, args)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    save_json(results, args.json)
     return results
+
+
+def save_json(results: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(results, indent=2))
 
 
 def print_table(results: dict, args) -> None:

@@ -37,6 +37,23 @@ def squared_error(prediction, target):
     return (prediction - target).pow(2).mean()
 
 
+class _Draws:
+    """A stateful batch source, as a stage's sampler is: every step takes the next position."""
+
+    def __init__(self):
+        self.position = 0
+
+    def take(self) -> int:
+        self.position += 1
+        return self.position - 1
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
 def _fit(tmp_path, name, compile="off", log_freq=3):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -44,8 +61,10 @@ def _fit(tmp_path, name, compile="off", log_freq=3):
                          optim=OptimConfig(optimizer="adam", lr=0.01, warmup_epochs=0))
     optimizer = build_optimizer(model.parameters(), config.optim)
 
+    draws = _Draws()
+
     def step(ctx):
-        index = torch.randint(0, 64, (8,), generator=ctx.generator)
+        index = (torch.randint(0, 64, (8,), generator=ctx.generator) + 8 * draws.take()) % 64
         # From the second epoch the loss goes through the stage's compile, as D-MMD does from --dmmd-start.
         loss_fn = ctx.compile_loss(squared_error) if ctx.epoch >= 1 else squared_error
         loss = loss_fn(model(DATA[index]).squeeze(1), TARGETS[index])
@@ -60,7 +79,7 @@ def _fit(tmp_path, name, compile="off", log_freq=3):
 
     run = RunDir(tmp_path / name)
     result = fit(run=run, config=config, stage_config=config, modules={"model": model}, optimizer=optimizer,
-                 batches_per_epoch=7, train_step=step, evaluate=evaluate)
+                 batches_per_epoch=7, train_step=step, evaluate=evaluate, resumables={"draws": draws})
     return model, result, (tmp_path / name / "log.txt").read_text()
 
 
@@ -109,7 +128,7 @@ def test_compile_failure_falls_back_to_eager_and_says_why(tmp_path, monkeypatch)
     fallen, _, log = _fit(tmp_path, "fallen", compile="default")
     assert "torch.compile (default) failed (RuntimeError: inductor needs a C++ compiler); training eagerly" in log
     for a, b in zip(eager.parameters(), fallen.parameters()):
-        torch.testing.assert_close(a, b)  # the failed first step left no trace: same result as eager
+        torch.testing.assert_close(a, b)  # the failed first step left no trace (its batch drawn again): as eager
 
 
 def test_a_stage_loss_compiles_with_the_step_and_its_late_failure_falls_back(tmp_path, monkeypatch):

@@ -293,7 +293,14 @@ def _train(
                 losses["loss"].backward()
                 return losses
 
-            losses = compiled.run(forward_backward)
+            rewind = None
+            if compiled.first_step_pending:  # a compile failure repeats this step eagerly: same batches, same RNG
+                drawn_before, rng_before = _resumable_states(resumables), _capture_rng()
+
+                def rewind():
+                    _load_resumables(resumables, drawn_before, device)
+                    _restore_rng(rng_before)
+            losses = compiled.run(forward_backward, rewind)
             distributed.average_gradients(params)  # several processes: the mean over their batches' shares
             if config.optim.clip_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.optim.clip_grad_norm)

@@ -122,8 +122,8 @@ class CompiledStep:
 
     Compilation happens at the first call, so errors surface there: `run(step)` runs the first step (forward
     and backward) under a guard and, if compilation fails, logs why, removes the compiled forward and runs
-    the step again eagerly. Evaluation runs eagerly (`eager()`), so varying eval batch sizes cause no
-    recompilation.
+    the step again eagerly, on the same batch. Evaluation runs eagerly (`eager()`), so varying eval batch sizes
+    cause no recompilation.
     """
 
     def __init__(self, model: nn.Module, mode: str, device: torch.device, log):
@@ -132,6 +132,7 @@ class CompiledStep:
         self.log = log
         self.active = False
         self.checked = False
+        self._reset_pending = False  # dynamo's caches are cleared between steps, never inside one
         self._losses: dict = {}  # loss function -> its wrapper (see `loss`)
         if mode == "off":
             return
@@ -151,17 +152,31 @@ class CompiledStep:
     def uses_cuda_graphs(self) -> bool:
         return self.active and self.mode == "reduce-overhead"
 
+    @property
+    def first_step_pending(self) -> bool:
+        """Whether the next `run` is the guarded first step (one that may be repeated eagerly)."""
+        return self.active and not self.checked
+
     def step_begin(self) -> None:
+        self._reset_dynamo_if_pending()
         # CUDA graph trees reuse output memory between replays; marking each training step keeps a second
         # forward in the same step (distillation) from being mistaken for the next step.
         if self.uses_cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
 
-    def run(self, step):
-        """Run `step()` (forward + backward); the first time under the compilation guard."""
-        if not self.active or self.checked:
+    def run(self, step, rewind=None):
+        """Run `step()` (forward + backward); the first time under the compilation guard. If that compilation
+        fails, `rewind()` puts back what the failed attempt consumed (its batches), so that the eager repeat
+        trains on the same batch and the run is the eager run's."""
+        if not self.first_step_pending:
             return step()
-        result = self._guarded(step, step)  # after a fallback the same step runs eagerly
+
+        def repeat():
+            if rewind is not None:
+                rewind()
+            return step()
+
+        result = self._guarded(step, repeat)
         self.checked = True
         return result
 
@@ -206,11 +221,18 @@ class CompiledStep:
             f"torch.compile ({self.mode}) failed ({type(error).__name__}: {reason[:300]}); training eagerly"
         )
         self.release()
-        if hasattr(torch, "_dynamo"):
+        # A loss fails inside a step whose compiled forward still awaits its backward: clear the compiled code
+        # once that step is over.
+        self._reset_pending = True
+
+    def _reset_dynamo_if_pending(self) -> None:
+        if self._reset_pending and hasattr(torch, "_dynamo"):
             torch._dynamo.reset()
+        self._reset_pending = False
 
     def release(self) -> None:
         """Back to the eager forward (after training: later evaluation and export see a plain module)."""
+        self._reset_dynamo_if_pending()
         if self.active:
             self.model._compiled_call_impl = None  # what nn.Module.compile() set; None restores the eager forward
             self.model._kdreid_compile_mode = None
