@@ -71,6 +71,17 @@ def test_extract_writes_features_labels_and_lists_the_skipped_image(workdir, tmp
     assert np.abs(saved.features - reference.numpy()).max() <= 1e-5
 
 
+def test_extract_to_a_folder_is_one_line_before_the_extraction(workdir, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "features"
+    folder.mkdir()
+    monkeypatch.setattr(deploy, "extract_folder", lambda *a, **k: pytest.fail("extracted before checking --out"))
+    assert extract(workdir, folder) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"kdreid: error: cannot write {folder}: it is a folder, not a file; give a file path such as "
+        f"{folder / 'gallery.npz'}"]
+    assert list(folder.iterdir()) == []
+
+
 def test_extract_fails_only_when_nothing_decodes(tmp_path, workdir, capsys):
     folder = tmp_path / "bad"
     folder.mkdir()

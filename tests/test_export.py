@@ -3,6 +3,8 @@ state dict loads into torchreid's own OSNet; refusals leave no file behind."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -97,9 +99,11 @@ def test_fp16_export_is_half_precision_and_within_tolerance(format, tmp_path):
         got = run_onnx(out, x)
     else:
         got = run_torchscript(out, x)
-    diff = np.abs(got - expected(model, x)).max()
-    assert 0 < diff <= 1e-2  # rounded (so half precision ran), yet within the fp16 tolerance
-    assert result.tolerance == 1e-2
+    want = expected(model, x)
+    relative = (np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)).max()
+    assert 0 < relative <= 1e-2  # rounded (so half precision ran), yet within the fp16 tolerance
+    assert result.tolerance == 1e-2 and 0 < result.relative_error <= 1e-2
+    assert float(read_metadata(out)["checked_relative_error"]) == pytest.approx(result.relative_error, rel=0.01)
     assert read_metadata(out)["precision"].startswith("float16")
 
 
@@ -185,9 +189,32 @@ def test_a_failing_check_refuses_and_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_module, "_run_torchscript", drifting_runner)
     target = tmp_path / "m.ts"
-    with pytest.raises(ModelError, match=r"refusing to write .*m\.ts.*differs from PyTorch by 0\.001"):
+    with pytest.raises(ModelError, match=r"refusing to write .*m\.ts.*max \|diff\| 0\.001\).*graph"):
         export_model(tiny(), target, "torchscript", images=images(2))
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temp file
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_large_features_are_checked_relative_to_their_size(fp16, tmp_path, monkeypatch):
+    """A trained model's features have norms ~90-150, and rounding grows with them: the absolute bounds refused
+    every trained checkpoint (fp32 ONNX: 3.4e-4 > 1e-4). Features 200x larger here: the absolute error passes
+    each old bound, the relative one stays far below the new; a real drift is still refused, naming its cause."""
+    model = tiny()
+    with torch.no_grad():
+        model.bnneck.weight.mul_(200)
+        model.bnneck.bias.mul_(200)
+    result = export_model(model, tmp_path / "big.onnx", "onnx", dynamic_batch=True, fp16=fp16, images=images(4))
+    if fp16:
+        assert result.max_abs_diff > 1e-2 and result.relative_error < 2e-3
+    else:
+        assert result.relative_error < 1e-6
+
+    real_runner = export_module._run_onnx
+    monkeypatch.setattr(export_module, "_run_onnx", lambda path: lambda x: real_runner(path)(x) * 1.05)
+    cause = "export it without --fp16" if fp16 else "its graph does not reproduce the model"
+    with pytest.raises(ModelError, match=rf"differ from PyTorch's by 0\.05\d* relative .*{cause}"):
+        export_model(model, tmp_path / "drift.onnx", "onnx", fp16=fp16, images=images(2))
+    assert not (tmp_path / "drift.onnx").exists()
 
 
 def test_an_exporter_failure_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
@@ -222,6 +249,7 @@ def test_export_command(checkpoint, tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"wrote {out} (onnx, dynamic batch)") and line.endswith("on 3 images")
     assert read_metadata(out)["source_checkpoint"] == "tiny.pt"
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()  # readable as any new file, not mkstemp's 0600
 
     assert main(["export", "--model", str(tmp_path / "missing.pt"), "--format", "onnx", "--out", str(out)]) == 2
     assert main(["export", "--model", str(checkpoint), "--format", "onnx", "--out", str(out), "--images",
@@ -258,3 +286,19 @@ def test_export_command_takes_the_input_size(tmp_path, capsys):
     assert (metadata["input_height"], metadata["input_width"]) == ("48", "24")
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == [1, 3, 48, 24]
+
+
+def test_export_to_a_folder_is_one_line_before_any_work(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert main(["export", "--model", str(checkpoint), "--format", "onnx", "--out", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"kdreid: error: cannot write {folder}: it is a folder, not a file; give a file path such as "
+                   f"{folder / 'model.onnx'}"]
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["exports", "tiny.pt"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

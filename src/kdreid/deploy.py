@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from kdreid.errors import DatasetError, EvaluationError, KdreidError
 from kdreid.evaluation.distance import METRICS
 from kdreid.models.weights import model_kind
-from kdreid.rundir import atomic_write_bytes
+from kdreid.rundir import atomic_write_bytes, refuse_folder
 
 FEATURES_FORMAT = "kdreid-features"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -353,6 +353,7 @@ def search_features(query: np.ndarray, gallery: np.ndarray, *, k: int = 10, metr
 # ------------------------------------------------------------------------------------------------ commands
 def extract_command(args) -> int:
     """`kdreid extract`: features of every image under --images into --out; undecodable images listed last."""
+    refuse_folder(args.out, "gallery.npz")  # before the extraction, not after it
     embedder = open_embedder(args.model, arch=args.arch, flip=args.flip, batch_size=args.batch_size,
                              device=args.device, height=args.height, width=args.width)
     extracted = extract_folder(embedder, args.images, workers=args.workers)

@@ -7,7 +7,7 @@ exported model's features are compared with PyTorch's on a batch of images befor
 name: it is written to a temp file beside the target, checked, then renamed, so a failed export leaves nothing.
 
     result = export_model(load_checkpoint("student.pt"), "student.onnx", "onnx", dynamic_batch=True)
-    result.max_abs_diff   # worst |exported - PyTorch| over the check images
+    result.relative_error   # worst ‖exported - PyTorch‖ / ‖PyTorch‖ over the check images (what is checked)
 
 ONNX goes through torch's TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`): on torch 2.14 it
 gives the same graph as the dynamo exporter (both match PyTorch to ~1e-7 on OSNet) and exports about six times
@@ -33,10 +33,16 @@ from torch import nn
 
 import kdreid
 from kdreid.errors import DatasetError, ModelError
+from kdreid.rundir import new_file_mode, refuse_folder
 
 FORMATS = ("onnx", "torchscript", "torchreid")
-# Max |exported - PyTorch fp32| over the check images (issue 8).
-TOLERANCE = {False: 1e-4, True: 1e-2}  # keyed by fp16
+SUFFIXES = {"onnx": "onnx", "torchscript": "pt", "torchreid": "pth"}  # for the file name an error suggests
+# How far the exported features may be from PyTorch's fp32 ones, as the worst check image's relative error
+# ‖exported − PyTorch‖ / ‖PyTorch‖, keyed by fp16: 1e-4 in fp32 (a graph that reproduces the model), 1e-2 in fp16
+# (moves a cosine distance by at most 5e-5). Issue 8 set these as absolute bounds, but the features are not
+# unit-norm: a trained OSNet x0.25's have norms ~90–150, where fp32's rounding alone reaches 3.4e-4 absolute
+# (5e-6 relative) and refused every trained checkpoint.
+TOLERANCE = {False: 1e-4, True: 1e-2}
 DEFAULT_OPSET = 18
 CHECK_IMAGES = 8
 INPUT_NAME, OUTPUT_NAME = "images", "features"
@@ -49,7 +55,8 @@ class ExportResult:
     path: Path
     format: str
     max_abs_diff: float
-    tolerance: float
+    tolerance: float  # of `relative_error`
+    relative_error: float  # what is checked: the worst image's ‖exported − PyTorch‖ / ‖PyTorch‖ (see TOLERANCE)
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -93,6 +100,7 @@ def export_model(
         raise ModelError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     if fp16 and format == "torchreid":
         raise ModelError("--fp16 applies to onnx and torchscript; a torchreid state dict is saved in float32")
+    refuse_folder(out, f"model.{SUFFIXES[format]}")
     model = _deployable(model)
     height, width = input_size(model, height, width)
     if images is None:
@@ -116,6 +124,7 @@ def export_model(
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, new_file_mode(out))  # mkstemp makes 0600 files: a deployed model must be readable by others
     try:
         writer(model, tmp, images[:2] if dynamic_batch else images[:1], metadata,
                dynamic_batch=dynamic_batch, fp16=fp16, opset=opset)
@@ -128,17 +137,27 @@ def export_model(
             got = [torch.cat([run(images[i:i + 1]) for i in range(len(images))])]
             want = [expected]
         diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
-        if not diff <= tolerance:  # also catches NaN
-            raise ModelError(
-                f"refusing to write {out}: the {format}{' fp16' if fp16 else ''} export differs from PyTorch by "
-                f"{diff:.3g} (> {tolerance:g}) on {len(images)} images; its graph does not reproduce the model")
+        error = max(_relative_error(g, w) for g, w in zip(got, want))
+        if not error <= tolerance:  # also catches NaN
+            why = ("half precision loses too much for this model: export it without --fp16" if fp16
+                   else "its graph does not reproduce the model")
+            raise ModelError(f"refusing to write {out}: the {format}{' fp16' if fp16 else ''} export's features "
+                             f"differ from PyTorch's by {error:.3g} relative (> {tolerance:g}; max |diff| {diff:.3g}) "
+                             f"on {len(images)} images; {why}")
         if format != "torchreid":
+            metadata["checked_relative_error"] = f"{error:.3g}"
             metadata["checked_max_abs_diff"] = f"{diff:.3g}"
             _rewrite_metadata(format, tmp, metadata)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return ExportResult(out, format, diff, tolerance, metadata)
+    return ExportResult(out, format, diff, tolerance, error, metadata)
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The worst image's ‖got − want‖ / ‖want‖ over (N, D) features (NaN stays NaN)."""
+    norms = want.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    return float(((got - want).norm(dim=1) / norms).max())
 
 
 def input_size(model: nn.Module, height: int | None = None, width: int | None = None) -> tuple[int, int]:
@@ -386,6 +405,6 @@ def export_command(args) -> int:
                           images=images, opset=args.opset, source=Path(args.model).name, height=height, width=width)
     checked = f"{len(images) if images is not None else CHECK_IMAGES} {'' if images is not None else 'random '}images"
     print(f"wrote {result.path} ({result.format}{', fp16' if args.fp16 else ''}"
-          f"{', dynamic batch' if args.dynamic_batch else ''}); max |diff| vs PyTorch {result.max_abs_diff:.2g} "
-          f"<= {result.tolerance:g} on {checked}")
+          f"{', dynamic batch' if args.dynamic_batch else ''}); relative error vs PyTorch "
+          f"{result.relative_error:.2g} <= {result.tolerance:g} (max |diff| {result.max_abs_diff:.2g}) on {checked}")
     return 0

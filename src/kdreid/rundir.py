@@ -59,7 +59,16 @@ def fsync_directory(folder: str | Path) -> None:
         os.close(fd)
 
 
-def _new_file_mode(path: Path) -> int:
+def refuse_folder(path: str | Path, example: str = "") -> None:
+    """One line, before any work, when a file is to be written where a folder stands (os.replace would fail
+    after the work is done, with a traceback). `example`: a file name to suggest inside that folder."""
+    path = Path(path)
+    if path.is_dir():
+        inside = f" such as {path / example}" if example else " inside it"
+        raise KdreidError(f"cannot write {path}: it is a folder, not a file; give a file path{inside}")
+
+
+def new_file_mode(path: Path) -> int:
     """The mode the file would get from a plain open(): the old file's when there is one, else 0666 & ~umask."""
     try:
         return path.stat().st_mode & 0o7777
@@ -79,13 +88,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     flushed and fsynced, renamed over `path`, then the folder fsynced. On any failure (a full disk is often
     reported only by fsync) the temporary file is removed and `path` keeps its old content."""
     path = Path(path)
+    refuse_folder(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:
         raise _as_write_error(path, error) from None
     try:
-        os.chmod(tmp, _new_file_mode(path))  # mkstemp makes 0600 files; give the usual permissions instead
+        os.chmod(tmp, new_file_mode(path))  # mkstemp makes 0600 files; give the usual permissions instead
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

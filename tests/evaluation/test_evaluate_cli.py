@@ -95,6 +95,26 @@ def test_user_mistakes_are_one_line(setup, capsys):
     assert code == 2 and "unknown dataset" in err and len(err.strip().splitlines()) == 1
 
 
+def test_out_must_be_a_folder_of_its_own_not_a_training_run(setup, tmp_path, capsys):
+    """Checked before the evaluation: a stage's folder keeps its own metrics.json (a pipeline reusing the stage
+    reports it), and a file cannot hold metrics.json."""
+    root, checkpoint, _ = setup
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "model.pt").write_bytes(checkpoint.read_bytes())
+    (stage / "metrics.json").write_text('{"final": {"market1501": {"mAP": 12.5}}}')
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for out, message in ((stage, f"is a training run's folder (it holds model.pt), whose metrics.json is the "
+                                 f"run's own: write the evaluation beside it, e.g. --out {stage / 'evaluation'}"),
+                         (a_file, "is a file, not a folder; choose another --out")):
+        code, _, err = run(["evaluate", "--model", str(checkpoint), "-t", "market1501", "--root", str(root),
+                            "--out", str(out), "--device", "cpu"], capsys)
+        assert code == 2 and err.strip().splitlines() == [f"kdreid: error: --out {out} {message}"]
+    assert json.loads((stage / "metrics.json").read_text())["final"]["market1501"]["mAP"] == 12.5
+    assert a_file.read_text() == "x"
+
+
 def test_skipped_queries_are_a_warning_line(tmp_path, capsys, setup):
     _, checkpoint, _ = setup
     write_market(tmp_path, lonely_queries=2)  # two query identities absent from the gallery

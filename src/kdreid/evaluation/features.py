@@ -292,6 +292,18 @@ def evaluate_model(
 
 
 # ------------------------------------------------------------------------------------------------ command
+def _check_evaluation_folder(out: Path) -> None:
+    """`evaluate --out` writes OUT/metrics.json: refused, before any work, where that is not a folder or where it
+    would overwrite a training run's results (its metrics.json is the stage's; a pipeline reusing the stage would
+    report the evaluation's numbers as the stage's)."""
+    if out.exists() and not out.is_dir():
+        raise EvaluationError(f"--out {out} is a file, not a folder; choose another --out")
+    trained = [name for name in ("model.pt", "checkpoints", "stages", "student.pt") if (out / name).exists()]
+    if trained:
+        raise EvaluationError(f"--out {out} is a training run's folder (it holds {trained[0]}), whose metrics.json "
+                              f"is the run's own: write the evaluation beside it, e.g. --out {out / 'evaluation'}")
+
+
 def evaluate_command(args) -> int:
     """`kdreid evaluate`: one table row per target (percent), `--json` for machines, `--out RUN` writes
     RUN/metrics.json ({"final": {target: {mAP, rank1, rank5, rank10, mINP}}}, merged into an existing file)."""
@@ -314,6 +326,8 @@ def evaluate_command(args) -> int:
         raise EvaluationError("--visrank writes pictures into the run folder: pass --out FOLDER")
     if visrank < 0 or (visrank and args.visrank_topk < 1):
         raise EvaluationError(f"--visrank {visrank} --visrank-topk {args.visrank_topk}: both must be positive")
+    if args.out:
+        _check_evaluation_folder(Path(args.out))
     model = load_model(args.model, args.arch)
     device = torch.device(args.device) if args.device else default_device()
     final: dict[str, dict[str, float | None]] = {}
