@@ -179,6 +179,23 @@ def _too_big_batch(tmp, monkeypatch):
     return _train(tmp, root, "--batch-size", "64")
 
 
+def _images_too_small(tmp, monkeypatch):
+    root, _ = _market(tmp)
+    return _train(tmp, root, "--height", "16", "--width", "8")
+
+
+def _export_to_a_folder(tmp, monkeypatch):
+    (tmp / "exports").mkdir()
+    return ["export", "--model", _checkpoint(tmp, "m.pt"), "--format", "onnx", "--out", str(tmp / "exports")]
+
+
+def _evaluate_into_a_training_run(tmp, monkeypatch):
+    root, _ = _market(tmp)
+    (tmp / "run").mkdir()
+    model = _checkpoint(tmp / "run", "model.pt")
+    return _evaluate(tmp, model, "-t", "market1501", "--root", str(root), "--out", str(tmp / "run"))
+
+
 def _out_is_a_file(tmp, monkeypatch):
     root, _ = _market(tmp)
     (tmp / "run").write_text("not a folder")
@@ -289,6 +306,13 @@ CASES = [
     Case("config file that is not valid YAML", _bad_yaml, "is not valid YAML"),
     Case("P×K batch larger than the data allow", _too_big_batch, "lower --batch-size or raise --num-instances"),
     Case("--out is a file", _out_is_a_file, "is a file, not a folder; choose another --out"),
+    Case("images too small for the model", _images_too_small,
+         "osnet_tiny cannot take 16x8 images (Given input size: (64x2x1). Calculated output size: (64x1x0). "
+         "Output size is too small); choose a larger --height/--width"),
+    Case("`export --out` an existing folder", _export_to_a_folder,
+         "it is a folder, not a file; give a file path such as"),
+    Case("`evaluate --out` a training run's folder", _evaluate_into_a_training_run,
+         "is a training run's folder (it holds model.pt), whose metrics.json is the run's own"),
     Case("plain state dict with the wrong -a (only part of the backbone fits)", _weights_of_another_osnet,
          "backbone tensors are missing or of another shape"),
     Case("an exported ONNX file as --model", _onnx_as_model, "an exported ONNX model; this command takes"),
@@ -321,6 +345,12 @@ def test_bad_input_answers_in_one_line(case, tmp_path, monkeypatch, capsys):
     code = main(argv)
     line = _one_line_error(capsys.readouterr().err)
     assert code == case.code and case.answer in line, line
+
+
+def test_a_model_that_cannot_take_the_images_is_refused_before_the_run_folder_stays(tmp_path, monkeypatch, capsys):
+    assert main(_images_too_small(tmp_path, monkeypatch)) == 2
+    assert "cannot take 16x8 images" in _one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()  # no config.yaml, log.txt or tensorboard folder of a run that never began
 
 
 def test_out_of_disk_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch, capsys):

@@ -303,3 +303,9 @@ def test_adapt_with_pseudo_labels_clusters_the_target(source_run, synth_root, tm
     assert len(seen) == 1 and seen[0].max() >= 3  # one refresh per epoch, several clusters
     assert "pseudo" in (out / "results.md").read_text()
     assert set(result.final) == {"synth_duke", "synth_msmt"}
+
+    # A clustering that finds fewer clusters than a batch's P: the answer names tracklets, the other grouping.
+    monkeypatch.setattr(adapt, "dbscan", lambda distances, eps, min_samples: real(distances, eps, min_samples) * 0)
+    with pytest.raises(DatasetError, match=r"^epoch 1: a batch of P=4 pseudo-labels needs at least that many, but "
+                                           r"the data have 1; .*, or group the target by --grouping tracklet$"):
+        adapt.run(config.__class__(**{**vars(config), "out": str(tmp_path / "few")}))

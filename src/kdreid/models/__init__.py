@@ -12,6 +12,7 @@ See docs/models.md.
 
 from kdreid.models.registry import (
     build_model,
+    check_input_size,
     count_macs,
     count_parameters,
     get_spec,
@@ -32,6 +33,7 @@ from kdreid.models.weights import LoadReport, load_weights
 
 __all__ = [
     "build_model",
+    "check_input_size",
     "list_models",
     "model_names",
     "register_model",

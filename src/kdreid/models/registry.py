@@ -114,6 +114,23 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def check_input_size(model: nn.Module, height: int, width: int, flag: str = "--height/--width") -> None:
+    """ModelError (one line) when `model` cannot take height × width images — its downsampling leaves no pixel —
+    found by one eval-mode forward of one image, before a stage writes anything or trains."""
+    was_training = model.training
+    model.eval()
+    try:
+        parameter = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, 3, height, width, device=parameter.device, dtype=parameter.dtype))
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"{getattr(model, 'arch', type(model).__name__)} cannot take {height}x{width} images "
+                         f"({reason}); choose a larger {flag} (re-ID models train at 256x128)") from None
+    finally:
+        model.train(was_training)
+
+
 def count_macs(model: nn.Module, height: int = 256, width: int = 128) -> int:
     """Multiply-accumulates of one eval-mode forward of one image (convolutions and linear layers)."""
     total = 0

@@ -31,7 +31,7 @@ from kdreid.errors import ConfigError, DatasetError
 from kdreid.evaluation.features import extract_features
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, euclidean_distances
 from kdreid.losses.mmd import within_between
-from kdreid.models import load_checkpoint
+from kdreid.models import check_input_size, load_checkpoint
 from kdreid.rundir import atomic_write_bytes
 from kdreid.stages.common import (
     DataOptions,
@@ -114,6 +114,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
             f"{config.init} was trained on {source_model.num_classes} source identities, but the sources "
             f"{'+'.join(config.sources)} have {num_classes}; pass the checkpoint of a source run on the same data"
         )
+    check_input_size(source_model, train.height, train.width)
     model = distributed.sync_batchnorm(source_model.train().to(device))  # BatchNorm over the global batch
     arch = model.arch
     source_batches = BatchSource(
@@ -153,10 +154,13 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
             labels = distributed.broadcast_array(pseudo_labels(model, target_records, config, device))
             kept = labels >= 0
             log.info(f"pseudo-labels: {labels.max() + 1} clusters, {kept.sum()} of {len(labels)} images kept")
-            target_batches.set_labels(
-                labels, batch_size=train.batch_size, num_instances=train.num_instances, seed=train.seed + 1,
-                what=GROUPING_NAMES["pseudo"],
-            )
+            try:
+                target_batches.set_labels(
+                    labels, batch_size=train.batch_size, num_instances=train.num_instances, seed=train.seed + 1,
+                    what=GROUPING_NAMES["pseudo"],
+                )
+            except DatasetError as error:  # too few clusters this epoch: tracklets are the other unsupervised way
+                raise DatasetError(f"epoch {epoch + 1}: {error}, or group the target by --grouping tracklet") from None
         source_batches.start_epoch(epoch)
         target_batches.start_epoch(epoch)
 

@@ -42,7 +42,7 @@ from kdreid import distributed
 from kdreid.errors import CheckpointError, ConfigError, DatasetError
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, mmd
 from kdreid.losses.distill import bn_margins, distance_kd, margin_feature_loss
-from kdreid.models import build_model, build_projector, load_checkpoint
+from kdreid.models import build_model, build_projector, check_input_size, load_checkpoint
 from kdreid.models.dsbn import DSBatchNorm
 from kdreid.models.weights import embedding_dim_of
 from kdreid.stages.common import (
@@ -282,6 +282,8 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     multi_head = config.multi_head and len(targets) > 1
     if multi_head:
         student = multi_head_copy(student, len(targets))
+    for network in (student, *teacher_models):  # the teachers see the student's batches
+        check_input_size(network, train.height, train.width)
     student = distributed.sync_batchnorm(student.train().to(device))  # BatchNorm over the global batch
 
     teachers = nn.ModuleList(Teacher(model, config.teacher_mode) for model in teacher_models).to(device)

@@ -14,7 +14,7 @@ import torch
 
 from kdreid import distributed
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing
-from kdreid.models import build_model
+from kdreid.models import build_model, check_input_size
 from kdreid.stages.common import (
     StageResult,
     begin_stage,
@@ -83,6 +83,7 @@ def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
     model = build_model(
         config.arch, num_classes, pretrained=config.pretrained, last_stride=config.last_stride
     ).to(device)
+    check_input_size(model, train.height, train.width)
     distributed.sync_batchnorm(model)  # several processes: BatchNorm over the global batch
     batches = BatchSource(
         records, [r.pid for r in records], height=train.height, width=train.width, batch_size=train.batch_size,
