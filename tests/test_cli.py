@@ -6,8 +6,11 @@ from kdreid.cli import main
 
 
 def test_version_from_console_script():
-    result = subprocess.run([sys.executable, "-m", "kdreid.cli", "--version"], capture_output=True, text=True)
-    assert result.returncode == 0 and result.stdout.strip() == f"kdreid {__version__}"
+    for module in ("kdreid.cli", "kdreid"):  # `python -m kdreid` is the command too
+        result = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True)
+        assert result.returncode == 0 and result.stdout.strip() == f"kdreid {__version__}", module
+    result = subprocess.run([sys.executable, "-m", "kdreid", "evaluate"], capture_output=True, text=True)
+    assert result.returncode == 2 and "required" in result.stderr  # its exit code reaches the shell
 
 
 def test_no_command_is_a_usage_error(capsys):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdreid.errors import DatasetError, EvaluationError, KdreidError
+from kdreid.errors import DatasetError, EvaluationError, KdreidError, why_not_a_file
 from kdreid.evaluation.distance import METRICS
 from kdreid.models.weights import model_kind
 from kdreid.rundir import atomic_write_bytes, refuse_folder
@@ -67,7 +67,8 @@ def open_embedder(path: str | Path, *, arch: str | None = None, flip: bool = Fal
     input size (default: the one the checkpoint records, else 256 x 128); an exported file takes only its own."""
     path = Path(path)
     if not path.is_file():
-        raise KdreidError(f"model file {path} does not exist; pass a kdreid checkpoint or an exported .onnx file")
+        raise KdreidError(f"model file {path} {why_not_a_file(path)}; pass a kdreid checkpoint or an exported .onnx "
+                          "file")
     kind = model_kind(path)
     if kind == "onnx":
         return _onnx_embedder(path, flip, batch_size, height, width)
@@ -247,7 +248,7 @@ class FeatureFile:
 def load_features(path: str | Path) -> FeatureFile:
     path = Path(path)
     if not path.is_file():
-        raise EvaluationError(f"features file {path} does not exist; write one with `kdreid extract`")
+        raise EvaluationError(f"features file {path} {why_not_a_file(path)}; write one with `kdreid extract`")
     try:
         with np.load(path, allow_pickle=False) as data:
             if "format" not in data.files or str(data["format"]) != FEATURES_FORMAT:

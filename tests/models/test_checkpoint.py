@@ -87,8 +87,13 @@ def test_truncated_file(tmp_path):
     with pytest.raises(CheckpointError, match="cut.pt: unreadable .*truncated") as error:
         load_checkpoint(tmp_path / "cut.pt")
     assert "\n" not in str(error.value)
-    with pytest.raises(CheckpointError, match="no such file"):
+    with pytest.raises(CheckpointError, match="absent.pt does not exist"):
         load_checkpoint(tmp_path / "absent.pt")
+    run = tmp_path / "run"  # --teachers RUN instead of RUN/model.pt: the file to pass is named
+    run.mkdir()
+    (run / "model.pt").write_bytes(data)
+    with pytest.raises(CheckpointError, match=f"run is a folder, not a file; its model is {run / 'model.pt'}$"):
+        load_checkpoint(run)
 
 
 class Payload:

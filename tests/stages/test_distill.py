@@ -160,6 +160,7 @@ def test_distill_end_to_end_with_two_teachers_of_different_architectures(three_d
     # The fixture's teachers come from source training: the stage says so (and trains).
     log = (out / "log.txt").read_text()
     assert f"teacher {checkpoints['t_duke']} comes from the source stage, not adapt" in log
+    assert "no --student-init" not in log
     student = load_checkpoint(out / "model.pt")
     assert student.arch == "osnet_tiny"
     assert student.kdreid_meta["extra"]["stage"] == "distill"
@@ -270,6 +271,14 @@ def test_every_head_of_a_multi_head_student_trains(three_domains, checkpoints, t
         assert head.weight.shape == initial.shape and not torch.allclose(head.weight, initial)
     losses = json.loads((out / "metrics.json").read_text())["epochs"][0]["losses"]
     assert {"ce", "triplet", "mmd_within", "mmd_between", "mmd_features"} <= set(losses)
+
+
+def test_a_student_without_source_training_is_named(three_domains, checkpoints, tmp_path):
+    args = _distill_args(three_domains, checkpoints, tmp_path / "kd", "--epochs", "1")
+    at = args.index("--student-init")
+    assert main(args[:at] + args[at + 2:]) == 0
+    assert ("no --student-init: the student starts from random weights, not from a source-trained model"
+            in (tmp_path / "kd" / "log.txt").read_text())
 
 
 def test_multi_head_with_one_target_keeps_the_single_head(three_domains, checkpoints, tmp_path):

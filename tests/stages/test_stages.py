@@ -175,6 +175,15 @@ def test_before_dmmd_starts_the_target_forward_keeps_no_graph_but_moves_batchnor
     assert all(second_epoch)  # D-MMD on: the target batch is in the loss
     # The graph-free target forward still updates the BatchNorm statistics (the original's mild AdaBN).
     assert not torch.equal(batchnorm_means[0], batchnorm_means[1])
+    assert "D-MMD never runs" not in (out / "log.txt").read_text()
+
+
+def test_a_dmmd_start_after_the_last_epoch_is_named(source_run, synth_root, tmp_path, capsys):
+    out = tmp_path / "no-dmmd"
+    assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", str(source_run / "model.pt"),
+                 "--root", str(synth_root), "--out", str(out), *TINY, "--epochs", "1", "--dmmd-start", "1"]) == 0
+    assert ("--dmmd-start 1 >= --epochs 1: D-MMD never runs, so this run only fine-tunes on the source; lower "
+            "--dmmd-start or raise --epochs") in (out / "log.txt").read_text()
 
 
 def test_adapt_minimises_only_the_chosen_dmmd_terms(source_run, synth_root, tmp_path):

@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from kdreid import distributed
-from kdreid.errors import CheckpointError, EvaluationError
+from kdreid.errors import CheckpointError, EvaluationError, why_not_a_file
 from kdreid.evaluation.distance import compute_distance_matrix
 from kdreid.evaluation.ranking import RankResult, evaluate
 from kdreid.evaluation.rerank import re_ranking_features
@@ -56,7 +56,7 @@ def load_model(path: str | Path, arch: str | None = None) -> nn.Module:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"model file {path} does not exist; pass the model.pt a kdreid run wrote")
+        raise CheckpointError(f"model file {path} {why_not_a_file(path)}; pass the model.pt a kdreid run wrote")
     content = read_file(path)
     if isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT:
         return load_checkpoint(path, arch=arch)

@@ -24,7 +24,7 @@ from typing import IO, Mapping
 import torch
 from torch import nn
 
-from kdreid.errors import CheckpointError, ModelError
+from kdreid.errors import CheckpointError, ModelError, why_not_a_file
 from kdreid.models.heads import head_key
 
 log = logging.getLogger("kdreid.models")
@@ -84,7 +84,7 @@ def read_file(path: str | Path) -> object:
     models of another kind (ONNX, TorchScript, a run's training state) are named as such."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path} {why_not_a_file(path)}")
     kind = model_kind(path)
     if kind != "checkpoint":
         raise CheckpointError(

@@ -145,6 +145,9 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         f"from epoch {config.dmmd_start + 1}, weight {config.dmmd_weight}; "
         f"BatchNorm sees {train.batch_size} images per forward"
     )
+    if config.dmmd_start >= train.epochs:
+        log.warning(f"--dmmd-start {config.dmmd_start} >= --epochs {train.epochs}: D-MMD never runs, so this run only "
+                    "fine-tunes on the source; lower --dmmd-start or raise --epochs")
     optimizer = build_optimizer(model.parameters(), train.optim)
     _save_histograms(run_dir.path / "distances_before.npz", model, source_records, target_records, config, device)
 

@@ -340,6 +340,11 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         f"lda {config.lda_weight}, teachers in {config.teacher_mode} mode; "
         f"{batches_per_epoch} optimiser steps per epoch"
     )
+    if not config.student_init:
+        start_weights = {"none": "random weights", "imagenet": "ImageNet weights"}.get(config.pretrained,
+                                                                                     config.pretrained)
+        log.warning(f"no --student-init: the student starts from {start_weights}, not from a source-trained model "
+                    "(KD-ReID's student is trained on the source first: pass --student-init SOURCE_RUN/model.pt)")
     if config.multi_head and config.lda_weight == 0:
         log.warning("--multi-head without --lda-weight: no loss reaches the classifiers, so the heads stay as they are")
     optimizer = build_optimizer(list(student.parameters()) + list(projectors.parameters()), train.optim)

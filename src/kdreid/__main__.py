@@ -1,0 +1,7 @@
+"""`python -m kdreid ...`: the `kdreid` command, for environments where its script is not on PATH."""
+
+import sys
+
+from kdreid.cli import main
+
+sys.exit(main())
