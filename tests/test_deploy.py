@@ -5,6 +5,7 @@ features file)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,3 +245,20 @@ def test_an_exported_file_takes_only_its_own_size(workdir, tmp_path, capsys):
                  "--height", "64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "takes 48x24 images (its export size), not 64x24" in err[0]
+
+
+def test_search_warns_when_query_and_gallery_are_embedded_otherwise(workdir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)  # relative --images: the file still records paths that open from anywhere
+    gallery = tmp_path / "g.npz"
+    assert main(["extract", "--model", "tiny.pt", "--images", "images", "--out", str(gallery),
+                 "--batch-size", "4"]) == 0
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in load_features(gallery).paths)
+    capsys.readouterr()
+    query = workdir / "images" / MARKET_NAMES[2]
+    assert main(["search", "--gallery", str(gallery), "--query", str(query), "--topk", "1"]) == 0
+    assert "warning" not in capsys.readouterr().err  # embedded as the gallery was
+    assert main(["search", "--gallery", str(gallery), "--query", str(query), "--topk", "1", "--flip",
+                 "--height", "32", "--width", "16"]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "kdreid: warning: the query images are embedded with flip-averaging, the gallery without; at 32x16, the "
+        "gallery at 64x32: distances mix two embeddings; embed both the same way (--flip, --height/--width)"]

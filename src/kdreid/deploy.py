@@ -6,7 +6,7 @@
     index = FeatureIndex(load_features("gallery.npz").features, metric="euclidean")
     distances, indices = index.search(query_features, k=10)   # (Q, k) each, nearest first
 
-A features file is a NumPy `.npz`: `features` (N, D) float32 (not L2-normalised), `paths` (N,) str, `pids` and
+A features file is a NumPy `.npz`: `features` (N, D) float32 (not L2-normalised), `paths` (N,) str (absolute), `pids` and
 `camids` (N,) int64 (-1 when the file name is not Market-style `PID_cCAM...`), and what made it: `model`,
 `flip`, `height`, `width`, `format` = "kdreid-features".
 
@@ -226,7 +226,8 @@ def save_features(path: str | Path, extracted: Extracted, embedder: Embedder) ->
     """Write a features file (.npz) atomically."""
     buffer = io.BytesIO()
     np.savez(buffer, format=FEATURES_FORMAT, features=extracted.features.astype(np.float32),
-             paths=np.array(extracted.paths, dtype=str), pids=extracted.pids, camids=extracted.camids,
+             # Absolute: a search run from another folder still names images that can be opened.
+             paths=np.array([str(Path(p).resolve()) for p in extracted.paths], dtype=str), pids=extracted.pids, camids=extracted.camids,
              model=str(Path(embedder.source).resolve()), flip=embedder.flip, height=embedder.height,
              width=embedder.width)
     atomic_write_bytes(path, buffer.getvalue())
@@ -371,6 +372,20 @@ def extract_command(args) -> int:
     return 0
 
 
+def _warn_if_embedded_otherwise(flip: bool, size: tuple[int, int], gallery: FeatureFile, query: str) -> None:
+    """Query and gallery features embedded otherwise (flip-averaged or not, another input size) are not
+    comparable at full accuracy: the ranking still runs, with a warning that names the difference."""
+    differences = []
+    if flip != gallery.flip:
+        differences.append(f"{'with' if flip else 'without'} flip-averaging, the gallery "
+                           f"{'with' if gallery.flip else 'without'}")
+    if tuple(size) != (gallery.height, gallery.width):
+        differences.append(f"at {size[0]}x{size[1]}, the gallery at {gallery.height}x{gallery.width}")
+    if differences:
+        print(f"kdreid: warning: {query} {'; '.join(differences)}: distances mix two embeddings; embed both the "
+              "same way (--flip, --height/--width)", file=sys.stderr)
+
+
 def search_command(args) -> int:
     """`kdreid search`: for each query image (or features file row), the ranked gallery paths and distances."""
     gallery = load_features(args.gallery)
@@ -378,6 +393,7 @@ def search_command(args) -> int:
     if query_path.suffix == ".npz" and query_path.is_file():
         query = load_features(query_path)
         query_features, query_paths = query.features, query.paths
+        _warn_if_embedded_otherwise(query.flip, (query.height, query.width), gallery, f"{args.query} was extracted")
     else:
         model = args.model or gallery.model
         if not model or not Path(model).is_file():
@@ -386,6 +402,8 @@ def search_command(args) -> int:
         # Query images are embedded as the gallery was (its size and flip) unless the flags say otherwise.
         embedder = open_embedder(model, arch=args.arch, flip=gallery.flip if args.flip is None else args.flip,
                                  height=args.height or gallery.height, width=args.width or gallery.width)
+        _warn_if_embedded_otherwise(embedder.flip, (embedder.height, embedder.width), gallery,
+                                    "the query images are embedded")
         extracted = extract_paths(embedder, list_images(query_path))
         for path, why in extracted.skipped:
             print(f"kdreid: skipped {path}: {why}", file=sys.stderr)
