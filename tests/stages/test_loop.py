@@ -31,7 +31,8 @@ def _train(tmp_path, *, epochs=3, resume=False, interrupt_at=None, nan_at=None, 
     def evaluate(epoch):
         evaluations.append(epoch)
         # A fake validation curve that peaks at epoch 2 (1-based), to exercise selection.
-        return {"source-val": {"mAP": [10.0, 30.0, 20.0][epoch]}, "t": {"mAP": 1.0 + epoch, "rank1": 2.0}}
+        return {"source-val": {"mAP": [10.0, 30.0, 20.0][epoch]}, "t": {"mAP": 1.0 + epoch, "rank1": 2.0},
+                "target-clusters": {"score": -100.0}}  # fewer than two clusters every time
 
     result = fit(run=RunDir(tmp_path / name), config=config, stage_config=config, modules={"model": model},
                  optimizer=optimizer, batches_per_epoch=5, train_step=step, evaluate=evaluate, resume=resume)
@@ -74,6 +75,16 @@ def test_source_val_selection_restores_the_best_epoch(tmp_path):
     model, result, _ = _train(tmp_path, select="source-val")
     assert result.selected_epoch == 2 and "epoch 2" in result.selection
     assert result.final["t"]["mAP"] == 2.0
+
+
+def test_a_selection_whose_evaluations_all_tie_says_it_kept_the_first(tmp_path):
+    _, result, _ = _train(tmp_path, select="target-clusters")
+    assert result.selected_epoch == 1
+    assert ("--select target-clusters: all 3 evaluations scored -100.0 (fewer than two DBSCAN clusters formed at "
+            "every evaluation), so none was better; the model is epoch 1's, the first evaluated"
+            in (tmp_path / "run" / "log.txt").read_text())
+    _train(tmp_path, select="source-val", name="chosen")
+    assert "none was better" not in (tmp_path / "chosen" / "log.txt").read_text()
 
 
 def test_learning_rate_schedules():

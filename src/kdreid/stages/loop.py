@@ -361,12 +361,27 @@ def _train(
     if channels_last:
         to_memory_format(modules.values(), torch.contiguous_format)
 
+    _warn_if_no_epoch_scored_apart(config.select, history, best["epoch"], log)
     if config.select != "last" and best["state"] is not None:
         model.load_state_dict(best["state"])
     selection = SELECTION_RULES[config.select]
     if config.select != "last":
         selection += f" (epoch {best['epoch']})"
     return FitResult(final=best["metrics"], epochs=history, selection=selection, selected_epoch=best["epoch"])
+
+
+def _warn_if_no_epoch_scored_apart(select: str, history: list[dict], kept: int, log) -> None:
+    """A selection whose every evaluation gave the same score (target-clusters gives -100 whenever fewer than two
+    clusters form) chose nothing: it kept its first epoch. Said, rather than reported as a choice."""
+    if select not in SELECTION_SCORES:
+        return
+    entry_name, key = SELECTION_SCORES[select]
+    scores = [entry["metrics"].get(entry_name, {}).get(key) for entry in history if "metrics" in entry]
+    if len(scores) > 1 and len(set(scores)) == 1:
+        hint = (" (fewer than two DBSCAN clusters formed at every evaluation)"
+                if select == "target-clusters" and scores[0] == -100 else "")
+        log.warning(f"--select {select}: all {len(scores)} evaluations scored {scores[0]}{hint}, so none was "
+                    f"better; the model is epoch {kept}'s, the first evaluated")
 
 
 def checkpoint_file(run_path: Path) -> Path:
