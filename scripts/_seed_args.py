@@ -9,6 +9,7 @@ keep working, and a note says they have no effect.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -105,7 +106,8 @@ def run_main(body: Callable[[argparse.Namespace], str], parser: argparse.Argumen
     try:
         out = body(args)
     except KdreidError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        message = re.sub(r"--root\b", "-data-dir", str(error))  # kdreid's flag, in this script's spelling
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     print(f"run folder: {out}")
     return 0

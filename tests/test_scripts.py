@@ -132,6 +132,14 @@ def test_teacher_count_mismatch_is_one_line(script, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_missing_data_dir_is_named_by_the_scripts_own_flag(tmp_path, capsys):
+    code = _script("source_training.py").main(["-ds", "synth_msmt", "-a", "osnet_tiny", "-data-dir",
+                                                str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), *TINY])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert lines[0].endswith("does not exist; pass the parent folder of the datasets with -data-dir"), lines[0]
+
+
 def test_scripts_answer_help_with_the_original_flags():
     for name, flags in (("source_training.py", ["-ds", "-a", "-data-dir", "--new-cuhk"]),
                         ("DMMD.py", ["-dt", "-mp"]),
