@@ -4,6 +4,7 @@ selection, and the precedence of presets, --config sections and CLI flags."""
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ from kdreid.cli import main
 from kdreid.config import dump_yaml
 from kdreid.errors import DatasetError
 from kdreid.stages import pipeline
+from kdreid.stages.data import DATASETS_FILE, dataset_fingerprint, load_datasets
 from kdreid.stages.presets import PRESETS
 
 TARGETS = ["synth_duke", "synth_cuhk"]
@@ -187,3 +189,35 @@ def test_a_preset_named_in_the_config_file_applies_its_pipeline_section(tmp_path
     # --preset wins over the file's.
     config = _resolved_by_cli(tmp_path, monkeypatch, {"preset": "quick"}, "--preset", "paper")
     assert config.preset == "paper" and config.teacher_arch == "resnet50"
+
+
+def test_a_stage_whose_datasets_changed_is_trained_again_but_not_one_whose_data_moved(three_domains, tmp_path):
+    """Data regenerated or re-extracted under the same names used to keep every finished stage (and its old
+    numbers); each stage now records its datasets' files (datasets.json), and only content counts, not place."""
+    shutil.copytree(three_domains, tmp_path / "data")  # a private copy (the fixture's links followed)
+
+    def config(root):
+        return pipeline.PipelineConfig(sources=["synth_msmt"], targets=TARGETS, teacher_arch="resnet_tiny",
+                                       student_arch="osnet_tiny", root=str(root), out=str(tmp_path / "run"),
+                                       preset="quick")
+
+    configs = pipeline.stage_configs(config(tmp_path / "data"))
+    _finish(configs)
+    for stage_config in configs.values():  # what begin_stage records
+        names = [*stage_config.sources, *stage_config.targets]
+        datasets = load_datasets(names, stage_config.data.root)
+        (Path(stage_config.out) / DATASETS_FILE).write_text(json.dumps(
+            {d.name: dataset_fingerprint(d, stage_config.data.root) for d in datasets}))
+    assert set(_actions(config(tmp_path / "data")).values()) == {"done"}
+
+    (tmp_path / "data").rename(tmp_path / "moved")
+    assert set(_actions(config(tmp_path / "moved")).values()) == {"done"}
+
+    image = next((tmp_path / "moved" / "synth_cuhk" / "bounding_box_test").glob("*.jpg"))
+    image.write_bytes(image.read_bytes() + b"\0")  # re-extracted: other bytes under the same name
+    actions = _actions(config(tmp_path / "moved"))
+    assert [name for name, action in actions.items() if action == "fresh"] == [
+        "teacher_synth_cuhk", "blend", "distill"]
+    state = pipeline.stage_state(pipeline.stage_configs(config(tmp_path / "moved"))["blend"])
+    assert state.reason == (f"dataset synth_cuhk under {tmp_path / 'moved'} holds other files than it was trained "
+                            "on (regenerated or re-extracted)")

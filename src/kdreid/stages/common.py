@@ -20,8 +20,8 @@ from kdreid.data.samplers import groups_per_rank
 from kdreid.errors import ConfigError, KdreidError
 from kdreid.evaluation.features import evaluate_model, extract_features
 from kdreid.models import save_checkpoint
-from kdreid.rundir import RunDir, atomic_write_text
-from kdreid.stages.data import hold_out_validation, load_datasets
+from kdreid.rundir import RunDir, atomic_write_text, write_json
+from kdreid.stages.data import DATASETS_FILE, dataset_fingerprint, hold_out_validation, load_datasets
 from kdreid.stages.pseudo_labels import PseudoLabelConfig, cluster_quality
 from kdreid.stages.loop import (
     FitResult, TrainConfig, check_resumed_settings, checkpoint_file, refuse_occupied, results_table, seed_everything,
@@ -140,7 +140,7 @@ class StageStart:
 
 
 # What a stage writes before its training begins (init.pt: the seed script DMMD.py's converted start weights).
-SETUP_FILES = frozenset({"config.yaml", "log.txt", "init.pt"})
+SETUP_FILES = frozenset({"config.yaml", "log.txt", "init.pt", DATASETS_FILE})
 
 
 def removes_its_folder_on_setup_error(run):
@@ -192,6 +192,9 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     options = {name: config.data.reader_options(name) for name in [*config.sources, *config.targets]}
     sources = load_datasets(config.sources, config.data.root, options)
     targets = load_datasets(config.targets, config.data.root, options)
+    if distributed.is_main():
+        write_json(run.path / DATASETS_FILE,
+                   {dataset.name: dataset_fingerprint(dataset, config.data.root) for dataset in sources + targets})
     return StageStart(run, log, device, sources, targets)
 
 

@@ -3,6 +3,8 @@ uint8 image cache and P×K batches drawn from it onto the training device."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -20,6 +22,24 @@ from kdreid.stages.speed import host_to_device
 
 def load_datasets(names: Sequence[str], root: str, options: dict | None = None) -> list[ReidDataset]:
     return [build_dataset(name, root, **(options or {}).get(name, {})) for name in names]
+
+
+# A stage records the content of the datasets it read here (RUN/datasets.json), so that `kdreid pipeline` does not
+# reuse a stage trained on data that were since regenerated or re-extracted under the same names.
+DATASETS_FILE = "datasets.json"
+
+
+def dataset_fingerprint(dataset: ReidDataset, root: str) -> str:
+    """A dataset's content, without reading its images: SHA-256 over every split's image paths (relative to
+    `root`, so a moved or copied data folder keeps it), labels and file sizes. Regenerated or re-extracted
+    images change it (JPEG sizes follow the pixels); the same files elsewhere do not."""
+    digest = hashlib.sha256()
+    for split in ("train", "query", "gallery"):
+        for record in getattr(dataset, split):
+            line = (f"{split}\t{os.path.relpath(record.path, root)}\t{record.pid}\t{record.camid}\t{record.tracklet}"
+                    f"\t{os.stat(record.path).st_size}\n")
+            digest.update(line.encode())
+    return digest.hexdigest()[:16]
 
 
 def combine_train(datasets: Sequence[ReidDataset], combineall: bool = False) -> list[ImageRecord]:

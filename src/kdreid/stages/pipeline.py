@@ -9,7 +9,8 @@ KD-ReID student, each stage in its own folder under RUN/stages/, then one table 
 
 A stage is reused, make-style, when its folder holds `model.pt`, the `config.yaml` saved there agrees with the
 config it would run now on every setting that decides its weights (see `loop.changes_weights`; the paths of its
-input models may differ), and its model is newer than the models it starts from; a folder with a training
+input models may differ), its model is newer than the models it starts from, and its datasets hold the files
+it was trained on (`datasets.json`: paths, labels and sizes; a moved data folder keeps them); a folder with a training
 checkpoint but no `model.pt` (a crash) is resumed; anything else there is stale and trained again, after a log
 line that says why.
 """
@@ -33,7 +34,7 @@ from kdreid.models import count_macs, load_checkpoint
 from kdreid.rundir import RunDir, atomic_write_bytes, atomic_write_text, write_json
 from kdreid.stages import adapt, distill, source
 from kdreid.stages.common import evaluate_datasets
-from kdreid.stages.data import load_datasets
+from kdreid.stages.data import DATASETS_FILE, dataset_fingerprint, load_datasets
 from kdreid.stages.loop import SELECTION_RULES, changed_settings, changes_weights, checkpoint_file, select_device
 from kdreid.stages.presets import resolve_config
 
@@ -191,6 +192,24 @@ def _newer_inputs(path: Path, inputs: list[Path]) -> list[Path]:
     return [p for p in inputs if p.exists() and p.stat().st_mtime_ns > mtime]
 
 
+def _changed_datasets(recorded_file: Path, stage_config) -> list[str]:
+    """The datasets whose content differs from what the stage recorded when it ran (a stage from before the
+    record existed is taken as it is)."""
+    try:
+        recorded = json.loads(recorded_file.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    data = stage_config.data
+    changed = []
+    for name, fingerprint in recorded.items():
+        dataset = load_datasets([name], data.root, {name: data.reader_options(name)})[0]
+        if dataset_fingerprint(dataset, data.root) != fingerprint:
+            changed.append(name)
+    return changed
+
+
 @dataclass
 class StageState:
     action: str  # "done" (reuse), "resume" (interrupted, same weight settings and inputs) or "fresh" (train anew)
@@ -216,6 +235,10 @@ def stage_state(stage_config) -> StageState:
     newer = _newer_inputs(model if finished else checkpoint, stage_inputs(stage_config))
     if newer:
         return StageState("fresh", f"its input {newer[0]} was trained again after it")
+    changed = _changed_datasets(folder / DATASETS_FILE, stage_config)
+    if changed:
+        return StageState("fresh", f"dataset {changed[0]} under {stage_config.data.root} holds other files than it "
+                                   "was trained on (regenerated or re-extracted)")
     if finished:
         # A reused model keeps the numbers it measured: evaluation settings changed since are named here.
         ignored = f"; ignoring {_describe(changes)}" if changes else ""
