@@ -6,9 +6,9 @@
     index = FeatureIndex(load_features("gallery.npz").features, metric="euclidean")
     distances, indices = index.search(query_features, k=10)   # (Q, k) each, nearest first
 
-A features file is a NumPy `.npz`: `features` (N, D) float32 (not L2-normalised), `paths` (N,) str (absolute), `pids` and
-`camids` (N,) int64 (-1 when the file name is not Market-style `PID_cCAM...`), and what made it: `model`,
-`flip`, `height`, `width`, `format` = "kdreid-features".
+A features file is a NumPy `.npz`: `features` (N, D) float32 (not L2-normalised), `paths` (N,) str (absolute),
+`pids` and `camids` (N,) int64 (-1 when the file name is not Market-style `PID_cCAM...`), and what made it:
+`model`, `flip`, `height`, `width`, `format` = "kdreid-features".
 
 Search is exact. Gallery norms are computed once when the index is built; a query is one matrix product per chunk
 of the gallery and a top-k, merged across chunks: one query against 1M 512-d features takes ~0.18 s on 2 loaded
@@ -227,7 +227,8 @@ def save_features(path: str | Path, extracted: Extracted, embedder: Embedder) ->
     buffer = io.BytesIO()
     np.savez(buffer, format=FEATURES_FORMAT, features=extracted.features.astype(np.float32),
              # Absolute: a search run from another folder still names images that can be opened.
-             paths=np.array([str(Path(p).resolve()) for p in extracted.paths], dtype=str), pids=extracted.pids, camids=extracted.camids,
+             paths=np.array([str(Path(p).resolve()) for p in extracted.paths], dtype=str),
+             pids=extracted.pids, camids=extracted.camids,
              model=str(Path(embedder.source).resolve()), flip=embedder.flip, height=embedder.height,
              width=embedder.width)
     atomic_write_bytes(path, buffer.getvalue())

@@ -153,19 +153,29 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
     return configs
 
 
-def check_datasets(configs: Mapping[str, Any], targets: list[str]) -> None:
+class DatasetFingerprints:
+    """Each dataset's `dataset_fingerprint` as the stages read it (root, reader options), computed once per
+    pipeline call: listing and statting MSMT17's 126k files takes seconds, and seven stages ask."""
+
+    def __init__(self):
+        self._known: dict[tuple, str] = {}
+
+    def of(self, name: str, data) -> str:
+        options = data.reader_options(name)
+        key = (name, data.root, tuple(sorted(options.items())))
+        if key not in self._known:
+            dataset = load_datasets([name], data.root, {name: options})[0]  # DatasetError when missing or unreadable
+            self._known[key] = dataset_fingerprint(dataset, data.root)
+        return self._known[key]
+
+
+def check_datasets(configs: Mapping[str, Any], targets: list[str], fingerprints: DatasetFingerprints) -> None:
     """Parse every source and target the stages read, with each stage's reader options, so that a missing or
     unreadable dataset stops the pipeline before hours of training rather than at the first stage that needs it.
     The source stages name no target, but the pipeline evaluates them on every target afterwards."""
-    checked = set()
     for stage_config in configs.values():
-        data = stage_config.data
         for name in dict.fromkeys([*stage_config.sources, *stage_config.targets, *targets]):
-            options = data.reader_options(name)
-            key = (name, data.root, tuple(sorted(options.items())))
-            if key not in checked:
-                load_datasets([name], data.root, {name: options})
-                checked.add(key)
+            fingerprints.of(name, stage_config.data)
 
 
 def stage_inputs(stage_config) -> list[Path]:
@@ -192,7 +202,7 @@ def _newer_inputs(path: Path, inputs: list[Path]) -> list[Path]:
     return [p for p in inputs if p.exists() and p.stat().st_mtime_ns > mtime]
 
 
-def _changed_datasets(recorded_file: Path, stage_config) -> list[str]:
+def _changed_datasets(recorded_file: Path, stage_config, fingerprints: DatasetFingerprints) -> list[str]:
     """The datasets whose content differs from what the stage recorded when it ran (a stage from before the
     record existed is taken as it is)."""
     try:
@@ -201,13 +211,7 @@ def _changed_datasets(recorded_file: Path, stage_config) -> list[str]:
         return []
     if not isinstance(recorded, dict):
         return []
-    data = stage_config.data
-    changed = []
-    for name, fingerprint in recorded.items():
-        dataset = load_datasets([name], data.root, {name: data.reader_options(name)})[0]
-        if dataset_fingerprint(dataset, data.root) != fingerprint:
-            changed.append(name)
-    return changed
+    return [name for name, fingerprint in recorded.items() if fingerprints.of(name, stage_config.data) != fingerprint]
 
 
 @dataclass
@@ -216,7 +220,7 @@ class StageState:
     reason: str  # why, for the log line
 
 
-def stage_state(stage_config) -> StageState:
+def stage_state(stage_config, fingerprints: DatasetFingerprints | None = None) -> StageState:
     folder = Path(stage_config.out)
     model = folder / "model.pt"
     # finish_stage writes model.pt, then metrics.json: a stage is finished when both are there.
@@ -235,7 +239,7 @@ def stage_state(stage_config) -> StageState:
     newer = _newer_inputs(model if finished else checkpoint, stage_inputs(stage_config))
     if newer:
         return StageState("fresh", f"its input {newer[0]} was trained again after it")
-    changed = _changed_datasets(folder / DATASETS_FILE, stage_config)
+    changed = _changed_datasets(folder / DATASETS_FILE, stage_config, fingerprints or DatasetFingerprints())
     if changed:
         return StageState("fresh", f"dataset {changed[0]} under {stage_config.data.root} holds other files than it "
                                    "was trained on (regenerated or re-extracted)")
@@ -251,15 +255,15 @@ RUNNERS: dict[type, Callable] = {
 }
 
 
-def run_stage(name: str, stage_config, log) -> tuple[dict, bool]:
+def run_stage(name: str, stage_config, log, fingerprints: DatasetFingerprints | None = None) -> tuple[dict, bool]:
     """Run one stage, or reuse it. -> (final metrics {dataset: {metric: percent}}, whether it trained)."""
     folder = Path(stage_config.out)
     # Under torchrun the main process decides for all: a process that looked at the folder after another had
     # begun writing to it would decide otherwise and wait in another collective (a deadlock).
     distributed.barrier()
     state, remove, finished = distributed.broadcast_object(
-        (stage_state(stage_config), folder.exists(), (folder / "model.pt").is_file()) if distributed.is_main()
-        else None
+        (stage_state(stage_config, fingerprints), folder.exists(), (folder / "model.pt").is_file())
+        if distributed.is_main() else None
     )
     if state.action == "done":
         log.info(f"stage {name}: reusing {folder / 'model.pt'} ({state.reason})")
@@ -420,7 +424,8 @@ def run(config: PipelineConfig) -> PipelineResult:
     """Run (or continue) the whole pipeline; see the module docstring for the folders and files."""
     config.validate()
     configs = stage_configs(config)  # every config error surfaces before any training
-    check_datasets(configs, config.targets)  # and every missing dataset
+    fingerprints = DatasetFingerprints()
+    check_datasets(configs, config.targets, fingerprints)  # and every missing dataset
     # Under torchrun every process runs this function; the first stage's device decides the backend, and only
     # the main process writes the pipeline's own files.
     distributed.init(next(iter(configs.values())).train.device)
@@ -440,7 +445,7 @@ def run(config: PipelineConfig) -> PipelineResult:
     finals: dict[str, dict] = {}
     ran, reused = [], []
     for name, stage_config in configs.items():
-        finals[name], trained = run_stage(name, stage_config, log)
+        finals[name], trained = run_stage(name, stage_config, log, fingerprints)
         (ran if trained else reused).append(name)
 
     targets = config.targets
