@@ -164,10 +164,10 @@ def main(argv=None) -> dict:
         rows = []
         original = pipeline.run_stage
 
-        def timed_stage(name, stage_config, log, *args):
+        def timed_stage(name, stage_config, log, *shared):
             # Each stage is reported as soon as it ends, so that a run cut short still says what it measured.
             started = time.perf_counter()
-            result = original(name, stage_config, log, *args)
+            result = original(name, stage_config, log, *shared)
             row = stage_row(name, stage_config, time.perf_counter() - started, args, train_images)
             rows.append(row)
             if args.json:  # so far: a run cut by its time limit keeps the stages it finished
