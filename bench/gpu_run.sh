@@ -64,8 +64,9 @@ step() {
   say "START $name (limit ${limit}s): $*"
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
-  # 124: timeout's own code; 137: killed after --kill-after; 143: a training loop that stopped on the SIGTERM.
-  local cut=""; case $rc in 124|137|143) cut=" (TIMED OUT at ${limit}s)";; esac
+  # 124: timeout's own code when it sent its SIGTERM (whatever the child then returned); 137: killed after
+  # --kill-after.
+  local cut=""; case $rc in 124|137) cut=" (TIMED OUT at ${limit}s)";; esac
   say "END $name: exit $rc$cut"
 }
 

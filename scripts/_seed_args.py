@@ -106,7 +106,9 @@ def run_main(body: Callable[[argparse.Namespace], str], parser: argparse.Argumen
     try:
         out = body(args)
     except KdreidError as error:
-        message = re.sub(r"--root\b", "-data-dir", str(error))  # kdreid's flag, in this script's spelling
+        # kdreid's messages name its --root flag; this script's is -data-dir (a `kdreid ...` command they quote
+        # keeps --root).
+        message = re.sub(r"(with |^|; )--root\b", r"\1-data-dir", str(error))
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     print(f"run folder: {out}")

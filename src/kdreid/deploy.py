@@ -226,8 +226,8 @@ def save_features(path: str | Path, extracted: Extracted, embedder: Embedder) ->
     """Write a features file (.npz) atomically."""
     buffer = io.BytesIO()
     np.savez(buffer, format=FEATURES_FORMAT, features=extracted.features.astype(np.float32),
-             # Absolute: a search run from another folder still names images that can be opened.
-             paths=np.array([str(Path(p).resolve()) for p in extracted.paths], dtype=str),
+             # Absolute (links kept as named): a search run from another folder names images that open.
+             paths=np.array([str(Path(p).absolute()) for p in extracted.paths], dtype=str),
              pids=extracted.pids, camids=extracted.camids,
              model=str(Path(embedder.source).resolve()), flip=embedder.flip, height=embedder.height,
              width=embedder.width)
@@ -250,7 +250,8 @@ class FeatureFile:
 def load_features(path: str | Path) -> FeatureFile:
     path = Path(path)
     if not path.is_file():
-        raise EvaluationError(f"features file {path} {why_not_a_file(path)}; write one with `kdreid extract`")
+        raise EvaluationError(f"features file {path} {why_not_a_file(path, model=False)}; write one with "
+                              "`kdreid extract`")
     try:
         with np.load(path, allow_pickle=False) as data:
             if "format" not in data.files or str(data["format"]) != FEATURES_FORMAT:

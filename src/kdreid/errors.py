@@ -32,13 +32,14 @@ class EvaluationError(KdreidError):
     """Inputs to an evaluation do not fit together (lengths, NaNs, empty sets)."""
 
 
-def why_not_a_file(path) -> str:
-    """Why `path` cannot be read as a file, for a message: "does not exist", or "is a folder, not a file" — with
-    the model.pt inside it to pass instead when the folder is a run's (a common slip: --model RUN)."""
+def why_not_a_file(path, model: bool = True) -> str:
+    """Why `path` cannot be read as a file, for a message: "does not exist", or "is a folder, not a file" — for a
+    `model` file with the model.pt inside it to pass instead when the folder is a run's (a common slip:
+    --model RUN)."""
     from pathlib import Path
 
     path = Path(path)
     if not path.is_dir():
         return "does not exist"
     inside = path / "model.pt"
-    return "is a folder, not a file" + (f"; its model is {inside}" if inside.is_file() else "")
+    return "is a folder, not a file" + (f"; its model is {inside}" if model and inside.is_file() else "")

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from kdreid.cli import main
@@ -221,3 +222,36 @@ def test_a_stage_whose_datasets_changed_is_trained_again_but_not_one_whose_data_
     state = pipeline.stage_state(pipeline.stage_configs(config(tmp_path / "moved"))["blend"])
     assert state.reason == (f"dataset synth_cuhk under {tmp_path / 'moved'} holds other files than it was trained "
                             "on (regenerated or re-extracted)")
+
+
+def test_the_cached_evaluation_on_every_target_is_redone_when_a_target_changed(three_domains, tmp_path, monkeypatch):
+    """teacher_synth_duke is reused when synth_cuhk changes, but its synth_cuhk numbers must not be the old data's."""
+    shutil.copytree(three_domains, tmp_path / "data")
+    configs = pipeline.stage_configs(pipeline.PipelineConfig(
+        sources=["synth_msmt"], targets=TARGETS, teacher_arch="resnet_tiny", student_arch="osnet_tiny",
+        root=str(tmp_path / "data"), out=str(tmp_path / "run"), preset="quick"))
+    _finish(configs)
+    evaluated = []
+    monkeypatch.setattr(pipeline, "load_checkpoint", lambda path: torch.nn.Identity())
+    monkeypatch.setattr(pipeline, "evaluate_datasets", lambda model, datasets, *rest: evaluated.append(
+        [d.name for d in datasets]) or {d.name: {"mAP": float(len(evaluated))} for d in datasets})
+    log, _ = _logger()
+
+    def evaluate():
+        return pipeline.evaluate_on_targets("teacher_synth_duke", configs["teacher_synth_duke"], TARGETS, log,
+                                            pipeline.DatasetFingerprints())
+
+    assert evaluate()["synth_cuhk"] == {"mAP": 1.0}
+    assert evaluate()["synth_cuhk"] == {"mAP": 1.0} and len(evaluated) == 1  # cached
+    image = next((tmp_path / "data" / "synth_cuhk" / "bounding_box_test").glob("*.jpg"))
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert evaluate()["synth_cuhk"] == {"mAP": 2.0} and len(evaluated) == 2
+
+
+def test_a_fingerprint_does_not_depend_on_how_the_root_is_spelled(three_domains, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(three_domains.parent))
+    spelled = f"~/{three_domains.name}"
+    expected = dataset_fingerprint(load_datasets(["synth_cuhk"], str(three_domains))[0], str(three_domains))
+    for cwd in (tmp_path, three_domains):
+        monkeypatch.chdir(cwd)
+        assert dataset_fingerprint(load_datasets(["synth_cuhk"], spelled)[0], spelled) == expected

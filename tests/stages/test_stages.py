@@ -11,6 +11,7 @@ from kdreid.errors import CheckpointError, ConfigError, DatasetError
 from kdreid.losses import dmmd_terms
 from kdreid.models import load_checkpoint
 from kdreid.stages import adapt
+from kdreid.stages.data import dataset_fingerprint
 from kdreid.stages.presets import resolve_config
 
 TINY = ["--epochs", "2", "--batch-size", "16", "--num-instances", "4", "--height", "64", "--width", "32",
@@ -25,7 +26,10 @@ def source_run(synth_root, tmp_path_factory):
     return out
 
 
-def test_source_run_writes_its_folder(source_run):
+def test_source_run_writes_its_folder(source_run, synth_root):
+    recorded = json.loads((source_run / "datasets.json").read_text())  # what `kdreid pipeline` compares
+    assert recorded == {name: dataset_fingerprint(build_dataset(name, synth_root), synth_root)
+                        for name in ("synth_msmt", "synth_duke")}
     metrics = json.loads((source_run / "metrics.json").read_text())
     assert set(metrics["final"]) == {"synth_msmt", "synth_duke"}
     assert set(metrics["final"]["synth_duke"]) == {"mAP", "rank1", "rank5", "rank10", "mINP"}
@@ -318,3 +322,25 @@ def test_adapt_with_pseudo_labels_clusters_the_target(source_run, synth_root, tm
     with pytest.raises(DatasetError, match=r"^epoch 1: a batch of P=4 pseudo-labels needs at least that many, but "
                                            r"the data have 1; .*, or group the target by --grouping tracklet$"):
         adapt.run(config.__class__(**{**vars(config), "out": str(tmp_path / "few")}))
+
+
+def test_a_resumed_run_keeps_the_datasets_record_of_its_start(tmp_path, monkeypatch):
+    """Data regenerated between a crash and --resume: the model saw both, so its record stays the first one (a
+    pipeline then trains the stage again) and the log says so; a fresh run records what it reads."""
+    from types import SimpleNamespace
+
+    from kdreid.stages import common
+
+    current = {"synth_duke": "aaaa"}
+    monkeypatch.setattr(common, "dataset_fingerprint", lambda dataset, root: current[dataset.name])
+    warnings = []
+    log = SimpleNamespace(warning=warnings.append)
+    record, duke = tmp_path / "datasets.json", [SimpleNamespace(name="synth_duke")]
+    common._record_datasets(record, duke, "root", log, resuming=False)
+    current["synth_duke"] = "bbbb"
+    common._record_datasets(record, duke, "root", log, resuming=True)
+    assert json.loads(record.read_text()) == {"synth_duke": "aaaa"}
+    assert warnings == ["synth_duke hold other files than when this run began (regenerated or re-extracted); the "
+                        "run goes on, its datasets.json keeps the first ones"]
+    common._record_datasets(record, duke, "root", log, resuming=False)
+    assert json.loads(record.read_text()) == {"synth_duke": "bbbb"}

@@ -113,10 +113,10 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
 def check_input_size(model: nn.Module, height: int, width: int, flag: str = "--height/--width") -> None:
     """ModelError (one line) when `model` cannot take height × width images — its downsampling leaves no pixel —
-    found by one eval-mode forward of one image, before a stage writes anything or trains."""
+    found by one eval-mode forward of one image, before a stage writes anything or trains. Call it while the
+    model is on the CPU: there a RuntimeError naming a size is about the input, not memory or a driver."""
     was_training = model.training
     model.eval()
     try:
@@ -124,13 +124,16 @@ def check_input_size(model: nn.Module, height: int, width: int, flag: str = "--h
         with torch.no_grad():
             model(torch.zeros(1, 3, height, width, device=parameter.device, dtype=parameter.dtype))
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if "size" not in reason.lower():  # e.g. out of memory: not the input's fault
+            raise
         raise ModelError(f"{getattr(model, 'arch', type(model).__name__)} cannot take {height}x{width} images "
                          f"({reason}); choose a larger {flag} (re-ID models train at 256x128)") from None
     finally:
         model.train(was_training)
 
 
+@torch.no_grad()
 def count_macs(model: nn.Module, height: int = 256, width: int = 128) -> int:
     """Multiply-accumulates of one eval-mode forward of one image (convolutions and linear layers)."""
     total = 0

@@ -4,6 +4,7 @@ query/gallery splits, and the final files (`model.pt`, `metrics.json`, `results.
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,9 +194,27 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     sources = load_datasets(config.sources, config.data.root, options)
     targets = load_datasets(config.targets, config.data.root, options)
     if distributed.is_main():
-        write_json(run.path / DATASETS_FILE,
-                   {dataset.name: dataset_fingerprint(dataset, config.data.root) for dataset in sources + targets})
+        resuming = resume and checkpoint_file(run.path).exists()
+        _record_datasets(run.path / DATASETS_FILE, sources + targets, config.data.root, log, resuming)
     return StageStart(run, log, device, sources, targets)
+
+
+def _record_datasets(path: Path, datasets: Sequence[ReidDataset], root: str, log, resuming: bool) -> None:
+    """RUN/datasets.json: the content of the datasets the run trains on. A resumed run keeps the record of its
+    start: when the files changed since, the model saw both, and `kdreid pipeline` must not take it for one
+    trained on the new files (it trains the stage again)."""
+    now = {dataset.name: dataset_fingerprint(dataset, root) for dataset in datasets}
+    try:
+        before = json.loads(path.read_text()) if resuming else None
+    except (OSError, ValueError):
+        before = None
+    if isinstance(before, dict) and before:
+        changed = [name for name, fingerprint in now.items() if before.get(name, fingerprint) != fingerprint]
+        if changed:
+            log.warning(f"{', '.join(changed)} hold other files than when this run began (regenerated or "
+                        f"re-extracted); the run goes on, its {path.name} keeps the first ones")
+        return
+    write_json(path, now)
 
 
 def source_label_space(records: list[ImageRecord], init_model) -> tuple[list[ImageRecord], object]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -34,6 +35,7 @@ def dataset_fingerprint(dataset: ReidDataset, root: str) -> str:
     `root`, so a moved or copied data folder keeps it), labels and file sizes. Regenerated or re-extracted
     images change it (JPEG sizes follow the pixels); the same files elsewhere do not."""
     digest = hashlib.sha256()
+    root = str(Path(root).expanduser().absolute())  # as build_dataset made the records' paths
     for split in ("train", "query", "gallery"):
         for record in getattr(dataset, split):
             line = (f"{split}\t{os.path.relpath(record.path, root)}\t{record.pid}\t{record.camid}\t{record.tracklet}"

@@ -340,9 +340,8 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         f"lda {config.lda_weight}, teachers in {config.teacher_mode} mode; "
         f"{batches_per_epoch} optimiser steps per epoch"
     )
-    if not config.student_init:
-        start_weights = {"none": "random weights", "imagenet": "ImageNet weights"}.get(config.pretrained,
-                                                                                     config.pretrained)
+    if not config.student_init and config.pretrained in ("none", "imagenet"):  # a file may be source-trained
+        start_weights = "random weights" if config.pretrained == "none" else "ImageNet weights"
         log.warning(f"no --student-init: the student starts from {start_weights}, not from a source-trained model "
                     "(KD-ReID's student is trained on the source first: pass --student-init SOURCE_RUN/model.pt)")
     if config.multi_head and config.lda_weight == 0:

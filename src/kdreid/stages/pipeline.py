@@ -280,24 +280,25 @@ def run_stage(name: str, stage_config, log, fingerprints: DatasetFingerprints | 
     return result.final, True
 
 
-def evaluate_on_targets(name: str, stage_config, targets: list[str], log) -> dict:
+def evaluate_on_targets(name: str, stage_config, targets: list[str], log, fingerprints: DatasetFingerprints) -> dict:
     """A stage's model on every target (source stages evaluate on their sources, teachers on their own target
-    only), cached next to the model and recomputed when the model is newer."""
+    only), cached next to the model and recomputed when the model is newer or a target's files changed."""
     folder = Path(stage_config.out)
     cache = folder / "all_targets.json"
     model_path = folder / "model.pt"
+    data = stage_config.data
+    contents = {t: fingerprints.of(t, data) for t in targets}
     if cache.is_file() and not _newer_inputs(cache, [model_path]):
         cached = json.loads(cache.read_text())
-        if cached.get("targets") == targets:
+        if cached.get("targets") == targets and cached.get("datasets") == contents:
             return cached["metrics"]
     log.info(f"stage {name}: evaluating {model_path} on {', '.join(targets)}")
-    data = stage_config.data
     datasets = load_datasets(targets, data.root, {t: data.reader_options(t) for t in targets})
     device = select_device(stage_config.train.device)
     model = load_checkpoint(model_path).to(device)
     metrics = evaluate_datasets(model, datasets, stage_config.train, device, stage_config.eval, data)
     if distributed.is_main():
-        write_json(cache, {"targets": targets, "metrics": metrics})
+        write_json(cache, {"targets": targets, "datasets": contents, "metrics": metrics})
     distributed.barrier()
     return metrics
 
@@ -450,11 +451,11 @@ def run(config: PipelineConfig) -> PipelineResult:
 
     targets = config.targets
     teacher_all = {
-        t: evaluate_on_targets(f"teacher_{t}", configs[f"teacher_{t}"], targets, log) for t in targets
+        t: evaluate_on_targets(f"teacher_{t}", configs[f"teacher_{t}"], targets, log, fingerprints) for t in targets
     }
     for arch in dict.fromkeys([config.teacher_arch, config.student_arch]):
         name = f"source_{arch}"
-        finals[name] = {**finals[name], **evaluate_on_targets(name, configs[name], targets, log)}
+        finals[name] = {**finals[name], **evaluate_on_targets(name, configs[name], targets, log, fingerprints)}
 
     def on_targets(final: dict) -> dict:
         return {t: final[t] for t in targets if t in final}

@@ -80,10 +80,9 @@ def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
         f"{train.batch_size} images per forward on {device}"
     )
 
-    model = build_model(
-        config.arch, num_classes, pretrained=config.pretrained, last_stride=config.last_stride
-    ).to(device)
+    model = build_model(config.arch, num_classes, pretrained=config.pretrained, last_stride=config.last_stride)
     check_input_size(model, train.height, train.width)
+    model = model.to(device)
     distributed.sync_batchnorm(model)  # several processes: BatchNorm over the global batch
     batches = BatchSource(
         records, [r.pid for r in records], height=train.height, width=train.width, batch_size=train.batch_size,
