@@ -189,6 +189,11 @@ def _export_to_a_folder(tmp, monkeypatch):
     return ["export", "--model", _checkpoint(tmp, "m.pt"), "--format", "onnx", "--out", str(tmp / "exports")]
 
 
+def _evaluate_on_a_missing_gpu(tmp, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also where the tests run on a GPU machine
+    return _evaluate(tmp, _checkpoint(tmp, "m.pt"), "--device", "cuda")
+
+
 def _evaluate_into_a_training_run(tmp, monkeypatch):
     root, _ = _market(tmp)
     (tmp / "run").mkdir()
@@ -306,6 +311,10 @@ CASES = [
     Case("config file that is not valid YAML", _bad_yaml, "is not valid YAML"),
     Case("P×K batch larger than the data allow", _too_big_batch, "lower --batch-size or raise --num-instances"),
     Case("--out is a file", _out_is_a_file, "is a file, not a folder; choose another --out"),
+    Case("--device that is not a device", lambda tmp, monkeypatch: _train(tmp, _market(tmp)[0], "--device", "gpu"),
+         "--device 'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
+    Case("`evaluate --device cuda` without a GPU", _evaluate_on_a_missing_gpu,
+         "--device cuda asked for CUDA, but no GPU is visible; use --device cpu"),
     Case("images too small for the model", _images_too_small,
          "osnet_tiny cannot take 16x8 images (Given input size: (64x2x1). Calculated output size: (64x1x0). "
          "Output size is too small); choose a larger --height/--width"),

@@ -111,6 +111,46 @@ def test_single_stage_report_shows_what_it_has(tmp_path, tiny_model, rng, capsys
     assert "synth_duke: no ranked results (" in page.read_text()
 
 
+def test_ranked_pictures_rank_as_the_run_evaluated(tmp_path, tiny_domain, tiny_model, rng, monkeypatch):
+    """A run evaluated with cosine distances of flip-averaged features: its pictures must rank the same way."""
+    import kdreid.viz
+
+    run = tmp_path / "adapt"
+    _stage(run, "teacher D-MMD", histograms=False, rng=rng)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config.update(data={"root": str(tiny_domain)}, eval={"metric": "cosine", "flip": True})
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    shutil.copy(tiny_model, run / "model.pt")
+    drawn = []
+    monkeypatch.setattr(kdreid.viz, "visualize_ranked_results", lambda query, gallery, out, **kw: drawn.append(
+        (query.features, kw["metric"])) or [])
+    build_report(run, visrank=2, topk=3, device="cpu")
+    from kdreid.data.datasets import build_dataset
+    from kdreid.evaluation.features import extract_features, load_model
+
+    flipped = extract_features(load_model(tiny_model), build_dataset(TARGET, tiny_domain).query, flip=True)
+    assert len(drawn) == 1 and drawn[0][1] == "cosine" and np.allclose(drawn[0][0], flipped.features, atol=1e-5)
+
+
+def test_a_failed_report_leaves_the_previous_one_whole(tmp_path, tiny_model, rng, monkeypatch, capsys):
+    import kdreid.report as report
+
+    run = tmp_path / "adapt"
+    _stage(run, "teacher D-MMD", histograms=True, rng=rng)
+    assert main(["report", str(run), "--visrank", "0"]) == 0
+    before = _images(run / "report.html")
+
+    def broken(*args, **kwargs):
+        raise report.KdreidError("a stage's metrics.json is not valid JSON")
+
+    monkeypatch.setattr(report, "stage_section", broken)
+    assert main(["report", str(run), "--visrank", "0"]) == 2
+    assert before and all((run / picture).is_file() for picture in before)  # the old page still shows them
+    assert not (run / ".report.previous").exists()
+    assert main(["report", str(run), "--visrank", "-1"]) == 2
+    assert "--visrank must be 0 or more" in capsys.readouterr().err
+
+
 def test_evaluation_folder_report_includes_its_visrank_pictures(tiny_domain, tiny_model, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(tiny_model), "-t", TARGET, "--root", str(tiny_domain), "--device",

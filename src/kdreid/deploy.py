@@ -83,10 +83,10 @@ def _as_float(images: np.ndarray) -> torch.Tensor:
 
 def _checkpoint_embedder(path: Path, arch, flip: bool, batch_size: int, device, height: int | None,
                          width: int | None) -> Embedder:
-    from kdreid.evaluation.features import default_device, embed_batch, load_model, model_input_size
+    from kdreid.evaluation.features import embed_batch, load_model, model_input_size, pick_device
 
     model = load_model(path, arch)
-    device = torch.device(device) if device else default_device()
+    device = pick_device(device)
     model = model.eval().to(device)
     recorded_height, recorded_width = model_input_size(model)
     height, width = height or recorded_height, width or recorded_width

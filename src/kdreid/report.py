@@ -197,8 +197,10 @@ def stage_section(run: Path, folder: Path, pictures: Path, title: str) -> Sectio
 
 def ranked_results_section(run: Path, model_path: Path, targets: list[str], root: str | None, pictures: Path,
                            *, num_queries: int, topk: int, data_options: dict | None = None,
-                           device: str | None = None) -> Section:
-    """Ranked results of `model_path` on each target's query/gallery (features extracted here)."""
+                           device: str | None = None, eval_options: dict | None = None) -> Section:
+    """Ranked results of `model_path` on each target's query/gallery (features extracted here), with the
+    distance and flip-averaging the run evaluated with (`eval_options`, its config's `eval` section), so that the
+    pictures rank as the numbers beside them were measured."""
     from kdreid.data.datasets.base import build_dataset
     from kdreid.evaluation.features import extract_features, load_model
     from kdreid.viz import visualize_ranked_results
@@ -210,17 +212,21 @@ def ranked_results_section(run: Path, model_path: Path, targets: list[str], root
     if not root:
         section.blocks.append(_note("no ranked results: the run records no data root; pass --root DATA"))
         return section
+    metric = (eval_options or {}).get("metric", "euclidean")
+    flip = bool((eval_options or {}).get("flip", False))
     model = None
     for target in targets:
         try:
             options = (data_options or {}).get(target, {})
             dataset = build_dataset(target, root, **options)
             model = model or load_model(model_path)
-            features = {split: extract_features(model, getattr(dataset, split), device=device, batch_size=64)
+            features = {split: extract_features(model, getattr(dataset, split), device=device, batch_size=64,
+                                                flip=flip)
                         for split in ("query", "gallery")}
             pages = visualize_ranked_results(
                 features["query"], features["gallery"], pictures / "visrank", prefix=_safe_name(target),
-                num_queries=num_queries, topk=topk, title=f"{target}: {model_path.name}")
+                num_queries=num_queries, topk=topk, metric=metric,
+                title=f"{target}: {model_path.name}, {metric}{', flip-averaged' if flip else ''}")
         except KdreidError as error:
             section.blocks.append(_note(f"{target}: no ranked results ({error})"))
             continue
@@ -267,15 +273,33 @@ def _data_options(config: dict) -> dict:
 def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, root: str | None = None,
                  device: str | None = None) -> Path:
     """Write RUN/report.html and its pictures in RUN/report/; -> the page's path. `visrank` queries per target
-    in the ranked results (0: none), `root` overrides the data root the run recorded."""
-    from kdreid.viz import pipeline_bars
+    in the ranked results (0: none), `root` overrides the data root the run recorded.
 
+    A report is rebuilt whole (no picture of an older one lingers), but the older one stays until the new one is
+    written: its pictures are set aside and put back if building fails, so the page never points at nothing."""
     run = Path(run)
     kind = run_kind(run)
     pictures = run / PICTURES
+    previous = run / f".{PICTURES}.previous"
+    shutil.rmtree(previous, ignore_errors=True)
     if pictures.is_dir():
-        shutil.rmtree(pictures)  # a report is rebuilt whole: no picture of an older report lingers
+        pictures.rename(previous)
     pictures.mkdir(parents=True)
+    try:
+        page = _write_report(run, kind, pictures, visrank=visrank, topk=topk, root=root, device=device)
+    except BaseException:
+        shutil.rmtree(pictures, ignore_errors=True)
+        if previous.is_dir():
+            previous.rename(pictures)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+    return page
+
+
+def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: int, root: str | None,
+                  device: str | None) -> Path:
+    from kdreid.viz import pipeline_bars
+
     config = _read_yaml(run / "config.yaml")
     metrics = _read_json(run / "metrics.json") or {}
     sections: list[Section] = []
@@ -308,7 +332,8 @@ def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, root: str 
         if visrank > 0:
             sections.append(ranked_results_section(
                 run, run / "student.pt", _stage_targets(config), root or config.get("root"), pictures,
-                num_queries=visrank, topk=topk, data_options=_data_options(_first_stage_config(run)), device=device))
+                num_queries=visrank, topk=topk, data_options=_data_options(_first_stage_config(run)), device=device,
+                eval_options=_first_stage_config(run).get("eval")))
         for folder in _stage_folders(run):
             sections.append(stage_section(run, folder, pictures, f"Stage {folder.name}"))
     elif kind == "stage":
@@ -316,13 +341,18 @@ def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, root: str 
         if visrank > 0 and (run / "model.pt").is_file():
             sections.append(ranked_results_section(
                 run, run / "model.pt", _stage_targets(config), root or (config.get("data") or {}).get("root"),
-                pictures, num_queries=visrank, topk=topk, data_options=_data_options(config), device=device))
+                pictures, num_queries=visrank, topk=topk, data_options=_data_options(config), device=device,
+                eval_options=config.get("eval")))
     else:
         evaluation = Section("Evaluation")
         evaluation.blocks.append(metrics_table(metrics["final"]))
-        if isinstance(metrics.get("evaluated_with"), dict):
-            settings = ", ".join(f"{k} {_setting(v)}" for k, v in metrics["evaluated_with"].items())
-            evaluation.blocks.append(_note(f"evaluated with {settings}"))
+        recorded = metrics.get("evaluated_with")
+        if isinstance(recorded, dict) and "model" in recorded:  # a file from before: one set for every target
+            recorded = {"every target": recorded}
+        for target, settings in (recorded or {}).items():
+            if isinstance(settings, dict):
+                described = ", ".join(f"{k} {_setting(v)}" for k, v in settings.items())
+                evaluation.blocks.append(_note(f"{target} evaluated with {described}"))
         sections.append(evaluation)
     if (extra := existing_visrank_section(run)) is not None:
         sections.append(extra)
@@ -333,7 +363,7 @@ def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, root: str 
 
 
 def _setting(value) -> str:
-    """A setting of `evaluated_with`; the protocol is recorded per target, {target: protocol}."""
+    """A setting of `evaluated_with` (a file from before recorded the protocol as {target: protocol})."""
     if isinstance(value, dict):
         return "(" + "; ".join(f"{key}: {item}" for key, item in value.items()) + ")"
     return str(value)
@@ -387,6 +417,9 @@ on {html.escape(generated)}.</p>
 
 # ------------------------------------------------------------------------------------------------ command
 def report_command(args) -> int:
+    if args.visrank < 0 or args.visrank_topk < 1:  # before any feature is extracted, as `kdreid evaluate` does
+        raise KdreidError(f"--visrank {args.visrank} --visrank-topk {args.visrank_topk}: --visrank must be 0 or more "
+                          "and --visrank-topk at least 1")
     page = build_report(args.run_dir, visrank=args.visrank, topk=args.visrank_topk, root=args.root, device=args.device)
     # Counted on the page: an evaluation folder's --visrank pictures are shown from RUN/visrank/, not RUN/report/.
     images = len(re.findall(r"<img ", page.read_text()))

@@ -64,7 +64,7 @@ def test_json_equals_evaluate_model_and_metrics_file_is_written(setup, tmp_path,
     assert printed["mAP"] > 50  # the colours make identities easy: the pipeline is not scrambling labels
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["final"]["market1501"] == printed
-    assert written["evaluated_with"]["flip"] is True
+    assert written["evaluated_with"]["market1501"]["flip"] is True
 
 
 def test_table_rows_plain_state_dict_and_merge(setup, tmp_path, capsys):
@@ -166,7 +166,7 @@ def test_protocol_is_chosen_per_target_as_the_stages_do(setup, tmp_path, capsys,
         stages = DataOptions(cuhk03_classic_split="--cuhk03-classic-split" in flags)
         assert expected == {target: protocol_for(target, stages) for target in expected}
     written = json.loads((tmp_path / "metrics.json").read_text())
-    assert written["evaluated_with"]["protocol"] == expected
+    assert {target: written["evaluated_with"][target]["protocol"] for target in expected} == expected
     cuhk03 = evaluate_model(load_model(checkpoint), market, protocol=expected["cuhk03"], device="cpu",
                             height=HEIGHT, width=WIDTH).summary()
     assert json.loads(out)["final"]["cuhk03"]["rank1"] == pytest.approx(cuhk03["rank1"], abs=1e-3)

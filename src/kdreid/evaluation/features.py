@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from kdreid import distributed
-from kdreid.errors import CheckpointError, EvaluationError, why_not_a_file
+from kdreid.errors import CheckpointError, EvaluationError, KdreidError, why_not_a_file
 from kdreid.evaluation.distance import compute_distance_matrix
 from kdreid.evaluation.ranking import RankResult, evaluate
 from kdreid.evaluation.rerank import re_ranking_features
@@ -93,6 +93,22 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def pick_device(name: str | torch.device | None = None) -> torch.device:
+    """`--device` as a torch.device: None or "auto" is CUDA when a GPU is visible, else the CPU. A name torch does
+    not know, or CUDA without a GPU, is one line (not a RuntimeError from the first tensor moved there)."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "", "auto"):
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KdreidError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KdreidError(f"--device {name} asked for CUDA, but no GPU is visible; use --device cpu")
+    return device
+
+
 # ------------------------------------------------------------------------------------------------ extraction
 @torch.no_grad()
 def embed_batch(model: nn.Module, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
@@ -140,7 +156,7 @@ def extract_features(
     paths, pids, camids = _records_fields(records)
     if not paths:
         return Features(torch.zeros(0, 0), pids, camids, paths)
-    device = torch.device(device) if device is not None else default_device()
+    device = pick_device(device)
     default_h, default_w = model_input_size(model)
     height, width = height or default_h, width or default_w
     model = model.eval().to(device)
@@ -186,7 +202,7 @@ class FeatureExtractor:
                  width: int | None = None, batch_size: int = 64, flip: bool = False, normalize: bool = False,
                  device: str | torch.device | None = None):
         model = model_or_path if isinstance(model_or_path, nn.Module) else load_model(model_or_path, arch)
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = pick_device(device)
         self.model = model.eval().to(self.device)
         default_h, default_w = model_input_size(model)
         self.height, self.width = height or default_h, width or default_w
@@ -251,7 +267,7 @@ def evaluate_features(
         raise EvaluationError("empty query set: the dataset's query split holds no image")
     if len(gallery) == 0:
         raise EvaluationError("empty gallery: the dataset's gallery split holds no image")
-    device = torch.device(device) if device is not None else default_device()
+    device = pick_device(device)
     query_features, gallery_features = query.features.to(device), gallery.features.to(device)
     if normalize:
         query_features, gallery_features = F.normalize(query_features, dim=1), F.normalize(gallery_features, dim=1)
@@ -314,6 +330,7 @@ def evaluate_command(args) -> int:
     from kdreid.data.datasets.base import build_dataset
     from kdreid.errors import DatasetError
     from kdreid.evaluation.ranking import EvaluationWarning
+    from kdreid.models import check_input_size
     from kdreid.rundir import write_json
     from kdreid.stages.common import DataOptions, protocol_for
 
@@ -329,14 +346,18 @@ def evaluate_command(args) -> int:
     if args.out:
         _check_evaluation_folder(Path(args.out))
     model = load_model(args.model, args.arch)
-    device = torch.device(args.device) if args.device else default_device()
+    device = pick_device(args.device)
+    trained_height, trained_width = model_input_size(model)
+    check_input_size(model, args.height or trained_height, args.width or trained_width)
+    # Every target is read before the first is evaluated: a misspelt one stops the command before any work.
+    datasets = {target: build_dataset(target, args.root, **(cuhk03_options if target == "cuhk03" else {}))
+                for target in args.targets}
     final: dict[str, dict[str, float | None]] = {}
     # Each target is scored as the training stages score it (so a run's metrics.json and this agree), unless
     # --protocol names one for all.
     data_options = DataOptions(cuhk03_labeled=args.cuhk03_labeled, cuhk03_classic_split=args.cuhk03_classic_split)
     protocols = {target: args.protocol or protocol_for(target, data_options) for target in args.targets}
-    for target in args.targets:
-        dataset = build_dataset(target, args.root, **(cuhk03_options if target == "cuhk03" else {}))
+    for target, dataset in datasets.items():
         print(f"{target}: {len(dataset.query)} queries, {len(dataset.gallery)} gallery images", file=sys.stderr)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", EvaluationWarning)
@@ -375,8 +396,13 @@ def evaluate_command(args) -> int:
             except json.JSONDecodeError:
                 raise EvaluationError(f"{path} exists but is not JSON; remove it or choose another --out") from None
         metrics.setdefault("final", {}).update(final)
-        metrics["evaluated_with"] = dict(model=str(args.model), metric=args.metric, rerank=args.rerank,
-                                         flip=args.flip, protocol=protocols)
+        # Per target: the folder may gather evaluations of several models or settings, one target at a time. (A
+        # file from before held one set for all its targets, possibly another command's: it is dropped.)
+        settings = metrics.get("evaluated_with")
+        settings = settings if isinstance(settings, dict) and "model" not in settings else {}
+        settings.update({target: dict(model=str(args.model), metric=args.metric, rerank=args.rerank, flip=args.flip,
+                                      protocol=protocols[target]) for target in final})
+        metrics["evaluated_with"] = settings
         write_json(path, metrics)
     if args.json:
         print(json.dumps({"final": final}, indent=2))

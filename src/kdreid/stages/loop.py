@@ -105,12 +105,9 @@ class TrainConfig:
 
 
 def select_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return distributed.device_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KdreidError(f"--device {name} asked for CUDA, but no GPU is visible; use --device cpu")
-    return distributed.device_for(device)  # under torchrun, "cuda" is this process's GPU
+    from kdreid.evaluation.features import pick_device
+
+    return distributed.device_for(pick_device(name))  # under torchrun, "cuda" is this process's GPU
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
