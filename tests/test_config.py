@@ -36,6 +36,21 @@ def test_missing_keys_keep_defaults_and_ints_become_floats():
     assert config.height == 256 and config.sources == ("market1501",)
 
 
+def test_exponent_numbers_that_yaml_reads_as_strings_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {lr: 1e-3}\n")  # PyYAML (YAML 1.1) gives the string '1e-3'
+    assert load_yaml(Run, path).optim.lr == 0.001
+    with pytest.raises(ConfigError, match="config.optim.lr: expected a number, got '1e-3x'"):
+        from_dict(Run, {"optim": {"lr": "1e-3x"}})
+
+
+def test_a_misspelt_evaluation_metric_is_refused_when_the_config_is_read():
+    from kdreid.stages.source import SourceConfig
+
+    with pytest.raises(ConfigError, match="config.eval.metric: 'cosin' is not one of 'euclidean', 'cosine'"):
+        from_dict(SourceConfig, {"eval": {"metric": "cosin"}})
+
+
 @pytest.mark.parametrize(
     "data, fragment",
     [

@@ -261,4 +261,13 @@ def test_search_warns_when_query_and_gallery_are_embedded_otherwise(workdir, tmp
                  "--height", "32", "--width", "16"]) == 0
     assert capsys.readouterr().err.strip().splitlines() == [
         "kdreid: warning: the query images are embedded with flip-averaging, the gallery without; at 32x16, the "
-        "gallery at 64x32: distances mix two embeddings; embed both the same way (--flip, --height/--width)"]
+        "gallery at 64x32: distances mix two embeddings; embed both the same way (--model, --flip, "
+        "--height/--width)"]
+    other = tmp_path / "other.pt"  # another model of the same width: ranks, but the distances mean nothing
+    torch.manual_seed(1)
+    save_checkpoint(other, build_model("osnet_tiny", 0), extra={"input_size": list(SIZE)})
+    assert main(["search", "--gallery", str(gallery), "--query", str(query), "--topk", "1", "--model",
+                 str(other)]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"kdreid: warning: the query images are embedded by {other}, the gallery by {workdir / 'tiny.pt'}: "
+        "distances mix two embeddings; embed both the same way (--model, --flip, --height/--width)"]

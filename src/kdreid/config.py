@@ -9,6 +9,7 @@ misspelt key or a wrong type fails with one line naming the key. CLI flags overr
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -54,6 +55,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, where: str = "con
     return cls(**values)
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     """Check `value` against the type hint `hint`, converting YAML's lists to tuples and ints to floats."""
     origin = typing.get_origin(hint)
@@ -92,6 +96,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return from_dict(hint, value, where=where)
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML reads 1e-3 (no dot, YAML 1.1) as a string; it is a number to anyone who writes it.
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if hint is int:

@@ -374,10 +374,14 @@ def extract_command(args) -> int:
     return 0
 
 
-def _warn_if_embedded_otherwise(flip: bool, size: tuple[int, int], gallery: FeatureFile, query: str) -> None:
-    """Query and gallery features embedded otherwise (flip-averaged or not, another input size) are not
-    comparable at full accuracy: the ranking still runs, with a warning that names the difference."""
+def _warn_if_embedded_otherwise(model: str, flip: bool, size: tuple[int, int], gallery: FeatureFile,
+                                query: str) -> None:
+    """Query and gallery features embedded otherwise (by another model, flip-averaged or not, at another input
+    size) are not comparable, or not at full accuracy: the ranking still runs (two models may be meant to share an
+    embedding space), with a warning that names the difference."""
     differences = []
+    if model and gallery.model and Path(model).resolve() != Path(gallery.model).resolve():
+        differences.append(f"by {model}, the gallery by {gallery.model}")
     if flip != gallery.flip:
         differences.append(f"{'with' if flip else 'without'} flip-averaging, the gallery "
                            f"{'with' if gallery.flip else 'without'}")
@@ -385,7 +389,7 @@ def _warn_if_embedded_otherwise(flip: bool, size: tuple[int, int], gallery: Feat
         differences.append(f"at {size[0]}x{size[1]}, the gallery at {gallery.height}x{gallery.width}")
     if differences:
         print(f"kdreid: warning: {query} {'; '.join(differences)}: distances mix two embeddings; embed both the "
-              "same way (--flip, --height/--width)", file=sys.stderr)
+              "same way (--model, --flip, --height/--width)", file=sys.stderr)
 
 
 def search_command(args) -> int:
@@ -395,7 +399,7 @@ def search_command(args) -> int:
     if query_path.suffix == ".npz" and query_path.is_file():
         query = load_features(query_path)
         query_features, query_paths = query.features, query.paths
-        _warn_if_embedded_otherwise(query.flip, (query.height, query.width), gallery, f"{args.query} was extracted")
+        embedded = (query.model, query.flip, (query.height, query.width), f"{args.query} was extracted")
     else:
         model = args.model or gallery.model
         if not model or not Path(model).is_file():
@@ -404,8 +408,7 @@ def search_command(args) -> int:
         # Query images are embedded as the gallery was (its size and flip) unless the flags say otherwise.
         embedder = open_embedder(model, arch=args.arch, flip=gallery.flip if args.flip is None else args.flip,
                                  height=args.height or gallery.height, width=args.width or gallery.width)
-        _warn_if_embedded_otherwise(embedder.flip, (embedder.height, embedder.width), gallery,
-                                    "the query images are embedded")
+        embedded = (str(model), embedder.flip, (embedder.height, embedder.width), "the query images are embedded")
         extracted = extract_paths(embedder, list_images(query_path))
         for path, why in extracted.skipped:
             print(f"kdreid: skipped {path}: {why}", file=sys.stderr)
@@ -415,6 +418,8 @@ def search_command(args) -> int:
     if query_features.shape[1] != gallery.features.shape[1]:
         raise EvaluationError(f"{args.gallery} holds {gallery.features.shape[1]}-d features but the query's are "
                               f"{query_features.shape[1]}-d; extract both with the same model")
+    query_model, query_flip, query_size, who = embedded  # comparable in shape; perhaps not in meaning
+    _warn_if_embedded_otherwise(query_model, query_flip, query_size, gallery, who)
     distances, indices = search_features(query_features, gallery.features, k=args.topk, metric=args.metric,
                                          rerank=args.rerank, use_faiss=args.faiss)
     if args.json:

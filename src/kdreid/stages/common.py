@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ class DataOptions:
 
 @dataclass
 class EvalOptions:
-    metric: str = "euclidean"  # euclidean | cosine
+    metric: Literal["euclidean", "cosine"] = "euclidean"  # checked when the config is read, not after training
     flip: bool = False  # average the features of an image and its mirror
     batch_size: int = 128
 
