@@ -309,6 +309,8 @@ CASES = [
     Case("image size in a config: zero", _config_size("train: {height: 0, width: 16}\n"),
          "--height must be at least 1"),
     Case("config file that is not valid YAML", _bad_yaml, "is not valid YAML"),
+    Case("augmentation probability above 1 in a config", _config_size("train: {augment: {flip: 2.0}}\n"),
+         "train.augment.flip is a probability, from 0 to 1; got 2.0"),
     Case("P×K batch larger than the data allow", _too_big_batch, "lower --batch-size or raise --num-instances"),
     Case("--out is a file", _out_is_a_file, "is a file, not a folder; choose another --out"),
     Case("--device that is not a device", lambda tmp, monkeypatch: _train(tmp, _market(tmp)[0], "--device", "gpu"),

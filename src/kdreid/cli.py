@@ -73,7 +73,7 @@ def _run_models(args) -> int:
 
     from kdreid.models.registry import describe_models
 
-    rows = describe_models(args.names or None, include_tiny=args.tiny)
+    rows = describe_models(list(dict.fromkeys(args.names)) or None, include_tiny=args.tiny)  # each name once
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

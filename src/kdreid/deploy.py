@@ -252,6 +252,9 @@ def load_features(path: str | Path) -> FeatureFile:
     if not path.is_file():
         raise EvaluationError(f"features file {path} {why_not_a_file(path, model=False)}; write one with "
                               "`kdreid extract`")
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle and suggest loading it unsafely
+        raise EvaluationError(f"{path} cannot be read as a features file (not an .npz archive); write it again "
+                              "with `kdreid extract`")
     try:
         with np.load(path, allow_pickle=False) as data:
             if "format" not in data.files or str(data["format"]) != FEATURES_FORMAT:
@@ -409,7 +412,10 @@ def search_command(args) -> int:
         embedder = open_embedder(model, arch=args.arch, flip=gallery.flip if args.flip is None else args.flip,
                                  height=args.height or gallery.height, width=args.width or gallery.width)
         embedded = (str(model), embedder.flip, (embedder.height, embedder.width), "the query images are embedded")
-        extracted = extract_paths(embedder, list_images(query_path))
+        images = list_images(query_path)
+        if not images:
+            raise DatasetError(f"{args.query} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+        extracted = extract_paths(embedder, images)
         for path, why in extracted.skipped:
             print(f"kdreid: skipped {path}: {why}", file=sys.stderr)
         if not extracted.paths:

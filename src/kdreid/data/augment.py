@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kdreid.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 
@@ -26,6 +28,21 @@ class AugmentConfig:
     erase_area: tuple[float, float] = (0.02, 0.4)  # erased fraction of the image
     erase_aspect: float = 0.3  # aspect ratio drawn from [r, 1/r]
     erase_attempts: int = 100  # rectangles tried per sample before giving up, as torchreid's RandomErasing
+
+    def validate(self) -> None:
+        """Values no augmentation can use: one ConfigError naming the key (a probability of 2 flipped always)."""
+        for key in ("flip", "erase"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"train.augment.{key} is a probability, from 0 to 1; got {getattr(self, key)}")
+        low, high = self.erase_area
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"train.augment.erase_area must be two fractions 0 < low <= high <= 1; got "
+                              f"{list(self.erase_area)}")
+        if not 0 < self.erase_aspect <= 1:
+            raise ConfigError(f"train.augment.erase_aspect must be in (0, 1]; got {self.erase_aspect}")
+        if self.pad < 0 or self.erase_attempts < 1:
+            raise ConfigError(f"train.augment.pad must be 0 or more and erase_attempts at least 1; got "
+                              f"{self.pad} and {self.erase_attempts}")
 
 
 def augment_batch(

@@ -100,6 +100,7 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, got {self.optim.lr}")
         if self.eval_freq < 0:
             raise ConfigError(f"--eval-freq must be 0 (at the end) or positive, got {self.eval_freq}")
+        self.augment.validate()
         if self.compile != "auto" and self.compile not in COMPILE_MODES:
             raise ConfigError(f"--compile {self.compile!r} is not one of auto, {', '.join(COMPILE_MODES)}")
 
