@@ -195,7 +195,10 @@ def test_search_refuses_other_dimensions_and_other_files(workdir, tmp_path, caps
     garbage = tmp_path / "y.npz"
     garbage.write_bytes(b"garbage")
     assert main(["search", "--gallery", str(garbage), "--query", str(gallery)]) == 2
-    assert "cannot be read as a features file" in capsys.readouterr().err
+    assert "cannot be read as a features file (not an .npz archive)" in capsys.readouterr().err  # no pickle advice
+    (tmp_path / "no_images").mkdir()
+    assert main(["search", "--gallery", str(gallery), "--query", str(tmp_path / "no_images")]) == 2
+    assert f"{tmp_path / 'no_images'} holds no image (.jpg" in capsys.readouterr().err
 
 
 def test_faiss_flag_without_faiss_is_one_line(workdir, tmp_path, capsys, monkeypatch):
