@@ -14,7 +14,7 @@ import yaml
 
 from kdreid.cli import main
 from kdreid.config import dump_yaml
-from kdreid.errors import DatasetError
+from kdreid.errors import ConfigError, DatasetError
 from kdreid.stages import pipeline
 from kdreid.stages.data import DATASETS_FILE, dataset_fingerprint, load_datasets
 from kdreid.stages.presets import PRESETS
@@ -255,3 +255,12 @@ def test_a_fingerprint_does_not_depend_on_how_the_root_is_spelled(three_domains,
     for cwd in (tmp_path, three_domains):
         monkeypatch.chdir(cwd)
         assert dataset_fingerprint(load_datasets(["synth_cuhk"], spelled)[0], spelled) == expected
+
+
+def test_a_bad_stage_setting_names_the_sections_it_can_come_from(tmp_path):
+    with pytest.raises(ConfigError, match=r"^adapt\.grouping: 'psuedo' is not one of .* \(set in the --config "
+                                          r"file's `common` or `adapt` section, or by a flag\)$"):
+        pipeline.stage_configs(_config(tmp_path, adapt={"grouping": "psuedo"}))
+    with pytest.raises(ConfigError, match=r"^blend\.dmmd_weight: expected a number, got 'x' \(set in the --config "
+                                          r"file's `common`, `adapt` or `blend` section"):
+        pipeline.stage_configs(_config(tmp_path, blend={"dmmd_weight": "x"}))

@@ -108,7 +108,7 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
     run = Path(config.out) / "stages"
     preset = config.preset or None
 
-    def resolve(cls, stage: str, layers: list[Mapping], fixed: dict):
+    def resolve(cls, stage: str, layers: list[Mapping], fixed: dict, sections: tuple[str, ...] = ()):
         # Precedence, lowest first: defaults, the preset, `common`, the stage's own settings, `overrides` (the
         # CLI flags), then what the pipeline decides (datasets, architectures, inputs, folders), which no setting
         # may change.
@@ -117,7 +117,15 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
             settings.update(flatten(layer))
         settings.update(fixed)
         settings["data.root"] = config.root
-        return resolve_config(cls, stage, preset=preset, overrides=settings)
+        try:
+            return resolve_config(cls, stage, preset=preset, overrides=settings)
+        except ConfigError as error:  # the layers are merged by now: say where the value can have come from
+            sections = ("common", *(sections or (stage,)))
+            message = str(error)
+            if message.startswith("config."):
+                message = f"{sections[-1]}." + message[len("config."):]
+            named = ", ".join(f"`{s}`" for s in sections[:-1]) + f" or `{sections[-1]}`"
+            raise ConfigError(f"{message} (set in the --config file's {named} section, or by a flag)") from None
 
     def source_name(arch: str) -> str:
         return f"source_{arch}"
@@ -144,7 +152,7 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
     configs["blend"] = resolve(adapt.AdaptConfig, "adapt", [config.adapt, config.blend], {
         "sources": config.sources, "targets": config.targets, "blend": True, "arch": config.student_arch,
         "init": student_init, "out": str(run / "blend"),
-    })
+    }, sections=("adapt", "blend"))
     configs["distill"] = resolve(distill.DistillConfig, "distill", [config.distill], {
         "sources": config.sources, "targets": config.targets, "arch": config.student_arch,
         "teachers": [str(run / f"teacher_{t}" / "model.pt") for t in config.targets],
