@@ -230,7 +230,7 @@ def _require_positive(args, *flags: str) -> None:
 def _run_evaluate(args) -> int:
     from kdreid.evaluation.features import evaluate_command
 
-    _require_positive(args, "--height", "--width", "--batch-size")
+    _require_positive(args, "--height", "--width", "--batch-size", "--workers")
     return evaluate_command(args)
 
 
@@ -397,7 +397,7 @@ def _add_extract(commands) -> None:
 def _run_extract(args) -> int:
     from kdreid.deploy import extract_command
 
-    _require_positive(args, "--height", "--width", "--batch-size")
+    _require_positive(args, "--height", "--width", "--batch-size", "--workers")
     return extract_command(args)
 
 

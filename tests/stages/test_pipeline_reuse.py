@@ -264,3 +264,9 @@ def test_a_bad_stage_setting_names_the_sections_it_can_come_from(tmp_path):
     with pytest.raises(ConfigError, match=r"^blend\.dmmd_weight: expected a number, got 'x' \(set in the --config "
                                           r"file's `common`, `adapt` or `blend` section"):
         pipeline.stage_configs(_config(tmp_path, blend={"dmmd_weight": "x"}))
+
+
+def test_a_misspelt_preset_in_the_config_file_is_refused_even_when_the_flag_names_one(tmp_path):
+    (tmp_path / "c.yaml").write_text("preset: quik\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown preset 'quik'; known: paper, quick"):
+        pipeline.resolve_pipeline_config(preset="quick", config_file=str(tmp_path / "c.yaml"))

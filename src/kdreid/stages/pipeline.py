@@ -36,7 +36,7 @@ from kdreid.stages import adapt, distill, source
 from kdreid.stages.common import evaluate_datasets
 from kdreid.stages.data import DATASETS_FILE, dataset_fingerprint, load_datasets
 from kdreid.stages.loop import SELECTION_RULES, changed_settings, changes_weights, checkpoint_file, select_device
-from kdreid.stages.presets import resolve_config
+from kdreid.stages.presets import PRESETS, resolve_config
 
 STAGE_OVERRIDES = ("common", "source", "adapt", "blend", "distill", "overrides")
 
@@ -93,10 +93,14 @@ def resolve_pipeline_config(*, preset: str | None = None, config_file: str | Non
     """The pipeline's config: defaults < the preset's `pipeline` section < the YAML file < `overrides`. The preset
     is `preset` (--preset), else the one the YAML file names, else the default, so that `preset: quick` in the
     file picks quick's teachers as --preset quick does."""
-    if preset is None and config_file is not None:
+    if config_file is not None:
         data = read_yaml(config_file)
-        if isinstance(data, Mapping) and isinstance(data.get("preset"), str):
-            preset = data["preset"]
+        named = data.get("preset") if isinstance(data, Mapping) else None
+        # Checked even when --preset wins over it: a misspelt name in a file someone reuses should not lie there.
+        if isinstance(named, str) and named and named not in PRESETS:
+            raise ConfigError(f"{config_file}: unknown preset {named!r}; known: {', '.join(sorted(PRESETS))}")
+        if preset is None and isinstance(named, str):
+            preset = named
     if preset is None:
         preset = PipelineConfig().preset
     return resolve_config(PipelineConfig, "pipeline", preset=preset or None, config_file=config_file,

@@ -168,7 +168,7 @@ def _validate(domains, scale, gap, size, workers) -> None:
 def synth_command(args) -> int:
     """`kdreid data synth`: write the domains and print one line per domain."""
     domains = args.domains or list(DOMAIN_NAMES)
-    workers = args.workers or os.cpu_count() or 1
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)  # 0 is refused, not "all"
     summaries = generate(args.out, domains, scale=args.scale, seed=args.seed, size=parse_size(args.size),
                          gap=args.gap, workers=workers, progress=True)
     for s in summaries:
