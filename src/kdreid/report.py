@@ -249,11 +249,16 @@ def existing_visrank_section(run: Path) -> Section | None:
 
 
 def _stage_folders(run: Path) -> list[Path]:
+    """The stage folders in the order the pipeline ran them: the teachers' source model before the student's,
+    the teachers in target order (from the run's config.yaml), then by name."""
     folders = [p for p in (run / "stages").iterdir() if p.is_dir()]
+    config = _read_yaml(run / "config.yaml")
+    ran = [f"source_{config.get('teacher_arch')}", f"source_{config.get('student_arch')}",
+           *(f"teacher_{target}" for target in config.get("targets") or [])]
 
-    def order(folder: Path) -> tuple[int, str]:
+    def order(folder: Path) -> tuple[int, int, str]:
         rank = next((i for i, prefix in enumerate(STAGE_ORDER) if folder.name.startswith(prefix)), len(STAGE_ORDER))
-        return rank, folder.name
+        return rank, ran.index(folder.name) if folder.name in ran else len(ran), folder.name
 
     return sorted(folders, key=order)
 
