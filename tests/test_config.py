@@ -40,8 +40,9 @@ def test_exponent_numbers_that_yaml_reads_as_strings_are_numbers(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim: {lr: 1e-3}\n")  # PyYAML (YAML 1.1) gives the string '1e-3'
     assert load_yaml(Run, path).optim.lr == 0.001
-    with pytest.raises(ConfigError, match="config.optim.lr: expected a number, got '1e-3x'"):
-        from_dict(Run, {"optim": {"lr": "1e-3x"}})
+    for not_a_number in ("1e-3x", "1e400", "nan", "\u0661\u0662"):  # nor an overflow to inf, nor Arabic-Indic digits
+        with pytest.raises(ConfigError, match="config.optim.lr: expected a number"):
+            from_dict(Run, {"optim": {"lr": not_a_number}})
 
 
 def test_a_misspelt_evaluation_metric_is_refused_when_the_config_is_read():

@@ -273,4 +273,10 @@ def test_search_warns_when_query_and_gallery_are_embedded_otherwise(workdir, tmp
                  str(other)]) == 0
     assert capsys.readouterr().err.strip().splitlines() == [
         f"kdreid: warning: the query images are embedded by {other}, the gallery by {workdir / 'tiny.pt'}: "
-        "distances mix two embeddings; embed both the same way (--model, --flip, --height/--width)"]
+        "distances mix two embeddings (unless both files hold one model, e.g. a checkpoint and its export); embed "
+        "both the same way (--model, --flip, --height/--width)"]
+    copy = tmp_path / "copy.pt"  # the same weights elsewhere: the same model, no warning
+    copy.write_bytes((workdir / "tiny.pt").read_bytes())
+    assert main(["search", "--gallery", str(gallery), "--query", str(query), "--topk", "1", "--model",
+                 str(copy)]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -148,6 +148,13 @@ def test_a_failed_report_leaves_the_previous_one_whole(tmp_path, tiny_model, rng
     assert main(["report", str(run), "--visrank", "0"]) == 2
     assert before and all((run / picture).is_file() for picture in before)  # the old page still shows them
     assert not (run / ".report.previous").exists()
+    # A build killed mid-way left the old pictures set aside and a partial folder: the next build, failing too,
+    # still leaves the page's pictures in place.
+    (run / "report").rename(run / ".report.previous")
+    (run / "report").mkdir()
+    (run / "report" / "half.png").write_bytes(b"")
+    assert main(["report", str(run), "--visrank", "0"]) == 2
+    assert all((run / picture).is_file() for picture in before) and not (run / "report" / "half.png").exists()
     assert main(["report", str(run), "--visrank", "-1"]) == 2
     assert "--visrank must be 0 or more" in capsys.readouterr().err
 

@@ -9,6 +9,7 @@ misspelt key or a wrong type fails with one line naming the key. CLI flags overr
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -55,7 +56,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, where: str = "con
     return cls(**values)
 
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", re.ASCII)
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
@@ -98,7 +99,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         # PyYAML reads 1e-3 (no dot, YAML 1.1) as a string; it is a number to anyone who writes it.
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()) and math.isfinite(float(value)):
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if hint is int:

@@ -19,6 +19,7 @@ the torch path (0.44 s per single query, 13 s per 100).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sys
@@ -377,22 +378,35 @@ def extract_command(args) -> int:
     return 0
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """The same path, or two files with the same bytes (a copied checkpoint is the same model)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        return hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+    except OSError:  # the gallery's model moved or is gone: nothing says they differ
+        return True
+
+
 def _warn_if_embedded_otherwise(model: str, flip: bool, size: tuple[int, int], gallery: FeatureFile,
                                 query: str) -> None:
     """Query and gallery features embedded otherwise (by another model, flip-averaged or not, at another input
     size) are not comparable, or not at full accuracy: the ranking still runs (two models may be meant to share an
     embedding space), with a warning that names the difference."""
-    differences = []
-    if model and gallery.model and Path(model).resolve() != Path(gallery.model).resolve():
+    differences, unless = [], ""
+    if model and gallery.model and not _same_file(Path(model), Path(gallery.model)):
         differences.append(f"by {model}, the gallery by {gallery.model}")
+        unless = " (unless both files hold one model, e.g. a checkpoint and its export)"
     if flip != gallery.flip:
         differences.append(f"{'with' if flip else 'without'} flip-averaging, the gallery "
                            f"{'with' if gallery.flip else 'without'}")
     if tuple(size) != (gallery.height, gallery.width):
         differences.append(f"at {size[0]}x{size[1]}, the gallery at {gallery.height}x{gallery.width}")
     if differences:
-        print(f"kdreid: warning: {query} {'; '.join(differences)}: distances mix two embeddings; embed both the "
-              "same way (--model, --flip, --height/--width)", file=sys.stderr)
+        print(f"kdreid: warning: {query} {'; '.join(differences)}: distances mix two embeddings{unless}; embed both "
+              "the same way (--model, --flip, --height/--width)", file=sys.stderr)
 
 
 def search_command(args) -> int:

@@ -286,7 +286,9 @@ def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, root: str 
     kind = run_kind(run)
     pictures = run / PICTURES
     previous = run / f".{PICTURES}.previous"
-    shutil.rmtree(previous, ignore_errors=True)
+    if previous.is_dir():  # a build killed mid-way: these are the pictures the page on disk shows
+        shutil.rmtree(pictures, ignore_errors=True)
+        previous.rename(pictures)
     if pictures.is_dir():
         pictures.rename(previous)
     pictures.mkdir(parents=True)
@@ -338,7 +340,8 @@ def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: i
             sections.append(ranked_results_section(
                 run, run / "student.pt", _stage_targets(config), root or config.get("root"), pictures,
                 num_queries=visrank, topk=topk, data_options=_data_options(_first_stage_config(run)), device=device,
-                eval_options=_first_stage_config(run).get("eval")))
+                # the student's numbers are the distill stage's: rank as it evaluated
+                eval_options=_read_yaml(run / "stages" / "distill" / "config.yaml").get("eval")))
         for folder in _stage_folders(run):
             sections.append(stage_section(run, folder, pictures, f"Stage {folder.name}"))
     elif kind == "stage":
@@ -422,9 +425,12 @@ on {html.escape(generated)}.</p>
 
 # ------------------------------------------------------------------------------------------------ command
 def report_command(args) -> int:
+    from kdreid.evaluation.features import pick_device
+
     if args.visrank < 0 or args.visrank_topk < 1:  # before any feature is extracted, as `kdreid evaluate` does
         raise KdreidError(f"--visrank {args.visrank} --visrank-topk {args.visrank_topk}: --visrank must be 0 or more "
                           "and --visrank-topk at least 1")
+    pick_device(args.device)  # a bad --device is the command's error, not a note per target
     page = build_report(args.run_dir, visrank=args.visrank, topk=args.visrank_topk, root=args.root, device=args.device)
     # Counted on the page: an evaluation folder's --visrank pictures are shown from RUN/visrank/, not RUN/report/.
     images = len(re.findall(r"<img ", page.read_text()))

@@ -81,6 +81,19 @@ def test_table_rows_plain_state_dict_and_merge(setup, tmp_path, capsys):
     assert row.split()[0] == "market1501" and len(row.split()) == 6
     written = json.loads((run_dir / "metrics.json").read_text())
     assert written["history"] == [1, 2] and set(written["final"]) == {"other", "market1501"}
+    assert written["evaluated_with"]["market1501"]["metric"] == "cosine"
+
+    # A file from before recorded one set of settings for all its targets (protocol per target): spread, not lost.
+    written["evaluated_with"] = {"model": "old.pt", "metric": "euclidean", "rerank": False, "flip": False,
+                                 "protocol": {"other": "market"}}
+    (run_dir / "metrics.json").write_text(json.dumps(written))
+    assert run(["evaluate", "--model", str(plain), "-a", "resnet_tiny", "-t", "market1501", "--root", str(root),
+                "--height", str(HEIGHT), "--width", str(WIDTH), "--out", str(run_dir), "--device", "cpu"],
+               capsys)[0] == 0
+    settings = json.loads((run_dir / "metrics.json").read_text())["evaluated_with"]
+    assert settings["other"] == {"model": "old.pt", "metric": "euclidean", "rerank": False, "flip": False,
+                                 "protocol": "market"}
+    assert settings["market1501"]["model"] == str(plain.absolute()) and settings["market1501"]["metric"] == "euclidean"
     expected = evaluate_model(load_model(checkpoint), build_dataset("market1501", root), metric="cosine",
                               rerank=True, device="cpu", height=HEIGHT, width=WIDTH).summary()
     assert float(row.split()[1]) == pytest.approx(expected["mAP"], abs=0.051)

@@ -264,6 +264,10 @@ def test_a_bad_stage_setting_names_the_sections_it_can_come_from(tmp_path):
     with pytest.raises(ConfigError, match=r"^blend\.dmmd_weight: expected a number, got 'x' \(set in the --config "
                                           r"file's `common`, `adapt` or `blend` section"):
         pipeline.stage_configs(_config(tmp_path, blend={"dmmd_weight": "x"}))
+    # A value the stage would refuse when it starts (after the earlier stages trained) is refused here.
+    with pytest.raises(ConfigError, match=r"^train\.augment\.flip is a probability, from 0 to 1; got 2\.0 \(set in "
+                                          r"the --config file's `common` or `distill` section"):
+        pipeline.stage_configs(_config(tmp_path, distill={"train": {"augment": {"flip": 2.0}}}))
 
 
 def test_a_misspelt_preset_in_the_config_file_is_refused_even_when_the_flag_names_one(tmp_path):

@@ -35,14 +35,14 @@ class AugmentConfig:
             if not 0 <= getattr(self, key) <= 1:
                 raise ConfigError(f"train.augment.{key} is a probability, from 0 to 1; got {getattr(self, key)}")
         low, high = self.erase_area
-        if not 0 < low <= high <= 1:
-            raise ConfigError(f"train.augment.erase_area must be two fractions 0 < low <= high <= 1; got "
+        if not 0 <= low <= high <= 1:
+            raise ConfigError(f"train.augment.erase_area must be two fractions 0 <= low <= high <= 1; got "
                               f"{list(self.erase_area)}")
-        if not 0 < self.erase_aspect <= 1:
-            raise ConfigError(f"train.augment.erase_aspect must be in (0, 1]; got {self.erase_aspect}")
-        if self.pad < 0 or self.erase_attempts < 1:
-            raise ConfigError(f"train.augment.pad must be 0 or more and erase_attempts at least 1; got "
-                              f"{self.pad} and {self.erase_attempts}")
+        if not self.erase_aspect > 0:  # r and 1/r give the same range [min, max]
+            raise ConfigError(f"train.augment.erase_aspect must be positive; got {self.erase_aspect}")
+        if self.pad < 0 or self.erase_attempts < 0:
+            raise ConfigError(f"train.augment.pad and erase_attempts must be 0 or more; got {self.pad} and "
+                              f"{self.erase_attempts}")
 
 
 def augment_batch(

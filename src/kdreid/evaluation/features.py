@@ -320,6 +320,17 @@ def _check_evaluation_folder(out: Path) -> None:
                               f"is the run's own: write the evaluation beside it, e.g. --out {out / 'evaluation'}")
 
 
+def _settings_per_target(recorded, targets) -> dict:
+    """`evaluated_with` as {target: settings}. A file from before held one set for all its targets (those of the
+    command that wrote it last) with the protocol per target: it is spread over its targets."""
+    if not isinstance(recorded, dict):
+        return {}
+    if "model" not in recorded:
+        return dict(recorded)
+    protocols = recorded.get("protocol") if isinstance(recorded.get("protocol"), dict) else {}
+    return {target: {**recorded, "protocol": protocols.get(target)} for target in targets if target in protocols}
+
+
 def evaluate_command(args) -> int:
     """`kdreid evaluate`: one table row per target (percent), `--json` for machines, `--out RUN` writes
     RUN/metrics.json ({"final": {target: {mAP, rank1, rank5, rank10, mINP}}}, merged into an existing file)."""
@@ -396,11 +407,9 @@ def evaluate_command(args) -> int:
             except json.JSONDecodeError:
                 raise EvaluationError(f"{path} exists but is not JSON; remove it or choose another --out") from None
         metrics.setdefault("final", {}).update(final)
-        # Per target: the folder may gather evaluations of several models or settings, one target at a time. (A
-        # file from before held one set for all its targets, possibly another command's: it is dropped.)
-        settings = metrics.get("evaluated_with")
-        settings = settings if isinstance(settings, dict) and "model" not in settings else {}
-        settings.update({target: dict(model=str(args.model), metric=args.metric, rerank=args.rerank, flip=args.flip,
+        # Per target: the folder may gather evaluations of several models or settings, one target at a time.
+        settings = _settings_per_target(metrics.get("evaluated_with"), metrics["final"])
+        settings.update({target: dict(model=str(Path(args.model).absolute()), metric=args.metric, rerank=args.rerank, flip=args.flip,
                                       protocol=protocols[target]) for target in final})
         metrics["evaluated_with"] = settings
         write_json(path, metrics)

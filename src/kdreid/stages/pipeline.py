@@ -122,7 +122,9 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
         settings.update(fixed)
         settings["data.root"] = config.root
         try:
-            return resolve_config(cls, stage, preset=preset, overrides=settings)
+            resolved = resolve_config(cls, stage, preset=preset, overrides=settings)
+            resolved.train.validate()  # here, not when the stage starts after hours of the earlier ones
+            return resolved
         except ConfigError as error:  # the layers are merged by now: say where the value can have come from
             sections = ("common", *(sections or (stage,)))
             message = str(error)
