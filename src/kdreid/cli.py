@@ -208,7 +208,8 @@ def _add_evaluate(commands) -> None:
     p.add_argument("--split-id", type=int, default=0, help="CUHK03: which split to read")
     p.add_argument("--visrank", type=int, nargs="?", const=8, default=0, metavar="N",
                    help="draw the ranked results of N queries per target (default 8) into OUT/visrank/*.png")
-    p.add_argument("--visrank-topk", type=int, default=10, metavar="K", help="gallery images per query (default 10)")
+    p.add_argument("--visrank-topk", type=int, default=None, metavar="K",
+                   help="gallery images per query (default 10; with --visrank)")
     p.set_defaults(run=_run_evaluate)
 
 

@@ -194,3 +194,10 @@ def test_an_exported_model_is_sent_to_the_commands_that_take_it(setup, tmp_path,
     code, out, err = run(["evaluate", "--model", str(exported), "-t", "market1501", "--root", str(root)], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "an exported ONNX model" in err and "`kdreid extract`" in err and "pickle" not in err
+
+
+def test_visrank_topk_without_visrank_is_named(setup, capsys):
+    root, checkpoint, _ = setup
+    code, _, err = run(["evaluate", "--model", str(checkpoint), "-t", "market1501", "--root", str(root),
+                        "--visrank-topk", "3", "--json", "--device", "cpu"], capsys)
+    assert code == 0 and "warning: --visrank-topk has no effect without --visrank N" in err

@@ -70,6 +70,20 @@ def test_curves_take_losses_of_every_epoch_and_map_where_evaluated(tmp_path):
     assert training_curves(METRICS, tmp_path / "c.png", title="adapt").is_file()
 
 
+def test_curves_tick_only_epochs_that_exist(tmp_path, monkeypatch):
+    """One evaluation (epoch 2): the mAP panel's locator used to fall back to ticks 1.900 ... 2.100."""
+    from kdreid.viz import curves
+
+    ticks = []
+    real_save = curves.save_png
+    monkeypatch.setattr(curves, "save_png", lambda figure, path: ticks.extend(
+        [list(axes.get_xticks()) for axes in figure.axes]) or real_save(figure, path))
+    one_evaluation = {"epochs": [{"epoch": 1, "losses": {"loss": 3.0}},
+                                 {"epoch": 2, "losses": {"loss": 2.0}, "metrics": {"synth_duke": {"mAP": 5.0}}}]}
+    training_curves(one_evaluation, tmp_path / "c.png")
+    assert ticks == [[1, 2], [2]]
+
+
 def test_curves_refuse_metrics_without_epochs(tmp_path):
     with pytest.raises(KdreidError, match="no 'epochs' list"):
         training_curves({"final": {}}, tmp_path / "c.png")

@@ -352,8 +352,12 @@ def evaluate_command(args) -> int:
     visrank = getattr(args, "visrank", 0)
     if visrank and not args.out:
         raise EvaluationError("--visrank writes pictures into the run folder: pass --out FOLDER")
-    if visrank < 0 or (visrank and args.visrank_topk < 1):
-        raise EvaluationError(f"--visrank {visrank} --visrank-topk {args.visrank_topk}: both must be positive")
+    topk = getattr(args, "visrank_topk", None)
+    if topk is not None and not visrank:
+        print("kdreid: warning: --visrank-topk has no effect without --visrank N (queries to draw)", file=sys.stderr)
+    topk = 10 if topk is None else topk
+    if visrank < 0 or (visrank and topk < 1):
+        raise EvaluationError(f"--visrank {visrank} --visrank-topk {topk}: both must be positive")
     if args.out:
         _check_evaluation_folder(Path(args.out))
     model = load_model(args.model, args.arch)
@@ -390,7 +394,7 @@ def evaluate_command(args) -> int:
 
             pages = visualize_ranked_results(
                 query, gallery, Path(args.out) / "visrank", prefix=target, num_queries=visrank,
-                topk=args.visrank_topk, metric=args.metric, rerank=args.rerank,
+                topk=topk, metric=args.metric, rerank=args.rerank,
                 title=f"{target}: {Path(args.model).name}, {args.metric}{', re-ranked' if args.rerank else ''}")
             print(f"{target}: ranked results in {', '.join(str(p) for p in pages)}", file=sys.stderr)
         for warning in caught:

@@ -51,9 +51,14 @@ def training_curves(metrics: Mapping, path: str | Path, title: str = "") -> Path
     _finish_axes(map_axes, "mAP (%) when evaluated", "mAP (%)", legend=bool(maps))
     if not maps:
         map_axes.text(0.5, 0.5, "no evaluation recorded", ha="center", va="center", transform=map_axes.transAxes)
-    # Whole epochs on the x axes: a fractional epoch tick would suggest measurements that do not exist.
-    for axes in (loss_axes, map_axes):
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # Whole epochs on the x axes: a fractional epoch tick would suggest measurements that do not exist. A few
+    # epochs (one evaluation: the locator falls back to fractions around it) get a tick each, no more.
+    for axes, series in ((loss_axes, losses), (map_axes, maps)):
+        epochs = sorted({epoch for points in series.values() for epoch, _ in points})
+        if 0 < len(epochs) <= 12:
+            axes.set_xticks(epochs)
+        else:
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         figure.suptitle(title, fontsize=11)
     figure.tight_layout()
