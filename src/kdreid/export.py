@@ -40,9 +40,9 @@ SUFFIXES = {"onnx": "onnx", "torchscript": "pt", "torchreid": "pth"}  # for the 
 # How far the exported features may be from PyTorch's fp32 ones, as the worst check image's relative error
 # ‖exported − PyTorch‖ / ‖PyTorch‖, keyed by fp16: 1e-4 in fp32 (a graph that reproduces the model), 1e-2 in fp16
 # (a feature's cosine to its PyTorch self stays above 1 − 5e-5; a query-gallery cosine distance moves by up to
-# ~1e-2). Issue 8 set these as absolute bounds, but the features are not
-# unit-norm: a trained OSNet x0.25's have norms ~90–150, where fp32's rounding alone reaches 3.4e-4 absolute
-# (5e-6 relative) and refused every trained checkpoint.
+# ~1e-2). Issue 8 set these as absolute bounds, but the features are not unit-norm: a trained OSNet x0.25's have
+# norms ~90–150, where fp32's rounding alone reaches 3.4e-4 absolute (5e-6 relative) and refused every trained
+# checkpoint.
 TOLERANCE = {False: 1e-4, True: 1e-2}
 DEFAULT_OPSET = 18
 CHECK_IMAGES = 8

@@ -413,7 +413,8 @@ def evaluate_command(args) -> int:
         metrics.setdefault("final", {}).update(final)
         # Per target: the folder may gather evaluations of several models or settings, one target at a time.
         settings = _settings_per_target(metrics.get("evaluated_with"), metrics["final"])
-        settings.update({target: dict(model=str(Path(args.model).absolute()), metric=args.metric, rerank=args.rerank, flip=args.flip,
+        model_file = str(Path(args.model).absolute())
+        settings.update({target: dict(model=model_file, metric=args.metric, rerank=args.rerank, flip=args.flip,
                                       protocol=protocols[target]) for target in final})
         metrics["evaluated_with"] = settings
         write_json(path, metrics)
