@@ -89,17 +89,13 @@ def _find_size(tree: Any) -> tuple[int, int] | None:
     return None
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def pick_device(name: str | torch.device | None = None) -> torch.device:
     """`--device` as a torch.device: None or "auto" is CUDA when a GPU is visible, else the CPU. A name torch does
     not know, or CUDA without a GPU, is one line (not a RuntimeError from the first tensor moved there)."""
     if isinstance(name, torch.device):
         return name
     if name in (None, "", "auto"):
-        return default_device()
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:

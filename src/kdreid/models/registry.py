@@ -113,27 +113,32 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_input_size(model: nn.Module, height: int, width: int, flag: str = "--height/--width") -> None:
-    """ModelError (one line) when `model` cannot take height × width images — its downsampling leaves no pixel —
-    found by one eval-mode forward of one image, before a stage writes anything or trains. Call it while the
-    model is on the CPU: there a RuntimeError naming a size is about the input, not memory or a driver."""
+@torch.no_grad()
+def _forward_one_image(model: nn.Module, height: int, width: int) -> None:
+    """One eval-mode forward of one blank height × width image; the model's train/eval mode is kept."""
     was_training = model.training
     model.eval()
     try:
         parameter = next(model.parameters())
-        with torch.no_grad():
-            model(torch.zeros(1, 3, height, width, device=parameter.device, dtype=parameter.dtype))
+        model(torch.zeros(1, 3, height, width, device=parameter.device, dtype=parameter.dtype))
+    finally:
+        model.train(was_training)
+
+
+def check_input_size(model: nn.Module, height: int, width: int, flag: str = "--height/--width") -> None:
+    """ModelError (one line) when `model` cannot take height × width images — its downsampling leaves no pixel —
+    found by one eval-mode forward of one image, before a stage writes anything or trains. Call it while the
+    model is on the CPU: there a RuntimeError naming a size is about the input, not memory or a driver."""
+    try:
+        _forward_one_image(model, height, width)
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         if "size" not in reason.lower():  # e.g. out of memory: not the input's fault
             raise
         raise ModelError(f"{getattr(model, 'arch', type(model).__name__)} cannot take {height}x{width} images "
                          f"({reason}); choose a larger {flag} (re-ID models train at 256x128)") from None
-    finally:
-        model.train(was_training)
 
 
-@torch.no_grad()
 def count_macs(model: nn.Module, height: int = 256, width: int = 128) -> int:
     """Multiply-accumulates of one eval-mode forward of one image (convolutions and linear layers)."""
     total = 0
@@ -153,13 +158,9 @@ def count_macs(model: nn.Module, height: int = 256, width: int = 128) -> int:
             handles.append(module.register_forward_hook(conv_hook))
         elif isinstance(module, nn.Linear):
             handles.append(module.register_forward_hook(linear_hook))
-    was_training = model.training
-    model.eval()
     try:
-        device = next(model.parameters()).device
-        model(torch.zeros(1, 3, height, width, device=device))
+        _forward_one_image(model, height, width)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return total

@@ -4,7 +4,6 @@ query/gallery splits, and the final files (`model.pt`, `metrics.json`, `results.
 from __future__ import annotations
 
 import functools
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,9 @@ from kdreid.errors import ConfigError, KdreidError
 from kdreid.evaluation.features import evaluate_model, extract_features
 from kdreid.models import save_checkpoint
 from kdreid.rundir import RunDir, atomic_write_text, write_json
-from kdreid.stages.data import DATASETS_FILE, dataset_fingerprint, hold_out_validation, load_datasets
+from kdreid.stages.data import (
+    DATASETS_FILE, dataset_fingerprint, hold_out_validation, load_datasets, read_datasets_record,
+)
 from kdreid.stages.pseudo_labels import PseudoLabelConfig, cluster_quality
 from kdreid.stages.loop import (
     FitResult, TrainConfig, check_resumed_settings, checkpoint_file, refuse_occupied, results_table, seed_everything,
@@ -204,11 +205,8 @@ def _record_datasets(path: Path, datasets: Sequence[ReidDataset], root: str, log
     start: when the files changed since, the model saw both, and `kdreid pipeline` must not take it for one
     trained on the new files (it trains the stage again)."""
     now = {dataset.name: dataset_fingerprint(dataset, root) for dataset in datasets}
-    try:
-        before = json.loads(path.read_text()) if resuming else None
-    except (OSError, ValueError):
-        before = None
-    if isinstance(before, dict) and before:
+    before = read_datasets_record(path) if resuming else {}
+    if before:
         changed = [name for name, fingerprint in now.items() if before.get(name, fingerprint) != fingerprint]
         if changed:
             log.warning(f"{', '.join(changed)} hold other files than when this run began (regenerated or "

@@ -4,6 +4,7 @@ uint8 image cache and P×K batches drawn from it onto the training device."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,15 @@ def dataset_fingerprint(dataset: ReidDataset, root: str) -> str:
                     f"\t{os.stat(record.path).st_size}\n")
             digest.update(line.encode())
     return digest.hexdigest()[:16]
+
+
+def read_datasets_record(path: Path) -> dict[str, str]:
+    """A run's DATASETS_FILE, {dataset: fingerprint}; empty when absent or unreadable (a run from before it)."""
+    try:
+        recorded = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def combine_train(datasets: Sequence[ReidDataset], combineall: bool = False) -> list[ImageRecord]:

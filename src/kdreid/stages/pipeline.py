@@ -34,7 +34,7 @@ from kdreid.models import count_macs, load_checkpoint
 from kdreid.rundir import RunDir, atomic_write_bytes, atomic_write_text, write_json
 from kdreid.stages import adapt, distill, source
 from kdreid.stages.common import evaluate_datasets
-from kdreid.stages.data import DATASETS_FILE, dataset_fingerprint, load_datasets
+from kdreid.stages.data import DATASETS_FILE, dataset_fingerprint, load_datasets, read_datasets_record
 from kdreid.stages.loop import SELECTION_RULES, changed_settings, changes_weights, checkpoint_file, select_device
 from kdreid.stages.presets import PRESETS, resolve_config
 
@@ -219,13 +219,8 @@ def _newer_inputs(path: Path, inputs: list[Path]) -> list[Path]:
 def _changed_datasets(recorded_file: Path, stage_config, fingerprints: DatasetFingerprints) -> list[str]:
     """The datasets whose content differs from what the stage recorded when it ran (a stage from before the
     record existed is taken as it is)."""
-    try:
-        recorded = json.loads(recorded_file.read_text())
-    except (OSError, ValueError):
-        return []
-    if not isinstance(recorded, dict):
-        return []
-    return [name for name, fingerprint in recorded.items() if fingerprints.of(name, stage_config.data) != fingerprint]
+    return [name for name, fingerprint in read_datasets_record(recorded_file).items()
+            if fingerprints.of(name, stage_config.data) != fingerprint]
 
 
 @dataclass
