@@ -207,6 +207,18 @@ def _out_is_a_file(tmp, monkeypatch):
     return _train(tmp, root)
 
 
+def _folder_in_use(tmp, monkeypatch):
+    """The run folder is held as another kdreid writing there holds it (this process stands in for it: the lock is
+    per open file, so the command below is refused the same way)."""
+    from kdreid import rundir
+
+    holding = rundir.exclusive(tmp / "run")
+    holding.__enter__()
+    # Kept alive by the monkeypatch: when it is undone after the case, the lock's file is closed, and freed.
+    monkeypatch.setattr(rundir, "_held_by_a_test", holding, raising=False)
+    return _train(tmp, _market(tmp)[0])
+
+
 def _non_finite_loss(value: float) -> Callable:
     def setup(tmp, monkeypatch):
         from kdreid.stages import source
@@ -313,6 +325,8 @@ CASES = [
          "train.augment.flip is a probability, from 0 to 1; got 2.0"),
     Case("P×K batch larger than the data allow", _too_big_batch, "lower --batch-size or raise --num-instances"),
     Case("--out is a file", _out_is_a_file, "is a file, not a folder; choose another --out"),
+    Case("a run folder another kdreid process is writing", _folder_in_use,
+         "is in use by another kdreid process (pid "),
     Case("--device that is not a device", lambda tmp, monkeypatch: _train(tmp, _market(tmp)[0], "--device", "gpu"),
          "--device 'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
     Case("`evaluate --device cuda` without a GPU", _evaluate_on_a_missing_gpu,

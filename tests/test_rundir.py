@@ -1,4 +1,5 @@
 import json
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -74,3 +75,34 @@ def test_atomic_write_fsyncs_the_file_and_its_folder_and_keeps_usual_permissions
     umask = os.umask(0o022)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def hold_in_another_process(folder):
+    """A process that holds `folder` (rundir.exclusive) until killed; returns it once the lock is taken."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from kdreid.rundir import exclusive\n"
+            "with exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_run_folder_is_held_by_one_process_and_freed_when_it_dies(tmp_path):
+    folder = tmp_path / "run"
+    holder = hold_in_another_process(folder)
+    try:
+        with pytest.raises(rundir.FolderInUse) as caught:
+            with rundir.exclusive(folder):
+                pass
+        message = str(caught.value)
+        assert message.startswith(f"{folder} is in use by another kdreid process (pid {holder.pid} on ")
+        assert message.endswith("wait for it to end or choose another --out") and "\n" not in message
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock with the process
+        holder.wait()
+    with rundir.exclusive(folder):  # free again, and held by this process now
+        assert f"pid {os.getpid()} " in (folder / rundir.LOCK_FILE).read_text()
+    with rundir.exclusive(folder):  # released at the end of the block
+        pass

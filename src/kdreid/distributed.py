@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 from datetime import timedelta
 from typing import Iterable, Sequence
 
@@ -63,6 +64,12 @@ def init(device: str = "auto") -> bool:
                 "GPU(s); start at most that many processes per node (--nproc_per_node)"
             )
         torch.cuda.set_device(local_rank())
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun sets it; variables left in a shell do not
+        # Joining waits (up to the timeout below) for every other process: say for what, and how to stop waiting.
+        print(f"kdreid: warning: joining {os.environ['WORLD_SIZE']} processes at {os.environ['MASTER_ADDR']}:"
+              f"{os.environ['MASTER_PORT']} as process {rank()}, because RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR "
+              "and MASTER_PORT are set and torchrun did not start this one; for a single process, unset them",
+              file=sys.stderr, flush=True)
     # A generous timeout: a main process evaluating or writing a large checkpoint keeps the others waiting.
     dist.init_process_group("nccl" if on_cuda else "gloo", timeout=timedelta(minutes=60))
     atexit.register(cleanup)

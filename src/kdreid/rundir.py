@@ -4,11 +4,15 @@ half-written file behind: the path holds either the old complete file or the new
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +119,66 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+# A hidden file in a run folder: the process that trains (or runs a pipeline) there holds an exclusive lock on it.
+LOCK_FILE = ".kdreid.lock"
+
+
+class FolderInUse(KdreidError):
+    """Another process is writing the same run folder."""
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | Path):
+    """Hold `folder` (a run folder, created if need be) for this process while the block runs. A second kdreid
+    writing there at the same time — the same command started twice, a `--resume` while the first still trains,
+    a pipeline that would remove a stage folder another process trains in — is refused in one line naming the
+    process that holds it. The lock is the kernel's (flock): it goes with its process, even a killed one, so a
+    crashed run never leaves the folder locked. Where the file system has no locks (some network mounts) or the
+    platform has no fcntl, the folder is used unlocked."""
+    folder = RunDir(folder).path
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = folder / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise _as_write_error(path, error) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            raise FolderInUse(
+                f"{folder} is in use by another kdreid process ({_holder(path)}); wait for it to end or choose "
+                "another --out"
+            ) from None
+        except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
+            locked = False
+        if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder_line().encode("utf-8", "replace"), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder_line() -> str:
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200] if sys.argv and sys.argv[0] else "python"
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    return f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {command}\n"
+
+
+def _holder(path: Path) -> str:
+    try:
+        line = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        line = ""
+    return line or "its pid is not recorded"
 
 
 class RunDir:

@@ -37,7 +37,7 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, function, folder: str) -> None:
     # What torchrun would set; kdreid.distributed.init reads it as it does under torchrun.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="test")
     torch.set_num_threads(1)
     assert distributed.init("cpu") and distributed.world_size() == world and distributed.rank() == rank
     try:
@@ -218,6 +218,24 @@ def _source_flags(root, out, config):
     return ["train-source", "-s", "synth_duke", "-a", "osnet_tiny", "--root", str(root), "--out", str(out),
             "--config", str(config), "--batch-size", "16", "--num-instances", "4", "--height", "64", "--width",
             "32", "--device", "cpu", "--seed", "0"]
+
+
+def test_torchrun_variables_left_in_a_shell_are_named_before_the_wait(monkeypatch, capsys):
+    # Variables left in a shell make a plain command wait for processes that never come: it says so first.
+    joined = []
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *args, **kwargs: joined.append(args))
+    monkeypatch.setattr(distributed.atexit, "register", lambda function: None)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: False)
+    for name, value in dict(RANK="1", WORLD_SIZE="4", LOCAL_RANK="1", MASTER_ADDR="node7", MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert distributed.init("cpu") and joined == [("gloo",)]
+    assert capsys.readouterr().err == (
+        "kdreid: warning: joining 4 processes at node7:29500 as process 1, because RANK, WORLD_SIZE, LOCAL_RANK, "
+        "MASTER_ADDR and MASTER_PORT are set and torchrun did not start this one; for a single process, unset them\n"
+    )
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun sets: no warning
+    assert distributed.init("cpu") and capsys.readouterr().err == ""
 
 
 def test_train_source_on_two_processes_agrees_with_one_process_and_resumes(synth_root, tmp_path):

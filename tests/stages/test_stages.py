@@ -1,6 +1,7 @@
 """Tiny end-to-end runs of the source and D-MMD stages on CPU (seconds each)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -126,6 +127,33 @@ def test_a_stage_that_fails_on_its_inputs_leaves_no_run_folder(source_run, synth
     assert main(["train-source", "-s", "synth_nowhere", "-a", "osnet_tiny", "--root", str(synth_root),
                  "--out", str(out), *TINY]) == 2
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_folder_another_process_writes_is_refused_and_left_alone(source_run, synth_root, tmp_path, capsys):
+    from tests.test_rundir import hold_in_another_process
+
+    # The same stage started twice (here: resumed while it still runs), and a second pipeline on the same folder.
+    stage = tmp_path / "source"
+    shutil.copytree(source_run, stage)
+    pipeline = tmp_path / "pipeline"
+    commands = {
+        stage: ["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root),
+                "--out", str(stage), *TINY, "--resume"],
+        pipeline: ["pipeline", "-s", "synth_msmt", "-t", "synth_duke", "--root", str(synth_root),
+                   "--out", str(pipeline), "--teacher-arch", "osnet_tiny", "--student-arch", "osnet_tiny",
+                   "--preset", "quick"],
+    }
+    for folder, command in commands.items():
+        holder = hold_in_another_process(folder)
+        before = {p.relative_to(folder): p.stat().st_mtime_ns for p in folder.rglob("*")}
+        try:
+            assert main(command) == 2
+        finally:
+            holder.kill()
+            holder.wait()
+        err = capsys.readouterr().err
+        assert f"kdreid: error: {folder} is in use by another kdreid process (pid {holder.pid} " in err
+        assert {p.relative_to(folder): p.stat().st_mtime_ns for p in folder.rglob("*")} == before
 
 
 def test_adapt_with_tracklets_trains_dmmd_and_saves_histograms(source_run, synth_root, tmp_path):

@@ -40,7 +40,7 @@ from kdreid.stages.common import (
     begin_stage,
     stage_evaluator,
     finish_stage,
-    removes_its_folder_on_setup_error,
+    stage_runner,
     source_label_space,
 )
 from kdreid.stages.data import BatchSource, combine_train
@@ -83,7 +83,7 @@ class AdaptConfig:
 GROUPING_NAMES = {"tracklet": "tracklets", "pseudo": "pseudo-labels", "oracle": "oracle identities"}
 
 
-@removes_its_folder_on_setup_error
+@stage_runner
 def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
     if len(config.targets) > 1 and not config.blend:
         raise ConfigError(

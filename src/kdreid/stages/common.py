@@ -3,6 +3,7 @@ query/gallery splits, and the final files (`model.pt`, `metrics.json`, `results.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from kdreid.data.samplers import groups_per_rank
 from kdreid.errors import ConfigError, KdreidError
 from kdreid.evaluation.features import evaluate_model, extract_features
 from kdreid.models import save_checkpoint
-from kdreid.rundir import RunDir, atomic_write_text, write_json
+from kdreid.rundir import LOCK_FILE, FolderInUse, RunDir, atomic_write_text, exclusive, write_json
 from kdreid.stages.data import (
     DATASETS_FILE, dataset_fingerprint, hold_out_validation, load_datasets, read_datasets_record,
 )
@@ -142,22 +143,26 @@ class StageStart:
 
 
 # What a stage writes before its training begins (init.pt: the seed script DMMD.py's converted start weights).
-SETUP_FILES = frozenset({"config.yaml", "log.txt", "init.pt", DATASETS_FILE})
+SETUP_FILES = frozenset({"config.yaml", "log.txt", "init.pt", DATASETS_FILE, LOCK_FILE})
 
 
-def removes_its_folder_on_setup_error(run):
-    """Wraps a stage's `run(config, resume=...)`: when it fails with a KdreidError (a bad input: a missing --init
-    file, an unknown dataset, a wrong architecture) before training began, in a run folder this call created, the
-    folder goes — a failed command leaves nothing half-written behind. A folder that already existed, or where
-    training began (checkpoints, tensorboard, histograms), is kept."""
+def stage_runner(run):
+    """Wraps a stage's `run(config, resume=...)`. The main process holds the run folder for the whole stage
+    (`rundir.exclusive`: a second command writing there is refused). When the stage fails with a KdreidError (a bad
+    input: a missing --init file, an unknown dataset, a wrong architecture) before training began, in a run folder
+    this call created, the folder goes — a failed command leaves nothing half-written behind. A folder that already
+    existed, or where training began (checkpoints, tensorboard, histograms), is kept."""
     @functools.wraps(run)
     def guarded(config, *, resume: bool = False):
         out = Path(config.out)
         created = not out.exists()
+        holding = exclusive(out) if distributed.is_main() else contextlib.nullcontext()
         try:
-            return run(config, resume=resume)
-        except KdreidError:
-            if created and distributed.is_main() and out.is_dir() and {p.name for p in out.iterdir()} <= SETUP_FILES:
+            with holding:
+                return run(config, resume=resume)
+        except KdreidError as error:
+            if (created and distributed.is_main() and not isinstance(error, FolderInUse) and out.is_dir()
+                    and {p.name for p in out.iterdir()} <= SETUP_FILES):
                 RunDir(out).close_logger()
                 shutil.rmtree(out, ignore_errors=True)
             raise

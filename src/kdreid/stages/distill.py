@@ -52,7 +52,7 @@ from kdreid.stages.common import (
     begin_stage,
     stage_evaluator,
     finish_stage,
-    removes_its_folder_on_setup_error,
+    stage_runner,
     source_label_space,
 )
 from kdreid.stages.data import BatchSource, combine_train
@@ -244,7 +244,7 @@ def feature_kd(projector: nn.Module, student_maps, teacher_maps, margins) -> tor
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-@removes_its_folder_on_setup_error
+@stage_runner
 def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     config.validate()
     # The teachers are read before the run folder is made: a teacher of the wrong target stops here, not after

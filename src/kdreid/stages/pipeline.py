@@ -17,6 +17,7 @@ line that says why.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -31,7 +32,7 @@ from kdreid import distributed
 from kdreid.config import flatten, read_yaml
 from kdreid.errors import ConfigError
 from kdreid.models import count_macs, load_checkpoint
-from kdreid.rundir import RunDir, atomic_write_bytes, atomic_write_text, write_json
+from kdreid.rundir import RunDir, atomic_write_bytes, atomic_write_text, exclusive, write_json
 from kdreid.stages import adapt, distill, source
 from kdreid.stages.common import evaluate_datasets
 from kdreid.stages.data import DATASETS_FILE, dataset_fingerprint, load_datasets, read_datasets_record
@@ -439,6 +440,13 @@ def run(config: PipelineConfig) -> PipelineResult:
     # Under torchrun every process runs this function; the first stage's device decides the backend, and only
     # the main process writes the pipeline's own files.
     distributed.init(next(iter(configs.values())).train.device)
+    # The main process holds the pipeline's folder: a second pipeline there would train, or remove, the stage
+    # folders this one trains in.
+    with exclusive(config.out) if distributed.is_main() else contextlib.nullcontext():
+        return _run_stages(config, configs, fingerprints)
+
+
+def _run_stages(config: PipelineConfig, configs: dict, fingerprints: DatasetFingerprints) -> PipelineResult:
     main = distributed.is_main()
     out = RunDir(config.out)
     log = out.logger() if main else distributed.worker_logger()

@@ -20,7 +20,7 @@ from kdreid.stages.common import (
     begin_stage,
     stage_evaluator,
     finish_stage,
-    removes_its_folder_on_setup_error,
+    stage_runner,
     DataOptions,
     EvalOptions,
 )
@@ -63,7 +63,7 @@ def source_train_step(model: torch.nn.Module, batches: BatchSource, config: Sour
     return train_step
 
 
-@removes_its_folder_on_setup_error
+@stage_runner
 def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
     train = config.train
     start = begin_stage(config, resume=resume)
