@@ -108,6 +108,23 @@ def test_a_finished_stage_is_only_removed_after_a_line_naming_what_changed(tmp_p
                      "than its inputs; ignoring train.compile auto -> off)"]
 
 
+def test_a_stage_folder_another_process_trains_in_is_not_removed(tmp_path, monkeypatch):
+    from kdreid.rundir import FolderInUse
+    from tests.test_rundir import hold_in_another_process
+
+    _finish(pipeline.stage_configs(_config(tmp_path)))
+    monkeypatch.setitem(pipeline.RUNNERS, pipeline.distill.DistillConfig, lambda config, resume: pytest.fail())
+    changed = pipeline.stage_configs(_config(tmp_path, distill={"lkdt_weight": 2.0}))["distill"]
+    holder = hold_in_another_process(changed.out)  # e.g. `kdreid distill --out RUN/stages/distill --resume`
+    try:
+        with pytest.raises(FolderInUse, match=f"pid {holder.pid} "):
+            pipeline.run_stage("distill", changed, _logger()[0])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (Path(changed.out) / "model.pt").exists()
+
+
 def test_a_missing_target_stops_the_pipeline_before_any_stage(synth_root, tmp_path, monkeypatch):
     calls = []
     for kind in list(pipeline.RUNNERS):

@@ -283,7 +283,8 @@ def run_stage(name: str, stage_config, log, fingerprints: DatasetFingerprints | 
         log.info(f"stage {name}: removing {folder}{' and its finished model' if finished else ''} to train it "
                  f"again: {state.reason}")
         if distributed.is_main():
-            shutil.rmtree(folder)
+            with exclusive(folder):  # not from under a `kdreid` command training there on its own
+                shutil.rmtree(folder)
     distributed.barrier()  # no process looks at the folder before the main one has removed it
     log.info(f"stage {name}: {'resuming' if state.action == 'resume' else 'training'} in {folder}")
     result = RUNNERS[type(stage_config)](stage_config, resume=state.action == "resume")
