@@ -24,7 +24,7 @@ from _seed_args import (  # noqa: E402
     run_main,
 )
 
-from kdreid.stages.common import removes_its_folder_on_setup_error  # noqa: E402
+from kdreid.stages.common import stage_runner  # noqa: E402
 
 
 def build_parser():
@@ -63,7 +63,7 @@ def init_checkpoint(model_path: str, arch: str, config, out: Path, resume: bool)
                                extra={"stage": "source", "converted_from": model_path}))
 
 
-@removes_its_folder_on_setup_error
+@stage_runner
 def adapt_from(config, *, resume: bool = False):
     """adapt.run from config.init, a kdreid checkpoint or a plain state dict converted first; the run folder is
     checked before anything is written there, and a failure before training leaves no folder behind."""

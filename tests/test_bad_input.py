@@ -208,14 +208,19 @@ def _out_is_a_file(tmp, monkeypatch):
 
 
 def _folder_in_use(tmp, monkeypatch):
-    """The run folder is held as another kdreid writing there holds it (this process stands in for it: the lock is
-    per open file, so the command below is refused the same way)."""
+    """The run folder's lock is taken as another kdreid writing there takes it (flock on its own open file: the
+    command below is refused as if another process held it)."""
+    import fcntl
+
     from kdreid import rundir
 
-    holding = rundir.exclusive(tmp / "run")
-    holding.__enter__()
-    # Kept alive by the monkeypatch: when it is undone after the case, the lock's file is closed, and freed.
-    monkeypatch.setattr(rundir, "_held_by_a_test", holding, raising=False)
+    (tmp / "run").mkdir()
+    lock = open(tmp / "run" / rundir.LOCK_FILE, "w")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.write("pid 4242 on node7, started 2026-11-27 05:00:00: kdreid train-source ...\n")
+    lock.flush()
+    # Kept open by the monkeypatch: when it is undone after the case, the file is closed and the lock freed.
+    monkeypatch.setattr(rundir, "_held_by_a_test", lock, raising=False)
     return _train(tmp, _market(tmp)[0])
 
 
@@ -326,7 +331,7 @@ CASES = [
     Case("P×K batch larger than the data allow", _too_big_batch, "lower --batch-size or raise --num-instances"),
     Case("--out is a file", _out_is_a_file, "is a file, not a folder; choose another --out"),
     Case("a run folder another kdreid process is writing", _folder_in_use,
-         "is in use by another kdreid process (pid "),
+         "is in use by another kdreid process (pid 4242 on node7, "),
     Case("--device that is not a device", lambda tmp, monkeypatch: _train(tmp, _market(tmp)[0], "--device", "gpu"),
          "--device 'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
     Case("`evaluate --device cuda` without a GPU", _evaluate_on_a_missing_gpu,

@@ -106,3 +106,18 @@ def test_a_run_folder_is_held_by_one_process_and_freed_when_it_dies(tmp_path):
         assert f"pid {os.getpid()} " in (folder / rundir.LOCK_FILE).read_text()
     with rundir.exclusive(folder):  # released at the end of the block
         pass
+
+
+def test_a_folder_held_by_this_process_can_be_held_again_inside(tmp_path):
+    # A seed script's stage wrapper around a stage that holds its folder too: the inner block goes on.
+    with rundir.exclusive(tmp_path / "run"):
+        with rundir.exclusive(tmp_path / "run"):
+            pass
+        holder = hold_in_another_process(tmp_path / "other")  # and another folder is still another's
+        try:
+            with pytest.raises(rundir.FolderInUse):
+                with rundir.exclusive(tmp_path / "other"):
+                    pass
+        finally:
+            holder.kill()
+            holder.wait()

@@ -123,6 +123,7 @@ def write_json(path: str | Path, data: Any) -> None:
 
 # A hidden file in a run folder: the process that trains (or runs a pipeline) there holds an exclusive lock on it.
 LOCK_FILE = ".kdreid.lock"
+_HELD: set[Path] = set()  # the folders this process holds
 
 
 class FolderInUse(KdreidError):
@@ -136,11 +137,15 @@ def exclusive(folder: str | Path):
     a pipeline that would remove a stage folder another process trains in — is refused in one line naming the
     process that holds it. The lock is the kernel's (flock): it goes with its process, even a killed one, so a
     crashed run never leaves the folder locked. Where the file system has no locks (some network mounts) or the
-    platform has no fcntl, the folder is used unlocked."""
+    platform has no fcntl, the folder is used unlocked. Re-entrant: a block inside another holding the same folder
+    in this process (a seed script wrapping a stage) goes on."""
     folder = RunDir(folder).path
+    key = folder.resolve()
     try:
         import fcntl
     except ImportError:  # not POSIX
+        fcntl = None
+    if fcntl is None or key in _HELD:
         yield
         return
     path = folder / LOCK_FILE
@@ -162,8 +167,10 @@ def exclusive(folder: str | Path):
         if locked:
             os.ftruncate(fd, 0)
             os.pwrite(fd, _holder_line().encode("utf-8", "replace"), 0)
+        _HELD.add(key)
         yield
     finally:
+        _HELD.discard(key)
         os.close(fd)  # releases the lock
 
 
