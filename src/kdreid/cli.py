@@ -134,6 +134,7 @@ def _add_stage_flags(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt if it exists")
     p.add_argument("--cuhk03-labeled", action="store_const", const=True)
     p.add_argument("--cuhk03-classic-split", action="store_const", const=True)
+    p.add_argument("--split-id", type=int, help="CUHK03 classic protocol: which of the 20 splits to train on (0..19)")
 
 
 def _stage_overrides(args) -> dict:
@@ -142,6 +143,7 @@ def _stage_overrides(args) -> dict:
         "data.root": args.root,
         "data.cuhk03_labeled": args.cuhk03_labeled,
         "data.cuhk03_classic_split": args.cuhk03_classic_split,
+        "data.cuhk03_split_id": args.split_id,
         "train.epochs": args.epochs,
         "train.batch_size": args.batch_size,
         "train.num_instances": args.num_instances,

@@ -270,7 +270,8 @@ def _stage_targets(config: dict) -> list[str]:
 
 def _data_options(config: dict) -> dict:
     data = config.get("data") or {}
-    cuhk03 = {"labeled": bool(data.get("cuhk03_labeled")), "classic_split": bool(data.get("cuhk03_classic_split"))}
+    cuhk03 = {"labeled": bool(data.get("cuhk03_labeled")), "classic_split": bool(data.get("cuhk03_classic_split")),
+              "split_id": int(data.get("cuhk03_split_id") or 0)}
     return {"cuhk03": cuhk03}
 
 

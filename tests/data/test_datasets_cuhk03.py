@@ -240,3 +240,32 @@ def test_extracting_into_a_read_only_folder_is_a_clear_error(tmp_path, monkeypat
     monkeypatch.setattr(cuhk03, "extract_images", lambda *args: _read_only())
     with pytest.raises(DatasetError, match=r"cannot extract the CUHK03 detected images into .*writable copy"):
         build_dataset("cuhk03", tmp_path, classic_split=True)
+
+
+@needs_h5py
+@pytest.mark.parametrize("command", ["train-source", "pipeline"])
+def test_the_training_stages_read_the_classic_split_they_are_given(command, tmp_path, monkeypatch):
+    # Researchers average the classic protocol over its 20 splits: each split must be trainable, not only split 0.
+    from kdreid.cli import main
+    from kdreid.stages import pipeline, source
+    from kdreid.stages.data import load_datasets
+
+    raw_tree(tmp_path)
+    configs = []
+
+    class Captured(Exception):
+        """Stops the command once its config is resolved: nothing is trained."""
+
+    def capture(config, resume=False):
+        configs.append(config)
+        raise Captured
+
+    monkeypatch.setattr(source, "run", capture)
+    monkeypatch.setattr(pipeline, "run", capture)
+    argv = [command, "-s", "cuhk03", *(["-t", "cuhk03"] if command == "pipeline" else []), "--root", str(tmp_path),
+            "--out", str(tmp_path / "run"), "--cuhk03-classic-split", "--split-id", "1"]
+    with pytest.raises(Captured):
+        main(argv)
+    config = configs[0] if command == "train-source" else pipeline.stage_configs(configs[0])["source_resnet50"]
+    [dataset] = load_datasets(["cuhk03"], str(tmp_path), {"cuhk03": config.data.reader_options("cuhk03")})
+    assert sorted({r.pid for r in dataset.query}) == [1001, 2002]  # split 1's test persons

@@ -185,6 +185,33 @@ def test_protocol_is_chosen_per_target_as_the_stages_do(setup, tmp_path, capsys,
     assert json.loads(out)["final"]["cuhk03"]["rank1"] == pytest.approx(cuhk03["rank1"], abs=1e-3)
 
 
+@pytest.mark.parametrize("trained, flags, warned", [
+    ({"cuhk03_classic_split": True, "cuhk03_split_id": 3}, ["--cuhk03-classic-split", "--split-id", "3"], None),
+    ({"cuhk03_classic_split": True, "cuhk03_split_id": 3}, ["--cuhk03-classic-split"],
+     "trained on CUHK03 images of the classic split 3, evaluated on the classic split 0: its test persons may be "
+     "training persons of the model; evaluate on the run's own split (--cuhk03-classic-split --split-id 3)"),
+    ({}, ["--cuhk03-classic-split", "--split-id", "1"],
+     "trained on CUHK03 images of the new protocol, evaluated on the classic split 1: its test persons may be "
+     "training persons of the model; evaluate on the run's own split (no --cuhk03-classic-split)"),
+])
+def test_a_model_trained_on_another_cuhk03_split_is_named(setup, tmp_path, capsys, monkeypatch, trained, flags,
+                                                          warned):
+    # The test persons of one CUHK03 split are training persons of the others: those numbers would be void.
+    from kdreid.data.datasets import base
+
+    root, _, _ = setup
+    market = build_dataset("market1501", root)
+    monkeypatch.setattr(base, "build_dataset", lambda name, *a, **kw: market)  # stands in for a CUHK03 split
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "model.pt", build_model("resnet_tiny", num_classes=6), datasets=["cuhk03"],
+                                 config={"data": trained}, extra={"input_size": [HEIGHT, WIDTH]})
+    code, _, err = run(["evaluate", "--model", str(checkpoint), "-t", "cuhk03", "--root", str(root), "--device",
+                        "cpu", *flags], capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("kdreid: warning:")]
+    assert warnings == ([f"kdreid: warning: {checkpoint} {warned}"] if warned else [])
+
+
 def test_an_exported_model_is_sent_to_the_commands_that_take_it(setup, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     root, checkpoint, _ = setup

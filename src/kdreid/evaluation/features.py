@@ -327,6 +327,25 @@ def _settings_per_target(recorded, targets) -> dict:
     return {target: {**recorded, "protocol": protocols.get(target)} for target in targets if target in protocols}
 
 
+def _other_cuhk03_split(model: nn.Module, classic: bool, split_id: int) -> str | None:
+    """Why the numbers would be void when `model` trained on CUHK03 images of another split than the one evaluated:
+    the test persons of one CUHK03 split (classic or new protocol) are training persons of the others."""
+    meta = getattr(model, "kdreid_meta", None) or {}
+    if "cuhk03" not in (meta.get("datasets") or []):
+        return None
+    data = (meta.get("config") or {}).get("data") or {}
+    trained = (bool(data.get("cuhk03_classic_split")), int(data.get("cuhk03_split_id") or 0))
+    if trained == (classic, split_id):
+        return None
+
+    def name(split: tuple[bool, int]) -> str:
+        return f"the classic split {split[1]}" if split[0] else "the new protocol"
+
+    flags = f"--cuhk03-classic-split --split-id {trained[1]}" if trained[0] else "no --cuhk03-classic-split"
+    return (f"trained on CUHK03 images of {name(trained)}, evaluated on {name((classic, split_id))}: its test "
+            f"persons may be training persons of the model; evaluate on the run's own split ({flags})")
+
+
 def evaluate_command(args) -> int:
     """`kdreid evaluate`: one table row per target (percent), `--json` for machines, `--out RUN` writes
     RUN/metrics.json ({"final": {target: {mAP, rank1, rank5, rank10, mINP}}}, merged into an existing file)."""
@@ -357,6 +376,8 @@ def evaluate_command(args) -> int:
     if args.out:
         _check_evaluation_folder(Path(args.out))
     model = load_model(args.model, args.arch)
+    if "cuhk03" in args.targets and (leak := _other_cuhk03_split(model, args.cuhk03_classic_split, args.split_id)):
+        print(f"kdreid: warning: {args.model} {leak}", file=sys.stderr)
     device = pick_device(args.device)
     trained_height, trained_width = model_input_size(model)
     check_input_size(model, args.height or trained_height, args.width or trained_width)

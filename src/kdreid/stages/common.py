@@ -39,11 +39,13 @@ class DataOptions:
     root: str = "data"
     cuhk03_labeled: bool = False
     cuhk03_classic_split: bool = False
+    cuhk03_split_id: int = 0  # which of the classic protocol's 20 splits (the new protocol has one)
     combineall: bool = False
 
     def reader_options(self, name: str) -> dict:
         if name == "cuhk03":
-            return {"labeled": self.cuhk03_labeled, "classic_split": self.cuhk03_classic_split}
+            return {"labeled": self.cuhk03_labeled, "classic_split": self.cuhk03_classic_split,
+                    "split_id": self.cuhk03_split_id}
         return {}
 
 
