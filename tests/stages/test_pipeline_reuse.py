@@ -59,6 +59,19 @@ def test_settings_that_do_not_change_the_weights_keep_finished_stages(tmp_path):
     assert fresh.reason == f"settings that change its weights differ: train.epochs {quick_epochs} -> 9"
 
 
+def test_a_stage_finished_by_an_older_kdreid_is_reused_across_settings_it_predates(tmp_path):
+    # A setting added since (here data.cuhk03_split_id) counts at its default, which is what kdreid did before.
+    configs = pipeline.stage_configs(_config(tmp_path))
+    _finish(configs)
+    for stage_config in configs.values():
+        saved = Path(stage_config.out) / "config.yaml"
+        older = yaml.safe_load(saved.read_text())
+        del older["data"]["cuhk03_split_id"]
+        saved.write_text(yaml.safe_dump(older))
+    assert set(_actions(_config(tmp_path)).values()) == {"done"}
+    assert set(_actions(_config(tmp_path, common={"data.cuhk03_split_id": 2})).values()) == {"fresh"}
+
+
 def test_evaluation_settings_matter_when_a_score_picks_the_epoch(tmp_path):
     by_score = {"train.select": "source-val"}
     _finish(pipeline.stage_configs(_config(tmp_path, adapt=by_score)))

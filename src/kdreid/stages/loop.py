@@ -424,8 +424,11 @@ _UNSET = "(unset)"
 
 
 def changed_settings(saved: Mapping[str, Any], stage_config) -> dict[str, tuple[Any, Any]]:
-    """Every setting that differs between a saved config.yaml and `stage_config`: {dotted key: (saved, now)}."""
-    before = flatten(saved)
+    """Every setting that differs between a saved config.yaml and `stage_config`: {dotted key: (saved, now)}.
+    A setting the saved file predates (written by an older kdreid) counts at its default: a new setting's default
+    is what kdreid did before it existed."""
+    defaults = flatten(yaml.safe_load(dump_yaml(type(stage_config)())))
+    before = defaults | flatten(saved)
     now = flatten(yaml.safe_load(dump_yaml(stage_config)))  # through YAML, as the saved one went
     return {key: (before.get(key, _UNSET), now.get(key, _UNSET)) for key in sorted(before.keys() | now.keys())
             if before.get(key, _UNSET) != now.get(key, _UNSET)}
