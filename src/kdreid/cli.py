@@ -105,12 +105,12 @@ def _run_data_baseline(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- stages
-def _add_stage_flags(p) -> None:
+def _add_stage_flags(p, preset_default: str = "none: the built-in defaults") -> None:
     """The flags every training stage takes; unset flags leave the preset/--config value alone."""
     p.add_argument("--root", help="parent folder of the datasets (as in torchreid)")
     p.add_argument("--out", help="run folder (config.yaml, log.txt, checkpoints/, model.pt, metrics.json)")
     p.add_argument("--config", help="YAML file of settings (applied over --preset, under the flags)")
-    p.add_argument("--preset", help="named settings: quick (CPU minutes) or paper")
+    p.add_argument("--preset", help=f"named settings: quick (CPU minutes) or paper (default {preset_default})")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="P×K images per domain and step")
     p.add_argument("--num-instances", type=int, help="K, images per identity/tracklet in a batch")
@@ -331,7 +331,7 @@ def _add_pipeline(commands) -> None:
     p.add_argument("-t", "--targets", nargs="+", required=True, help="the unlabelled targets")
     p.add_argument("--teacher-arch", help="architecture of the source model and the teachers (default resnet50)")
     p.add_argument("--student-arch", help="architecture of the student and the blend (default osnet_x0_25)")
-    _add_stage_flags(p)
+    _add_stage_flags(p, preset_default="paper")
     p.set_defaults(run=_run_pipeline)
 
 
