@@ -3,10 +3,13 @@ of the original code that must not come back (LR stepped T times per epoch, mult
 trained, feature KD silently zero for OSNet students)."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from kdreid.cli import main
 from kdreid.errors import CheckpointError, ConfigError
@@ -305,3 +308,42 @@ def test_presets_resolve_for_distill():
     assert paper.train.optim.optimizer == "sgd" and paper.train.optim.lr == 0.01 and paper.train.epochs == 50
     quick = resolve_config(distill.DistillConfig, "distill", preset="quick")
     assert (quick.train.height, quick.train.width) == (64, 32) and quick.train.epochs < paper.train.epochs
+
+
+def test_a_resume_distils_from_the_same_teacher_files_named_from_any_folder(three_domains, checkpoints, tmp_path,
+                                                                             monkeypatch, capsys):
+    import shutil
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("t_duke", "t_cuhk", "student"):
+        shutil.copy(checkpoints[name], models / f"{name}.pt")
+    out = tmp_path / "run"
+
+    def distill_from(folder, *extra):
+        monkeypatch.chdir(folder)
+        relative = [str(Path(os.path.relpath(models, folder)) / f"{n}.pt") for n in
+                    ("t_duke", "t_cuhk", "student")]
+        return main(["distill", "-s", "synth_msmt", "-t", *TARGETS, "-a", "osnet_tiny", "--teachers", *relative[:2],
+                     "--student-init", relative[2], "--root", os.path.relpath(three_domains, folder),
+                     "--out", str(out), *TINY, "--epochs", "1", *extra])
+
+    assert distill_from(models) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    # Absolute: `kdreid report` and a resume read the same files from any folder.
+    assert saved["teachers"] == [str(models / "t_duke.pt"), str(models / "t_cuhk.pt")]
+    assert saved["data"]["root"] == str(three_domains) and saved["student_init"] == str(models / "student.pt")
+    capsys.readouterr()
+    # The second teacher trained again in place: the same path, another model.
+    torch.manual_seed(1)
+    save_checkpoint(models / "t_cuhk.pt", build_model("osnet_tiny", 5),
+                    extra={"stage": "source", "input_size": [64, 32]})
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+    assert distill_from(tmp_path, "--epochs", "2", "--resume") == 2
+    assert (f"teacher 2 ({models / 't_cuhk.pt'}) is not the file {out} began with (its content differs)"
+            in capsys.readouterr().err)
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before
+    # The run's own teachers, named from another folder by other relative paths: resumed.
+    shutil.copy(checkpoints["t_cuhk"], models / "t_cuhk.pt")
+    assert distill_from(tmp_path, "--epochs", "2", "--resume") == 0
+    assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2]

@@ -27,8 +27,8 @@ from kdreid.stages.data import (
 )
 from kdreid.stages.pseudo_labels import PseudoLabelConfig, cluster_quality
 from kdreid.stages.loop import (
-    FitResult, TrainConfig, check_resumed_settings, checkpoint_file, refuse_occupied, results_table, seed_everything,
-    select_device,
+    PATH_SETTINGS, FitResult, TrainConfig, absolute_path_setting, check_resumed_settings, checkpoint_file,
+    refuse_occupied, results_table, seed_everything, select_device,
 )
 
 
@@ -144,8 +144,9 @@ class StageStart:
     targets: list[ReidDataset]
 
 
-# What a stage writes before its training begins (init.pt: the seed script DMMD.py's converted start weights).
-SETUP_FILES = frozenset({"config.yaml", "log.txt", "init.pt", DATASETS_FILE, LOCK_FILE})
+# What a stage writes before its training begins (init.pt: the seed script DMMD.py's converted start weights;
+# teachers.json: the distillation's record of its teachers).
+SETUP_FILES = frozenset({"config.yaml", "log.txt", "init.pt", "teachers.json", DATASETS_FILE, LOCK_FILE})
 
 
 def stage_runner(run):
@@ -177,6 +178,7 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     anything is written, then open the run folder (resolved config, log), seed, pick the device and read the
     source and target datasets. `config` has .out, .train, .data, .sources and .targets."""
     config.train.validate()
+    _make_paths_absolute(config)
     # Under torchrun: join the other processes, and refuse a P×K batch they cannot share before any work.
     distributed.init(config.train.device)
     groups_per_rank(config.train.batch_size // config.train.num_instances, distributed.world_size(), "groups")
@@ -205,6 +207,16 @@ def begin_stage(config, *, resume: bool) -> StageStart:
         resuming = resume and checkpoint_file(run.path).exists()
         _record_datasets(run.path / DATASETS_FILE, sources + targets, config.data.root, log, resuming)
     return StageStart(run, log, device, sources, targets)
+
+
+def _make_paths_absolute(config) -> None:
+    """The data root and the input files as absolute paths (`PATH_SETTINGS`): config.yaml, the checkpoints' records
+    and a later `kdreid report` or `--resume` then name the same files from any working directory."""
+    for key in PATH_SETTINGS:
+        *parents, name = key.split(".")
+        owner = functools.reduce(getattr, parents, config)
+        if hasattr(owner, name):
+            setattr(owner, name, absolute_path_setting(getattr(owner, name)))
 
 
 def _record_datasets(path: Path, datasets: Sequence[ReidDataset], root: str, log, resuming: bool) -> None:

@@ -31,7 +31,10 @@ student/teacher pair (the projectors are in the optimiser), and teachers stay in
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
@@ -39,12 +42,13 @@ import torch
 from torch import nn
 
 from kdreid import distributed
-from kdreid.errors import CheckpointError, ConfigError, DatasetError
+from kdreid.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, mmd
 from kdreid.losses.distill import bn_margins, distance_kd, margin_feature_loss
 from kdreid.models import build_model, build_projector, check_input_size, load_checkpoint
 from kdreid.models.dsbn import DSBatchNorm
 from kdreid.models.weights import embedding_dim_of
+from kdreid.rundir import write_json
 from kdreid.stages.common import (
     DataOptions,
     EvalOptions,
@@ -56,7 +60,7 @@ from kdreid.stages.common import (
     source_label_space,
 )
 from kdreid.stages.data import BatchSource, combine_train
-from kdreid.stages.loop import StepContext, TrainConfig, fit
+from kdreid.stages.loop import StepContext, TrainConfig, checkpoint_file, fit
 from kdreid.stages.optim import OptimConfig, build_optimizer
 
 
@@ -201,6 +205,36 @@ def load_teacher(path: str, arch: str = "") -> nn.Module:
         raise
 
 
+# RUN/teachers.json: a digest of each teacher's file when the run began.
+TEACHERS_FILE = "teachers.json"
+
+
+def check_same_teachers(run: Path, teachers: Sequence[str], *, resuming: bool) -> None:
+    """A resumed distillation must learn from the teachers it began with: the same paths (checked with the other
+    settings) may hold other files since (a teacher trained again in place, a relative path read from another
+    folder). The first run records each file's SHA-256; a resume with different content is refused."""
+    record = run / TEACHERS_FILE
+    now = [file_digest(path) for path in teachers]
+    if resuming and record.is_file():
+        before = json.loads(record.read_text())
+        for position, (path, was, digest) in enumerate(zip(teachers, before, now), start=1):
+            if was != digest:
+                raise TrainingError(
+                    f"teacher {position} ({path}) is not the file {run} began with (its content differs); resume "
+                    "with the run's own teachers or choose another --out"
+                )
+        return
+    write_json(record, now)
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_teacher_targets(teachers: Sequence[nn.Module], paths: Sequence[str], targets: Sequence[str],
                           sources: Sequence[str]) -> None:
     """Refuse a kdreid teacher that was not trained on the target at its position (teachers in another order,
@@ -254,6 +288,8 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     train = config.train
     start = begin_stage(config, resume=resume)
     run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets
+    if distributed.is_main():
+        check_same_teachers(run_dir.path, config.teachers, resuming=resume and checkpoint_file(run_dir.path).exists())
     source_records = combine_train(sources, combineall=config.data.combineall)
 
     # The student: from its source-trained checkpoint (same label space as the sources), or built anew.

@@ -421,6 +421,20 @@ RUN_ONLY_SETTINGS = frozenset({
 # add its own (EVALUATION_ONLY: the source stage's targets, which it only evaluates on).
 SELECTION_SETTINGS = frozenset({"train.eval_freq", "train.source_val_ids", "eval.metric", "eval.flip"})
 _UNSET = "(unset)"
+# Settings that name files or folders. A run saves them absolute, so that its config.yaml means the same files from
+# any working directory (`kdreid report`, a resume from elsewhere); they are compared as absolute paths, which also
+# reads a config.yaml of an older kdreid (paths as typed) from the folder its command ran in.
+PATH_SETTINGS = ("data.root", "init", "student_init", "teachers", "pretrained")
+_NAMES_NOT_PATHS = ("", "none", "imagenet")  # values of those settings that name no file
+
+
+def absolute_path_setting(value: Any) -> Any:
+    """A PATH_SETTINGS value with its paths absolute (not resolved: a symlinked folder keeps its name)."""
+    if isinstance(value, list):
+        return [absolute_path_setting(item) for item in value]
+    if isinstance(value, str) and value not in _NAMES_NOT_PATHS:
+        return os.path.abspath(value)
+    return value
 
 
 def changed_settings(saved: Mapping[str, Any], stage_config) -> dict[str, tuple[Any, Any]]:
@@ -430,6 +444,8 @@ def changed_settings(saved: Mapping[str, Any], stage_config) -> dict[str, tuple[
     defaults = flatten(yaml.safe_load(dump_yaml(type(stage_config)())))
     before = defaults | flatten(saved)
     now = flatten(yaml.safe_load(dump_yaml(stage_config)))  # through YAML, as the saved one went
+    for settings in (before, now):
+        settings.update({key: absolute_path_setting(settings[key]) for key in PATH_SETTINGS if key in settings})
     return {key: (before.get(key, _UNSET), now.get(key, _UNSET)) for key in sorted(before.keys() | now.keys())
             if before.get(key, _UNSET) != now.get(key, _UNSET)}
 
