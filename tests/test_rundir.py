@@ -121,3 +121,27 @@ def test_a_folder_held_by_this_process_can_be_held_again_inside(tmp_path):
         finally:
             holder.kill()
             holder.wait()
+
+
+def test_a_path_going_up_from_a_symlink_writes_where_the_system_opens_it(tmp_path):
+    # `link/..` is the parent of the link's target for the system, but Python's abspath (used by logging and
+    # tempfile) drops it as text: files must land where the system opens the path.
+    (tmp_path / "deep" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "deep" / "a" / "b")
+    run = RunDir(tmp_path / "link" / ".." / "run")
+    run.logger("test_updir").info("hello")
+    run.close_logger("test_updir")
+    run.save_metrics({"final": {}})
+    folder = tmp_path / "deep" / "a" / "run"
+    assert sorted(p.name for p in folder.iterdir()) == ["log.txt", "metrics.json"]
+    assert "hello" in (folder / "log.txt").read_text() and not (tmp_path / "run").exists()
+    assert rundir.absolute_path(tmp_path / "link" / "x") == str(tmp_path / "link" / "x")  # other links keep names
+
+
+def test_an_out_folder_that_is_a_dangling_link_is_named_as_such(tmp_path):
+    from kdreid.errors import KdreidError
+
+    (tmp_path / "run").symlink_to(tmp_path / "gone")
+    with pytest.raises(KdreidError, match=f"--out {tmp_path / 'run'} is a link to {tmp_path / 'gone'}, which does "
+                                          "not exist; create that folder or choose another --out"):
+        RunDir(tmp_path / "run")

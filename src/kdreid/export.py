@@ -33,7 +33,7 @@ from torch import nn
 
 import kdreid
 from kdreid.errors import DatasetError, ModelError
-from kdreid.rundir import new_file_mode, refuse_folder
+from kdreid.rundir import absolute_path, new_file_mode, refuse_folder
 
 FORMATS = ("onnx", "torchscript", "torchreid")
 SUFFIXES = {"onnx": "onnx", "torchscript": "pt", "torchreid": "pth"}  # for the file name an error suggests
@@ -122,7 +122,7 @@ def export_model(
 
     tolerance = TOLERANCE[fp16]
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=absolute_path(out.parent), prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, new_file_mode(out))  # mkstemp makes 0600 files: a deployed model must be readable by others

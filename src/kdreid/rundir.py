@@ -63,6 +63,13 @@ def fsync_directory(folder: str | Path) -> None:
         os.close(fd)
 
 
+def absolute_path(path: str | Path) -> str:
+    """`path` made absolute, naming the file the system opens for it. Python's own absolute paths (os.path.abspath,
+    which logging and tempfile use) drop "a/.." as text, while the system follows a symlink `a` before going up: so a
+    path with ".." is resolved (symlinks included) and any other is only made absolute (a symlink keeps its name)."""
+    return os.path.realpath(path) if ".." in Path(path).parts else os.path.abspath(path)
+
+
 def refuse_folder(path: str | Path, example: str = "") -> None:
     """One line, before any work, when a file is to be written where a folder stands (os.replace would fail
     after the work is done, with a traceback). `example`: a file name to suggest inside that folder."""
@@ -95,7 +102,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     refuse_folder(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=absolute_path(path.parent), prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:
         raise _as_write_error(path, error) from None
     try:
@@ -196,6 +203,9 @@ class RunDir:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
+            if self.path.is_symlink() and not self.path.exists():
+                raise KdreidError(f"--out {self.path} is a link to {os.readlink(self.path)}, which does not exist; "
+                                  "create that folder or choose another --out") from None
             raise KdreidError(f"--out {self.path} is a file, not a folder; choose another --out") from None
         except OSError as error:
             raise _as_write_error(self.path, error) from None
@@ -217,7 +227,7 @@ class RunDir:
             log.setLevel(logging.INFO)
             log.propagate = False
             try:
-                file_handler = logging.FileHandler(self.path / "log.txt")
+                file_handler = logging.FileHandler(absolute_path(self.path / "log.txt"))
             except OSError as error:
                 raise _as_write_error(self.path / "log.txt", error) from None
             file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))

@@ -129,6 +129,19 @@ def test_a_stage_that_fails_on_its_inputs_leaves_no_run_folder(source_run, synth
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_stage_that_fails_before_its_first_checkpoint_leaves_no_run_folder(synth_root, tmp_path, monkeypatch,
+                                                                            capsys):
+    # Training began (log, tensorboard) but nothing can be resumed: the folder goes as for a setup error.
+    from kdreid.stages import source
+
+    monkeypatch.setattr(source, "batch_hard_triplet", lambda embedding, *args: embedding.sum() * float("nan"))
+    out = tmp_path / "run"
+    assert main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root),
+                 "--out", str(out), *TINY]) == 2
+    assert "non-finite loss at epoch 1, iteration 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_run_folder_another_process_writes_is_refused_and_left_alone(source_run, synth_root, tmp_path, capsys):
     from tests.test_rundir import hold_in_another_process
 

@@ -21,7 +21,7 @@ from kdreid.data.samplers import groups_per_rank
 from kdreid.errors import ConfigError, KdreidError
 from kdreid.evaluation.features import evaluate_model, extract_features
 from kdreid.models import save_checkpoint
-from kdreid.rundir import LOCK_FILE, FolderInUse, RunDir, atomic_write_text, exclusive, write_json
+from kdreid.rundir import FolderInUse, RunDir, atomic_write_text, exclusive, write_json
 from kdreid.stages.data import (
     DATASETS_FILE, dataset_fingerprint, hold_out_validation, load_datasets, read_datasets_record,
 )
@@ -144,17 +144,13 @@ class StageStart:
     targets: list[ReidDataset]
 
 
-# What a stage writes before its training begins (init.pt: the seed script DMMD.py's converted start weights;
-# teachers.json: the distillation's record of its teachers).
-SETUP_FILES = frozenset({"config.yaml", "log.txt", "init.pt", "teachers.json", DATASETS_FILE, LOCK_FILE})
-
-
 def stage_runner(run):
     """Wraps a stage's `run(config, resume=...)`. The main process holds the run folder for the whole stage
     (`rundir.exclusive`: a second command writing there is refused). When the stage fails with a KdreidError (a bad
-    input: a missing --init file, an unknown dataset, a wrong architecture) before training began, in a run folder
-    this call created, the folder goes — a failed command leaves nothing half-written behind. A folder that already
-    existed, or where training began (checkpoints, tensorboard, histograms), is kept."""
+    input: a missing --init file, an unknown dataset, a wrong architecture, too few pseudo-label clusters, a NaN
+    loss) before its first checkpoint, in a run folder this call created, the folder goes — a failed command leaves
+    nothing half-written behind, and nothing that could be resumed is lost. A folder that already existed, or that
+    holds a checkpoint or a model, is kept."""
     @functools.wraps(run)
     def guarded(config, *, resume: bool = False):
         out = Path(config.out)
@@ -164,8 +160,8 @@ def stage_runner(run):
             with holding:
                 return run(config, resume=resume)
         except KdreidError as error:
-            if (created and distributed.is_main() and not isinstance(error, FolderInUse) and out.is_dir()
-                    and {p.name for p in out.iterdir()} <= SETUP_FILES):
+            ours = created and distributed.is_main() and not isinstance(error, FolderInUse) and out.is_dir()
+            if ours and not (any((out / "checkpoints").glob("*.pt")) or (out / "model.pt").exists()):
                 RunDir(out).close_logger()
                 shutil.rmtree(out, ignore_errors=True)
             raise

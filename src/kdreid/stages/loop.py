@@ -43,7 +43,7 @@ from kdreid.config import dump_yaml, flatten, to_dict
 from kdreid.data.augment import AugmentConfig
 from kdreid.errors import CheckpointError, ConfigError, KdreidError, TrainingError
 from kdreid.models.weights import TRAINING_STATE_FORMAT, TRAINING_STATE_MAGIC, UnsafeCheckpointError, safe_load
-from kdreid.rundir import RunDir, atomic_write_bytes
+from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes
 from kdreid.stages.optim import OptimConfig, learning_rate, set_learning_rate
 from kdreid.stages.speed import (
     COMPILE_MODES, CompiledStep, LossWindow, resolve_compile, to_memory_format, tune_backends, use_channels_last,
@@ -429,11 +429,11 @@ _NAMES_NOT_PATHS = ("", "none", "imagenet")  # values of those settings that nam
 
 
 def absolute_path_setting(value: Any) -> Any:
-    """A PATH_SETTINGS value with its paths absolute (not resolved: a symlinked folder keeps its name)."""
+    """A PATH_SETTINGS value with its paths absolute (`rundir.absolute_path`)."""
     if isinstance(value, list):
         return [absolute_path_setting(item) for item in value]
     if isinstance(value, str) and value not in _NAMES_NOT_PATHS:
-        return os.path.abspath(value)
+        return absolute_path(value)
     return value
 
 
