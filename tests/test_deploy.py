@@ -280,3 +280,19 @@ def test_search_warns_when_query_and_gallery_are_embedded_otherwise(workdir, tmp
     assert main(["search", "--gallery", str(gallery), "--query", str(query), "--topk", "1", "--model",
                  str(copy)]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_list_images_follows_linked_folders_and_skips_debris(tmp_path):
+    from kdreid.deploy import list_images
+
+    for folder in (tmp_path / "gallery" / "day1", tmp_path / "elsewhere"):
+        folder.mkdir(parents=True)
+    for path in (tmp_path / "gallery" / "day1" / "a.jpg", tmp_path / "elsewhere" / "b.PNG"):
+        path.write_bytes(b"image")
+    (tmp_path / "gallery" / "day2").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "gallery" / "._a.jpg").write_bytes(b"\x00")  # macOS twin
+    (tmp_path / "gallery" / "__MACOSX").mkdir()
+    (tmp_path / "gallery" / "__MACOSX" / "c.jpg").write_bytes(b"\x00")
+    (tmp_path / "gallery" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # kept: reported as skipped
+    assert [p.relative_to(tmp_path / "gallery").as_posix() for p in list_images(tmp_path / "gallery")] == [
+        "day1/a.jpg", "day2/b.PNG", "gone.jpg"]

@@ -480,6 +480,10 @@ def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        # File names need not be UTF-8 (a zip from another system): print them as the bytes they are, not crash.
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
+            stream.reconfigure(errors="surrogateescape")
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return USAGE_ERROR

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdreid.data.datasets.base import walk_files
 from kdreid.errors import DatasetError, EvaluationError, KdreidError, why_not_a_file
 from kdreid.evaluation.distance import METRICS
 from kdreid.models.weights import model_kind
@@ -174,7 +175,8 @@ def list_images(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DatasetError(f"{path} does not exist; pass an image file or a folder of images")
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # Links to missing files stay: they are reported as skipped, with the other images that cannot be read.
+    return [p for p in walk_files(path) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def parse_labels(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:

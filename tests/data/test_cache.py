@@ -26,3 +26,13 @@ def test_truncated_and_missing_images_name_the_file(tmp_path):
         read_image(str(broken), 16, 8)
     with pytest.raises(DatasetError, match="missing.jpg does not exist"):
         decode_images([str(good), str(tmp_path / "missing.jpg")], 16, 8)
+
+
+def test_a_16_bit_image_keeps_its_grey_levels(tmp_path):
+    # PIL's convert("RGB") clips 16-bit values to white (what torchreid gets); the top 8 bits are the image.
+    levels = np.array([[0, 256 * 64, 256 * 128, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    Image.fromarray(levels).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    pixels = read_image(str(tmp_path / "grey16.png"))
+    assert pixels.shape == (4, 4, 3) and pixels[0, :, 0].tolist() == [0, 64, 128, 255]
+    assert (pixels == pixels[..., :1]).all()  # grey: three equal channels

@@ -212,3 +212,18 @@ def test_parent_of_other_datasets_lists_what_it_holds(tmp_path, capsys):
     assert_usage_error(capsys, ["--root", str(tmp_path), "-d", "cuhk03"],
                        f"no -d cuhk03 data under {tmp_path}: expected {tmp_path / 'cuhk03'}/ holding",
                        "it holds Market-1501, DukeMTMC-reID, synth_duke (-d market1501, dukemtmcreid, synth_duke)")
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_not_a_crash(tmp_path):
+    # A zip from another system may hold Latin-1 names; a UTF-8 terminal must still get the report (as bytes).
+    import os
+    import subprocess
+    import sys
+
+    data_dir = market_tree(tmp_path)
+    broken = os.fsencode(str(data_dir / "bounding_box_train")) + b"/0002_c1s1_000777_01_\xe9.jpg"
+    open(broken, "wb").close()  # zero bytes: a problem line that names the file
+    result = subprocess.run([sys.executable, "-m", "kdreid", "data", "check", "--root", str(tmp_path), "-d",
+                             "market1501"], capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 1 and b"Traceback" not in result.stderr, result.stderr
+    assert broken in result.stdout

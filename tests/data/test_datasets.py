@@ -75,6 +75,34 @@ def test_market1501_lists_unparsable_names_and_keeps_going(tmp_path):
     assert all("does not match PID_cCAM" in p for p in dataset.problems)
 
 
+def test_debris_is_skipped_and_links_to_nothing_and_other_formats_are_named(tmp_path):
+    import os
+
+    data_dir = market_tree(tmp_path)
+    train = data_dir / "bounding_box_train"
+    # What a Finder copy or a Windows zip adds: macOS ._ twins (not images), .DS_Store, a name that is not UTF-8.
+    (train / "._0002_c1s1_000451_03.jpg").write_bytes(b"\x00\x05\x16\x07")
+    (train / ".DS_Store").write_bytes(b"\x00")
+    latin1 = os.fsdecode(os.fsencode(str(train)) + b"/0002_c3s1_000009_01_\xe9.jpg")
+    write_images(train, [Path(latin1).name])
+    (train / "0007_c3s1_000001_01.jpg").symlink_to(tmp_path / "gone.jpg")
+    dataset = build_dataset("market1501", tmp_path)
+    assert [r.path for r in dataset.train] == sorted([r.path for r in expected_market(data_dir)["train"]] + [latin1])
+    assert dataset.problems == [f"{train / '0007_c3s1_000001_01.jpg'}: a link to a file that does not exist; "
+                                "re-link or remove it"]
+    from kdreid.stages.data import dataset_fingerprint
+
+    assert len(dataset_fingerprint(dataset, str(tmp_path))) == 16  # a name that is not UTF-8 is hashed as bytes
+
+    # The same layout of PNG files: none is read (Market ships JPEGs, as torchreid reads it), and that is said.
+    query = data_dir / "query"
+    for image in query.iterdir():
+        image.rename(image.with_suffix(".png"))
+    dataset = build_dataset("market1501", tmp_path)
+    assert dataset.query == [] and dataset.problems[-1] == (
+        f"{query}: no .jpg images but 2 .png files; this layout reads .jpg images, as released: convert them")
+
+
 @pytest.mark.parametrize("dataset_name, tree, names, module, cls", [
     ("market1501", market_tree, MARKET_NAMES, "market1501.py", "Market1501"),
     ("dukemtmcreid", duke_tree, DUKE_NAMES, "dukemtmcreid.py", "DukeMTMCreID"),
@@ -147,6 +175,15 @@ def test_msmt17_matches_torchreid_list_parsing(tmp_path, monkeypatch):
             sorted((r.path, r.pid, r.camid) for r in dataset.split(split))
 
 
+def test_msmt17_list_files_resaved_with_a_bom_are_read(tmp_path):
+    data_dir = msmt_tree(tmp_path)
+    expected = build_dataset("msmt17", tmp_path)
+    for list_file in data_dir.glob("list_*.txt"):
+        list_file.write_bytes(b"\xef\xbb\xbf" + list_file.read_bytes())  # what Notepad writes
+    dataset = build_dataset("msmt17", tmp_path)
+    assert dataset.problems == [] and dataset.split("gallery") == expected.split("gallery")
+
+
 def test_msmt17_malformed_list_line_is_a_problem(tmp_path):
     data_dir = msmt_tree(tmp_path)
     with open(data_dir / "list_query.txt", "a") as handle:
@@ -197,6 +234,20 @@ def test_custom_from_file_names(tmp_path):
     (tmp_path / "parent").mkdir()
     folder.rename(tmp_path / "parent" / "custom")
     assert len(build_dataset("custom", tmp_path / "parent").train) == 4
+
+
+def test_custom_follows_linked_folders_and_skips_macos_folders(tmp_path):
+    folder = tmp_path / "mycams"
+    write_images(folder / "train", ["0005_c1_a.jpg"])
+    write_images(tmp_path / "elsewhere", ["0006_c2_b.jpg"])
+    (folder / "train" / "linked").symlink_to(tmp_path / "elsewhere")
+    (folder / "train" / "loop").symlink_to(folder / "train")  # walked once, not forever
+    write_images(folder / "train" / "__MACOSX", ["._0005_c1_a.jpg"])
+    write_images(folder / "query", ["0005_c3_q.jpg"])
+    write_images(folder / "gallery", ["0005_c1_g.jpg"])
+    dataset = build_dataset("custom", folder)
+    assert [(Path(r.path).name, r.pid) for r in dataset.train] == [("0005_c1_a.jpg", 0), ("0006_c2_b.jpg", 1)]
+    assert dataset.problems == []
 
 
 def test_custom_from_csv_manifest_with_tracklets(tmp_path):

@@ -19,6 +19,10 @@ def read_image(path: str, height: int | None = None, width: int | None = None) -
     A missing, corrupt or truncated file raises DatasetError naming it."""
     try:
         with Image.open(path) as image:
+            if image.mode == "I" or image.mode.startswith("I;16"):
+                # 16-bit (or 32-bit integer) grey: PIL's convert clips it to white; keep its top 8 bits instead.
+                wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+                image = Image.fromarray((wide >> 8).astype(np.uint8), "L")
             image = image.convert("RGB")
             if height is not None and width is not None and image.size != (width, height):
                 image = image.resize((width, height), Image.BILINEAR)

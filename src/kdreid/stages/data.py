@@ -41,7 +41,7 @@ def dataset_fingerprint(dataset: ReidDataset, root: str) -> str:
         for record in getattr(dataset, split):
             line = (f"{split}\t{os.path.relpath(record.path, root)}\t{record.pid}\t{record.camid}\t{record.tracklet}"
                     f"\t{os.stat(record.path).st_size}\n")
-            digest.update(line.encode())
+            digest.update(line.encode("utf-8", "surrogateescape"))  # file names need not be UTF-8
     return digest.hexdigest()[:16]
 
 
@@ -72,7 +72,9 @@ def combine_train(datasets: Sequence[ReidDataset], combineall: bool = False) -> 
         tracklet_offset = 1 + max((r.tracklet for r in combined), default=-1)
     if not combined:
         names = "+".join(dataset.name for dataset in datasets)
-        raise DatasetError(f"{names} has no training images; check the layout with: kdreid data check -d {names}")
+        first = next((problem for dataset in datasets for problem in dataset.problems), None)
+        raise DatasetError(f"{names} has no training images; check the layout with: kdreid data check -d {names}"
+                           + (f" (first problem: {first})" if first else ""))
     return combined
 
 

@@ -174,17 +174,48 @@ def parse_market_name(file_name: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+def walk_files(folder: Path) -> list[Path]:
+    """Every file under `folder`, sorted, following symlinked folders (each real folder once: a link loop is not
+    walked twice). Hidden entries (.DS_Store, macOS's `._NAME` twins) and `__MACOSX` folders are not data."""
+    seen: set[str] = set()
+    files = []
+    for top, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".") and name != "__MACOSX"]
+        files += [Path(top, name) for name in names if not name.startswith(".")]
+    return sorted(files)
+
+
 def read_market_style_folder(
     folder: Path, problems: list[str], extensions: Sequence[str] = (".jpg",)
 ) -> list[ImageRecord]:
     """Every image in `folder` named `PID_cCAM*` as a record with raw pid (junk included; `make_dataset` drops
-    it). Names that do not parse are listed in `problems` and skipped, so one stray file does not stop a run."""
+    it). Names that do not parse are listed in `problems` and skipped, so one stray file does not stop a run.
+    Hidden files are not images (macOS's `._NAME.jpg` twins, .DS_Store): skipped, as torchreid's glob skips them."""
     # os.scandir: file type without a stat per file, which matters for MSMT17-size folders (126k images)
     try:
-        with os.scandir(folder) as entries:
-            names = sorted(e.name for e in entries if os.path.splitext(e.name)[1].lower() in extensions and e.is_file())
+        with os.scandir(folder) as scanned:
+            entries = [e for e in scanned if not e.name.startswith(".")]
     except PermissionError:
         raise DatasetError(f"cannot list {folder}: permission denied; make it readable (chmod -R u+rX)") from None
+    suffixes = {e.name: os.path.splitext(e.name)[1].lower() for e in entries}
+    names = sorted(e.name for e in entries if suffixes[e.name] in extensions and e.is_file())
+    for entry in entries:
+        if suffixes[entry.name] in extensions and entry.is_symlink() and not entry.is_file():
+            problems.append(f"{folder / entry.name}: a link to a file that does not exist; re-link or remove it")
+    others = sorted(suffix for e in entries if (suffix := suffixes[e.name]) in _IMAGE_SUFFIXES
+                    and suffix not in extensions and e.is_file())
+    if others and not names:
+        counts = ", ".join(f"{others.count(s)} {s}" for s in dict.fromkeys(others))
+        problems.append(f"{folder}: no {'/'.join(extensions)} images but {counts} files; this layout reads "
+                        f"{extensions[0]} images, as released: convert them")
     records = []
     for name in names:
         parsed = parse_market_name(name)

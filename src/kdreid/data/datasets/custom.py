@@ -27,6 +27,7 @@ from kdreid.data.datasets.base import (
     read_market_style_folder,
     register_dataset,
     require_split_folder,
+    walk_files,
 )
 from kdreid.errors import DatasetError
 
@@ -53,7 +54,7 @@ def read_custom(root: Path) -> ReidDataset:
         for split in SPLITS:
             split_dir = require_split_folder(folder / split, fix)
             splits[split] = []
-            for sub_dir in sorted({p.parent for p in split_dir.rglob("*") if p.is_file()}):
+            for sub_dir in sorted({p.parent for p in walk_files(split_dir)}):
                 splits[split] += read_market_style_folder(sub_dir, problems, IMAGE_EXTENSIONS)
     return make_dataset("custom", folder, splits["train"], splits["query"], splits["gallery"], problems)
 

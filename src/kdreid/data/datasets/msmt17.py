@@ -43,7 +43,7 @@ def read_list_file(list_path: Path, image_dir: Path, problems: list[str]) -> lis
     """Records of one MSMT17 list file; malformed lines become problems, not a stop."""
     records = []
     try:
-        text = list_path.read_text(encoding="utf-8")
+        text = list_path.read_text(encoding="utf-8-sig")  # -sig: an editor that re-saved it may add a BOM
     except UnicodeDecodeError as error:
         raise DatasetError(f"{list_path} is not a UTF-8 text file ({error.reason} at byte {error.start}); "
                            "re-extract the dataset") from None
