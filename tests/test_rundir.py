@@ -145,3 +145,37 @@ def test_an_out_folder_that_is_a_dangling_link_is_named_as_such(tmp_path):
     with pytest.raises(KdreidError, match=f"--out {tmp_path / 'run'} is a link to {tmp_path / 'gone'}, which does "
                                           "not exist; create that folder or choose another --out"):
         RunDir(tmp_path / "run")
+
+
+def test_the_lock_file_follows_the_umask_as_the_run_files_do(tmp_path):
+    import stat
+
+    umask = os.umask(0o002)  # a group sharing run folders
+    try:
+        with rundir.exclusive(tmp_path / "run"):
+            pass
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "run" / rundir.LOCK_FILE).stat().st_mode) == 0o664
+
+
+def test_a_lock_file_removed_between_open_and_lock_is_not_held(tmp_path, monkeypatch):
+    # The process that held the folder removed it (a pipeline retraining a stage) just after this one opened the old
+    # lock file: locking that file would hold nothing anyone else sees, so the folder's new lock file is taken.
+    import fcntl
+
+    real_flock = fcntl.flock
+    removed = []
+
+    def flock(fd, operation):
+        if not removed:
+            removed.append(True)
+            import shutil
+
+            shutil.rmtree(tmp_path / "run")
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with rundir.exclusive(tmp_path / "run"):
+        assert f"pid {os.getpid()} " in (tmp_path / "run" / rundir.LOCK_FILE).read_text()
+    assert removed

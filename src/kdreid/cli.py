@@ -138,6 +138,9 @@ def _add_stage_flags(p, preset_default: str = "none: the built-in defaults") -> 
 
 
 def _stage_overrides(args) -> dict:
+    if args.split_id is not None and "cuhk03" not in [*args.sources, *(getattr(args, "targets", None) or [])]:
+        # Refused here, not in the stage: a pipeline passes it to every stage, and only some read cuhk03.
+        raise ConfigError(f"--split-id {args.split_id} applies only to -s/-t cuhk03; leave it out")
     return {
         "out": args.out,
         "data.root": args.root,

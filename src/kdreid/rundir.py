@@ -155,30 +155,58 @@ def exclusive(folder: str | Path):
     if fcntl is None or key in _HELD:
         yield
         return
+    fd = _lock(folder, fcntl)
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _lock(folder: Path, fcntl) -> int | None:
+    """The locked descriptor of folder's LOCK_FILE (None where the file system has no locks)."""
     path = folder / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        raise _as_write_error(path, error) from None
-    try:
+    for _ in range(10):
+        try:  # 0o666 & ~umask, as the run's other files: a group sharing a run folder can lock it too
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another member's lock file, not writable by us: a read descriptor locks as well
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as error:
+                raise _as_write_error(path, error) from None
+        except OSError as error:
+            raise _as_write_error(path, error) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
         except BlockingIOError:
+            os.close(fd)
             raise FolderInUse(
                 f"{folder} is in use by another kdreid process ({_holder(path)}); wait for it to end or choose "
                 "another --out"
             ) from None
         except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
-            locked = False
-        if locked:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, _holder_line().encode("utf-8", "replace"), 0)
-        _HELD.add(key)
-        yield
-    finally:
-        _HELD.discard(key)
-        os.close(fd)  # releases the lock
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (held.st_ino, held.st_dev):
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, _holder_line().encode("utf-8", "replace"), 0)
+            except OSError:  # a read-only descriptor: the lock holds, the holder's name is not written
+                pass
+            return fd
+        # The folder was removed (or its lock file replaced) between our open and our lock, by the process that
+        # held it: this lock is on a file nobody else will see. Take the folder's current one.
+        os.close(fd)
+        folder.mkdir(parents=True, exist_ok=True)
+    raise FolderInUse(f"{folder} keeps being removed and re-created by another process; wait for it to end or "
+                      "choose another --out")
 
 
 def _holder_line() -> str:

@@ -343,6 +343,15 @@ def test_a_resume_distils_from_the_same_teacher_files_named_from_any_folder(thre
     assert (f"teacher 2 ({models / 't_cuhk.pt'}) is not the file {out} began with (its content differs)"
             in capsys.readouterr().err)
     assert (out / "checkpoints" / "last.pt").read_bytes() == before
+    (out / "checkpoints" / "last.pt").rename(out / "checkpoints" / "previous.pt")  # as when last.pt is damaged
+    assert distill_from(tmp_path, "--epochs", "2", "--resume") == 2
+    assert "is not the file" in capsys.readouterr().err
+    (out / "checkpoints" / "previous.pt").rename(out / "checkpoints" / "last.pt")
+    record = (out / "teachers.json").read_text()
+    (out / "teachers.json").write_text('{"broken": ')
+    assert distill_from(tmp_path, "--epochs", "2", "--resume") == 2
+    assert f"{out / 'teachers.json'} cannot be read (" in capsys.readouterr().err
+    (out / "teachers.json").write_text(record)
     # The run's own teachers, named from another folder by other relative paths: resumed.
     shutil.copy(checkpoints["t_cuhk"], models / "t_cuhk.pt")
     assert distill_from(tmp_path, "--epochs", "2", "--resume") == 0

@@ -304,3 +304,46 @@ def test_a_misspelt_preset_in_the_config_file_is_refused_even_when_the_flag_name
     (tmp_path / "c.yaml").write_text("preset: quik\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: unknown preset 'quik'; known: paper, quick"):
         pipeline.resolve_pipeline_config(preset="quick", config_file=str(tmp_path / "c.yaml"))
+
+
+def test_paths_are_compared_as_the_files_they_name():
+    from kdreid.stages.loop import absolute_path_setting
+
+    assert absolute_path_setting(["None", "ImageNet", ""]) == ["None", "ImageNet", ""]  # names, in any case
+
+
+def test_a_teacher_named_through_a_link_is_the_same_setting(tmp_path, monkeypatch):
+    from kdreid.stages.distill import DistillConfig
+    from kdreid.stages.loop import changed_settings
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "t.pt").write_bytes(b"")
+    (tmp_path / "runs").symlink_to(tmp_path / "store")
+    monkeypatch.chdir(tmp_path)
+    saved = yaml.safe_load(dump_yaml(DistillConfig(teachers=[str(tmp_path / "store" / "t.pt")], out="run")))
+    assert changed_settings(saved, DistillConfig(teachers=["runs/t.pt"], out=str(tmp_path / "run"))) == {}
+    assert set(changed_settings(saved, DistillConfig(teachers=["other.pt"], out="run"))) == {"teachers"}
+
+
+def test_split_id_without_cuhk03_is_refused_before_any_work(synth_root, tmp_path, capsys):
+    for command in (["train-source", "-s", "synth_msmt"], ["pipeline", "-s", "synth_msmt", "-t", "synth_duke"]):
+        assert main([*command, "--root", str(synth_root), "--out", str(tmp_path / "run"), "--split-id", "3"]) == 2
+        assert "kdreid: error: --split-id 3 applies only to -s/-t cuhk03; leave it out" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
+
+
+def test_the_pipeline_saves_its_data_root_absolute(synth_root, tmp_path, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def stop(config, resume):
+        raise Stop
+
+    for kind in list(pipeline.RUNNERS):
+        monkeypatch.setitem(pipeline.RUNNERS, kind, stop)
+    monkeypatch.chdir(synth_root.parent)
+    config = pipeline.PipelineConfig(sources=["synth_msmt"], targets=["synth_duke"], root=synth_root.name,
+                                     out=str(tmp_path / "run"), preset="quick")
+    with pytest.raises(Stop):
+        pipeline.run(config)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["root"] == str(synth_root)

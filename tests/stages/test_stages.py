@@ -119,8 +119,8 @@ def test_a_stage_that_fails_on_its_inputs_leaves_no_run_folder(source_run, synth
     assert code == 2 and "missing.pt" in capsys.readouterr().err
     assert not out.exists()
     code = main(["train-source", "-s", "synth_nowhere", "-a", "osnet_tiny", "--root", str(synth_root),
-                 "--out", str(out), *TINY])
-    assert code == 2 and not out.exists()
+                 "--out", str(out / "a" / "b"), *TINY])
+    assert code == 2 and not out.exists()  # nor the parents it made for the folder
     # A folder that was there before is left as it was.
     out.mkdir()
     (out / "notes.txt").write_text("mine")

@@ -21,13 +21,13 @@ from kdreid.data.samplers import groups_per_rank
 from kdreid.errors import ConfigError, KdreidError
 from kdreid.evaluation.features import evaluate_model, extract_features
 from kdreid.models import save_checkpoint
-from kdreid.rundir import FolderInUse, RunDir, atomic_write_text, exclusive, write_json
+from kdreid.rundir import RunDir, atomic_write_text, exclusive, write_json
 from kdreid.stages.data import (
     DATASETS_FILE, dataset_fingerprint, hold_out_validation, load_datasets, read_datasets_record,
 )
 from kdreid.stages.pseudo_labels import PseudoLabelConfig, cluster_quality
 from kdreid.stages.loop import (
-    PATH_SETTINGS, FitResult, TrainConfig, absolute_path_setting, check_resumed_settings, checkpoint_file,
+    PATH_SETTINGS, FitResult, TrainConfig, absolute_path_setting, check_resumed_settings, has_checkpoint,
     refuse_occupied, results_table, seed_everything, select_device,
 )
 
@@ -154,19 +154,34 @@ def stage_runner(run):
     @functools.wraps(run)
     def guarded(config, *, resume: bool = False):
         out = Path(config.out)
-        created = not out.exists()
-        holding = exclusive(out) if distributed.is_main() else contextlib.nullcontext()
-        try:
-            with holding:
+        created = _first_missing(out)  # the folder, or its topmost parent, that this call makes
+        if not distributed.is_main():
+            return run(config, resume=resume)
+        with exclusive(out):  # removed, if it must be, before another process can take it
+            try:
                 return run(config, resume=resume)
-        except KdreidError as error:
-            ours = created and distributed.is_main() and not isinstance(error, FolderInUse) and out.is_dir()
-            if ours and not (any((out / "checkpoints").glob("*.pt")) or (out / "model.pt").exists()):
-                RunDir(out).close_logger()
-                shutil.rmtree(out, ignore_errors=True)
-            raise
+            except KdreidError:
+                if created is not None and out.is_dir() and not (
+                        any((out / "checkpoints").glob("*.pt")) or (out / "model.pt").exists()):
+                    RunDir(out).close_logger()
+                    shutil.rmtree(out, ignore_errors=True)
+                    for parent in out.parents:  # the parents this call made, while nothing else is in them
+                        if not parent.is_relative_to(created):
+                            break
+                        with contextlib.suppress(OSError):
+                            parent.rmdir()
+                raise
 
     return guarded
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The topmost of `path` and its parents that does not exist (None when `path` exists)."""
+    if path.exists() or path.is_symlink():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def begin_stage(config, *, resume: bool) -> StageStart:
@@ -181,7 +196,7 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     refuse_occupied(Path(config.out), resume)
     extended = None
     saved_config = Path(config.out) / "config.yaml"
-    if resume and checkpoint_file(Path(config.out)).exists() and saved_config.is_file():
+    if resume and has_checkpoint(Path(config.out)) and saved_config.is_file():
         extended = check_resumed_settings(Path(config.out), read_yaml(saved_config), config)
     run = RunDir(config.out)
     # Only the main process writes the run's files; the others log warnings to their console.
@@ -200,7 +215,7 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     sources = load_datasets(config.sources, config.data.root, options)
     targets = load_datasets(config.targets, config.data.root, options)
     if distributed.is_main():
-        resuming = resume and checkpoint_file(run.path).exists()
+        resuming = resume and has_checkpoint(run.path)
         _record_datasets(run.path / DATASETS_FILE, sources + targets, config.data.root, log, resuming)
     return StageStart(run, log, device, sources, targets)
 

@@ -60,7 +60,7 @@ from kdreid.stages.common import (
     source_label_space,
 )
 from kdreid.stages.data import BatchSource, combine_train
-from kdreid.stages.loop import StepContext, TrainConfig, checkpoint_file, fit
+from kdreid.stages.loop import StepContext, TrainConfig, fit, has_checkpoint
 from kdreid.stages.optim import OptimConfig, build_optimizer
 
 
@@ -216,7 +216,13 @@ def check_same_teachers(run: Path, teachers: Sequence[str], *, resuming: bool) -
     record = run / TEACHERS_FILE
     now = [file_digest(path) for path in teachers]
     if resuming and record.is_file():
-        before = json.loads(record.read_text())
+        try:
+            before = json.loads(record.read_text())
+            if not (isinstance(before, list) and all(isinstance(digest, str) for digest in before)):
+                raise ValueError("not a list of digests")
+        except (OSError, ValueError) as error:
+            raise TrainingError(f"{record} cannot be read ({error}); delete it to resume without checking that the "
+                                "teachers are the files the run began with") from None
         for position, (path, was, digest) in enumerate(zip(teachers, before, now), start=1):
             if was != digest:
                 raise TrainingError(
@@ -289,7 +295,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     start = begin_stage(config, resume=resume)
     run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets
     if distributed.is_main():
-        check_same_teachers(run_dir.path, config.teachers, resuming=resume and checkpoint_file(run_dir.path).exists())
+        check_same_teachers(run_dir.path, config.teachers, resuming=resume and has_checkpoint(run_dir.path))
     source_records = combine_train(sources, combineall=config.data.combineall)
 
     # The student: from its source-trained checkpoint (same label space as the sources), or built anew.

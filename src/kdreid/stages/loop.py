@@ -386,6 +386,12 @@ def checkpoint_file(run_path: Path) -> Path:
     return Path(run_path) / "checkpoints" / "last.pt"
 
 
+def has_checkpoint(run_path: Path) -> bool:
+    """Whether a run folder holds a training checkpoint to resume from (last.pt, or previous.pt when last.pt is
+    damaged or gone)."""
+    return checkpoint_file(run_path).exists() or previous_checkpoint_file(run_path).exists()
+
+
 def previous_checkpoint_file(run_path: Path) -> Path:
     """The checkpoint before last.pt, kept so that a damaged last.pt still leaves a complete one."""
     return Path(run_path) / "checkpoints" / "previous.pt"
@@ -394,13 +400,13 @@ def previous_checkpoint_file(run_path: Path) -> Path:
 def refuse_occupied(run_path: Path, resume: bool) -> None:
     """A run folder that already holds a run is only continued with --resume; stages call this before they
     write anything there, so a mistaken command leaves the earlier run untouched."""
-    has_checkpoint = checkpoint_file(run_path).exists() or previous_checkpoint_file(run_path).exists()
-    if not resume and has_checkpoint:
+    resumable = has_checkpoint(run_path)
+    if not resume and resumable:
         raise TrainingError(
             f"{run_path} already holds a run ({checkpoint_file(run_path)}); pass --resume to continue it or "
             "choose another --out"
         )
-    if not has_checkpoint and (Path(run_path) / "model.pt").exists():  # finished, its checkpoints deleted
+    if not resumable and (Path(run_path) / "model.pt").exists():  # finished, its checkpoints deleted
         raise TrainingError(
             f"{run_path} already holds a finished model ({Path(run_path) / 'model.pt'}) and no checkpoint to "
             "continue from; choose another --out"
@@ -425,15 +431,15 @@ _UNSET = "(unset)"
 # any working directory (`kdreid report`, a resume from elsewhere); they are compared as absolute paths, which also
 # reads a config.yaml of an older kdreid (paths as typed) from the folder its command ran in.
 PATH_SETTINGS = ("data.root", "init", "student_init", "teachers", "pretrained")
-_NAMES_NOT_PATHS = ("", "none", "imagenet")  # values of those settings that name no file
+_NAMES_NOT_PATHS = ("", "none", "imagenet")  # values of those settings that name no file (in any case)
 
 
-def absolute_path_setting(value: Any) -> Any:
-    """A PATH_SETTINGS value with its paths absolute (`rundir.absolute_path`)."""
+def absolute_path_setting(value: Any, resolve: Callable[[str], str] = absolute_path) -> Any:
+    """A PATH_SETTINGS value with its paths absolute (`rundir.absolute_path`), or as `resolve` makes them."""
     if isinstance(value, list):
-        return [absolute_path_setting(item) for item in value]
-    if isinstance(value, str) and value not in _NAMES_NOT_PATHS:
-        return absolute_path(value)
+        return [absolute_path_setting(item, resolve) for item in value]
+    if isinstance(value, str) and value.lower() not in _NAMES_NOT_PATHS:
+        return resolve(value)
     return value
 
 
@@ -444,8 +450,9 @@ def changed_settings(saved: Mapping[str, Any], stage_config) -> dict[str, tuple[
     defaults = flatten(yaml.safe_load(dump_yaml(type(stage_config)())))
     before = defaults | flatten(saved)
     now = flatten(yaml.safe_load(dump_yaml(stage_config)))  # through YAML, as the saved one went
-    for settings in (before, now):
-        settings.update({key: absolute_path_setting(settings[key]) for key in PATH_SETTINGS if key in settings})
+    for settings in (before, now):  # a path names the same file however it is spelt (relative, through a link)
+        settings.update({key: absolute_path_setting(settings[key], os.path.realpath)
+                         for key in (*PATH_SETTINGS, "out") if key in settings})
     return {key: (before.get(key, _UNSET), now.get(key, _UNSET)) for key in sorted(before.keys() | now.keys())
             if before.get(key, _UNSET) != now.get(key, _UNSET)}
 

@@ -32,7 +32,7 @@ from kdreid import distributed
 from kdreid.config import flatten, read_yaml
 from kdreid.errors import ConfigError
 from kdreid.models import count_macs, load_checkpoint
-from kdreid.rundir import RunDir, atomic_write_bytes, atomic_write_text, exclusive, write_json
+from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes, atomic_write_text, exclusive, write_json
 from kdreid.stages import adapt, distill, source
 from kdreid.stages.common import evaluate_datasets
 from kdreid.stages.data import DATASETS_FILE, dataset_fingerprint, load_datasets, read_datasets_record
@@ -280,10 +280,10 @@ def run_stage(name: str, stage_config, log, fingerprints: DatasetFingerprints | 
         return json.loads((folder / "metrics.json").read_text())["final"], False
     if state.action == "fresh" and remove:
         # Only the pipeline writes here: other weight settings or a retrained input make the old run meaningless.
-        log.info(f"stage {name}: removing {folder}{' and its finished model' if finished else ''} to train it "
-                 f"again: {state.reason}")
         if distributed.is_main():
             with exclusive(folder):  # not from under a `kdreid` command training there on its own
+                log.info(f"stage {name}: removing {folder}{' and its finished model' if finished else ''} to train "
+                         f"it again: {state.reason}")
                 shutil.rmtree(folder)
     distributed.barrier()  # no process looks at the folder before the main one has removed it
     log.info(f"stage {name}: {'resuming' if state.action == 'resume' else 'training'} in {folder}")
@@ -435,6 +435,7 @@ def table_rows(config: PipelineConfig, configs: Mapping[str, Any], finals: Mappi
 def run(config: PipelineConfig) -> PipelineResult:
     """Run (or continue) the whole pipeline; see the module docstring for the folders and files."""
     config.validate()
+    config.root = absolute_path(config.root)  # as the stages save theirs: `kdreid report` works from anywhere
     configs = stage_configs(config)  # every config error surfaces before any training
     fingerprints = DatasetFingerprints()
     check_datasets(configs, config.targets, fingerprints)  # and every missing dataset
