@@ -428,8 +428,9 @@ RUN_ONLY_SETTINGS = frozenset({
 SELECTION_SETTINGS = frozenset({"train.eval_freq", "train.source_val_ids", "eval.metric", "eval.flip"})
 _UNSET = "(unset)"
 # Settings that name files or folders. A run saves them absolute, so that its config.yaml means the same files from
-# any working directory (`kdreid report`, a resume from elsewhere); they are compared as absolute paths, which also
-# reads a config.yaml of an older kdreid (paths as typed) from the folder its command ran in.
+# any working directory (`kdreid report`, a resume from elsewhere); they are compared as the files they name
+# (symlinks resolved), which also reads a config.yaml of an older kdreid (paths as typed) from the folder its command
+# ran in.
 PATH_SETTINGS = ("data.root", "init", "student_init", "teachers", "pretrained")
 _NAMES_NOT_PATHS = ("", "none", "imagenet")  # values of those settings that name no file (in any case)
 
