@@ -161,8 +161,7 @@ def stage_runner(run):
             try:
                 return run(config, resume=resume)
             except KdreidError:
-                if created is not None and out.is_dir() and not (
-                        any((out / "checkpoints").glob("*.pt")) or (out / "model.pt").exists()):
+                if created is not None and out.is_dir() and not (has_checkpoint(out) or (out / "model.pt").exists()):
                     RunDir(out).close_logger()
                     shutil.rmtree(out, ignore_errors=True)
                     for parent in out.parents:  # the parents this call made, while nothing else is in them
