@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from kdreid.data.datasets.base import walk_files
+from kdreid.data.images import IMAGE_SUFFIXES
 from kdreid.errors import DatasetError, EvaluationError, KdreidError, why_not_a_file
 from kdreid.evaluation.distance import METRICS
 from kdreid.models.weights import model_kind
 from kdreid.rundir import atomic_write_bytes, refuse_folder
 
 FEATURES_FORMAT = "kdreid-features"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 RERANK_MAX_GALLERY = 50_000  # k-reciprocal re-ranking needs gallery-gallery neighbours: O(G^2) work
 _SCORES_PER_CHUNK = 1 << 24  # query x gallery-chunk scores held at once (64 MB of float32)
 

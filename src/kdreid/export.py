@@ -48,7 +48,6 @@ DEFAULT_OPSET = 18
 CHECK_IMAGES = 8
 INPUT_NAME, OUTPUT_NAME = "images", "features"
 METADATA_FILE = "kdreid.json"  # the TorchScript extra file that holds the contract
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass
@@ -369,13 +368,15 @@ def _torchreid_runner(model: nn.Module):
 def load_check_images(folder: str | Path, height: int, width: int, limit: int = CHECK_IMAGES) -> torch.Tensor:
     """Up to `limit` decodable images of `folder` (sorted, recursive) as (N, 3, H, W) float in [0, 1]."""
     from kdreid.data.cache import read_image
+    from kdreid.data.datasets.base import walk_files
+    from kdreid.data.images import IMAGE_SUFFIXES
 
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"--images {folder} is not a folder; pass a folder of images, or leave it out to check "
                            "on random images")
     arrays = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in (p for p in walk_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES):
         try:
             arrays.append(read_image(str(path), height, width))
         except DatasetError:

@@ -8,6 +8,10 @@ from typing import Sequence
 
 from PIL import Image
 
+# The image files kdreid reads from a folder of images of any layout (a custom dataset, `extract`, `search`,
+# export's check images): the formats every Pillow build decodes.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
 # Checked in blocks so a thread pool's per-task overhead stays small next to ~0.3 ms per decode of a 128×64 JPEG.
 _BLOCK = 256
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from kdreid.data.images import IMAGE_SUFFIXES
 from kdreid.errors import DatasetError
 
 SPLITS = ("train", "query", "gallery")
@@ -174,7 +175,8 @@ def parse_market_name(file_name: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+# Image files a released layout does not read, named when a split holds only those (converted to another format).
+_ANY_IMAGE_SUFFIXES = (*IMAGE_SUFFIXES, ".tif", ".tiff", ".gif")
 
 
 def walk_files(folder: Path) -> list[Path]:
@@ -210,7 +212,7 @@ def read_market_style_folder(
     for entry in entries:
         if suffixes[entry.name] in extensions and entry.is_symlink() and not entry.is_file():
             problems.append(f"{folder / entry.name}: a link to a file that does not exist; re-link or remove it")
-    others = sorted(suffix for e in entries if (suffix := suffixes[e.name]) in _IMAGE_SUFFIXES
+    others = sorted(suffix for e in entries if (suffix := suffixes[e.name]) in _ANY_IMAGE_SUFFIXES
                     and suffix not in extensions and e.is_file())
     if others and not names:
         counts = ", ".join(f"{others.count(s)} {s}" for s in dict.fromkeys(others))

@@ -29,10 +29,10 @@ from kdreid.data.datasets.base import (
     require_split_folder,
     walk_files,
 )
+from kdreid.data.images import IMAGE_SUFFIXES
 from kdreid.errors import DatasetError
 
 CUSTOM_MANIFEST = "manifest.csv"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 REQUIRED_COLUMNS = ("path", "pid", "camid")
 
 
@@ -55,7 +55,7 @@ def read_custom(root: Path) -> ReidDataset:
             split_dir = require_split_folder(folder / split, fix)
             splits[split] = []
             for sub_dir in sorted({p.parent for p in walk_files(split_dir)}):
-                splits[split] += read_market_style_folder(sub_dir, problems, IMAGE_EXTENSIONS)
+                splits[split] += read_market_style_folder(sub_dir, problems, IMAGE_SUFFIXES)
     return make_dataset("custom", folder, splits["train"], splits["query"], splits["gallery"], problems)
 
 
