@@ -159,6 +159,40 @@ def test_dmmd_terms_against_pairwise_computation_and_gradients_only_into_target_
     assert target.grad.abs().sum() > 0
 
 
+def test_two_copies_of_one_image_are_no_within_class_pair():
+    # A group smaller than K repeats images in its chunk (drawn with replacement, as torchreid's sampler does);
+    # the copies' distances are no within-class sample (the original code counted them, defect 32).
+    torch.manual_seed(0)
+    source = torch.randn(8, 5) * 3
+    target = torch.randn(8, 5) * 2 + 1
+    source_groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    source_images = torch.tensor([10, 11, 12, 13, 20, 21, 22, 23])
+    target_groups = torch.tensor([4, 4, 4, 4, 5, 5, 5, 5])
+    target_images = torch.tensor([30, 31, 30, 30, 40, 41, 42, 40])  # group 4 has 2 images, group 5 has 3
+    target = target.clone()
+    for i, j in ((2, 0), (3, 0), (7, 4)):
+        target[i] = target[j] + 0.01 * torch.randn(5)  # two augmentations of one image: nearly the same
+    terms = dmmd_terms(source, source_groups, target, target_groups, source_images=source_images,
+                       target_images=target_images)
+
+    pairs = list(itertools.combinations(range(8), 2))
+    target_dist = euclidean_distances(target)
+    within = [float(target_dist[i, j]) for i, j in pairs
+              if target_groups[i] == target_groups[j] and target_images[i] != target_images[j]]
+    assert len(within) == 3 + 5  # of the 12 same-group pairs, 4 are two copies of one image
+    source_dist = euclidean_distances(source)
+    source_within = [float(source_dist[i, j]) for i, j in pairs if source_groups[i] == source_groups[j]]
+    direct = mmd(torch.tensor(source_within), torch.tensor(within))
+    assert terms["mmd_within"].item() == pytest.approx(direct.item(), rel=1e-4, abs=1e-6)
+    kept, between = within_between(target_dist, target_groups, target_images)
+    assert sorted(kept.tolist()) == pytest.approx(sorted(within))
+    assert len(between) == 16  # copies change nothing across groups
+    # Without the images the copies count: a different (lower-distance) within-class distribution.
+    blind = dmmd_terms(source, source_groups, target, target_groups)
+    assert blind["mmd_within"].item() != pytest.approx(terms["mmd_within"].item(), rel=1e-2)
+    assert blind["mmd_between"].item() == pytest.approx(terms["mmd_between"].item(), rel=1e-6)
+
+
 def test_distances_and_kernel_stay_float32_under_autocast():
     torch.manual_seed(0)
     x = torch.randn(16, 64) * 10

@@ -278,12 +278,15 @@ def test_a_compiled_adaptation_compiles_the_dmmd_terms(source_run, synth_root, t
 
 
 def test_adapt_can_split_source_pairs_by_tracklet_and_normalise(source_run, synth_root, tmp_path, monkeypatch):
-    seen = []
+    seen, images = [], []
 
-    def spy(source_embeddings, source_groups, target_embeddings, target_groups, normalize):
+    def spy(source_embeddings, source_groups, target_embeddings, target_groups, normalize, source_images,
+            target_images):
         assert normalize is True
         seen.append(source_groups.clone())
-        return dmmd_terms(source_embeddings, source_groups, target_embeddings, target_groups, normalize=normalize)
+        images.append((source_images.clone(), source_groups.clone(), target_images.clone(), target_groups.clone()))
+        return dmmd_terms(source_embeddings, source_groups, target_embeddings, target_groups, normalize=normalize,
+                          source_images=source_images, target_images=target_images)
 
     monkeypatch.setattr(adapt, "dmmd_terms", spy)
     out = tmp_path / "source-tracklets"
@@ -295,6 +298,12 @@ def test_adapt_can_split_source_pairs_by_tracklet_and_normalise(source_run, synt
     # A source batch holds K images of each of P identities; split by tracklet, some identity spans cameras.
     assert any(len(set(groups.tolist())) > 16 // 4 for groups in seen)
     assert "source pairs by tracklet, normalised embeddings" in (out / "log.txt").read_text()
+    # D-MMD is told which image each row is (copies of one image are no pair): the records' own groups.
+    target_tracklets = [r.tracklet for r in build_dataset("synth_duke", synth_root).train]
+    source_train = build_dataset("synth_msmt", synth_root).train
+    for source_images, source_groups, target_images, target_groups in images:
+        assert [source_train[i].tracklet for i in source_images.tolist()] == source_groups.tolist()
+        assert [target_tracklets[i] for i in target_images.tolist()] == target_groups.tolist()
 
 
 def test_adapt_selects_by_the_label_free_target_score(source_run, synth_root, tmp_path):

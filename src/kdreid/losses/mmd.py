@@ -5,7 +5,8 @@ distances (two images of the same identity or tracklet) and the between-class on
 themselves. This module follows the paper's definition:
 
 - distances are Euclidean (not squared) between embeddings;
-- each unordered pair of different images is one sample (self-distances excluded, every pair once);
+- each unordered pair of different images is one sample (self-distances excluded, every pair once; two copies
+  of one image in a batch, which the P×K sampler draws for a group smaller than K, are no pair either);
 - classes come from the batch's group labels (identity, tracklet or pseudo-label), not from positions.
 
 The original code differed (rows of K squared distances as samples, self-distances included, 50 of the 56 group
@@ -92,11 +93,14 @@ def weighted_mmd(k_xx: torch.Tensor, k_yy: torch.Tensor, k_xy: torch.Tensor, w_x
         return present * (w_x @ k_xx @ w_x + w_y @ k_yy @ w_y - 2.0 * (w_x @ k_xy @ w_y))
 
 
-def within_between(dist: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def within_between(
+    dist: torch.Tensor, groups: torch.Tensor, images: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a pairwise distance matrix into its within-class and between-class scalar distances.
-    dist (N, N), groups (N,) -> (within (n_w,), between (n_b,)); each unordered pair once, no self-pairs."""
-    pairs, same = _pairs(dist, groups)
-    return pairs[same > 0], pairs[same == 0]
+    dist (N, N), groups (N,) -> (within (n_w,), between (n_b,)); each unordered pair once, no self-pairs, and
+    with `images` (N,) no pair of two copies of one image (see `dmmd_terms`)."""
+    pairs, within, between = _pairs(dist, groups, images)
+    return pairs[within > 0], pairs[between > 0]
 
 
 def dmmd_terms(
@@ -106,6 +110,9 @@ def dmmd_terms(
     target_groups: torch.Tensor,
     sigmas=DEFAULT_SIGMAS,
     normalize: bool = False,
+    *,
+    source_images: torch.Tensor | None = None,
+    target_images: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The three D-MMD terms: MMD of within-class distances, of between-class distances, and of the
     embeddings. `normalize` L2-normalises the embeddings first: the kernel's bandwidths are fixed, so on raw
@@ -116,26 +123,38 @@ def dmmd_terms(
 
     Every unordered pair of different images is a sample; the within/between split is a 0/1 weight on the pairs
     (`weighted_mmd`), equal to `mmd` on the subsets that `within_between` selects but without their
-    data-dependent sizes, so a training step never waits for the GPU to count them."""
+    data-dependent sizes, so a training step never waits for the GPU to count them.
+
+    `source_images` / `target_images` (N,) say which image each row is (its index in the dataset). A group with
+    fewer than K images repeats some in its P×K chunk, and the two augmented copies of one image are not a
+    within-class pair: their near-zero distances (22–50 % of a tracklet-grouped epoch's within-class pairs on the
+    synthetic domains, `bench/tracklet_copies.py`) would pull that distribution towards 0. None: all rows differ."""
     if normalize:
         source_embeddings = torch.nn.functional.normalize(source_embeddings, dim=1)
         target_embeddings = torch.nn.functional.normalize(target_embeddings, dim=1)
-    source_pairs, source_same = _pairs(euclidean_distances(source_embeddings), source_groups)
-    target_pairs, target_same = _pairs(euclidean_distances(target_embeddings), target_groups)
+    source_pairs, source_within, source_between = _pairs(euclidean_distances(source_embeddings), source_groups,
+                                                         source_images)
+    target_pairs, target_within, target_between = _pairs(euclidean_distances(target_embeddings), target_groups,
+                                                         target_images)
     source_pairs = source_pairs.detach()
     with torch.autocast(source_pairs.device.type, enabled=False):
         k_ss = _gaussian_kernel(source_pairs, source_pairs, sigmas)
         k_tt = _gaussian_kernel(target_pairs, target_pairs, sigmas)
         k_st = _gaussian_kernel(source_pairs, target_pairs, sigmas)
     return {
-        "mmd_within": weighted_mmd(k_ss, k_tt, k_st, source_same, target_same),
-        "mmd_between": weighted_mmd(k_ss, k_tt, k_st, 1.0 - source_same, 1.0 - target_same),
+        "mmd_within": weighted_mmd(k_ss, k_tt, k_st, source_within, target_within),
+        "mmd_between": weighted_mmd(k_ss, k_tt, k_st, source_between, target_between),
         "mmd_features": mmd(source_embeddings, target_embeddings, sigmas),
     }
 
 
-def _pairs(dist: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every unordered pair of different images, in row order: its distance (P,) and whether it shares a group
-    (P,) as float 0/1; P = N(N-1)/2, whatever the groups (no data-dependent shape). dist (N, N), groups (N,)."""
+def _pairs(
+    dist: torch.Tensor, groups: torch.Tensor, images: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every unordered pair of rows, in row order: its distance (P,), and as float 0/1 weights (P,) whether it is a
+    within-class pair (same group, different images) and whether a between-class one (different groups); P =
+    N(N-1)/2 whatever the groups (no data-dependent shape). dist (N, N), groups (N,), images (N,) or None."""
     first, second = torch.triu_indices(len(dist), len(dist), offset=1, device=dist.device)
-    return dist[first, second], (groups[first] == groups[second]).float()
+    same_group = groups[first] == groups[second]
+    within = same_group if images is None else same_group & (images[first] != images[second])
+    return dist[first, second], within.float(), (~same_group).float()

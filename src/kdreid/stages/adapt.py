@@ -187,8 +187,11 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
             minimised = config.dmmd_weight != 0
             # A control run (weight 0) still logs the terms, but builds no graph and runs no backward through them.
             with torch.set_grad_enabled(torch.is_grad_enabled() and minimised):
-                terms = context.compile_loss(dmmd_terms)(source_out.embedding, source_groups, target_out.embedding,
-                                                         target_groups, normalize=config.dmmd_normalize)
+                terms = context.compile_loss(dmmd_terms)(
+                    source_out.embedding, source_groups, target_out.embedding, target_groups,
+                    normalize=config.dmmd_normalize, source_images=source_batches.last_index,
+                    target_images=target_batches.last_index,
+                )
             losses.update(terms)  # all three are logged; only the chosen ones are minimised
             if minimised:
                 total = total + config.dmmd_weight * sum(terms[f"mmd_{name}"] for name in config.dmmd_terms)
