@@ -287,6 +287,9 @@ def _add_distill(commands) -> None:
     p.add_argument("-a", "--arch", help="student architecture (default: that of --student-init, else osnet_x0_25)")
     p.add_argument("--teachers", nargs="+", required=True, help="one teacher checkpoint per target, same order")
     p.add_argument("--teacher-arch", help="the teachers are plain state dicts of this architecture (other toolkits)")
+    p.add_argument("--teacher-last-stride", type=int, choices=[1, 2],
+                   help="with --teacher-arch: the last-stage stride the teachers were trained with (default 1: "
+                        "SpCL, fast-reid; 2: torchreid's ResNets, the original KD-ReID code)")
     p.add_argument("--teacher-mode", choices=["eval", "train"],
                    help="eval (default); train = the original code's BatchNorm behaviour, for ablation")
     p.add_argument("--student-init", help="source-trained kdreid checkpoint of the student (train-source's model.pt)")
@@ -314,7 +317,8 @@ def _run_distill(args) -> int:
 
     overrides = _stage_overrides(args) | {
         "sources": args.sources, "targets": args.targets, "arch": args.arch, "teachers": args.teachers,
-        "teacher_arch": args.teacher_arch, "teacher_mode": args.teacher_mode, "student_init": args.student_init,
+        "teacher_arch": args.teacher_arch, "teacher_last_stride": args.teacher_last_stride,
+        "teacher_mode": args.teacher_mode, "student_init": args.student_init,
         "pretrained": args.pretrained, "target_alt": args.target_alt, "target_order": args.target_order,
         "kd_style": args.kd_style, "kd_feature": args.kd_feature, "lkdt_weight": args.lkdt_weight,
         "lkds_weight": args.lkds_weight, "lda_weight": args.lda_weight, "multi_head": args.multi_head,

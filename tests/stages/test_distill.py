@@ -134,6 +134,34 @@ def test_plain_state_dict_teachers_load_with_teacher_arch(tmp_path):
     assert not teacher.training and torch.equal(teacher.layer1[0].conv1.weight, model.layer1[0].conv1.weight)
 
 
+def test_plain_state_dict_teachers_keep_the_last_stride_they_were_trained_with(tmp_path):
+    # The weights do not record the stride: torchreid's ResNets (and the original code's) train with 2, and a
+    # teacher rebuilt with kdreid's 1 embeds the same images differently.
+    torch.manual_seed(0)
+    model = build_model("resnet_tiny", 0, last_stride=2).eval()
+    path = tmp_path / "torchreid.pth"
+    torch.save(model.state_dict(), path)
+    images = torch.rand(4, 3, 64, 32)
+    with torch.no_grad():
+        expected = model(images)
+        assert torch.equal(distill.load_teacher(str(path), "resnet_tiny", last_stride=2)(images), expected)
+        assert not torch.allclose(distill.load_teacher(str(path), "resnet_tiny")(images), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--teacher-last-stride", "2"], "--teacher-last-stride applies to plain state dicts (--teacher-arch ARCH)"),
+    (["--teacher-arch", "osnet_tiny", "--teacher-last-stride", "2"], "OSNet has no last-stage stride"),
+])
+def test_a_teacher_last_stride_that_cannot_apply_is_refused(tmp_path, capsys, flags, message):
+    model = build_model("osnet_tiny", 0)
+    path = tmp_path / "teacher.pth"
+    torch.save(model.state_dict(), path)
+    assert main(["distill", "-s", "synth_msmt", "-t", "synth_duke", "--teachers", str(path), "--root",
+                 str(tmp_path / "data"), "--out", str(tmp_path / "run"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_feature_kd_reaches_an_osnet_student_through_the_projector():
     # The original's feature KD was silently zero for OSNet students (no maps): here every student gets one.
     torch.manual_seed(0)

@@ -81,6 +81,9 @@ class DistillConfig:
     targets: list[str] = field(default_factory=lambda: ["market1501"])
     teachers: list[str] = field(default_factory=list)  # one checkpoint per target, in the targets' order
     teacher_arch: str = ""  # set: the teachers are plain state dicts of this architecture (other toolkits)
+    # The last-stage stride those plain teachers were trained with; their weights do not record it. 1: SpCL,
+    # OpenUnReID, fast-reid, kdreid; 2: torchreid's ResNets and the original KD-ReID/D-MMD code.
+    teacher_last_stride: int = 1
     teacher_mode: Literal["eval", "train"] = "eval"  # train = the original code's BatchNorm behaviour (ablation)
     arch: str = ""  # the student: empty = the architecture of student_init, or osnet_x0_25 without one
     student_init: str = ""  # source-trained kdreid checkpoint of the student (recommended)
@@ -122,6 +125,11 @@ class DistillConfig:
             raise ConfigError("--lkdt-weight, --lkds-weight and --lda-weight are all 0: nothing to train")
         if self.shift_batches < 1:
             raise ConfigError(f"shift_batches must be at least 1, got {self.shift_batches}")
+        if self.teacher_last_stride not in (1, 2):
+            raise ConfigError(f"--teacher-last-stride must be 1 or 2, got {self.teacher_last_stride}")
+        if self.teacher_last_stride != 1 and not self.teacher_arch:
+            raise ConfigError("--teacher-last-stride applies to plain state dicts (--teacher-arch ARCH); a kdreid "
+                              "checkpoint records its own: leave it out")
 
 
 # ------------------------------------------------------------------------------------------------ visiting order
@@ -190,10 +198,12 @@ class Teacher(nn.Module):
         return self.model(images, return_all=True)
 
 
-def load_teacher(path: str, arch: str = "") -> nn.Module:
-    """A kdreid checkpoint, or (with `arch`) a plain state dict of another toolkit, as an eval-mode model."""
+def load_teacher(path: str, arch: str = "", last_stride: int = 1) -> nn.Module:
+    """A kdreid checkpoint, or (with `arch`) a plain state dict of another toolkit, built with `last_stride`, as an
+    eval-mode model."""
     if arch:  # with the embedding layer the file holds, if any (SpCL's and the seed's `feat`)
-        return build_model(arch, 0, pretrained=path, embedding_dim=embedding_dim_of(path)).eval()
+        return build_model(arch, 0, pretrained=path, last_stride=last_stride,
+                           embedding_dim=embedding_dim_of(path)).eval()
     try:
         return load_checkpoint(path)
     except CheckpointError as error:
@@ -289,7 +299,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     config.validate()
     # The teachers are read before the run folder is made: a teacher of the wrong target stops here, not after
     # the datasets are read.
-    teacher_models = [load_teacher(path, config.teacher_arch) for path in config.teachers]
+    teacher_models = [load_teacher(path, config.teacher_arch, config.teacher_last_stride) for path in config.teachers]
     check_teacher_targets(teacher_models, config.teachers, config.targets, config.sources)
     train = config.train
     start = begin_stage(config, resume=resume)
