@@ -1,5 +1,6 @@
 """Pseudo-labels for an unlabelled target: DBSCAN on the k-reciprocal Jaccard distance of target embeddings,
-as in UDA re-ID practice (SpCL: eps 0.6, min 4 samples, k1 30, k2 6). Outliers get -1 and are left out of
+as in UDA re-ID practice (SpCL's values: eps 0.6, min 4 samples, k1 30, k2 6; the Jaccard distance is Zhong et
+al.'s, as re-ranking computes it, not SpCL's softmax-weighted variant). Outliers get -1 and are left out of
 training. The same clustering scores a model without labels (`cluster_quality`, what `--select target-clusters`
 chooses by)."""
 
