@@ -191,7 +191,7 @@ def _run_train_source(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- evaluate
 def _add_evaluate(commands) -> None:
-    p = commands.add_parser("evaluate", help="mAP, rank-1/5/10 and mINP of a model on each target's query/gallery")
+    p = commands.add_parser("evaluate", help="mAP, rank-1/5/10/20 and mINP of a model on each target's query/gallery")
     p.add_argument("--model", required=True, help="a kdreid checkpoint (model.pt), or a plain state dict with -a")
     p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
     p.add_argument("-t", "--targets", nargs="+", required=True, help="dataset names, e.g. market1501 synth_duke")

@@ -31,13 +31,13 @@ import yaml
 
 import kdreid
 from kdreid.errors import KdreidError
+from kdreid.evaluation.ranking import METRIC_COLUMNS
 from kdreid.rundir import atomic_write_text
 
 REPORT_PAGE = "report.html"
 PICTURES = "report"  # RUN/report/: the pictures the page shows
 # Stage folders of a pipeline run in the order they ran (kdreid.stages.pipeline); others follow by name.
 STAGE_ORDER = ("source_", "teacher_", "blend", "distill")
-METRIC_COLUMNS = (("mAP", "mAP"), ("R1", "rank1"), ("R5", "rank5"), ("R10", "rank10"), ("mINP", "mINP"))
 
 
 @dataclass

@@ -58,7 +58,7 @@ def test_json_equals_evaluate_model_and_metrics_file_is_written(setup, tmp_path,
     printed = json.loads(out)["final"]["market1501"]
     expected = evaluate_model(load_model(checkpoint), build_dataset("market1501", root), flip=True, device="cpu",
                               height=HEIGHT, width=WIDTH).summary()
-    assert set(printed) == {"mAP", "rank1", "rank5", "rank10", "mINP"}
+    assert set(printed) == {"mAP", "rank1", "rank5", "rank10", "rank20", "mINP"}
     for key, value in expected.items():
         assert printed[key] == pytest.approx(value, abs=1e-3)
     assert printed["mAP"] > 50  # the colours make identities easy: the pipeline is not scrambling labels
@@ -77,8 +77,8 @@ def test_table_rows_plain_state_dict_and_merge(setup, tmp_path, capsys):
                           "--metric", "cosine", "--rerank", "--device", "cpu"], capsys)
     assert code == 0, err
     header, row = out.strip().splitlines()
-    assert header.split() == ["target", "mAP", "R1", "R5", "R10", "mINP"]
-    assert row.split()[0] == "market1501" and len(row.split()) == 6
+    assert header.split() == ["target", "mAP", "R1", "R5", "R10", "R20", "mINP"]
+    assert row.split()[0] == "market1501" and len(row.split()) == 7
     written = json.loads((run_dir / "metrics.json").read_text())
     assert written["history"] == [1, 2] and set(written["final"]) == {"other", "market1501"}
     assert written["evaluated_with"]["market1501"]["metric"] == "cosine"

@@ -75,6 +75,10 @@ def test_market_equals_torchreid_on_random_matrices(torchreid_rank, seed, chunk_
     assert result.cmc.shape == ref_cmc.shape == (50,)
     np.testing.assert_allclose(result.cmc, ref_cmc, atol=1e-6, rtol=0)
     assert abs(result.mAP - ref_map) < 1e-6
+    # The tables' CMC columns (DESIGN §6: ranks 1/5/10/20) are torchreid's entries.
+    summary = result.summary()
+    assert [summary[f"rank{r}"] for r in (1, 5, 10, 20)] == pytest.approx([100 * ref_cmc[r - 1] for r in (1, 5, 10, 20)],
+                                                                          abs=1e-4)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -33,7 +33,7 @@ def test_source_run_writes_its_folder(source_run, synth_root):
                         for name in ("synth_msmt", "synth_duke")}
     metrics = json.loads((source_run / "metrics.json").read_text())
     assert set(metrics["final"]) == {"synth_msmt", "synth_duke"}
-    assert set(metrics["final"]["synth_duke"]) == {"mAP", "rank1", "rank5", "rank10", "mINP"}
+    assert set(metrics["final"]["synth_duke"]) == {"mAP", "rank1", "rank5", "rank10", "rank20", "mINP"}
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and metrics["selection"] == "last epoch"
     assert set(metrics["epochs"][0]["losses"]) == {"loss", "ce", "triplet"}
     for name in ("config.yaml", "log.txt", "results.md", "checkpoints/last.pt"):

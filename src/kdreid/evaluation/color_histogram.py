@@ -96,14 +96,15 @@ class BaselineResult:
     rank1: float
     rank5: float
     rank10: float
+    rank20: float
     chance_mAP: float
     num_query: int
     num_gallery: int
 
     def line(self) -> str:
         return (f"{self.dataset}: colour-histogram baseline mAP {self.mAP:.1f} %, rank-1 {self.rank1:.1f} %, "
-                f"rank-5 {self.rank5:.1f} %, rank-10 {self.rank10:.1f} % (chance mAP {self.chance_mAP:.2f} %; "
-                f"{self.num_query} queries, {self.num_gallery} gallery images)")
+                f"rank-5 {self.rank5:.1f} %, rank-10 {self.rank10:.1f} %, rank-20 {self.rank20:.1f} % "
+                f"(chance mAP {self.chance_mAP:.2f} %; {self.num_query} queries, {self.num_gallery} gallery images)")
 
 
 def color_histogram_baseline(dataset, use_metric_cuhk03: bool = False) -> BaselineResult:
@@ -123,6 +124,7 @@ def color_histogram_baseline(dataset, use_metric_cuhk03: bool = False) -> Baseli
     rank = lambda r: 100.0 * float(cmc[min(r, len(cmc)) - 1])  # noqa: E731
     return BaselineResult(
         dataset=dataset.name, mAP=100.0 * float(mean_ap), rank1=rank(1), rank5=rank(5), rank10=rank(10),
+        rank20=rank(20),
         chance_mAP=100.0 * expected_random_map(q_pids, g_pids, q_camids, g_camids),
         num_query=len(q_pids), num_gallery=len(g_pids),
     )

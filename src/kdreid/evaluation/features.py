@@ -26,7 +26,7 @@ from torch import nn
 from kdreid import distributed
 from kdreid.errors import CheckpointError, EvaluationError, KdreidError, why_not_a_file
 from kdreid.evaluation.distance import compute_distance_matrix
-from kdreid.evaluation.ranking import RankResult, evaluate
+from kdreid.evaluation.ranking import METRIC_COLUMNS, RankResult, evaluate
 from kdreid.evaluation.rerank import re_ranking_features
 
 log = logging.getLogger(__name__)
@@ -348,7 +348,7 @@ def _other_cuhk03_split(model: nn.Module, classic: bool, split_id: int) -> str |
 
 def evaluate_command(args) -> int:
     """`kdreid evaluate`: one table row per target (percent), `--json` for machines, `--out RUN` writes
-    RUN/metrics.json ({"final": {target: {mAP, rank1, rank5, rank10, mINP}}}, merged into an existing file)."""
+    RUN/metrics.json ({"final": {target: {mAP, rank1, rank5, rank10, rank20, mINP}}}, merged into an existing file)."""
     import json
     import sys
     import warnings
@@ -445,11 +445,11 @@ def evaluate_command(args) -> int:
 
 
 def format_table(final: dict[str, dict[str, float | None]]) -> str:
-    """Fixed-width rows: target, mAP, R1, R5, R10, mINP (percent)."""
-    columns = [("mAP", "mAP"), ("R1", "rank1"), ("R5", "rank5"), ("R10", "rank10"), ("mINP", "mINP")]
+    """Fixed-width rows: target, then mAP, CMC and mINP in percent (`METRIC_COLUMNS`)."""
     name_width = max([len("target"), *map(len, final)])
-    lines = ["target".ljust(name_width) + "".join(f"{title:>8}" for title, _ in columns)]
+    lines = ["target".ljust(name_width) + "".join(f"{title:>8}" for title, _ in METRIC_COLUMNS)]
     for target, values in final.items():
-        cells = "".join(f"{'n/a':>8}" if values[key] is None else f"{values[key]:8.1f}" for _, key in columns)
+        cells = "".join(f"{'n/a':>8}" if values.get(key) is None else f"{values[key]:8.1f}"
+                        for _, key in METRIC_COLUMNS)
         lines.append(target.ljust(name_width) + cells)
     return "\n".join(lines)

@@ -53,6 +53,12 @@ class EvaluationWarning(UserWarning):
     """Some (or all) queries have no true match from another camera and were skipped."""
 
 
+# The CMC ranks every results table shows (as the re-ID papers' tables), and the tables' columns: (title, key
+# of `RankResult.summary()` and of metrics.json).
+CMC_RANKS = (1, 5, 10, 20)
+METRIC_COLUMNS = (("mAP", "mAP"), *((f"R{r}", f"rank{r}") for r in CMC_RANKS), ("mINP", "mINP"))
+
+
 @dataclass
 class RankResult:
     """Ranking metrics as fractions in [0, 1] (tables show percent).
@@ -72,12 +78,10 @@ class RankResult:
         return float(self.cmc[min(r, len(self.cmc)) - 1])
 
     def summary(self) -> dict[str, float]:
-        """mAP, rank-1/5/10 and mINP in percent, the shape of `metrics.json`."""
+        """mAP, CMC at `CMC_RANKS` and mINP in percent, the shape of `metrics.json` (the keys of `METRIC_COLUMNS`)."""
         return {
             "mAP": 100.0 * self.mAP,
-            "rank1": 100.0 * self.rank(1),
-            "rank5": 100.0 * self.rank(5),
-            "rank10": 100.0 * self.rank(10),
+            **{f"rank{r}": 100.0 * self.rank(r) for r in CMC_RANKS},
             "mINP": 100.0 * self.mINP,
         }
 

@@ -42,6 +42,7 @@ from kdreid import distributed
 from kdreid.config import dump_yaml, flatten, to_dict
 from kdreid.data.augment import AugmentConfig
 from kdreid.errors import CheckpointError, ConfigError, KdreidError, TrainingError
+from kdreid.evaluation.ranking import METRIC_COLUMNS
 from kdreid.models.weights import TRAINING_STATE_FORMAT, TRAINING_STATE_MAGIC, UnsafeCheckpointError, safe_load
 from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes
 from kdreid.stages.optim import OptimConfig, learning_rate, set_learning_rate
@@ -49,7 +50,7 @@ from kdreid.stages.speed import (
     COMPILE_MODES, CompiledStep, LossWindow, resolve_compile, to_memory_format, tune_backends, use_channels_last,
 )
 
-METRIC_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")
+METRIC_KEYS = tuple(key for _, key in METRIC_COLUMNS)
 SELECTION_RULES = {
     "last": "last epoch",
     "source-val": "best source-validation mAP (held-out source training identities)",
@@ -742,8 +743,8 @@ def _tensorboard(path: Path, purge_step: int | None = None):
 def results_table(rows: list[dict], selection: str) -> str:
     """A Markdown table: one row per (model, dataset) with mAP and CMC in percent, and the selection rule."""
     lines = [
-        "| model | dataset | grouping | mAP | R1 | R5 | R10 | mINP |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | dataset | grouping | " + " | ".join(title for title, _ in METRIC_COLUMNS) + " |",
+        "|---|---|---|" + "---|" * len(METRIC_COLUMNS),
     ]
     for row in rows:
         m = row["metrics"]
