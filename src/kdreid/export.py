@@ -396,7 +396,7 @@ def _first_line(error: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------ command
 def export_command(args) -> int:
     """`kdreid export`: load the checkpoint, export, check, print one summary line."""
-    from kdreid.evaluation.features import load_model
+    from kdreid.evaluation.features import load_model, note_loaded_weights
 
     model = load_model(args.model, getattr(args, "arch", None))
     height, width = input_size(model, args.height, args.width)
@@ -406,6 +406,7 @@ def export_command(args) -> int:
     result = export_model(model, args.out, args.format, dynamic_batch=args.dynamic_batch, fp16=args.fp16,
                           images=images, opset=args.opset, source=Path(args.model).name, height=height, width=width)
     checked = f"{len(images) if images is not None else CHECK_IMAGES} {'' if images is not None else 'random '}images"
+    note_loaded_weights(model)
     print(f"wrote {result.path} ({result.format}{', fp16' if args.fp16 else ''}"
           f"{', dynamic batch' if args.dynamic_batch else ''}); relative error vs PyTorch "
           f"{result.relative_error:.2g} <= {result.tolerance:g} (max |diff| {result.max_abs_diff:.2g}) on {checked}")

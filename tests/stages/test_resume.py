@@ -17,7 +17,7 @@ from torch import nn
 
 from kdreid.cli import main
 from kdreid.data.samplers import PKSampler
-from kdreid.errors import CheckpointError
+from kdreid.errors import CheckpointError, DatasetError
 from kdreid.models import load_checkpoint
 from kdreid.rundir import RunDir
 from kdreid.stages import loop
@@ -182,10 +182,11 @@ DATA = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
 TARGETS = DATA @ torch.arange(6, dtype=torch.float32)
 
 
-def _train(folder, *, resume=False, interrupt_at=None, evaluate=None):
+def _train(folder, *, resume=False, interrupt_at=None, evaluate=None, eval_freq=0):
     torch.manual_seed(0)
     model = nn.Linear(6, 1)
-    config = TrainConfig(epochs=4, device="cpu", optim=OptimConfig(optimizer="adam", lr=0.01, warmup_epochs=1))
+    config = TrainConfig(epochs=4, device="cpu", eval_freq=eval_freq,
+                         optim=OptimConfig(optimizer="adam", lr=0.01, warmup_epochs=1))
     optimizer = build_optimizer(model.parameters(), config.optim)
 
     def step(context):
@@ -199,6 +200,35 @@ def _train(folder, *, resume=False, interrupt_at=None, evaluate=None):
     fit(run=RunDir(folder), config=config, stage_config=config, modules={"model": model}, optimizer=optimizer,
         batches_per_epoch=5, train_step=step, evaluate=evaluate, resume=resume)
     return model
+
+
+@pytest.mark.parametrize("failing_epoch", [2, 4])
+def test_a_failed_evaluation_keeps_its_epoch_and_resume_evaluates_it_again(tmp_path, failing_epoch):
+    # An image of a target's gallery that does not decode stopped the run after the epoch had trained: that
+    # epoch was lost (and with --epochs 1 the whole run folder).
+    def evaluate(epoch):
+        if epoch + 1 == failing_epoch and not fixed:
+            raise DatasetError("image g.jpg cannot be decoded (truncated); replace it")
+        return {"t": {"mAP": float(epoch)}}
+
+    fixed = True
+    reference = _train(tmp_path / "straight", evaluate=evaluate, eval_freq=2)
+    fixed = False
+    with pytest.raises(DatasetError, match=rf"cannot be decoded \(truncated\); replace it \(evaluating epoch "
+                                           rf"{failing_epoch}, whose training is saved in .*last\.pt: fix that and "
+                                           r"--resume, which evaluates it again\)"):
+        _train(tmp_path / "run", evaluate=evaluate, eval_freq=2)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_training_state(last)
+    assert state["epoch"] == failing_epoch and state["evaluation_pending"]
+    assert "metrics" not in state["history"][-1]
+    fixed = True
+    resumed = _train(tmp_path / "run", evaluate=evaluate, eval_freq=2, resume=True)
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    state = load_training_state(last)
+    assert state["epoch"] == 4 and "evaluation_pending" not in state
+    assert [e.get("metrics") for e in state["history"]] == [None, {"t": {"mAP": 1.0}}, None, {"t": {"mAP": 3.0}}]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip a byte", "empty"])

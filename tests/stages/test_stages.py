@@ -1,6 +1,7 @@
 """Tiny end-to-end runs of the source and D-MMD stages on CPU (seconds each)."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -192,6 +193,36 @@ def test_adapt_with_tracklets_trains_dmmd_and_saves_histograms(source_run, synth
     assert teacher.kdreid_meta["extra"]["grouping"] == "tracklet"
 
 
+def test_the_run_log_says_what_a_weights_file_gave_the_model(synth_root, tmp_path):
+    from kdreid.models import build_model
+
+    foreign = build_model("osnet_tiny", 751)  # another toolkit's file: `module.` keys, its own classifier
+    torch.save({"state_dict": {f"module.{k}": v for k, v in foreign.state_dict().items()}}, tmp_path / "w.pth")
+    out = tmp_path / "from-file"
+    assert main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root), "--out", str(out),
+                 "--pretrained", str(tmp_path / "w.pth"), *TINY[:1], "1", *TINY[2:]]) == 0
+    log = (out / "log.txt").read_text()
+    assert "osnet_tiny weights: loaded 300 tensors from" in log and "1 discarded: module.classifier.weight" in log
+
+
+def test_a_target_with_training_images_only_is_adapted_to_and_not_evaluated(source_run, synth_root, tmp_path):
+    # One's own cameras: tracker crops with track ids, no labelled query/gallery. The run stopped after training
+    # ("empty query set") with no model.
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "synth_msmt").symlink_to(synth_root / "synth_msmt")
+    (root / "custom").mkdir()
+    rows = ["path,pid,camid,tracklet,split"] + [f"{r.path},{r.tracklet},{r.camid},{r.tracklet},train"
+                                                for r in build_dataset("synth_duke", synth_root).train]
+    (root / "custom" / "manifest.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "own-cameras"
+    assert main(["adapt", "-s", "synth_msmt", "-t", "custom", "--init", str(source_run / "model.pt"),
+                 "--root", str(root), "--out", str(out), "--dmmd-start", "0", *TINY]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["final"]) == {"synth_msmt"} and metrics["epochs"][1]["losses"]["mmd_within"] > 0
+    assert "custom has no query or no gallery images: it is not evaluated" in (out / "log.txt").read_text()
+
+
 def test_before_dmmd_starts_the_target_forward_keeps_no_graph_but_moves_batchnorm(source_run, synth_root,
                                                                                    tmp_path, monkeypatch):
     calls = []  # grad mode of each training-mode forward, in order: source, target, source, target, ...
@@ -322,7 +353,7 @@ def test_adapt_selects_by_the_label_free_target_score(source_run, synth_root, tm
         from kdreid.stages.common import stage_evaluator
 
         main_config.targets, main_config.train.select = [], "target-clusters"
-        stage_evaluator(None, [], None, main_config, torch.device("cpu"))
+        stage_evaluator(None, [], None, main_config, torch.device("cpu"), logging.getLogger("test"))
 
 
 def test_adapt_bad_inputs(source_run, synth_root, tmp_path):

@@ -12,6 +12,7 @@ embeddings of each image and its horizontal mirror (`flip`).
 from __future__ import annotations
 
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,14 @@ def load_model(path: str | Path, arch: str | None = None) -> nn.Module:
                               "(e.g. -a resnet50 or -a osnet_x0_25)")
     model = build_model(arch, num_classes=0, pretrained=str(path))
     return model.eval()
+
+
+def note_loaded_weights(model: nn.Module) -> None:
+    """For a command given a plain state dict (-a ARCH): one stderr line on what the file gave the model (tensors
+    loaded, missing, discarded), as the training stages write it in their log."""
+    report = getattr(model, "load_report", None)
+    if report is not None:
+        print(f"kdreid: {report.summary()}", file=sys.stderr)
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int]:
@@ -350,7 +359,6 @@ def evaluate_command(args) -> int:
     """`kdreid evaluate`: one table row per target (percent), `--json` for machines, `--out RUN` writes
     RUN/metrics.json ({"final": {target: {mAP, rank1, rank5, rank10, rank20, mINP}}}, merged into an existing file)."""
     import json
-    import sys
     import warnings
 
     from kdreid.data.datasets.base import build_dataset
@@ -384,6 +392,7 @@ def evaluate_command(args) -> int:
     # Every target is read before the first is evaluated: a misspelt one stops the command before any work.
     datasets = {target: build_dataset(target, args.root, **(cuhk03_options if target == "cuhk03" else {}))
                 for target in args.targets}
+    note_loaded_weights(model)  # once the command can run: a mistake stays one line
     final: dict[str, dict[str, float | None]] = {}
     # Each target is scored as the training stages score it (so a run's metrics.json and this agree), unless
     # --protocol names one for all.

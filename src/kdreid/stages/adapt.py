@@ -197,7 +197,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
                 total = total + config.dmmd_weight * sum(terms[f"mmd_{name}"] for name in config.dmmd_terms)
         return {"loss": total, **losses}
 
-    evaluate = stage_evaluator(model, targets + sources, validation, config, device)
+    evaluate = stage_evaluator(model, targets + sources, validation, config, device, log)
 
     # The loop must know the epoch length before pseudo-labels exist: an epoch is as long as the source's.
     result = fit(

@@ -73,9 +73,10 @@ def evaluate_split(
     device: torch.device,
     options: EvalOptions,
     protocol: str = "market",
+    name: str = "validation",
 ) -> dict[str, float]:
-    """mAP, rank-1/5/10 and mINP in percent of `model` on one query/gallery pair."""
-    split = SimpleNamespace(name="validation", query=list(query), gallery=list(gallery))
+    """mAP, rank-1/5/10/20 and mINP in percent of `model` on one query/gallery pair (`name` in errors)."""
+    split = SimpleNamespace(name=name, query=list(query), gallery=list(gallery))
     result = evaluate_model(
         model, split, metric=options.metric, flip=options.flip, protocol=protocol, height=height, width=width,
         batch_size=options.batch_size, device=device,
@@ -87,23 +88,34 @@ def evaluate_datasets(
     model: nn.Module, datasets: Sequence[ReidDataset], train: TrainConfig, device: torch.device,
     options: EvalOptions, data: DataOptions,
 ) -> dict[str, dict[str, float]]:
+    """{dataset: metrics} of every dataset that has a query and a gallery (`evaluable`)."""
     was_training = model.training
     model.eval()
     metrics = {
         dataset.name: evaluate_split(
             model, dataset.query, dataset.gallery, height=train.height, width=train.width, device=device,
-            options=options, protocol=protocol_for(dataset.name, data),
+            options=options, protocol=protocol_for(dataset.name, data), name=dataset.name,
         )
-        for dataset in datasets
+        for dataset in datasets if evaluable(dataset)
     }
     model.train(was_training)
     return metrics
 
 
-def stage_evaluator(model: nn.Module, datasets: Sequence[ReidDataset], validation, config, device: torch.device):
-    """The `evaluate(epoch)` a stage gives the loop: every dataset's query/gallery, plus the held-out source
-    identities as "source-val" when there are some (what --select source-val chooses by)."""
+def evaluable(dataset: ReidDataset) -> bool:
+    """Whether a dataset has labelled query and gallery images to evaluate on: a target of one's own cameras may
+    hold training images only (tracklets from a tracker), which adaptation needs and evaluation cannot use."""
+    return bool(dataset.query) and bool(dataset.gallery)
 
+
+def stage_evaluator(model: nn.Module, datasets: Sequence[ReidDataset], validation, config, device: torch.device,
+                    log):
+    """The `evaluate(epoch)` a stage gives the loop: every evaluable dataset's query/gallery, plus the held-out
+    source identities as "source-val" when there are some (what --select source-val chooses by)."""
+    for dataset in datasets:
+        if not evaluable(dataset):
+            log.warning(f"{dataset.name} has no query or no gallery images: it is not evaluated (its training "
+                        "images are used)")
     targets = [d for d in datasets if d.name in config.targets]
     if config.train.select == "target-clusters" and not targets:
         raise ConfigError("--select target-clusters scores the targets' training images: name them with -t")
@@ -142,6 +154,14 @@ class StageStart:
     device: torch.device
     sources: list[ReidDataset]
     targets: list[ReidDataset]
+
+
+def log_loaded_weights(log, model: nn.Module, what: str) -> None:
+    """Say in the run's log what a weights file gave `model` (tensors loaded, missing, discarded: its
+    `load_report`), so that a head left untrained or a file of another toolkit's layout shows."""
+    report = getattr(model, "load_report", None)
+    if report is not None:
+        log.info(f"{what}: {report.summary()}")
 
 
 def stage_runner(run):

@@ -56,6 +56,7 @@ from kdreid.stages.common import (
     begin_stage,
     stage_evaluator,
     finish_stage,
+    log_loaded_weights,
     stage_runner,
     source_label_space,
 )
@@ -306,6 +307,8 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets
     if distributed.is_main():
         check_same_teachers(run_dir.path, config.teachers, resuming=resume and has_checkpoint(run_dir.path))
+    for path, teacher in zip(config.teachers, teacher_models):
+        log_loaded_weights(log, teacher, f"teacher {path}")
     source_records = combine_train(sources, combineall=config.data.combineall)
 
     # The student: from its source-trained checkpoint (same label space as the sources), or built anew.
@@ -324,6 +327,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         from_file = config.pretrained not in ("none", "imagenet")
         student = build_model(config.arch or "osnet_x0_25", num_classes, pretrained=config.pretrained,
                               embedding_dim=embedding_dim_of(config.pretrained) if from_file else 0)
+        log_loaded_weights(log, student, f"student {student.arch} weights")
     elif config.lda_weight > 0 and student.num_classes != num_classes:
         raise ConfigError(
             f"{config.student_init} was trained on {student.num_classes} source identities, but the sources "
@@ -509,7 +513,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
                 total = total + config.lda_weight * sum(da.values())
         return {"loss": total, **losses}
 
-    evaluate = stage_evaluator(student, targets + sources, validation, config, device)
+    evaluate = stage_evaluator(student, targets + sources, validation, config, device, log)
 
     result = fit(
         run=run_dir, config=train, stage_config=config, modules={"student": student, "projectors": projectors},

@@ -206,11 +206,12 @@ def _train(
         best.update(state["best"])
         _restore_rng(state["rng"])
         inside = state.get("inside")
+        evaluation_pending = state.get("evaluation_pending", False)
         where = f"epoch {start_epoch + 1}" + (f", iteration {inside['iteration'] + 1}" if inside else "")
         log.info(f"resumed from {path}: continuing at {where}")
     distributed.broadcast_modules(modules.values())  # every process starts from the main one's weights
 
-    def write_checkpoint(completed_epochs: int, position: dict | None = None) -> None:
+    def write_checkpoint(completed_epochs: int, position: dict | None = None, evaluation_pending: bool = False) -> None:
         if not distributed.is_main():
             return  # one writer: the main process (all hold the same weights)
         state = {
@@ -225,7 +226,41 @@ def _train(
         }
         if position is not None:
             state["inside"] = position
+        if evaluation_pending:
+            state["evaluation_pending"] = True
         save_training_state(checkpoint_path, state)
+
+    def evaluate_epoch(epoch: int, entry: dict) -> None:
+        """Evaluate the model trained for `epoch`: its metrics go in its history `entry`, and `best` follows the
+        selection rule. A failure (an image that does not decode, no valid query) loses no training: the epoch is
+        saved as trained but not evaluated, and --resume evaluates it again before going on."""
+        nonlocal best
+        try:
+            with compiled.eager():  # evaluation batch sizes vary: no recompilation
+                metrics = evaluate(epoch)
+        except KdreidError as error:
+            write_checkpoint(epoch + 1, evaluation_pending=True)
+            error.args = (f"{error} (evaluating epoch {epoch + 1}, whose training is saved in {checkpoint_path}: "
+                          "fix that and --resume, which evaluates it again)",)
+            raise
+        entry["metrics"] = metrics
+        for dataset, values in metrics.items():
+            shown = [k for k in METRIC_KEYS if k in values] or list(values)  # a selection score has its own keys
+            log.info(f"  {dataset:<16} " + "  ".join(f"{k} {values[k]:.1f}" for k in shown))
+            for key, value in values.items():
+                writer.add_scalar(f"{dataset}/{key}", value, epoch + 1)
+        if config.select in SELECTION_SCORES:
+            entry_name, key = SELECTION_SCORES[config.select]
+            score = metrics.get(entry_name, {}).get(key, -math.inf)
+        else:
+            score = epoch
+        if config.select == "last" or score > best["score"]:
+            best = {
+                "score": score,
+                "epoch": epoch + 1,
+                "state": copy.deepcopy(model.state_dict()) if config.select != "last" else None,
+                "metrics": metrics,
+            }
 
     hold_at = _test_hold_step()
     use_amp = config.amp and device.type == "cuda"
@@ -240,6 +275,11 @@ def _train(
         to_memory_format(modules.values(), torch.channels_last)
     mode = resolve_compile(config.compile, device, compile_auto, distributed.is_distributed())
     compiled = CompiledStep(model, mode, device, log)
+
+    if found is not None and evaluation_pending:
+        log.info(f"evaluating epoch {start_epoch} again: its evaluation failed before the run stopped")
+        evaluate_epoch(start_epoch - 1, history[-1])
+        write_checkpoint(start_epoch)
 
     for epoch in range(start_epoch, config.epochs):
         resuming_inside = inside is not None and epoch == start_epoch
@@ -327,29 +367,9 @@ def _train(
             writer.add_scalar(f"loss/{name}", value, epoch + 1)
         writer.add_scalar("lr", lr, epoch + 1)
 
-        last = epoch + 1 == config.epochs
-        if last or (config.eval_freq > 0 and (epoch + 1) % config.eval_freq == 0):
-            with compiled.eager():  # evaluation batch sizes vary: no recompilation
-                metrics = evaluate(epoch)
-            entry["metrics"] = metrics
-            for dataset, values in metrics.items():
-                shown = [k for k in METRIC_KEYS if k in values] or list(values)  # a selection score has its own keys
-                log.info(f"  {dataset:<16} " + "  ".join(f"{k} {values[k]:.1f}" for k in shown))
-                for key, value in values.items():
-                    writer.add_scalar(f"{dataset}/{key}", value, epoch + 1)
-            if config.select in SELECTION_SCORES:
-                entry_name, key = SELECTION_SCORES[config.select]
-                score = metrics.get(entry_name, {}).get(key, -math.inf)
-            else:
-                score = epoch
-            if config.select == "last" or score > best["score"]:
-                best = {
-                    "score": score,
-                    "epoch": epoch + 1,
-                    "state": copy.deepcopy(model.state_dict()) if config.select != "last" else None,
-                    "metrics": metrics,
-                }
         history.append(entry)
+        if epoch + 1 == config.epochs or (config.eval_freq > 0 and (epoch + 1) % config.eval_freq == 0):
+            evaluate_epoch(epoch, entry)
         write_checkpoint(epoch + 1)
         if stop.requested():  # also after the last epoch (a signal in its evaluation): the stage must not go on
             where = f"after epoch {epoch + 1}" + (", the last (resuming only writes the stage's model)"

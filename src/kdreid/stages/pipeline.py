@@ -484,7 +484,7 @@ def _run_stages(config: PipelineConfig, configs: dict, fingerprints: DatasetFing
     metrics = {
         "source_only": on_targets(source_teacher),
         "source_only_student": on_targets(source_student),
-        "teachers": {t: teacher_all[t][t] for t in targets},
+        "teachers": {t: teacher_all[t][t] for t in targets if t in teacher_all[t]},
         "blend": on_targets(finals["blend"]),
         "student": on_targets(finals["distill"]),
         "teachers_on_all_targets": teacher_all,

@@ -20,6 +20,7 @@ from kdreid.stages.common import (
     begin_stage,
     stage_evaluator,
     finish_stage,
+    log_loaded_weights,
     stage_runner,
     DataOptions,
     EvalOptions,
@@ -81,6 +82,7 @@ def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
     )
 
     model = build_model(config.arch, num_classes, pretrained=config.pretrained, last_stride=config.last_stride)
+    log_loaded_weights(log, model, f"{config.arch} weights")
     check_input_size(model, train.height, train.width)
     model = model.to(device)
     distributed.sync_batchnorm(model)  # several processes: BatchNorm over the global batch
@@ -90,7 +92,7 @@ def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
     )
     optimizer = build_optimizer(model.parameters(), train.optim)
     train_step = source_train_step(model, batches, config)
-    evaluate = stage_evaluator(model, sources + targets, validation, config, device)
+    evaluate = stage_evaluator(model, sources + targets, validation, config, device, log)
 
     result = fit(
         run=run_dir, config=train, stage_config=config, modules={"model": model}, optimizer=optimizer,
