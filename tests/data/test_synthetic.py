@@ -23,6 +23,7 @@ from kdreid.data.datasets.base import build_dataset
 from kdreid.data.synthetic import DOMAIN_NAMES, build_domain, generate, render_domain
 from kdreid.data.synthetic.writer import truth
 from kdreid.errors import KdreidError
+from kdreid.rundir import LOCK_FILE
 
 SCALE, SIZE, SEED = 0.01, (64, 32), 0
 NAME = re.compile(r"^(-1|\d{4})_c(\d+)s(\d+)_(\d{6})_(\d{2})\.jpg$")
@@ -331,6 +332,89 @@ def test_an_interrupted_write_leaves_the_previous_domain_and_nothing_half_writte
     with pytest.raises(KeyboardInterrupt):
         generate(tmp_path, ["synth_cuhk"], scale=0.02, seed=SEED, size=SIZE)  # a bigger domain, cut off
     assert len(calls) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth_cuhk"]  # no partial folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, "synth_cuhk"]  # no partial folder left
     assert (tmp_path / "synth_cuhk" / "truth.json").read_text() == before
     assert build_dataset("synth_cuhk", str(tmp_path)).num_train_pids == json.loads(before)["train"]["ids"]
+
+
+def synth(out, *more) -> list[str]:
+    return ["data", "synth", "--out", str(out), "--scale", str(SCALE), "--size", "64x32", "--workers", "1", *more]
+
+
+def test_a_second_run_into_the_same_folder_is_refused_in_one_line(tmp_path, capsys):
+    from tests.test_rundir import hold_in_another_process
+
+    holder = hold_in_another_process(tmp_path)  # a first `kdreid data synth --out tmp_path` still writing
+    try:
+        assert main(synth(tmp_path, "--domains", "synth_cuhk")) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"{tmp_path} is in use by another kdreid process (pid {holder.pid} " in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]  # the first run's folders untouched
+    assert main(synth(tmp_path, "--domains", "synth_cuhk")) == 0  # free once the first run ends
+    truth_ids = json.loads((tmp_path / "synth_cuhk" / "truth.json").read_text())["train"]["ids"]
+    assert build_dataset("synth_cuhk", str(tmp_path)).num_train_pids == truth_ids  # the hidden lock file is no data
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_disk_is_one_line_and_leaves_the_previous_domain(tmp_path, monkeypatch, capsys, workers):
+    import errno
+
+    generate(tmp_path, ["synth_cuhk"], scale=SCALE, seed=SEED, size=SIZE)
+    before = (tmp_path / "synth_cuhk" / "truth.json").read_text()
+    real = Path.write_bytes
+
+    def full(path, data):
+        if path.suffix == ".jpg":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)  # the image writes, in the pool's forked workers too
+    more = ["--scale", "0.02", "--workers", str(workers)]  # 2 chunks: workers=2 writes in a pool
+    assert main(synth(tmp_path, "--domains", "synth_cuhk", *more)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"cannot write {tmp_path / 'synth_cuhk'}: no space left on the device" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, "synth_cuhk"]  # the staging folder removed
+    assert (tmp_path / "synth_cuhk" / "truth.json").read_text() == before
+
+
+def test_staging_folders_of_killed_runs_are_removed(tmp_path):
+    for name in ("synth_market", "synth_cuhk"):  # what SIGKILL leaves, of this domain and another
+        stale = tmp_path / f".{name}.partial" / "bounding_box_train"
+        stale.mkdir(parents=True)
+        (stale / "0001_c1s1_000001_00.jpg").write_bytes(b"half")
+    (tmp_path / ".market1501.partial").mkdir()  # another tool's, in a shared data root: not ours to remove
+    generate(tmp_path, ["synth_cuhk"], scale=SCALE, seed=SEED, size=SIZE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, ".market1501.partial", "synth_cuhk"]
+
+
+def test_a_file_or_link_where_a_domain_goes_is_refused_before_rendering(tmp_path, monkeypatch, capsys):
+    from kdreid.data import synthetic
+
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("rendered before refusing")
+
+    monkeypatch.setattr(synthetic, "build_domain", no_rendering)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    out = tmp_path / "data"
+    out.mkdir()
+    target = out / "synth_duke"
+    for make, said in [(lambda: target.write_text("notes\n"), "it is a file"),
+                       (lambda: target.symlink_to(elsewhere), f"it is a link (to {elsewhere})"),
+                       (lambda: target.symlink_to(tmp_path / "nowhere"), "it is a link")]:
+        make()
+        # synth_market first: nothing of it is rendered either
+        assert main(synth(out, "--domains", "synth_market", "synth_duke")) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert f"cannot write {target}: {said}" in err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "synth_duke"]  # nothing moved aside
+        assert target.is_symlink() or target.read_text() == "notes\n"
+        target.unlink()
+    assert (elsewhere / "keep.txt").read_text() == "mine" and sorted(elsewhere.iterdir()) == [elsewhere / "keep.txt"]

@@ -74,29 +74,50 @@ def generate(
 ) -> list[DomainSummary]:
     """Write each domain under out/<name>/; returns what was written. `size` (H, W) overrides every camera's
     written size; `workers` processes render chunks in parallel without changing the output."""
-    from kdreid.data.synthetic.writer import move_into_place, staging_folder
+    from kdreid.data.synthetic.writer import move_into_place, remove_stale_staging, staging_folder
+    from kdreid.rundir import as_write_error, exclusive
 
     _validate(domains, scale, gap, size, workers)
     out = _output_folder(out)
-    summaries = []
-    for name in domains:
-        started = time.perf_counter()
-        domain = build_domain(name, scale=scale, seed=seed, gap=gap, size=size)
-        staging = staging_folder(out / name)  # out/<name> only appears once complete
-        try:
-            images, stats = _write_domain(domain, staging, workers, progress)
-        except BaseException:  # interrupted or failed (a full disk): nothing half-written stays
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        move_into_place(staging, out / name)
-        summaries.append(DomainSummary(name, out / name, stats, images, time.perf_counter() - started))
+    # Held for the whole run: two runs into one --out would share (and remove) each other's staging folders.
+    with exclusive(out):
+        for name in domains:
+            _refuse_non_folder(out / name)
+        remove_stale_staging(out)
+        summaries = []
+        for name in domains:
+            started = time.perf_counter()
+            domain = build_domain(name, scale=scale, seed=seed, gap=gap, size=size)
+            staging = staging_folder(out / name)  # out/<name> only appears once complete
+            try:
+                images, stats = _write_domain(domain, staging, workers, progress)
+            except BaseException as error:  # interrupted or failed (a full disk): nothing half-written stays
+                shutil.rmtree(staging, ignore_errors=True)
+                if isinstance(error, OSError):  # also from a worker process, re-raised here by the pool
+                    raise as_write_error(out / name, error) from None
+                raise
+            move_into_place(staging, out / name)
+            summaries.append(DomainSummary(name, out / name, stats, images, time.perf_counter() - started))
     return summaries
+
+
+def _refuse_non_folder(folder: Path) -> None:
+    """One line, before any rendering, when something not made by `data synth` stands where a domain goes: it would
+    be replaced. A link to a folder too: regenerating would replace the user's link (or write through it)."""
+    if folder.is_symlink():
+        raise KdreidError(f"cannot write {folder}: it is a link (to {os.readlink(folder)}), not a domain folder; "
+                          "remove the link or choose another --out")
+    if folder.exists() and not folder.is_dir():
+        raise KdreidError(f"cannot write {folder}: it is a file, not a domain folder; move it away or choose "
+                          "another --out")
 
 
 def _write_domain(domain: Domain, folder: Path, workers: int, progress: bool) -> tuple[int, dict]:
     """Every image, the manifest, the contact sheet and truth.json of `domain` into `folder`; (images, truth)."""
-    from kdreid.data.synthetic.writer import contact_sheet, write_chunk, write_manifest, write_truth
+    from kdreid.data.synthetic.writer import SPLIT_FOLDERS, contact_sheet, write_chunk, write_manifest, write_truth
 
+    for sub in SPLIT_FOLDERS.values():
+        (folder / sub).mkdir(parents=True)
     chunks = range(domain.num_chunks)
     bar = None
     if progress:

@@ -22,7 +22,7 @@ from kdreid.data.synthetic.camera import TIME_OF_DAY_NAMES
 from kdreid.data.synthetic.generate import CHUNK_SIZE, Domain, render_chunk
 from kdreid.data.synthetic.plan import KINDS, SPLITS
 from kdreid.data.synthetic.scene import OCCLUDERS
-from kdreid.rundir import atomic_write_bytes, atomic_write_text, write_json
+from kdreid.rundir import as_write_error, atomic_write_bytes, atomic_write_text, write_json
 
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 MANIFEST_COLUMNS = (
@@ -37,12 +37,22 @@ def relative_path(domain: Domain, i: int) -> str:
 
 
 def staging_folder(folder: Path) -> Path:
-    """Where a domain is written before it takes `folder`'s place: a hidden sibling, made empty."""
-    staging = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)  # a run interrupted before
-    for sub in SPLIT_FOLDERS.values():
-        (staging / sub).mkdir(parents=True)
-    return staging
+    """Where a domain is written before it takes `folder`'s place: a hidden sibling."""
+    return folder.with_name(f".{folder.name}.partial")
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders that killed runs (SIGKILL, a power loss) left in `out`, of every domain: they
+    can be GBs. Only for a caller that holds `out` (rundir.exclusive), so that none is another run's. Only the
+    synthetic domains' names: --out is often the root of real datasets, where other tools may stage too."""
+    for staging in sorted(out.glob(".synth_*.partial")):
+        try:
+            if staging.is_dir() and not staging.is_symlink():
+                shutil.rmtree(staging)
+            else:
+                staging.unlink()
+        except OSError as error:
+            raise as_write_error(staging, error) from None
 
 
 def move_into_place(staging: Path, folder: Path) -> None:
