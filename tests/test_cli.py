@@ -57,3 +57,33 @@ def test_sizes_and_counts_below_one_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err == f"kdreid: error: {flag} must be at least 1, got {value}\n", (argv[0], flag, err)
     assert not (tmp_path / "x.npz").exists() and not (tmp_path / "x.ts").exists()
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    # `kdreid models | head -1`: a BrokenPipeError traceback before. Here the reader is gone before the first
+    # write (a pipe with no reading end), so the write always fails, whatever the timing.
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    result = subprocess.run([sys.executable, "-m", "kdreid", "models"], stdout=write_end, stderr=subprocess.PIPE,
+                            text=True, timeout=120)
+    os.close(write_end)
+    assert result.returncode == 141 and result.stderr == ""
+
+
+def test_an_error_of_the_machine_state_no_command_named_is_one_line(tmp_path, capsys, monkeypatch):
+    # A folder a library makes (tensorboard's, a picture's) where a file stands: one line naming it, not a traceback.
+    import errno
+
+    import kdreid.cli
+
+    def failing(args):
+        raise FileExistsError(errno.EEXIST, "File exists", str(tmp_path / "runs" / "tensorboard"))
+
+    parser = kdreid.cli.build_parser()
+    monkeypatch.setattr(kdreid.cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: type("Args", (), {"run": staticmethod(failing)})())
+    assert main(["models"]) == 2
+    assert capsys.readouterr().err == (f"kdreid: error: {tmp_path / 'runs' / 'tensorboard'}: a file stands where a "
+                                       "folder is needed; move that file or choose another path\n")

@@ -147,14 +147,28 @@ def test_a_failed_report_leaves_the_previous_one_whole(tmp_path, tiny_model, rng
     monkeypatch.setattr(report, "stage_section", broken)
     assert main(["report", str(run), "--visrank", "0"]) == 2
     assert before and all((run / picture).is_file() for picture in before)  # the old page still shows them
-    assert not (run / ".report.previous").exists()
-    # A build killed mid-way left the old pictures set aside and a partial folder: the next build, failing too,
-    # still leaves the page's pictures in place.
-    (run / "report").rename(run / ".report.previous")
-    (run / "report").mkdir()
-    (run / "report" / "half.png").write_bytes(b"")
+    assert not (run / ".report.new").exists()
+    # A build killed while drawing left a partial folder beside the page's pictures; one killed in the swap, the
+    # page's pictures set aside: the next build, failing too, leaves the page with all its pictures.
+    (run / ".report.new").mkdir()
+    (run / ".report.new" / "half.png").write_bytes(b"")
     assert main(["report", str(run), "--visrank", "0"]) == 2
-    assert all((run / picture).is_file() for picture in before) and not (run / "report" / "half.png").exists()
+    assert all((run / picture).is_file() for picture in before) and not (run / ".report.new").exists()
+    (run / "report").rename(run / ".report.old")
+    assert main(["report", str(run), "--visrank", "0"]) == 2
+    assert all((run / picture).is_file() for picture in before) and not (run / ".report.old").exists()
+    # While a page is built, the one on disk keeps every picture it shows, until the swap at the end.
+    monkeypatch.undo()
+    seen_during_build = []
+    real_stage_section = report.stage_section
+
+    def watching(*args, **kwargs):
+        seen_during_build.append(all((run / picture).is_file() for picture in before))
+        return real_stage_section(*args, **kwargs)
+
+    monkeypatch.setattr(report, "stage_section", watching)
+    assert main(["report", str(run), "--visrank", "0"]) == 0
+    assert seen_during_build == [True] and all((run / picture).is_file() for picture in _images(run / "report.html"))
     assert main(["report", str(run), "--visrank", "-1"]) == 2
     assert "--visrank must be 0 or more" in capsys.readouterr().err
 

@@ -3,6 +3,7 @@ import os
 from dataclasses import dataclass
 
 import pytest
+import torch
 import yaml
 
 from kdreid import rundir
@@ -179,3 +180,50 @@ def test_a_lock_file_removed_between_open_and_lock_is_not_held(tmp_path, monkeyp
     with rundir.exclusive(tmp_path / "run"):
         assert f"pid {os.getpid()} " in (tmp_path / "run" / rundir.LOCK_FILE).read_text()
     assert removed
+
+
+def test_a_file_where_a_run_folder_goes_is_one_line(tmp_path):
+    (tmp_path / "runs").write_text("notes")
+    for path in (tmp_path / "runs", tmp_path / "runs" / "checkpoints"):
+        with pytest.raises(rundir.WriteError, match=rf"cannot write {path}: .*; move that file or choose another path"):
+            rundir.make_folder(path)
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(rundir.WriteError, match="a file stands where a folder is needed"):
+        rundir.make_folder(tmp_path / "link")
+    assert rundir.make_folder(tmp_path / "a" / "b").is_dir()
+
+
+def test_a_checkpoint_write_a_killed_run_left_is_removed_when_the_run_goes_on(tmp_path):
+    from kdreid.stages.loop import TrainConfig, fit
+
+    stale = tmp_path / "run" / "checkpoints" / ".last.pt.k2j4x9.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a checkpoint")
+    kept = tmp_path / "run" / "checkpoints" / "notes.txt"
+    kept.write_text("mine")
+    model = torch.nn.Linear(2, 1)
+    config = TrainConfig(epochs=1, device="cpu")
+
+    def step(context):
+        return {"loss": model(torch.ones(4, 2)).pow(2).mean()}
+
+    fit(run=RunDir(tmp_path / "run"), config=config, stage_config=config, modules={"model": model},
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), batches_per_epoch=2, train_step=step,
+        evaluate=lambda epoch: {})
+    assert not stale.exists() and kept.read_text() == "mine"
+    assert sorted(p.name for p in stale.parent.iterdir()) == ["last.pt", "notes.txt"]
+
+
+def test_a_file_where_the_checkpoints_go_is_one_line_before_any_training(tmp_path):
+    from kdreid.stages.loop import TrainConfig, fit
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("not a folder")
+    steps = []
+    config = TrainConfig(epochs=1, device="cpu")
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(rundir.WriteError, match=r"cannot write .*checkpoints: a file stands where a folder is needed"):
+        fit(run=RunDir(tmp_path / "run"), config=config, stage_config=config, modules={"model": model},
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1), batches_per_epoch=2,
+            train_step=lambda context: steps.append(1), evaluate=lambda epoch: {})
+    assert steps == []

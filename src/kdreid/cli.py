@@ -9,6 +9,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from kdreid import __version__
@@ -503,6 +504,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdreid: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of the output stopped early (`kdreid models | head -1`): nothing is wrong, say nothing. Python
+        # would flush stdout again at exit and fail once more, so stdout goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
+    except OSError as error:
+        from kdreid.rundir import describe_environment_error
+
+        message = describe_environment_error(error)  # a full disk, a file where a folder should be, ...
+        if message is None:
+            raise
+        print(f"kdreid: error: {message}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

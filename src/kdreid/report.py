@@ -32,10 +32,12 @@ import yaml
 import kdreid
 from kdreid.errors import KdreidError
 from kdreid.evaluation.ranking import METRIC_COLUMNS
-from kdreid.rundir import atomic_write_text
+from kdreid.rundir import atomic_write_text, make_folder
 
 REPORT_PAGE = "report.html"
 PICTURES = "report"  # RUN/report/: the pictures the page shows
+_BUILDING = f".{PICTURES}.new"  # RUN/.report.new/: the pictures of the page being built
+_REPLACED = f".{PICTURES}.old"  # the pictures of the page it replaces, for the moment of the swap
 # Stage folders of a pipeline run in the order they ran (kdreid.stages.pipeline); others follow by name.
 STAGE_ORDER = ("source_", "teacher_", "blend", "distill")
 
@@ -145,7 +147,10 @@ def metrics_table(final: dict) -> str:
 
 
 def _figure(run: Path, picture: Path, caption: str) -> str:
-    relative = picture.relative_to(run).as_posix()
+    relative = picture.relative_to(run)
+    if relative.parts[0] == _BUILDING:  # drawn there; shown from RUN/report/ once the whole page is built
+        relative = Path(PICTURES, *relative.parts[1:])
+    relative = relative.as_posix()
     return (f'<figure><a href="{html.escape(relative)}"><img src="{html.escape(relative)}" '
             f'alt="{html.escape(caption)}"></a><figcaption>{html.escape(caption)}</figcaption></figure>')
 
@@ -282,30 +287,36 @@ def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, root: str 
     in the ranked results (0: none), `root` overrides the data root the run recorded.
 
     A report is rebuilt whole (no picture of an older one lingers), but the older one stays until the new one is
-    written: its pictures are set aside and put back if building fails, so the page never points at nothing."""
+    complete: the new pictures are drawn in RUN/.report.new/ and swapped in with the page at the end, so a build
+    that fails, or is killed, leaves the page on disk with all its pictures."""
     run = Path(run)
     kind = run_kind(run)
-    pictures = run / PICTURES
-    previous = run / f".{PICTURES}.previous"
-    if previous.is_dir():  # a build killed mid-way: these are the pictures the page on disk shows
-        shutil.rmtree(pictures, ignore_errors=True)
-        previous.rename(pictures)
-    if pictures.is_dir():
-        pictures.rename(previous)
-    pictures.mkdir(parents=True)
+    pictures, building, replaced = run / PICTURES, run / _BUILDING, run / _REPLACED
+    if pictures.exists() and not pictures.is_dir():
+        raise KdreidError(f"cannot write {pictures}: a file stands where the report's pictures go; move it")
+    # A build killed in the swap left the page's pictures in `replaced`; one killed before it, a partial `building`.
+    if replaced.is_dir() and not pictures.is_dir():
+        replaced.rename(pictures)
+    for leftover in (building, replaced):
+        shutil.rmtree(leftover, ignore_errors=True)
+    make_folder(building)
     try:
-        page = _write_report(run, kind, pictures, visrank=visrank, topk=topk, root=root, device=device)
+        page, text = run / REPORT_PAGE, _write_report(run, kind, building, visrank=visrank, topk=topk, root=root,
+                                                      device=device)
     except BaseException:
-        shutil.rmtree(pictures, ignore_errors=True)
-        if previous.is_dir():
-            previous.rename(pictures)
+        shutil.rmtree(building, ignore_errors=True)
         raise
-    shutil.rmtree(previous, ignore_errors=True)
+    if pictures.is_dir():
+        pictures.rename(replaced)
+    building.rename(pictures)
+    atomic_write_text(page, text)
+    shutil.rmtree(replaced, ignore_errors=True)
     return page
 
 
 def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: int, root: str | None,
-                  device: str | None) -> Path:
+                  device: str | None) -> str:
+    """Draw the run's pictures into `pictures`; -> the page's HTML."""
     from kdreid.viz import pipeline_bars
 
     config = _read_yaml(run / "config.yaml")
@@ -366,9 +377,7 @@ def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: i
     if (extra := existing_visrank_section(run)) is not None:
         sections.append(extra)
 
-    page = run / REPORT_PAGE
-    atomic_write_text(page, render_page(title, run, kind, sections))
-    return page
+    return render_page(title, run, kind, sections)
 
 
 def _setting(value) -> str:

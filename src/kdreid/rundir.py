@@ -19,32 +19,50 @@ from typing import Any
 from kdreid.config import dump_yaml
 from kdreid.errors import KdreidError
 
-# Write failures that are the machine's state, not a bug: said in one line, as a user error.
+# Failures that are the machine's state, not a bug: (what is wrong, what to do), said in one line as a user error.
 _ENVIRONMENT_ERRNOS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EROFS: "read-only file system",
+    errno.ENOSPC: ("no space left on the device", "free space"),
+    errno.EDQUOT: ("disk quota exceeded", "free space"),
+    errno.EACCES: ("permission denied", "fix the permissions or choose another path"),
+    errno.EPERM: ("operation not permitted", "fix the permissions or choose another path"),
+    errno.EROFS: ("read-only file system", "choose a path on a writable file system"),
+    # A file where a folder of the path should be (mkdir reports EEXIST, open ENOTDIR), or the reverse.
+    errno.EEXIST: ("a file stands where a folder is needed", "move that file or choose another path"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "move that file or choose another path"),
+    errno.EISDIR: ("it is a folder, not a file", "choose a file path"),
 }
 
 
 class WriteError(KdreidError, OSError):
-    """A file could not be written for a reason outside kdreid (full disk, quota, permissions). Still an
-    OSError, so callers that handle I/O errors keep working; the CLI prints it as one line."""
+    """A file could not be written for a reason outside kdreid (full disk, quota, permissions, a file where a
+    folder should be). Still an OSError, so callers that handle I/O errors keep working; the CLI prints it as one
+    line."""
 
     def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
         return str(self.strerror) if self.strerror else super().__str__()
 
 
-def _as_write_error(path: Path, error: OSError) -> OSError:
-    reason = _ENVIRONMENT_ERRNOS.get(error.errno)
-    if reason is None or isinstance(error, WriteError):
+def as_write_error(path: Path, error: OSError) -> OSError:
+    """`error`, raised while writing `path`, as a one-line WriteError when the machine's state caused it; any other
+    error as it is (a bug: its traceback is wanted)."""
+    known = _ENVIRONMENT_ERRNOS.get(error.errno)
+    if known is None or isinstance(error, WriteError):
         return error
+    reason, fix = known
     return WriteError(
         error.errno, f"cannot write {path}: {reason}; nothing was half-written (the previous file, if any, is "
-        "intact): free space or fix the permissions, then run the same command again (with --resume for training)"
+        f"intact): {fix}, then run the same command again (a training stage with --resume)"
     )
+
+
+def describe_environment_error(error: OSError) -> str | None:
+    """One line for an OSError of the machine's state that no caller turned into a WriteError (a folder some
+    library makes), naming the path it names; None for any other error (a bug: its traceback is wanted)."""
+    known = _ENVIRONMENT_ERRNOS.get(error.errno)
+    if known is None or not error.filename:
+        return None
+    reason, fix = known
+    return f"{error.filename}: {reason}; {fix}"
 
 
 def fsync_directory(folder: str | Path) -> None:
@@ -104,7 +122,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=absolute_path(path.parent), prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:
-        raise _as_write_error(path, error) from None
+        raise as_write_error(path, error) from None
     try:
         os.chmod(tmp, new_file_mode(path))  # mkstemp makes 0600 files; give the usual permissions instead
         with os.fdopen(fd, "wb") as handle:
@@ -115,9 +133,33 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(error, OSError):
-            raise _as_write_error(path, error) from None
+            raise as_write_error(path, error) from None
         raise
     fsync_directory(path.parent)
+
+
+def make_folder(path: str | Path) -> Path:
+    """`path` as a folder (and its parents), or one line naming what is in the way (a file where a folder should be,
+    a read-only or full file system): said before the work that writes there, not after it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():  # a link to nothing: mkdir(exist_ok=True) lets it pass, the first write fails
+            raise FileExistsError(errno.EEXIST, "File exists", str(path))
+    except OSError as error:
+        known = _ENVIRONMENT_ERRNOS.get(error.errno)
+        if known is None:
+            raise
+        raise WriteError(error.errno, f"cannot write {path}: {known[0]}; {known[1]}") from None
+    return path
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Remove the temporary files of `atomic_write_bytes` that a killed process left in `folder` (as large as the
+    file they were to become: a checkpoint's are hundreds of MB). Only for a folder this process holds
+    (`exclusive`): another writer's temporary file would be removed mid-write."""
+    for stale in Path(folder).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -175,9 +217,9 @@ def _lock(folder: Path, fcntl) -> int | None:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except OSError as error:
-                raise _as_write_error(path, error) from None
+                raise as_write_error(path, error) from None
         except OSError as error:
-            raise _as_write_error(path, error) from None
+            raise as_write_error(path, error) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -236,7 +278,7 @@ class RunDir:
                                   "create that folder or choose another --out") from None
             raise KdreidError(f"--out {self.path} is a file, not a folder; choose another --out") from None
         except OSError as error:
-            raise _as_write_error(self.path, error) from None
+            raise as_write_error(self.path, error) from None
 
     def save_config(self, config: Any) -> Path:
         target = self.path / "config.yaml"
@@ -257,7 +299,7 @@ class RunDir:
             try:
                 file_handler = logging.FileHandler(absolute_path(self.path / "log.txt"))
             except OSError as error:
-                raise _as_write_error(self.path / "log.txt", error) from None
+                raise as_write_error(self.path / "log.txt", error) from None
             file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
             console = logging.StreamHandler()
             console.setFormatter(logging.Formatter("%(message)s"))

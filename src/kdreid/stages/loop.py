@@ -44,7 +44,7 @@ from kdreid.data.augment import AugmentConfig
 from kdreid.errors import CheckpointError, ConfigError, KdreidError, TrainingError
 from kdreid.evaluation.ranking import METRIC_COLUMNS
 from kdreid.models.weights import TRAINING_STATE_FORMAT, TRAINING_STATE_MAGIC, UnsafeCheckpointError, safe_load
-from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes
+from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes, make_folder, remove_stale_temporaries
 from kdreid.stages.optim import OptimConfig, learning_rate, set_learning_rate
 from kdreid.stages.speed import (
     COMPILE_MODES, CompiledStep, LossWindow, resolve_compile, to_memory_format, tune_backends, use_channels_last,
@@ -210,6 +210,12 @@ def _train(
         where = f"epoch {start_epoch + 1}" + (f", iteration {inside['iteration'] + 1}" if inside else "")
         log.info(f"resumed from {path}: continuing at {where}")
     distributed.broadcast_modules(modules.values())  # every process starts from the main one's weights
+    if distributed.is_main():
+        # The folders training writes to, made now: a file in their place is one line before the first epoch, not
+        # a traceback after it. The run folder is this process's (stage_runner holds it): a temporary file there
+        # is a write a killed run never finished.
+        for folder in (run.path, checkpoint_path.parent, run.path / "tensorboard"):
+            remove_stale_temporaries(make_folder(folder))
 
     def write_checkpoint(completed_epochs: int, position: dict | None = None, evaluation_pending: bool = False) -> None:
         if not distributed.is_main():
