@@ -359,6 +359,28 @@ CASES = [
     Case("inf loss", _non_finite_loss(float("inf")), "non-finite loss at epoch 1, iteration 1: loss=inf, triplet=inf"),
     Case("out of disk space while writing a checkpoint (simulated)", _disk_full,
          "no space left on the device; nothing was half-written"),
+    Case("a negative --seed", lambda tmp, monkeypatch: _train(tmp, _market(tmp)[0], "--seed", "-1"),
+         "--seed must be between 0 and 2**32 - 1, got -1"),
+    Case("--device of a kind kdreid does not run on", lambda tmp, monkeypatch: _train(tmp, _market(tmp)[0],
+                                                                                      "--device", "mps"),
+         "--device mps: kdreid runs on the CPU or CUDA; use auto, cpu, cuda or cuda:N"),
+    Case("a dataset named twice", lambda tmp, monkeypatch: ["train-source", "-s", "market1501", "market1501",
+                                                            "--root", str(_market(tmp)[0]), "--out", str(tmp / "run"),
+                                                            *TINY],
+         "-s names market1501 twice; name each dataset once"),
+    Case("a negative --dmmd-weight", lambda tmp, monkeypatch: ["adapt", "-s", "market1501", "-t", "dukemtmcreid",
+                                                               "--init", str(tmp / "s.pt"), "--dmmd-weight", "-1"],
+         "--dmmd-weight must be 0 (a control run) or positive, got -1.0"),
+    Case("a distillation weight that is not a number", lambda tmp, monkeypatch: [
+        "distill", "-s", "market1501", "-t", "dukemtmcreid", "--teachers", str(tmp / "t.pt"), "--lkdt-weight", "nan"],
+         "--lkdt-weight must be 0 or positive, got nan"),
+    Case("--pretrained beside --student-init", lambda tmp, monkeypatch: [
+        "distill", "-s", "market1501", "-t", "dukemtmcreid", "--teachers", str(tmp / "t.pt"), "--student-init",
+        str(tmp / "s.pt"), "--pretrained", str(tmp / "w.pth")],
+         "has no effect with --student-init (the student starts from that checkpoint); leave one of them out"),
+    Case("`report --root` that does not exist", lambda tmp, monkeypatch: ["report", str(tmp), "--root",
+                                                                          str(tmp / "nowhere")],
+         "is not a folder; pass the data root the run read"),
 ]
 
 

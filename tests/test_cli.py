@@ -87,3 +87,35 @@ def test_an_error_of_the_machine_state_no_command_named_is_one_line(tmp_path, ca
     assert main(["models"]) == 2
     assert capsys.readouterr().err == (f"kdreid: error: {tmp_path / 'runs' / 'tensorboard'}: a file stands where a "
                                        "folder is needed; move that file or choose another path\n")
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # before: `--out ''` wrote config.yaml, model.pt, checkpoints/ here
+    for argv in (["train-source", "-s", "market1501", "--out", ""], ["search", "--gallery", "g.npz", "--query", ""]):
+        try:
+            main(argv)
+        except SystemExit as stop:
+            assert stop.code == 2
+        assert "an empty path; name a file or folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flags_a_command_cannot_use_are_named(tmp_path, capsys):
+    model, images, gallery = _model_and_gallery(tmp_path)
+    capsys.readouterr()
+    assert main(["search", "--gallery", str(gallery), "--query", str(gallery), "--model", str(model), "--no-flip",
+                 "--topk", "1"]) == 0
+    assert (f"kdreid: warning: --model, --flip have no effect: {gallery} holds features already"
+            in capsys.readouterr().err)
+    assert main(["search", "--gallery", str(gallery), "--query", str(gallery), "--rerank", "--faiss"]) == 0
+    assert "--faiss has no effect: re-ranking computes" in capsys.readouterr().err
+
+
+def test_a_yes_no_stage_flag_can_turn_off_what_a_preset_turned_on():
+    from kdreid.cli import build_parser
+
+    parser = build_parser()
+    common = ["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", "m.pt", "--preset", "quick"]
+    assert parser.parse_args(common).dmmd_normalize is None  # not given: the preset decides (on, in quick)
+    assert parser.parse_args([*common, "--no-dmmd-normalize"]).dmmd_normalize is False
+    assert parser.parse_args([*common, "--combineall"]).combineall is True

@@ -21,7 +21,7 @@ USAGE_ERROR = 2
 # ---------------------------------------------------------------------------------------------- data synth
 def _add_data_synth(sub) -> None:
     p = sub.add_parser("synth", help="write the synthetic domains (synth_market, synth_duke, synth_cuhk, synth_msmt)")
-    p.add_argument("--out", required=True, help="parent folder; each domain goes to OUT/<name>/")
+    p.add_argument("--out", type=_path, required=True, help="parent folder; each domain goes to OUT/<name>/")
     p.add_argument("--domains", nargs="+", default=None, help="domain names (default: all four)")
     p.add_argument("--scale", type=float, default=1.0, help="1.0 = as many ids/images as the dataset it mimics")
     p.add_argument("--seed", type=int, default=0)
@@ -40,7 +40,7 @@ def _run_data_synth(args) -> int:
 # ---------------------------------------------------------------------------------------------- data check
 def _add_data_check(sub) -> None:
     p = sub.add_parser("check", help="parse a dataset layout, print its statistics and list problems")
-    p.add_argument("--root", required=True, help="parent folder of the datasets (as in torchreid)")
+    p.add_argument("--root", type=_path, required=True, help="parent folder of the datasets (as in torchreid)")
     p.add_argument("-d", "--dataset", required=True, help="dataset name, e.g. market1501 or synth_duke")
     p.add_argument("--json", action="store_true", help="print only the statistics as JSON")
     _add_cuhk03_flags(p)
@@ -92,7 +92,7 @@ def _run_models(args) -> int:
 # ---------------------------------------------------------------------------------------------- data baseline
 def _add_data_baseline(sub) -> None:
     p = sub.add_parser("baseline", help="colour-histogram retrieval baseline (mAP, rank-1) of a dataset's query/gallery")
-    p.add_argument("--root", required=True, help="parent folder of the datasets (as in torchreid)")
+    p.add_argument("--root", type=_path, required=True, help="parent folder of the datasets (as in torchreid)")
     p.add_argument("-d", "--dataset", required=True, help="dataset name, e.g. synth_market")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_cuhk03_flags(p)
@@ -105,12 +105,19 @@ def _run_data_baseline(args) -> int:
     return baseline_command(args)
 
 
+def _path(text: str) -> str:
+    """A path flag's value: an empty one is refused (it would silently mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a file or folder (. for the current one)")
+    return text
+
+
 # ---------------------------------------------------------------------------------------------- stages
-def _add_stage_flags(p, preset_default: str = "none: the built-in defaults") -> None:
+def _add_stage_flags(p, preset_default: str = "none: the built-in defaults", pipeline: bool = False) -> None:
     """The flags every training stage takes; unset flags leave the preset/--config value alone."""
-    p.add_argument("--root", help="parent folder of the datasets (as in torchreid)")
-    p.add_argument("--out", help="run folder (config.yaml, log.txt, checkpoints/, model.pt, metrics.json)")
-    p.add_argument("--config", help="YAML file of settings (applied over --preset, under the flags)")
+    p.add_argument("--root", type=_path, help="parent folder of the datasets (as in torchreid)")
+    p.add_argument("--out", type=_path, help="run folder (config.yaml, log.txt, checkpoints/, model.pt, metrics.json)")
+    p.add_argument("--config", type=_path, help="YAML file of settings (applied over --preset, under the flags)")
     p.add_argument("--preset", help=f"named settings: quick (CPU minutes) or paper (default {preset_default})")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="P×K images per domain and step")
@@ -120,7 +127,7 @@ def _add_stage_flags(p, preset_default: str = "none: the built-in defaults") -> 
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=["adam", "amsgrad", "adamw", "sgd"])
     p.add_argument("--seed", type=int)
-    p.add_argument("--deterministic", action="store_const", const=True, help="deterministic kernels (slower)")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, help="deterministic kernels (slower)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--eval-freq", type=int, help="evaluate every N epochs (0: at the end only)")
     p.add_argument("--compile", choices=["auto", "off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
@@ -132,9 +139,11 @@ def _add_stage_flags(p, preset_default: str = "none: the built-in defaults") -> 
                    help="which epoch's weights to keep: the last, the best on held-out source identities, or the "
                         "best label-free clustering score of the targets' training images; never on target test "
                         "labels")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt if it exists")
-    p.add_argument("--cuhk03-labeled", action="store_const", const=True)
-    p.add_argument("--cuhk03-classic-split", action="store_const", const=True)
+    p.add_argument("--resume", action="store_true",
+                   help="implied: finished stages are reused, an interrupted one continues" if pipeline else
+                   "continue from OUT/checkpoints/last.pt if it exists")
+    p.add_argument("--cuhk03-labeled", action=argparse.BooleanOptionalAction)
+    p.add_argument("--cuhk03-classic-split", action=argparse.BooleanOptionalAction)
     p.add_argument("--split-id", type=int, help="CUHK03 classic protocol: which of the 20 splits to train on (0..19)")
 
 
@@ -169,8 +178,8 @@ def _add_train_source(commands) -> None:
     p.add_argument("-s", "--sources", nargs="+", required=True, help="source dataset name(s), combined")
     p.add_argument("-t", "--targets", nargs="*", help="target datasets to evaluate on (the source-only rows)")
     p.add_argument("-a", "--arch", help="architecture (see `kdreid models`)")
-    p.add_argument("--pretrained", help="none, imagenet or a weights file")
-    p.add_argument("--combineall", action="store_const", const=True, help="train on query/gallery ids too")
+    p.add_argument("--pretrained", type=_path, help="none, imagenet or a weights file")
+    p.add_argument("--combineall", action=argparse.BooleanOptionalAction, help="train on query/gallery ids too")
     _add_stage_flags(p)
     p.set_defaults(run=_run_train_source)
 
@@ -193,11 +202,13 @@ def _run_train_source(args) -> int:
 # ---------------------------------------------------------------------------------------------- evaluate
 def _add_evaluate(commands) -> None:
     p = commands.add_parser("evaluate", help="mAP, rank-1/5/10/20 and mINP of a model on each target's query/gallery")
-    p.add_argument("--model", required=True, help="a kdreid checkpoint (model.pt), or a plain state dict with -a")
+    p.add_argument("--model", type=_path, required=True,
+                   help="a kdreid checkpoint (model.pt), or a plain state dict with -a")
     p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
     p.add_argument("-t", "--targets", nargs="+", required=True, help="dataset names, e.g. market1501 synth_duke")
-    p.add_argument("--root", required=True, help="parent folder of the datasets")
-    p.add_argument("--out", default=None, help="run folder: writes OUT/metrics.json (merged into an existing one)")
+    p.add_argument("--root", type=_path, required=True, help="parent folder of the datasets")
+    p.add_argument("--out", type=_path, default=None,
+                   help="run folder: writes OUT/metrics.json (merged into an existing one)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)")
     p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
     p.add_argument("--flip", action="store_true", help="average the embeddings of each image and its mirror")
@@ -246,7 +257,8 @@ def _add_adapt(commands) -> None:
     p.add_argument("-s", "--sources", nargs="+", required=True, help="labelled source dataset(s)")
     p.add_argument("-t", "--targets", nargs="+", required=True, help="the target (several only with --blend)")
     p.add_argument("-a", "--arch", help="architecture; must match the --init checkpoint")
-    p.add_argument("--init", required=True, help="source-trained kdreid checkpoint (train-source's model.pt)")
+    p.add_argument("--init", type=_path, required=True,
+                   help="source-trained kdreid checkpoint (train-source's model.pt)")
     p.add_argument("--grouping", choices=["tracklet", "pseudo", "oracle"],
                    help="target groups: tracklets (default), pseudo-labels, or identity labels (oracle ablation)")
     p.add_argument("--dmmd-start", type=int, help="first epoch (0-based) with the D-MMD terms")
@@ -257,9 +269,10 @@ def _add_adapt(commands) -> None:
                    help="how the source batch's distances split into within/between classes for D-MMD: by "
                         "identity (default, the paper) or by tracklet (same person and camera), like-for-like "
                         "with tracklet-grouped targets")
-    p.add_argument("--dmmd-normalize", action="store_const", const=True,
+    p.add_argument("--dmmd-normalize", action=argparse.BooleanOptionalAction,
                    help="L2-normalise the embeddings inside the D-MMD terms (scale-free; not in the paper)")
-    p.add_argument("--blend", action="store_const", const=True, help="adapt one model to the union of the targets")
+    p.add_argument("--blend", action=argparse.BooleanOptionalAction, help="adapt one model to the union of the targets")
+    p.add_argument("--combineall", action=argparse.BooleanOptionalAction, help="train on source query/gallery ids too")
     _add_stage_flags(p)
     p.set_defaults(run=_run_adapt)
 
@@ -273,7 +286,7 @@ def _run_adapt(args) -> int:
         "grouping": args.grouping, "dmmd_start": args.dmmd_start, "dmmd_weight": args.dmmd_weight,
         "dmmd_terms": args.dmmd_terms, "dmmd_source_groups": args.dmmd_source_groups,
         "dmmd_normalize": args.dmmd_normalize,
-        "blend": args.blend,
+        "blend": args.blend, "data.combineall": args.combineall,
     }
     config = resolve_config(adapt.AdaptConfig, "adapt", preset=args.preset, config_file=args.config,
                             overrides=overrides)
@@ -286,15 +299,17 @@ def _add_distill(commands) -> None:
     p.add_argument("-s", "--sources", nargs="+", required=True, help="labelled source dataset(s)")
     p.add_argument("-t", "--targets", nargs="+", required=True, help="the targets, in the order of --teachers")
     p.add_argument("-a", "--arch", help="student architecture (default: that of --student-init, else osnet_x0_25)")
-    p.add_argument("--teachers", nargs="+", required=True, help="one teacher checkpoint per target, same order")
+    p.add_argument("--teachers", type=_path, nargs="+", required=True,
+                   help="one teacher checkpoint per target, same order")
     p.add_argument("--teacher-arch", help="the teachers are plain state dicts of this architecture (other toolkits)")
     p.add_argument("--teacher-last-stride", type=int, choices=[1, 2],
                    help="with --teacher-arch: the last-stage stride the teachers were trained with (default 1: "
                         "SpCL, fast-reid; 2: torchreid's ResNets, the original KD-ReID code)")
     p.add_argument("--teacher-mode", choices=["eval", "train"],
                    help="eval (default); train = the original code's BatchNorm behaviour, for ablation")
-    p.add_argument("--student-init", help="source-trained kdreid checkpoint of the student (train-source's model.pt)")
-    p.add_argument("--pretrained", help="student weights without --student-init: none, imagenet or a file")
+    p.add_argument("--student-init", type=_path,
+                   help="source-trained kdreid checkpoint of the student (train-source's model.pt)")
+    p.add_argument("--pretrained", type=_path, help="student weights without --student-init: none, imagenet or a file")
     p.add_argument("--target-alt", choices=["batch", "full"],
                    help="batch: one step per target in each iteration; full: a whole target epoch at a time")
     p.add_argument("--target-order", choices=["random", "fixed", "shift"],
@@ -306,8 +321,8 @@ def _add_distill(commands) -> None:
     p.add_argument("--lkdt-weight", type=float, help="weight of KD on target images (default 1)")
     p.add_argument("--lkds-weight", type=float, help="weight of KD on source images (default 0)")
     p.add_argument("--lda-weight", type=float, help="weight of the student's own D-MMD + CE + triplet (default 0)")
-    p.add_argument("--multi-head", action="store_const", const=True, help="one classifier per target")
-    p.add_argument("--combineall", action="store_const", const=True, help="train on source query/gallery ids too")
+    p.add_argument("--multi-head", action=argparse.BooleanOptionalAction, help="one classifier per target")
+    p.add_argument("--combineall", action=argparse.BooleanOptionalAction, help="train on source query/gallery ids too")
     _add_stage_flags(p)
     p.set_defaults(run=_run_distill)
 
@@ -339,7 +354,7 @@ def _add_pipeline(commands) -> None:
     p.add_argument("-t", "--targets", nargs="+", required=True, help="the unlabelled targets")
     p.add_argument("--teacher-arch", help="architecture of the source model and the teachers (default resnet50)")
     p.add_argument("--student-arch", help="architecture of the student and the blend (default osnet_x0_25)")
-    _add_stage_flags(p, preset_default="paper")
+    _add_stage_flags(p, preset_default="paper", pipeline=True)
     p.set_defaults(run=_run_pipeline)
 
 
@@ -372,13 +387,14 @@ def _run_pipeline(args) -> int:
 # ---------------------------------------------------------------------------------------------- deployment
 def _add_export(commands) -> None:
     p = commands.add_parser("export", help="export a model to ONNX / TorchScript / torchreid, checked against PyTorch")
-    p.add_argument("--model", required=True, help="a kdreid checkpoint (model.pt), or a plain state dict with -a")
+    p.add_argument("--model", type=_path, required=True,
+                   help="a kdreid checkpoint (model.pt), or a plain state dict with -a")
     p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript", "torchreid"))
-    p.add_argument("--out", required=True, help="file to write (atomically, only after the check passes)")
+    p.add_argument("--out", type=_path, required=True, help="file to write (atomically, only after the check passes)")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batches of 1)")
     p.add_argument("--fp16", action="store_true", help="half-precision weights and compute (float32 in and out)")
-    p.add_argument("--images", default=None, help="folder of images to check on (default: random images)")
+    p.add_argument("--images", type=_path, default=None, help="folder of images to check on (default: random images)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset")
     _add_input_size(p)
     p.set_defaults(run=_run_export)
@@ -393,10 +409,11 @@ def _run_export(args) -> int:
 
 def _add_extract(commands) -> None:
     p = commands.add_parser("extract", help="features of a folder of images into a .npz (for `kdreid search`)")
-    p.add_argument("--model", required=True, help="a kdreid checkpoint, or an .onnx / TorchScript file from export")
+    p.add_argument("--model", type=_path, required=True,
+                   help="a kdreid checkpoint, or an .onnx / TorchScript file from export")
     p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
-    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    p.add_argument("--out", required=True, help="features file to write, e.g. gallery.npz")
+    p.add_argument("--images", type=_path, required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", type=_path, required=True, help="features file to write, e.g. gallery.npz")
     p.add_argument("--flip", action="store_true", help="average the features of each image and its mirror")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="image decoding threads")
@@ -414,9 +431,9 @@ def _run_extract(args) -> int:
 
 def _add_search(commands) -> None:
     p = commands.add_parser("search", help="rank a gallery features file for query images (or a query .npz)")
-    p.add_argument("--gallery", required=True, help="features file from `kdreid extract`")
-    p.add_argument("--query", required=True, help="an image, a folder of images, or a features .npz")
-    p.add_argument("--model", default=None, help="model that embeds query images (default: the gallery's)")
+    p.add_argument("--gallery", type=_path, required=True, help="features file from `kdreid extract`")
+    p.add_argument("--query", type=_path, required=True, help="an image, a folder of images, or a features .npz")
+    p.add_argument("--model", type=_path, default=None, help="model that embeds query images (default: the gallery's)")
     p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (galleries up to 50,000 images)")
@@ -439,11 +456,13 @@ def _run_search(args) -> int:
 # ---------------------------------------------------------------------------------------------- report
 def _add_report(commands) -> None:
     p = commands.add_parser("report", help="RUN/report.html: the tables and pictures of a run (static page)")
-    p.add_argument("run_dir", metavar="RUN", help="a run folder: a pipeline's, a stage's, or `kdreid evaluate --out`'s")
+    p.add_argument("run_dir", type=_path, metavar="RUN",
+                   help="a run folder: a pipeline's, a stage's, or `kdreid evaluate --out`'s")
     p.add_argument("--visrank", type=int, default=4, metavar="N",
                    help="ranked results of N queries per target with the run's final model (0: none; default 4)")
     p.add_argument("--visrank-topk", type=int, default=8, metavar="K", help="gallery images per query (default 8)")
-    p.add_argument("--root", default=None, help="data root for the ranked results (default: the one the run used)")
+    p.add_argument("--root", type=_path, default=None,
+                   help="data root for the ranked results (default: the one the run used)")
     p.add_argument("--device", default=None, help="for the ranked results: cpu, cuda (default: cuda when available)")
     p.set_defaults(run=_run_report)
 

@@ -441,6 +441,9 @@ def report_command(args) -> int:
         raise KdreidError(f"--visrank {args.visrank} --visrank-topk {args.visrank_topk}: --visrank must be 0 or more "
                           "and --visrank-topk at least 1")
     pick_device(args.device)  # a bad --device is the command's error, not a note per target
+    if args.root is not None and not Path(args.root).is_dir():  # a flag given is the command's error too
+        raise KdreidError(f"--root {args.root} is not a folder; pass the data root the run read (or leave --root out "
+                          "to use the one it recorded)")
     page = build_report(args.run_dir, visrank=args.visrank, topk=args.visrank_topk, root=args.root, device=args.device)
     # Counted on the page: an evaluation folder's --visrank pictures are shown from RUN/visrank/, not RUN/report/.
     images = len(re.findall(r"<img ", page.read_text()))

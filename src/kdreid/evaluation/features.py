@@ -109,6 +109,8 @@ def pick_device(name: str | torch.device | None = None) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise KdreidError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu...: kdreid is built and tested for these two
+        raise KdreidError(f"--device {name}: kdreid runs on the CPU or CUDA; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KdreidError(f"--device {name} asked for CUDA, but no GPU is visible; use --device cpu")
     return device

@@ -336,7 +336,7 @@ def resolve_imagenet(spec) -> Path:
     if not spec.imagenet:
         raise ModelError(
             f"no ImageNet weights are published for {spec.name} in a layout kdreid reads; "
-            "pass pretrained=PATH (a state dict in its layout) or pretrained=none"
+            "pass --pretrained PATH (a state dict in its layout; pretrained=PATH in Python) or --pretrained none"
         )
     home = torch_home()
     for name in spec.imagenet:
@@ -350,7 +350,7 @@ def resolve_imagenet(spec) -> Path:
         howto = f"on a connected machine run `python -c \"import torchvision; {howto}\"` and copy it from there"
     raise ModelError(
         f"ImageNet weights for {spec.name} not found: put {spec.imagenet[0]} in {target}/ "
-        f"(kdreid never downloads; {howto}), or pass pretrained=PATH"
+        f"(kdreid never downloads; {howto}), or pass --pretrained PATH (pretrained=PATH in Python)"
     )
 
 

@@ -19,6 +19,7 @@ Target groups never come from cross-camera identity labels unless asked for as a
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -97,6 +98,10 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         raise ConfigError(
             f"--dmmd-terms {' '.join(config.dmmd_terms) or '(none)'}: choose one or more of {', '.join(DMMD_TERMS)}"
         )
+    if not 0 <= config.dmmd_weight < math.inf:  # a negative weight would maximise the discrepancy
+        raise ConfigError(f"--dmmd-weight must be 0 (a control run) or positive, got {config.dmmd_weight}")
+    if config.dmmd_start < 0:
+        raise ConfigError(f"--dmmd-start is a 0-based epoch, 0 or more; got {config.dmmd_start}")
     train = config.train
     start = begin_stage(config, resume=resume)
     run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets

@@ -208,6 +208,10 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     anything is written, then open the run folder (resolved config, log), seed, pick the device and read the
     source and target datasets. `config` has .out, .train, .data, .sources and .targets."""
     config.train.validate()
+    for flag, names in (("-s", config.sources), ("-t", config.targets)):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:  # read twice, each identity would become two classes (and its own negative)
+            raise ConfigError(f"{flag} names {repeated[0]} twice; name each dataset once")
     _make_paths_absolute(config)
     # Under torchrun: join the other processes, and refuse a P×K batch they cannot share before any work.
     distributed.init(config.train.device)

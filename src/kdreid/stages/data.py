@@ -108,7 +108,7 @@ def hold_out_validation(records: Sequence[ImageRecord], fraction: float, seed: i
     if count < 2 or count > len(eligible):
         raise DatasetError(
             f"cannot hold out {fraction:.0%} of {len(cameras)} source identities for validation "
-            f"({len(eligible)} are seen by two cameras); change --source-val-ids or use --select last"
+            f"({len(eligible)} are seen by two cameras); change train.source_val_ids in a --config file or use --select last"
         )
     rng = np.random.default_rng([seed, 0x56414C])  # 'VAL'
     held = set(rng.choice(eligible, size=count, replace=False).tolist())

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -120,12 +121,15 @@ class DistillConfig:
         weights = {"--lkdt-weight": self.lkdt_weight, "--lkds-weight": self.lkds_weight,
                    "--lda-weight": self.lda_weight, "feats_weight": self.feats_weight}
         for flag, value in weights.items():
-            if value < 0:
+            if not 0 <= value < math.inf:  # NaN included
                 raise ConfigError(f"{flag} must be 0 or positive, got {value}")
         if self.lkdt_weight == 0 and self.lkds_weight == 0 and self.lda_weight == 0:
             raise ConfigError("--lkdt-weight, --lkds-weight and --lda-weight are all 0: nothing to train")
         if self.shift_batches < 1:
             raise ConfigError(f"shift_batches must be at least 1, got {self.shift_batches}")
+        if self.student_init and self.pretrained not in ("", "none"):
+            raise ConfigError(f"--pretrained {self.pretrained} has no effect with --student-init (the student starts "
+                              "from that checkpoint); leave one of them out")
         if self.teacher_last_stride not in (1, 2):
             raise ConfigError(f"--teacher-last-stride must be 1 or 2, got {self.teacher_last_stride}")
         if self.teacher_last_stride != 1 and not self.teacher_arch:

@@ -97,6 +97,8 @@ class TrainConfig:
             raise ConfigError(
                 f"--batch-size {self.batch_size} is not a multiple of --num-instances {self.num_instances}"
             )
+        if not 0 <= self.seed < 2**32:  # what numpy's and torch's generators take
+            raise ConfigError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
         if not self.optim.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.optim.lr}")
         if self.eval_freq < 0:

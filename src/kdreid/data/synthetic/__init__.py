@@ -77,7 +77,7 @@ def generate(
     from kdreid.data.synthetic.writer import move_into_place, remove_stale_staging, staging_folder
     from kdreid.rundir import as_write_error, exclusive
 
-    _validate(domains, scale, gap, size, workers)
+    _validate(domains, scale, gap, size, workers, seed)
     out = _output_folder(out)
     # Held for the whole run: two runs into one --out would share (and remove) each other's staging folders.
     with exclusive(out):
@@ -174,7 +174,7 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return height, width
 
 
-def _validate(domains, scale, gap, size, workers) -> None:
+def _validate(domains, scale, gap, size, workers, seed) -> None:
     unknown = [d for d in domains if d not in PRESETS]
     if unknown:
         raise KdreidError(f"unknown synthetic domain(s) {', '.join(unknown)}; known: {', '.join(DOMAIN_NAMES)}")
@@ -184,6 +184,8 @@ def _validate(domains, scale, gap, size, workers) -> None:
         raise KdreidError(f"--gap {gap} must be between 0 (no domain style) and 1 (full preset)")
     if workers < 1:
         raise KdreidError(f"--workers {workers} must be >= 1")
+    if not 0 <= seed < 2**32:  # what numpy's generators take
+        raise KdreidError(f"--seed {seed} must be between 0 and 2**32 - 1")
 
 
 def synth_command(args) -> int:
