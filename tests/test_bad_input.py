@@ -189,6 +189,23 @@ def _export_to_a_folder(tmp, monkeypatch):
     return ["export", "--model", _checkpoint(tmp, "m.pt"), "--format", "onnx", "--out", str(tmp / "exports")]
 
 
+def _export_into_a_file(tmp, monkeypatch):
+    (tmp / "exports").write_text("")
+    return ["export", "--model", _checkpoint(tmp, "m.pt"), "--format", "onnx", "--out", str(tmp / "exports" / "m.onnx")]
+
+
+def _export_to_a_full_disk(tmp, monkeypatch):
+    """TorchScript's C++ writer aborted the process on a full disk (rc 134); the bytes are written by kdreid now."""
+    from kdreid import rundir
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    checkpoint = _checkpoint(tmp, "m.pt")
+    monkeypatch.setattr(rundir.os, "fsync", fsync)
+    return ["export", "--model", checkpoint, "--format", "torchscript", "--out", str(tmp / "m.ts")]
+
+
 def _evaluate_on_a_missing_gpu(tmp, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also where the tests run on a GPU machine
     return _evaluate(tmp, _checkpoint(tmp, "m.pt"), "--device", "cuda")
@@ -341,6 +358,10 @@ CASES = [
          "Output size is too small); choose a larger --height/--width"),
     Case("`export --out` an existing folder", _export_to_a_folder,
          "it is a folder, not a file; give a file path such as"),
+    Case("`export --out` inside a file", _export_into_a_file,
+         "exports is a file where a folder is needed; move that file or choose another path"),
+    Case("`export` to a full disk (simulated)", _export_to_a_full_disk,
+         "m.ts: no space left on the device; nothing was half-written"),
     Case("`evaluate --out` a training run's folder", _evaluate_into_a_training_run,
          "is a training run's folder (it holds model.pt), whose metrics.json is the run's own"),
     Case("plain state dict with the wrong -a (only part of the backbone fits)", _weights_of_another_osnet,

@@ -3,6 +3,7 @@ state dict loads into torchreid's own OSNet; refusals leave no file behind."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch import nn
 from kdreid import export as export_module
 from kdreid.cli import main
 from kdreid.errors import ModelError
-from kdreid.export import export_model, read_metadata
+from kdreid.export import FORMATS, SUFFIXES, export_model, read_metadata
 from kdreid.models import build_model, convert_dsbn, save_checkpoint
 from kdreid.models.heads import IMAGENET_MEAN, IMAGENET_STD
 from tests.reference import randomise_batchnorm
@@ -22,7 +23,6 @@ pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime: p
 import onnxruntime  # noqa: E402
 
 SIZE = (64, 32)
-
 
 
 def tiny(arch: str = "osnet_tiny", **kwargs) -> nn.Module:
@@ -297,6 +297,98 @@ def test_export_to_a_folder_is_one_line_before_any_work(checkpoint, tmp_path, ca
     assert err == [f"kdreid: error: cannot write {folder}: it is a folder, not a file; give a file path such as "
                    f"{folder / 'model.onnx'}"]
     assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["exports", "tiny.pt"]
+
+
+# ------------------------------------------------------------------------------------------------ the disk
+def _export(checkpoint, out, format: str = "onnx") -> int:
+    return main(["export", "--model", str(checkpoint), "--format", format, "--out", str(out)])
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("failure", ["full disk", "read-only folder"])
+def test_a_disk_that_cannot_take_the_file_is_one_line_naming_it_and_leaves_nothing(
+        format, failure, checkpoint, tmp_path, monkeypatch, capsys):
+    """Full disk: onnx blamed the model ("ONNX cannot take osnet_tiny: OSError: No space left"), torchscript's C++
+    writer aborted the process (rc 134) leaving its temp file, torchreid had a traceback. Read-only folder: a
+    traceback naming the temp file, in every format. Simulated: chmod does not stop root."""
+    from kdreid import rundir
+
+    out = tmp_path / f"m.{SUFFIXES[format]}"
+    if failure == "full disk":  # often reported only by fsync, once the bytes are in the temp file
+        def fsync(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(rundir.os, "fsync", fsync)
+        reason = "no space left on the device"
+    else:
+        real_mkstemp = rundir.tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if dir == str(tmp_path):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(dir, f".{out.name}.x.tmp"))
+            return real_mkstemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(rundir.tempfile, "mkstemp", mkstemp)
+        reason = "read-only file system"
+    assert _export(checkpoint, out, format) == 2
+    assert _one_error_line(capsys).startswith(f"kdreid: error: cannot write {out}: {reason}; ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt"]  # neither the file nor a temp file
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="a read-only folder does not stop root")
+def test_a_read_only_folder_is_one_line(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        assert _export(checkpoint, folder / "m.onnx", "torchscript") == 2
+        line = _one_error_line(capsys)
+        assert line.startswith(f"kdreid: error: cannot write {folder / 'm.onnx'}: permission denied; ")
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("where", ["afile/m.onnx", "afile/sub/m.onnx", "link/m.onnx"])
+def test_a_path_through_a_file_is_one_line_before_any_work(where, checkpoint, tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+
+    def exporter_ran(*args, **kwargs):
+        raise AssertionError("exported before refusing the path")
+
+    monkeypatch.setattr(export_module, "_write_onnx", exporter_ran)
+    out = tmp_path / where
+    assert _export(checkpoint, out) == 2
+    line = _one_error_line(capsys)
+    if where.startswith("link"):
+        assert line == (f"kdreid: error: cannot write {out}: {tmp_path / 'link'} is a link to {tmp_path / 'nowhere'}, "
+                        "which does not exist; create that folder or choose another path")
+    else:
+        assert line == (f"kdreid: error: cannot write {out}: {tmp_path / 'afile'} is a file where a folder is needed; "
+                        "move that file or choose another path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "link", "tiny.pt"]
+
+
+def test_nothing_is_on_disk_while_the_export_is_checked(tmp_path, monkeypatch):
+    # The file exists only during the atomic write (milliseconds), not through the export and its check (seconds):
+    # a SIGTERM then leaves nothing. The check runs on the very bytes that are written.
+    real_runner = export_module._run_torchscript
+    seen = []
+
+    def runner(data):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        return real_runner(data)
+
+    monkeypatch.setattr(export_module, "_run_torchscript", runner)
+    export_model(tiny(), tmp_path / "m.pt", "torchscript", images=images(2))
+    assert seen == [[]] and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
 def _umask() -> int:

@@ -227,3 +227,15 @@ def test_a_file_where_the_checkpoints_go_is_one_line_before_any_training(tmp_pat
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1), batches_per_epoch=2,
             train_step=lambda context: steps.append(1), evaluate=lambda epoch: {})
     assert steps == []
+
+
+def test_a_path_through_a_file_is_one_line_before_writing(tmp_path):
+    from kdreid.errors import KdreidError
+
+    (tmp_path / "afile").write_text("")
+    for target in (tmp_path / "afile" / "m.json", tmp_path / "afile" / "sub" / "m.json"):
+        with pytest.raises(KdreidError) as caught:
+            atomic_write_text(target, "x")
+        assert str(caught.value) == (f"cannot write {target}: {tmp_path / 'afile'} is a file where a folder is "
+                                     "needed; move that file or choose another path")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]

@@ -4,7 +4,9 @@ Every export keeps the models' input contract (DESIGN §4): RGB float images in 
 the checkpoint was trained at, normalisation inside; the output is the retrieval feature (N, D), not
 L2-normalised. The contract is written into the file (ONNX `metadata_props`, TorchScript `_extra_files`), and the
 exported model's features are compared with PyTorch's on a batch of images before the file appears under its
-name: it is written to a temp file beside the target, checked, then renamed, so a failed export leaves nothing.
+name: it is serialised in memory, checked from those bytes, and only then written (atomically: a temp file beside
+the target, fsync, rename), so a failed export leaves nothing and a disk that cannot take the file (full, read-only)
+is said in one line naming it, never blamed on the model.
 
     result = export_model(load_checkpoint("student.pt"), "student.onnx", "onnx", dynamic_batch=True)
     result.relative_error   # worst ‖exported - PyTorch‖ / ‖PyTorch‖ over the check images (what is checked)
@@ -20,8 +22,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,7 @@ from torch import nn
 
 import kdreid
 from kdreid.errors import DatasetError, ModelError
-from kdreid.rundir import absolute_path, new_file_mode, refuse_folder
+from kdreid.rundir import atomic_write_bytes, refuse_folder
 
 FORMATS = ("onnx", "torchscript", "torchreid")
 SUFFIXES = {"onnx": "onnx", "torchscript": "pt", "torchreid": "pth"}  # for the file name an error suggests
@@ -120,37 +120,29 @@ def export_model(
     }[format]
 
     tolerance = TOLERANCE[fp16]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=absolute_path(out.parent), prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, new_file_mode(out))  # mkstemp makes 0600 files: a deployed model must be readable by others
-    try:
-        writer(model, tmp, images[:2] if dynamic_batch else images[:1], metadata,
-               dynamic_batch=dynamic_batch, fp16=fp16, opset=opset)
-        # A dynamic file is run on the whole batch and on one image; a static one image by image.
-        run = runner(tmp)
-        if dynamic_batch:
-            got = [run(images), run(images[:1])]
-            want = [expected, expected[:1]]
-        else:
-            got = [torch.cat([run(images[i:i + 1]) for i in range(len(images))])]
-            want = [expected]
-        diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
-        error = max(_relative_error(g, w) for g, w in zip(got, want))
-        if not error <= tolerance:  # also catches NaN
-            why = ("half precision loses too much for this model: export it without --fp16" if fp16
-                   else "its graph does not reproduce the model")
-            raise ModelError(f"refusing to write {out}: the {format}{' fp16' if fp16 else ''} export's features "
-                             f"differ from PyTorch's by {error:.3g} relative (> {tolerance:g}; max |diff| {diff:.3g}) "
-                             f"on {len(images)} images; {why}")
-        if format != "torchreid":
-            metadata["checked_relative_error"] = f"{error:.3g}"
-            metadata["checked_max_abs_diff"] = f"{diff:.3g}"
-            _rewrite_metadata(format, tmp, metadata)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = writer(model, images[:2] if dynamic_batch else images[:1], metadata,
+                  dynamic_batch=dynamic_batch, fp16=fp16, opset=opset)
+    # A dynamic file is run on the whole batch and on one image; a static one image by image.
+    run = runner(data)
+    if dynamic_batch:
+        got = [run(images), run(images[:1])]
+        want = [expected, expected[:1]]
+    else:
+        got = [torch.cat([run(images[i:i + 1]) for i in range(len(images))])]
+        want = [expected]
+    diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
+    error = max(_relative_error(g, w) for g, w in zip(got, want))
+    if not error <= tolerance:  # also catches NaN
+        why = ("half precision loses too much for this model: export it without --fp16" if fp16
+               else "its graph does not reproduce the model")
+        raise ModelError(f"refusing to write {out}: the {format}{' fp16' if fp16 else ''} export's features "
+                         f"differ from PyTorch's by {error:.3g} relative (> {tolerance:g}; max |diff| {diff:.3g}) "
+                         f"on {len(images)} images; {why}")
+    if format != "torchreid":
+        metadata["checked_relative_error"] = f"{error:.3g}"
+        metadata["checked_max_abs_diff"] = f"{diff:.3g}"
+        data = _with_metadata(format, data, metadata)
+    atomic_write_bytes(out, data)
     return ExportResult(out, format, diff, tolerance, error, metadata)
 
 
@@ -215,29 +207,31 @@ def _require_onnx():
     return onnx, onnxruntime
 
 
-def _write_onnx(model, path: Path, example: torch.Tensor, metadata: dict, *, dynamic_batch: bool, fp16: bool,
-                opset: int) -> None:
-    onnx, _ = _require_onnx()
+def _write_onnx(model, example: torch.Tensor, metadata: dict, *, dynamic_batch: bool, fp16: bool,
+                opset: int) -> bytes:
+    _require_onnx()
     embedder = _Embedder(copy.deepcopy(model), fp16).eval()
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    buffer = io.BytesIO()  # in memory: the exporter's failures below are the model's, never the disk's
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
-            torch.onnx.export(embedder, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
+            torch.onnx.export(embedder, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
                               output_names=[OUTPUT_NAME], opset_version=opset, dynamic_axes=axes,
                               do_constant_folding=True)
     except Exception as error:  # the exporter's failures have many types; all mean "cannot take this model"
         raise ModelError(f"ONNX (opset {opset}) cannot take {model.arch}: {_first_line(error)}") from None
-    _rewrite_metadata("onnx", path, metadata)
+    return _with_metadata("onnx", buffer.getvalue(), metadata)
 
 
-def _run_onnx(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    session = onnx_session(path)
+def _run_onnx(data: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+    session = onnx_session(data)
     return lambda images: torch.from_numpy(session.run(None, {INPUT_NAME: images.numpy()})[0]).float()
 
 
-def onnx_session(path: str | Path, threads: int = 0):
-    """An ONNX Runtime CPU session with all graph optimisations (threads 0 = onnxruntime's default)."""
+def onnx_session(path: str | Path | bytes, threads: int = 0):
+    """An ONNX Runtime CPU session with all graph optimisations (threads 0 = onnxruntime's default). path: a file,
+    or the file's bytes (an export being checked)."""
     _, ort = _require_onnx()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -245,9 +239,11 @@ def onnx_session(path: str | Path, threads: int = 0):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
+                                    providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types for unreadable or unsupported files
-        raise ModelError(f"ONNX Runtime cannot load {path}: {_first_line(error)}") from None
+        what = "the exported model" if isinstance(path, bytes) else path
+        raise ModelError(f"ONNX Runtime cannot load {what}: {_first_line(error)}") from None
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -269,8 +265,8 @@ def _looks_onnx(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ TorchScript
-def _write_torchscript(model, path: Path, example: torch.Tensor, metadata: dict, *, dynamic_batch: bool,
-                       fp16: bool, opset: int) -> None:
+def _write_torchscript(model, example: torch.Tensor, metadata: dict, *, dynamic_batch: bool,
+                       fp16: bool, opset: int) -> bytes:
     embedder = _Embedder(copy.deepcopy(model), fp16).eval()
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -278,11 +274,11 @@ def _write_torchscript(model, path: Path, example: torch.Tensor, metadata: dict,
             traced = torch.jit.trace(embedder, (example,), check_trace=False)
     except Exception as error:
         raise ModelError(f"TorchScript cannot trace {model.arch}: {_first_line(error)}") from None
-    traced.save(str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+    return _jit_bytes(traced, metadata)
 
 
-def _run_torchscript(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    loaded = _jit_load(path).eval()
+def _run_torchscript(data: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+    loaded = _jit_load(io.BytesIO(data)).eval()
 
     def run(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -291,22 +287,32 @@ def _run_torchscript(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def _jit_load(path: Path, extra_files: dict | None = None):
+def _jit_load(path: Path | io.BytesIO, extra_files: dict | None = None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": it still loads
-        return torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files or {})
+        source = path if isinstance(path, io.BytesIO) else str(path)
+        return torch.jit.load(source, map_location="cpu", _extra_files=extra_files or {})
 
 
-def _rewrite_metadata(format: str, path: Path, metadata: dict) -> None:
+def _jit_bytes(module, metadata: dict) -> bytes:
+    """A TorchScript archive in memory: torch's C++ writer aborts the process on a full disk (c10::Error), so it
+    never writes a file; atomic_write_bytes does."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.save is deprecated": it still saves
+        torch.jit.save(module, buffer, _extra_files={METADATA_FILE: json.dumps(metadata)})
+    return buffer.getvalue()
+
+
+def _with_metadata(format: str, data: bytes, metadata: dict) -> bytes:
+    """The ONNX or TorchScript file `data` with `metadata` as its contract (in place of the one it had)."""
     if format == "onnx":
         onnx, _ = _require_onnx()
-        proto = onnx.load(str(path))
+        proto = onnx.load_model_from_string(data)
         del proto.metadata_props[:]
         onnx.helper.set_model_props(proto, metadata)
-        onnx.save(proto, str(path))
-    else:  # TorchScript: the extra files are part of the archive, so load and save again
-        loaded = _jit_load(path)
-        loaded.save(str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+        return proto.SerializeToString()
+    return _jit_bytes(_jit_load(io.BytesIO(data)), metadata)  # the extra files are part of the archive
 
 
 # ------------------------------------------------------------------------------------------------ torchreid
@@ -332,10 +338,10 @@ def torchreid_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _write_torchreid(model, path: Path, example, metadata, *, dynamic_batch, fp16, opset) -> None:
+def _write_torchreid(model, example, metadata, *, dynamic_batch, fp16, opset) -> bytes:
     buffer = io.BytesIO()
     torch.save(torchreid_state_dict(model), buffer)
-    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
 
 
 def _torchreid_runner(model: nn.Module):
@@ -344,8 +350,8 @@ def _torchreid_runner(model: nn.Module):
     embedding. The features compared are therefore the pre-BNNeck ones."""
     from kdreid.models import build_model
 
-    def runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    def runner(data: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         args = dict(model.build_args)
         args.update(bnneck=False, num_classes=int(state["classifier.weight"].shape[0]) if "classifier.weight"
                     in state else 0, num_heads=1)

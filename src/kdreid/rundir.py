@@ -89,12 +89,23 @@ def absolute_path(path: str | Path) -> str:
 
 
 def refuse_folder(path: str | Path, example: str = "") -> None:
-    """One line, before any work, when a file is to be written where a folder stands (os.replace would fail
-    after the work is done, with a traceback). `example`: a file name to suggest inside that folder."""
+    """One line, before any work, when a file cannot be written at `path`: a folder stands there, or one of the
+    folders it goes in is a file (os.replace, or the mkdir before it, would fail after the work is done, with a
+    traceback). `example`: a file name to suggest inside that folder."""
     path = Path(path)
-    if path.is_dir():
+    if os.path.isdir(path):
         inside = f" such as {path / example}" if example else " inside it"
         raise KdreidError(f"cannot write {path}: it is a folder, not a file; give a file path{inside}")
+    for parent in reversed(path.parents):  # from the top: the first one that is not a folder is in the way
+        if os.path.isdir(parent):
+            continue
+        if os.path.islink(parent) and not os.path.exists(parent):
+            raise KdreidError(f"cannot write {path}: {parent} is a link to {os.readlink(parent)}, which does not "
+                              "exist; create that folder or choose another path")
+        if os.path.lexists(parent):
+            raise KdreidError(f"cannot write {path}: {parent} is a file where a folder is needed; move that file "
+                              "or choose another path")
+        return  # missing: it and the ones below are created
 
 
 def new_file_mode(path: Path) -> int:
