@@ -218,6 +218,21 @@ def _evaluate_into_a_training_run(tmp, monkeypatch):
     return _evaluate(tmp, model, "-t", "market1501", "--root", str(root), "--out", str(tmp / "run"))
 
 
+def _evaluate_into_a_foreign_metrics_file(content: bytes) -> Callable:
+    def setup(tmp, monkeypatch):
+        root, _ = _market(tmp)
+        (tmp / "eval").mkdir()
+        (tmp / "eval" / "metrics.json").write_bytes(content)
+        monkeypatch.setattr("kdreid.evaluation.features.evaluate_model", _no_work)
+        return _evaluate(tmp, _checkpoint(tmp, "m.pt"), "-t", "market1501", "--root", str(root), "--out",
+                         str(tmp / "eval"))
+    return setup
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the evaluation ran before the --out folder was checked")
+
+
 def _out_is_a_file(tmp, monkeypatch):
     root, _ = _market(tmp)
     (tmp / "run").write_text("not a folder")
@@ -380,6 +395,13 @@ CASES = [
     Case("inf loss", _non_finite_loss(float("inf")), "non-finite loss at epoch 1, iteration 1: loss=inf, triplet=inf"),
     Case("out of disk space while writing a checkpoint (simulated)", _disk_full,
          "no space left on the device; nothing was half-written"),
+    Case("`evaluate --out` a folder whose metrics.json is another program's", _evaluate_into_a_foreign_metrics_file(
+        b"[1, 2]"), "is not an evaluation's metrics.json (expected {\"final\": {target: metrics}}); remove it"),
+    Case("`evaluate --out` a folder whose metrics.json is damaged", _evaluate_into_a_foreign_metrics_file(
+        b"\xff\xfe{"), "cannot be read as JSON (UnicodeDecodeError); remove it or choose another --out"),
+    Case("an ONNX opset the exporter does not write", lambda tmp, monkeypatch: [
+        "export", "--model", _checkpoint(tmp, "m.pt"), "--format", "onnx", "--out", str(tmp / "m.onnx"), "--opset",
+        "99"], "--opset 99: torch's ONNX exporter writes opsets 7 to 20 (default 18)"),
     Case("a negative --seed", lambda tmp, monkeypatch: _train(tmp, _market(tmp)[0], "--seed", "-1"),
          "--seed must be between 0 and 2**32 - 1, got -1"),
     Case("--device of a kind kdreid does not run on", lambda tmp, monkeypatch: _train(tmp, _market(tmp)[0],

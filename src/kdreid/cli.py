@@ -395,7 +395,7 @@ def _add_export(commands) -> None:
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batches of 1)")
     p.add_argument("--fp16", action="store_true", help="half-precision weights and compute (float32 in and out)")
     p.add_argument("--images", type=_path, default=None, help="folder of images to check on (default: random images)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.add_argument("--opset", type=int, help="ONNX opset, 7 to 20 (default 18)")
     _add_input_size(p)
     p.set_defaults(run=_run_export)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ SUFFIXES = {"onnx": "onnx", "torchscript": "pt", "torchreid": "pth"}  # for the 
 # checkpoint.
 TOLERANCE = {False: 1e-4, True: 1e-2}
 DEFAULT_OPSET = 18
+# The opsets torch's ONNX exporter (the TorchScript-based one kdreid uses) writes; outside them it fails after
+# printing its whole graph (hundreds of lines).
+OPSETS = (7, 20)
 CHECK_IMAGES = 8
 INPUT_NAME, OUTPUT_NAME = "images", "features"
 METADATA_FILE = "kdreid.json"  # the TorchScript extra file that holds the contract
@@ -100,6 +104,9 @@ def export_model(
         raise ModelError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     if fp16 and format == "torchreid":
         raise ModelError("--fp16 applies to onnx and torchscript; a torchreid state dict is saved in float32")
+    if format == "onnx" and not OPSETS[0] <= opset <= OPSETS[1]:
+        raise ModelError(f"--opset {opset}: torch's ONNX exporter writes opsets {OPSETS[0]} to {OPSETS[1]} "
+                         f"(default {DEFAULT_OPSET})")
     refuse_folder(out, f"model.{SUFFIXES[format]}")
     model = _deployable(model)
     height, width = input_size(model, height, width)
@@ -409,8 +416,11 @@ def export_command(args) -> int:
     images = load_check_images(args.images, height, width) if args.images else None
     if args.format == "onnx":
         _require_onnx()
+    elif args.opset is not None:
+        print(f"kdreid: warning: --opset has no effect: a {args.format} file has no ONNX opset", file=sys.stderr)
     result = export_model(model, args.out, args.format, dynamic_batch=args.dynamic_batch, fp16=args.fp16,
-                          images=images, opset=args.opset, source=Path(args.model).name, height=height, width=width)
+                          images=images, opset=DEFAULT_OPSET if args.opset is None else args.opset,
+                          source=Path(args.model).name, height=height, width=width)
     checked = f"{len(images) if images is not None else CHECK_IMAGES} {'' if images is not None else 'random '}images"
     note_loaded_weights(model)
     print(f"wrote {result.path} ({result.format}{', fp16' if args.fp16 else ''}"

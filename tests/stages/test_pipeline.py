@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from kdreid.cli import main
@@ -135,8 +136,9 @@ def _check_outputs(out: Path) -> None:
 
 
 def _touch(path: Path, seconds: int) -> None:
+    """A file that loads (an empty state dict: a finished stage's model.pt must), written at `seconds`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
+    torch.save({}, path)
     os.utime(path, ns=(seconds * 10**9, seconds * 10**9))
 
 
@@ -154,7 +156,7 @@ def test_stage_state_follows_config_inputs_and_crashes(tmp_path):
     # Killed between model.pt and metrics.json (finish_stage's order): not finished yet.
     assert all(pipeline.stage_state(c).action == "fresh" for c in configs.values())
     for stage_config in configs.values():
-        (Path(stage_config.out) / "metrics.json").write_text("{}")
+        (Path(stage_config.out) / "metrics.json").write_text('{"final": {}}')
     assert all(pipeline.stage_state(c).action == "done" for c in configs.values())
 
     # Another setting of one stage makes only that stage stale.

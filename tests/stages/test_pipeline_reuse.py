@@ -34,7 +34,7 @@ def _finish(configs: dict) -> None:
         folder = Path(stage_config.out)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(dump_yaml(stage_config))
-        (folder / "model.pt").write_bytes(b"")
+        torch.save({}, folder / "model.pt")  # loads: a finished stage's model must
         (folder / "metrics.json").write_text(json.dumps({"final": {}}))
 
 
@@ -276,6 +276,33 @@ def test_the_cached_evaluation_on_every_target_is_redone_when_a_target_changed(t
     image = next((tmp_path / "data" / "synth_cuhk" / "bounding_box_test").glob("*.jpg"))
     image.write_bytes(image.read_bytes() + b"\0")
     assert evaluate()["synth_cuhk"] == {"mAP": 2.0} and len(evaluated) == 2
+    cache = Path(configs["teacher_synth_duke"].out) / "all_targets.json"
+    cache.write_bytes(cache.read_bytes()[:10])  # damaged: computed again (it was a JSONDecodeError traceback)
+    assert evaluate()["synth_cuhk"] == {"mAP": 3.0} and len(evaluated) == 3
+
+
+def test_a_finished_stage_with_damaged_files_is_not_reused(tmp_path):
+    # A truncated copy: metrics.json or model.pt of a finished stage made every pipeline run stop (a traceback, or
+    # "copy it again" with nothing to copy); datasets.json damaged made the data check pass silently.
+    configs = pipeline.stage_configs(_config(tmp_path))
+    _finish(configs)
+    folder = Path(configs["blend"].out)
+    (folder / "metrics.json").write_text('{"final": {"synth_d')
+    state = pipeline.stage_state(configs["blend"])
+    assert state.action == "fresh" and state.reason.startswith(f"{folder / 'metrics.json'} is damaged")
+    # With its training checkpoint it only writes them again: a resume with no epoch left.
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "last.pt").write_bytes(b"state")
+    state = pipeline.stage_state(configs["blend"])
+    assert state.action == "resume" and state.reason.endswith("; its checkpoint writes them again")
+    (folder / "metrics.json").write_text(json.dumps({"final": {}}))
+    (folder / "model.pt").write_bytes(b"PK\x03\x04 cut")
+    assert pipeline.stage_state(configs["blend"]).action == "resume"
+    torch.save({}, folder / "model.pt")
+    assert pipeline.stage_state(configs["blend"]).action == "done"
+    (folder / DATASETS_FILE).write_text('{"synth_ms')
+    state = pipeline.stage_state(configs["blend"])
+    assert state.action == "fresh" and state.reason == f"its {DATASETS_FILE} is damaged: the data it trained on are unknown"
 
 
 def test_a_fingerprint_does_not_depend_on_how_the_root_is_spelled(three_domains, tmp_path, monkeypatch):

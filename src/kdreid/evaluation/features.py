@@ -325,6 +325,25 @@ def _check_evaluation_folder(out: Path) -> None:
     if trained:
         raise EvaluationError(f"--out {out} is a training run's folder (it holds {trained[0]}), whose metrics.json "
                               f"is the run's own: write the evaluation beside it, e.g. --out {out / 'evaluation'}")
+    _earlier_evaluations(out / "metrics.json")  # one it cannot merge into stops the command now, not after the work
+
+
+def _earlier_evaluations(path: Path) -> dict:
+    """OUT/metrics.json of the evaluations written there before, to merge into ({} when none): one line when it is
+    not one (damaged, or another program's file)."""
+    import json
+
+    if not path.exists():
+        return {}
+    try:
+        metrics = json.loads(path.read_bytes())
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+        raise EvaluationError(f"{path} cannot be read as JSON ({type(error).__name__}); remove it or choose another "
+                              "--out") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("final", {}), dict):
+        raise EvaluationError(f"{path} is not an evaluation's metrics.json (expected {{\"final\": {{target: "
+                              "metrics}}); remove it or choose another --out")
+    return metrics
 
 
 def _settings_per_target(recorded, targets) -> dict:
@@ -432,12 +451,7 @@ def evaluate_command(args) -> int:
 
     if args.out:
         path = Path(args.out) / "metrics.json"
-        metrics = {}
-        if path.is_file():
-            try:
-                metrics = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                raise EvaluationError(f"{path} exists but is not JSON; remove it or choose another --out") from None
+        metrics = _earlier_evaluations(path)
         metrics.setdefault("final", {}).update(final)
         # Per target: the folder may gather evaluations of several models or settings, one target at a time.
         settings = _settings_per_target(metrics.get("evaluated_with"), metrics["final"])

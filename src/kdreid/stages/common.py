@@ -259,7 +259,9 @@ def _record_datasets(path: Path, datasets: Sequence[ReidDataset], root: str, log
     trained on the new files (it trains the stage again)."""
     now = {dataset.name: dataset_fingerprint(dataset, root) for dataset in datasets}
     before = read_datasets_record(path) if resuming else {}
-    if before:
+    if before is None:
+        log.warning(f"{path} was damaged: written again from the files read now")
+    elif before:
         changed = [name for name, fingerprint in now.items() if before.get(name, fingerprint) != fingerprint]
         if changed:
             log.warning(f"{', '.join(changed)} hold other files than when this run began (regenerated or "

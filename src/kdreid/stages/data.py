@@ -45,13 +45,16 @@ def dataset_fingerprint(dataset: ReidDataset, root: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def read_datasets_record(path: Path) -> dict[str, str]:
-    """A run's DATASETS_FILE, {dataset: fingerprint}; empty when absent or unreadable (a run from before it)."""
+def read_datasets_record(path: Path) -> dict[str, str] | None:
+    """A run's DATASETS_FILE, {dataset: fingerprint}: empty when absent (a run from before it), None when damaged
+    (which data the run trained on is then unknown)."""
     try:
-        recorded = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        recorded = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
         return {}
-    return recorded if isinstance(recorded, dict) else {}
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
 
 
 def combine_train(datasets: Sequence[ReidDataset], combineall: bool = False) -> list[ImageRecord]:

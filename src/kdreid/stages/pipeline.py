@@ -217,11 +217,32 @@ def _newer_inputs(path: Path, inputs: list[Path]) -> list[Path]:
     return [p for p in inputs if p.exists() and p.stat().st_mtime_ns > mtime]
 
 
-def _changed_datasets(recorded_file: Path, stage_config, fingerprints: DatasetFingerprints) -> list[str]:
+def _changed_datasets(recorded_file: Path, stage_config, fingerprints: DatasetFingerprints) -> list[str] | None:
     """The datasets whose content differs from what the stage recorded when it ran (a stage from before the
-    record existed is taken as it is)."""
-    return [name for name, fingerprint in read_datasets_record(recorded_file).items()
-            if fingerprints.of(name, stage_config.data) != fingerprint]
+    record existed is taken as it is); None when the record is damaged (what the stage trained on is unknown)."""
+    recorded = read_datasets_record(recorded_file)
+    if recorded is None:
+        return None
+    return [name for name, fingerprint in recorded.items() if fingerprints.of(name, stage_config.data) != fingerprint]
+
+
+def _damaged_results(folder: Path) -> str | None:
+    """What makes a finished stage's results unusable (a truncated copy, a disk error), or None: its metrics.json
+    must hold a "final" table and its model.pt must load."""
+    from kdreid.errors import KdreidError
+    from kdreid.models.weights import read_file
+
+    try:
+        final = json.loads((folder / "metrics.json").read_bytes())["final"]
+        if not isinstance(final, dict):
+            raise TypeError("its final entry is not a table")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{folder / 'metrics.json'} is damaged ({type(error).__name__})"
+    try:
+        read_file(folder / "model.pt")
+    except KdreidError as error:
+        return str(error)
+    return None
 
 
 @dataclass
@@ -233,11 +254,15 @@ class StageState:
 def stage_state(stage_config, fingerprints: DatasetFingerprints | None = None) -> StageState:
     folder = Path(stage_config.out)
     model = folder / "model.pt"
-    # finish_stage writes model.pt, then metrics.json: a stage is finished when both are there.
+    # finish_stage writes model.pt, then metrics.json: a stage is finished when both are there, and readable.
     finished = model.is_file() and (folder / "metrics.json").is_file()
+    damaged = _damaged_results(folder) if finished else None
+    if damaged:  # its training checkpoint, when it has one, writes them again (a resume with no epoch left)
+        finished = False
     checkpoint = checkpoint_file(folder)
     if not finished and not checkpoint.is_file():
-        return StageState("fresh", "no finished model or training checkpoint")
+        return StageState("fresh", f"{damaged}, and it has no training checkpoint" if damaged
+                          else "no finished model or training checkpoint")
     saved = _read_saved_config(folder / "config.yaml")
     if saved is None:
         return StageState("fresh", f"no readable {folder / 'config.yaml'}")
@@ -250,6 +275,8 @@ def stage_state(stage_config, fingerprints: DatasetFingerprints | None = None) -
     if newer:
         return StageState("fresh", f"its input {newer[0]} was trained again after it")
     changed = _changed_datasets(folder / DATASETS_FILE, stage_config, fingerprints or DatasetFingerprints())
+    if changed is None:
+        return StageState("fresh", f"its {DATASETS_FILE} is damaged: the data it trained on are unknown")
     if changed:
         return StageState("fresh", f"dataset {changed[0]} under {stage_config.data.root} holds other files than it "
                                    "was trained on (regenerated or re-extracted)")
@@ -257,7 +284,8 @@ def stage_state(stage_config, fingerprints: DatasetFingerprints | None = None) -
         # A reused model keeps the numbers it measured: evaluation settings changed since are named here.
         ignored = f"; ignoring {_describe(changes)}" if changes else ""
         return StageState("done", f"same weight settings, newer than its inputs{ignored}")
-    return StageState("resume", "interrupted, same weight settings and inputs")
+    return StageState("resume", f"{damaged}; its checkpoint writes them again" if damaged
+                      else "interrupted, same weight settings and inputs")
 
 
 RUNNERS: dict[type, Callable] = {
@@ -300,8 +328,11 @@ def evaluate_on_targets(name: str, stage_config, targets: list[str], log, finger
     data = stage_config.data
     contents = {t: fingerprints.of(t, data) for t in targets}
     if cache.is_file() and not _newer_inputs(cache, [model_path]):
-        cached = json.loads(cache.read_text())
-        if cached.get("targets") == targets and cached.get("datasets") == contents:
+        try:
+            cached = json.loads(cache.read_bytes())
+        except ValueError:  # damaged: it is only a cache, computed again below
+            cached = {}
+        if isinstance(cached, dict) and cached.get("targets") == targets and cached.get("datasets") == contents:
             return cached["metrics"]
     log.info(f"stage {name}: evaluating {model_path} on {', '.join(targets)}")
     datasets = load_datasets(targets, data.root, {t: data.reader_options(t) for t in targets})
