@@ -36,6 +36,8 @@ def test_source_run_writes_its_folder(source_run, synth_root):
     assert set(metrics["final"]) == {"synth_msmt", "synth_duke"}
     assert set(metrics["final"]["synth_duke"]) == {"mAP", "rank1", "rank5", "rank10", "rank20", "mINP"}
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and metrics["selection"] == "last epoch"
+    assert ("Measured with euclidean distances between embeddings; the market protocol for synth_msmt, synth_duke "
+            "(a query's gallery images of its identity in its camera left out" in (source_run / "results.md").read_text())
     assert set(metrics["epochs"][0]["losses"]) == {"loss", "ce", "triplet"}
     for name in ("config.yaml", "log.txt", "results.md", "checkpoints/last.pt"):
         assert (source_run / name).is_file()
@@ -425,3 +427,38 @@ def test_a_resumed_run_keeps_the_datasets_record_of_its_start(tmp_path, monkeypa
                         "run goes on, its datasets.json keeps the first ones"]
     common._record_datasets(record, duke, "root", log, resuming=False)
     assert json.loads(record.read_text()) == {"synth_duke": "bbbb"}
+
+
+def test_what_the_ranking_warns_of_is_a_line_of_the_run_log_naming_the_dataset(monkeypatch, caplog):
+    # Before: a raw Python warning on the console ("…/features.py:274: EvaluationWarning: …"), not in log.txt.
+    import warnings
+
+    from kdreid.evaluation.ranking import EvaluationWarning
+    from kdreid.stages import common
+
+    class Result:
+        def summary(self):
+            return {"mAP": 1.0}
+
+    def ranked(*args, **kwargs):
+        warnings.warn("2 of 5 queries have no true match in the gallery from another camera", EvaluationWarning)
+        return Result()
+
+    monkeypatch.setattr(common, "evaluate_model", ranked)
+    log = logging.getLogger("test.evaluation")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may escape as a Python warning
+        with caplog.at_level(logging.WARNING, logger="test.evaluation"):
+            assert common.evaluate_split(None, [], [], height=8, width=4, device=torch.device("cpu"),
+                                         options=common.EvalOptions(), name="synth_duke", log=log) == {"mAP": 1.0}
+    assert caplog.messages == ["synth_duke: 2 of 5 queries have no true match in the gallery from another camera"]
+
+
+def test_the_cuhk03_protocol_is_named_beside_its_numbers():
+    from kdreid.stages.common import DataOptions, EvalOptions, how_measured
+
+    classic = DataOptions(cuhk03_labeled=True, cuhk03_classic_split=True, cuhk03_split_id=3)
+    assert how_measured(["cuhk03"], EvalOptions(metric="cosine", flip=True), classic) == (
+        "cosine distances between flip-averaged embeddings; cuhk03 labeled boxes, classic split 3, single-gallery-shot "
+        "CMC")
+    assert how_measured(["cuhk03"], EvalOptions(), DataOptions()).endswith("; cuhk03 detected boxes, the 767/700 protocol")

@@ -420,7 +420,8 @@ def evaluate_command(args) -> int:
     data_options = DataOptions(cuhk03_labeled=args.cuhk03_labeled, cuhk03_classic_split=args.cuhk03_classic_split)
     protocols = {target: args.protocol or protocol_for(target, data_options) for target in args.targets}
     for target, dataset in datasets.items():
-        print(f"{target}: {len(dataset.query)} queries, {len(dataset.gallery)} gallery images", file=sys.stderr)
+        print(f"{target}: {len(dataset.query)} queries, {len(dataset.gallery)} gallery images, {protocols[target]} "
+              f"protocol, {args.metric} distances{', flip-averaged' if args.flip else ''}", file=sys.stderr)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", EvaluationWarning)
             if visrank:

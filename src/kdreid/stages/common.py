@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.data.samplers import groups_per_rank
 from kdreid.errors import ConfigError, KdreidError
 from kdreid.evaluation.features import evaluate_model, extract_features
+from kdreid.evaluation.ranking import EvaluationWarning
 from kdreid.models import save_checkpoint
 from kdreid.rundir import RunDir, atomic_write_text, exclusive, write_json
 from kdreid.stages.data import (
@@ -56,6 +58,21 @@ class EvalOptions:
     batch_size: int = 128
 
 
+def how_measured(names: Sequence[str], options: EvalOptions, data: DataOptions) -> str:
+    """How the numbers of `names` (datasets, or "source-val") were measured, for the line under a results table:
+    re-ID numbers are only comparable with their distance and protocol beside them."""
+    parts = [f"{options.metric} distances between {'flip-averaged ' if options.flip else ''}embeddings"]
+    market = [name for name in names if protocol_for(name, data) == "market"]
+    if market:
+        parts.append(f"the market protocol for {', '.join(market)} (a query's gallery images of its identity in its "
+                     "camera left out; mAP and CMC as torchreid computes them)")
+    if "cuhk03" in names:
+        boxes = "labeled" if data.cuhk03_labeled else "detected"
+        parts.append(f"cuhk03 {boxes} boxes, " + (f"classic split {data.cuhk03_split_id}, single-gallery-shot CMC"
+                                                  if data.cuhk03_classic_split else "the 767/700 protocol"))
+    return "; ".join(parts)
+
+
 def protocol_for(name: str, data: DataOptions) -> str:
     """The cuhk03 single-gallery-shot protocol for CUHK03's classic 20-split setting, as torchreid's
     `use_metric_cuhk03`; the new 767/700 protocol and every other dataset use the market protocol, as the
@@ -74,27 +91,37 @@ def evaluate_split(
     options: EvalOptions,
     protocol: str = "market",
     name: str = "validation",
+    log=None,
 ) -> dict[str, float]:
-    """mAP, rank-1/5/10/20 and mINP in percent of `model` on one query/gallery pair (`name` in errors)."""
+    """mAP, rank-1/5/10/20 and mINP in percent of `model` on one query/gallery pair (`name` in errors). With a
+    `log`, what the ranking warns of (queries skipped for want of a true match) is a line there, naming `name`."""
     split = SimpleNamespace(name=name, query=list(query), gallery=list(gallery))
-    result = evaluate_model(
-        model, split, metric=options.metric, flip=options.flip, protocol=protocol, height=height, width=width,
-        batch_size=options.batch_size, device=device,
-    )
+    with warnings.catch_warnings(record=log is not None) as caught:
+        if log is not None:
+            warnings.simplefilter("always", EvaluationWarning)
+        result = evaluate_model(
+            model, split, metric=options.metric, flip=options.flip, protocol=protocol, height=height, width=width,
+            batch_size=options.batch_size, device=device,
+        )
+    for warning in caught or []:
+        if issubclass(warning.category, EvaluationWarning):
+            log.warning(f"{name}: {warning.message}")
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return result.summary()
 
 
 def evaluate_datasets(
     model: nn.Module, datasets: Sequence[ReidDataset], train: TrainConfig, device: torch.device,
-    options: EvalOptions, data: DataOptions,
+    options: EvalOptions, data: DataOptions, log=None,
 ) -> dict[str, dict[str, float]]:
-    """{dataset: metrics} of every dataset that has a query and a gallery (`evaluable`)."""
+    """{dataset: metrics} of every dataset that has a query and a gallery (`evaluable`); warnings to `log`."""
     was_training = model.training
     model.eval()
     metrics = {
         dataset.name: evaluate_split(
             model, dataset.query, dataset.gallery, height=train.height, width=train.width, device=device,
-            options=options, protocol=protocol_for(dataset.name, data), name=dataset.name,
+            options=options, protocol=protocol_for(dataset.name, data), name=dataset.name, log=log,
         )
         for dataset in datasets if evaluable(dataset)
     }
@@ -121,11 +148,11 @@ def stage_evaluator(model: nn.Module, datasets: Sequence[ReidDataset], validatio
         raise ConfigError("--select target-clusters scores the targets' training images: name them with -t")
 
     def evaluate(epoch: int) -> dict[str, dict[str, float]]:
-        metrics = evaluate_datasets(model, datasets, config.train, device, config.eval, config.data)
+        metrics = evaluate_datasets(model, datasets, config.train, device, config.eval, config.data, log)
         if validation is not None:
             metrics["source-val"] = evaluate_split(
                 model, validation.query, validation.gallery, height=config.train.height,
-                width=config.train.width, device=device, options=config.eval,
+                width=config.train.width, device=device, options=config.eval, name="source-val", log=log,
             )
         if config.train.select == "target-clusters":
             metrics["target-clusters"] = target_cluster_quality(model, targets, config, device)
@@ -309,16 +336,18 @@ def finish_stage(
                         extra=extra)
         rows = [ResultRow(label, name, metrics, grouping) for name, metrics in result.final.items()
                 if name != "target-clusters"]  # a score, not retrieval metrics: it stays in metrics.json
-        write_results(start.run, result, rows, extra=metrics_extra)
+        measured = how_measured([row.dataset for row in rows], config.eval, config.data)
+        write_results(start.run, result, rows, extra=metrics_extra, measured=measured)
         start.log.info(f"wrote {model_path}")
     distributed.barrier()  # the next stage of a pipeline reads model.pt on every process
     return StageResult(str(model_path), result.final, result)
 
 
-def write_results(run: RunDir, result: FitResult, rows: list[ResultRow], extra: dict | None = None) -> None:
+def write_results(run: RunDir, result: FitResult, rows: list[ResultRow], extra: dict | None = None,
+                  measured: str = "") -> None:
     """`metrics.json` (final metrics per dataset in percent, every epoch, the selection rule) and
     `results.md`."""
     run.save_metrics({"final": result.final, "epochs": result.epochs, "selection": result.selection, **(extra or {})})
-    table = results_table([vars(row) for row in rows], result.selection)
+    table = results_table([vars(row) for row in rows], result.selection, measured)
     atomic_write_text(run.path / "results.md", table)
 

@@ -768,8 +768,9 @@ def _tensorboard(path: Path, purge_step: int | None = None):
     return SummaryWriter(str(path), purge_step=purge_step)
 
 
-def results_table(rows: list[dict], selection: str) -> str:
-    """A Markdown table: one row per (model, dataset) with mAP and CMC in percent, and the selection rule."""
+def results_table(rows: list[dict], selection: str, measured: str = "") -> str:
+    """A Markdown table: one row per (model, dataset) with mAP and CMC in percent, how they were `measured`
+    (distances, protocol), and the selection rule."""
     lines = [
         "| model | dataset | grouping | " + " | ".join(title for title, _ in METRIC_COLUMNS) + " |",
         "|---|---|---|" + "---|" * len(METRIC_COLUMNS),
@@ -782,5 +783,7 @@ def results_table(rows: list[dict], selection: str) -> str:
             + " |"
         )
     lines.append("")
+    if measured:
+        lines.append(f"Measured with {measured}.")
     lines.append(f"Checkpoint selection: {selection}. No number here comes from a checkpoint chosen on target test labels.")
     return "\n".join(lines) + "\n"

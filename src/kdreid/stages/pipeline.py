@@ -338,7 +338,7 @@ def evaluate_on_targets(name: str, stage_config, targets: list[str], log, finger
     datasets = load_datasets(targets, data.root, {t: data.reader_options(t) for t in targets})
     device = select_device(stage_config.train.device)
     model = load_checkpoint(model_path).to(device)
-    metrics = evaluate_datasets(model, datasets, stage_config.train, device, stage_config.eval, data)
+    metrics = evaluate_datasets(model, datasets, stage_config.train, device, stage_config.eval, data, log)
     if distributed.is_main():
         write_json(cache, {"targets": targets, "datasets": contents, "metrics": metrics})
     distributed.barrier()
