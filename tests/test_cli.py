@@ -85,8 +85,8 @@ def test_an_error_of_the_machine_state_no_command_named_is_one_line(tmp_path, ca
     monkeypatch.setattr(kdreid.cli, "build_parser", lambda: parser)
     monkeypatch.setattr(parser, "parse_args", lambda argv: type("Args", (), {"run": staticmethod(failing)})())
     assert main(["models"]) == 2
-    assert capsys.readouterr().err == (f"kdreid: error: {tmp_path / 'runs' / 'tensorboard'}: a file stands where a "
-                                       "folder is needed; move that file or choose another path\n")
+    assert capsys.readouterr().err == (f"kdreid: error: {tmp_path / 'runs' / 'tensorboard'}: something stands there "
+                                       "already (a file where a folder is needed?); move it or choose another path\n")
 
 
 def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, capsys, monkeypatch):

@@ -157,6 +157,17 @@ def test_a_failed_report_leaves_the_previous_one_whole(tmp_path, tiny_model, rng
     (run / "report").rename(run / ".report.old")
     assert main(["report", str(run), "--visrank", "0"]) == 2
     assert all((run / picture).is_file() for picture in before) and not (run / ".report.old").exists()
+    # The page itself cannot be written (a full disk): the old page gets its pictures back.
+    monkeypatch.undo()
+
+    def full_disk(path, text):
+        raise report.KdreidError(f"cannot write {path}: no space left on the device")
+
+    monkeypatch.setattr(report, "atomic_write_text", full_disk)
+    files = {picture: (run / picture).stat().st_ino for picture in before}  # the very files, not same-named ones
+    assert main(["report", str(run), "--visrank", "0"]) == 2
+    assert {picture: (run / picture).stat().st_ino for picture in before} == files
+    assert not (run / ".report.old").exists() and not (run / ".report.new").exists()
     # While a page is built, the one on disk keeps every picture it shows, until the swap at the end.
     monkeypatch.undo()
     seen_during_build = []

@@ -196,11 +196,14 @@ def test_a_file_where_a_run_folder_goes_is_one_line(tmp_path):
 def test_a_checkpoint_write_a_killed_run_left_is_removed_when_the_run_goes_on(tmp_path):
     from kdreid.stages.loop import TrainConfig, fit
 
-    stale = tmp_path / "run" / "checkpoints" / ".last.pt.k2j4x9.tmp"
+    stale = tmp_path / "run" / "checkpoints" / ".last.pt.k2j4x9a1.kdreid-tmp"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a checkpoint")
     kept = tmp_path / "run" / "checkpoints" / "notes.txt"
     kept.write_text("mine")
+    # --out may be any folder: another program's temporary files, and a folder of that name, are not kdreid's.
+    (tmp_path / "run" / ".draft.tmp").write_text("a user's")
+    (tmp_path / "run" / ".cache.kdreid-tmp").mkdir()
     model = torch.nn.Linear(2, 1)
     config = TrainConfig(epochs=1, device="cpu")
 
@@ -211,6 +214,7 @@ def test_a_checkpoint_write_a_killed_run_left_is_removed_when_the_run_goes_on(tm
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1), batches_per_epoch=2, train_step=step,
         evaluate=lambda epoch: {})
     assert not stale.exists() and kept.read_text() == "mine"
+    assert (tmp_path / "run" / ".draft.tmp").is_file() and (tmp_path / "run" / ".cache.kdreid-tmp").is_dir()
     assert sorted(p.name for p in stale.parent.iterdir()) == ["last.pt", "notes.txt"]
 
 

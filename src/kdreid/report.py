@@ -309,7 +309,13 @@ def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, root: str 
     if pictures.is_dir():
         pictures.rename(replaced)
     building.rename(pictures)
-    atomic_write_text(page, text)
+    try:
+        atomic_write_text(page, text)
+    except BaseException:  # the page on disk is the old one: give it back its pictures
+        shutil.rmtree(pictures, ignore_errors=True)
+        if replaced.is_dir():
+            replaced.rename(pictures)
+        raise
     shutil.rmtree(replaced, ignore_errors=True)
     return page
 

@@ -27,7 +27,8 @@ _ENVIRONMENT_ERRNOS = {
     errno.EPERM: ("operation not permitted", "fix the permissions or choose another path"),
     errno.EROFS: ("read-only file system", "choose a path on a writable file system"),
     # A file where a folder of the path should be (mkdir reports EEXIST, open ENOTDIR), or the reverse.
-    errno.EEXIST: ("a file stands where a folder is needed", "move that file or choose another path"),
+    errno.EEXIST: ("something stands there already (a file where a folder is needed?)",
+                   "move it or choose another path"),
     errno.ENOTDIR: ("a part of the path is a file, not a folder", "move that file or choose another path"),
     errno.EISDIR: ("it is a folder, not a file", "choose a file path"),
 }
@@ -123,6 +124,9 @@ def new_file_mode(path: Path) -> int:
     return 0o644
 
 
+_TEMP_SUFFIX = ".kdreid-tmp"  # the temporary files of atomic_write_bytes: `.NAME.XXXXXXXX.kdreid-tmp`
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that `path` is never seen half-written: a temporary file in the same folder,
     flushed and fsynced, renamed over `path`, then the folder fsynced. On any failure (a full disk is often
@@ -131,7 +135,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     refuse_folder(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=absolute_path(path.parent), prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=absolute_path(path.parent), prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
     except OSError as error:
         raise as_write_error(path, error) from None
     try:
@@ -161,16 +165,19 @@ def make_folder(path: str | Path) -> Path:
         known = _ENVIRONMENT_ERRNOS.get(error.errno)
         if known is None:
             raise
+        if error.errno == errno.EEXIST:  # mkdir(exist_ok=True): only something that is not a folder
+            known = ("a file stands where a folder is needed", "move that file or choose another path")
         raise WriteError(error.errno, f"cannot write {path}: {known[0]}; {known[1]}") from None
     return path
 
 
 def remove_stale_temporaries(folder: str | Path) -> None:
     """Remove the temporary files of `atomic_write_bytes` that a killed process left in `folder` (as large as the
-    file they were to become: a checkpoint's are hundreds of MB). Only for a folder this process holds
-    (`exclusive`): another writer's temporary file would be removed mid-write."""
-    for stale in Path(folder).glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+    file they were to become: a checkpoint's are hundreds of MB): files of its own suffix only, since --out may
+    be any folder. Only for a folder this process holds (`exclusive`): another writer's would go mid-write."""
+    for stale in Path(folder).glob(f".*{_TEMP_SUFFIX}"):
+        if stale.is_file() and not stale.is_symlink():
+            stale.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

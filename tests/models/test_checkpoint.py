@@ -37,7 +37,7 @@ def test_round_trip_rebuilds_the_model(tmp_path):
         tmp_path / "run" / "model.pt", model, config=TinyConfig(), datasets=["synth_market"],
         metrics={"mAP": 0.5, "rank1": torch.tensor(0.75).item()}, extra={"epoch": 3},
     )
-    assert path.is_file() and not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert path.is_file() and not [p for p in path.parent.iterdir() if p.name.endswith("tmp")]
     loaded = load_checkpoint(path)
     assert not loaded.training and loaded.arch == "osnet_tiny"
     assert loaded.num_classes == [4, 6] and loaded.embedding_dim == 24

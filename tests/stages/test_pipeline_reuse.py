@@ -244,7 +244,7 @@ def test_a_stage_whose_datasets_changed_is_trained_again_but_not_one_whose_data_
     (tmp_path / "data").rename(tmp_path / "moved")
     assert set(_actions(config(tmp_path / "moved")).values()) == {"done"}
 
-    image = next((tmp_path / "moved" / "synth_cuhk" / "bounding_box_test").glob("*.jpg"))
+    image = next((tmp_path / "moved" / "synth_cuhk" / "bounding_box_train").glob("*.jpg"))
     image.write_bytes(image.read_bytes() + b"\0")  # re-extracted: other bytes under the same name
     actions = _actions(config(tmp_path / "moved"))
     assert [name for name, action in actions.items() if action == "fresh"] == [
@@ -252,6 +252,43 @@ def test_a_stage_whose_datasets_changed_is_trained_again_but_not_one_whose_data_
     state = pipeline.stage_state(pipeline.stage_configs(config(tmp_path / "moved"))["blend"])
     assert state.reason == (f"dataset synth_cuhk under {tmp_path / 'moved'} holds other files than it was trained "
                             "on (regenerated or re-extracted)")
+
+
+def test_a_stage_whose_query_or_gallery_changed_is_evaluated_again_not_trained_again(three_domains, tmp_path):
+    """A failed evaluation (an undecodable gallery image) tells to replace the image and resume: the pipeline then
+    took the stage for one trained on other data and removed it, checkpoint and all."""
+    shutil.copytree(three_domains, tmp_path / "data")
+    configs = pipeline.stage_configs(pipeline.PipelineConfig(
+        sources=["synth_msmt"], targets=TARGETS, teacher_arch="resnet_tiny", student_arch="osnet_tiny",
+        root=str(tmp_path / "data"), out=str(tmp_path / "run"), preset="quick"))
+    blend = configs["blend"]
+    folder = Path(blend.out)
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.yaml").write_text(dump_yaml(blend))
+    (folder / "checkpoints" / "last.pt").write_bytes(b"state")  # trained, its evaluation pending
+    datasets = load_datasets([*blend.sources, *blend.targets], blend.data.root)
+    (folder / DATASETS_FILE).write_text(json.dumps({d.name: dataset_fingerprint(d, blend.data.root)
+                                                    for d in datasets}))
+    image = next((tmp_path / "data" / "synth_cuhk" / "bounding_box_test").glob("*.jpg"))
+    image.write_bytes(image.read_bytes() + b"\0")  # the undecodable image, replaced
+    state = pipeline.stage_state(blend)
+    assert state.action == "resume" and state.reason == (
+        f"the query/gallery of dataset synth_cuhk under {tmp_path / 'data'} hold other files than it was evaluated "
+        "on; same training images")
+    # Finished, its numbers are the old files': only a run measures them again.
+    torch.save({}, folder / "model.pt")
+    (folder / "metrics.json").write_text(json.dumps({"final": {}}))
+    assert pipeline.stage_state(blend).action == "fresh"
+    # A record of an earlier kdreid holds one digest of every split: any change counts as new training images.
+    record = json.loads((folder / DATASETS_FILE).read_text())
+    (folder / DATASETS_FILE).write_text(json.dumps({name: value.split("/")[0] for name, value in record.items()}))
+    (folder / "model.pt").unlink()
+    assert "holds other files than it was trained on" in pipeline.stage_state(blend).reason
+    # ...and its digest is still the whole part of today's: an upgrade retrains nothing.
+    now = {d.name: dataset_fingerprint(d, blend.data.root).split("/")[0]
+           for d in load_datasets([*blend.sources, *blend.targets], blend.data.root)}
+    (folder / DATASETS_FILE).write_text(json.dumps(now))
+    assert pipeline.stage_state(blend).reason == "interrupted, same weight settings and inputs"
 
 
 def test_the_cached_evaluation_on_every_target_is_redone_when_a_target_changed(three_domains, tmp_path, monkeypatch):
@@ -374,3 +411,13 @@ def test_the_pipeline_saves_its_data_root_absolute(synth_root, tmp_path, monkeyp
     with pytest.raises(Stop):
         pipeline.run(config)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["root"] == str(synth_root)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"adapt": {"dmmd_weight": -1.0}}, "--dmmd-weight must be 0 (a control run) or positive, got -1.0"),
+    ({"distill": {"lkdt_weight": float("nan")}}, "--lkdt-weight must be 0 or positive, got nan"),
+])
+def test_a_stage_setting_no_run_can_use_stops_the_pipeline_before_the_first_stage(tmp_path, section, message):
+    # Checked when the stage began, after the earlier stages had trained (hours).
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        pipeline.stage_configs(_config(tmp_path, **section))

@@ -414,19 +414,23 @@ def test_a_resumed_run_keeps_the_datasets_record_of_its_start(tmp_path, monkeypa
 
     from kdreid.stages import common
 
-    current = {"synth_duke": "aaaa"}
+    current = {"synth_duke": "aaaa/tttt"}
     monkeypatch.setattr(common, "dataset_fingerprint", lambda dataset, root: current[dataset.name])
     warnings = []
     log = SimpleNamespace(warning=warnings.append)
     record, duke = tmp_path / "datasets.json", [SimpleNamespace(name="synth_duke")]
     common._record_datasets(record, duke, "root", log, resuming=False)
-    current["synth_duke"] = "bbbb"
+    current["synth_duke"] = "bbbb/uuuu"  # other training images
     common._record_datasets(record, duke, "root", log, resuming=True)
-    assert json.loads(record.read_text()) == {"synth_duke": "aaaa"}
-    assert warnings == ["synth_duke hold other files than when this run began (regenerated or re-extracted); the "
-                        "run goes on, its datasets.json keeps the first ones"]
+    assert json.loads(record.read_text()) == {"synth_duke": "aaaa/tttt"}
+    assert warnings == ["synth_duke hold other training images than when this run began (regenerated or "
+                        "re-extracted); the run goes on, its datasets.json keeps the first ones"]
     common._record_datasets(record, duke, "root", log, resuming=False)
-    assert json.loads(record.read_text()) == {"synth_duke": "bbbb"}
+    assert json.loads(record.read_text()) == {"synth_duke": "bbbb/uuuu"}
+    # Only a query or gallery image replaced (after a failed evaluation): the record follows, with no warning.
+    current["synth_duke"] = "cccc/uuuu"
+    common._record_datasets(record, duke, "root", log, resuming=True)
+    assert json.loads(record.read_text()) == {"synth_duke": "cccc/uuuu"} and len(warnings) == 1
 
 
 def test_what_the_ranking_warns_of_is_a_line_of_the_run_log_naming_the_dataset(monkeypatch, caplog):

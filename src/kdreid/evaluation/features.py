@@ -68,11 +68,16 @@ def load_model(path: str | Path, arch: str | None = None) -> nn.Module:
     return model.eval()
 
 
-def note_loaded_weights(model: nn.Module) -> None:
-    """For a command given a plain state dict (-a ARCH): one stderr line on what the file gave the model (tensors
-    loaded, missing, discarded), as the training stages write it in their log."""
+def note_loaded_weights(model: nn.Module, say=None, what: str = "") -> None:
+    """Say what a weights file gave `model` (tensors loaded, missing, discarded: its `load_report`), so that a head
+    left untrained or a file of another toolkit's layout shows: with `say` (a run log's info), as `what: …`; else
+    one stderr line (a command given a plain state dict with -a ARCH)."""
     report = getattr(model, "load_report", None)
-    if report is not None:
+    if report is None:
+        return
+    if say is not None:
+        say(f"{what}: {report.summary()}")
+    else:
         print(f"kdreid: {report.summary()}", file=sys.stderr)
 
 

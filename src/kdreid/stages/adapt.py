@@ -80,28 +80,34 @@ class AdaptConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalOptions = field(default_factory=EvalOptions)
 
+    def validate(self) -> None:
+        """Values no adaptation can use: one ConfigError naming the flag, before any work (also in a pipeline,
+        before its earlier stages train)."""
+        self.train.validate()
+        if len(self.targets) > 1 and not self.blend:
+            raise ConfigError(
+                f"adapt makes one teacher per target but got {len(self.targets)} targets; run it once per target, "
+                "or pass --blend to adapt one model to their union"
+            )
+        if not self.init:
+            raise ConfigError("adapt starts from a source-trained model: pass --init SOURCE_RUN/model.pt")
+        unknown = sorted(set(self.dmmd_terms) - set(DMMD_TERMS))
+        if unknown or not self.dmmd_terms:
+            raise ConfigError(
+                f"--dmmd-terms {' '.join(self.dmmd_terms) or '(none)'}: choose one or more of {', '.join(DMMD_TERMS)}"
+            )
+        if not 0 <= self.dmmd_weight < math.inf:  # a negative weight would maximise the discrepancy
+            raise ConfigError(f"--dmmd-weight must be 0 (a control run) or positive, got {self.dmmd_weight}")
+        if self.dmmd_start < 0:
+            raise ConfigError(f"--dmmd-start is a 0-based epoch, 0 or more; got {self.dmmd_start}")
+
 
 GROUPING_NAMES = {"tracklet": "tracklets", "pseudo": "pseudo-labels", "oracle": "oracle identities"}
 
 
 @stage_runner
 def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
-    if len(config.targets) > 1 and not config.blend:
-        raise ConfigError(
-            f"adapt makes one teacher per target but got {len(config.targets)} targets; run it once per target, "
-            "or pass --blend to adapt one model to their union"
-        )
-    if not config.init:
-        raise ConfigError("adapt starts from a source-trained model: pass --init SOURCE_RUN/model.pt")
-    unknown = sorted(set(config.dmmd_terms) - set(DMMD_TERMS))
-    if unknown or not config.dmmd_terms:
-        raise ConfigError(
-            f"--dmmd-terms {' '.join(config.dmmd_terms) or '(none)'}: choose one or more of {', '.join(DMMD_TERMS)}"
-        )
-    if not 0 <= config.dmmd_weight < math.inf:  # a negative weight would maximise the discrepancy
-        raise ConfigError(f"--dmmd-weight must be 0 (a control run) or positive, got {config.dmmd_weight}")
-    if config.dmmd_start < 0:
-        raise ConfigError(f"--dmmd-start is a 0-based epoch, 0 or more; got {config.dmmd_start}")
+    config.validate()
     train = config.train
     start = begin_stage(config, resume=resume)
     run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets

@@ -25,7 +25,7 @@ from kdreid.evaluation.ranking import EvaluationWarning
 from kdreid.models import save_checkpoint
 from kdreid.rundir import RunDir, atomic_write_text, exclusive, write_json
 from kdreid.stages.data import (
-    DATASETS_FILE, dataset_fingerprint, hold_out_validation, load_datasets, read_datasets_record,
+    DATASETS_FILE, dataset_fingerprint, fingerprint_change, hold_out_validation, load_datasets, read_datasets_record,
 )
 from kdreid.stages.pseudo_labels import PseudoLabelConfig, cluster_quality
 from kdreid.stages.loop import (
@@ -183,14 +183,6 @@ class StageStart:
     targets: list[ReidDataset]
 
 
-def log_loaded_weights(log, model: nn.Module, what: str) -> None:
-    """Say in the run's log what a weights file gave `model` (tensors loaded, missing, discarded: its
-    `load_report`), so that a head left untrained or a file of another toolkit's layout shows."""
-    report = getattr(model, "load_report", None)
-    if report is not None:
-        log.info(f"{what}: {report.summary()}")
-
-
 def stage_runner(run):
     """Wraps a stage's `run(config, resume=...)`. The main process holds the run folder for the whole stage
     (`rundir.exclusive`: a second command writing there is refused). When the stage fails with a KdreidError (a bad
@@ -289,11 +281,13 @@ def _record_datasets(path: Path, datasets: Sequence[ReidDataset], root: str, log
     if before is None:
         log.warning(f"{path} was damaged: written again from the files read now")
     elif before:
-        changed = [name for name, fingerprint in now.items() if before.get(name, fingerprint) != fingerprint]
+        changed = [name for name, fingerprint in now.items()
+                   if fingerprint_change(before.get(name, fingerprint), fingerprint) == "train"]
         if changed:
-            log.warning(f"{', '.join(changed)} hold other files than when this run began (regenerated or "
-                        f"re-extracted); the run goes on, its {path.name} keeps the first ones")
-        return
+            log.warning(f"{', '.join(changed)} hold other training images than when this run began (regenerated "
+                        f"or re-extracted); the run goes on, its {path.name} keeps the first ones")
+            return
+    # Also when only a query or gallery changed (an undecodable image replaced): the run evaluates on those files.
     write_json(path, now)
 
 

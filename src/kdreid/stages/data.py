@@ -34,15 +34,31 @@ DATASETS_FILE = "datasets.json"
 def dataset_fingerprint(dataset: ReidDataset, root: str) -> str:
     """A dataset's content, without reading its images: SHA-256 over every split's image paths (relative to
     `root`, so a moved or copied data folder keeps it), labels and file sizes. Regenerated or re-extracted
-    images change it (JPEG sizes follow the pixels); the same files elsewhere do not."""
-    digest = hashlib.sha256()
+    images change it (JPEG sizes follow the pixels); the same files elsewhere do not.
+
+    `WHOLE/TRAIN`: the digest of every split, and the one of the training split alone, so that a stage whose
+    query or gallery changed (an undecodable image replaced) is evaluated again rather than trained again."""
+    whole, train = hashlib.sha256(), hashlib.sha256()
     root = str(Path(root).expanduser().absolute())  # as build_dataset made the records' paths
     for split in ("train", "query", "gallery"):
         for record in getattr(dataset, split):
             line = (f"{split}\t{os.path.relpath(record.path, root)}\t{record.pid}\t{record.camid}\t{record.tracklet}"
-                    f"\t{os.stat(record.path).st_size}\n")
-            digest.update(line.encode("utf-8", "surrogateescape"))  # file names need not be UTF-8
-    return digest.hexdigest()[:16]
+                    f"\t{os.stat(record.path).st_size}\n").encode("utf-8", "surrogateescape")  # names need not be UTF-8
+            whole.update(line)
+            if split == "train":
+                train.update(line)
+    return f"{whole.hexdigest()[:16]}/{train.hexdigest()[:16]}"
+
+
+def fingerprint_change(recorded: str, now: str) -> str | None:
+    """How a dataset changed between two `dataset_fingerprint`s: None (not), "train" (its training split: a model
+    trained on it is out of date) or "evaluation" (only its query or gallery). A run of an earlier kdreid recorded
+    the whole digest only: any change counts as "train"."""
+    recorded_whole, _, recorded_train = recorded.partition("/")
+    now_whole, _, now_train = now.partition("/")
+    if recorded_whole == now_whole:
+        return None
+    return "evaluation" if recorded_train and recorded_train == now_train else "train"
 
 
 def read_datasets_record(path: Path) -> dict[str, str] | None:
@@ -111,7 +127,8 @@ def hold_out_validation(records: Sequence[ImageRecord], fraction: float, seed: i
     if count < 2 or count > len(eligible):
         raise DatasetError(
             f"cannot hold out {fraction:.0%} of {len(cameras)} source identities for validation "
-            f"({len(eligible)} are seen by two cameras); change train.source_val_ids in a --config file or use --select last"
+            f"({len(eligible)} are seen by two cameras); change train.source_val_ids in a --config file or use "
+            "--select last"
         )
     rng = np.random.default_rng([seed, 0x56414C])  # 'VAL'
     held = set(rng.choice(eligible, size=count, replace=False).tolist())

@@ -44,6 +44,7 @@ from torch import nn
 
 from kdreid import distributed
 from kdreid.errors import CheckpointError, ConfigError, DatasetError, TrainingError
+from kdreid.evaluation.features import note_loaded_weights
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, mmd
 from kdreid.losses.distill import bn_margins, distance_kd, margin_feature_loss
 from kdreid.models import build_model, build_projector, check_input_size, load_checkpoint
@@ -57,7 +58,6 @@ from kdreid.stages.common import (
     begin_stage,
     stage_evaluator,
     finish_stage,
-    log_loaded_weights,
     stage_runner,
     source_label_space,
 )
@@ -203,6 +203,13 @@ class Teacher(nn.Module):
         return self.model(images, return_all=True)
 
 
+def _indexed(batch: tuple | None) -> tuple | None:
+    """A drawn batch as (images, labels, image indices). The group of batches a checkpoint of an earlier kdreid
+    saved inside an epoch holds (images, labels) only: resumed, its D-MMD counts copies of one image as that
+    kdreid did."""
+    return batch if batch is None or len(batch) == 3 else (*batch, None)
+
+
 def load_teacher(path: str, arch: str = "", last_stride: int = 1) -> nn.Module:
     """A kdreid checkpoint, or (with `arch`) a plain state dict of another toolkit, built with `last_stride`, as an
     eval-mode model."""
@@ -312,7 +319,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     if distributed.is_main():
         check_same_teachers(run_dir.path, config.teachers, resuming=resume and has_checkpoint(run_dir.path))
     for path, teacher in zip(config.teachers, teacher_models):
-        log_loaded_weights(log, teacher, f"teacher {path}")
+        note_loaded_weights(teacher, log.info, f"teacher {path}")
     source_records = combine_train(sources, combineall=config.data.combineall)
 
     # The student: from its source-trained checkpoint (same label space as the sources), or built anew.
@@ -331,7 +338,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         from_file = config.pretrained not in ("none", "imagenet")
         student = build_model(config.arch or "osnet_x0_25", num_classes, pretrained=config.pretrained,
                               embedding_dim=embedding_dim_of(config.pretrained) if from_file else 0)
-        log_loaded_weights(log, student, f"student {student.arch} weights")
+        note_loaded_weights(student, log.info, f"student {student.arch} weights")
     elif config.lda_weight > 0 and student.num_classes != num_classes:
         raise ConfigError(
             f"{config.student_init} was trained on {student.num_classes} source identities, but the sources "
@@ -475,7 +482,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
             state["group"] = {"source": source, "targets": batches, "order": order}
         current = state["group"]
         t = current["order"][position]
-        return t, current["source"], current["targets"][t]
+        return t, _indexed(current["source"]), _indexed(current["targets"][t])
 
     def kd_terms(t: int, images: torch.Tensor, student_out, prefix: str) -> dict[str, torch.Tensor]:
         teacher_out = teachers[t](images)

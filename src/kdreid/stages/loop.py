@@ -216,8 +216,9 @@ def _train(
         # The folders training writes to, made now: a file in their place is one line before the first epoch, not
         # a traceback after it. The run folder is this process's (stage_runner holds it): a temporary file there
         # is a write a killed run never finished.
-        for folder in (run.path, checkpoint_path.parent, run.path / "tensorboard"):
-            remove_stale_temporaries(make_folder(folder))
+        remove_stale_temporaries(make_folder(run.path))
+        remove_stale_temporaries(make_folder(checkpoint_path.parent))
+        make_folder(run.path / "tensorboard")
 
     def write_checkpoint(completed_epochs: int, position: dict | None = None, evaluation_pending: bool = False) -> None:
         if not distributed.is_main():

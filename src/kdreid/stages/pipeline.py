@@ -35,7 +35,9 @@ from kdreid.models import count_macs, load_checkpoint
 from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes, atomic_write_text, exclusive, write_json
 from kdreid.stages import adapt, distill, source
 from kdreid.stages.common import evaluate_datasets
-from kdreid.stages.data import DATASETS_FILE, dataset_fingerprint, load_datasets, read_datasets_record
+from kdreid.stages.data import (
+    DATASETS_FILE, dataset_fingerprint, fingerprint_change, load_datasets, read_datasets_record,
+)
 from kdreid.stages.loop import SELECTION_RULES, changed_settings, changes_weights, checkpoint_file, select_device
 from kdreid.stages.presets import PRESETS, resolve_config
 
@@ -124,7 +126,8 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
         settings["data.root"] = config.root
         try:
             resolved = resolve_config(cls, stage, preset=preset, overrides=settings)
-            resolved.train.validate()  # here, not when the stage starts after hours of the earlier ones
+            # Here, not when the stage starts after hours of the earlier ones.
+            getattr(resolved, "validate", resolved.train.validate)()
             return resolved
         except ConfigError as error:  # the layers are merged by now: say where the value can have come from
             sections = ("common", *(sections or (stage,)))
@@ -217,13 +220,16 @@ def _newer_inputs(path: Path, inputs: list[Path]) -> list[Path]:
     return [p for p in inputs if p.exists() and p.stat().st_mtime_ns > mtime]
 
 
-def _changed_datasets(recorded_file: Path, stage_config, fingerprints: DatasetFingerprints) -> list[str] | None:
-    """The datasets whose content differs from what the stage recorded when it ran (a stage from before the
-    record existed is taken as it is); None when the record is damaged (what the stage trained on is unknown)."""
+def _changed_datasets(recorded_file: Path, stage_config, fingerprints: DatasetFingerprints) -> dict[str, str] | None:
+    """{dataset: "train" or "evaluation"} of the datasets whose content differs from what the stage recorded when
+    it ran (`fingerprint_change`; a stage from before the record existed is taken as it is); None when the record
+    is damaged (what the stage trained on is unknown)."""
     recorded = read_datasets_record(recorded_file)
     if recorded is None:
         return None
-    return [name for name, fingerprint in recorded.items() if fingerprints.of(name, stage_config.data) != fingerprint]
+    changes = {name: fingerprint_change(fingerprint, fingerprints.of(name, stage_config.data))
+               for name, fingerprint in recorded.items()}
+    return {name: change for name, change in changes.items() if change}
 
 
 def _damaged_results(folder: Path) -> str | None:
@@ -277,13 +283,20 @@ def stage_state(stage_config, fingerprints: DatasetFingerprints | None = None) -
     changed = _changed_datasets(folder / DATASETS_FILE, stage_config, fingerprints or DatasetFingerprints())
     if changed is None:
         return StageState("fresh", f"its {DATASETS_FILE} is damaged: the data it trained on are unknown")
-    if changed:
-        return StageState("fresh", f"dataset {changed[0]} under {stage_config.data.root} holds other files than it "
-                                   "was trained on (regenerated or re-extracted)")
+    trained_on_other = [name for name, change in changed.items() if change == "train"]
+    if trained_on_other:
+        return StageState("fresh", f"dataset {trained_on_other[0]} under {stage_config.data.root} holds other "
+                                   "files than it was trained on (regenerated or re-extracted)")
+    evaluated_on_other = (f"the query/gallery of dataset {next(iter(changed))} under {stage_config.data.root} hold "
+                          "other files than it was evaluated on") if changed else ""
+    if evaluated_on_other and finished:  # its numbers are the old files': only a run measures them again
+        return StageState("fresh", evaluated_on_other)
     if finished:
         # A reused model keeps the numbers it measured: evaluation settings changed since are named here.
         ignored = f"; ignoring {_describe(changes)}" if changes else ""
         return StageState("done", f"same weight settings, newer than its inputs{ignored}")
+    if evaluated_on_other:  # the training split is the same: the run goes on, and evaluates on the files there now
+        return StageState("resume", f"{evaluated_on_other}; same training images")
     return StageState("resume", f"{damaged}; its checkpoint writes them again" if damaged
                       else "interrupted, same weight settings and inputs")
 

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from kdreid import distributed
+from kdreid.evaluation.features import note_loaded_weights
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing
 from kdreid.models import build_model, check_input_size
 from kdreid.stages.common import (
@@ -20,7 +21,6 @@ from kdreid.stages.common import (
     begin_stage,
     stage_evaluator,
     finish_stage,
-    log_loaded_weights,
     stage_runner,
     DataOptions,
     EvalOptions,
@@ -82,7 +82,7 @@ def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
     )
 
     model = build_model(config.arch, num_classes, pretrained=config.pretrained, last_stride=config.last_stride)
-    log_loaded_weights(log, model, f"{config.arch} weights")
+    note_loaded_weights(model, log.info, f"{config.arch} weights")
     check_input_size(model, train.height, train.width)
     model = model.to(device)
     distributed.sync_batchnorm(model)  # several processes: BatchNorm over the global batch
