@@ -354,6 +354,9 @@ def _add_pipeline(commands) -> None:
     p.add_argument("-t", "--targets", nargs="+", required=True, help="the unlabelled targets")
     p.add_argument("--teacher-arch", help="architecture of the source model and the teachers (default resnet50)")
     p.add_argument("--student-arch", help="architecture of the student and the blend (default osnet_x0_25)")
+    p.add_argument("--pretrained", choices=["none", "imagenet"],
+                   help="where both source trainings start: none (default) or ImageNet weights (a local file "
+                        "per architecture, never downloaded; the paper's start)")
     _add_stage_flags(p, preset_default="paper", pipeline=True)
     p.set_defaults(run=_run_pipeline)
 
@@ -374,6 +377,8 @@ def _run_pipeline(args) -> int:
         "student_arch": args.student_arch, "root": args.root, "out": args.out, "preset": args.preset,
     }
     config = pipeline.resolve_pipeline_config(preset=args.preset, config_file=args.config, overrides=overrides)
+    if args.pretrained is not None:  # the source stages' own setting, over the --config file's `source` section
+        config.source = {**flatten(config.source), "pretrained": args.pretrained}
     config.validate()  # the stage sections are mappings before the flags are merged into one
     if stage_flags:
         config.overrides = {**flatten(config.overrides), **stage_flags}

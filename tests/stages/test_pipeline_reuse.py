@@ -421,3 +421,22 @@ def test_a_stage_setting_no_run_can_use_stops_the_pipeline_before_the_first_stag
     # Checked when the stage began, after the earlier stages had trained (hours).
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         pipeline.stage_configs(_config(tmp_path, **section))
+
+
+def test_pipeline_pretrained_starts_both_source_trainings_from_imagenet(tmp_path, monkeypatch):
+    class Resolved(Exception):
+        pass
+
+    def run(config):
+        raise Resolved(pipeline.stage_configs(config))
+
+    monkeypatch.setattr(pipeline, "run", run)
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("source: {pretrained: none, train: {epochs: 2}}\n")
+    with pytest.raises(Resolved) as resolved:
+        main(["pipeline", "-s", "synth_msmt", "-t", "synth_duke", "--root", str(tmp_path), "--out",
+              str(tmp_path / "r"), "--teacher-arch", "resnet_tiny", "--student-arch", "osnet_tiny", "--config",
+              str(config_file), "--pretrained", "imagenet"])
+    configs = resolved.value.args[0]
+    assert [configs[f"source_{arch}"].pretrained for arch in ("resnet_tiny", "osnet_tiny")] == ["imagenet"] * 2
+    assert configs["source_resnet_tiny"].train.epochs == 2 and configs["distill"].pretrained == "none"
