@@ -274,11 +274,15 @@ def test_a_stage_whose_query_or_gallery_changed_is_evaluated_again_not_trained_a
     state = pipeline.stage_state(blend)
     assert state.action == "resume" and state.reason == (
         f"the query/gallery of dataset synth_cuhk under {tmp_path / 'data'} hold other files than it was evaluated "
-        "on; same training images")
-    # Finished, its numbers are the old files': only a run measures them again.
+        "on; same training images, evaluated again")
+    # Finished, its numbers are the old files': resumed too (no epoch left), it measures them again; without its
+    # checkpoint only a new run can.
     torch.save({}, folder / "model.pt")
     (folder / "metrics.json").write_text(json.dumps({"final": {}}))
-    assert pipeline.stage_state(blend).action == "fresh"
+    assert pipeline.stage_state(blend).action == "resume"
+    (folder / "checkpoints" / "last.pt").rename(folder / "checkpoints" / "kept.pt")
+    assert pipeline.stage_state(blend).reason.endswith("evaluated on, and it has no training checkpoint")
+    (folder / "checkpoints" / "kept.pt").rename(folder / "checkpoints" / "last.pt")
     # A record of an earlier kdreid holds one digest of every split: any change counts as new training images.
     record = json.loads((folder / DATASETS_FILE).read_text())
     (folder / DATASETS_FILE).write_text(json.dumps({name: value.split("/")[0] for name, value in record.items()}))
@@ -339,7 +343,8 @@ def test_a_finished_stage_with_damaged_files_is_not_reused(tmp_path):
     assert pipeline.stage_state(configs["blend"]).action == "done"
     (folder / DATASETS_FILE).write_text('{"synth_ms')
     state = pipeline.stage_state(configs["blend"])
-    assert state.action == "fresh" and state.reason == f"its {DATASETS_FILE} is damaged: the data it trained on are unknown"
+    assert state.action == "fresh"
+    assert state.reason == f"its {DATASETS_FILE} is damaged: the data it trained on are unknown"
 
 
 def test_a_fingerprint_does_not_depend_on_how_the_root_is_spelled(three_domains, tmp_path, monkeypatch):
@@ -427,6 +432,8 @@ def test_pipeline_pretrained_starts_both_source_trainings_from_imagenet(tmp_path
     class Resolved(Exception):
         pass
 
+    looked_up = []
+    monkeypatch.setattr("kdreid.models.weights.resolve_imagenet", lambda spec: looked_up.append(spec.name))
     def run(config):
         raise Resolved(pipeline.stage_configs(config))
 
@@ -439,4 +446,5 @@ def test_pipeline_pretrained_starts_both_source_trainings_from_imagenet(tmp_path
               str(config_file), "--pretrained", "imagenet"])
     configs = resolved.value.args[0]
     assert [configs[f"source_{arch}"].pretrained for arch in ("resnet_tiny", "osnet_tiny")] == ["imagenet"] * 2
+    assert looked_up == ["resnet_tiny", "osnet_tiny"]  # each file found before the first stage trains
     assert configs["source_resnet_tiny"].train.epochs == 2 and configs["distill"].pretrained == "none"

@@ -10,6 +10,7 @@ import torch
 from kdreid.cli import main
 from kdreid.data.datasets import build_dataset
 from kdreid.errors import CheckpointError, ConfigError, DatasetError
+from kdreid.evaluation.features import evaluate_model
 from kdreid.losses import dmmd_terms
 from kdreid.models import load_checkpoint
 from kdreid.stages import adapt
@@ -36,8 +37,9 @@ def test_source_run_writes_its_folder(source_run, synth_root):
     assert set(metrics["final"]) == {"synth_msmt", "synth_duke"}
     assert set(metrics["final"]["synth_duke"]) == {"mAP", "rank1", "rank5", "rank10", "rank20", "mINP"}
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and metrics["selection"] == "last epoch"
+    results = (source_run / "results.md").read_text()
     assert ("Measured with euclidean distances between embeddings; the market protocol for synth_msmt, synth_duke "
-            "(a query's gallery images of its identity in its camera left out" in (source_run / "results.md").read_text())
+            "(a query's gallery images of its identity in its camera left out") in results
     assert set(metrics["epochs"][0]["losses"]) == {"loss", "ce", "triplet"}
     for name in ("config.yaml", "log.txt", "results.md", "checkpoints/last.pt"):
         assert (source_run / name).is_file()
@@ -419,18 +421,24 @@ def test_a_resumed_run_keeps_the_datasets_record_of_its_start(tmp_path, monkeypa
     warnings = []
     log = SimpleNamespace(warning=warnings.append)
     record, duke = tmp_path / "datasets.json", [SimpleNamespace(name="synth_duke")]
-    common._record_datasets(record, duke, "root", log, resuming=False)
+    config = SimpleNamespace(data=SimpleNamespace(root="root", combineall=False), sources=["synth_msmt"])
+    assert common._record_datasets(record, duke, config, log, resuming=False) is False
     current["synth_duke"] = "bbbb/uuuu"  # other training images
-    common._record_datasets(record, duke, "root", log, resuming=True)
+    assert common._record_datasets(record, duke, config, log, resuming=True) is False
     assert json.loads(record.read_text()) == {"synth_duke": "aaaa/tttt"}
     assert warnings == ["synth_duke hold other training images than when this run began (regenerated or "
                         "re-extracted); the run goes on, its datasets.json keeps the first ones"]
-    common._record_datasets(record, duke, "root", log, resuming=False)
+    common._record_datasets(record, duke, config, log, resuming=False)
     assert json.loads(record.read_text()) == {"synth_duke": "bbbb/uuuu"}
     # Only a query or gallery image replaced (after a failed evaluation): the record follows, with no warning.
     current["synth_duke"] = "cccc/uuuu"
-    common._record_datasets(record, duke, "root", log, resuming=True)
+    assert common._record_datasets(record, duke, config, log, resuming=True) is True  # numbers measured again
     assert json.loads(record.read_text()) == {"synth_duke": "cccc/uuuu"} and len(warnings) == 1
+    # A source under --combineall trains on its query and gallery too: that change is one of training images.
+    config.data.combineall, config.sources = True, ["synth_duke"]
+    current["synth_duke"] = "dddd/uuuu"
+    assert common._record_datasets(record, duke, config, log, resuming=True) is False
+    assert json.loads(record.read_text()) == {"synth_duke": "cccc/uuuu"} and len(warnings) == 2
 
 
 def test_what_the_ranking_warns_of_is_a_line_of_the_run_log_naming_the_dataset(monkeypatch, caplog):
@@ -465,4 +473,30 @@ def test_the_cuhk03_protocol_is_named_beside_its_numbers():
     assert how_measured(["cuhk03"], EvalOptions(metric="cosine", flip=True), classic) == (
         "cosine distances between flip-averaged embeddings; cuhk03 labeled boxes, classic split 3, single-gallery-shot "
         "CMC")
-    assert how_measured(["cuhk03"], EvalOptions(), DataOptions()).endswith("; cuhk03 detected boxes, the 767/700 protocol")
+    new_protocol = how_measured(["cuhk03"], EvalOptions(), DataOptions())
+    assert new_protocol.endswith("; cuhk03 detected boxes, the 767/700 protocol")
+
+
+def test_a_resumed_stage_whose_gallery_changed_measures_its_numbers_again(synth_root, tmp_path):
+    # After a failed evaluation the user replaces the image and resumes; resuming reported the numbers of the old
+    # files (the checkpoint's) and recorded the new ones as measured. Nothing is trained again, and model.pt keeps
+    # its checkpoint's time, so that a pipeline does not take the weights for retrained ones.
+    data = tmp_path / "data"
+    for name in ("synth_msmt", "synth_duke"):
+        shutil.copytree(synth_root / name, data / name)
+    out = tmp_path / "run"
+    args = ["train-source", "-s", "synth_msmt", "-t", "synth_duke", "-a", "osnet_tiny", "--root", str(data),
+            "--out", str(out), *TINY[:1], "1", *TINY[2:]]
+    assert main(args) == 0
+    before = json.loads((out / "metrics.json").read_text())["final"]["synth_duke"]
+    queries = sorted((data / "synth_duke" / "query").glob("*.jpg"))
+    for image in queries[: len(queries) // 2]:
+        image.unlink()
+    checkpoint_time = (out / "checkpoints" / "last.pt").stat().st_mtime_ns
+    assert main([*args, "--resume"]) == 0
+    after = json.loads((out / "metrics.json").read_text())["final"]["synth_duke"]
+    expected = evaluate_model(load_checkpoint(out / "model.pt"), build_dataset("synth_duke", data), height=64,
+                              width=32, device="cpu").summary()
+    assert after != before and after["mAP"] == pytest.approx(expected["mAP"], abs=1e-4)
+    assert "evaluating epoch 1's weights again: a query or gallery changed since" in (out / "log.txt").read_text()
+    assert (out / "model.pt").stat().st_mtime_ns == checkpoint_time

@@ -426,7 +426,8 @@ def evaluate_command(args) -> int:
     protocols = {target: args.protocol or protocol_for(target, data_options) for target in args.targets}
     for target, dataset in datasets.items():
         print(f"{target}: {len(dataset.query)} queries, {len(dataset.gallery)} gallery images, {protocols[target]} "
-              f"protocol, {args.metric} distances{', flip-averaged' if args.flip else ''}", file=sys.stderr)
+              f"protocol, {args.metric} distances{', flip-averaged' if args.flip else ''}"
+              f"{', k-reciprocal re-ranked' if args.rerank else ''}", file=sys.stderr)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", EvaluationWarning)
             if visrank:

@@ -216,7 +216,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         batches_per_epoch=len(source_batches), train_step=train_step,
         evaluate=evaluate,
         before_epoch=before_epoch, resumables={"source_batches": source_batches, "target_batches": target_batches},
-        resume=resume, log=log,
+        resume=resume, reevaluate=start.evaluation_changed, log=log,
     )
     _save_histograms(run_dir.path / "distances_after.npz", model, source_records, target_records, config, device)
     return finish_stage(

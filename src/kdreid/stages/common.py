@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +183,7 @@ class StageStart:
     device: torch.device
     sources: list[ReidDataset]
     targets: list[ReidDataset]
+    evaluation_changed: bool = False  # resumed after a query or gallery changed: the final numbers are measured again
 
 
 def stage_runner(run):
@@ -256,10 +259,13 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     options = {name: config.data.reader_options(name) for name in [*config.sources, *config.targets]}
     sources = load_datasets(config.sources, config.data.root, options)
     targets = load_datasets(config.targets, config.data.root, options)
+    evaluation_changed = None
     if distributed.is_main():
         resuming = resume and has_checkpoint(run.path)
-        _record_datasets(run.path / DATASETS_FILE, sources + targets, config.data.root, log, resuming)
-    return StageStart(run, log, device, sources, targets)
+        evaluation_changed = _record_datasets(run.path / DATASETS_FILE, sources + targets, config, log, resuming)
+    # Every process evaluates (each embeds its share): all must know whether the final numbers are measured again.
+    evaluation_changed = distributed.broadcast_object(evaluation_changed)
+    return StageStart(run, log, device, sources, targets, evaluation_changed)
 
 
 def _make_paths_absolute(config) -> None:
@@ -272,23 +278,31 @@ def _make_paths_absolute(config) -> None:
             setattr(owner, name, absolute_path_setting(getattr(owner, name)))
 
 
-def _record_datasets(path: Path, datasets: Sequence[ReidDataset], root: str, log, resuming: bool) -> None:
+def _record_datasets(path: Path, datasets: Sequence[ReidDataset], config, log, resuming: bool) -> bool:
     """RUN/datasets.json: the content of the datasets the run trains on. A resumed run keeps the record of its
-    start: when the files changed since, the model saw both, and `kdreid pipeline` must not take it for one
-    trained on the new files (it trains the stage again)."""
-    now = {dataset.name: dataset_fingerprint(dataset, root) for dataset in datasets}
+    start: when the training files changed since, the model saw both, and `kdreid pipeline` must not take it for
+    one trained on the new files (it trains the stage again). -> whether only a query or gallery changed since the
+    run began (an undecodable image replaced): the record follows, and the final numbers are measured again."""
+    now = {dataset.name: dataset_fingerprint(dataset, config.data.root) for dataset in datasets}
     before = read_datasets_record(path) if resuming else {}
+    changes = []
     if before is None:
         log.warning(f"{path} was damaged: written again from the files read now")
     elif before:
-        changed = [name for name, fingerprint in now.items()
-                   if fingerprint_change(before.get(name, fingerprint), fingerprint) == "train"]
+        changes = [(name, fingerprint_change(before.get(name, fingerprint), fingerprint, trains_on_all(name, config)))
+                   for name, fingerprint in now.items()]
+        changed = [name for name, change in changes if change == "train"]
         if changed:
             log.warning(f"{', '.join(changed)} hold other training images than when this run began (regenerated "
                         f"or re-extracted); the run goes on, its {path.name} keeps the first ones")
-            return
-    # Also when only a query or gallery changed (an undecodable image replaced): the run evaluates on those files.
+            return False
     write_json(path, now)
+    return any(change == "evaluation" for _, change in changes)
+
+
+def trains_on_all(name: str, config) -> bool:
+    """Whether a stage trains on every split of dataset `name` (a source under --combineall), not its train only."""
+    return config.data.combineall and name in config.sources
 
 
 def source_label_space(records: list[ImageRecord], init_model) -> tuple[list[ImageRecord], object]:
@@ -328,6 +342,8 @@ def finish_stage(
     if distributed.is_main():
         save_checkpoint(model_path, model.cpu(), config=config, datasets=datasets, metrics=result.final,
                         extra=extra)
+        if result.weights_time_ns is not None:  # no epoch trained: the weights are as old as their checkpoint
+            os.utime(model_path, ns=(time.time_ns(), result.weights_time_ns))
         rows = [ResultRow(label, name, metrics, grouping) for name, metrics in result.final.items()
                 if name != "target-clusters"]  # a score, not retrieval metrics: it stays in metrics.json
         measured = how_measured([row.dataset for row in rows], config.eval, config.data)

@@ -50,15 +50,16 @@ def dataset_fingerprint(dataset: ReidDataset, root: str) -> str:
     return f"{whole.hexdigest()[:16]}/{train.hexdigest()[:16]}"
 
 
-def fingerprint_change(recorded: str, now: str) -> str | None:
-    """How a dataset changed between two `dataset_fingerprint`s: None (not), "train" (its training split: a model
-    trained on it is out of date) or "evaluation" (only its query or gallery). A run of an earlier kdreid recorded
-    the whole digest only: any change counts as "train"."""
+def fingerprint_change(recorded: str, now: str, trains_on_all: bool = False) -> str | None:
+    """How a dataset changed between two `dataset_fingerprint`s: None (not), "train" (what a model trained on: it
+    is out of date) or "evaluation" (only its query or gallery: its numbers are). A run of an earlier kdreid
+    recorded the whole digest only, and `trains_on_all` (a source under --combineall) trains on every split: any
+    change then counts as "train"."""
     recorded_whole, _, recorded_train = recorded.partition("/")
     now_whole, _, now_train = now.partition("/")
     if recorded_whole == now_whole:
         return None
-    return "evaluation" if recorded_train and recorded_train == now_train else "train"
+    return "evaluation" if recorded_train and recorded_train == now_train and not trains_on_all else "train"
 
 
 def read_datasets_record(path: Path) -> dict[str, str] | None:

@@ -529,7 +529,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     result = fit(
         run=run_dir, config=train, stage_config=config, modules={"student": student, "projectors": projectors},
         optimizer=optimizer, batches_per_epoch=batches_per_epoch, train_step=train_step, evaluate=evaluate,
-        before_epoch=before_epoch, resume=resume, log=log,
+        before_epoch=before_epoch, resume=resume, reevaluate=start.evaluation_changed, log=log,
         # A checkpoint inside an epoch keeps the sampling positions and the group's visiting order and batches.
         resumables={"order_and_group": state,
                     **({"source_batches": source_batches} if source_batches is not None else {}),

@@ -143,6 +143,9 @@ class FitResult:
     epochs: list  # one entry per epoch: losses, lr, metrics when evaluated
     selection: str  # which rule chose the final weights, in words
     selected_epoch: int
+    # When this call trained no epoch (a resume after the last one): the time, in ns, of the checkpoint the weights
+    # come from, which model.pt keeps, so that a pipeline does not take them for weights trained again.
+    weights_time_ns: int | None = None
 
 
 def fit(**arguments) -> FitResult:
@@ -182,11 +185,14 @@ def _train(
     before_epoch: Callable[[int], None] | None = None,
     resumables: Mapping[str, Any] | None = None,
     resume: bool = False,
+    reevaluate: bool = False,
     log=None,
     compile_auto: str = "off",
 ) -> FitResult:
     log = log or run.logger()
     stop.log = log
+    checkpoint_time_ns = None  # of the checkpoint resumed from
+    measured_now: set[int] = set()  # the epochs evaluated by this call (on the data as they are now)
     device = select_device(config.device)
     checkpoint_path = checkpoint_file(run.path)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -200,6 +206,7 @@ def _train(
     found = load_latest_training_state(run.path, log) if resume else None
     if found is not None:
         state, path = found
+        checkpoint_time_ns = path.stat().st_mtime_ns
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
         optimizer.load_state_dict(state["optimizer"])
@@ -253,6 +260,7 @@ def _train(
                           "fix that and --resume, which evaluates it again)",)
             raise
         entry["metrics"] = metrics
+        measured_now.add(epoch + 1)
         for dataset, values in metrics.items():
             shown = [k for k in METRIC_KEYS if k in values] or list(values)  # a selection score has its own keys
             log.info(f"  {dataset:<16} " + "  ".join(f"{k} {values[k]:.1f}" for k in shown))
@@ -392,10 +400,17 @@ def _train(
     _warn_if_no_epoch_scored_apart(config.select, history, best["epoch"], log)
     if config.select != "last" and best["state"] is not None:
         model.load_state_dict(best["state"])
+    if reevaluate and best["epoch"] not in measured_now:
+        # A query or gallery changed since the selected weights were measured (an undecodable image replaced): the
+        # numbers are those of the data now. The selection stands: no rule reads a target's query or gallery.
+        log.info(f"evaluating epoch {best['epoch']}'s weights again: a query or gallery changed since")
+        best["metrics"] = {**best["metrics"], **evaluate(best["epoch"] - 1)}
     selection = SELECTION_RULES[config.select]
     if config.select != "last":
         selection += f" (epoch {best['epoch']})"
-    return FitResult(final=best["metrics"], epochs=history, selection=selection, selected_epoch=best["epoch"])
+    trained_none = config.epochs <= start_epoch
+    return FitResult(final=best["metrics"], epochs=history, selection=selection, selected_epoch=best["epoch"],
+                     weights_time_ns=checkpoint_time_ns if trained_none else None)
 
 
 def _warn_if_no_epoch_scored_apart(select: str, history: list[dict], kept: int, log) -> None:

@@ -34,7 +34,7 @@ from kdreid.errors import ConfigError
 from kdreid.models import count_macs, load_checkpoint
 from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes, atomic_write_text, exclusive, write_json
 from kdreid.stages import adapt, distill, source
-from kdreid.stages.common import evaluate_datasets
+from kdreid.stages.common import evaluate_datasets, trains_on_all
 from kdreid.stages.data import (
     DATASETS_FILE, dataset_fingerprint, fingerprint_change, load_datasets, read_datasets_record,
 )
@@ -148,6 +148,11 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
             "sources": config.sources, "targets": [], "arch": arch,
             "out": str(run / source_name(arch)),
         })
+        if str(source_config.pretrained).lower() == "imagenet":  # a missing file: now, not after the first stage
+            from kdreid.models.registry import get_spec
+            from kdreid.models.weights import resolve_imagenet
+
+            resolve_imagenet(get_spec(arch))
         if source_config.train.select == "target-clusters":
             # It scores target images, which source training does not see: the source model keeps its last epoch.
             source_config.train.select = "last"
@@ -227,7 +232,8 @@ def _changed_datasets(recorded_file: Path, stage_config, fingerprints: DatasetFi
     recorded = read_datasets_record(recorded_file)
     if recorded is None:
         return None
-    changes = {name: fingerprint_change(fingerprint, fingerprints.of(name, stage_config.data))
+    changes = {name: fingerprint_change(fingerprint, fingerprints.of(name, stage_config.data),
+                                        trains_on_all(name, stage_config))
                for name, fingerprint in recorded.items()}
     return {name: change for name, change in changes.items() if change}
 
@@ -289,14 +295,14 @@ def stage_state(stage_config, fingerprints: DatasetFingerprints | None = None) -
                                    "files than it was trained on (regenerated or re-extracted)")
     evaluated_on_other = (f"the query/gallery of dataset {next(iter(changed))} under {stage_config.data.root} hold "
                           "other files than it was evaluated on") if changed else ""
-    if evaluated_on_other and finished:  # its numbers are the old files': only a run measures them again
-        return StageState("fresh", evaluated_on_other)
+    if evaluated_on_other and finished and not checkpoint.is_file():  # only a new run measures its numbers again
+        return StageState("fresh", f"{evaluated_on_other}, and it has no training checkpoint")
+    if evaluated_on_other:  # the same training images: resumed, the run measures its numbers on the files now
+        return StageState("resume", f"{evaluated_on_other}; same training images, evaluated again")
     if finished:
         # A reused model keeps the numbers it measured: evaluation settings changed since are named here.
         ignored = f"; ignoring {_describe(changes)}" if changes else ""
         return StageState("done", f"same weight settings, newer than its inputs{ignored}")
-    if evaluated_on_other:  # the training split is the same: the run goes on, and evaluates on the files there now
-        return StageState("resume", f"{evaluated_on_other}; same training images")
     return StageState("resume", f"{damaged}; its checkpoint writes them again" if damaged
                       else "interrupted, same weight settings and inputs")
 
@@ -327,7 +333,8 @@ def run_stage(name: str, stage_config, log, fingerprints: DatasetFingerprints | 
                          f"it again: {state.reason}")
                 shutil.rmtree(folder)
     distributed.barrier()  # no process looks at the folder before the main one has removed it
-    log.info(f"stage {name}: {'resuming' if state.action == 'resume' else 'training'} in {folder}")
+    log.info(f"stage {name}: " + (f"resuming in {folder} ({state.reason})" if state.action == "resume"
+                                   else f"training in {folder}"))
     result = RUNNERS[type(stage_config)](stage_config, resume=state.action == "resume")
     return result.final, True
 

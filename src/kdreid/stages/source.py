@@ -97,7 +97,8 @@ def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
     result = fit(
         run=run_dir, config=train, stage_config=config, modules={"model": model}, optimizer=optimizer,
         batches_per_epoch=len(batches), train_step=train_step, evaluate=evaluate,
-        before_epoch=batches.start_epoch, resumables={"batches": batches}, resume=resume, log=log,
+        before_epoch=batches.start_epoch, resumables={"batches": batches}, resume=resume,
+        reevaluate=start.evaluation_changed, log=log,
         compile_auto=auto_compile_mode(config.arch),
     )
     # `held_out` lets adapt and distill rebuild the same label space (and validation split) from the same data.
