@@ -271,6 +271,9 @@ def _add_adapt(commands) -> None:
                         "with tracklet-grouped targets")
     p.add_argument("--dmmd-normalize", action=argparse.BooleanOptionalAction,
                    help="L2-normalise the embeddings inside the D-MMD terms (scale-free; not in the paper)")
+    p.add_argument("--dmmd-copies", choices=["count", "exclude"],
+                   help="two copies of one image (a group smaller than K repeats some): a within-class pair, as in "
+                        "the original (count, default), or none (exclude)")
     p.add_argument("--blend", action=argparse.BooleanOptionalAction, help="adapt one model to the union of the targets")
     p.add_argument("--combineall", action=argparse.BooleanOptionalAction, help="train on source query/gallery ids too")
     _add_stage_flags(p)
@@ -285,7 +288,7 @@ def _run_adapt(args) -> int:
         "sources": args.sources, "targets": args.targets, "arch": args.arch, "init": args.init,
         "grouping": args.grouping, "dmmd_start": args.dmmd_start, "dmmd_weight": args.dmmd_weight,
         "dmmd_terms": args.dmmd_terms, "dmmd_source_groups": args.dmmd_source_groups,
-        "dmmd_normalize": args.dmmd_normalize,
+        "dmmd_normalize": args.dmmd_normalize, "dmmd_copies": args.dmmd_copies,
         "blend": args.blend, "data.combineall": args.combineall,
     }
     config = resolve_config(adapt.AdaptConfig, "adapt", preset=args.preset, config_file=args.config,

@@ -384,10 +384,3 @@ def test_a_resume_distils_from_the_same_teacher_files_named_from_any_folder(thre
     shutil.copy(checkpoints["t_cuhk"], models / "t_cuhk.pt")
     assert distill_from(tmp_path, "--epochs", "2", "--resume") == 0
     assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2]
-
-
-def test_a_group_of_batches_saved_by_an_earlier_kdreid_still_resumes():
-    # Checkpoints written inside an epoch before D-MMD was told the batches' images hold (images, labels) pairs.
-    images, labels, index = torch.zeros(2, 3, 8, 4), torch.tensor([0, 0]), torch.tensor([5, 6])
-    assert distill._indexed((images, labels)) == (images, labels, None)
-    assert distill._indexed((images, labels, index)) == (images, labels, index) and distill._indexed(None) is None

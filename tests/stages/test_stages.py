@@ -327,12 +327,13 @@ def test_adapt_can_split_source_pairs_by_tracklet_and_normalise(source_run, synt
     out = tmp_path / "source-tracklets"
     assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", str(source_run / "model.pt"),
                  "--root", str(synth_root), "--out", str(out), "--dmmd-start", "0",
-                 "--dmmd-source-groups", "tracklet", "--dmmd-normalize", *TINY]) == 0
+                 "--dmmd-source-groups", "tracklet", "--dmmd-normalize", "--dmmd-copies", "exclude", *TINY]) == 0
     tracklets = {r.tracklet for r in build_dataset("synth_msmt", synth_root).train}
     assert seen and all(set(groups.tolist()) <= tracklets for groups in seen)
     # A source batch holds K images of each of P identities; split by tracklet, some identity spans cameras.
     assert any(len(set(groups.tolist())) > 16 // 4 for groups in seen)
-    assert "source pairs by tracklet, normalised embeddings" in (out / "log.txt").read_text()
+    log = (out / "log.txt").read_text()
+    assert "source pairs by tracklet, normalised embeddings, copies of one image left out" in log
     # D-MMD is told which image each row is (copies of one image are no pair): the records' own groups.
     target_tracklets = [r.tracklet for r in build_dataset("synth_duke", synth_root).train]
     source_train = build_dataset("synth_msmt", synth_root).train
@@ -500,3 +501,16 @@ def test_a_resumed_stage_whose_gallery_changed_measures_its_numbers_again(synth_
     assert after != before and after["mAP"] == pytest.approx(expected["mAP"], abs=1e-4)
     assert "evaluating epoch 1's weights again: a query or gallery changed since" in (out / "log.txt").read_text()
     assert (out / "model.pt").stat().st_mtime_ns == checkpoint_time
+
+
+def test_dmmd_counts_copies_of_one_image_by_default_as_the_original(source_run, synth_root, tmp_path, monkeypatch):
+    told = []
+
+    def spy(*args, source_images=None, target_images=None, **kwargs):
+        told.append((source_images, target_images))
+        return dmmd_terms(*args, source_images=source_images, target_images=target_images, **kwargs)
+
+    monkeypatch.setattr(adapt, "dmmd_terms", spy)
+    assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", str(source_run / "model.pt"),
+                 "--root", str(synth_root), "--out", str(tmp_path / "t"), "--dmmd-start", "0", *TINY]) == 0
+    assert told and all(images == (None, None) for images in told)

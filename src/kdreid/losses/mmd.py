@@ -5,8 +5,8 @@ distances (two images of the same identity or tracklet) and the between-class on
 themselves. This module follows the paper's definition:
 
 - distances are Euclidean (not squared) between embeddings;
-- each unordered pair of different images is one sample (self-distances excluded, every pair once; two copies
-  of one image in a batch, which the P×K sampler draws for a group smaller than K, are no pair either);
+- each unordered pair of rows is one sample (self-distances excluded, every pair once; two copies of one image,
+  which the P×K sampler draws for a group smaller than K, are a pair unless the rows' images are given);
 - classes come from the batch's group labels (identity, tracklet or pseudo-label), not from positions.
 
 The original code differed (rows of K squared distances as samples, self-distances included, 50 of the 56 group
@@ -125,10 +125,9 @@ def dmmd_terms(
     (`weighted_mmd`), equal to `mmd` on the subsets that `within_between` selects but without their
     data-dependent sizes, so a training step never waits for the GPU to count them.
 
-    `source_images` / `target_images` (N,) say which image each row is (its index in the dataset). A group with
-    fewer than K images repeats some in its P×K chunk, and the two augmented copies of one image are not a
-    within-class pair: their near-zero distances (22–50 % of a tracklet-grouped epoch's within-class pairs on the
-    synthetic domains, `bench/tracklet_copies.py`) would pull that distribution towards 0. None: all rows differ."""
+    `source_images` / `target_images` (N,) say which image each row is (its index in the dataset): given, two
+    copies of one image (a group with fewer than K images repeats some in its P×K chunk) are no within-class pair.
+    None: every row counts as its own image, as the original code counted them (`adapt --dmmd-copies`)."""
     if normalize:
         source_embeddings = torch.nn.functional.normalize(source_embeddings, dim=1)
         target_embeddings = torch.nn.functional.normalize(target_embeddings, dim=1)

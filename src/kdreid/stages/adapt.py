@@ -71,6 +71,10 @@ class AdaptConfig:
     # L2-normalise the embeddings inside the D-MMD terms (not in the paper): removes the scale the fixed kernel
     # bandwidths otherwise let training change instead of the distributions.
     dmmd_normalize: bool = False
+    # A group with fewer than K images repeats some in its P×K chunk (as torchreid's sampler): "count" keeps two
+    # copies of one image as a within-class pair, as the original code did (reference defect 32: kept and
+    # documented); "exclude" leaves those pairs out. docs/algorithms.md has how many there are and what it changed.
+    dmmd_copies: Literal["count", "exclude"] = "count"
     label_smoothing: float = 0.1
     triplet_margin: float = 0.3
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
@@ -100,6 +104,8 @@ class AdaptConfig:
             raise ConfigError(f"--dmmd-weight must be 0 (a control run) or positive, got {self.dmmd_weight}")
         if self.dmmd_start < 0:
             raise ConfigError(f"--dmmd-start is a 0-based epoch, 0 or more; got {self.dmmd_start}")
+        if self.dmmd_copies not in ("count", "exclude"):
+            raise ConfigError(f"--dmmd-copies {self.dmmd_copies!r}: choose count or exclude")
 
 
 GROUPING_NAMES = {"tracklet": "tracklets", "pseudo": "pseudo-labels", "oracle": "oracle identities"}
@@ -152,7 +158,8 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         f"{GROUPING_NAMES[config.grouping]}"
         + (" (ORACLE: uses target identity labels)" if config.grouping == "oracle" else "")
         + f"; D-MMD ({'+'.join(config.dmmd_terms)}, source pairs by {config.dmmd_source_groups}"
-        + (", normalised embeddings" if config.dmmd_normalize else "") + ") "
+        + (", normalised embeddings" if config.dmmd_normalize else "")
+        + (", copies of one image left out" if config.dmmd_copies == "exclude" else "") + ") "
         f"from epoch {config.dmmd_start + 1}, weight {config.dmmd_weight}; "
         f"BatchNorm sees {train.batch_size} images per forward"
     )
@@ -198,10 +205,11 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
             minimised = config.dmmd_weight != 0
             # A control run (weight 0) still logs the terms, but builds no graph and runs no backward through them.
             with torch.set_grad_enabled(torch.is_grad_enabled() and minimised):
+                exclude = config.dmmd_copies == "exclude"
                 terms = context.compile_loss(dmmd_terms)(
                     source_out.embedding, source_groups, target_out.embedding, target_groups,
-                    normalize=config.dmmd_normalize, source_images=source_batches.last_index,
-                    target_images=target_batches.last_index,
+                    normalize=config.dmmd_normalize, source_images=source_batches.last_index if exclude else None,
+                    target_images=target_batches.last_index if exclude else None,
                 )
             losses.update(terms)  # all three are logged; only the chosen ones are minimised
             if minimised:

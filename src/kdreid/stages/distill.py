@@ -203,13 +203,6 @@ class Teacher(nn.Module):
         return self.model(images, return_all=True)
 
 
-def _indexed(batch: tuple | None) -> tuple | None:
-    """A drawn batch as (images, labels, image indices). The group of batches a checkpoint of an earlier kdreid
-    saved inside an epoch holds (images, labels) only: resumed, its D-MMD counts copies of one image as that
-    kdreid did."""
-    return batch if batch is None or len(batch) == 3 else (*batch, None)
-
-
 def load_teacher(path: str, arch: str = "", last_stride: int = 1) -> nn.Module:
     """A kdreid checkpoint, or (with `arch`) a plain state dict of another toolkit, built with `last_stride`, as an
     eval-mode model."""
@@ -457,32 +450,27 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
                 config.target_order, count, rng=_order_rng(train.seed, epoch, 0), shifts=shifts
             )
 
-    def draw(batches: BatchSource, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A batch: its images, group labels, and which images they are (D-MMD tells copies of one apart)."""
-        images, labels = batches.next_batch(generator)
-        return images, labels, batches.last_index
-
     def step_batches(context: StepContext):
         """(target index, source batch or None, target batch) of this loop iteration."""
         if config.target_alt == "full":
             t, _ = full_schedule(context.iteration, lengths, state["order"])
-            source = draw(source_batches, context.generator) if need_source else None
-            return t, source, draw(target_batches[t], context.generator)
+            source = source_batches.next_batch(context.generator) if need_source else None
+            return t, source, target_batches[t].next_batch(context.generator)
         group, position = batch_schedule(context.iteration, count)
         if position == 0 or state["group"] is None:
-            source = draw(source_batches, context.generator) if need_source else None
-            batches = [draw(b, context.generator) for b in target_batches]
+            source = source_batches.next_batch(context.generator) if need_source else None
+            batches = [b.next_batch(context.generator) for b in target_batches]
             shifts = None
             if config.target_order == "shift":
                 source_embeddings = embed(source[0])
-                shifts = [float(mmd(source_embeddings, embed(images))) for images, *_ in batches]
+                shifts = [float(mmd(source_embeddings, embed(images))) for images, _ in batches]
                 shifts = distributed.average_list(shifts)  # one order for every process (each saw its share)
             order = target_order(config.target_order, count, rng=_order_rng(train.seed, context.epoch, group),
                                  shifts=shifts)
             state["group"] = {"source": source, "targets": batches, "order": order}
         current = state["group"]
         t = current["order"][position]
-        return t, _indexed(current["source"]), _indexed(current["targets"][t])
+        return t, current["source"], current["targets"][t]
 
     def kd_terms(t: int, images: torch.Tensor, student_out, prefix: str) -> dict[str, torch.Tensor]:
         teacher_out = teachers[t](images)
@@ -497,7 +485,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         return terms
 
     def train_step(context: StepContext) -> dict[str, torch.Tensor]:
-        t, source, (target_images, target_groups, target_index) = step_batches(context)
+        t, source, (target_images, target_groups) = step_batches(context)
         target_out = student(target_images)
         total = target_out.embedding.new_zeros((), dtype=torch.float32)
         losses: dict[str, torch.Tensor] = {}
@@ -506,7 +494,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
             losses.update(terms)
             total = total + config.lkdt_weight * sum(terms.values())
         if config.lkds_weight > 0 or config.lda_weight > 0:
-            source_images, source_labels, source_index = source
+            source_images, source_labels = source
             source_out = student(source_images)
             if config.lkds_weight > 0:
                 terms = kd_terms(t, source_images, source_out, "source")
@@ -517,8 +505,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
                 da = {
                     "ce": cross_entropy_label_smoothing(logits, source_labels, config.label_smoothing),
                     "triplet": batch_hard_triplet(source_out.embedding, source_labels, config.triplet_margin),
-                    **dmmd_terms(source_out.embedding, source_labels, target_out.embedding, target_groups,
-                                 source_images=source_index, target_images=target_index),
+                    **dmmd_terms(source_out.embedding, source_labels, target_out.embedding, target_groups),
                 }
                 losses.update(da)
                 total = total + config.lda_weight * sum(da.values())
