@@ -4,9 +4,9 @@ The batch-hard triplet loss and D-MMD need several images of each group in every
 every group's images into chunks of K: a last chunk short of K is completed with other images of the group, so
 that no chunk holds an image twice; only a group of fewer than K images repeats some, drawn with replacement as
 torchreid's RandomIdentitySampler does (D-MMD counts two copies as a within-class pair, as the original code did,
-unless `adapt --dmmd-copies exclude`). Batches take P distinct groups, picked uniformly among those with chunks left. The
-number of batches is fixed in advance, (all chunks) // P; when fewer than P groups have chunks left, the emptied
-groups get a fresh chunk of K different images. So large groups may keep unvisited chunks at the end of an
+unless `adapt --dmmd-copies exclude`). Batches take P distinct groups, picked uniformly among those with chunks
+left. The number of batches is fixed in advance, (all chunks) // P; when fewer than P groups have chunks left, the
+emptied groups get a fresh chunk of K different images. So large groups may keep unvisited chunks at the end of an
 epoch — torchreid's sampler, whose epoch ends as soon as fewer than P identities have chunks left, leaves them too.
 
 Randomness comes from a generator seeded by (seed, epoch) only, so an epoch's batches are the same after a
