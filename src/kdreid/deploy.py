@@ -364,7 +364,7 @@ def extract_command(args) -> int:
     """`kdreid extract`: features of every image under --images into --out; undecodable images listed last."""
     refuse_folder(args.out, "gallery.npz")  # before the extraction, not after it
     if args.arch and Path(args.model).is_file() and model_kind(Path(args.model)) != "checkpoint":
-        _warn_unused({"-a": args.arch}, f"{args.model} is an exported model, which records its architecture")
+        warn_unused({"-a": args.arch}, f"{args.model} is an exported model, which records its architecture")
     embedder = open_embedder(args.model, arch=args.arch, flip=args.flip, batch_size=args.batch_size,
                              device=args.device, height=args.height, width=args.width)
     extracted = extract_folder(embedder, args.images, workers=args.workers)
@@ -410,7 +410,7 @@ def _warn_if_embedded_otherwise(model: str, flip: bool, size: tuple[int, int], g
               "the same way (--model, --flip, --height/--width)", file=sys.stderr)
 
 
-def _warn_unused(flags: dict, why: str) -> None:
+def warn_unused(flags: dict, why: str) -> None:
     """One warning naming the flags that were given (value not None) and that `why` makes pointless."""
     given = [flag for flag, value in flags.items() if value is not None]
     if given:
@@ -423,9 +423,9 @@ def search_command(args) -> int:
     gallery = load_features(args.gallery)
     query_path = Path(args.query)
     if args.faiss and args.rerank:
-        _warn_unused({"--faiss": True}, "re-ranking computes the whole gallery-gallery neighbourhood with torch")
+        warn_unused({"--faiss": True}, "re-ranking computes the whole gallery-gallery neighbourhood with torch")
     if query_path.suffix == ".npz" and query_path.is_file():
-        _warn_unused({"--model": args.model, "-a": args.arch, "--flip": args.flip,
+        warn_unused({"--model": args.model, "-a": args.arch, "--flip": args.flip,
                       "--height": args.height, "--width": args.width}, f"{args.query} holds features already")
         query = load_features(query_path)
         query_features, query_paths = query.features, query.paths

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,7 +416,9 @@ def export_command(args) -> int:
     if args.format == "onnx":
         _require_onnx()
     elif args.opset is not None:
-        print(f"kdreid: warning: --opset has no effect: a {args.format} file has no ONNX opset", file=sys.stderr)
+        from kdreid.deploy import warn_unused
+
+        warn_unused({"--opset": args.opset}, f"a {args.format} file has no ONNX opset")
     result = export_model(model, args.out, args.format, dynamic_batch=args.dynamic_batch, fp16=args.fp16,
                           images=images, opset=DEFAULT_OPSET if args.opset is None else args.opset,
                           source=Path(args.model).name, height=height, width=width)
