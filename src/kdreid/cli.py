@@ -41,7 +41,7 @@ def _run_data_synth(args) -> int:
 def _add_data_check(sub) -> None:
     p = sub.add_parser("check", help="parse a dataset layout, print its statistics and list problems")
     p.add_argument("--root", type=_path, required=True, help="parent folder of the datasets (as in torchreid)")
-    p.add_argument("-d", "--dataset", required=True, help="dataset name, e.g. market1501 or synth_duke")
+    p.add_argument("-d", "--dataset", required=True, help="dataset name, e.g. market1501, synth_duke or custom:FOLDER")
     p.add_argument("--json", action="store_true", help="print only the statistics as JSON")
     _add_cuhk03_flags(p)
     p.add_argument("--no-verify", action="store_true", help="only check that the images exist; do not decode them")

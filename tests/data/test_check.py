@@ -26,6 +26,16 @@ def run_check(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def test_an_unlabelled_custom_target_is_not_a_problem(tmp_path, capsys):
+    """Tracker crops with training images only: a target adapt and distill train on, so `data check` passes it and
+    says what it is; a released layout without a query split is still a problem."""
+    write_images(tmp_path / "site" / "crops", ["a.jpg", "b.jpg"])
+    write_csv(tmp_path / "site" / "manifest.csv", ["path", "pid", "camid", "tracklet", "split"],
+              [["crops/a.jpg", 4, 1, 4, "train"], ["crops/b.jpg", 4, 1, 4, "train"]])
+    code, out, _ = run_check(capsys, "--root", str(tmp_path), "-d", "custom:site")
+    assert code == 0 and "note: no query or gallery: an unlabelled target" in out and "no problems found" in out
+
+
 def test_statistics_count_as_torchreid_counts(tmp_path):
     market_tree(tmp_path)
     assert dataset_statistics(build_dataset("market1501", tmp_path)) == MARKET_STATISTICS

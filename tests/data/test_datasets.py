@@ -289,6 +289,31 @@ def test_custom_csv_with_split_column(tmp_path):
     )
 
 
+def test_several_custom_datasets_side_by_side(tmp_path):
+    """`custom:NAME` reads ROOT/NAME with the custom rules, so one run can adapt to two of one's own sites."""
+    write_images(tmp_path / "site_a" / "train", ["0001_c1_a.jpg", "0002_c2_b.jpg"])
+    for split in ("query", "gallery"):
+        write_images(tmp_path / "site_a" / split, [f"0001_c{1 + (split == 'query')}_{split}.jpg"])
+    write_images(tmp_path / "site_b" / "tracks", ["t1.jpg", "t2.jpg", "t3.jpg"])
+    write_csv(tmp_path / "site_b" / "manifest.csv", ["path", "pid", "camid", "tracklet", "split"],
+              [[f"tracks/t{i}.jpg", 70 + i // 3, 4, 70 + i // 3, "train"] for i in (1, 2, 3)])
+    site_a, site_b = build_dataset("custom:site_a", tmp_path), build_dataset("custom:site_b", tmp_path)
+    assert (site_a.name, site_a.root, len(site_a.train), len(site_a.query)) == (
+        "custom:site_a", str(tmp_path / "site_a"), 2, 1)
+    assert site_a.train[0] == ImageRecord(str(tmp_path / "site_a/train/0001_c1_a.jpg"), 0, 1, 0)
+    assert (site_b.name, [r.tracklet for r in site_b.train], site_b.query) == ("custom:site_b", [0, 0, 1], [])
+    # --root may be the site's folder itself, as for the synthetic domains
+    assert build_dataset("custom:site_a", tmp_path / "site_a").train == site_a.train
+    assert "custom:FOLDER" in dataset_names()
+    # a typo names the sites that are there; a name that is not a folder name is refused
+    with pytest.raises(DatasetError, match=r"^-d custom:site_c: expected train/.* holds custom:site_a, custom:site_b$"):
+        build_dataset("custom:site_c", tmp_path)
+    with pytest.raises(DatasetError, match=r"after 'custom:' comes the name of a folder"):
+        build_dataset("custom:../site_a", tmp_path)
+    with pytest.raises(DatasetError, match=r"unknown dataset 'market:site_a'; known: .*custom:FOLDER"):
+        build_dataset("market:site_a", tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- synthetic
 def test_synthetic_domain_uses_market_rules_and_manifest_tracklets(tmp_path):
     names = {

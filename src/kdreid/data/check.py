@@ -69,7 +69,7 @@ def find_problems(dataset: ReidDataset, verify: bool = True, workers: int | None
     no scorable query, tracklets crossing cameras, and missing (or, with `verify`, undecodable) images."""
     problems = list(dataset.problems)
     for split in SPLITS:
-        if not dataset.split(split):
+        if not dataset.split(split) and not (split != "train" and is_unlabelled_target(dataset)):
             problems.append(f"{dataset.root}: the {split} split of {dataset.name} has no images; check the layout")
     if dataset.query and dataset.gallery and queries_without_cross_camera_match(dataset) == len(dataset.query):
         problems.append(
@@ -88,12 +88,21 @@ def find_problems(dataset: ReidDataset, verify: bool = True, workers: int | None
     return problems
 
 
+def is_unlabelled_target(dataset: ReidDataset) -> bool:
+    """One's own cameras with training images only (tracker crops): a target to adapt to, with nothing to evaluate,
+    which the custom formats allow (docs/datasets.md); the released layouts always have a query and a gallery."""
+    return dataset.name.startswith("custom") and bool(dataset.train) and not dataset.query and not dataset.gallery
+
+
 def format_report(dataset: ReidDataset, statistics: dict, problems: list[str], verified: bool) -> str:
     lines = [f"{dataset.name}: {dataset.root}", f"  {'split':<8}{'ids':>8}{'images':>10}{'cameras':>9}"]
     for split in SPLITS:
         row = statistics[split]
         lines.append(f"  {split:<8}{row['ids']:>8,}{row['images']:>10,}{row['cameras']:>9,}")
     lines.append(f"  train tracklets: {dataset.num_train_tracklets:,}")
+    if is_unlabelled_target(dataset):
+        lines.append("  note: no query or gallery: an unlabelled target (adapt and distill train on it, nothing "
+                     "evaluates it)")
     unmatched = queries_without_cross_camera_match(dataset)
     if 0 < unmatched < len(dataset.query):
         lines.append(

@@ -6,6 +6,7 @@ A reader only parses a folder into records; decoding images is the loader's busi
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
@@ -75,6 +76,10 @@ class ReidDataset:
 
 DatasetReader = Callable[..., ReidDataset]
 _READERS: dict[str, DatasetReader] = {}
+# Readers of a family of datasets named `FAMILY:MEMBER` (`custom:site_a`, the folder ROOT/site_a), called
+# `fn(root, member, **options)`; a member is a folder name, so one run can hold several of one's own datasets.
+_FAMILIES: dict[str, DatasetReader] = {}
+MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def register_dataset(*names: str):
@@ -90,9 +95,37 @@ def register_dataset(*names: str):
     return decorator
 
 
+def register_dataset_family(family: str):
+    """Register a reader `fn(root, member, **options) -> ReidDataset` for the names `FAMILY:MEMBER`."""
+
+    def decorator(reader: DatasetReader) -> DatasetReader:
+        if family in _FAMILIES:
+            raise RuntimeError(f"dataset family {family!r} registered twice")
+        _FAMILIES[family] = reader
+        return reader
+
+    return decorator
+
+
 def dataset_names() -> list[str]:
+    """The names `-d` takes: every registered dataset, and `FAMILY:FOLDER` for each family."""
     _load_readers()
-    return sorted(_READERS)
+    return sorted([*_READERS, *(f"{family}:FOLDER" for family in _FAMILIES)])
+
+
+def _reader_of(name: str) -> DatasetReader:
+    """The reader of dataset `name`, the member bound for `FAMILY:MEMBER`; an unknown name raises."""
+    family, colon, member = name.partition(":")
+    if not colon and name in _READERS:
+        return _READERS[name]
+    if colon and family in _FAMILIES:
+        if not MEMBER_NAME.fullmatch(member):
+            raise DatasetError(
+                f"dataset {name!r}: after '{family}:' comes the name of a folder under --root (letters, digits, "
+                f"'_', '-', '.'), e.g. {family}:site_a"
+            )
+        return functools.partial(_FAMILIES[family], member=member)
+    raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
 
 
 def build_dataset(name: str, root: str | Path, **options) -> ReidDataset:
@@ -102,16 +135,14 @@ def build_dataset(name: str, root: str | Path, **options) -> ReidDataset:
     only those it takes, so one set of options can be passed for every dataset of a run; a name that no
     reader takes is a mistake and raises."""
     _load_readers()
-    if name not in _READERS:
-        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(_READERS))}")
-    known = {option for reader in _READERS.values() for option in _keyword_options(reader)}
+    reader = _reader_of(name)
+    known = {option for each in (*_READERS.values(), *_FAMILIES.values()) for option in _keyword_options(each)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise DatasetError(f"unknown dataset option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     root = Path(root).expanduser().absolute()
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} does not exist; pass the parent folder of the datasets with --root")
-    reader = _READERS[name]
     accepted = _keyword_options(reader)
     return reader(root, **{key: value for key, value in options.items() if key in accepted})
 

@@ -1,8 +1,9 @@
 """A user's own cameras: a folder with train/, query/ and gallery/, labelled by a CSV manifest or by file names.
 
-    ROOT/                         (or ROOT/custom/)
+    ROOT/                         -d custom          (or ROOT/custom/)
         train/  query/  gallery/  images, in sub-folders if you like
         manifest.csv              optional: path,pid,camid[,tracklet][,split]
+    ROOT/site_a/                  -d custom:site_a   (one of several: custom:site_a custom:site_b as two targets)
 
 With `manifest.csv`, `path` is relative to the folder that holds it (or absolute); the split is the `split`
 column when there is one, else the first folder of the path (train/, query/ or gallery/). `tracklet`, when
@@ -22,10 +23,12 @@ from kdreid.data.datasets.base import (
     SPLITS,
     ImageRecord,
     ReidDataset,
+    dataset_names,
     layout_hint,
     make_dataset,
     read_market_style_folder,
     register_dataset,
+    register_dataset_family,
     require_split_folder,
     walk_files,
 )
@@ -39,12 +42,36 @@ REQUIRED_COLUMNS = ("path", "pid", "camid")
 @register_dataset("custom")
 def read_custom(root: Path) -> ReidDataset:
     candidates = (root, root / "custom")
-    folder = next((f for f in candidates if (f / CUSTOM_MANIFEST).is_file() or (f / "train").is_dir()), None)
+    folder = _first_custom_folder(candidates)
     if folder is None:
-        raise DatasetError(
-            f"expected train/, query/, gallery/ (and optionally {CUSTOM_MANIFEST}) under {root} or {root / 'custom'}"
-            f"{layout_hint(root, 'custom')}"
-        )
+        raise _not_found("custom", candidates, layout_hint(root, "custom"))
+    return _read_custom_folder("custom", folder)
+
+
+@register_dataset_family("custom")
+def read_named_custom(root: Path, member: str) -> ReidDataset:
+    """`custom:NAME`: the custom folder ROOT/NAME (or ROOT itself when it is called NAME)."""
+    candidates = (root / member, root) if root.name == member else (root / member,)
+    folder = _first_custom_folder(candidates)
+    if folder is None:
+        others = sorted(f"custom:{d.name}" for d in root.iterdir()  # other layouts' folders are not custom ones
+                        if d.is_dir() and d.name not in dataset_names() and _first_custom_folder((d,)))
+        hint = f"; {root} holds {', '.join(others)}" if others else layout_hint(root, "custom")
+        raise _not_found(f"custom:{member}", candidates, hint)
+    return _read_custom_folder(f"custom:{member}", folder)
+
+
+def _first_custom_folder(candidates: tuple[Path, ...]) -> Path | None:
+    return next((f for f in candidates if (f / CUSTOM_MANIFEST).is_file() or (f / "train").is_dir()), None)
+
+
+def _not_found(name: str, candidates: tuple[Path, ...], hint: str) -> DatasetError:
+    where = " or ".join(str(candidate) for candidate in candidates)
+    return DatasetError(f"-d {name}: expected train/, query/, gallery/ (and optionally {CUSTOM_MANIFEST}) under {where}"
+                        f"{hint}")
+
+
+def _read_custom_folder(name: str, folder: Path) -> ReidDataset:
     problems: list[str] = []
     if (folder / CUSTOM_MANIFEST).is_file():
         splits = read_manifest(folder, folder / CUSTOM_MANIFEST, problems)
@@ -56,7 +83,7 @@ def read_custom(root: Path) -> ReidDataset:
             splits[split] = []
             for sub_dir in sorted({p.parent for p in walk_files(split_dir)}):
                 splits[split] += read_market_style_folder(sub_dir, problems, IMAGE_SUFFIXES)
-    return make_dataset("custom", folder, splits["train"], splits["query"], splits["gallery"], problems)
+    return make_dataset(name, folder, splits["train"], splits["query"], splits["gallery"], problems)
 
 
 def read_manifest(folder: Path, manifest_path: Path, problems: list[str]) -> dict[str, list[ImageRecord]]:
