@@ -302,6 +302,11 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path), "--domains", "synth_nowhere"]) == 2
     assert "unknown synthetic domain" in capsys.readouterr().err
     assert main(["data", "synth", "--out", str(tmp_path), "--size", "big"]) == 2
+    assert main(["data", "synth", "--out", str(tmp_path), "--size", "12x6"]) == 2
+    assert "--size 12x6 is too small; use at least 16x8" in capsys.readouterr().err
+    with pytest.raises(KdreidError, match="--size 12x6 is too small"):  # the Python entry point is checked too
+        generate(tmp_path, ["synth_cuhk"], size=(12, 6))
+    assert not any(tmp_path.iterdir())
     assert main(["data", "synth", "--out", str(tmp_path), "--gap", "1.5"]) == 2
     with pytest.raises(KdreidError):
         build_domain("synth_msmt", scale=3.0, seed=0)  # more pids than 4 digits hold

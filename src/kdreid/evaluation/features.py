@@ -406,7 +406,8 @@ def evaluate_command(args) -> int:
         print("kdreid: warning: --visrank-topk has no effect without --visrank N (queries to draw)", file=sys.stderr)
     topk = 10 if topk is None else topk
     if visrank < 0 or (visrank and topk < 1):
-        raise EvaluationError(f"--visrank {visrank} --visrank-topk {topk}: both must be positive")
+        raise EvaluationError(f"--visrank {visrank} --visrank-topk {topk}: --visrank must be 0 or more and "
+                              "--visrank-topk at least 1")
     if args.out:
         _check_evaluation_folder(Path(args.out))
     model = load_model(args.model, args.arch)

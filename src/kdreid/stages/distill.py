@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from kdreid import distributed
+from kdreid.config import from_dict
 from kdreid.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from kdreid.evaluation.features import note_loaded_weights
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, mmd
@@ -63,18 +64,14 @@ from kdreid.stages.common import (
 )
 from kdreid.stages.data import BatchSource, combine_train
 from kdreid.stages.loop import StepContext, TrainConfig, fit, has_checkpoint
-from kdreid.stages.optim import OptimConfig, build_optimizer
+from kdreid.stages.optim import build_optimizer
+from kdreid.stages.presets import PRESETS
 
 
 def _kd_train_defaults() -> TrainConfig:
-    # The original KD script's optimiser (SGD 0.01, momentum 0.9, no Nesterov, 50 epochs, evaluation every 5),
-    # decayed ×0.1 at epochs 20 and 40: its StepLR(5) decayed T times per epoch in its engine, so its LR was
-    # negligible after a few epochs; a decay every 5 real epochs would be the same mistake. As the paper preset.
-    return TrainConfig(
-        epochs=50, eval_freq=5,
-        optim=OptimConfig(optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False, scheduler="multistep",
-                          milestones=[20, 40], warmup_epochs=0),
-    )
+    # Distillation has no general re-ID default to fall back on: its defaults are the paper preset's, the original
+    # KD script's schedule (stages/presets.py says why the decay is at epochs 20 and 40).
+    return from_dict(TrainConfig, PRESETS["paper"]["distill"]["train"], where="paper preset")
 
 
 @dataclass

@@ -3,8 +3,9 @@
 A stage supplies what differs — a `train_step` that turns (epoch, iteration) into named losses, an `evaluate`
 that returns metrics per dataset, and an optional `before_epoch` hook — and the loop does the rest: device,
 bf16 autocast on CUDA, backward, gradient clipping, the LR schedule, NaN checks, progress bar, log lines,
-TensorBoard scalars, a checkpoint every epoch, resume, evaluation every `eval_freq` epochs, checkpoint
-selection without target test labels, `metrics.json` and `results.md`.
+TensorBoard scalars, a checkpoint every epoch, resume, evaluation every `eval_freq` epochs and checkpoint
+selection without target test labels (the stage writes `metrics.json` and `results.md` from the result:
+`common.finish_stage`).
 
 Resume. A checkpoint holds everything the next step depends on: the modules, the optimiser (whose state is the
 only AMP state: bf16 autocast needs no GradScaler, unlike fp16), the position (the LR schedule is a function of

@@ -169,8 +169,6 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise KdreidError(f"--size {text!r} is not HxW; write it as e.g. 128x64")
     height, width = (int(p) for p in parts)
-    if height < 16 or width < 8:
-        raise KdreidError(f"--size {text} is too small; use at least 16x8 (e.g. 128x64)")
     return height, width
 
 
@@ -182,6 +180,8 @@ def _validate(domains, scale, gap, size, workers, seed) -> None:
         raise KdreidError(f"--scale {scale} must be > 0 (1.0 = the size of the dataset each domain mimics)")
     if not 0.0 <= gap <= 1.0:
         raise KdreidError(f"--gap {gap} must be between 0 (no domain style) and 1 (full preset)")
+    if size is not None and (size[0] < 16 or size[1] < 8):  # checked here, not in parse_size: generate(size=)
+        raise KdreidError(f"--size {size[0]}x{size[1]} is too small; use at least 16x8 (e.g. 128x64)")
     if workers < 1:
         raise KdreidError(f"--workers {workers} must be >= 1")
     if not 0 <= seed < 2**32:  # what numpy's generators take

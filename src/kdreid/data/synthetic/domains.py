@@ -98,7 +98,7 @@ NEUTRAL = dict(
 )
 
 NEUTRAL_BACKGROUND = "street"
-NEUTRAL_PALETTE = "mixed"
+NEUTRAL_PALETTE = "mixed"  # what a gap below 1 blends a domain's clothing palette towards (people.mix_palettes)
 
 PRESETS: dict[str, DomainPreset] = {
     p.name: p

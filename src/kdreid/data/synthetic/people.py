@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kdreid.data.synthetic.domains import NEUTRAL_PALETTE
+
 # The clothing vocabulary (sRGB in [0, 1]); occluders and background clutter draw from it too, so that they can
 # be mistaken for clothing.
 COLOURS = {
@@ -93,7 +95,7 @@ PALETTES = {
 
 def mix_palettes(name: str, strength: float) -> dict:
     """`strength` x the named palette + (1 - strength) x the neutral mixed palette (the gap dial)."""
-    own, neutral = PALETTES[name], PALETTES["mixed"]
+    own, neutral = PALETTES[name], PALETTES[NEUTRAL_PALETTE]
     return {key: strength * np.asarray(own[key]) + (1 - strength) * np.asarray(neutral[key]) for key in own}
 
 
