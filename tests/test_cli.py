@@ -25,6 +25,16 @@ def test_user_error_is_one_line_without_traceback(tmp_path, capsys):
     assert err.startswith("kdreid: error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_the_traceback_of_a_one_line_error_on_request(tmp_path, capsys, monkeypatch):
+    # For a bug report: the same error, and above it where it was raised.
+    monkeypatch.setenv("KDREID_TRACEBACK", "1")
+    assert main(["data", "check", "--root", str(tmp_path / "nowhere"), "-d", "market1501"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "in build_dataset" in err
+    assert err.splitlines()[-1] == f"kdreid: error: dataset root {tmp_path / 'nowhere'} does not exist; pass the " \
+                                   "parent folder of the datasets with --root"
+
+
 def _model_and_gallery(tmp_path):
     """A tiny checkpoint, one image and a features file of it: every flag below is refused before they matter."""
     import numpy as np

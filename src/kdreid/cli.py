@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from kdreid import __version__
 from kdreid.errors import ConfigError, KdreidError
@@ -525,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except KdreidError as error:
+        _traceback_if_asked()
         print(f"kdreid: error: {error}", file=sys.stderr)
         # Training stopped by SIGINT/SIGTERM (after its checkpoint) exits 128 + signal, as shells expect.
         return getattr(error, "exit_code", USAGE_ERROR)
@@ -542,8 +544,19 @@ def main(argv: list[str] | None = None) -> int:
         message = describe_environment_error(error)  # a full disk, a file where a folder should be, ...
         if message is None:
             raise
+        _traceback_if_asked()
         print(f"kdreid: error: {message}", file=sys.stderr)
         return USAGE_ERROR
+
+
+TRACEBACK_VARIABLE = "KDREID_TRACEBACK"
+
+
+def _traceback_if_asked() -> None:
+    """With KDREID_TRACEBACK=1, the traceback above the one-line error: for a bug report, or to tell a bug in kdreid
+    from the bad input its message names."""
+    if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+        traceback.print_exc(file=sys.stderr)
 
 
 if __name__ == "__main__":

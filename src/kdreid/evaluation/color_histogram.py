@@ -14,6 +14,7 @@ off. `expected_random_map` gives chance exactly (the mean AP of a uniformly rand
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,7 +23,7 @@ from PIL import Image
 
 from kdreid.data.cache import read_image
 from kdreid.errors import EvaluationError
-from kdreid.evaluation.ranking import evaluate_rank
+from kdreid.evaluation.ranking import evaluate_rank, evaluation_warnings_to
 
 STRIPES = 6
 HUE_BINS, SATURATION_BINS, VALUE_BINS = 8, 4, 4
@@ -137,6 +138,8 @@ def baseline_command(args) -> int:
 
     from kdreid.data.check import dataset_from_args
 
-    result = color_histogram_baseline(dataset_from_args(args), use_metric_cuhk03=args.cuhk03_classic_split)
+    dataset = dataset_from_args(args)
+    with evaluation_warnings_to(lambda message: print(f"kdreid: warning: {dataset.name}: {message}", file=sys.stderr)):
+        result = color_histogram_baseline(dataset, use_metric_cuhk03=args.cuhk03_classic_split)
     print(json.dumps(asdict(result), indent=2) if args.json else result.line())
     return 0

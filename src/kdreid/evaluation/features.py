@@ -385,11 +385,10 @@ def evaluate_command(args) -> int:
     """`kdreid evaluate`: one table row per target (percent), `--json` for machines, `--out RUN` writes
     RUN/metrics.json ({"final": {target: {mAP, rank1, rank5, rank10, rank20, mINP}}}, merged into an existing file)."""
     import json
-    import warnings
 
     from kdreid.data.datasets.base import build_dataset
     from kdreid.errors import DatasetError
-    from kdreid.evaluation.ranking import EvaluationWarning
+    from kdreid.evaluation.ranking import evaluation_warnings_to
     from kdreid.models import check_input_size
     from kdreid.rundir import write_json
     from kdreid.stages.common import DataOptions, protocol_for
@@ -429,8 +428,7 @@ def evaluate_command(args) -> int:
         print(f"{target}: {len(dataset.query)} queries, {len(dataset.gallery)} gallery images, {protocols[target]} "
               f"protocol, {args.metric} distances{', flip-averaged' if args.flip else ''}"
               f"{', k-reciprocal re-ranked' if args.rerank else ''}", file=sys.stderr)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", EvaluationWarning)
+        with evaluation_warnings_to(lambda message: print(f"kdreid: warning: {target}: {message}", file=sys.stderr)):
             if visrank:
                 # The pictures need the features: extract them here, once, and rank them as evaluate_model does.
                 options = dict(height=args.height, width=args.width, batch_size=args.batch_size, flip=args.flip,
@@ -452,8 +450,6 @@ def evaluate_command(args) -> int:
                 topk=topk, metric=args.metric, rerank=args.rerank,
                 title=f"{target}: {Path(args.model).name}, {args.metric}{', re-ranked' if args.rerank else ''}")
             print(f"{target}: ranked results in {', '.join(str(p) for p in pages)}", file=sys.stderr)
-        for warning in caught:
-            print(f"kdreid: warning: {target}: {warning.message}", file=sys.stderr)
         final[target] = {key: (None if value != value else round(value, 4))  # NaN -> null (JSON has no NaN)
                          for key, value in result.summary().items()}
 

@@ -30,9 +30,11 @@ global NumPy generator).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -57,6 +59,21 @@ class EvaluationWarning(UserWarning):
 # of `RankResult.summary()` and of metrics.json).
 CMC_RANKS = (1, 5, 10, 20)
 METRIC_COLUMNS = (("mAP", "mAP"), *((f"R{r}", f"rank{r}") for r in CMC_RANKS), ("mINP", "mINP"))
+
+
+@contextlib.contextmanager
+def evaluation_warnings_to(say: Callable[[str], None]) -> Iterator[None]:
+    """Inside, each EvaluationWarning (queries skipped for want of a true match...) goes to `say` as its bare
+    message, for the caller to name its dataset, instead of Python's warning line with a source path; any other
+    warning passes on as it was."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EvaluationWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, EvaluationWarning):
+            say(str(warning.message))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 @dataclass

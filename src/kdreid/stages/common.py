@@ -8,7 +8,6 @@ import functools
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +22,7 @@ from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.data.samplers import groups_per_rank
 from kdreid.errors import ConfigError, KdreidError
 from kdreid.evaluation.features import evaluate_model, extract_features
-from kdreid.evaluation.ranking import EvaluationWarning
+from kdreid.evaluation.ranking import evaluation_warnings_to
 from kdreid.models import save_checkpoint
 from kdreid.rundir import RunDir, atomic_write_text, exclusive, write_json
 from kdreid.stages.data import (
@@ -98,18 +97,12 @@ def evaluate_split(
     """mAP, rank-1/5/10/20 and mINP in percent of `model` on one query/gallery pair (`name` in errors). With a
     `log`, what the ranking warns of (queries skipped for want of a true match) is a line there, naming `name`."""
     split = SimpleNamespace(name=name, query=list(query), gallery=list(gallery))
-    with warnings.catch_warnings(record=log is not None) as caught:
-        if log is not None:
-            warnings.simplefilter("always", EvaluationWarning)
+    with evaluation_warnings_to(lambda message: log.warning(f"{name}: {message}")) if log is not None \
+            else contextlib.nullcontext():
         result = evaluate_model(
             model, split, metric=options.metric, flip=options.flip, protocol=protocol, height=height, width=width,
             batch_size=options.batch_size, device=device,
         )
-    for warning in caught or []:
-        if issubclass(warning.category, EvaluationWarning):
-            log.warning(f"{name}: {warning.message}")
-        else:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return result.summary()
 
 
