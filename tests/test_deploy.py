@@ -169,6 +169,18 @@ def test_search_command_ranks_query_images(workdir, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 6 and all(row["results"][0]["path"] == row["query"] for row in rows)
 
+    # --max-distance keeps the results closer than the cut-off: the image itself and what lies below the third
+    cut = (distances[1] + distances[2]) / 2
+    assert main(["search", "--gallery", str(gallery), "--query", str(query), "--topk", "3",
+                 "--max-distance", str(cut)]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == lines[:3]
+    assert main(["search", "--gallery", str(gallery), "--query", str(gallery), "--max-distance", "1e-9",
+                 "--json"]) == 0
+    assert all(row["results"] == [] or row["results"][0]["distance"] < 1e-9 for row in json.loads(
+        capsys.readouterr().out))
+    assert main(["search", "--gallery", str(gallery), "--query", str(query), "--max-distance", "-1"]) == 2
+    assert "--max-distance must be a positive distance" in capsys.readouterr().err
+
 
 def test_search_refuses_other_dimensions_and_other_files(workdir, tmp_path, capsys):
     gallery = tmp_path / "g.npz"

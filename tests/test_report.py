@@ -184,13 +184,14 @@ def test_a_failed_report_leaves_the_previous_one_whole(tmp_path, tiny_model, rng
     assert "--visrank must be 0 or more" in capsys.readouterr().err
 
 
-def test_evaluation_folder_report_includes_its_visrank_pictures(tiny_domain, tiny_model, tmp_path):
+def test_evaluation_folder_report_includes_its_visrank_and_verification_pictures(tiny_domain, tiny_model, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(tiny_model), "-t", TARGET, "--root", str(tiny_domain), "--device",
-                 "cpu", "--out", str(out), "--visrank", "2", "--visrank-topk", "3"]) == 0
+                 "cpu", "--out", str(out), "--visrank", "2", "--visrank-topk", "3", "--verification"]) == 0
     page = build_report(out)
-    assert _images(page) == ["visrank/synth_duke_01.png"]
-    assert "<td>synth_duke</td>" in page.read_text()
+    assert _images(page) == ["visrank/synth_duke_01.png", "verification/synth_duke.png"]
+    text = page.read_text()
+    assert "<td>synth_duke</td>" in text and "<th>TPR % at FPR 0.001</th>" in text and "ROC AUC" in text
 
 
 def test_evaluation_report_shows_only_the_latest_visrank_pages_and_counts_them(tiny_domain, tiny_model, tmp_path,

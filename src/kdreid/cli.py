@@ -228,6 +228,9 @@ def _add_evaluate(commands) -> None:
                    help="draw the ranked results of N queries per target (default 8) into OUT/visrank/*.png")
     p.add_argument("--visrank-topk", type=int, default=None, metavar="K",
                    help="gallery images per query (default 10; with --visrank)")
+    p.add_argument("--verification", action="store_true",
+                   help="same-person verification: TPR at FPR 1e-4..1e-1 with each distance threshold, ROC AUC; "
+                        "with --out, positive/negative distance histograms and the ROC in OUT/verification/*.png")
     p.set_defaults(run=_run_evaluate)
 
 
@@ -445,6 +448,8 @@ def _add_search(commands) -> None:
     p.add_argument("--model", type=_path, default=None, help="model that embeds query images (default: the gallery's)")
     p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
     p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--max-distance", type=float, default=None, metavar="D",
+                   help="list only gallery images closer than D (a threshold from `kdreid evaluate --verification`)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (galleries up to 50,000 images)")
     p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
@@ -459,6 +464,8 @@ def _run_search(args) -> int:
     from kdreid.deploy import search_command
 
     _require_positive(args, "--height", "--width", "--topk")
+    if args.max_distance is not None and not 0 < args.max_distance < float("inf"):
+        raise ConfigError(f"--max-distance must be a positive distance, got {args.max_distance}")
     return search_command(args)
 
 

@@ -455,14 +455,20 @@ def search_command(args) -> int:
     _warn_if_embedded_otherwise(query_model, query_flip, query_size, gallery, who)
     distances, indices = search_features(query_features, gallery.features, k=args.topk, metric=args.metric,
                                          rerank=args.rerank, use_faiss=args.faiss)
+    # --max-distance: the cut-off `kdreid evaluate --verification` gives for a false-positive rate ("distance < d").
+    rankings = [(query_name, [(distance, gallery.paths[index]) for distance, index in zip(row_d, row_i)
+                              if args.max_distance is None or distance < args.max_distance])
+                for query_name, row_d, row_i in zip(query_paths, distances.tolist(), indices.tolist())]
     if args.json:
-        print(json.dumps([{"query": q, "results": [{"path": gallery.paths[i], "distance": round(float(d), 6)}
-                                                   for d, i in zip(row_d.tolist(), row_i.tolist())]}
-                          for q, row_d, row_i in zip(query_paths, distances, indices)], indent=2))
+        print(json.dumps([{"query": query_name, "results": [{"path": path, "distance": round(distance, 6)}
+                                                            for distance, path in results]}
+                          for query_name, results in rankings], indent=2))
         return 0
-    for query_name, row_d, row_i in zip(query_paths, distances.tolist(), indices.tolist()):
+    for query_name, results in rankings:
         print(f"query {query_name}")
-        for rank, (distance, index) in enumerate(zip(row_d, row_i), start=1):
-            print(f"  {rank:>3}  {distance:.4f}  {gallery.paths[index]}")
+        for rank, (distance, path) in enumerate(results, start=1):
+            print(f"  {rank:>3}  {distance:.4f}  {path}")
+        if not results and args.max_distance is not None:
+            print(f"  (no gallery image closer than --max-distance {args.max_distance:g})")
     return 0
 

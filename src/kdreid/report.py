@@ -8,7 +8,8 @@ copied or zipped and opened in any browser without a server. What the page holds
   curves, and for the D-MMD stages the distance histograms before and after adaptation);
 - a single-stage run (train-source, adapt, distill): its table, curves, histograms when it has them, and ranked
   results of its model.pt on its targets;
-- an evaluation folder (`kdreid evaluate --out`): its metrics and the `--visrank` pictures it holds.
+- an evaluation folder (`kdreid evaluate --out`): its metrics and the `--visrank` and `--verification` pictures
+  it holds.
 
 Ranked results need the datasets: they are read from the data root recorded in the run's config (or --root);
 when a dataset cannot be read the page says so and the rest of the report is still written.
@@ -146,6 +147,23 @@ def metrics_table(final: dict) -> str:
     return _table(["dataset", *(title for title, _ in METRIC_COLUMNS)], rows)
 
 
+def verification_table(verification: dict) -> str:
+    """{dataset: VerificationResult.summary()} -> an HTML table: TPR at each FPR with its threshold, and the AUC."""
+    summaries = {dataset: s for dataset, s in verification.items() if isinstance(s, dict) and s.get("at_fpr")}
+    if not summaries:
+        return ""
+    levels = [level.get("fpr") for level in next(iter(summaries.values()))["at_fpr"]]
+
+    def cell(level: dict) -> str:
+        if level.get("tpr") is None:
+            return "n/a"
+        return f"{level['tpr']:.1f} (d < {level['threshold']:.4g})"
+
+    rows = [[dataset, *(cell(level) for level in s["at_fpr"]),
+             "n/a" if s.get("auc") is None else f"{s['auc']:.4f}"] for dataset, s in summaries.items()]
+    return _table(["dataset", *(f"TPR % at FPR {fpr:g}" for fpr in levels), "ROC AUC"], rows)
+
+
 def _figure(run: Path, picture: Path, caption: str) -> str:
     relative = picture.relative_to(run)
     if relative.parts[0] == _BUILDING:  # drawn there; shown from RUN/report/ once the whole page is built
@@ -243,14 +261,21 @@ def ranked_results_section(run: Path, model_path: Path, targets: list[str], root
     return section
 
 
-def existing_visrank_section(run: Path) -> Section | None:
-    """The pictures `kdreid evaluate --visrank --out RUN` left in RUN/visrank/."""
-    pages = sorted((run / "visrank").glob("*.png"))
-    if not pages:
-        return None
-    section = Section("Ranked results (kdreid evaluate --visrank)")
-    section.blocks += [_figure(run, page, page.stem) for page in pages]
-    return section
+# The pictures `kdreid evaluate --out RUN` draws into folders of RUN: (folder, section title).
+EVALUATION_PICTURES = (("visrank", "Ranked results (kdreid evaluate --visrank)"),
+                       ("verification", "Same person or not: distance histograms and ROC (kdreid evaluate "
+                                        "--verification)"))
+
+
+def existing_evaluation_sections(run: Path) -> list[Section]:
+    """A section per kind of picture `kdreid evaluate --out RUN` left in RUN (its --visrank pages, its
+    --verification pictures)."""
+    sections = []
+    for folder, title in EVALUATION_PICTURES:
+        pictures = sorted((run / folder).glob("*.png"))
+        if pictures:
+            sections.append(Section(title, blocks=[_figure(run, picture, picture.stem) for picture in pictures]))
+    return sections
 
 
 def _stage_folders(run: Path) -> list[Path]:
@@ -372,6 +397,10 @@ def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: i
     else:
         evaluation = Section("Evaluation")
         evaluation.blocks.append(metrics_table(metrics["final"]))
+        if isinstance(metrics.get("verification"), dict) and (table := verification_table(metrics["verification"])):
+            evaluation.blocks += [_note("Same person or not, by distance alone (kdreid evaluate --verification): "
+                                        "the true-positive rate at each false-positive rate, and the threshold "
+                                        "that gives it"), table]
         recorded = metrics.get("evaluated_with")
         if isinstance(recorded, dict) and "model" in recorded:  # a file from before: one set for every target
             recorded = {"every target": recorded}
@@ -380,8 +409,7 @@ def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: i
                 described = ", ".join(f"{k} {_setting(v)}" for k, v in settings.items())
                 evaluation.blocks.append(_note(f"{target} evaluated with {described}"))
         sections.append(evaluation)
-    if (extra := existing_visrank_section(run)) is not None:
-        sections.append(extra)
+    sections += existing_evaluation_sections(run)
 
     return render_page(title, run, kind, sections)
 
@@ -451,7 +479,8 @@ def report_command(args) -> int:
         raise KdreidError(f"--root {args.root} is not a folder; pass the data root the run read (or leave --root out "
                           "to use the one it recorded)")
     page = build_report(args.run_dir, visrank=args.visrank, topk=args.visrank_topk, root=args.root, device=args.device)
-    # Counted on the page: an evaluation folder's --visrank pictures are shown from RUN/visrank/, not RUN/report/.
+    # Counted on the page: an evaluation folder's pictures are shown from RUN/visrank/ and RUN/verification/, not
+    # RUN/report/.
     images = len(re.findall(r"<img ", page.read_text()))
     print(f"wrote {page} ({images} picture{'' if images == 1 else 's'})", file=sys.stderr)
     print(page)

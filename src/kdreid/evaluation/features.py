@@ -273,8 +273,11 @@ def evaluate_features(
     protocol: str = "market",
     max_rank: int = 50,
     device: str | torch.device | None = None,
+    verification: bool = False,
 ) -> RankResult:
-    """Distances (optionally k-reciprocal re-ranked) and ranking metrics of query features against gallery ones."""
+    """Distances (optionally k-reciprocal re-ranked) and ranking metrics of query features against gallery ones;
+    with `verification`, the result's `.verification` holds the positive/negative pairs' histograms of those
+    distances (kdreid.evaluation.verification)."""
     if len(query) == 0:
         raise EvaluationError("empty query set: the dataset's query split holds no image")
     if len(gallery) == 0:
@@ -287,8 +290,13 @@ def evaluate_features(
         distmat = re_ranking_features(query_features, gallery_features, metric=metric)
     else:
         distmat = compute_distance_matrix(query_features, gallery_features, metric=metric)
-    return evaluate(distmat, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=max_rank,
-                    protocol=protocol, device=device)
+    result = evaluate(distmat, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=max_rank,
+                      protocol=protocol, device=device)
+    if verification:
+        from kdreid.evaluation.verification import verification_statistics
+
+        result.verification = verification_statistics(distmat, query.pids, gallery.pids, query.camids, gallery.camids)
+    return result
 
 
 def evaluate_model(
@@ -306,8 +314,10 @@ def evaluate_model(
     device: str | torch.device | None = None,
     workers: int = 2,
     progress: bool = False,
+    verification: bool = False,
 ) -> RankResult:
-    """Extract query and gallery features of `dataset` (.query, .gallery lists of records) and rank them."""
+    """Extract query and gallery features of `dataset` (.query, .gallery lists of records) and rank them
+    (`verification` as `evaluate_features`)."""
     if not dataset.query:
         raise EvaluationError(f"empty query set: dataset {getattr(dataset, 'name', '?')} has no query image")
     options = dict(height=height, width=width, batch_size=batch_size, flip=flip, device=device, workers=workers,
@@ -315,7 +325,7 @@ def evaluate_model(
     query = extract_features(model, dataset.query, **options)
     gallery = extract_features(model, dataset.gallery, **options)
     return evaluate_features(query, gallery, metric=metric, normalize=normalize, rerank=rerank, protocol=protocol,
-                             device=device)
+                             device=device, verification=verification)
 
 
 
@@ -420,6 +430,7 @@ def evaluate_command(args) -> int:
                 for target in args.targets}
     note_loaded_weights(model)  # once the command can run: a mistake stays one line
     final: dict[str, dict[str, float | None]] = {}
+    verification: dict[str, dict] = {}  # per target, with --verification (VerificationResult.summary())
     # Each target is scored as the training stages score it (so a run's metrics.json and this agree), unless
     # --protocol names one for all.
     data_options = DataOptions(cuhk03_labeled=args.cuhk03_labeled, cuhk03_classic_split=args.cuhk03_classic_split)
@@ -436,12 +447,12 @@ def evaluate_command(args) -> int:
                 query = extract_features(model, dataset.query, **options)
                 gallery = extract_features(model, dataset.gallery, **options)
                 result = evaluate_features(query, gallery, metric=args.metric, rerank=args.rerank,
-                                           protocol=protocols[target], device=device)
+                                           protocol=protocols[target], device=device, verification=args.verification)
             else:
                 result = evaluate_model(
                     model, dataset, metric=args.metric, rerank=args.rerank, flip=args.flip, protocol=protocols[target],
                     height=args.height, width=args.width, batch_size=args.batch_size, device=device,
-                    workers=args.workers, progress=sys.stderr.isatty())
+                    workers=args.workers, progress=sys.stderr.isatty(), verification=args.verification)
         if visrank:
             from kdreid.viz.ranking import visualize_ranked_results
 
@@ -450,6 +461,15 @@ def evaluate_command(args) -> int:
                 topk=topk, metric=args.metric, rerank=args.rerank,
                 title=f"{target}: {Path(args.model).name}, {args.metric}{', re-ranked' if args.rerank else ''}")
             print(f"{target}: ranked results in {', '.join(str(p) for p in pages)}", file=sys.stderr)
+        if args.verification:
+            verification[target] = result.verification.summary()
+            if args.out:
+                from kdreid.viz.verification import verification_picture
+
+                picture = verification_picture(
+                    result.verification, Path(args.out) / "verification" / f"{target}.png",
+                    title=f"{target}: {Path(args.model).name}, {args.metric}{', re-ranked' if args.rerank else ''}")
+                print(f"{target}: verification picture in {picture}", file=sys.stderr)
         final[target] = {key: (None if value != value else round(value, 4))  # NaN -> null (JSON has no NaN)
                          for key, value in result.summary().items()}
 
@@ -457,6 +477,8 @@ def evaluate_command(args) -> int:
         path = Path(args.out) / "metrics.json"
         metrics = _earlier_evaluations(path)
         metrics.setdefault("final", {}).update(final)
+        if verification:
+            metrics.setdefault("verification", {}).update(verification)
         # Per target: the folder may gather evaluations of several models or settings, one target at a time.
         settings = _settings_per_target(metrics.get("evaluated_with"), metrics["final"])
         model_file = str(Path(args.model).absolute())
@@ -465,12 +487,28 @@ def evaluate_command(args) -> int:
         metrics["evaluated_with"] = settings
         write_json(path, metrics)
     if args.json:
-        print(json.dumps({"final": final}, indent=2))
+        print(json.dumps({"final": final, **({"verification": verification} if verification else {})}, indent=2))
         return 0
     print(format_table(final))
+    if verification:
+        print(format_verification(verification))
     if args.out:
         print(f"metrics written to {Path(args.out) / 'metrics.json'}", file=sys.stderr)
     return 0
+
+
+def format_verification(verification: dict[str, dict]) -> str:
+    """Per target, TPR (percent) at each FPR level with its distance threshold, and the ROC AUC."""
+    name_width = max([len("verification"), *map(len, verification)])
+    levels = [level["fpr"] for level in next(iter(verification.values()))["at_fpr"]]
+    lines = ["verification".ljust(name_width)
+             + "".join(f"TPR@FPR={fpr:.0e}".replace("e-0", "e-").rjust(18) for fpr in levels) + "AUC".rjust(8)]
+    for target, summary in verification.items():
+        cells = "".join(("n/a" if level["tpr"] is None else f"{level['tpr']:.1f} d<{level['threshold']:.4g}").rjust(18)
+                        for level in summary["at_fpr"])
+        auc = "n/a".rjust(8) if summary["auc"] is None else f"{summary['auc']:8.4f}"
+        lines.append(target.ljust(name_width) + cells + auc)
+    return "\n".join(lines)
 
 
 def format_table(final: dict[str, dict[str, float | None]]) -> str:

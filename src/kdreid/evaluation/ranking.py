@@ -89,6 +89,8 @@ class RankResult:
     mINP: float
     num_valid_queries: int
     num_queries: int
+    # Positive/negative pair histograms, when asked for (kdreid.evaluation.verification.VerificationResult).
+    verification: object | None = None
 
     def rank(self, r: int) -> float:
         """CMC at rank r (1-based), as a fraction; the last entry when the gallery is shorter than r."""
