@@ -41,6 +41,11 @@ def _stage(folder: Path, label: str, *, histograms: bool, rng) -> None:
             np.savez_compressed(folder / f"distances_{moment}.npz", **{
                 key: rng.gamma(2.0, 1.0, 40) for key in
                 ("source_within", "source_between", "target_within", "target_between")})
+    if label == "distill":  # the teacher-vs-student distances
+        for moment in ("before", "after"):
+            teacher = rng.uniform(0, 1, 45)
+            np.savez_compressed(folder / f"kd_distances_{moment}.npz", targets=np.array([TARGET]), t0_teacher=teacher,
+                                t0_student=teacher + rng.normal(0, 0.1, 45), t0_same=rng.uniform(0, 1, 45) < 0.2)
 
 
 @pytest.fixture
@@ -76,13 +81,15 @@ def test_pipeline_report_has_every_picture_and_renders_in_chromium(pipeline_run,
     # One test (not two sharing a fixture) so that `pytest -n 2` never draws the pipeline's pictures twice.
     page = pipeline_run / "report.html"
     images = _images(page)
-    # bars (mAP, rank-1), ranked results, curves of 5 stages, histograms of the teacher and the blend
-    assert len(images) == 2 + 1 + 5 + 2
+    # bars (mAP, rank-1), ranked results, curves of 5 stages, histograms of the teacher and the blend, the student's
+    # distances against its teachers'
+    assert len(images) == 2 + 1 + 5 + 2 + 1
     assert all(src.startswith("report/") and (pipeline_run / src).is_file() for src in images)
     assert sorted(str(p.relative_to(pipeline_run)) for p in (pipeline_run / "report").rglob("*.png")) == \
         sorted(images)  # rebuilt whole: the older report's picture is gone
     text = page.read_text()
     assert "report/visrank/synth_duke_01.png" in images and "report/dmmd_stages_blend.png" in images
+    assert "report/kd_stages_distill.png" in images
     ran = ["source_resnet_tiny", "source_osnet_tiny", "teacher_synth_duke", "blend", "distill"]  # the teachers' first
     positions = [text.index(f"Stage {name}") for name in ran]
     assert positions == sorted(positions)
@@ -93,7 +100,7 @@ def test_pipeline_report_has_every_picture_and_renders_in_chromium(pipeline_run,
         pytest.skip("CHROMIUM NOT FOUND: the report's content was checked but its browser test did not run; "
                     "install Debian's `chromium` (apt-get install -y chromium) or set KDREID_CHROMIUM=/path/to/chrome")
     result = _render(chromium, page, tmp_path / "profile")
-    assert result == {"total": 10, "broken": [], "title": "kdreid run pipe: synth_msmt -> synth_duke"}
+    assert result == {"total": 11, "broken": [], "title": "kdreid run pipe: synth_msmt -> synth_duke"}
     # The check can fail: a picture gone from report/ is reported as broken.
     (pipeline_run / "report" / "pipeline_mAP.png").unlink()
     result = _render(chromium, page, tmp_path / "profile")

@@ -190,8 +190,9 @@ def _safe_name(name: str) -> str:
 
 
 def stage_section(run: Path, folder: Path, pictures: Path, title: str) -> Section:
-    """A stage's table, training curves and (adapt stages) D-MMD histograms."""
-    from kdreid.viz import dmmd_histograms, training_curves
+    """A stage's table, training curves, (adapt stages) D-MMD histograms and (distill) teacher-vs-student
+    distances."""
+    from kdreid.viz import dmmd_histograms, kd_distance_picture, training_curves
 
     section = Section(title)
     metrics = _read_json(folder / "metrics.json")
@@ -213,6 +214,14 @@ def stage_section(run: Path, folder: Path, pictures: Path, title: str) -> Sectio
                                   title=f"{title}: within- and between-identity distances")
         caption = (f"{title}: D-MMD distance histograms, source and target, before"
                    + (" and after adaptation" if after.is_file() else " adaptation (no 'after' file: unfinished)"))
+        section.blocks.append(_figure(run, picture, caption))
+    before, after = folder / "kd_distances_before.npz", folder / "kd_distances_after.npz"
+    if before.is_file():
+        name = _safe_name(folder.relative_to(run).as_posix() if folder != run else "run")
+        picture = kd_distance_picture(before, after if after.is_file() else None, pictures / f"kd_{name}.png",
+                                      title=f"{title}: the student's distances against its teachers'")
+        caption = (f"{title}: pairwise distances of each target's teacher and the student, before"
+                   + (" and after distillation" if after.is_file() else " distillation (no 'after' file: unfinished)"))
         section.blocks.append(_figure(run, picture, caption))
     section.blocks.append(_config_block(folder / "config.yaml"))
     return section

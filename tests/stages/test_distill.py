@@ -198,6 +198,32 @@ def test_distill_end_to_end_with_two_teachers_of_different_architectures(three_d
     assert student.kdreid_meta["extra"]["input_size"] == [64, 32]
     initial = load_checkpoint(checkpoints["student"])
     assert not torch.equal(student.conv1.conv.weight, initial.conv1.conv.weight)  # the student learnt
+    _check_kd_distances(out, three_domains, checkpoints, initial)
+
+
+def _check_kd_distances(out, three_domains, checkpoints, initial_student):
+    """The teacher-vs-student distances for the KD picture: each network's own cosine distances between the
+    embeddings (the default kd_feature) of every pair of a sample of the target's training images."""
+    from kdreid.data.cache import read_image
+    from kdreid.losses.distill import cosine_distance_matrix
+    from kdreid.viz import kd_distance_picture, load_kd_distances
+
+    before, after = (load_kd_distances(out / f"kd_distances_{moment}.npz") for moment in ("before", "after"))
+    assert list(before) == list(after) == TARGETS
+    records = load_datasets(["synth_cuhk"], str(three_domains))[0].train
+    assert len(records) <= 300  # the sample is then every training image, in order
+    images = torch.from_numpy(np.stack([read_image(r.path, 64, 32) for r in records])).permute(0, 3, 1, 2) / 255
+    upper = torch.triu_indices(len(records), len(records), offset=1)
+    for name, network, moment in (("teacher", load_checkpoint(checkpoints["t_cuhk"]), before),
+                                  ("teacher", load_checkpoint(checkpoints["t_cuhk"]), after),
+                                  ("student", initial_student, before)):
+        with torch.no_grad():
+            expected = cosine_distance_matrix(network.eval()(images, return_all=True).embedding)[upper[0], upper[1]]
+        assert np.allclose(moment["synth_cuhk"][name], expected.numpy(), atol=1e-5), name
+    pids = np.array([r.pid for r in records])
+    assert np.array_equal(before["synth_cuhk"]["same"], pids[upper[0]] == pids[upper[1]])
+    assert not np.allclose(before["synth_cuhk"]["student"], after["synth_cuhk"]["student"])  # it learnt
+    assert kd_distance_picture(before, after, out / "kd.png").stat().st_size > 10_000
 
 
 def _spy_on_steps(monkeypatch):

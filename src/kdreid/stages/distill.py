@@ -32,6 +32,7 @@ student/teacher pair (the projectors are in the optimiser), and teachers stay in
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -45,13 +46,13 @@ from torch import nn
 from kdreid import distributed
 from kdreid.config import from_dict
 from kdreid.errors import CheckpointError, ConfigError, DatasetError, TrainingError
-from kdreid.evaluation.features import note_loaded_weights
+from kdreid.evaluation.features import extract_features, note_loaded_weights
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, mmd
-from kdreid.losses.distill import bn_margins, distance_kd, margin_feature_loss
+from kdreid.losses.distill import bn_margins, cosine_distance_matrix, distance_kd, margin_feature_loss
 from kdreid.models import build_model, build_projector, check_input_size, load_checkpoint
 from kdreid.models.dsbn import DSBatchNorm
 from kdreid.models.weights import embedding_dim_of
-from kdreid.rundir import write_json
+from kdreid.rundir import atomic_write_bytes, write_json
 from kdreid.stages.common import (
     DataOptions,
     EvalOptions,
@@ -101,6 +102,7 @@ class DistillConfig:
     shift_batches: int = 4  # target_alt full + shift: batch pairs per target to measure the MMD on
     label_smoothing: float = 0.1
     triplet_margin: float = 0.3
+    histogram_images: int = 300  # per target, for the teacher-vs-student distance picture saved before and after
     out: str = "runs/distill"
     data: DataOptions = field(default_factory=DataOptions)
     train: TrainConfig = field(default_factory=_kd_train_defaults)
@@ -287,6 +289,45 @@ def multi_head_copy(model: nn.Module, heads: int) -> nn.Module:
     copy.load_state_dict(state)
     copy.kdreid_meta = getattr(model, "kdreid_meta", {})
     return copy
+
+
+class _KDVectors(nn.Module):
+    """A network's vectors that distance distillation compares (`kd_feature`), as the model output that
+    `extract_features` embeds."""
+
+    def __init__(self, network: nn.Module, kd_feature: str):
+        super().__init__()
+        self.network, self.kd_feature = network, kd_feature
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return getattr(self.network(images, return_all=True), self.kd_feature)
+
+
+def _save_kd_distances(path: Path, student: nn.Module, teachers: nn.ModuleList, targets, config: DistillConfig,
+                       device: torch.device) -> None:
+    """For `kdreid.viz.kd`: on a fixed sample of each target's training images, the cosine distances between
+    pairs that its teacher and the student give (the matrices distance KD matches, both networks in eval mode),
+    and whether a pair shows one identity (for the picture only, never for training)."""
+    arrays: dict[str, np.ndarray] = {"targets": np.array([dataset.name for dataset in targets])}
+    rng = np.random.default_rng([config.train.seed, 0x4B44])  # 'KD'
+    was_training = student.training
+    for t, dataset in enumerate(targets):
+        records = dataset.train
+        chosen = sorted(rng.choice(len(records), size=min(config.histogram_images, len(records)), replace=False))
+        subset = [records[i] for i in chosen]
+        upper = torch.triu_indices(len(subset), len(subset), offset=1)
+        pids = torch.tensor([r.pid for r in subset])
+        for name, network in (("teacher", teachers[t].model), ("student", student)):
+            vectors = extract_features(_KDVectors(network, config.kd_feature), subset, height=config.train.height,
+                                       width=config.train.width, batch_size=config.eval.batch_size,
+                                       device=device).features
+            arrays[f"t{t}_{name}"] = cosine_distance_matrix(vectors)[upper[0], upper[1]].numpy()
+        arrays[f"t{t}_same"] = (pids[upper[0]] == pids[upper[1]]).numpy()
+    student.train(was_training)
+    if distributed.is_main():  # every process took part in the extraction; one writes
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        atomic_write_bytes(path, buffer.getvalue())
 
 
 def feature_kd(projector: nn.Module, student_maps, teacher_maps, margins) -> torch.Tensor:
@@ -509,6 +550,8 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         return {"loss": total, **losses}
 
     evaluate = stage_evaluator(student, targets + sources, validation, config, device, log)
+    if not has_checkpoint(run_dir.path):  # the student before its first step (a resumed run has moved on)
+        _save_kd_distances(run_dir.path / "kd_distances_before.npz", student, teachers, targets, config, device)
 
     result = fit(
         run=run_dir, config=train, stage_config=config, modules={"student": student, "projectors": projectors},
@@ -519,6 +562,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
                     **({"source_batches": source_batches} if source_batches is not None else {}),
                     **{f"target_batches{t}": batches for t, batches in enumerate(target_batches)}},
     )
+    _save_kd_distances(run_dir.path / "kd_distances_after.npz", student, teachers, targets, config, device)
     return finish_stage(
         start, config, student, result, stage="distill",
         label=f"KD-ReID student ({student.arch}, kd {config.kd_style}, {config.target_alt}/{config.target_order})",

@@ -4,7 +4,8 @@
 - `dmmd_histograms`: within/between-class distance histograms, source and target, before and after D-MMD;
 - `training_curves`: losses and mAP per dataset over epochs, from a stage's metrics.json;
 - `pipeline_bars`: per target, source-only / teacher / blend / student mAP, from a pipeline's metrics.json;
-- `verification_picture`: positive/negative pair distance histograms and the ROC (`evaluate --verification`).
+- `verification_picture`: positive/negative pair distance histograms and the ROC (`evaluate --verification`);
+- `kd_distance_picture`: per target, the student's pairwise distances against its teacher's, before and after KD.
 
 `kdreid report RUN` (kdreid.report) gathers them into RUN/report.html.
 """
@@ -12,8 +13,9 @@
 from kdreid.viz.bars import pipeline_bars
 from kdreid.viz.curves import training_curves
 from kdreid.viz.histograms import dmmd_histograms, load_distances
+from kdreid.viz.kd import kd_distance_picture, load_kd_distances
 from kdreid.viz.ranking import rank_queries, visualize_ranked_results
 from kdreid.viz.verification import verification_picture
 
-__all__ = ["dmmd_histograms", "load_distances", "pipeline_bars", "rank_queries", "training_curves",
-           "verification_picture", "visualize_ranked_results"]
+__all__ = ["dmmd_histograms", "kd_distance_picture", "load_distances", "load_kd_distances", "pipeline_bars",
+           "rank_queries", "training_curves", "verification_picture", "visualize_ranked_results"]
