@@ -197,7 +197,8 @@ def test_stage_settings_layer_over_the_preset():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["-t", "synth_duke", "synth_duke"], "given twice"),
+    (["-t", "synth_duke", "synth_duke"], "-t names synth_duke twice; name each dataset once"),
+    (["-s", "synth_msmt", "synth_msmt"], "-s names synth_msmt twice"),
     (["--preset", "fast"], "unknown preset"),
 ])
 def test_pipeline_config_errors_are_one_line(flags, message, tmp_path, capsys):

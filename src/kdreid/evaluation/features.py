@@ -403,8 +403,10 @@ def evaluate_command(args) -> int:
     from kdreid.rundir import write_json
     from kdreid.stages.common import DataOptions, protocol_for
 
-    cuhk03_options = dict(labeled=args.cuhk03_labeled, classic_split=args.cuhk03_classic_split,
-                          split_id=args.split_id)
+    # How every target is read and scored, as the training stages read and score it (so a run's metrics.json and
+    # this agree), unless --protocol names one protocol for all.
+    data_options = DataOptions(cuhk03_labeled=args.cuhk03_labeled, cuhk03_classic_split=args.cuhk03_classic_split,
+                               cuhk03_split_id=args.split_id)
     if (args.cuhk03_labeled or args.cuhk03_classic_split or args.split_id) and "cuhk03" not in args.targets:
         raise DatasetError("--cuhk03-labeled, --cuhk03-classic-split and --split-id apply only to -t cuhk03")
     visrank = getattr(args, "visrank", 0)
@@ -426,14 +428,11 @@ def evaluate_command(args) -> int:
     trained_height, trained_width = model_input_size(model)
     check_input_size(model, args.height or trained_height, args.width or trained_width)
     # Every target is read before the first is evaluated: a misspelt one stops the command before any work.
-    datasets = {target: build_dataset(target, args.root, **(cuhk03_options if target == "cuhk03" else {}))
+    datasets = {target: build_dataset(target, args.root, **data_options.reader_options(target))
                 for target in args.targets}
     note_loaded_weights(model)  # once the command can run: a mistake stays one line
     final: dict[str, dict[str, float | None]] = {}
     verification: dict[str, dict] = {}  # per target, with --verification (VerificationResult.summary())
-    # Each target is scored as the training stages score it (so a run's metrics.json and this agree), unless
-    # --protocol names one for all.
-    data_options = DataOptions(cuhk03_labeled=args.cuhk03_labeled, cuhk03_classic_split=args.cuhk03_classic_split)
     protocols = {target: args.protocol or protocol_for(target, data_options) for target in args.targets}
     for target, dataset in datasets.items():
         print(f"{target}: {len(dataset.query)} queries, {len(dataset.gallery)} gallery images, {protocols[target]} "

@@ -218,15 +218,21 @@ def _first_missing(path: Path) -> Path | None:
     return path
 
 
+def refuse_repeated_datasets(sources: Sequence[str], targets: Sequence[str]) -> None:
+    """A dataset named twice in -s or in -t is refused: read twice, each identity would become two classes (and
+    its own negative), and a pipeline would train two teachers into one folder."""
+    for flag, names in (("-s", sources), ("-t", targets)):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"{flag} names {repeated[0]} twice; name each dataset once")
+
+
 def begin_stage(config, *, resume: bool) -> StageStart:
     """What every stage does first, in this order: reject unusable settings and an occupied run folder before
     anything is written, then open the run folder (resolved config, log), seed, pick the device and read the
     source and target datasets. `config` has .out, .train, .data, .sources and .targets."""
     config.train.validate()
-    for flag, names in (("-s", config.sources), ("-t", config.targets)):
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:  # read twice, each identity would become two classes (and its own negative)
-            raise ConfigError(f"{flag} names {repeated[0]} twice; name each dataset once")
+    refuse_repeated_datasets(config.sources, config.targets)
     _make_paths_absolute(config)
     # Under torchrun: join the other processes, and refuse a P×K batch they cannot share before any work.
     distributed.init(config.train.device)

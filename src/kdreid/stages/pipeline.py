@@ -34,7 +34,7 @@ from kdreid.errors import ConfigError
 from kdreid.models import count_macs, load_checkpoint
 from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes, atomic_write_text, exclusive, write_json
 from kdreid.stages import adapt, distill, source
-from kdreid.stages.common import evaluate_datasets, trains_on_all
+from kdreid.stages.common import evaluate_datasets, refuse_repeated_datasets, trains_on_all
 from kdreid.stages.data import (
     DATASETS_FILE, dataset_fingerprint, fingerprint_change, load_datasets, read_datasets_record,
 )
@@ -74,9 +74,7 @@ class PipelineConfig:
             raise ConfigError("pipeline needs a labelled source: -s SOURCE")
         if not self.targets:
             raise ConfigError("pipeline needs at least one target: -t T1 T2 ...")
-        repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
-        if repeated:
-            raise ConfigError(f"target(s) {', '.join(repeated)} given twice in -t; name each target once")
+        refuse_repeated_datasets(self.sources, self.targets)
         for name in STAGE_OVERRIDES:
             if not isinstance(getattr(self, name), Mapping):
                 raise ConfigError(f"pipeline setting {name!r} must be a mapping of stage settings, "
