@@ -223,7 +223,7 @@ def _evaluate_into_a_foreign_metrics_file(content: bytes) -> Callable:
         root, _ = _market(tmp)
         (tmp / "eval").mkdir()
         (tmp / "eval" / "metrics.json").write_bytes(content)
-        monkeypatch.setattr("kdreid.evaluation.features.evaluate_model", _no_work)
+        monkeypatch.setattr("kdreid.evaluation.features.extract_features", _no_work)
         return _evaluate(tmp, _checkpoint(tmp, "m.pt"), "-t", "market1501", "--root", str(root), "--out",
                          str(tmp / "eval"))
     return setup
@@ -314,10 +314,12 @@ def _weights_of_another_osnet(tmp, monkeypatch):
     return _evaluate(tmp, plain, "-a", "osnet_x0_25")
 
 
-def _onnx_as_model(tmp, monkeypatch):
+def _onnx_as_init(tmp, monkeypatch):
     exported = tmp / "m.onnx"
     assert main(["export", "--model", _checkpoint(tmp, "m.pt"), "--format", "onnx", "--out", str(exported)]) == 0
-    return _evaluate(tmp, exported)
+    root, _ = _market(tmp)
+    return ["adapt", "-s", "market1501", "-t", "market1501", "--init", str(exported), "--root", str(root), "--out",
+            str(tmp / "run")]
 
 
 def _text_as_model(tmp, monkeypatch):
@@ -381,7 +383,7 @@ CASES = [
          "is a training run's folder (it holds model.pt), whose metrics.json is the run's own"),
     Case("plain state dict with the wrong -a (only part of the backbone fits)", _weights_of_another_osnet,
          "backbone tensors are missing or of another shape"),
-    Case("an exported ONNX file as --model", _onnx_as_model, "an exported ONNX model; this command takes"),
+    Case("an exported ONNX file as --init", _onnx_as_init, "an exported ONNX model; this command takes"),
     Case("a text file as --model", _text_as_model, "not a PyTorch file"),
     Case("a run's checkpoints/last.pt as --init", _training_state_as_init,
          "a run's training checkpoint, not a model; pass RUN/model.pt"),

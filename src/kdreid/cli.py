@@ -204,7 +204,8 @@ def _run_train_source(args) -> int:
 def _add_evaluate(commands) -> None:
     p = commands.add_parser("evaluate", help="mAP, rank-1/5/10/20 and mINP of a model on each target's query/gallery")
     p.add_argument("--model", type=_path, required=True,
-                   help="a kdreid checkpoint (model.pt), or a plain state dict with -a")
+                   help="a kdreid checkpoint (model.pt), a plain state dict with -a, or an .onnx / TorchScript file "
+                        "from export")
     p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
     p.add_argument("-t", "--targets", nargs="+", required=True, help="dataset names, e.g. market1501 synth_duke")
     p.add_argument("--root", type=_path, required=True, help="parent folder of the datasets")

@@ -213,15 +213,25 @@ def test_a_model_trained_on_another_cuhk03_split_is_named(setup, tmp_path, capsy
     assert warnings == ([f"kdreid: warning: {checkpoint} {warned}"] if warned else [])
 
 
-def test_an_exported_model_is_sent_to_the_commands_that_take_it(setup, tmp_path, capsys):
-    pytest.importorskip("onnxruntime")
+@pytest.mark.parametrize("fmt, suffix", [("onnx", "onnx"), ("torchscript", "pt")])
+def test_an_exported_model_scores_as_its_checkpoint(setup, tmp_path, capsys, fmt, suffix):
+    # The deployed file's own numbers: run as `kdreid extract` runs it, they equal the checkpoint's.
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
     root, checkpoint, _ = setup
-    exported = tmp_path / "model.onnx"
-    assert main(["export", "--model", str(checkpoint), "--format", "onnx", "--out", str(exported)]) == 0
+    exported = tmp_path / f"model.{suffix}"
+    assert main(["export", "--model", str(checkpoint), "--format", fmt, "--out", str(exported)]) == 0
     capsys.readouterr()
-    code, out, err = run(["evaluate", "--model", str(exported), "-t", "market1501", "--root", str(root)], capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "an exported ONNX model" in err and "`kdreid extract`" in err and "pickle" not in err
+    flags = ["-t", "market1501", "--root", str(root), "--json", "--flip", "--verification"]
+    code, out, err = run(["evaluate", "--model", str(checkpoint), "--device", "cpu", *flags], capsys)
+    assert code == 0, err
+    code, exported_out, err = run(["evaluate", "--model", str(exported), "-a", "resnet_tiny", *flags], capsys)
+    assert code == 0 and "-a has no effect" in err
+    expected, measured = json.loads(out), json.loads(exported_out)
+    for key, value in expected["final"]["market1501"].items():
+        assert measured["final"]["market1501"][key] == pytest.approx(value, abs=0.05), key
+    assert measured["verification"]["market1501"]["auc"] == pytest.approx(
+        expected["verification"]["market1501"]["auc"], abs=1e-3)
 
 
 def test_visrank_topk_without_visrank_is_named(setup, capsys):

@@ -16,7 +16,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -399,7 +399,6 @@ def evaluate_command(args) -> int:
     from kdreid.data.datasets.base import build_dataset
     from kdreid.errors import DatasetError
     from kdreid.evaluation.ranking import evaluation_warnings_to
-    from kdreid.models import check_input_size
     from kdreid.rundir import write_json
     from kdreid.stages.common import DataOptions, protocol_for
 
@@ -421,16 +420,12 @@ def evaluate_command(args) -> int:
                               "--visrank-topk at least 1")
     if args.out:
         _check_evaluation_folder(Path(args.out))
-    model = load_model(args.model, args.arch)
-    if "cuhk03" in args.targets and (leak := _other_cuhk03_split(model, args.cuhk03_classic_split, args.split_id)):
-        print(f"kdreid: warning: {args.model} {leak}", file=sys.stderr)
     device = pick_device(args.device)
-    trained_height, trained_width = model_input_size(model)
-    check_input_size(model, args.height or trained_height, args.width or trained_width)
+    embed, note_weights = _embedder_of(args, device)
     # Every target is read before the first is evaluated: a misspelt one stops the command before any work.
     datasets = {target: build_dataset(target, args.root, **data_options.reader_options(target))
                 for target in args.targets}
-    note_loaded_weights(model)  # once the command can run: a mistake stays one line
+    note_weights()  # what the weights file gave the model, once the command can run: a mistake stays one line
     final: dict[str, dict[str, float | None]] = {}
     verification: dict[str, dict] = {}  # per target, with --verification (VerificationResult.summary())
     protocols = {target: args.protocol or protocol_for(target, data_options) for target in args.targets}
@@ -439,19 +434,11 @@ def evaluate_command(args) -> int:
               f"protocol, {args.metric} distances{', flip-averaged' if args.flip else ''}"
               f"{', k-reciprocal re-ranked' if args.rerank else ''}", file=sys.stderr)
         with evaluation_warnings_to(lambda message: print(f"kdreid: warning: {target}: {message}", file=sys.stderr)):
-            if visrank:
-                # The pictures need the features: extract them here, once, and rank them as evaluate_model does.
-                options = dict(height=args.height, width=args.width, batch_size=args.batch_size, flip=args.flip,
-                               device=device, workers=args.workers, progress=sys.stderr.isatty())
-                query = extract_features(model, dataset.query, **options)
-                gallery = extract_features(model, dataset.gallery, **options)
-                result = evaluate_features(query, gallery, metric=args.metric, rerank=args.rerank,
-                                           protocol=protocols[target], device=device, verification=args.verification)
-            else:
-                result = evaluate_model(
-                    model, dataset, metric=args.metric, rerank=args.rerank, flip=args.flip, protocol=protocols[target],
-                    height=args.height, width=args.width, batch_size=args.batch_size, device=device,
-                    workers=args.workers, progress=sys.stderr.isatty(), verification=args.verification)
+            if not dataset.query:
+                raise EvaluationError(f"empty query set: dataset {target} has no query image")
+            query, gallery = embed(dataset.query), embed(dataset.gallery)
+            result = evaluate_features(query, gallery, metric=args.metric, rerank=args.rerank,
+                                       protocol=protocols[target], device=device, verification=args.verification)
         if visrank:
             from kdreid.viz.ranking import visualize_ranked_results
 
@@ -494,6 +481,45 @@ def evaluate_command(args) -> int:
     if args.out:
         print(f"metrics written to {Path(args.out) / 'metrics.json'}", file=sys.stderr)
     return 0
+
+
+def _embedder_of(args, device: torch.device) -> tuple[Callable[[Sequence], Features], Callable[[], None]]:
+    """(`records -> Features`, `note()`) for `kdreid evaluate --model`: a kdreid checkpoint (or -a ARCH state dict)
+    run by torch, or a file `kdreid export` wrote, run as `kdreid extract` runs it (so the deployed file's own
+    numbers are measured); `note()` says what a weights file gave the model."""
+    from kdreid.deploy import extract_paths, open_embedder, warn_unused
+    from kdreid.errors import DatasetError
+    from kdreid.models import check_input_size
+    from kdreid.models.weights import model_kind
+
+    path = Path(args.model)
+    if path.is_file() and model_kind(path) != "checkpoint":
+        warn_unused({"-a": args.arch, "--device": args.device}, f"{path} is an exported model: it runs as "
+                    "`kdreid extract` runs it")
+        embedder = open_embedder(path, flip=args.flip, batch_size=args.batch_size, height=args.height,
+                                 width=args.width)
+
+        def embed_exported(records) -> Features:
+            extracted = extract_paths(embedder, [r.path for r in records], workers=args.workers)
+            if extracted.skipped:  # an evaluation of a subset would be another evaluation: refused, as in training
+                why = extracted.skipped[0][1]
+                raise DatasetError(f"{why} ({len(extracted.skipped)} image(s) of the split could not be read)")
+            features = torch.from_numpy(extracted.features) if len(records) else torch.zeros(0, 0)
+            return Features(features, np.array([r.pid for r in records], dtype=np.int64),
+                            np.array([r.camid for r in records], dtype=np.int64), [r.path for r in records])
+
+        return embed_exported, lambda: None
+    model = load_model(path, args.arch)
+    if "cuhk03" in args.targets and (leak := _other_cuhk03_split(model, args.cuhk03_classic_split, args.split_id)):
+        print(f"kdreid: warning: {args.model} {leak}", file=sys.stderr)
+    trained_height, trained_width = model_input_size(model)
+    check_input_size(model, args.height or trained_height, args.width or trained_width)
+
+    def embed_checkpoint(records) -> Features:
+        return extract_features(model, records, height=args.height, width=args.width, batch_size=args.batch_size,
+                                flip=args.flip, device=device, workers=args.workers, progress=sys.stderr.isatty())
+
+    return embed_checkpoint, lambda: note_loaded_weights(model)
 
 
 def format_verification(verification: dict[str, dict]) -> str:

@@ -89,7 +89,7 @@ def read_file(path: str | Path) -> object:
     if kind != "checkpoint":
         raise CheckpointError(
             f"{path}: an exported {'ONNX' if kind == 'onnx' else 'TorchScript'} model; this command takes a kdreid "
-            "checkpoint (model.pt) or a state dict; exported files go to `kdreid extract` and `kdreid search`"
+            "checkpoint (model.pt) or a state dict; exported files go to `kdreid evaluate`, `extract` and `search`"
         )
     training_state = CheckpointError(f"{path}: a run's training checkpoint, not a model; pass RUN/model.pt (this "
                                      "is the training state for --resume)")
