@@ -25,7 +25,8 @@ $(REFERENCE): | $(STAMP)
 install: $(STAMP)
 
 # The demo: the whole method on the synthetic domains, `kdreid pipeline --preset quick` from synth_msmt to the
-# other three, which ends by printing its results table (runs/demo/results.md). The domains are written small
+# other three, which ends by printing its results table (runs/demo/results.md), then its pictures and tables as one
+# page (runs/demo/report.html: `kdreid report`). The domains are written small
 # (about 6,400 images at 64x32) so that the seven stages fit in about 10 minutes on 2 CPU cores; running it again
 # reuses the data and every finished stage.
 DEMO_DATA ?= $(DATA)/demo
@@ -38,6 +39,7 @@ $(DEMO_DATA)/.written: | $(STAMP)
 
 demo: $(STAMP) $(DEMO_DATA)/.written
 	$(BIN)/kdreid pipeline -s $(DEMO_SOURCE) -t $(DEMO_TARGETS) --root $(DEMO_DATA) --preset quick --out $(DEMO_RUN)
+	$(BIN)/kdreid report $(DEMO_RUN)
 
 test: $(STAMP) $(REFERENCE)
 	$(BIN)/python -m pytest -n 2 -q
