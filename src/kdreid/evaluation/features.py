@@ -314,10 +314,8 @@ def evaluate_model(
     device: str | torch.device | None = None,
     workers: int = 2,
     progress: bool = False,
-    verification: bool = False,
 ) -> RankResult:
-    """Extract query and gallery features of `dataset` (.query, .gallery lists of records) and rank them
-    (`verification` as `evaluate_features`)."""
+    """Extract query and gallery features of `dataset` (.query, .gallery lists of records) and rank them."""
     if not dataset.query:
         raise EvaluationError(f"empty query set: dataset {getattr(dataset, 'name', '?')} has no query image")
     options = dict(height=height, width=width, batch_size=batch_size, flip=flip, device=device, workers=workers,
@@ -325,7 +323,7 @@ def evaluate_model(
     query = extract_features(model, dataset.query, **options)
     gallery = extract_features(model, dataset.gallery, **options)
     return evaluate_features(query, gallery, metric=metric, normalize=normalize, rerank=rerank, protocol=protocol,
-                             device=device, verification=verification)
+                             device=device)
 
 
 
