@@ -424,6 +424,10 @@ def search_command(args) -> int:
     query_path = Path(args.query)
     if args.faiss and args.rerank:
         warn_unused({"--faiss": True}, "re-ranking computes the whole gallery-gallery neighbourhood with torch")
+    if args.rerank and args.max_distance is not None:
+        print("kdreid: warning: --max-distance with --rerank: a re-ranked distance depends on the other queries of "
+              "the set, so a threshold measured by `kdreid evaluate --verification` does not carry over exactly",
+              file=sys.stderr)
     if query_path.suffix == ".npz" and query_path.is_file():
         warn_unused({"--model": args.model, "-a": args.arch, "--flip": args.flip,
                       "--height": args.height, "--width": args.width}, f"{args.query} holds features already")

@@ -149,6 +149,8 @@ def metrics_table(final: dict) -> str:
 
 def verification_table(verification: dict) -> str:
     """{dataset: VerificationResult.summary()} -> an HTML table: TPR at each FPR with its threshold, and the AUC."""
+    from kdreid.evaluation.verification import threshold_text
+
     summaries = {dataset: s for dataset, s in verification.items() if isinstance(s, dict) and s.get("at_fpr")}
     if not summaries:
         return ""
@@ -157,7 +159,7 @@ def verification_table(verification: dict) -> str:
     def cell(level: dict) -> str:
         if level.get("tpr") is None:
             return "n/a"
-        return f"{level['tpr']:.1f} (d < {level['threshold']:.4g})"
+        return f"{level['tpr']:.1f} (d < {threshold_text(level['threshold'])})"
 
     rows = [[dataset, *(cell(level) for level in s["at_fpr"]),
              "n/a" if s.get("auc") is None else f"{s['auc']:.4f}"] for dataset, s in summaries.items()]

@@ -34,6 +34,13 @@ def test_an_unlabelled_custom_target_is_not_a_problem(tmp_path, capsys):
               [["crops/a.jpg", 4, 1, 4, "train"], ["crops/b.jpg", 4, 1, 4, "train"]])
     code, out, _ = run_check(capsys, "--root", str(tmp_path), "-d", "custom:site")
     assert code == 0 and "note: no query or gallery: an unlabelled target" in out and "no problems found" in out
+    # without a manifest: a train/ folder alone (one of query/, gallery/ alone is still a missing split)
+    write_images(tmp_path / "named" / "train", ["0004_c1_a.jpg", "0004_c1_b.jpg"])
+    code, out, _ = run_check(capsys, "--root", str(tmp_path), "-d", "custom:named")
+    assert code == 0 and "an unlabelled target" in out and "train tracklets: 1" in out
+    (tmp_path / "named" / "query").mkdir()
+    code, _, err = run_check(capsys, "--root", str(tmp_path), "-d", "custom:named")
+    assert code == 2 and "split folder" in err and "gallery/ is missing" in err
 
 
 def test_statistics_count_as_torchreid_counts(tmp_path):

@@ -99,3 +99,18 @@ def test_evaluate_verification_writes_figures_picture_and_metrics(setup, tmp_pat
     # the table form: the ranking table, then one verification row per target
     code, table, _ = run(base + ["--verification"], capsys)
     assert code == 0 and table.splitlines()[2].startswith("verification") and "TPR@FPR=1e-3" in table
+    # evaluated again with other settings and without --verification: the old figures and picture do not stay
+    code, _, err = run([*base, "--metric", "cosine", "--out", str(out)], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "verification" not in metrics and not (out / "verification" / "market1501.png").exists()
+    (out / "metrics.json").write_text(json.dumps({"final": {}, "verification": None}))  # not an evaluation's
+    code, _, err = run([*base, "--verification", "--out", str(out)], capsys)
+    assert code == 2 and "is not an evaluation's metrics.json" in err
+
+
+def test_printed_thresholds_are_rounded_down():
+    from kdreid.evaluation.verification import threshold_text
+
+    assert [threshold_text(value) for value in (16.1555, 0.0012349, 0.99999, 2.0)] == ["16.15", "0.001234", "0.9999",
+                                                                                       "2"]

@@ -354,6 +354,8 @@ def test_config_errors_are_caught_before_any_work(three_domains, checkpoints, tm
         distill.run(resolve_config(distill.DistillConfig, "distill", overrides=base | {"lkdt_weight": 0.0}))
     with pytest.raises(ConfigError, match="must be 0 or positive"):
         distill.run(resolve_config(distill.DistillConfig, "distill", overrides=base | {"lda_weight": -1.0}))
+    with pytest.raises(ConfigError, match="histogram_images is a number of images per target"):
+        distill.run(resolve_config(distill.DistillConfig, "distill", overrides=base | {"histogram_images": -1}))
     assert not (tmp_path / "x").exists()
 
 

@@ -421,6 +421,8 @@ def test_the_pipeline_saves_its_data_root_absolute(synth_root, tmp_path, monkeyp
 @pytest.mark.parametrize("section, message", [
     ({"adapt": {"dmmd_weight": -1.0}}, "--dmmd-weight must be 0 (a control run) or positive, got -1.0"),
     ({"distill": {"lkdt_weight": float("nan")}}, "--lkdt-weight must be 0 or positive, got nan"),
+    ({"adapt": {"histogram_images": -5}}, "histogram_images is a number of images per domain, 0 or more; got -5"),
+    ({"distill": {"histogram_images": -5}}, "histogram_images is a number of images per target, 0 or more; got -5"),
 ])
 def test_a_stage_setting_no_run_can_use_stops_the_pipeline_before_the_first_stage(tmp_path, section, message):
     # Checked when the stage began, after the earlier stages had trained (hours).

@@ -353,7 +353,8 @@ def _earlier_evaluations(path: Path) -> dict:
     except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
         raise EvaluationError(f"{path} cannot be read as JSON ({type(error).__name__}); remove it or choose another "
                               "--out") from None
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("final", {}), dict):
+    if not isinstance(metrics, dict) or not all(isinstance(metrics.get(key, {}), dict)
+                                                for key in ("final", "verification")):
         raise EvaluationError(f"{path} is not an evaluation's metrics.json (expected {{\"final\": {{target: "
                               "metrics}}); remove it or choose another --out")
     return metrics
@@ -445,15 +446,18 @@ def evaluate_command(args) -> int:
                 topk=topk, metric=args.metric, rerank=args.rerank,
                 title=f"{target}: {Path(args.model).name}, {args.metric}{', re-ranked' if args.rerank else ''}")
             print(f"{target}: ranked results in {', '.join(str(p) for p in pages)}", file=sys.stderr)
+        picture = Path(args.out) / "verification" / f"{target}.png" if args.out else None
         if args.verification:
             verification[target] = result.verification.summary()
-            if args.out:
+            if picture is not None:
                 from kdreid.viz.verification import verification_picture
 
-                picture = verification_picture(
-                    result.verification, Path(args.out) / "verification" / f"{target}.png",
+                verification_picture(
+                    result.verification, picture,
                     title=f"{target}: {Path(args.model).name}, {args.metric}{', re-ranked' if args.rerank else ''}")
                 print(f"{target}: verification picture in {picture}", file=sys.stderr)
+        elif picture is not None and picture.is_file():
+            picture.unlink()  # an earlier evaluation's, with other settings: it would stand beside these numbers
         final[target] = {key: (None if value != value else round(value, 4))  # NaN -> null (JSON has no NaN)
                          for key, value in result.summary().items()}
 
@@ -461,8 +465,13 @@ def evaluate_command(args) -> int:
         path = Path(args.out) / "metrics.json"
         metrics = _earlier_evaluations(path)
         metrics.setdefault("final", {}).update(final)
-        if verification:
-            metrics.setdefault("verification", {}).update(verification)
+        # A target's verification figures belong to the evaluation that measured them: one evaluated again without
+        # --verification loses its old ones (other settings gave them), and its old picture with them.
+        earlier = {target: summary for target, summary in metrics.get("verification", {}).items()
+                   if target not in final}
+        metrics.pop("verification", None)
+        if earlier or verification:
+            metrics["verification"] = {**earlier, **verification}
         # Per target: the folder may gather evaluations of several models or settings, one target at a time.
         settings = _settings_per_target(metrics.get("evaluated_with"), metrics["final"])
         model_file = str(Path(args.model).absolute())
@@ -522,12 +531,15 @@ def _embedder_of(args, device: torch.device) -> tuple[Callable[[Sequence], Featu
 
 def format_verification(verification: dict[str, dict]) -> str:
     """Per target, TPR (percent) at each FPR level with its distance threshold, and the ROC AUC."""
+    from kdreid.evaluation.verification import threshold_text
+
     name_width = max([len("verification"), *map(len, verification)])
     levels = [level["fpr"] for level in next(iter(verification.values()))["at_fpr"]]
     lines = ["verification".ljust(name_width)
              + "".join(f"TPR@FPR={fpr:.0e}".replace("e-0", "e-").rjust(18) for fpr in levels) + "AUC".rjust(8)]
     for target, summary in verification.items():
-        cells = "".join(("n/a" if level["tpr"] is None else f"{level['tpr']:.1f} d<{level['threshold']:.4g}").rjust(18)
+        cells = "".join(("n/a" if level["tpr"] is None else
+                         f"{level['tpr']:.1f} d<{threshold_text(level['threshold'])}").rjust(18)
                         for level in summary["at_fpr"])
         auc = "n/a".rjust(8) if summary["auc"] is None else f"{summary['auc']:8.4f}"
         lines.append(target.ljust(name_width) + cells + auc)

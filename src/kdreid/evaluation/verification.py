@@ -15,6 +15,7 @@ so an MSMT17-size matrix (~10^9 pairs) needs no copy of its pairs. A threshold i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,23 +71,25 @@ class VerificationResult:
 
     def summary(self) -> dict:
         """Plain values for metrics.json: pair counts, the AUC and, per FPR level, TPR (percent) and threshold."""
-        def plain(value: float) -> float | None:  # JSON has no NaN
-            return None if value != value else round(value, 6)
+        def plain(value: float, digits: int | None = 6) -> float | None:  # JSON has no NaN
+            return None if value != value else value if digits is None else round(value, digits)
 
         levels = []
         for fpr in FPR_LEVELS:
             tpr, threshold = self.at_fpr(fpr)
-            levels.append({"fpr": fpr, "tpr": plain(100.0 * tpr), "threshold": plain(threshold)})
+            # the threshold in full: rounded up, it could let through more than `fpr` of the negative pairs
+            levels.append({"fpr": fpr, "tpr": plain(100.0 * tpr), "threshold": plain(threshold, None)})
         return {"positive_pairs": self.num_positive, "negative_pairs": self.num_negative,
                 "auc": plain(self.auc()), "at_fpr": levels}
 
-    def line(self) -> str:
-        """One line for a terminal: TPR at each FPR level with its threshold, and the AUC."""
-        parts = []
-        for fpr in FPR_LEVELS:
-            tpr, threshold = self.at_fpr(fpr)
-            parts.append(f"TPR {100 * tpr:.1f} % at FPR {fpr:g} (distance < {threshold:.4g})")
-        return f"{'; '.join(parts)}; ROC AUC {self.auc():.4f}"
+
+def threshold_text(threshold: float, digits: int = 4) -> str:
+    """A threshold for people to copy, to `digits` significant digits rounded *down*: a cut-off rounded up could let
+    more false positives through than the rate it was measured for."""
+    if threshold != threshold or threshold <= 0:
+        return f"{threshold:g}"
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(threshold)))
+    return f"{math.floor(threshold * scale) / scale:.{digits}g}"
 
 
 def verification_statistics(distmat, q_pids, g_pids, q_camids, g_camids, *, bins: int = BINS) -> VerificationResult:
@@ -101,9 +104,9 @@ def verification_statistics(distmat, q_pids, g_pids, q_camids, g_camids, *, bins
                               "and per gallery column")
     if num_q == 0 or num_g == 0:
         raise EvaluationError("an empty query or gallery set has no pairs to count")
-    if not torch.isfinite(distmat).all():
+    low, high = float(distmat.min()), float(distmat.max())  # NaN when any distance is (no full-size mask needed)
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise EvaluationError("the distance matrix holds NaN or inf; check the features")
-    low, high = float(distmat.min()), float(distmat.max())
     width = (high - low) or 1.0  # all distances equal: one bin holds them all
     edges = low + width * np.arange(bins + 1, dtype=np.float64) / bins
     positives = torch.zeros(bins, dtype=torch.int64, device=distmat.device)

@@ -106,6 +106,9 @@ class AdaptConfig:
             raise ConfigError(f"--dmmd-start is a 0-based epoch, 0 or more; got {self.dmmd_start}")
         if self.dmmd_copies not in ("count", "exclude"):
             raise ConfigError(f"--dmmd-copies {self.dmmd_copies!r}: choose count or exclude")
+        if self.histogram_images < 0:
+            raise ConfigError(f"histogram_images is a number of images per domain, 0 or more; got "
+                              f"{self.histogram_images}")
 
 
 GROUPING_NAMES = {"tracklet": "tracklets", "pseudo": "pseudo-labels", "oracle": "oracle identities"}
@@ -226,13 +229,15 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         before_epoch=before_epoch, resumables={"source_batches": source_batches, "target_batches": target_batches},
         resume=resume, reevaluate=start.evaluation_changed, log=log,
     )
-    _save_histograms(run_dir.path / "distances_after.npz", model, source_records, target_records, config, device)
-    return finish_stage(
+    finished = finish_stage(
         start, config, model, result, stage="adapt",
         label=f"{'blend' if config.blend else 'teacher'} D-MMD ({arch})", datasets=config.sources + config.targets,
         grouping=config.grouping, checkpoint_extra={"grouping": config.grouping},
         metrics_extra={"grouping": config.grouping},
     )
+    # After the results: the picture's data must not cost the trained model when it cannot be written.
+    _save_histograms(run_dir.path / "distances_after.npz", model, source_records, target_records, config, device)
+    return finished
 
 
 def _initial_groups(config: AdaptConfig, records: list[ImageRecord]) -> list[int]:

@@ -112,6 +112,9 @@ class DistillConfig:
         self.train.validate()
         if not self.targets:
             raise ConfigError("distill needs at least one target: -t T1 T2 ...")
+        if self.histogram_images < 0:
+            raise ConfigError(f"histogram_images is a number of images per target, 0 or more; got "
+                              f"{self.histogram_images}")
         if len(self.teachers) != len(self.targets):
             raise ConfigError(
                 f"{len(self.teachers)} teacher(s) for {len(self.targets)} target(s) ({' '.join(self.targets)}): "
@@ -562,11 +565,13 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
                     **({"source_batches": source_batches} if source_batches is not None else {}),
                     **{f"target_batches{t}": batches for t, batches in enumerate(target_batches)}},
     )
-    _save_kd_distances(run_dir.path / "kd_distances_after.npz", student, teachers, targets, config, device)
-    return finish_stage(
+    finished = finish_stage(
         start, config, student, result, stage="distill",
         label=f"KD-ReID student ({student.arch}, kd {config.kd_style}, {config.target_alt}/{config.target_order})",
         datasets=config.sources + config.targets,
         checkpoint_extra={"targets": list(config.targets), "teachers": list(config.teachers)},
         metrics_extra={"student": student.arch, "targets": list(config.targets)},
     )
+    # After the results: the picture's data must not cost the trained student when it cannot be written.
+    _save_kd_distances(run_dir.path / "kd_distances_after.npz", student, teachers, targets, config, device)
+    return finished

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdreid.evaluation.verification import FPR_LEVELS, VerificationResult
+from kdreid.evaluation.verification import FPR_LEVELS, VerificationResult, threshold_text
 from kdreid.viz.common import PALETTE, new_figure, save_png
 
 DRAWN_BINS = 64  # the histogram's bins as drawn: groups of the result's fine bins
@@ -33,7 +33,7 @@ def verification_picture(result: VerificationResult, path: str | Path, title: st
     for index, (fpr, _, threshold) in enumerate(levels):
         if threshold == threshold:
             histogram_axes.axvline(threshold, color="black", linestyle=(0, (1 + index, 2)), linewidth=1,
-                                   label=f"threshold at FPR {fpr:g}: {threshold:.3g}")
+                                   label=f"threshold at FPR {fpr:g}: {threshold_text(threshold)}")
     histogram_axes.set_xlabel("distance between query and gallery embeddings")
     histogram_axes.set_ylabel("density")
     histogram_axes.set_title("positive: one identity, two cameras; negative: two identities", fontsize=9)

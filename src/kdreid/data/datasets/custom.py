@@ -77,8 +77,13 @@ def _read_custom_folder(name: str, folder: Path) -> ReidDataset:
         splits = read_manifest(folder, folder / CUSTOM_MANIFEST, problems)
     else:
         fix = f"put the images of each split in {folder}/train/, query/ and gallery/"
+        # train/ alone is an unlabelled target (one's own tracker crops): nothing to evaluate, nothing missing
+        unlabelled = not (folder / "query").exists() and not (folder / "gallery").exists()
         splits = {}
         for split in SPLITS:
+            if unlabelled and split != "train":
+                splits[split] = []
+                continue
             split_dir = require_split_folder(folder / split, fix)
             splits[split] = []
             for sub_dir in sorted({p.parent for p in walk_files(split_dir)}):
