@@ -7,7 +7,9 @@ torchreid's Cython evaluator is not on PyPI; its figures (DESIGN §7) are quoted
 size on 2 CPU cores, 47 s at MSMT17 size on an H100 machine. Its Python evaluator (`evaluate_py`, loaded from the
 sdist in .cache/reference/) runs here on the same matrices, and the numbers are checked to agree. At MSMT17 size
 the Python evaluator takes many minutes on a CPU, so it is skipped unless --torchreid-msmt is given.
-On CUDA, ours is timed from a matrix already on the GPU and from host features (distances + ranking).
+On CUDA, ours is timed from a matrix already on the GPU and from host features (distances + ranking). The cost
+of `kdreid evaluate --verification` (pair histograms, ROC, TPR at FPR) is timed on the same matrix, as a ratio to
+the ranking's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdreid.evaluation import evaluate  # noqa: E402
 from kdreid.evaluation.distance import compute_distance_matrix  # noqa: E402
+from kdreid.evaluation.verification import verification_statistics  # noqa: E402
 
 SIZES = {
     # name: (queries, gallery, identities, cameras, distractors in the gallery)
@@ -97,6 +100,10 @@ def main() -> None:
         where = "from a GPU matrix" if cuda else "from a host matrix"
         print(f"  kdreid            {ours_s:8.3f} s  {where}   mAP {ours.mAP:.6f}  R1 {ours.cmc[0]:.6f}  "
               f"mINP {ours.mINP:.6f}")
+        verify_s, verified = timed(lambda: verification_statistics(source, q_pids, g_pids, q_camids, g_camids),
+                                   args.repeats, cuda)
+        print(f"  kdreid --verification {verify_s:8.3f} s  ({verify_s / ours_s:.2f}x the ranking; "
+              f"{verified.num_positive:,} positive, {verified.num_negative:,} negative pairs, AUC {verified.auc():.4f})")
         if cuda:
             # From host features: distances on the GPU, then ranking.
             dim = 512
