@@ -58,8 +58,9 @@ def agreement(teacher: np.ndarray, student: np.ndarray) -> dict[str, float]:
 def kd_distance_picture(before: Mapping | str | Path, after: Mapping | str | Path | None, path: str | Path,
                         title: str = "") -> Path:
     """Write the picture to `path` (PNG): a row per moment (before distillation, after it — left out when the run
-    has not finished), a column per target; each panel the density of (teacher distance, student distance) over
-    all pairs, the within-identity pairs as points, the diagonal, and the agreement in its title."""
+    has not finished), a column per target; each panel (teacher distance, student distance) of the pairs of two
+    identities as a density and of the pairs of one identity as points, the diagonal, and the agreement (over all
+    pairs) in its title."""
     from matplotlib.colors import LogNorm  # after viz.common, which says how to install matplotlib
 
     moments = [("before distillation", before if isinstance(before, Mapping) else load_kd_distances(before))]
