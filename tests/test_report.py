@@ -117,6 +117,11 @@ def test_single_stage_report_shows_what_it_has(tmp_path, tiny_model, rng, capsys
     assert _images(page) == ["report/curves_run.png", "report/dmmd_run.png"]
     # Its config's data root does not exist: the ranked results become a note, the rest is written.
     assert "synth_duke: no ranked results (" in page.read_text()
+    # A distance file cut short costs its picture, not the page.
+    (run / "distances_after.npz").write_bytes((run / "distances_after.npz").read_bytes()[:100])
+    assert main(["report", str(run), "--visrank", "0"]) == 0
+    assert _images(page) == ["report/curves_run.png"]
+    assert "Results: no dmmd picture (" in page.read_text() and "BadZipFile" in page.read_text()
 
 
 def test_ranked_pictures_rank_as_the_run_evaluated(tmp_path, tiny_domain, tiny_model, rng, monkeypatch):

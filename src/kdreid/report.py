@@ -209,21 +209,25 @@ def stage_section(run: Path, folder: Path, pictures: Path, title: str) -> Sectio
         name = _safe_name(folder.relative_to(run).as_posix() if folder != run else "run")
         picture = training_curves(metrics, pictures / f"curves_{name}.png", title=f"{title}: training")
         section.blocks.append(_figure(run, picture, f"{title}: losses and mAP per dataset over epochs"))
-    before, after = folder / "distances_before.npz", folder / "distances_after.npz"
-    if before.is_file():
+    # The distance pictures a stage saved the data of (adapt: D-MMD histograms; distill: student against teachers):
+    # (file prefix, picture, its name, its title, what it shows, the moment after).
+    for prefix, draw, kind, heading, shows, moment in (
+            ("distances", dmmd_histograms, "dmmd", "within- and between-identity distances",
+             "D-MMD distance histograms, source and target", "adaptation"),
+            ("kd_distances", kd_distance_picture, "kd", "the student's distances against its teachers'",
+             "pairwise distances of each target's teacher and the student", "distillation")):
+        before, after = folder / f"{prefix}_before.npz", folder / f"{prefix}_after.npz"
+        if not before.is_file():
+            continue
         name = _safe_name(folder.relative_to(run).as_posix() if folder != run else "run")
-        picture = dmmd_histograms(before, after if after.is_file() else None, pictures / f"dmmd_{name}.png",
-                                  title=f"{title}: within- and between-identity distances")
-        caption = (f"{title}: D-MMD distance histograms, source and target, before"
-                   + (" and after adaptation" if after.is_file() else " adaptation (no 'after' file: unfinished)"))
-        section.blocks.append(_figure(run, picture, caption))
-    before, after = folder / "kd_distances_before.npz", folder / "kd_distances_after.npz"
-    if before.is_file():
-        name = _safe_name(folder.relative_to(run).as_posix() if folder != run else "run")
-        picture = kd_distance_picture(before, after if after.is_file() else None, pictures / f"kd_{name}.png",
-                                      title=f"{title}: the student's distances against its teachers'")
-        caption = (f"{title}: pairwise distances of each target's teacher and the student, before"
-                   + (" and after distillation" if after.is_file() else " distillation (no 'after' file: unfinished)"))
+        try:
+            picture = draw(before, after if after.is_file() else None, pictures / f"{kind}_{name}.png",
+                           title=f"{title}: {heading}")
+        except KdreidError as error:  # a damaged file costs its picture, not the page
+            section.blocks.append(_note(f"{title}: no {kind} picture ({error})"))
+            continue
+        caption = (f"{title}: {shows}, before"
+                   + (f" and after {moment}" if after.is_file() else f" {moment} (no 'after' file: unfinished)"))
         section.blocks.append(_figure(run, picture, caption))
     section.blocks.append(_config_block(folder / "config.yaml"))
     return section

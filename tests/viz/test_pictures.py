@@ -42,6 +42,29 @@ def test_histogram_files_that_do_not_fit_are_one_line(rng, tmp_path):
         load_distances(tmp_path / "junk.npz")
     with pytest.raises(KdreidError, match="missing.npz does not exist"):
         load_distances(tmp_path / "missing.npz")
+    # a copy cut short: the zip's start without its directory (a BadZipFile traceback before)
+    whole = _save(tmp_path / "whole.npz", _distances(rng)).read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[:100])
+    with pytest.raises(KdreidError, match=r"cut.npz is not a readable .npz \(BadZipFile"):
+        load_distances(tmp_path / "cut.npz")
+
+
+def test_kd_distance_files_that_do_not_fit_are_one_line(rng, tmp_path):
+    from kdreid.viz import kd_distance_picture, load_kd_distances
+
+    pairs = {"targets": np.array(["synth_duke"]), "t0_teacher": rng.uniform(0, 1, 10),
+             "t0_student": rng.uniform(0, 1, 10), "t0_same": rng.uniform(0, 1, 10) < 0.3}
+    good = _save(tmp_path / "kd.npz", pairs)
+    assert list(load_kd_distances(good)) == ["synth_duke"]
+    assert Image.open(kd_distance_picture(good, good, tmp_path / "kd.png")).size[1] > 400
+    for name, broken in (("short", {**pairs, "t0_same": pairs["t0_same"][:5]}),
+                         ("words", {**pairs, "t0_teacher": np.array(["a"] * 10)}),
+                         ("scalar", {**pairs, "t0_student": np.array(0.5)})):
+        with pytest.raises(KdreidError, match="lacks or mismatches t0_teacher, t0_student, t0_same"):
+            load_kd_distances(_save(tmp_path / f"{name}.npz", broken))
+    (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:100])
+    with pytest.raises(KdreidError, match=r"cut.npz is not a readable .npz \(BadZipFile.*run the distill stage"):
+        load_kd_distances(tmp_path / "cut.npz")
 
 
 def test_histograms_survive_an_empty_set(rng, tmp_path):

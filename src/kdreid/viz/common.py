@@ -4,7 +4,10 @@ canvas renders straight to PNG bytes, so pictures work headless and from threads
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 from kdreid.errors import KdreidError
 from kdreid.rundir import atomic_write_bytes
@@ -31,6 +34,20 @@ def new_figure(width: float, height: float) -> Figure:
     figure = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(figure)
     return figure
+
+
+def read_npz(path: str | Path, writer: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz that `writer` (e.g. "the adapt stage") saved for a picture; one line naming it when the
+    file is missing or damaged (a truncated copy is not a zip file)."""
+    path = Path(path)
+    try:
+        with np.load(path) as data:
+            return {key: np.asarray(data[key]) for key in data.files}
+    except FileNotFoundError:
+        raise KdreidError(f"{path} does not exist; {writer} writes it") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise KdreidError(f"{path} is not a readable .npz ({type(error).__name__}: {error}); run {writer} "
+                          "again") from None
 
 
 def save_png(figure: Figure, path: str | Path) -> Path:

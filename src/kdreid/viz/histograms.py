@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from kdreid.errors import KdreidError
-from kdreid.viz.common import PALETTE, new_figure, save_png
+from kdreid.viz.common import PALETTE, new_figure, read_npz, save_png
 
 DOMAINS = ("source", "target")
 KINDS = ("within", "between")
@@ -26,17 +26,12 @@ BINS = 60
 def load_distances(path: str | Path) -> dict[str, np.ndarray]:
     """The four distance arrays of an adapt stage's distances_*.npz, checked."""
     path = Path(path)
-    try:
-        with np.load(path) as data:
-            arrays = {key: np.asarray(data[key], dtype=np.float64).ravel() for key in data.files}
-    except FileNotFoundError:
-        raise KdreidError(f"{path} does not exist; the adapt stage writes it (distances_before/after.npz)") from None
-    except (OSError, ValueError) as error:
-        raise KdreidError(f"{path} is not a readable .npz ({error}); run the adapt stage again") from None
+    arrays = read_npz(path, "the adapt stage (distances_before/after.npz)")
     missing = [key for key in KEYS if key not in arrays]
-    if missing:
-        raise KdreidError(f"{path} lacks {', '.join(missing)}; it is not an adapt stage's distance file")
-    return {key: arrays[key] for key in KEYS}
+    if missing or any(not np.issubdtype(arrays[key].dtype, np.number) for key in KEYS):
+        raise KdreidError(f"{path} lacks {', '.join(missing) or 'numeric distances'}; it is not an adapt stage's "
+                          "distance file")
+    return {key: arrays[key].astype(np.float64).ravel() for key in KEYS}
 
 
 def summarize(distances: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:

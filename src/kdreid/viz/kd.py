@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from kdreid.errors import KdreidError
-from kdreid.viz.common import PALETTE, new_figure, save_png
+from kdreid.viz.common import PALETTE, new_figure, read_npz, save_png
 
 SHOWN_WITHIN = 3000  # within-identity pairs drawn as points over the density (a sample when there are more)
 
@@ -24,19 +24,14 @@ SHOWN_WITHIN = 3000  # within-identity pairs drawn as points over the density (a
 def load_kd_distances(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """{target: {"teacher", "student", "same"}} of a distill stage's kd_distances_*.npz, checked."""
     path = Path(path)
-    try:
-        with np.load(path) as data:
-            arrays = {key: np.asarray(data[key]) for key in data.files}
-    except FileNotFoundError:
-        raise KdreidError(f"{path} does not exist; the distill stage writes it (kd_distances_before/after.npz)") \
-            from None
-    except (OSError, ValueError) as error:
-        raise KdreidError(f"{path} is not a readable .npz ({error}); run the distill stage again") from None
+    arrays = read_npz(path, "the distill stage (kd_distances_before/after.npz)")
     targets = [str(name) for name in arrays.get("targets", [])]
     distances = {}
     for index, target in enumerate(targets):
         keys = [f"t{index}_{kind}" for kind in ("teacher", "student", "same")]
-        if any(key not in arrays for key in keys) or len({len(arrays[key]) for key in keys}) != 1:
+        if (any(key not in arrays or arrays[key].ndim != 1 for key in keys)
+                or len({len(arrays[key]) for key in keys}) != 1
+                or not all(np.issubdtype(arrays[key].dtype, np.number) for key in keys[:2])):
             raise KdreidError(f"{path} lacks or mismatches {', '.join(keys)}; it is not a distill stage's file")
         distances[target] = {"teacher": arrays[keys[0]].astype(np.float64),
                              "student": arrays[keys[1]].astype(np.float64), "same": arrays[keys[2]].astype(bool)}
