@@ -408,7 +408,14 @@ def test_a_resume_distils_from_the_same_teacher_files_named_from_any_folder(thre
     assert distill_from(tmp_path, "--epochs", "2", "--resume") == 2
     assert f"{out / 'teachers.json'} cannot be read (" in capsys.readouterr().err
     (out / "teachers.json").write_text(record)
-    # The run's own teachers, named from another folder by other relative paths: resumed.
+    # The run's own teachers, named from another folder by other relative paths: resumed (with fewer images for
+    # the distance picture, a run-only setting: its before and after files still compare the same images).
     shutil.copy(checkpoints["t_cuhk"], models / "t_cuhk.pt")
-    assert distill_from(tmp_path, "--epochs", "2", "--resume") == 0
+    (tmp_path / "fewer.yaml").write_text("histogram_images: 6\n")
+    assert distill_from(tmp_path, "--epochs", "2", "--resume", "--config", str(tmp_path / "fewer.yaml")) == 0
     assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2]
+    from kdreid.viz import load_kd_distances
+
+    for moment in ("before", "after"):
+        assert {len(pairs["teacher"]) for pairs in load_kd_distances(out / f"kd_distances_{moment}.npz").values()} \
+            == {6 * 5 // 2}

@@ -553,8 +553,9 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         return {"loss": total, **losses}
 
     evaluate = stage_evaluator(student, targets + sources, validation, config, device, log)
-    if not has_checkpoint(run_dir.path):  # the student before its first step (a resumed run has moved on)
-        _save_kd_distances(run_dir.path / "kd_distances_before.npz", student, teachers, targets, config, device)
+    # The student before its first step: a resumed run's weights come back inside `fit`, so this is its starting
+    # point too, drawn with this run's `histogram_images` as the "after" file will be.
+    _save_kd_distances(run_dir.path / "kd_distances_before.npz", student, teachers, targets, config, device)
 
     result = fit(
         run=run_dir, config=train, stage_config=config, modules={"student": student, "projectors": projectors},
