@@ -208,8 +208,8 @@ def _require_onnx():
         import onnx
         import onnxruntime
     except ImportError:
-        raise ModelError("ONNX export needs onnx and onnxruntime: pip install 'kdreid[export]' "
-                         "(or pip install onnx onnxruntime onnxscript)") from None
+        raise ModelError("ONNX models need onnx and onnxruntime (to export, check or run them): pip install "
+                         "'kdreid[export]' (or pip install onnx onnxruntime onnxscript)") from None
     return onnx, onnxruntime
 
 
@@ -296,8 +296,13 @@ def _run_torchscript(data: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
 def _jit_load(path: Path | io.BytesIO, extra_files: dict | None = None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": it still loads
-        source = path if isinstance(path, io.BytesIO) else str(path)
-        return torch.jit.load(source, map_location="cpu", _extra_files=extra_files or {})
+        if isinstance(path, io.BytesIO):  # an archive this process just wrote
+            return torch.jit.load(path, map_location="cpu", _extra_files=extra_files or {})
+        try:
+            return torch.jit.load(str(path), map_location="cpu", _extra_files=extra_files or {})
+        except RuntimeError as error:  # a damaged archive: torch's reader names what broke, in a long message
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelError(f"{path} is not a loadable TorchScript file ({reason}); export it again") from None
 
 
 def _jit_bytes(module, metadata: dict) -> bytes:

@@ -234,6 +234,34 @@ def test_an_exported_model_scores_as_its_checkpoint(setup, tmp_path, capsys, fmt
         expected["verification"]["market1501"]["auc"], abs=1e-3)
 
 
+def test_an_exported_model_on_cuhk03_says_its_split_cannot_be_checked(setup, tmp_path, capsys, monkeypatch):
+    from kdreid.data.datasets import base
+
+    root, checkpoint, _ = setup
+    market = build_dataset("market1501", root)
+    monkeypatch.setattr(base, "build_dataset", lambda name, *a, **kw: market)  # stands in for a CUHK03 split
+    exported = tmp_path / "model.pt"
+    assert main(["export", "--model", str(checkpoint), "--format", "torchscript", "--out", str(exported)]) == 0
+    code, _, err = run(["evaluate", "--model", str(exported), "-t", "cuhk03", "--root", str(root)], capsys)
+    assert code == 0 and "does not record the CUHK03 split it was trained on" in err
+
+
+def test_a_damaged_torchscript_file_is_one_line(setup, tmp_path, capsys):
+    import zipfile
+
+    root, checkpoint, _ = setup
+    exported = tmp_path / "model.pt"
+    assert main(["export", "--model", str(checkpoint), "--format", "torchscript", "--out", str(exported)]) == 0
+    damaged = tmp_path / "damaged.pt"
+    with zipfile.ZipFile(exported) as source, zipfile.ZipFile(damaged, "w") as target:
+        for item in source.infolist():  # the archive whole, its pickled module cut in half
+            data = source.read(item)
+            target.writestr(item, data[:len(data) // 2] if item.filename.endswith("data.pkl") else data)
+    capsys.readouterr()
+    code, _, err = run(["evaluate", "--model", str(damaged), "-t", "market1501", "--root", str(root)], capsys)
+    assert code == 2 and "is not a loadable TorchScript file" in err and "Traceback" not in err
+
+
 def test_visrank_topk_without_visrank_is_named(setup, capsys):
     root, checkpoint, _ = setup
     code, _, err = run(["evaluate", "--model", str(checkpoint), "-t", "market1501", "--root", str(root),

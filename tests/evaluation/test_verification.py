@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import kdreid.evaluation.verification as verification_module
+from kdreid.errors import EvaluationError
 from kdreid.evaluation.verification import BINS, FPR_LEVELS, verification_statistics
 from kdreid.viz.verification import verification_picture
 from tests.evaluation.test_evaluate_cli import run, setup  # noqa: F401 (a fixture)
@@ -99,6 +100,20 @@ def test_evaluate_verification_writes_figures_picture_and_metrics(setup, tmp_pat
     # the table form: the ranking table, then one verification row per target
     code, table, _ = run(base + ["--verification"], capsys)
     assert code == 0 and table.splitlines()[2].startswith("verification") and "TPR@FPR=1e-3" in table
+    # an evaluation that fails leaves the earlier figures and their picture together
+    import kdreid.evaluation.features as features
+
+    def fails(*args, **kwargs):
+        raise EvaluationError("stopped")
+
+    real = features.evaluate_features
+    features.evaluate_features = fails
+    try:
+        assert run([*base, "--metric", "cosine", "--out", str(out)], capsys)[0] == 2
+    finally:
+        features.evaluate_features = real
+    assert (out / "verification" / "market1501.png").is_file()
+    assert json.loads((out / "metrics.json").read_text())["verification"]["market1501"] == summary
     # evaluated again with other settings and without --verification: the old figures and picture do not stay
     code, _, err = run([*base, "--metric", "cosine", "--out", str(out)], capsys)
     assert code == 0, err

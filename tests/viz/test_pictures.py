@@ -45,8 +45,12 @@ def test_histogram_files_that_do_not_fit_are_one_line(rng, tmp_path):
     # a copy cut short: the zip's start without its directory (a BadZipFile traceback before)
     whole = _save(tmp_path / "whole.npz", _distances(rng)).read_bytes()
     (tmp_path / "cut.npz").write_bytes(whole[:100])
-    with pytest.raises(KdreidError, match=r"cut.npz is not a readable .npz \(BadZipFile"):
+    with pytest.raises(KdreidError, match=r"cut.npz is not a readable .npz \(not an .npz archive\)"):
         load_distances(tmp_path / "cut.npz")
+    np.save(tmp_path / "single.npy", np.zeros(3))  # one array, named as an archive
+    (tmp_path / "single.npy").rename(tmp_path / "single.npz")
+    with pytest.raises(KdreidError, match="single.npz is not a readable .npz"):
+        load_distances(tmp_path / "single.npz")
 
 
 def test_kd_distance_files_that_do_not_fit_are_one_line(rng, tmp_path):
@@ -57,13 +61,18 @@ def test_kd_distance_files_that_do_not_fit_are_one_line(rng, tmp_path):
     good = _save(tmp_path / "kd.npz", pairs)
     assert list(load_kd_distances(good)) == ["synth_duke"]
     assert Image.open(kd_distance_picture(good, good, tmp_path / "kd.png")).size[1] > 400
+    # a diverged student's NaN distances are left out of its panel; one target written as a 0-d array reads
+    diverged = _save(tmp_path / "nan.npz", {**pairs, "targets": np.array("synth_duke"),
+                                             "t0_student": np.full(10, np.nan)})
+    assert list(load_kd_distances(diverged)) == ["synth_duke"]
+    assert kd_distance_picture(good, diverged, tmp_path / "nan.png").is_file()
     for name, broken in (("short", {**pairs, "t0_same": pairs["t0_same"][:5]}),
                          ("words", {**pairs, "t0_teacher": np.array(["a"] * 10)}),
                          ("scalar", {**pairs, "t0_student": np.array(0.5)})):
         with pytest.raises(KdreidError, match="lacks or mismatches t0_teacher, t0_student, t0_same"):
             load_kd_distances(_save(tmp_path / f"{name}.npz", broken))
     (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:100])
-    with pytest.raises(KdreidError, match=r"cut.npz is not a readable .npz \(BadZipFile.*run the distill stage"):
+    with pytest.raises(KdreidError, match=r"cut.npz is not a readable .npz \(not an .npz archive.*run the distill"):
         load_kd_distances(tmp_path / "cut.npz")
 
 

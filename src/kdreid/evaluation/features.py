@@ -427,6 +427,7 @@ def evaluate_command(args) -> int:
     note_weights()  # what the weights file gave the model, once the command can run: a mistake stays one line
     final: dict[str, dict[str, float | None]] = {}
     verification: dict[str, dict] = {}  # per target, with --verification (VerificationResult.summary())
+    stale_pictures: list[Path] = []  # removed with their figures, once metrics.json is written without them
     protocols = {target: args.protocol or protocol_for(target, data_options) for target in args.targets}
     for target, dataset in datasets.items():
         print(f"{target}: {len(dataset.query)} queries, {len(dataset.gallery)} gallery images, {protocols[target]} "
@@ -457,7 +458,7 @@ def evaluate_command(args) -> int:
                     title=f"{target}: {Path(args.model).name}, {args.metric}{', re-ranked' if args.rerank else ''}")
                 print(f"{target}: verification picture in {picture}", file=sys.stderr)
         elif picture is not None and picture.is_file():
-            picture.unlink()  # an earlier evaluation's, with other settings: it would stand beside these numbers
+            stale_pictures.append(picture)  # an earlier evaluation's, with other settings: not beside these numbers
         final[target] = {key: (None if value != value else round(value, 4))  # NaN -> null (JSON has no NaN)
                          for key, value in result.summary().items()}
 
@@ -479,6 +480,8 @@ def evaluate_command(args) -> int:
                                       protocol=protocols[target]) for target in final})
         metrics["evaluated_with"] = settings
         write_json(path, metrics)
+        for picture in stale_pictures:
+            picture.unlink(missing_ok=True)
     if args.json:
         print(json.dumps({"final": final, **({"verification": verification} if verification else {})}, indent=2))
         return 0
@@ -501,8 +504,11 @@ def _embedder_of(args, device: torch.device) -> tuple[Callable[[Sequence], Featu
 
     path = Path(args.model)
     if path.is_file() and model_kind(path) != "checkpoint":
-        warn_unused({"-a": args.arch, "--device": args.device}, f"{path} is an exported model: it runs as "
-                    "`kdreid extract` runs it")
+        # --device still places the ranking; the file itself runs as `extract` runs it (on the CPU).
+        warn_unused({"-a": args.arch}, f"{path} is an exported model: it runs as `kdreid extract` runs it")
+        if "cuhk03" in args.targets:  # the check a checkpoint gets (_other_cuhk03_split) needs what it trained on
+            print(f"kdreid: warning: {path} is an exported file, which does not record the CUHK03 split it was "
+                  "trained on: evaluate its checkpoint to have that checked", file=sys.stderr)
         embedder = open_embedder(path, flip=args.flip, batch_size=args.batch_size, height=args.height,
                                  width=args.width)
 

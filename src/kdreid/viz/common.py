@@ -40,14 +40,15 @@ def read_npz(path: str | Path, writer: str) -> dict[str, np.ndarray]:
     """The arrays of an .npz that `writer` (e.g. "the adapt stage") saved for a picture; one line naming it when the
     file is missing or damaged (a truncated copy is not a zip file)."""
     path = Path(path)
+    if not path.exists():
+        raise KdreidError(f"{path} does not exist; {writer} writes it")
     try:
+        if not zipfile.is_zipfile(path):  # cut short, a folder, or a single array (.npy) that np.load would return
+            raise ValueError("not an .npz archive")
         with np.load(path) as data:
             return {key: np.asarray(data[key]) for key in data.files}
-    except FileNotFoundError:
-        raise KdreidError(f"{path} does not exist; {writer} writes it") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise KdreidError(f"{path} is not a readable .npz ({type(error).__name__}: {error}); run {writer} "
-                          "again") from None
+        raise KdreidError(f"{path} is not a readable .npz ({error}); run {writer} again") from None
 
 
 def save_png(figure: Figure, path: str | Path) -> Path:

@@ -25,7 +25,7 @@ def load_kd_distances(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """{target: {"teacher", "student", "same"}} of a distill stage's kd_distances_*.npz, checked."""
     path = Path(path)
     arrays = read_npz(path, "the distill stage (kd_distances_before/after.npz)")
-    targets = [str(name) for name in arrays.get("targets", [])]
+    targets = [str(name) for name in np.atleast_1d(arrays.get("targets", []))]
     distances = {}
     for index, target in enumerate(targets):
         keys = [f"t{index}_{kind}" for kind in ("teacher", "student", "same")]
@@ -72,7 +72,11 @@ def kd_distance_picture(before: Mapping | str | Path, after: Mapping | str | Pat
             if pairs is None or not len(pairs["teacher"]):
                 axes.set_title(f"{target}, {moment}: no pairs", fontsize=9)
                 continue
-            teacher, student, same = pairs["teacher"], pairs["student"], pairs["same"]
+            finite = np.isfinite(pairs["teacher"]) & np.isfinite(pairs["student"])  # a diverged student: NaN
+            teacher, student, same = pairs["teacher"][finite], pairs["student"][finite], pairs["same"][finite]
+            if not len(teacher):
+                axes.set_title(f"{target}, {moment}: no finite distances", fontsize=9)
+                continue
             upper = max(float(teacher.max()), float(student.max()), 1e-6)
             # Pairs of two identities as a density on a log scale (they are most pairs, and a few dense cells
             # would hide the rest on a linear one); pairs of one identity as points over it.
