@@ -18,7 +18,6 @@ Target groups never come from cross-camera identity labels unless asked for as a
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,7 +32,6 @@ from kdreid.evaluation.features import extract_features
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, euclidean_distances
 from kdreid.losses.mmd import within_between
 from kdreid.models import check_input_size, load_checkpoint
-from kdreid.rundir import atomic_write_bytes
 from kdreid.stages.common import (
     DataOptions,
     EvalOptions,
@@ -41,8 +39,10 @@ from kdreid.stages.common import (
     begin_stage,
     stage_evaluator,
     finish_stage,
+    picture_sample,
     stage_runner,
     source_label_space,
+    write_picture_data,
 )
 from kdreid.stages.data import BatchSource, combine_train
 from kdreid.stages.loop import StepContext, TrainConfig, fit
@@ -277,8 +277,7 @@ def _save_histograms(path, model, source_records, target_records, config: AdaptC
     arrays = {}
     rng = np.random.default_rng([config.train.seed, 0x48495354])  # 'HIST'
     for domain, records in (("source", source_records), ("target", target_records)):
-        chosen = sorted(rng.choice(len(records), size=min(config.histogram_images, len(records)), replace=False))
-        subset = [records[i] for i in chosen]
+        subset = picture_sample(records, config.histogram_images, rng)
         features = extract_features(
             model, subset, height=config.train.height, width=config.train.width,
             batch_size=config.eval.batch_size, device=device,
@@ -286,7 +285,4 @@ def _save_histograms(path, model, source_records, target_records, config: AdaptC
         within, between = within_between(euclidean_distances(features), torch.tensor([r.pid for r in subset]))
         arrays[f"{domain}_within"] = within.numpy()
         arrays[f"{domain}_between"] = between.numpy()
-    if distributed.is_main():  # every process took part in the extraction; one writes
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays)
-        atomic_write_bytes(path, buffer.getvalue())
+    write_picture_data(path, arrays)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import shutil
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,7 +26,7 @@ from kdreid.errors import ConfigError, KdreidError
 from kdreid.evaluation.features import evaluate_model, extract_features
 from kdreid.evaluation.ranking import evaluation_warnings_to
 from kdreid.models import save_checkpoint
-from kdreid.rundir import RunDir, atomic_write_text, exclusive, write_json
+from kdreid.rundir import RunDir, atomic_write_bytes, atomic_write_text, exclusive, write_json
 from kdreid.stages.data import (
     DATASETS_FILE, dataset_fingerprint, fingerprint_change, hold_out_validation, load_datasets, read_datasets_record,
 )
@@ -216,6 +218,21 @@ def _first_missing(path: Path) -> Path | None:
     while not path.parent.exists() and path.parent != path:
         path = path.parent
     return path
+
+
+def picture_sample(records: Sequence[ImageRecord], count: int, rng: np.random.Generator) -> list[ImageRecord]:
+    """Up to `count` of `records`, drawn by `rng`, in their order: the images a stage's distance pictures compare
+    (the same ones before and after training, from a generator seeded alike)."""
+    chosen = sorted(rng.choice(len(records), size=min(count, len(records)), replace=False))
+    return [records[i] for i in chosen]
+
+
+def write_picture_data(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """A picture's arrays as RUN/<name>.npz: every process took part in extracting them; the main one writes."""
+    if distributed.is_main():
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        atomic_write_bytes(path, buffer.getvalue())
 
 
 def refuse_repeated_datasets(sources: Sequence[str], targets: Sequence[str]) -> None:

@@ -32,7 +32,6 @@ student/teacher pair (the projectors are in the optimiser), and teachers stay in
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ from kdreid.losses.distill import bn_margins, cosine_distance_matrix, distance_k
 from kdreid.models import build_model, build_projector, check_input_size, load_checkpoint
 from kdreid.models.dsbn import DSBatchNorm
 from kdreid.models.weights import embedding_dim_of
-from kdreid.rundir import atomic_write_bytes, write_json
+from kdreid.rundir import write_json
 from kdreid.stages.common import (
     DataOptions,
     EvalOptions,
@@ -60,8 +59,10 @@ from kdreid.stages.common import (
     begin_stage,
     stage_evaluator,
     finish_stage,
+    picture_sample,
     stage_runner,
     source_label_space,
+    write_picture_data,
 )
 from kdreid.stages.data import BatchSource, combine_train
 from kdreid.stages.loop import StepContext, TrainConfig, fit, has_checkpoint
@@ -307,30 +308,32 @@ class _KDVectors(nn.Module):
 
 
 def _save_kd_distances(path: Path, student: nn.Module, teachers: nn.ModuleList, targets, config: DistillConfig,
-                       device: torch.device) -> None:
+                       device: torch.device, reuse: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """For `kdreid.viz.kd`: on a fixed sample of each target's training images, the cosine distances between
     pairs that its teacher and the student give (the matrices distance KD matches, both networks in eval mode),
-    and whether a pair shows one identity (for the picture only, never for training)."""
+    and whether a pair shows one identity (for the picture only, never for training). `reuse`: arrays of an
+    earlier call of this run whose teachers' distances still hold (frozen teachers, the same sample); -> the arrays."""
     arrays: dict[str, np.ndarray] = {"targets": np.array([dataset.name for dataset in targets])}
     rng = np.random.default_rng([config.train.seed, 0x4B44])  # 'KD'
     was_training = student.training
     for t, dataset in enumerate(targets):
-        records = dataset.train
-        chosen = sorted(rng.choice(len(records), size=min(config.histogram_images, len(records)), replace=False))
-        subset = [records[i] for i in chosen]
+        subset = picture_sample(dataset.train, config.histogram_images, rng)
         upper = torch.triu_indices(len(subset), len(subset), offset=1)
-        pids = torch.tensor([r.pid for r in subset])
-        for name, network in (("teacher", teachers[t].model), ("student", student)):
+        networks = [("student", student)]
+        if reuse is not None:
+            arrays.update({f"t{t}_{key}": reuse[f"t{t}_{key}"] for key in ("teacher", "same")})
+        else:
+            networks.append(("teacher", teachers[t].model))
+            pids = torch.tensor([r.pid for r in subset])
+            arrays[f"t{t}_same"] = (pids[upper[0]] == pids[upper[1]]).numpy()
+        for name, network in networks:
             vectors = extract_features(_KDVectors(network, config.kd_feature), subset, height=config.train.height,
                                        width=config.train.width, batch_size=config.eval.batch_size,
                                        device=device).features
             arrays[f"t{t}_{name}"] = cosine_distance_matrix(vectors)[upper[0], upper[1]].numpy()
-        arrays[f"t{t}_same"] = (pids[upper[0]] == pids[upper[1]]).numpy()
     student.train(was_training)
-    if distributed.is_main():  # every process took part in the extraction; one writes
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays)
-        atomic_write_bytes(path, buffer.getvalue())
+    write_picture_data(path, arrays)
+    return arrays
 
 
 def feature_kd(projector: nn.Module, student_maps, teacher_maps, margins) -> torch.Tensor:
@@ -555,7 +558,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     evaluate = stage_evaluator(student, targets + sources, validation, config, device, log)
     # The student before its first step: a resumed run's weights come back inside `fit`, so this is its starting
     # point too, drawn with this run's `histogram_images` as the "after" file will be.
-    _save_kd_distances(run_dir.path / "kd_distances_before.npz", student, teachers, targets, config, device)
+    before = _save_kd_distances(run_dir.path / "kd_distances_before.npz", student, teachers, targets, config, device)
 
     result = fit(
         run=run_dir, config=train, stage_config=config, modules={"student": student, "projectors": projectors},
@@ -574,5 +577,8 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         metrics_extra={"student": student.arch, "targets": list(config.targets)},
     )
     # After the results: the picture's data must not cost the trained student when it cannot be written.
-    _save_kd_distances(run_dir.path / "kd_distances_after.npz", student, teachers, targets, config, device)
+    # Teachers in eval mode are frozen, their distances the same: measured once. (In train mode, an ablation,
+    # their BatchNorm statistics moved with the batches, and are measured again.)
+    _save_kd_distances(run_dir.path / "kd_distances_after.npz", student, teachers, targets, config, device,
+                       reuse=before if config.teacher_mode == "eval" else None)
     return finished

@@ -54,8 +54,9 @@ def read_named_custom(root: Path, member: str) -> ReidDataset:
     candidates = (root / member, root) if root.name == member else (root / member,)
     folder = _first_custom_folder(candidates)
     if folder is None:
-        others = sorted(f"custom:{d.name}" for d in root.iterdir()  # other layouts' folders are not custom ones
-                        if d.is_dir() and d.name not in dataset_names() and _first_custom_folder((d,)))
+        layouts = set(dataset_names())  # other layouts' folders (synth_market/ has a manifest) are not custom ones
+        others = sorted(f"custom:{d.name}" for d in root.iterdir()
+                        if d.is_dir() and d.name not in layouts and _first_custom_folder((d,)))
         hint = f"; {root} holds {', '.join(others)}" if others else layout_hint(root, "custom")
         raise _not_found(f"custom:{member}", candidates, hint)
     return _read_custom_folder(f"custom:{member}", folder)
