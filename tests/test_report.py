@@ -66,6 +66,7 @@ def pipeline_run(tmp_path, tiny_domain, tiny_model, rng):
                                                      "teacher_arch": "resnet_tiny", "student_arch": "osnet_tiny",
                                                      "root": str(tiny_domain)}))
     shutil.copy(tiny_model, run / "student.pt")
+    shutil.copy(tiny_model, run / "stages" / f"teacher_{TARGET}" / "model.pt")
     stale = run / "report" / "stale.png"
     stale.parent.mkdir()
     stale.write_bytes(b"an older report's picture")
@@ -81,15 +82,16 @@ def test_pipeline_report_has_every_picture_and_renders_in_chromium(pipeline_run,
     # One test (not two sharing a fixture) so that `pytest -n 2` never draws the pipeline's pictures twice.
     page = pipeline_run / "report.html"
     images = _images(page)
-    # bars (mAP, rank-1), ranked results, curves of 5 stages, histograms of the teacher and the blend, the student's
-    # distances against its teachers'
-    assert len(images) == 2 + 1 + 5 + 2 + 1
+    # bars (mAP, rank-1), ranked results, activation maps (teacher and student), curves of 5 stages, histograms of the
+    # teacher and the blend, the student's distances against its teachers'
+    assert len(images) == 2 + 1 + 1 + 5 + 2 + 1
     assert all(src.startswith("report/") and (pipeline_run / src).is_file() for src in images)
     assert sorted(str(p.relative_to(pipeline_run)) for p in (pipeline_run / "report").rglob("*.png")) == \
         sorted(images)  # rebuilt whole: the older report's picture is gone
     text = page.read_text()
     assert "report/visrank/synth_duke_01.png" in images and "report/dmmd_stages_blend.png" in images
-    assert "report/kd_stages_distill.png" in images
+    assert "report/kd_stages_distill.png" in images and "report/actmap/synth_duke_01.png" in images
+    assert "r: the correlation of each map with the teacher of synth_duke&#x27;s" in text
     ran = ["source_resnet_tiny", "source_osnet_tiny", "teacher_synth_duke", "blend", "distill"]  # the teachers' first
     positions = [text.index(f"Stage {name}") for name in ran]
     assert positions == sorted(positions)
@@ -100,7 +102,7 @@ def test_pipeline_report_has_every_picture_and_renders_in_chromium(pipeline_run,
         pytest.skip("CHROMIUM NOT FOUND: the report's content was checked but its browser test did not run; "
                     "install Debian's `chromium` (apt-get install -y chromium) or set KDREID_CHROMIUM=/path/to/chrome")
     result = _render(chromium, page, tmp_path / "profile")
-    assert result == {"total": 11, "broken": [], "title": "kdreid run pipe: synth_msmt -> synth_duke"}
+    assert result == {"total": 12, "broken": [], "title": "kdreid run pipe: synth_msmt -> synth_duke"}
     # The check can fail: a picture gone from report/ is reported as broken.
     (pipeline_run / "report" / "pipeline_mAP.png").unlink()
     result = _render(chromium, page, tmp_path / "profile")
@@ -143,6 +145,30 @@ def test_ranked_pictures_rank_as_the_run_evaluated(tmp_path, tiny_domain, tiny_m
 
     flipped = extract_features(load_model(tiny_model), build_dataset(TARGET, tiny_domain).query, flip=True)
     assert len(drawn) == 1 and drawn[0][1] == "cosine" and np.allclose(drawn[0][0], flipped.features, atol=1e-5)
+
+
+def test_a_distillation_run_shows_where_its_teacher_and_student_look(tmp_path, tiny_domain, tiny_model, rng, capsys):
+    run = tmp_path / "distill"
+    _stage(run, "distill", histograms=False, rng=rng)
+    teacher = tmp_path / "elsewhere" / "teacher.pt"
+    teacher.parent.mkdir()
+    shutil.copy(tiny_model, teacher)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config.update(data={"root": str(tiny_domain)}, teachers=[str(teacher)])
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    shutil.copy(tiny_model, run / "model.pt")
+    assert main(["report", str(run), "--visrank", "0", "--actmap", "3"]) == 0
+    assert "report/actmap/synth_duke_01.png" in _images(run / "report.html")
+    assert "correlation of each map with the teacher of synth_duke" in (run / "report.html").read_text()
+    # The teacher moved since the run: the student is drawn alone, without a comparison.
+    teacher.unlink()
+    assert main(["report", str(run), "--visrank", "0", "--actmap", "3"]) == 0
+    assert "report/actmap/synth_duke_01.png" in _images(run / "report.html")
+    assert "correlation" not in (run / "report.html").read_text()
+    assert main(["report", str(run), "--actmap", "0", "--visrank", "0"]) == 0
+    assert "actmap" not in (run / "report.html").read_text()
+    assert main(["report", str(run), "--actmap", "-2"]) == 2
+    assert "--actmap -2: the number of images must be 0 or more" in capsys.readouterr().err
 
 
 def test_a_failed_report_leaves_the_previous_one_whole(tmp_path, tiny_model, rng, monkeypatch, capsys):
@@ -196,12 +222,13 @@ def test_a_failed_report_leaves_the_previous_one_whole(tmp_path, tiny_model, rng
     assert "--visrank must be 0 or more" in capsys.readouterr().err
 
 
-def test_evaluation_folder_report_includes_its_visrank_and_verification_pictures(tiny_domain, tiny_model, tmp_path):
+def test_evaluation_folder_report_includes_its_visrank_actmap_and_verification_pictures(tiny_domain, tiny_model, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(tiny_model), "-t", TARGET, "--root", str(tiny_domain), "--device",
-                 "cpu", "--out", str(out), "--visrank", "2", "--visrank-topk", "3", "--verification"]) == 0
+                 "cpu", "--out", str(out), "--visrank", "2", "--visrank-topk", "3", "--verification",
+                 "--visactmap", "2"]) == 0
     page = build_report(out)
-    assert _images(page) == ["visrank/synth_duke_01.png", "verification/synth_duke.png"]
+    assert _images(page) == ["visrank/synth_duke_01.png", "actmap/synth_duke_01.png", "verification/synth_duke.png"]
     text = page.read_text()
     assert "<td>synth_duke</td>" in text and "<th>TPR % at FPR 0.001</th>" in text and "ROC AUC" in text
 

@@ -229,6 +229,9 @@ def _add_evaluate(commands) -> None:
                    help="draw the ranked results of N queries per target (default 8) into OUT/visrank/*.png")
     p.add_argument("--visrank-topk", type=int, default=None, metavar="K",
                    help="gallery images per query (default 10; with --visrank)")
+    p.add_argument("--visactmap", type=int, nargs="?", const=8, default=0, metavar="N",
+                   help="draw where the model looks (activation maps) on N query images per target (default 8) "
+                        "into OUT/actmap/*.png")
     p.add_argument("--verification", action="store_true",
                    help="same-person verification: TPR at FPR 1e-4..1e-1 with each distance threshold, ROC AUC; "
                         "with --out, positive/negative distance histograms and the ROC in OUT/verification/*.png")
@@ -478,9 +481,12 @@ def _add_report(commands) -> None:
     p.add_argument("--visrank", type=int, default=4, metavar="N",
                    help="ranked results of N queries per target with the run's final model (0: none; default 4)")
     p.add_argument("--visrank-topk", type=int, default=8, metavar="K", help="gallery images per query (default 8)")
+    p.add_argument("--actmap", type=int, default=8, metavar="N",
+                   help="activation maps (where each model looks) on N query images per target (0: none; default 8)")
     p.add_argument("--root", type=_path, default=None,
-                   help="data root for the ranked results (default: the one the run used)")
-    p.add_argument("--device", default=None, help="for the ranked results: cpu, cuda (default: cuda when available)")
+                   help="data root for the ranked results and activation maps (default: the one the run used)")
+    p.add_argument("--device", default=None,
+                   help="for the ranked results and activation maps: cpu, cuda (default: cuda when available)")
     p.set_defaults(run=_run_report)
 
 

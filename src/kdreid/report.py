@@ -4,15 +4,16 @@ The pictures are written beside the page in RUN/report/ and referenced by relati
 copied or zipped and opened in any browser without a server. What the page holds depends on the run:
 
 - a pipeline run (RUN/stages/ and a metrics.json with the final rows): the results table and its bar chart per
-  target, ranked results of the student on each target, then one section per stage (its table, training
+  target, ranked results of the student on each target, where each target's teacher and the student look
+  (activation maps on the same images), then one section per stage (its table, training
   curves, and for the D-MMD stages the distance histograms before and after adaptation);
-- a single-stage run (train-source, adapt, distill): its table, curves, histograms when it has them, and ranked
-  results of its model.pt on its targets;
-- an evaluation folder (`kdreid evaluate --out`): its metrics and the `--visrank` and `--verification` pictures
-  it holds.
+- a single-stage run (train-source, adapt, distill): its table, curves, histograms when it has them, ranked
+  results and activation maps of its model.pt on its targets (a distillation's under its teachers');
+- an evaluation folder (`kdreid evaluate --out`): its metrics and the `--visrank`, `--visactmap` and
+  `--verification` pictures it holds.
 
-Ranked results need the datasets: they are read from the data root recorded in the run's config (or --root);
-when a dataset cannot be read the page says so and the rest of the report is still written.
+Ranked results and activation maps need the datasets: they are read from the data root recorded in the run's
+config (or --root); when a dataset cannot be read the page says so and the rest of the report is still written.
 
     path = build_report("runs/all")                  # -> runs/all/report.html
 """
@@ -276,8 +277,46 @@ def ranked_results_section(run: Path, model_path: Path, targets: list[str], root
     return section
 
 
+def activation_section(run: Path, models: dict[str, list[tuple[str, Path, str | None]]], root: str | None,
+                       pictures: Path, *, num_images: int, data_options: dict | None = None,
+                       device: str | None = None) -> Section:
+    """Where the models look: per target, the activation maps of its (label, model file, architecture of a plain
+    state dict or None) on the same query images, a row per model (a pipeline's: the target's teacher above the
+    student, with the correlation of the two maps)."""
+    from kdreid.data.datasets.base import build_dataset
+    from kdreid.evaluation.features import load_model
+    from kdreid.viz.actmap import visualize_activation_maps
+
+    section = Section("Where the models look: activation maps")
+    if not root:
+        section.blocks.append(_note("no activation maps: the run records no data root; pass --root DATA"))
+        return section
+    loaded: dict[Path, object] = {}  # a model drawn for several targets is read once
+    for target, rows in models.items():
+        try:
+            chosen = []
+            for label, path, arch in rows:
+                if path not in loaded:
+                    loaded[path] = load_model(path, arch)
+                chosen.append((label, loaded[path]))
+            dataset = build_dataset(target, root, **(data_options or {}).get(target, {}))
+            pages = visualize_activation_maps(chosen, dataset.query, pictures / "actmap", prefix=_safe_name(target),
+                                              num_images=num_images, device=device, title=f"{target}: where the "
+                                              f"models look")
+        except KdreidError as error:
+            section.blocks.append(_note(f"{target}: no activation maps ({error})"))
+            continue
+        compared = f"; r: the correlation of each map with the {rows[0][0]}'s" if len(rows) > 1 else ""
+        for page in pages:
+            section.blocks.append(_figure(
+                run, page, f"{target}: query images and, below, the attention of each model's final feature map "
+                f"(sum of squared activations; red = most, blue = least){compared}"))
+    return section
+
+
 # The pictures `kdreid evaluate --out RUN` draws into folders of RUN: (folder, section title).
 EVALUATION_PICTURES = (("visrank", "Ranked results (kdreid evaluate --visrank)"),
+                       ("actmap", "Activation maps (kdreid evaluate --visactmap)"),
                        ("verification", "Same person or not: distance histograms and ROC (kdreid evaluate "
                                         "--verification)"))
 
@@ -321,10 +360,11 @@ def _data_options(config: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the page
-def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, root: str | None = None,
+def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, actmap: int = 8, root: str | None = None,
                  device: str | None = None) -> Path:
     """Write RUN/report.html and its pictures in RUN/report/; -> the page's path. `visrank` queries per target
-    in the ranked results (0: none), `root` overrides the data root the run recorded.
+    in the ranked results, `actmap` query images per target in the activation maps (0: none), `root` overrides
+    the data root the run recorded.
 
     A report is rebuilt whole (no picture of an older one lingers), but the older one stays until the new one is
     complete: the new pictures are drawn in RUN/.report.new/ and swapped in with the page at the end, so a build
@@ -341,8 +381,8 @@ def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, root: str 
         shutil.rmtree(leftover, ignore_errors=True)
     make_folder(building)
     try:
-        page, text = run / REPORT_PAGE, _write_report(run, kind, building, visrank=visrank, topk=topk, root=root,
-                                                      device=device)
+        page, text = run / REPORT_PAGE, _write_report(run, kind, building, visrank=visrank, topk=topk,
+                                                      actmap=actmap, root=root, device=device)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -360,8 +400,8 @@ def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, root: str 
     return page
 
 
-def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: int, root: str | None,
-                  device: str | None) -> str:
+def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: int, actmap: int,
+                  root: str | None, device: str | None) -> str:
     """Draw the run's pictures into `pictures`; -> the page's HTML."""
     from kdreid.viz import pipeline_bars
 
@@ -400,6 +440,13 @@ def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: i
                 num_queries=visrank, topk=topk, data_options=_data_options(_first_stage_config(run)), device=device,
                 # the student's numbers are the distill stage's: rank as it evaluated
                 eval_options=_read_yaml(run / "stages" / "distill" / "config.yaml").get("eval")))
+        if actmap > 0:
+            student = ("student", run / "student.pt", None)
+            sections.append(activation_section(
+                run, {target: [(f"teacher of {target}", run / "stages" / f"teacher_{target}" / "model.pt", None),
+                               student] for target in _stage_targets(config)},
+                root or config.get("root"), pictures, num_images=actmap,
+                data_options=_data_options(_first_stage_config(run)), device=device))
         for folder in _stage_folders(run):
             sections.append(stage_section(run, folder, pictures, f"Stage {folder.name}"))
     elif kind == "stage":
@@ -409,6 +456,10 @@ def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: i
                 run, run / "model.pt", _stage_targets(config), root or (config.get("data") or {}).get("root"),
                 pictures, num_queries=visrank, topk=topk, data_options=_data_options(config), device=device,
                 eval_options=config.get("eval")))
+        if actmap > 0 and (run / "model.pt").is_file():
+            sections.append(activation_section(
+                run, _stage_models(run, config), root or (config.get("data") or {}).get("root"), pictures,
+                num_images=actmap, data_options=_data_options(config), device=device))
     else:
         evaluation = Section("Evaluation")
         evaluation.blocks.append(metrics_table(metrics["final"]))
@@ -434,6 +485,20 @@ def _setting(value) -> str:
     if isinstance(value, dict):
         return "(" + "; ".join(f"{key}: {item}" for key, item in value.items()) + ")"
     return str(value)
+
+
+def _stage_models(run: Path, config: dict) -> dict[str, list[tuple[str, Path, str | None]]]:
+    """Per target, the models of a stage run to draw activation maps of: its model.pt, under the target's teacher
+    for a distillation (when that file is still where the run found it)."""
+    teachers = config.get("teachers") if isinstance(config.get("teachers"), list) else []
+    models = {}
+    for position, target in enumerate(_stage_targets(config)):
+        rows = [("model.pt", run / "model.pt", None)]
+        if position < len(teachers) and isinstance(teachers[position], str) and Path(teachers[position]).is_file():
+            rows = [(f"teacher of {target}", Path(teachers[position]), config.get("teacher_arch") or None),
+                    ("student (model.pt)", run / "model.pt", None)]
+        models[target] = rows
+    return models
 
 
 def _first_stage_config(run: Path) -> dict:
@@ -489,11 +554,14 @@ def report_command(args) -> int:
     if args.visrank < 0 or args.visrank_topk < 1:  # before any feature is extracted, as `kdreid evaluate` does
         raise KdreidError(f"--visrank {args.visrank} --visrank-topk {args.visrank_topk}: --visrank must be 0 or more "
                           "and --visrank-topk at least 1")
+    if args.actmap < 0:
+        raise KdreidError(f"--actmap {args.actmap}: the number of images must be 0 or more")
     pick_device(args.device)  # a bad --device is the command's error, not a note per target
     if args.root is not None and not Path(args.root).is_dir():  # a flag given is the command's error too
         raise KdreidError(f"--root {args.root} is not a folder; pass the data root the run read (or leave --root out "
                           "to use the one it recorded)")
-    page = build_report(args.run_dir, visrank=args.visrank, topk=args.visrank_topk, root=args.root, device=args.device)
+    page = build_report(args.run_dir, visrank=args.visrank, topk=args.visrank_topk, actmap=args.actmap,
+                        root=args.root, device=args.device)
     # Counted on the page: an evaluation folder's pictures are shown from RUN/visrank/ and RUN/verification/, not
     # RUN/report/.
     images = len(re.findall(r"<img ", page.read_text()))

@@ -398,6 +398,7 @@ def evaluate_command(args) -> int:
     from kdreid.data.datasets.base import build_dataset
     from kdreid.errors import DatasetError
     from kdreid.evaluation.ranking import evaluation_warnings_to
+    from kdreid.models.weights import model_kind
     from kdreid.rundir import write_json
     from kdreid.stages.common import DataOptions, protocol_for
 
@@ -417,10 +418,18 @@ def evaluate_command(args) -> int:
     if visrank < 0 or (visrank and topk < 1):
         raise EvaluationError(f"--visrank {visrank} --visrank-topk {topk}: --visrank must be 0 or more and "
                               "--visrank-topk at least 1")
+    visactmap = getattr(args, "visactmap", 0)
+    if visactmap < 0:
+        raise EvaluationError(f"--visactmap {visactmap}: the number of images must be 0 or more")
+    if visactmap and not args.out:
+        raise EvaluationError("--visactmap writes pictures into the run folder: pass --out FOLDER")
+    if visactmap and Path(args.model).is_file() and model_kind(Path(args.model)) != "checkpoint":
+        raise EvaluationError(f"--visactmap: {args.model} is an exported file, without the feature maps that "
+                              "activation maps show; pass its checkpoint (model.pt)")
     if args.out:
         _check_evaluation_folder(Path(args.out))
     device = pick_device(args.device)
-    embed, note_weights = _embedder_of(args, device)
+    embed, note_weights, model = _embedder_of(args, device)
     # Every target is read before the first is evaluated: a misspelt one stops the command before any work.
     datasets = {target: build_dataset(target, args.root, **data_options.reader_options(target))
                 for target in args.targets}
@@ -447,6 +456,13 @@ def evaluate_command(args) -> int:
                 topk=topk, metric=args.metric, rerank=args.rerank,
                 title=f"{target}: {Path(args.model).name}, {args.metric}{', re-ranked' if args.rerank else ''}")
             print(f"{target}: ranked results in {', '.join(str(p) for p in pages)}", file=sys.stderr)
+        if visactmap:
+            from kdreid.viz.actmap import visualize_activation_maps
+
+            pages = visualize_activation_maps([(Path(args.model).name, model)], dataset.query,
+                                              Path(args.out) / "actmap", prefix=target, num_images=visactmap,
+                                              device=device, title=f"{target}: where {Path(args.model).name} looks")
+            print(f"{target}: activation maps in {', '.join(str(p) for p in pages)}", file=sys.stderr)
         picture = Path(args.out) / "verification" / f"{target}.png" if args.out else None
         if args.verification:
             verification[target] = result.verification.summary()
@@ -493,10 +509,11 @@ def evaluate_command(args) -> int:
     return 0
 
 
-def _embedder_of(args, device: torch.device) -> tuple[Callable[[Sequence], Features], Callable[[], None]]:
-    """(`records -> Features`, `note()`) for `kdreid evaluate --model`: a kdreid checkpoint (or -a ARCH state dict)
-    run by torch, or a file `kdreid export` wrote, run as `kdreid extract` runs it (so the deployed file's own
-    numbers are measured); `note()` says what a weights file gave the model."""
+def _embedder_of(args, device: torch.device) -> tuple[Callable[[Sequence], Features], Callable[[], None],
+                                                     nn.Module | None]:
+    """(`records -> Features`, `note()`, the model) for `kdreid evaluate --model`: a kdreid checkpoint (or -a ARCH
+    state dict) run by torch, or a file `kdreid export` wrote, run as `kdreid extract` runs it (so the deployed
+    file's own numbers are measured; no model then); `note()` says what a weights file gave the model."""
     from kdreid.deploy import extract_paths, open_embedder, warn_unused
     from kdreid.errors import DatasetError
     from kdreid.models import check_input_size
@@ -521,7 +538,7 @@ def _embedder_of(args, device: torch.device) -> tuple[Callable[[Sequence], Featu
             return Features(features, np.array([r.pid for r in records], dtype=np.int64),
                             np.array([r.camid for r in records], dtype=np.int64), [r.path for r in records])
 
-        return embed_exported, lambda: None
+        return embed_exported, lambda: None, None
     model = load_model(path, args.arch)
     if "cuhk03" in args.targets and (leak := _other_cuhk03_split(model, args.cuhk03_classic_split, args.split_id)):
         print(f"kdreid: warning: {args.model} {leak}", file=sys.stderr)
@@ -532,7 +549,7 @@ def _embedder_of(args, device: torch.device) -> tuple[Callable[[Sequence], Featu
         return extract_features(model, records, height=args.height, width=args.width, batch_size=args.batch_size,
                                 flip=args.flip, device=device, workers=args.workers, progress=sys.stderr.isatty())
 
-    return embed_checkpoint, lambda: note_loaded_weights(model)
+    return embed_checkpoint, lambda: note_loaded_weights(model), model
 
 
 def format_verification(verification: dict[str, dict]) -> str:

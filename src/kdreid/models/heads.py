@@ -138,20 +138,25 @@ class ReidModel(nn.Module):
             self.classifiers = nn.ModuleList(classifier(n) for n in classes)
 
     # -------------------------------------------------------------------------------- the contract
-    def forward(self, x: torch.Tensor, *, domain: int | None = None, return_all: bool = False):
-        """x: (N, 3, H, W) RGB in [0, 1]. Train mode (or return_all) -> Out; eval mode -> (N, embedding_dim).
-
-        `domain` picks the BatchNorm branch of a model converted with `convert_dsbn` (default
-        `model.default_domain`); plain models ignore it.
-        """
+    def trunk(self, x: torch.Tensor, *, domain: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """x: (N, 3, H, W) RGB in [0, 1] -> (the 4 pre-activation stage maps, the final activated map that the
+        embedding pools): the part of `forward` before the head, for what looks at the maps themselves
+        (activation maps). `domain` as in `forward`."""
         if domain is not None or getattr(self, "num_domains", 0):
             from kdreid.models.dsbn import set_domain
 
             set_domain(self, self.default_domain if domain is None else domain)
         if not x.is_floating_point():
             raise ModelError(f"models take float RGB images in [0, 1], got {x.dtype}: convert with x.float() / 255")
-        x = (x - self.pixel_mean) / self.pixel_std
-        feature_maps, final_map = self.forward_stages(x)
+        return self.forward_stages((x - self.pixel_mean) / self.pixel_std)
+
+    def forward(self, x: torch.Tensor, *, domain: int | None = None, return_all: bool = False):
+        """x: (N, 3, H, W) RGB in [0, 1]. Train mode (or return_all) -> Out; eval mode -> (N, embedding_dim).
+
+        `domain` picks the BatchNorm branch of a model converted with `convert_dsbn` (default
+        `model.default_domain`); plain models ignore it.
+        """
+        feature_maps, final_map = self.trunk(x, domain=domain)
         embedding = self.pool(final_map)  # (N, feature_dim)
         if self.embed is not None:
             embedding = self.embed(embedding)  # (N, embedding_dim)

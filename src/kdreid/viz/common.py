@@ -3,7 +3,9 @@ canvas renders straight to PNG bytes, so pictures work headless and from threads
 
 from __future__ import annotations
 
+import glob
 import io
+import re
 import zipfile
 from pathlib import Path
 
@@ -57,3 +59,12 @@ def save_png(figure: Figure, path: str | Path) -> Path:
     figure.savefig(buffer, format="png", dpi=DPI)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
+
+
+def remove_pages(out_dir: str | Path, prefix: str) -> None:
+    """Delete OUT_DIR/<prefix>_NN.png, the numbered pages an earlier drawing of `prefix` left, so that a folder
+    never shows older pages beside new ones. Only this prefix's: another's may start with it (synth, synth_duke)."""
+    page_name = re.compile(rf"{re.escape(prefix)}_\d+\.png")
+    for old_page in Path(out_dir).glob(f"{glob.escape(prefix)}_*.png"):
+        if page_name.fullmatch(old_page.name):
+            old_page.unlink()

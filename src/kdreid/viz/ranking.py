@@ -9,8 +9,6 @@ identity seen by the same camera are dropped, so the picture shows exactly the r
 
 from __future__ import annotations
 
-import glob
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +17,7 @@ import numpy as np
 import torch
 
 from kdreid.errors import EvaluationError
-from kdreid.viz.common import CORRECT_RGB, QUERY_RGB, WRONG_RGB, new_figure, save_png
+from kdreid.viz.common import CORRECT_RGB, QUERY_RGB, WRONG_RGB, new_figure, remove_pages, save_png
 
 THUMBNAIL_SIZE = (128, 64)  # (height, width) of each image in the picture: the re-ID aspect ratio, small files
 BORDER = 5  # pixels of coloured frame around a thumbnail
@@ -171,11 +169,7 @@ def visualize_ranked_results(
     never shows an older ranking beside this one. -> the written paths."""
     if topk < 1:
         raise EvaluationError(f"--visrank-topk must be at least 1, got {topk}")
-    # Only this prefix's numbered pages: another target's prefix may start with this one (synth, synth_duke).
-    page_name = re.compile(rf"{re.escape(prefix)}_\d+\.png")
-    for old_page in Path(out_dir).glob(f"{glob.escape(prefix)}_*.png"):
-        if page_name.fullmatch(old_page.name):
-            old_page.unlink()
+    remove_pages(out_dir, prefix)
     chosen = choose_queries(len(query), num_queries)
     if not chosen or len(gallery) == 0:
         return []
