@@ -9,7 +9,8 @@ sdist in .cache/reference/) runs here on the same matrices, and the numbers are 
 the Python evaluator takes many minutes on a CPU, so it is skipped unless --torchreid-msmt is given.
 On CUDA, ours is timed from a matrix already on the GPU and from host features (distances + ranking). The cost
 of `kdreid evaluate --verification` (pair histograms, ROC, TPR at FPR) is timed on the same matrix, as a ratio to
-the ranking's.
+the ranking's, and so is `--aqe` (alpha query expansion of query and gallery features, 512-d and 2048-d: OSNet's
+and ResNet-50's widths), which runs before the distances.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdreid.evaluation import evaluate  # noqa: E402
 from kdreid.evaluation.distance import compute_distance_matrix  # noqa: E402
+from kdreid.evaluation.query_expansion import alpha_query_expansion  # noqa: E402
 from kdreid.evaluation.verification import verification_statistics  # noqa: E402
 
 SIZES = {
@@ -104,6 +106,13 @@ def main() -> None:
                                    args.repeats, cuda)
         print(f"  kdreid --verification {verify_s:8.3f} s  ({verify_s / ours_s:.2f}x the ranking; "
               f"{verified.num_positive:,} positive, {verified.num_negative:,} negative pairs, AUC {verified.auc():.4f})")
+        rng = np.random.default_rng(2)
+        for dim in (512, 2048):
+            qf = torch.from_numpy(rng.normal(size=(num_q, dim)).astype(np.float32)).to(device)
+            gf = torch.from_numpy(rng.normal(size=(num_g, dim)).astype(np.float32)).to(device)
+            aqe_s, _ = timed(lambda: alpha_query_expansion(qf, gf), args.repeats, cuda)
+            print(f"  kdreid --aqe      {aqe_s:8.3f} s  ({aqe_s / ours_s:.2f}x the ranking; {dim}-d features, k 5)")
+            del qf, gf
         if cuda:
             # From host features: distances on the GPU, then ranking.
             dim = 512

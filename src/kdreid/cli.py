@@ -214,6 +214,13 @@ def _add_evaluate(commands) -> None:
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)")
     p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
     p.add_argument("--flip", action="store_true", help="average the embeddings of each image and its mirror")
+    p.add_argument("--aqe", action="store_true",
+                   help="alpha query expansion of query and gallery features (fast-reid's TEST.AQE), before the "
+                        "distances")
+    p.add_argument("--aqe-k", type=int, default=None, metavar="K", help="neighbours summed, itself included "
+                   "(default 5; with --aqe)")
+    p.add_argument("--aqe-alpha", type=float, default=None, metavar="A",
+                   help="weight = similarity ** A (default 3; with --aqe)")
     p.add_argument("--protocol", choices=("market", "cuhk03"), default=None,
                    help="one protocol for every target (default: per target, as the training stages score it: "
                         "cuhk03 = single-gallery-shot CMC for -t cuhk03 --cuhk03-classic-split, else market)")

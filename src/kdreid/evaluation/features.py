@@ -418,6 +418,7 @@ def evaluate_command(args) -> int:
     if visrank < 0 or (visrank and topk < 1):
         raise EvaluationError(f"--visrank {visrank} --visrank-topk {topk}: --visrank must be 0 or more and "
                               "--visrank-topk at least 1")
+    aqe = _aqe_setting(args)
     visactmap = getattr(args, "visactmap", 0)
     if visactmap < 0:
         raise EvaluationError(f"--visactmap {visactmap}: the number of images must be 0 or more")
@@ -440,12 +441,14 @@ def evaluate_command(args) -> int:
     protocols = {target: args.protocol or protocol_for(target, data_options) for target in args.targets}
     for target, dataset in datasets.items():
         print(f"{target}: {len(dataset.query)} queries, {len(dataset.gallery)} gallery images, {protocols[target]} "
-              f"protocol, {args.metric} distances{', flip-averaged' if args.flip else ''}"
+              f"protocol, {args.metric} distances{', flip-averaged' if args.flip else ''}{_aqe_text(aqe)}"
               f"{', k-reciprocal re-ranked' if args.rerank else ''}", file=sys.stderr)
         with evaluation_warnings_to(lambda message: print(f"kdreid: warning: {target}: {message}", file=sys.stderr)):
             if not dataset.query:
                 raise EvaluationError(f"empty query set: dataset {target} has no query image")
             query, gallery = embed(dataset.query), embed(dataset.gallery)
+            if aqe:  # before everything that ranks: the table, --visrank and --verification see the same distances
+                query, gallery = expand_features(query, gallery, device=device, **aqe)
             result = evaluate_features(query, gallery, metric=args.metric, rerank=args.rerank,
                                        protocol=protocols[target], device=device, verification=args.verification)
         if visrank:
@@ -454,7 +457,8 @@ def evaluate_command(args) -> int:
             pages = visualize_ranked_results(
                 query, gallery, Path(args.out) / "visrank", prefix=target, num_queries=visrank,
                 topk=topk, metric=args.metric, rerank=args.rerank,
-                title=f"{target}: {Path(args.model).name}, {args.metric}{', re-ranked' if args.rerank else ''}")
+                title=f"{target}: {Path(args.model).name}, {args.metric}{_aqe_text(aqe)}"
+                      f"{', re-ranked' if args.rerank else ''}")
             print(f"{target}: ranked results in {', '.join(str(p) for p in pages)}", file=sys.stderr)
         if visactmap:
             from kdreid.viz.actmap import visualize_activation_maps
@@ -471,7 +475,8 @@ def evaluate_command(args) -> int:
 
                 verification_picture(
                     result.verification, picture,
-                    title=f"{target}: {Path(args.model).name}, {args.metric}{', re-ranked' if args.rerank else ''}")
+                    title=f"{target}: {Path(args.model).name}, {args.metric}{_aqe_text(aqe)}"
+                          f"{', re-ranked' if args.rerank else ''}")
                 print(f"{target}: verification picture in {picture}", file=sys.stderr)
         elif picture is not None and picture.is_file():
             stale_pictures.append(picture)  # an earlier evaluation's, with other settings: not beside these numbers
@@ -493,7 +498,7 @@ def evaluate_command(args) -> int:
         settings = _settings_per_target(metrics.get("evaluated_with"), metrics["final"])
         model_file = str(Path(args.model).absolute())
         settings.update({target: dict(model=model_file, metric=args.metric, rerank=args.rerank, flip=args.flip,
-                                      protocol=protocols[target]) for target in final})
+                                      aqe=aqe or False, protocol=protocols[target]) for target in final})
         metrics["evaluated_with"] = settings
         write_json(path, metrics)
         for picture in stale_pictures:
@@ -507,6 +512,39 @@ def evaluate_command(args) -> int:
     if args.out:
         print(f"metrics written to {Path(args.out) / 'metrics.json'}", file=sys.stderr)
     return 0
+
+
+def _aqe_setting(args) -> dict | None:
+    """{k, alpha} of `evaluate --aqe`, checked before any work; None without it (whose -k/-alpha are named as
+    having no effect)."""
+    from kdreid.evaluation.query_expansion import AQE_ALPHA, AQE_K, check_aqe
+
+    k, alpha = getattr(args, "aqe_k", None), getattr(args, "aqe_alpha", None)
+    if not getattr(args, "aqe", False):
+        if k is not None or alpha is not None:
+            print("kdreid: warning: --aqe-k and --aqe-alpha have no effect without --aqe", file=sys.stderr)
+        return None
+    setting = {"k": AQE_K if k is None else k, "alpha": AQE_ALPHA if alpha is None else alpha}
+    check_aqe(**setting)
+    return setting
+
+
+def _aqe_text(aqe: dict | None) -> str:
+    return f", alpha query expansion (k {aqe['k']}, alpha {aqe['alpha']:g})" if aqe else ""
+
+
+def expand_features(query: Features, gallery: Features, *, k: int, alpha: float,
+                    device: str | torch.device | None = None) -> tuple[Features, Features]:
+    """`Features` of query and gallery after alpha query expansion (kdreid.evaluation.query_expansion), computed on
+    `device`, returned on the CPU as extraction returns them."""
+    from dataclasses import replace
+
+    from kdreid.evaluation.query_expansion import alpha_query_expansion
+
+    device = pick_device(device)
+    expanded_query, expanded_gallery = alpha_query_expansion(query.features.to(device), gallery.features.to(device),
+                                                             k=k, alpha=alpha)
+    return replace(query, features=expanded_query.cpu()), replace(gallery, features=expanded_gallery.cpu())
 
 
 def _embedder_of(args, device: torch.device) -> tuple[Callable[[Sequence], Features], Callable[[], None],
