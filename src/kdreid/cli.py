@@ -366,7 +366,7 @@ def _run_distill(args) -> int:
 
 def _add_pipeline(commands) -> None:
     p = commands.add_parser(
-        "pipeline", help="all stages: source, one D-MMD teacher per target, blend, KD-ReID student (cached)"
+        "pipeline", help="all stages: source, one D-MMD teacher per target, blend baseline, KD-ReID student (cached)"
     )
     p.add_argument("-s", "--sources", nargs="+", required=True, help="labelled source dataset(s)")
     p.add_argument("-t", "--targets", nargs="+", required=True, help="the unlabelled targets")
@@ -375,6 +375,9 @@ def _add_pipeline(commands) -> None:
     p.add_argument("--pretrained", choices=["none", "imagenet"],
                    help="where both source trainings start: none (default) or ImageNet weights (a local file "
                         "per architecture, never downloaded; the paper's start)")
+    p.add_argument("--blend-baseline", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the blend, the baseline row the student is compared with (default yes; "
+                        "--no-blend-baseline saves that adaptation stage)")
     _add_stage_flags(p, preset_default="paper", pipeline=True)
     p.set_defaults(run=_run_pipeline)
 
@@ -393,6 +396,7 @@ def _run_pipeline(args) -> int:
     overrides = {
         "sources": args.sources, "targets": args.targets, "teacher_arch": args.teacher_arch,
         "student_arch": args.student_arch, "root": args.root, "out": args.out, "preset": args.preset,
+        "blend_baseline": args.blend_baseline,
     }
     config = pipeline.resolve_pipeline_config(preset=args.preset, config_file=args.config, overrides=overrides)
     if args.pretrained is not None:  # the source stages' own setting, over the --config file's `source` section

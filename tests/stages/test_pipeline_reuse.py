@@ -450,3 +450,42 @@ def test_pipeline_pretrained_starts_both_source_trainings_from_imagenet(tmp_path
     assert [configs[f"source_{arch}"].pretrained for arch in ("resnet_tiny", "osnet_tiny")] == ["imagenet"] * 2
     assert looked_up == ["resnet_tiny", "osnet_tiny"]  # each file found before the first stage trains
     assert configs["source_resnet_tiny"].train.epochs == 2 and configs["distill"].pretrained == "none"
+
+
+def test_without_the_blend_baseline_no_blend_stage_runs_and_no_row_shows_it(three_domains, tmp_path, monkeypatch):
+    """--no-blend-baseline: the stages train as before but the blend, and the table, metrics.json and bars say
+    nothing of it. The stages are stand-ins that write a real tiny model: the pipeline evaluates each one."""
+    from kdreid.models import build_model, save_checkpoint
+
+    trained = []
+
+    def stand_in(config, resume):
+        folder = Path(config.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        save_checkpoint(folder / "model.pt", build_model(config.arch, num_classes=0).eval(),
+                        extra={"input_size": [64, 32]})
+        trained.append(folder.name)
+        return SimpleNamespace(final={t: {"mAP": 1.0, "rank1": 2.0} for t in config.targets})
+
+    for kind in list(pipeline.RUNNERS):
+        monkeypatch.setitem(pipeline.RUNNERS, kind, stand_in)
+    config = _config(three_domains, blend_baseline=False, blend={"train.epochs": 3})
+    config.out = str(tmp_path / "run")
+    result = pipeline.run(config)
+    assert trained == ["source_resnet_tiny", "source_osnet_tiny", "teacher_synth_duke", "teacher_synth_cuhk",
+                       "distill"]
+    assert "blend" not in result.metrics and set(result.metrics["student"]) == set(TARGETS)
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "blend" not in table and "KD-ReID student (osnet_tiny)" in table
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "no blend baseline (blend_baseline: false)" in log and "the `blend` section of its settings is unused" in log
+    # The flag and the --config key set it; the default keeps the blend.
+    assert "blend" in pipeline.stage_configs(_config(tmp_path))
+
+
+def test_the_blend_baseline_flag_and_config_key(tmp_path, monkeypatch):
+    assert _resolved_by_cli(tmp_path, monkeypatch, {}).blend_baseline is True
+    assert _resolved_by_cli(tmp_path, monkeypatch, {}, "--no-blend-baseline").blend_baseline is False
+    assert _resolved_by_cli(tmp_path, monkeypatch, {"blend_baseline": False}).blend_baseline is False
+    assert _resolved_by_cli(tmp_path, monkeypatch, {"blend_baseline": False}, "--blend-baseline").blend_baseline

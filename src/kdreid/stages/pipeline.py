@@ -5,6 +5,7 @@ KD-ReID student, each stage in its own folder under RUN/stages/, then one table 
     RUN/stages/source_<student_arch>/   the same for the student's architecture (skipped when it is the same)
     RUN/stages/teacher_<target>/        D-MMD from the source model to one target, for each target
     RUN/stages/blend/                   the student architecture adapted with D-MMD to the union of the targets
+                                        (a baseline row; `blend_baseline: false` / --no-blend-baseline skips it)
     RUN/stages/distill/                 the student, taught by the teachers in target order
 
 A stage is reused, make-style, when its folder holds `model.pt`, the `config.yaml` saved there agrees with the
@@ -57,6 +58,9 @@ class PipelineConfig:
     root: str = "data"
     out: str = "runs/pipeline"
     preset: str = "paper"  # the stage presets every stage starts from ("" = the dataclass defaults)
+    # The blend row: the student's architecture adapted with D-MMD to the targets' union, the baseline the paper
+    # compares the student with. Nothing else uses it: off, the pipeline saves a whole adaptation stage.
+    blend_baseline: bool = True
     # Per-stage settings over the preset, as mappings of (dotted or nested) keys of that stage's config, e.g.
     # {"train.epochs": 3} or {"train": {"epochs": 3}}. `common` applies to every stage, `source` to both source
     # runs, `adapt` to the teachers and the blend, `blend` to the blend only, `distill` to the student.
@@ -162,10 +166,11 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
             "sources": config.sources, "targets": [target], "blend": False, "arch": config.teacher_arch,
             "init": teacher_init, "out": str(run / f"teacher_{target}"),
         })
-    configs["blend"] = resolve(adapt.AdaptConfig, "adapt", [config.adapt, config.blend], {
-        "sources": config.sources, "targets": config.targets, "blend": True, "arch": config.student_arch,
-        "init": student_init, "out": str(run / "blend"),
-    }, sections=("adapt", "blend"))
+    if config.blend_baseline:
+        configs["blend"] = resolve(adapt.AdaptConfig, "adapt", [config.adapt, config.blend], {
+            "sources": config.sources, "targets": config.targets, "blend": True, "arch": config.student_arch,
+            "init": student_init, "out": str(run / "blend"),
+        }, sections=("adapt", "blend"))
     configs["distill"] = resolve(distill.DistillConfig, "distill", [config.distill], {
         "sources": config.sources, "targets": config.targets, "arch": config.student_arch,
         "teachers": [str(run / f"teacher_{t}" / "model.pt") for t in config.targets],
@@ -473,7 +478,8 @@ def table_rows(config: PipelineConfig, configs: Mapping[str, Any], finals: Mappi
     rows = [row(f"source only ({arch})", f"source_{arch}", finals[f"source_{arch}"])
             for arch in dict.fromkeys([config.teacher_arch, config.student_arch])]
     rows += [row(f"teacher {t} (D-MMD, {config.teacher_arch})", f"teacher_{t}", teacher_all[t]) for t in config.targets]
-    rows.append(row(f"blend (D-MMD on all targets, {config.student_arch})", "blend", finals["blend"]))
+    if "blend" in configs:
+        rows.append(row(f"blend (D-MMD on all targets, {config.student_arch})", "blend", finals["blend"]))
     # The student inherits what its teachers learnt from their grouping: an oracle teacher makes an oracle row.
     teachers = dict.fromkeys(_grouping_cell(configs[f"teacher_{t}"]) for t in config.targets)
     rows.append(row(f"KD-ReID student ({config.student_arch})", "distill", finals["distill"],
@@ -506,6 +512,9 @@ def _run_stages(config: PipelineConfig, configs: dict, fingerprints: DatasetFing
     log.info(f"pipeline {'+'.join(config.sources)} -> {', '.join(config.targets)}: teachers "
              f"{config.teacher_arch}, student {config.student_arch}, preset {config.preset or 'none'}; "
              f"{len(configs)} stages in {Path(config.out) / 'stages'}")
+    if not config.blend_baseline:
+        unused = "; the `blend` section of its settings is unused" if config.blend else ""
+        log.info(f"no blend baseline (blend_baseline: false): its stage and its row are left out{unused}")
     sources_keep_last = all(c.train.select == "last" for c in configs.values() if isinstance(c, source.SourceConfig))
     if sources_keep_last and any(c.train.select == "target-clusters" for c in configs.values()):
         log.info("source stages: checkpoint selection last (target-clusters scores target images, which source "
@@ -534,7 +543,7 @@ def _run_stages(config: PipelineConfig, configs: dict, fingerprints: DatasetFing
         "source_only": on_targets(source_teacher),
         "source_only_student": on_targets(source_student),
         "teachers": {t: teacher_all[t][t] for t in targets if t in teacher_all[t]},
-        "blend": on_targets(finals["blend"]),
+        **({"blend": on_targets(finals["blend"])} if "blend" in finals else {}),
         "student": on_targets(finals["distill"]),
         "teachers_on_all_targets": teacher_all,
         # How each stage trained: how it grouped its target batches and the rule that chose its checkpoint.
