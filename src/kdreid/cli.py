@@ -507,6 +507,22 @@ def _run_report(args) -> int:
     return report_command(args)
 
 
+def _add_aggregate(commands) -> None:
+    p = commands.add_parser("aggregate", help="mean ± std of each model's numbers over runs that differ in their "
+                                              "seed (a results table of `mean ± std` cells)")
+    p.add_argument("runs", type=_path, nargs="+", metavar="RUN",
+                   help="run folders of one command: pipelines, stage runs or `kdreid evaluate --out` folders")
+    p.add_argument("--out", type=_path, default=None, help="also write the table (or the JSON) to this file")
+    p.add_argument("--json", action="store_true", help="every metric's mean, std and per-run values as JSON")
+    p.set_defaults(run=_run_aggregate)
+
+
+def _run_aggregate(args) -> int:
+    from kdreid.aggregate import aggregate_command
+
+    return aggregate_command(args)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -530,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Top-level commands other than `data`, in the order `kdreid --help` lists them.
 _COMMANDS: list = [_add_models, _add_train_source, _add_adapt, _add_distill, _add_evaluate, _add_export,
-                   _add_extract, _add_search, _add_pipeline, _add_report]
+                   _add_extract, _add_search, _add_pipeline, _add_report, _add_aggregate]
 
 
 def _missing_subcommand(parser: argparse.ArgumentParser) -> int:

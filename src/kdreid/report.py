@@ -51,7 +51,8 @@ class Section:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def _read_json(path: Path) -> dict | None:
+def read_run_json(path: Path) -> dict | None:
+    """A run's JSON file (metrics.json) as a dict, None when it is absent; one line when it is damaged."""
     if not path.is_file():
         return None
     try:
@@ -64,7 +65,8 @@ def _read_json(path: Path) -> dict | None:
     return content
 
 
-def _read_yaml(path: Path) -> dict:
+def read_run_yaml(path: Path) -> dict:
+    """A run's config.yaml as a dict, {} when it is absent or unreadable (what it adds to a page is optional)."""
     if not path.is_file():
         return {}
     try:
@@ -80,7 +82,7 @@ def run_kind(run: Path) -> str:
         raise KdreidError(f"run folder {run} does not exist; pass the --out folder of a kdreid command")
     if not run.is_dir():
         raise KdreidError(f"{run} is a file, not a run folder; pass the --out folder of a kdreid command")
-    metrics = _read_json(run / "metrics.json")
+    metrics = read_run_json(run / "metrics.json")
     if (run / "stages").is_dir() and (metrics is None or "student" in metrics or "source_only" in metrics):
         return "pipeline"
     if metrics is not None and isinstance(metrics.get("epochs"), list):
@@ -198,7 +200,7 @@ def stage_section(run: Path, folder: Path, pictures: Path, title: str) -> Sectio
     from kdreid.viz import dmmd_histograms, kd_distance_picture, training_curves
 
     section = Section(title)
-    metrics = _read_json(folder / "metrics.json")
+    metrics = read_run_json(folder / "metrics.json")
     results = folder / "results.md"
     if results.is_file():
         section.blocks.append(markdown_to_html(results.read_text()))
@@ -336,7 +338,7 @@ def _stage_folders(run: Path) -> list[Path]:
     """The stage folders in the order the pipeline ran them: the teachers' source model before the student's,
     the teachers in target order (from the run's config.yaml), then by name."""
     folders = [p for p in (run / "stages").iterdir() if p.is_dir()]
-    config = _read_yaml(run / "config.yaml")
+    config = read_run_yaml(run / "config.yaml")
     ran = [f"source_{config.get('teacher_arch')}", f"source_{config.get('student_arch')}",
            *(f"teacher_{target}" for target in config.get("targets") or [])]
 
@@ -405,8 +407,8 @@ def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: i
     """Draw the run's pictures into `pictures`; -> the page's HTML."""
     from kdreid.viz import pipeline_bars
 
-    config = _read_yaml(run / "config.yaml")
-    metrics = _read_json(run / "metrics.json") or {}
+    config = read_run_yaml(run / "config.yaml")
+    metrics = read_run_json(run / "metrics.json") or {}
     sections: list[Section] = []
     title = f"kdreid run {run.resolve().name}"
 
@@ -421,11 +423,7 @@ def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: i
                 text = "\n".join(text.splitlines()[1:])
             overview.blocks.append(markdown_to_html(text))
         if any(key in metrics for key in ("student", "source_only")):
-            labels = {"source_only": f"source only ({config.get('teacher_arch', 'teacher arch.')})",
-                      "source_only_student": f"source only ({config.get('student_arch', 'student arch.')})",
-                      "teachers": f"teacher (D-MMD, {config.get('teacher_arch', '')}) on its target",
-                      "blend": f"blend (D-MMD on all targets, {config.get('student_arch', '')})",
-                      "student": f"KD-ReID student ({config.get('student_arch', '')})"}
+            labels = pipeline_row_labels(config)
             for metric in ("mAP", "rank1"):
                 picture = pipeline_bars(metrics, pictures / f"pipeline_{metric}.png", metric=metric, labels=labels,
                                         title=f"{metric} per target")
@@ -439,7 +437,7 @@ def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: i
                 run, run / "student.pt", _stage_targets(config), root or config.get("root"), pictures,
                 num_queries=visrank, topk=topk, data_options=_data_options(_first_stage_config(run)), device=device,
                 # the student's numbers are the distill stage's: rank as it evaluated
-                eval_options=_read_yaml(run / "stages" / "distill" / "config.yaml").get("eval")))
+                eval_options=read_run_yaml(run / "stages" / "distill" / "config.yaml").get("eval")))
         if actmap > 0:
             student = ("student", run / "student.pt", None)
             sections.append(activation_section(
@@ -480,6 +478,15 @@ def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: i
     return render_page(title, run, kind, sections)
 
 
+def pipeline_row_labels(config: dict) -> dict[str, str]:
+    """{metrics.json key: row label} of a pipeline's final rows, with the architectures its config.yaml names."""
+    return {"source_only": f"source only ({config.get('teacher_arch', 'teacher arch.')})",
+            "source_only_student": f"source only ({config.get('student_arch', 'student arch.')})",
+            "teachers": f"teacher (D-MMD, {config.get('teacher_arch', '')}) on its target",
+            "blend": f"blend (D-MMD on all targets, {config.get('student_arch', '')})",
+            "student": f"KD-ReID student ({config.get('student_arch', '')})"}
+
+
 def _setting(value) -> str:
     """A setting of `evaluated_with` (a file from before recorded the protocol as {target: protocol})."""
     if isinstance(value, dict):
@@ -503,7 +510,7 @@ def _stage_models(run: Path, config: dict) -> dict[str, list[tuple[str, Path, st
 
 def _first_stage_config(run: Path) -> dict:
     for folder in _stage_folders(run):
-        config = _read_yaml(folder / "config.yaml")
+        config = read_run_yaml(folder / "config.yaml")
         if config:
             return config
     return {}

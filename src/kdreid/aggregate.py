@@ -1,0 +1,203 @@
+"""`kdreid aggregate RUN RUN ...`: mean ± standard deviation of each model's numbers over runs that differ only in
+their seed — how a re-ID result is stated honestly, since one run's mAP moves by points from seed to seed on test
+sets of a few hundred identities.
+
+Every RUN is a finished pipeline (the rows of its results table), a stage run (its final numbers per dataset) or
+a `kdreid evaluate --out` folder; all of one kind, with the same rows and datasets. Settings in which the runs
+differ, other than the seed and what only says where or how a run executed (folders, data root, device,
+compilation, logging), are named in a warning: their spread is not the seed's alone.
+
+    result = aggregate_runs(["runs/seed0", "runs/seed1", "runs/seed2"])
+    print(result.markdown())
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from kdreid.config import flatten
+from kdreid.errors import KdreidError
+from kdreid.report import pipeline_row_labels, read_run_json, read_run_yaml, run_kind
+
+METRICS = ("mAP", "rank1", "rank5", "rank10", "rank20", "mINP")
+PIPELINE_ROWS = ("source_only", "source_only_student", "teachers", "blend", "student")
+# Settings that say where or how a run executed, not what it trained: they may differ between the runs.
+EXECUTION_SETTINGS = {"seed", "out", "root", "device", "compile", "log_freq", "workers", "deterministic", "model",
+                      "init", "student_init", "teachers"}
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    values: dict[str, dict[str, list[float]]]  # {dataset: {metric: one value per run}}
+
+
+@dataclass
+class Aggregate:
+    runs: list[str]
+    kind: str
+    seeds: list[object]  # each run's seed (None where its config does not say)
+    rows: list[Row]
+    differing: dict[str, list[object]] = field(default_factory=dict)  # setting -> its value in each run
+
+    def datasets(self) -> list[str]:
+        return list(dict.fromkeys(d for row in self.rows for d in row.values))
+
+    def markdown(self) -> str:
+        """A results table of `mean ± std` cells (mAP and rank-1 per dataset, and the mean mAP over datasets)."""
+        datasets = self.datasets()
+        header = ["model", *(f"{d} {m}" for d in datasets for m in ("mAP", "R1")), "mean mAP"]
+        lines = [f"# {self.kind} over {len(self.runs)} runs (seeds {', '.join(map(str, self.seeds))})", "",
+                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in self.rows:
+            cells = [row.label]
+            for dataset in datasets:
+                for metric in ("mAP", "rank1"):
+                    values = row.values.get(dataset, {}).get(metric)
+                    cells.append(_cell(values) if values else "—")
+            per_run = _mean_over_datasets(row)
+            cells.append(_cell(per_run) if per_run else "—")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"Mean ± sample standard deviation (n − 1) over {len(self.runs)} runs, in percent: "
+                      + ", ".join(f"`{run}`" for run in self.runs) + "."]
+        if self.differing:
+            lines.append("The runs also differ in " + "; ".join(
+                f"`{key}` ({', '.join(map(str, values))})" for key, values in self.differing.items())
+                + ": the spread is not the seed's alone.")
+        return "\n".join(lines) + "\n"
+
+    def as_json(self) -> dict:
+        return {"kind": self.kind, "runs": self.runs, "seeds": self.seeds, "differing_settings": self.differing,
+                "rows": [{"key": row.key, "label": row.label,
+                          "datasets": {d: {m: {"mean": _mean(v), "std": _std(v), "values": v} for m, v in per.items()}
+                                       for d, per in row.values.items()}} for row in self.rows]}
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _std(values: Sequence[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = _mean(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _cell(values: Sequence[float]) -> str:
+    std = _std(values)
+    return f"{_mean(values):.1f}" + ("" if std is None else f" ± {std:.1f}")
+
+
+def _mean_over_datasets(row: Row) -> list[float] | None:
+    """Each run's mAP averaged over the row's datasets (the results table's last column)."""
+    columns = [per["mAP"] for per in row.values.values() if "mAP" in per]
+    if not columns or len({len(c) for c in columns}) != 1:
+        return None
+    return [_mean(run_values) for run_values in zip(*columns)]
+
+
+def _rows_of(run: Path, kind: str) -> dict[str, tuple[str, dict[str, dict[str, float]]]]:
+    """{row key: (label, {dataset: {metric: value}})} of one run."""
+    metrics = read_run_json(run / "metrics.json") or {}
+    if kind == "pipeline":
+        labels = pipeline_row_labels(read_run_yaml(run / "config.yaml"))
+        found = {key: (labels[key], metrics[key]) for key in PIPELINE_ROWS if isinstance(metrics.get(key), dict)}
+        if not found:
+            raise KdreidError(f"{run} is a pipeline that has not finished (no final rows in its metrics.json); "
+                              "finish it (run the same command again), then aggregate")
+    else:
+        arch = read_run_yaml(run / "config.yaml").get("arch") if kind == "stage" else None
+        found = {"final": (f"final model ({arch})" if arch else kind, metrics.get("final") or {})}
+    return {key: (label, {dataset: {m: float(v[m]) for m in METRICS if isinstance(v, dict) and
+                                    isinstance(v.get(m), (int, float))}
+                          for dataset, v in per_dataset.items() if isinstance(v, dict)})
+            for key, (label, per_dataset) in found.items()}
+
+
+def _settings_of(run: Path, kind: str) -> dict[str, object]:
+    """The run's settings, flattened, without those that only say where or how it executed."""
+    if kind == "evaluation":
+        recorded = (read_run_json(run / "metrics.json") or {}).get("evaluated_with") or {}
+        settings = flatten(recorded) if isinstance(recorded, dict) else {}
+    else:
+        settings = flatten(read_run_yaml(run / "config.yaml"))
+    return {key: value for key, value in settings.items()
+            if key.rsplit(".", 1)[-1] not in EXECUTION_SETTINGS}
+
+
+def _seed_of(run: Path, kind: str) -> object:
+    """The seed the run's config records (a pipeline: from its flags, its `common` section, else the default)."""
+    settings = flatten(read_run_yaml(run / "config.yaml"))
+    for key in ("train.seed", "overrides.train.seed", "common.train.seed"):
+        if key in settings:
+            return settings[key]
+    return 0 if settings and kind != "evaluation" else None
+
+
+def aggregate_runs(runs: Sequence[str | Path]) -> Aggregate:
+    """Mean ± std of every row over `runs` (see the module docstring); one-line KdreidError when they cannot be
+    aggregated (fewer than two, of different kinds, with other rows or datasets)."""
+    paths = [Path(run) for run in runs]
+    if len(paths) < 2:
+        raise KdreidError("aggregate needs at least two runs (the same command with other --seed values)")
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise KdreidError("a run is named twice: each run must count once")
+    kinds = {path: run_kind(path) for path in paths}
+    if len(set(kinds.values())) > 1:
+        described = ", ".join(f"{path} ({kind})" for path, kind in kinds.items())
+        raise KdreidError(f"the runs are of different kinds: {described}; aggregate runs of one command")
+    kind = kinds[paths[0]]
+    per_run = {path: _rows_of(path, kind) for path in paths}
+    first = paths[0]
+    rows = []
+    for key, (label, datasets) in per_run[first].items():
+        values: dict[str, dict[str, list[float]]] = {}
+        for dataset, metrics in datasets.items():
+            for metric in metrics:
+                column = []
+                for path in paths:
+                    found = per_run[path].get(key, (None, {}))[1].get(dataset, {}).get(metric)
+                    if found is None:
+                        raise KdreidError(f"{path} has no {metric} of {dataset} in its {label!r} row, which {first} "
+                                          "has: aggregate runs of the same command (same targets and stages)")
+                    column.append(found)
+                values.setdefault(dataset, {})[metric] = column
+        rows.append(Row(key, label, values))
+    for path in paths[1:]:  # what a later run holds beyond the first would be left out silently
+        for key, (label, datasets) in per_run[path].items():
+            extra = sorted(set(datasets) - set(per_run[first].get(key, (None, {}))[1])) or \
+                ([] if key in per_run[first] else [label])
+            if extra:
+                raise KdreidError(f"{path} has {', '.join(extra)} in its {label!r} row, which {first} lacks: "
+                                  "aggregate runs of the same command (same targets and stages)")
+    settings = [_settings_of(path, kind) for path in paths]
+    keys = list(dict.fromkeys(k for s in settings for k in s))
+    differing = {key: [s.get(key) for s in settings] for key in keys
+                 if len({json.dumps(s.get(key), sort_keys=True, default=str) for s in settings}) > 1}
+    return Aggregate([str(p) for p in paths], kind, [_seed_of(p, kind) for p in paths], rows, differing)
+
+
+def aggregate_command(args) -> int:
+    from kdreid.rundir import atomic_write_text
+
+    result = aggregate_runs(args.runs)
+    if result.differing:
+        named = "; ".join(f"{k} ({', '.join(map(str, v))})" for k, v in result.differing.items())
+        print(f"kdreid: warning: the runs differ in {named}: the spread is not the seed's alone", file=sys.stderr)
+    known = [seed for seed in result.seeds if seed is not None]
+    if known and len(set(map(str, known))) < len(known):
+        print(f"kdreid: warning: seeds {', '.join(map(str, result.seeds))} repeat: repeated seeds measure the "
+              "run-to-run noise of one seed, not the spread over seeds", file=sys.stderr)
+    text = json.dumps(result.as_json(), indent=2) + "\n" if args.json else result.markdown()
+    if args.out:
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    print(text, end="")
+    return 0

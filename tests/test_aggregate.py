@@ -1,0 +1,106 @@
+"""`kdreid aggregate`: mean ± standard deviation over runs of one command, the settings in which they differ,
+and its one-line refusals. Run folders are written as the stages and the pipeline write them."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from kdreid.aggregate import aggregate_runs
+from kdreid.cli import main
+
+TARGETS = ("synth_duke", "synth_cuhk")
+
+
+def _pipeline(folder, seed, maps, **config):
+    """A finished pipeline run whose student scores maps[i] mAP on TARGETS[i] (its other rows: 10 less)."""
+    (folder / "stages").mkdir(parents=True)
+    row = {t: {"mAP": m, "rank1": m + 5, "rank5": m + 9, "mINP": m / 2} for t, m in zip(TARGETS, maps)}
+    lower = {t: {key: value - 10 for key, value in v.items()} for t, v in row.items()}
+    (folder / "metrics.json").write_text(json.dumps({"source_only": lower, "source_only_student": lower,
+                                                     "teachers": lower, "blend": lower, "student": row}))
+    settings = {"sources": ["synth_msmt"], "targets": list(TARGETS), "teacher_arch": "resnet18",
+                "student_arch": "osnet_x0_25", "out": str(folder), "root": f"/data{seed}",
+                "overrides": {"train.seed": seed}, **config}
+    (folder / "config.yaml").write_text(yaml.safe_dump(settings))
+    return folder
+
+
+def _stage(folder, seed, maps, epochs=5):
+    folder.mkdir(parents=True)
+    final = {t: {"mAP": m, "rank1": m + 1} for t, m in zip(TARGETS, maps)}
+    (folder / "metrics.json").write_text(json.dumps({"final": final, "epochs": [{"epoch": 1}]}))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"arch": "resnet18", "out": str(folder),
+                                                        "train": {"seed": seed, "epochs": epochs, "device": "cpu"}}))
+    return folder
+
+
+def test_mean_and_sample_std_of_every_row_and_target(tmp_path, capsys):
+    maps = [(20.0, 8.0), (22.0, 9.0), (27.0, 13.0)]
+    runs = [_pipeline(tmp_path / f"s{seed}", seed, m) for seed, m in enumerate(maps)]
+    result = aggregate_runs(runs)
+    assert result.kind == "pipeline" and result.seeds == [0, 1, 2] and result.differing == {}
+    student = next(row for row in result.rows if row.key == "student")
+    assert student.label == "KD-ReID student (osnet_x0_25)"
+    assert student.values["synth_duke"]["mAP"] == [20.0, 22.0, 27.0]
+    assert [row.key for row in result.rows] == ["source_only", "source_only_student", "teachers", "blend", "student"]
+    duke = np.array([20.0, 22.0, 27.0])
+    means = (duke + np.array([8.0, 9.0, 13.0])) / 2
+    line = next(line for line in result.markdown().splitlines() if line.startswith("| KD-ReID student"))
+    assert line.split(" | ")[1] == f"{duke.mean():.1f} ± {duke.std(ddof=1):.1f}"  # 23.0 ± 3.6
+    assert line.split(" | ")[-1].rstrip(" |") == f"{means.mean():.1f} ± {means.std(ddof=1):.1f}"
+    assert main(["aggregate", *map(str, runs), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    cell = printed["rows"][-1]["datasets"]["synth_cuhk"]["mAP"]
+    assert cell["values"] == [8.0, 9.0, 13.0] and cell["std"] == pytest.approx(np.std([8, 9, 13], ddof=1))
+
+
+def test_stage_runs_and_the_settings_they_differ_in(tmp_path, capsys):
+    runs = [_stage(tmp_path / "a", 0, (10.0, 5.0)), _stage(tmp_path / "b", 1, (12.0, 7.0), epochs=9)]
+    out = tmp_path / "summary.md"
+    assert main(["aggregate", *map(str, runs), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "warning: the runs differ in train.epochs (5, 9)" in captured.err
+    assert "seed" not in captured.err.split("warning: the runs differ in")[1].split(":")[0]  # the seed may differ
+    assert out.read_text() == captured.out and "| final model (resnet18) | 11.0 ± 1.4 | 12.0 ± 1.4 | 6.0 ± 1.4 | 7.0 ± 1.4 | 8.5 ± 1.4 |" in captured.out
+    assert "differ in `train.epochs` (5, 9)" in captured.out
+
+
+def test_repeated_seeds_are_named(tmp_path, capsys):
+    runs = [_stage(tmp_path / "a", 3, (10.0, 5.0)), _stage(tmp_path / "b", 3, (12.0, 7.0))]
+    assert main(["aggregate", *map(str, runs)]) == 0
+    assert "seeds 3, 3 repeat" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: [_stage(p / "a", 0, (1.0, 2.0))], "needs at least two runs"),
+    (lambda p: [_stage(p / "a", 0, (1.0, 2.0)), p / "a"], "a run is named twice"),
+    (lambda p: [_stage(p / "a", 0, (1.0, 2.0)), _pipeline(p / "b", 1, (1.0, 2.0))], "of different kinds"),
+    (lambda p: [_pipeline(p / "a", 0, (1.0, 2.0)), _pipeline(p / "b", 1, (1.0,))], "has no mAP of synth_cuhk"),
+    (lambda p: [_stage(p / "a", 0, (1.0,)), _stage(p / "b", 1, (1.0, 2.0))], "has synth_cuhk in its"),
+    (lambda p: [_stage(p / "a", 0, (1.0, 2.0)), p / "missing"], "does not exist"),
+])
+def test_runs_that_cannot_be_aggregated_are_one_line(make, message, tmp_path, capsys):
+    runs = make(tmp_path)
+    assert main(["aggregate", *map(str, runs)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_evaluation_folders_of_one_model_setting(tmp_path):
+    runs = []
+    for seed, value in enumerate((30.0, 34.0)):
+        folder = tmp_path / f"e{seed}"
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps({
+            "final": {"synth_duke": {"mAP": value, "rank1": value}},
+            "evaluated_with": {"synth_duke": {"model": f"/runs/s{seed}/model.pt", "metric": "euclidean"}}}))
+        runs.append(folder)
+    result = aggregate_runs(runs)
+    assert result.kind == "evaluation" and result.differing == {} and result.seeds == [None, None]
+    assert "| evaluation | 32.0 ± 2.8 | 32.0 ± 2.8 | 32.0 ± 2.8 |" in result.markdown()
+    recorded = json.loads((runs[1] / "metrics.json").read_text())
+    recorded["evaluated_with"]["synth_duke"]["metric"] = "cosine"
+    (runs[1] / "metrics.json").write_text(json.dumps(recorded))
+    assert aggregate_runs(runs).differing == {"synth_duke.metric": ["euclidean", "cosine"]}
