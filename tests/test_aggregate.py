@@ -65,6 +65,11 @@ def test_stage_runs_and_the_settings_they_differ_in(tmp_path, capsys):
     assert "seed" not in captured.err.split("warning: the runs differ in")[1].split(":")[0]  # the seed may differ
     assert out.read_text() == captured.out and "| final model (resnet18) | 11.0 ± 1.4 | 12.0 ± 1.4 | 6.0 ± 1.4 | 7.0 ± 1.4 | 8.5 ± 1.4 |" in captured.out
     assert "differ in `train.epochs` (5, 9)" in captured.out
+    # A setting one run does not record (written by an older kdreid) is not a difference.
+    config = yaml.safe_load((runs[1] / "config.yaml").read_text())
+    config["train"].update(epochs=5, new_setting=True)
+    (runs[1] / "config.yaml").write_text(yaml.safe_dump(config))
+    assert aggregate_runs(runs).differing == {}
 
 
 def test_repeated_seeds_are_named(tmp_path, capsys):

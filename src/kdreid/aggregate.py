@@ -178,9 +178,10 @@ def aggregate_runs(runs: Sequence[str | Path]) -> Aggregate:
                 raise KdreidError(f"{path} has {', '.join(extra)} in its {label!r} row, which {first} lacks: "
                                   "aggregate runs of the same command (same targets and stages)")
     settings = [_settings_of(path, kind) for path in paths]
-    keys = list(dict.fromkeys(k for s in settings for k in s))
-    differing = {key: [s.get(key) for s in settings] for key in keys
-                 if len({json.dumps(s.get(key), sort_keys=True, default=str) for s in settings}) > 1}
+    # Only settings every run records: one a run lacks is newer than the kdreid that wrote it (its default then).
+    keys = [key for key in settings[0] if all(key in s for s in settings[1:])]
+    differing = {key: [s[key] for s in settings] for key in keys
+                 if len({json.dumps(s[key], sort_keys=True, default=str) for s in settings}) > 1}
     return Aggregate([str(p) for p in paths], kind, [_seed_of(p, kind) for p in paths], rows, differing)
 
 
