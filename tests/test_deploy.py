@@ -307,3 +307,82 @@ def test_list_images_follows_linked_folders_and_skips_debris(tmp_path):
     (tmp_path / "gallery" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # kept: reported as skipped
     assert [p.relative_to(tmp_path / "gallery").as_posix() for p in list_images(tmp_path / "gallery")] == [
         "day1/a.jpg", "day2/b.PNG", "gone.jpg"]
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_out_naming_the_model_or_a_folder_is_refused_before_any_work(workdir, tmp_path, capsys):
+    """Found by a bad-input review: `--out` equal to `--model` replaced the checkpoint with its own features
+    (extract) or with a plain state dict (export); `--out DIR/` wrote a file named DIR."""
+    model = tmp_path / "copy.pt"
+    model.write_bytes((workdir / "tiny.pt").read_bytes())
+    before = model.read_bytes()
+    assert main(["extract", "--model", str(model), "--images", str(workdir / "images"), "--out", str(model)]) == 2
+    assert "is the --model file" in _one_line(capsys)
+    assert main(["export", "--model", str(model), "--format", "torchreid", "--out", str(model)]) == 2
+    assert "is the --model file" in _one_line(capsys)
+    assert model.read_bytes() == before
+    for command in (["extract", "--model", str(model), "--images", str(workdir / "images")],
+                    ["export", "--model", str(model), "--format", "torchscript"]):
+        assert main([*command, "--out", f"{tmp_path / 'newdir'}/"]) == 2
+        assert "the trailing / names a folder" in _one_line(capsys)
+        assert not (tmp_path / "newdir").exists()
+
+
+def test_input_sizes_a_model_cannot_take_are_one_line(workdir, tmp_path, capsys):
+    model = str(workdir / "tiny.pt")
+    for command in (["extract", "--model", model, "--images", str(workdir / "images"), "--out",
+                     str(tmp_path / "f.npz")],
+                    ["export", "--model", model, "--format", "onnx", "--out", str(tmp_path / "m.onnx")]):
+        assert main([*command, "--height", "8", "--width", "4"]) == 2
+        assert "cannot take 8x4 images" in _one_line(capsys)
+        assert main([*command, "--height", "100000", "--width", "100000"]) == 2
+        assert "--height 100000 is far above any re-ID input size" in _one_line(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+def _onnx_of(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """Another program's ONNX model, of another input/output contract than kdreid's."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
+        torch.onnx.export(module.eval(), (example,), str(path), dynamo=False, input_names=["x"], output_names=["y"])
+    return path
+
+
+def test_a_model_of_another_contract_is_named_not_run_into_a_traceback(workdir, tmp_path, capsys):
+    images = ["extract", "--images", str(workdir / "images"), "--out", str(tmp_path / "f.npz"), "--height", "64",
+              "--width", "32"]
+    grey = _onnx_of(torch.nn.Conv2d(1, 4, 3), torch.rand(1, 1, 64, 32), tmp_path / "grey.onnx")
+    assert main([*images[:1], "--model", str(grey), *images[1:]]) == 2
+    assert "kdreid feeds one float32 input of RGB images N x 3 x H x W" in _one_line(capsys)
+    identity = _onnx_of(torch.nn.Identity(), torch.rand(1, 3, 64, 32), tmp_path / "identity.onnx")
+    assert main([*images[:1], "--model", str(identity), *images[1:]]) == 2
+    assert "returned an output of shape (6, 3, 64, 32) for 6 images, not features (N, D)" in _one_line(capsys)
+    assert not (tmp_path / "f.npz").exists()
+
+
+def test_nan_features_are_refused_where_they_would_be_written_or_ranked(workdir, tmp_path, capsys):
+    checkpoint = torch.load(workdir / "tiny.pt", weights_only=True)
+    checkpoint["state_dict"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                                for k, v in checkpoint["state_dict"].items()}
+    diverged = tmp_path / "nan.pt"
+    torch.save(checkpoint, diverged)
+    assert main(["extract", "--model", str(diverged), "--images", str(workdir / "images"), "--out",
+                 str(tmp_path / "f.npz")]) == 2
+    assert "gives NaN/inf features" in _one_line(capsys) and not (tmp_path / "f.npz").exists()
+    assert main(["export", "--model", str(diverged), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "the model gives NaN/inf features on the check images" in _one_line(capsys)
+    assert extract(workdir, tmp_path / "gallery.npz") == 0
+    capsys.readouterr()
+    with np.load(tmp_path / "gallery.npz") as data:
+        arrays = dict(data)
+    arrays["features"][0, 0] = np.inf
+    np.savez(tmp_path / "inf.npz", **arrays)
+    assert main(["search", "--gallery", str(tmp_path / "inf.npz"), "--query", str(tmp_path / "gallery.npz")]) == 2
+    assert "holds NaN/inf features; extract it again" in _one_line(capsys)

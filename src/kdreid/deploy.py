@@ -37,7 +37,7 @@ from kdreid.data.images import IMAGE_SUFFIXES
 from kdreid.errors import DatasetError, EvaluationError, KdreidError, why_not_a_file
 from kdreid.evaluation.distance import METRICS
 from kdreid.models.weights import model_kind
-from kdreid.rundir import atomic_write_bytes, refuse_folder
+from kdreid.rundir import atomic_write_bytes, refuse_folder, refuse_overwriting_input
 
 FEATURES_FORMAT = "kdreid-features"
 RERANK_MAX_GALLERY = 50_000  # k-reciprocal re-ranking needs gallery-gallery neighbours: O(G^2) work
@@ -58,7 +58,16 @@ class Embedder:
     batch_size: int = 64
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.embed(images)
+        features = self.embed(images)
+        # What every caller relies on, checked once here for every kind of file: a model of another contract (an
+        # image-to-image network) or a diverged one would otherwise be written and ranked as features.
+        if features.ndim != 2 or len(features) != len(images):
+            raise KdreidError(f"{self.source} returned an output of shape {tuple(features.shape)} for {len(images)} "
+                              "images, not features (N, D): pass a re-ID model (kdreid export writes one)")
+        if not np.isfinite(features).all():
+            raise KdreidError(f"{self.source} gives NaN/inf features: its weights are damaged or its training "
+                              "diverged; check the model and its checkpoint")
+        return features
 
 
 def open_embedder(path: str | Path, *, arch: str | None = None, flip: bool = False, batch_size: int = 64,
@@ -86,11 +95,14 @@ def _checkpoint_embedder(path: Path, arch, flip: bool, batch_size: int, device, 
                          width: int | None) -> Embedder:
     from kdreid.evaluation.features import embed_batch, load_model, model_input_size, pick_device
 
+    from kdreid.models import check_input_size
+
     model = load_model(path, arch)
     device = pick_device(device)
-    model = model.eval().to(device)
     recorded_height, recorded_width = model_input_size(model)
     height, width = height or recorded_height, width or recorded_width
+    check_input_size(model, height, width)  # on the CPU, before any image is read
+    model = model.eval().to(device)
 
     def embed(images: np.ndarray) -> np.ndarray:
         return embed_batch(model, _as_float(images).to(device), flip).cpu().numpy()
@@ -121,6 +133,12 @@ def _onnx_embedder(path: Path, flip: bool, batch_size: int, height: int | None, 
 
     session = onnx_session(path)
     model_input = session.get_inputs()[0]
+    shape = model_input.shape
+    if len(session.get_inputs()) != 1 or len(shape) != 4 or shape[1] not in (3, None) and isinstance(shape[1], int) \
+            or model_input.type != "tensor(float)":
+        described = ", ".join(f"{i.name} {i.type} {list(i.shape)}" for i in session.get_inputs())
+        raise KdreidError(f"{path} takes {described}; kdreid feeds one float32 input of RGB images N x 3 x H x W in "
+                          "[0, 1]: export the model with that input (kdreid export does)")
     height, width = _exported_size(path, read_metadata(path), model_input.shape, height, width)
     fixed_batch = model_input.shape[0] if isinstance(model_input.shape[0], int) else None
 
@@ -262,6 +280,8 @@ def load_features(path: str | Path) -> FeatureFile:
             if "format" not in data.files or str(data["format"]) != FEATURES_FORMAT:
                 raise EvaluationError(f"{path} is not a kdreid features file; write one with `kdreid extract`")
             features = np.asarray(data["features"], dtype=np.float32)
+            if not np.isfinite(features).all():
+                raise EvaluationError(f"{path} holds NaN/inf features; extract it again with a sound model")
             return FeatureFile(features.reshape(len(data["paths"]), -1), [str(p) for p in data["paths"]],
                                data["pids"], data["camids"], str(data["model"]), bool(data["flip"]),
                                int(data["height"]), int(data["width"]))
@@ -363,6 +383,7 @@ def search_features(query: np.ndarray, gallery: np.ndarray, *, k: int = 10, metr
 def extract_command(args) -> int:
     """`kdreid extract`: features of every image under --images into --out; undecodable images listed last."""
     refuse_folder(args.out, "gallery.npz")  # before the extraction, not after it
+    refuse_overwriting_input(args.out, {"--model": args.model})
     if args.arch and Path(args.model).is_file() and model_kind(Path(args.model)) != "checkpoint":
         warn_unused({"-a": args.arch}, f"{args.model} is an exported model, which records its architecture")
     embedder = open_embedder(args.model, arch=args.arch, flip=args.flip, batch_size=args.batch_size,

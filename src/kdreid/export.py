@@ -33,7 +33,7 @@ from torch import nn
 
 import kdreid
 from kdreid.errors import DatasetError, ModelError
-from kdreid.rundir import atomic_write_bytes, refuse_folder
+from kdreid.rundir import atomic_write_bytes, refuse_folder, refuse_overwriting_input
 
 FORMATS = ("onnx", "torchscript", "torchreid")
 SUFFIXES = {"onnx": "onnx", "torchscript": "pt", "torchreid": "pth"}  # for the file name an error suggests
@@ -117,6 +117,9 @@ def export_model(
     with torch.no_grad():
         # (N, D) the PyTorch fp32 truth; torchreid's OSNet has no BNNeck, so its file holds the pre-BNNeck feature
         expected = (model(images, return_all=True).embedding if format == "torchreid" else model(images)).float()
+    if not torch.isfinite(expected).all():  # else the comparison below would blame the exporter
+        raise ModelError(f"refusing to write {out}: the model gives NaN/inf features on the check images; its weights "
+                         "are damaged or its training diverged: check the checkpoint")
     metadata = _contract(model, height, width, dynamic_batch, fp16, source)
     out = Path(out)
     writer, runner = {
@@ -414,9 +417,12 @@ def _first_line(error: BaseException) -> str:
 def export_command(args) -> int:
     """`kdreid export`: load the checkpoint, export, check, print one summary line."""
     from kdreid.evaluation.features import load_model, note_loaded_weights
+    from kdreid.models import check_input_size
 
+    refuse_overwriting_input(args.out, {"--model": args.model, "--images": args.images})
     model = load_model(args.model, getattr(args, "arch", None))
     height, width = input_size(model, args.height, args.width)
+    check_input_size(model, height, width)
     images = load_check_images(args.images, height, width) if args.images else None
     if args.format == "onnx":
         _require_onnx()

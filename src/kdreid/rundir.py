@@ -93,10 +93,13 @@ def refuse_folder(path: str | Path, example: str = "") -> None:
     """One line, before any work, when a file cannot be written at `path`: a folder stands there, or one of the
     folders it goes in is a file (os.replace, or the mkdir before it, would fail after the work is done, with a
     traceback). `example`: a file name to suggest inside that folder."""
-    path = Path(path)
+    text, path = str(path), Path(path)
     if os.path.isdir(path):
         inside = f" such as {path / example}" if example else " inside it"
         raise KdreidError(f"cannot write {path}: it is a folder, not a file; give a file path{inside}")
+    if text.endswith(("/", os.sep)):  # Path() drops the slash: written as is, a *file* named like the folder
+        inside = f" such as {path / example}" if example else " inside it"
+        raise KdreidError(f"cannot write {text}: the trailing / names a folder, not a file; give a file path{inside}")
     for parent in reversed(path.parents):  # from the top: the first one that is not a folder is in the way
         if os.path.isdir(parent):
             continue
@@ -107,6 +110,14 @@ def refuse_folder(path: str | Path, example: str = "") -> None:
             raise KdreidError(f"cannot write {path}: {parent} is a file where a folder is needed; move that file "
                               "or choose another path")
         return  # missing: it and the ones below are created
+
+
+def refuse_overwriting_input(out: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """One line, before any work, when the file to write is one of the command's inputs ({flag: path}): writing
+    it would destroy what the command reads (a checkpoint replaced by its features)."""
+    for flag, path in inputs.items():
+        if path is not None and os.path.exists(path) and os.path.exists(out) and os.path.samefile(out, path):
+            raise KdreidError(f"--out {out} is the {flag} file: writing it would replace it; choose another --out")
 
 
 def new_file_mode(path: Path) -> int:

@@ -143,3 +143,31 @@ def test_visrank_without_out_is_one_line(tiny_model, tmp_path, capsys):
     code = main(["evaluate", "--model", str(tiny_model), "-t", "synth_duke", "--root", str(tmp_path), "--visrank"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pass --out FOLDER" in err
+
+
+def test_a_failed_evaluation_leaves_the_folder_pictures_as_they_were(tiny_domain, tiny_model, tmp_path, capsys):
+    """Found by a bad-input review: a target that failed after another's pictures were drawn left those pictures
+    (over an earlier evaluation's) beside the earlier metrics.json. They are drawn aside and moved in with it."""
+    import shutil
+
+    root, out = tmp_path / "data", tmp_path / "eval"
+    for name in ("synth_duke", "synth_market"):
+        shutil.copytree(tiny_domain / "synth_duke", root / name)
+    common = ["evaluate", "--model", str(tiny_model), "--root", str(root), "--device", "cpu", "--out", str(out),
+              "--verification", "--visactmap", "1"]
+    assert main([*common, "-t", "synth_duke", "--visrank", "1"]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert {str(p) for p in before} >= {"metrics.json", "visrank/synth_duke_01.png", "actmap/synth_duke_01.png",
+                                        "verification/synth_duke.png"}
+    broken = sorted((root / "synth_market" / "bounding_box_test").glob("*.jpg"))[-1]
+    broken.write_bytes(broken.read_bytes()[:100])
+    capsys.readouterr()
+    assert main([*common, "-t", "synth_duke", "synth_market", "--visrank", "3", "--visrank-topk", "2"]) == 2
+    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    # A file where a picture folder goes is named before any work.
+    shutil.rmtree(out / "actmap")
+    (out / "actmap").write_text("not a folder")
+    capsys.readouterr()
+    assert main([*common, "-t", "synth_duke"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file where kdreid keeps its actmap pictures" in err

@@ -12,6 +12,8 @@ embeddings of each image and its horizontal mirror (`flip`).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -437,72 +439,71 @@ def evaluate_command(args) -> int:
     note_weights()  # what the weights file gave the model, once the command can run: a mistake stays one line
     final: dict[str, dict[str, float | None]] = {}
     verification: dict[str, dict] = {}  # per target, with --verification (VerificationResult.summary())
-    stale_pictures: list[Path] = []  # removed with their figures, once metrics.json is written without them
+    pictures = _StagedPictures(Path(args.out) if args.out else None)
     protocols = {target: args.protocol or protocol_for(target, data_options) for target in args.targets}
-    for target, dataset in datasets.items():
-        print(f"{target}: {len(dataset.query)} queries, {len(dataset.gallery)} gallery images, {protocols[target]} "
-              f"protocol, {args.metric} distances{', flip-averaged' if args.flip else ''}{_aqe_text(aqe)}"
-              f"{', k-reciprocal re-ranked' if args.rerank else ''}", file=sys.stderr)
-        with evaluation_warnings_to(lambda message: print(f"kdreid: warning: {target}: {message}", file=sys.stderr)):
-            if not dataset.query:
-                raise EvaluationError(f"empty query set: dataset {target} has no query image")
-            query, gallery = embed(dataset.query), embed(dataset.gallery)
-            if aqe:  # before everything that ranks: the table, --visrank and --verification see the same distances
-                query, gallery = expand_features(query, gallery, device=device, **aqe)
-            result = evaluate_features(query, gallery, metric=args.metric, rerank=args.rerank,
-                                       protocol=protocols[target], device=device, verification=args.verification)
-        if visrank:
-            from kdreid.viz.ranking import visualize_ranked_results
+    described = f"{args.metric}{_aqe_text(aqe)}{', re-ranked' if args.rerank else ''}"
+    try:
+        for target, dataset in datasets.items():
+            print(f"{target}: {len(dataset.query)} queries, {len(dataset.gallery)} gallery images, "
+                  f"{protocols[target]} protocol, {args.metric} distances{', flip-averaged' if args.flip else ''}"
+                  f"{_aqe_text(aqe)}{', k-reciprocal re-ranked' if args.rerank else ''}", file=sys.stderr)
+            with evaluation_warnings_to(lambda message: print(f"kdreid: warning: {target}: {message}",
+                                                              file=sys.stderr)):
+                if not dataset.query:
+                    raise EvaluationError(f"empty query set: dataset {target} has no query image")
+                query, gallery = embed(dataset.query), embed(dataset.gallery)
+                if aqe:  # before everything that ranks: the table, --visrank and --verification see the same
+                    query, gallery = expand_features(query, gallery, device=device, **aqe)
+                result = evaluate_features(query, gallery, metric=args.metric, rerank=args.rerank,
+                                           protocol=protocols[target], device=device,
+                                           verification=args.verification)
+            if visrank:
+                from kdreid.viz.ranking import visualize_ranked_results
 
-            pages = visualize_ranked_results(
-                query, gallery, Path(args.out) / "visrank", prefix=target, num_queries=visrank,
-                topk=topk, metric=args.metric, rerank=args.rerank,
-                title=f"{target}: {Path(args.model).name}, {args.metric}{_aqe_text(aqe)}"
-                      f"{', re-ranked' if args.rerank else ''}")
-            print(f"{target}: ranked results in {', '.join(str(p) for p in pages)}", file=sys.stderr)
-        if visactmap:
-            from kdreid.viz.actmap import visualize_activation_maps
+                pictures.add("visrank", target, "ranked results", visualize_ranked_results(
+                    query, gallery, pictures.folder("visrank"), prefix=target, num_queries=visrank, topk=topk,
+                    metric=args.metric, rerank=args.rerank, title=f"{target}: {Path(args.model).name}, {described}"))
+            if visactmap:
+                from kdreid.viz.actmap import visualize_activation_maps
 
-            pages = visualize_activation_maps([(Path(args.model).name, model)], dataset.query,
-                                              Path(args.out) / "actmap", prefix=target, num_images=visactmap,
-                                              device=device, title=f"{target}: where {Path(args.model).name} looks")
-            print(f"{target}: activation maps in {', '.join(str(p) for p in pages)}", file=sys.stderr)
-        picture = Path(args.out) / "verification" / f"{target}.png" if args.out else None
-        if args.verification:
-            verification[target] = result.verification.summary()
-            if picture is not None:
-                from kdreid.viz.verification import verification_picture
+                pictures.add("actmap", target, "activation maps", visualize_activation_maps(
+                    [(Path(args.model).name, model)], dataset.query, pictures.folder("actmap"), prefix=target,
+                    num_images=visactmap, device=device, title=f"{target}: where {Path(args.model).name} looks"))
+            if args.verification:
+                verification[target] = result.verification.summary()
+                if args.out:
+                    from kdreid.viz.verification import verification_picture
 
-                verification_picture(
-                    result.verification, picture,
-                    title=f"{target}: {Path(args.model).name}, {args.metric}{_aqe_text(aqe)}"
-                          f"{', re-ranked' if args.rerank else ''}")
-                print(f"{target}: verification picture in {picture}", file=sys.stderr)
-        elif picture is not None and picture.is_file():
-            stale_pictures.append(picture)  # an earlier evaluation's, with other settings: not beside these numbers
-        final[target] = {key: (None if value != value else round(value, 4))  # NaN -> null (JSON has no NaN)
-                         for key, value in result.summary().items()}
+                    pictures.add("verification", target, "verification picture", [verification_picture(
+                        result.verification, pictures.folder("verification") / f"{target}.png",
+                        title=f"{target}: {Path(args.model).name}, {described}")])
+            elif args.out:
+                # An earlier evaluation's picture, with other settings, must not stay beside these numbers.
+                pictures.add("verification", target, "", [])
+            final[target] = {key: (None if value != value else round(value, 4))  # NaN -> null (JSON has no NaN)
+                             for key, value in result.summary().items()}
 
-    if args.out:
-        path = Path(args.out) / "metrics.json"
-        metrics = _earlier_evaluations(path)
-        metrics.setdefault("final", {}).update(final)
-        # A target's verification figures belong to the evaluation that measured them: one evaluated again without
-        # --verification loses its old ones (other settings gave them), and its old picture with them.
-        earlier = {target: summary for target, summary in metrics.get("verification", {}).items()
-                   if target not in final}
-        metrics.pop("verification", None)
-        if earlier or verification:
-            metrics["verification"] = {**earlier, **verification}
-        # Per target: the folder may gather evaluations of several models or settings, one target at a time.
-        settings = _settings_per_target(metrics.get("evaluated_with"), metrics["final"])
-        model_file = str(Path(args.model).absolute())
-        settings.update({target: dict(model=model_file, metric=args.metric, rerank=args.rerank, flip=args.flip,
-                                      aqe=aqe or False, protocol=protocols[target]) for target in final})
-        metrics["evaluated_with"] = settings
-        write_json(path, metrics)
-        for picture in stale_pictures:
-            picture.unlink(missing_ok=True)
+        if args.out:
+            path = Path(args.out) / "metrics.json"
+            metrics = _earlier_evaluations(path)
+            metrics.setdefault("final", {}).update(final)
+            # A target's verification figures belong to the evaluation that measured them: one evaluated again
+            # without --verification loses its old ones (other settings gave them), and its old picture with them.
+            earlier = {target: summary for target, summary in metrics.get("verification", {}).items()
+                       if target not in final}
+            metrics.pop("verification", None)
+            if earlier or verification:
+                metrics["verification"] = {**earlier, **verification}
+            # Per target: the folder may gather evaluations of several models or settings, one target at a time.
+            settings = _settings_per_target(metrics.get("evaluated_with"), metrics["final"])
+            model_file = str(Path(args.model).absolute())
+            settings.update({target: dict(model=model_file, metric=args.metric, rerank=args.rerank, flip=args.flip,
+                                          aqe=aqe or False, protocol=protocols[target]) for target in final})
+            metrics["evaluated_with"] = settings
+            write_json(path, metrics)
+            pictures.install()
+    finally:
+        pictures.discard()
     if args.json:
         print(json.dumps({"final": final, **({"verification": verification} if verification else {})}, indent=2))
         return 0
@@ -512,6 +513,56 @@ def evaluate_command(args) -> int:
     if args.out:
         print(f"metrics written to {Path(args.out) / 'metrics.json'}", file=sys.stderr)
     return 0
+
+
+class _StagedPictures:
+    """The pictures of one `kdreid evaluate --out OUT` call, drawn into OUT/.evaluate.new/ and moved into OUT's
+    picture folders only once metrics.json holds the numbers they go with: an evaluation that fails halfway (an
+    image that does not decode in the second target) leaves OUT's pictures as they were, never some of its own
+    beside the earlier numbers."""
+
+    FOLDERS = ("visrank", "actmap", "verification")
+
+    def __init__(self, out: Path | None):
+        self.out = out
+        self.staging = out / ".evaluate.new" if out is not None else None
+        self.drawn: list[tuple[str, str, str, list[Path]]] = []  # (folder, target, what, staged files)
+        if out is None:
+            return
+        for folder in self.FOLDERS:  # checked before any work: the move at the end must not fail
+            if (out / folder).exists() and not (out / folder).is_dir():
+                raise EvaluationError(f"{out / folder} is a file where kdreid keeps its {folder} pictures; move it "
+                                      "or choose another --out")
+        self.discard()  # what a killed call left
+
+    def folder(self, name: str) -> Path:
+        return self.staging / name
+
+    def add(self, folder: str, target: str, what: str, files: list[Path]) -> None:
+        """`files` drawn for `target` (none: the target's earlier pictures in `folder` only go)."""
+        self.drawn.append((folder, target, what, list(files)))
+
+    def install(self) -> None:
+        """Replace each drawn target's earlier pictures with the new ones, and say where they are."""
+        from kdreid.viz.common import remove_pages
+
+        for folder, target, what, files in self.drawn:
+            final = self.out / folder
+            if folder == "verification":
+                (final / f"{target}.png").unlink(missing_ok=True)
+            elif final.is_dir():
+                remove_pages(final, target)
+            if files:
+                final.mkdir(parents=True, exist_ok=True)
+            for staged in files:
+                os.replace(staged, final / staged.name)
+            if what:
+                print(f"{target}: {what} in {', '.join(str(final / f.name) for f in files) or '(none drawn)'}",
+                      file=sys.stderr)
+
+    def discard(self) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def _aqe_setting(args) -> dict | None:
