@@ -75,6 +75,20 @@ def test_market1501_lists_unparsable_names_and_keeps_going(tmp_path):
     assert all("does not match PID_cCAM" in p for p in dataset.problems)
 
 
+def test_images_in_a_folder_inside_a_split_are_named_not_silently_left_out(tmp_path):
+    """Found by a bad-input review: images moved into bounding_box_train/sub/ vanished from the statistics with
+    "no problems found". They are still not read (the released layout is flat, as torchreid reads it)."""
+    data_dir = market_tree(tmp_path)
+    write_images(data_dir / "bounding_box_train" / "sub" / "deeper", ["0003_c1s1_000001_01.jpg"])
+    write_images(data_dir / "bounding_box_train" / "sub", ["0003_c2s1_000001_01.jpg"])
+    (data_dir / "bounding_box_train" / "notes").mkdir()  # a folder without images is not named
+    dataset = build_dataset("market1501", tmp_path)
+    assert dataset.train == expected_market(data_dir)["train"]
+    assert dataset.problems == [f"{data_dir / 'bounding_box_train' / 'sub'}: a folder of 2 images inside a split, "
+                                "which this layout does not read (images lie directly in the split folder, as "
+                                "released); move them up or remove the folder"]
+
+
 def test_debris_is_skipped_and_links_to_nothing_and_other_formats_are_named(tmp_path):
     import os
 
@@ -274,6 +288,26 @@ def test_custom_from_csv_manifest_with_tracklets(tmp_path):
         "or add a split column",
         f"{manifest}:10: expected integer pid and camid (and tracklet), got train/x.jpg,forty,1,; fix the row",
     ]
+
+
+def test_manifest_rows_a_run_cannot_use_are_problems_naming_the_row(tmp_path):
+    """Found by a bad-input review: a pid beyond int64 passed `data check` and failed in evaluation with a traceback;
+    a repeated row was counted twice; pid -5 was taken; a split column of 'Train' was called missing."""
+    folder = tmp_path / "custom"
+    write_images(folder / "imgs", ["1.jpg", "2.jpg", "3.jpg"])
+    write_csv(folder / "manifest.csv", ["path", "pid", "camid", "split"], [
+        ["imgs/1.jpg", 3, 1, "train"], ["imgs/2.jpg", 3, 2, "query"], ["imgs/3.jpg", 3, 1, "gallery"],
+        ["imgs/3.jpg", 3, 1, "gallery"], ["imgs/2.jpg", 99999999999999999999, 1, "query"],
+        ["imgs/1.jpg", -5, 1, "train"], ["imgs/1.jpg", 3, -2, "train"], ["imgs/x.jpg", 3, 1, "Train"]])
+    dataset = build_dataset("custom", tmp_path)
+    assert (len(dataset.train), len(dataset.query), len(dataset.gallery)) == (1, 1, 1)
+    manifest = folder / "manifest.csv"
+    assert dataset.problems[0] == f"{manifest}:5: imgs/3.jpg is listed again (first at line 4): one row per image; " \
+        "remove the repeated row"
+    assert [problem.split(": ")[1] for problem in dataset.problems[1:4]] == [
+        "pid 99999999999999999999, camid 1, tracklet -1", "pid -5, camid 1, tracklet -1", "pid 3, camid -2, tracklet -1"]
+    assert dataset.problems[4] == f"{manifest}:9: split 'Train' of imgs/x.jpg is not one of train, query, gallery " \
+        "(lower case); fix the row"
 
 
 def test_custom_csv_with_split_column(tmp_path):

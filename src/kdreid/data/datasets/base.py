@@ -227,11 +227,13 @@ def walk_files(folder: Path) -> list[Path]:
 
 
 def read_market_style_folder(
-    folder: Path, problems: list[str], extensions: Sequence[str] = (".jpg",)
+    folder: Path, problems: list[str], extensions: Sequence[str] = (".jpg",), *, nested_read: bool = False
 ) -> list[ImageRecord]:
     """Every image in `folder` named `PID_cCAM*` as a record with raw pid (junk included; `make_dataset` drops
     it). Names that do not parse are listed in `problems` and skipped, so one stray file does not stop a run.
-    Hidden files are not images (macOS's `._NAME.jpg` twins, .DS_Store): skipped, as torchreid's glob skips them."""
+    Hidden files are not images (macOS's `._NAME.jpg` twins, .DS_Store): skipped, as torchreid's glob skips them.
+    Sub-folders holding images are named in `problems` (not read) unless the caller reads them too
+    (`nested_read`)."""
     # os.scandir: file type without a stat per file, which matters for MSMT17-size folders (126k images)
     try:
         with os.scandir(folder) as scanned:
@@ -243,6 +245,13 @@ def read_market_style_folder(
     for entry in entries:
         if suffixes[entry.name] in extensions and entry.is_symlink() and not entry.is_file():
             problems.append(f"{folder / entry.name}: a link to a file that does not exist; re-link or remove it")
+    for entry in entries if not nested_read else ():  # public layouts read a split flat, as released
+        if entry.is_dir() and entry.name != "__MACOSX":
+            nested = sum(path.suffix.lower() in extensions for path in walk_files(Path(entry.path)))
+            if nested:
+                problems.append(f"{folder / entry.name}: a folder of {nested} images inside a split, which this "
+                                "layout does not read (images lie directly in the split folder, as released); move "
+                                "them up or remove the folder")
     others = sorted(suffix for e in entries if (suffix := suffixes[e.name]) in _ANY_IMAGE_SUFFIXES
                     and suffix not in extensions and e.is_file())
     if others and not names:

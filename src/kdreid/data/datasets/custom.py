@@ -88,7 +88,7 @@ def _read_custom_folder(name: str, folder: Path) -> ReidDataset:
             split_dir = require_split_folder(folder / split, fix)
             splits[split] = []
             for sub_dir in sorted({p.parent for p in walk_files(split_dir)}):
-                splits[split] += read_market_style_folder(sub_dir, problems, IMAGE_SUFFIXES)
+                splits[split] += read_market_style_folder(sub_dir, problems, IMAGE_SUFFIXES, nested_read=True)
     return make_dataset(name, folder, splits["train"], splits["query"], splits["gallery"], problems)
 
 
@@ -113,6 +113,7 @@ def read_manifest(folder: Path, manifest_path: Path, problems: list[str]) -> dic
         )
     column = {name: header.index(name) for name in header}
     splits: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}
+    first_line: dict[str, int] = {}  # path as written -> the line that listed it first
     for line_number, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
@@ -124,10 +125,24 @@ def read_manifest(folder: Path, manifest_path: Path, problems: list[str]) -> dic
         except (IndexError, ValueError):
             problems.append(f"{where}: expected integer pid and camid (and tracklet), got {','.join(row)}; fix the row")
             continue
+        # Labels are stored as int64 (a larger one fails far from here); negative ids other than the junk -1 mean
+        # nothing in any protocol.
+        if not -1 <= pid < 2**63 or not 0 <= camid < 2**31 or not -1 <= tracklet < 2**63:
+            problems.append(f"{where}: pid {pid}, camid {camid}, tracklet {tracklet}: pid must be -1 (junk), 0 "
+                            "(distractor) or a positive id, camid 0 or more, tracklet -1 (none) or more (all below "
+                            "2**63); fix the row")
+            continue
+        if values["path"] in first_line:
+            problems.append(f"{where}: {values['path']} is listed again (first at line {first_line[values['path']]}): "
+                            "one row per image; remove the repeated row")
+            continue
+        first_line[values["path"]] = line_number
         relative = Path(values["path"])
         split = values.get("split") or (relative.parts[0] if len(relative.parts) > 1 else "")
         if split not in SPLITS:
             problems.append(
+                f"{where}: split {split!r} of {values['path']} is not one of train, query, gallery (lower case); fix "
+                "the row" if values.get("split") else
                 f"{where}: cannot tell the split of {values['path']}; put it under train/, query/ or gallery/ "
                 "or add a split column"
             )
