@@ -339,6 +339,22 @@ def _bad_yaml(tmp, monkeypatch):
     return _train(tmp, root, "--config", str(tmp / "config.yaml"))
 
 
+def _root_is_a_file(tmp, monkeypatch):
+    (tmp / "data.tar").write_text("an archive, not extracted")
+    return _train(tmp, tmp / "data.tar")
+
+
+def _features_as_model(tmp, monkeypatch):
+    np.savez(tmp / "g.npz", format=np.array("kdreid-features"), features=np.zeros((1, 4), np.float32))
+    return _evaluate(tmp, tmp / "g.npz")
+
+
+def _onnx_cut_short(tmp, monkeypatch):
+    assert main(["export", "--model", _checkpoint(tmp, "m.pt"), "--format", "onnx", "--out", str(tmp / "m.onnx")]) == 0
+    (tmp / "m.onnx").write_bytes((tmp / "m.onnx").read_bytes()[:2000])
+    return ["extract", "--model", str(tmp / "m.onnx"), "--images", str(tmp), "--out", str(tmp / "g.npz")]
+
+
 CASES = [
     Case("--root that does not exist", _missing_root, "does not exist; pass the parent folder of the datasets"),
     Case("empty dataset folder", _empty_folder, "expected bounding_box_train under"),
@@ -426,7 +442,26 @@ CASES = [
     Case("`report --root` that does not exist", lambda tmp, monkeypatch: ["report", str(tmp), "--root",
                                                                           str(tmp / "nowhere")],
          "is not a folder; pass the data root the run read"),
+    # Found by a bad-input review (stop 23).
+    Case("`extract --out` naming the --model file", lambda tmp, monkeypatch: [
+        "extract", "--model", _checkpoint(tmp, "m.pt"), "--images", str(tmp), "--out", str(tmp / "m.pt")],
+         "is the --model file: writing it would replace it; choose another --out"),
+    Case("`export --out` ending in /", lambda tmp, monkeypatch: [
+        "export", "--model", _checkpoint(tmp, "m.pt"), "--format", "onnx", "--out", f"{tmp / 'exports'}/"],
+         "the trailing / names a folder, not a file; give a file path such as"),
+    Case("--config that is a folder", lambda tmp, monkeypatch: _train(tmp, _market(tmp)[0], "--config", str(tmp)),
+         "is a folder; pass a YAML file"),
+    Case("--root that is a file", _root_is_a_file, "is a file, not a folder; pass the parent folder of the datasets"),
+    Case("a features file as --model", _features_as_model, "is a features file (kdreid extract), not a model"),
+    Case("--pretrained PATH that does not exist", lambda tmp, monkeypatch: _train(
+        tmp, _market(tmp)[0], "--pretrained", str(tmp / "weights.pth")),
+         "does not exist; --pretrained (or `pretrained:` in --config) takes imagenet, none or the path"),
+    Case("an ONNX file cut short", _onnx_cut_short, "export it again"),
+    Case("a file that is not an image as `extract --images`", lambda tmp, monkeypatch: [
+        "extract", "--model", _checkpoint(tmp, "m.pt"), "--images", _checkpoint(tmp, "x.pt"), "--out",
+        str(tmp / "g.npz")], "is not an image file (.jpg"),
 ]
+
 
 
 def _one_line_error(err: str) -> str:

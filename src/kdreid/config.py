@@ -146,7 +146,8 @@ def read_yaml(path: str | Path) -> Any:
     """The parsed contents of a YAML file; a missing or malformed file is a ConfigError."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        what = "is a folder; pass a YAML file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:

@@ -190,6 +190,9 @@ def list_images(path: str | Path) -> list[Path]:
     """One image file, or every image under a folder (recursive, sorted)."""
     path = Path(path)
     if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:  # else decoded, and "re-extract the dataset" would be wrong
+            raise DatasetError(f"{path} is not an image file ({', '.join(IMAGE_SUFFIXES)}); pass an image or a folder "
+                               "of images")
         return [path]
     if not path.is_dir():
         raise DatasetError(f"{path} does not exist; pass an image file or a folder of images")
@@ -449,7 +452,7 @@ def search_command(args) -> int:
         print("kdreid: warning: --max-distance with --rerank: a re-ranked distance depends on the other queries of "
               "the set, so a threshold measured by `kdreid evaluate --verification` does not carry over exactly",
               file=sys.stderr)
-    if query_path.suffix == ".npz" and query_path.is_file():
+    if query_path.suffix.lower() == ".npz" and query_path.is_file():
         warn_unused({"--model": args.model, "-a": args.arch, "--flip": args.flip,
                       "--height": args.height, "--width": args.width}, f"{args.query} holds features already")
         query = load_features(query_path)

@@ -252,7 +252,8 @@ def onnx_session(path: str | Path | bytes, threads: int = 0):
                                     providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types for unreadable or unsupported files
         what = "the exported model" if isinstance(path, bytes) else path
-        raise ModelError(f"ONNX Runtime cannot load {what}: {_first_line(error)}") from None
+        fix = "" if isinstance(path, bytes) else "; export it again (a file cut short or damaged in a copy fails so)"
+        raise ModelError(f"ONNX Runtime cannot load {what}: {_first_line(error)}{fix}") from None
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

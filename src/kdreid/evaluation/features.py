@@ -449,8 +449,11 @@ def evaluate_command(args) -> int:
                   f"{_aqe_text(aqe)}{', k-reciprocal re-ranked' if args.rerank else ''}", file=sys.stderr)
             with evaluation_warnings_to(lambda message: print(f"kdreid: warning: {target}: {message}",
                                                               file=sys.stderr)):
-                if not dataset.query:
-                    raise EvaluationError(f"empty query set: dataset {target} has no query image")
+                for split in ("query", "gallery"):  # named here: evaluate_features does not know the dataset
+                    if not getattr(dataset, split):
+                        raise EvaluationError(f"dataset {target} has no {split} image under {dataset.root}: it "
+                                              "cannot be evaluated (an unlabelled target's training images only?); "
+                                              "give it a query and a gallery, or leave it out of -t")
                 query, gallery = embed(dataset.query), embed(dataset.gallery)
                 if aqe:  # before everything that ranks: the table, --visrank and --verification see the same
                     query, gallery = expand_features(query, gallery, device=device, **aqe)

@@ -105,6 +105,11 @@ def build_model(
     if str(pretrained).lower() == "imagenet":
         model.load_report = load_weights(model, resolve_imagenet(spec), source="ImageNet")
     else:
+        if not Path(pretrained).is_file():  # named as the setting it came from, with what it takes
+            from kdreid.errors import why_not_a_file
+
+            raise ModelError(f"pretrained weights {pretrained} {why_not_a_file(pretrained)}; --pretrained (or "
+                             "`pretrained:` in --config) takes imagenet, none or the path of a state dict")
         model.load_report = load_weights(model, pretrained)
     return model
 

@@ -91,6 +91,11 @@ def read_file(path: str | Path) -> object:
             f"{path}: an exported {'ONNX' if kind == 'onnx' else 'TorchScript'} model; this command takes a kdreid "
             "checkpoint (model.pt) or a state dict; exported files go to `kdreid evaluate`, `extract` and `search`"
         )
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if {"features.npy", "format.npy"} <= set(archive.namelist()):  # np.savez's members, not torch.save's
+                raise CheckpointError(f"{path} is a features file (kdreid extract), not a model; pass a kdreid "
+                                      "checkpoint (model.pt) here, and the features to `kdreid search --gallery`")
     training_state = CheckpointError(f"{path}: a run's training checkpoint, not a model; pass RUN/model.pt (this "
                                      "is the training state for --resume)")
     try:

@@ -142,7 +142,8 @@ def build_dataset(name: str, root: str | Path, **options) -> ReidDataset:
         raise DatasetError(f"unknown dataset option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     root = Path(root).expanduser().absolute()
     if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist; pass the parent folder of the datasets with --root")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DatasetError(f"dataset root {root} {what}; pass the parent folder of the datasets with --root")
     accepted = _keyword_options(reader)
     return reader(root, **{key: value for key, value in options.items() if key in accepted})
 
@@ -321,5 +322,6 @@ def find_dataset_folder(root: Path, candidates: Sequence[Path], marker: str, dat
 
 def require_split_folder(folder: Path, fix: str) -> Path:
     if not folder.is_dir():
-        raise DatasetError(f"split folder {folder}/ is missing; {fix}")
+        what = "is a file, not a folder" if folder.exists() else "is missing"
+        raise DatasetError(f"split folder {folder}/ {what}; {fix}")
     return folder
