@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 
 from kdreid.cli import main
 from kdreid.data.datasets import build_dataset
@@ -69,6 +70,119 @@ def test_unusable_settings_are_one_line_errors(flags, message, synth_root, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+def _config_file(path, key: str, value):
+    """A --config file setting one dotted `key` (written nested, as a user writes it)."""
+    *parents, leaf = key.split(".")
+    data = {leaf: list(value) if isinstance(value, tuple) else value}
+    for parent in reversed(parents):
+        data = {parent: data}
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+# Settings no run can use: before, some stopped in torch with a traceback (exit 1) and left a half-written run
+# folder, one (eval.batch_size) only after a whole epoch, and the others trained on nonsense (a negative learning
+# rate after a milestone, ...). Each is now one line, exit 2, before the run folder is made.
+NO_RUN_CAN_USE = [
+    ("label_smoothing", 1.5, "label_smoothing must be in [0, 1), got 1.5"),
+    ("label_smoothing", 1.0, "label_smoothing must be in [0, 1), got 1.0"),
+    ("label_smoothing", -0.1, "label_smoothing must be in [0, 1), got -0.1"),
+    ("triplet_margin", -1, "triplet_margin must be 0 or more, got -1.0"),
+    ("last_stride", 3, "last_stride must be 1 or 2, got 3"),
+    ("train.optim.lr", float("inf"), "--lr must be positive, got inf"),
+    ("train.optim.weight_decay", -1, "train.optim.weight_decay must be 0 or more, got -1.0"),
+    ("train.optim.weight_decay", float("nan"), "train.optim.weight_decay must be 0 or more, got nan"),
+    ("train.optim.momentum", 1.0, "train.optim.momentum must be in [0, 1), got 1.0"),
+    ("train.optim.momentum", -0.5, "train.optim.momentum must be in [0, 1), got -0.5"),
+    ("train.optim.betas", (1.5, 0.999), "train.optim.betas must be two numbers, each in [0, 1), got [1.5, 0.999]"),
+    ("train.optim.betas", (0.9, -0.1), "train.optim.betas must be two numbers, each in [0, 1), got [0.9, -0.1]"),
+    ("train.optim.milestones", [-1, 20], "train.optim.milestones must be 0-based epochs (0 or more), got [-1, 20]"),
+    ("train.optim.step_size", 0, "train.optim.step_size must be at least 1 (epochs), got 0"),
+    ("train.optim.gamma", -1, "train.optim.gamma must be positive (the factor of each decay), got -1.0"),
+    ("train.optim.gamma", 0, "train.optim.gamma must be positive (the factor of each decay), got 0.0"),
+    ("train.optim.min_lr_factor", 1.5, "train.optim.min_lr_factor must be in [0, 1] (the cosine floor, a fraction "
+                                       "of --lr), got 1.5"),
+    ("train.optim.min_lr_factor", -0.1, "train.optim.min_lr_factor must be in [0, 1]"),
+    ("train.optim.warmup_epochs", -5, "train.optim.warmup_epochs must be 0 (no warm-up) or more, got -5"),
+    ("train.optim.warmup_factor", 0, "train.optim.warmup_factor must be in (0, 1] (the first epoch's fraction of "
+                                     "--lr), got 0.0"),
+    ("train.optim.warmup_factor", 2, "train.optim.warmup_factor must be in (0, 1]"),
+    ("train.optim.clip_grad_norm", -1, "train.optim.clip_grad_norm must be 0 (no clipping) or positive, got -1.0"),
+    ("train.source_val_ids", 0, "train.source_val_ids must be a fraction strictly between 0 and 1, got 0.0"),
+    ("train.source_val_ids", 1, "train.source_val_ids must be a fraction strictly between 0 and 1, got 1.0"),
+    ("train.log_freq", 0, "train.log_freq must be at least 1 (iterations), got 0"),
+    ("train.augment.pad", -1, "train.augment.pad must be 0 or more; got -1"),
+    ("train.augment.erase_attempts", -1, "train.augment.erase_attempts must be 0 or more; got -1"),
+    ("train.augment.erase_aspect", float("inf"), "train.augment.erase_aspect must be positive; got inf"),
+    ("eval.batch_size", 0, "eval.batch_size must be at least 1 (images), got 0"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", NO_RUN_CAN_USE, ids=[f"{k}={v}" for k, v, _ in NO_RUN_CAN_USE])
+def test_a_setting_no_run_can_use_is_one_line_before_the_run_folder(key, value, message, synth_root, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "runs" / "r"
+    code = main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root),
+                 "--out", str(out), *TINY, "--config", _config_file(tmp_path / "c.yaml", key, value)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kdreid: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()  # nor the parent this call would have made
+
+
+ADAPT = ["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", "{tmp}/source.pt"]
+DISTILL = ["distill", "-s", "synth_msmt", "-t", "synth_duke", "--teachers", "{tmp}/teacher.pt"]
+STAGE_SETTINGS_NO_RUN_CAN_USE = [
+    (ADAPT, "label_smoothing", 1.0, "label_smoothing must be in [0, 1), got 1.0"),
+    (ADAPT, "triplet_margin", -0.3, "triplet_margin must be 0 or more, got -0.3"),
+    (ADAPT, "pseudo.eps", 0, "pseudo.eps must be a positive distance, got 0.0"),
+    (ADAPT, "pseudo.min_samples", 0, "pseudo.min_samples must be at least 1, got 0"),
+    (ADAPT, "pseudo.k1", 0, "pseudo.k1 must be at least 1, got 0"),
+    (ADAPT, "pseudo.k2", -1, "pseudo.k2 must be at least 1, got -1"),
+    (ADAPT, "eval.batch_size", 0, "eval.batch_size must be at least 1 (images), got 0"),
+    (ADAPT, "train.optim.gamma", -1, "train.optim.gamma must be positive"),
+    (DISTILL, "label_smoothing", 1.5, "label_smoothing must be in [0, 1), got 1.5"),
+    (DISTILL, "triplet_margin", -1, "triplet_margin must be 0 or more, got -1.0"),
+    (DISTILL, "eval.batch_size", -1, "eval.batch_size must be at least 1 (images), got -1"),
+    (DISTILL, "train.optim.momentum", 1.5, "train.optim.momentum must be in [0, 1), got 1.5"),
+]
+
+
+@pytest.mark.parametrize("command, key, value, message", STAGE_SETTINGS_NO_RUN_CAN_USE,
+                         ids=[f"{c[0]}-{k}={v}" for c, k, v, _ in STAGE_SETTINGS_NO_RUN_CAN_USE])
+def test_adapt_and_distill_refuse_a_setting_no_run_can_use_before_the_run_folder(command, key, value, message,
+                                                                                 synth_root, tmp_path, capsys):
+    # The --init/--teachers files need not exist: the settings are checked before anything is read.
+    out = tmp_path / "runs" / "r"
+    code = main([*(part.format(tmp=tmp_path) for part in command), "--root", str(synth_root), "--out", str(out),
+                 *TINY, "--config", _config_file(tmp_path / "c.yaml", key, value)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kdreid: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("train.optim.weight_decay", 0.0), ("label_smoothing", 0.0), ("triplet_margin", 0.0),
+    ("train.optim.momentum", 0.0), ("train.optim.betas", (0.0, 0.0)), ("train.optim.milestones", []),
+    ("train.optim.milestones", [0, 500]), ("train.optim.milestones", [20, 20]), ("train.optim.gamma", 2.0), ("train.optim.min_lr_factor", 1.0),
+    ("train.optim.warmup_epochs", 0), ("train.optim.warmup_epochs", 1000), ("train.optim.warmup_factor", 1.0),
+    ("train.optim.clip_grad_norm", 0.0), ("train.optim.step_size", 1000), ("train.augment.pad", 0),
+    ("train.augment.erase_attempts", 0), ("eval.batch_size", 1), ("train.log_freq", 1),
+])
+def test_unusual_settings_a_run_can_use_are_accepted(key, value):
+    from kdreid.stages.source import SourceConfig
+
+    resolve_config(SourceConfig, "source", overrides={key: value}).validate()
+
+
+@pytest.mark.parametrize("preset", [None, "paper", "quick"])
+def test_the_defaults_and_presets_pass_validation(preset):
+    from kdreid.stages import distill, source
+
+    resolve_config(source.SourceConfig, "source", preset=preset).validate()
+    resolve_config(adapt.AdaptConfig, "adapt", preset=preset, overrides={"init": "s.pt"}).validate()
+    resolve_config(distill.DistillConfig, "distill", preset=preset, overrides={"teachers": ["t.pt"]}).validate()
 
 
 def test_resume_of_a_finished_run_trains_no_more(source_run, synth_root):

@@ -10,6 +10,7 @@ tests/data/test_augment.py. Nothing here reads a value back to the host, so a CU
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +39,11 @@ class AugmentConfig:
         if not 0 <= low <= high <= 1:
             raise ConfigError(f"train.augment.erase_area must be two fractions 0 <= low <= high <= 1; got "
                               f"{list(self.erase_area)}")
-        if not self.erase_aspect > 0:  # r and 1/r give the same range [min, max]
+        if not 0 < self.erase_aspect < math.inf:  # r and 1/r give the same range [min, max]
             raise ConfigError(f"train.augment.erase_aspect must be positive; got {self.erase_aspect}")
-        if self.pad < 0 or self.erase_attempts < 0:
-            raise ConfigError(f"train.augment.pad and erase_attempts must be 0 or more; got {self.pad} and "
-                              f"{self.erase_attempts}")
+        for key in ("pad", "erase_attempts"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.augment.{key} must be 0 or more; got {getattr(self, key)}")
 
 
 def augment_batch(

@@ -37,6 +37,7 @@ from kdreid.stages.common import (
     EvalOptions,
     StageResult,
     begin_stage,
+    check_loss_settings,
     stage_evaluator,
     finish_stage,
     picture_sample,
@@ -46,7 +47,7 @@ from kdreid.stages.common import (
 )
 from kdreid.stages.data import BatchSource, combine_train
 from kdreid.stages.loop import StepContext, TrainConfig, fit
-from kdreid.stages.optim import build_optimizer
+from kdreid.stages.optim import build_optimizer, check_setting
 from kdreid.stages.pseudo_labels import PseudoLabelConfig, clustering_distances, dbscan
 
 DMMD_TERMS = ("within", "between", "features")
@@ -88,6 +89,8 @@ class AdaptConfig:
         """Values no adaptation can use: one ConfigError naming the flag, before any work (also in a pipeline,
         before its earlier stages train)."""
         self.train.validate()
+        self.eval.validate()
+        check_loss_settings(self)
         if len(self.targets) > 1 and not self.blend:
             raise ConfigError(
                 f"adapt makes one teacher per target but got {len(self.targets)} targets; run it once per target, "
@@ -109,6 +112,12 @@ class AdaptConfig:
         if self.histogram_images < 0:
             raise ConfigError(f"histogram_images is a number of images per domain, 0 or more; got "
                               f"{self.histogram_images}")
+        # DBSCAN on the Jaccard distance (pseudo-labels, and the target-clusters score): k-reciprocal neighbourhoods
+        # of k1 and k2 images, a core point with min_samples neighbours within eps.
+        pseudo = self.pseudo
+        check_setting(0 < pseudo.eps < math.inf, "pseudo.eps", pseudo.eps, "a positive distance")
+        for key in ("min_samples", "k1", "k2"):
+            check_setting(getattr(pseudo, key) >= 1, f"pseudo.{key}", getattr(pseudo, key), "at least 1")
 
 
 GROUPING_NAMES = {"tracklet": "tracklets", "pseudo": "pseudo-labels", "oracle": "oracle identities"}
@@ -116,7 +125,6 @@ GROUPING_NAMES = {"tracklet": "tracklets", "pseudo": "pseudo-labels", "oracle": 
 
 @stage_runner
 def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
-    config.validate()
     train = config.train
     start = begin_stage(config, resume=resume)
     run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import math
 import os
 import shutil
 import time
@@ -30,6 +31,7 @@ from kdreid.rundir import RunDir, atomic_write_bytes, atomic_write_text, exclusi
 from kdreid.stages.data import (
     DATASETS_FILE, dataset_fingerprint, fingerprint_change, hold_out_validation, load_datasets, read_datasets_record,
 )
+from kdreid.stages.optim import check_setting
 from kdreid.stages.pseudo_labels import PseudoLabelConfig, cluster_quality
 from kdreid.stages.loop import (
     PATH_SETTINGS, FitResult, TrainConfig, absolute_path_setting, check_resumed_settings, has_checkpoint,
@@ -59,6 +61,18 @@ class EvalOptions:
     metric: Literal["euclidean", "cosine"] = "euclidean"  # checked when the config is read, not after training
     flip: bool = False  # average the features of an image and its mirror
     batch_size: int = 128
+
+    def validate(self) -> None:
+        """Checked with the stage's other settings, not when the first evaluation comes, after an epoch."""
+        check_setting(self.batch_size >= 1, "eval.batch_size", self.batch_size, "at least 1 (images)")
+
+
+def check_loss_settings(config) -> None:
+    """The source losses' settings every stage has: CE label smoothing (ε = 1 leaves no label in the target,
+    torch refuses more) and the triplet margin (a negative one is met with the negatives closer than the
+    positives)."""
+    check_setting(0 <= config.label_smoothing < 1, "label_smoothing", config.label_smoothing, "in [0, 1)")
+    check_setting(0 <= config.triplet_margin < math.inf, "triplet_margin", config.triplet_margin, "0 or more")
 
 
 def how_measured(names: Sequence[str], options: EvalOptions, data: DataOptions) -> str:
@@ -182,7 +196,8 @@ class StageStart:
 
 
 def stage_runner(run):
-    """Wraps a stage's `run(config, resume=...)`. The main process holds the run folder for the whole stage
+    """Wraps a stage's `run(config, resume=...)`. First `config.validate()`: a setting no run can use is one line
+    before the run folder is made. The main process holds the run folder for the whole stage
     (`rundir.exclusive`: a second command writing there is refused). When the stage fails with a KdreidError (a bad
     input: a missing --init file, an unknown dataset, a wrong architecture, too few pseudo-label clusters, a NaN
     loss) before its first checkpoint, in a run folder this call created, the folder goes — a failed command leaves
@@ -190,6 +205,7 @@ def stage_runner(run):
     holds a checkpoint or a model, is kept."""
     @functools.wraps(run)
     def guarded(config, *, resume: bool = False):
+        config.validate()  # before the run folder below is made: a refused setting leaves nothing behind
         out = Path(config.out)
         created = _first_missing(out)  # the folder, or its topmost parent, that this call makes
         if not distributed.is_main():

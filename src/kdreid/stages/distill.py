@@ -57,6 +57,7 @@ from kdreid.stages.common import (
     EvalOptions,
     StageResult,
     begin_stage,
+    check_loss_settings,
     stage_evaluator,
     finish_stage,
     picture_sample,
@@ -111,6 +112,8 @@ class DistillConfig:
 
     def validate(self) -> None:
         self.train.validate()
+        self.eval.validate()
+        check_loss_settings(self)
         if not self.targets:
             raise ConfigError("distill needs at least one target: -t T1 T2 ...")
         if self.histogram_images < 0:
@@ -345,7 +348,6 @@ def feature_kd(projector: nn.Module, student_maps, teacher_maps, margins) -> tor
 # ------------------------------------------------------------------------------------------------ the stage
 @stage_runner
 def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
-    config.validate()
     # The teachers are read before the run folder is made: a teacher of the wrong target stops here, not after
     # the datasets are read.
     teacher_models = [load_teacher(path, config.teacher_arch, config.teacher_last_stride) for path in config.teachers]

@@ -46,7 +46,7 @@ from kdreid.errors import CheckpointError, ConfigError, KdreidError, TrainingErr
 from kdreid.evaluation.ranking import METRIC_COLUMNS
 from kdreid.models.weights import TRAINING_STATE_FORMAT, TRAINING_STATE_MAGIC, UnsafeCheckpointError, safe_load
 from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes, make_folder, remove_stale_temporaries
-from kdreid.stages.optim import OptimConfig, learning_rate, set_learning_rate
+from kdreid.stages.optim import OptimConfig, check_setting, learning_rate, set_learning_rate
 from kdreid.stages.speed import (
     COMPILE_MODES, CompiledStep, LossWindow, resolve_compile, to_memory_format, tune_backends, use_channels_last,
 )
@@ -100,10 +100,13 @@ class TrainConfig:
             )
         if not 0 <= self.seed < 2**32:  # what numpy's and torch's generators take
             raise ConfigError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
-        if not self.optim.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.optim.lr}")
         if self.eval_freq < 0:
             raise ConfigError(f"--eval-freq must be 0 (at the end) or positive, got {self.eval_freq}")
+        # A fraction of the identities to hold out: none, or all, leaves nothing to validate on or to train on.
+        check_setting(0 < self.source_val_ids < 1, "train.source_val_ids", self.source_val_ids,
+                      "a fraction strictly between 0 and 1")
+        check_setting(self.log_freq >= 1, "train.log_freq", self.log_freq, "at least 1 (iterations)")
+        self.optim.validate()
         self.augment.validate()
         if self.compile != "auto" and self.compile not in COMPILE_MODES:
             raise ConfigError(f"--compile {self.compile!r} is not one of auto, {', '.join(COMPILE_MODES)}")

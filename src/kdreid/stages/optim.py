@@ -12,6 +12,16 @@ from typing import Iterable, Literal
 
 import torch
 
+from kdreid.errors import ConfigError
+
+
+def check_setting(ok: bool, setting: str, value, allowed: str) -> None:
+    """A value no run can use: one ConfigError naming the setting as the user writes it (its flag, or its config
+    key such as `train.optim.weight_decay`), the value and what is allowed. Write `ok` so that NaN fails it
+    (`0 <= x < math.inf`, not `not x < 0`)."""
+    if not ok:
+        raise ConfigError(f"{setting} must be {allowed}, got {value}")
+
 
 @dataclass
 class OptimConfig:
@@ -29,6 +39,29 @@ class OptimConfig:
     warmup_epochs: int = 10  # linear warm-up from warmup_factor·lr to lr
     warmup_factor: float = 0.01
     clip_grad_norm: float = 0.0  # 0 = no clipping
+
+    def validate(self) -> None:
+        """Values no optimiser or schedule can use (torch would stop on some with a traceback, others would train
+        on a negative or growing learning rate), checked before any work."""
+        check_setting(0 < self.lr < math.inf, "--lr", self.lr, "positive")
+        key = "train.optim."
+        check_setting(0 <= self.weight_decay < math.inf, key + "weight_decay", self.weight_decay, "0 or more")
+        check_setting(0 <= self.momentum < 1, key + "momentum", self.momentum, "in [0, 1)")
+        check_setting(all(0 <= beta < 1 for beta in self.betas), key + "betas", list(self.betas),
+                      "two numbers, each in [0, 1)")
+        # The 0-based epochs from which the rate is multiplied by gamma once more (one named twice decays twice
+        # there, as torch's MultiStepLR does: a shortened schedule can round two milestones to one epoch).
+        check_setting(all(m >= 0 for m in self.milestones), key + "milestones", list(self.milestones),
+                      "0-based epochs (0 or more)")
+        check_setting(self.step_size >= 1, key + "step_size", self.step_size, "at least 1 (epochs)")
+        check_setting(0 < self.gamma < math.inf, key + "gamma", self.gamma, "positive (the factor of each decay)")
+        check_setting(0 <= self.min_lr_factor <= 1, key + "min_lr_factor", self.min_lr_factor,
+                      "in [0, 1] (the cosine floor, a fraction of --lr)")
+        check_setting(self.warmup_epochs >= 0, key + "warmup_epochs", self.warmup_epochs, "0 (no warm-up) or more")
+        check_setting(0 < self.warmup_factor <= 1, key + "warmup_factor", self.warmup_factor,
+                      "in (0, 1] (the first epoch's fraction of --lr)")
+        check_setting(0 <= self.clip_grad_norm < math.inf, key + "clip_grad_norm", self.clip_grad_norm,
+                      "0 (no clipping) or positive")
 
 
 def build_optimizer(params: Iterable, config: OptimConfig, *, fused: bool | None = None) -> torch.optim.Optimizer:

@@ -19,6 +19,7 @@ from kdreid.models import build_model, check_input_size
 from kdreid.stages.common import (
     StageResult,
     begin_stage,
+    check_loss_settings,
     stage_evaluator,
     finish_stage,
     stage_runner,
@@ -27,7 +28,7 @@ from kdreid.stages.common import (
 )
 from kdreid.stages.data import BatchSource, combine_train, hold_out_validation
 from kdreid.stages.loop import StepContext, TrainConfig, fit
-from kdreid.stages.optim import build_optimizer
+from kdreid.stages.optim import build_optimizer, check_setting
 from kdreid.stages.speed import auto_compile_mode
 
 
@@ -49,6 +50,14 @@ class SourceConfig:
     data: DataOptions = field(default_factory=DataOptions)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalOptions = field(default_factory=EvalOptions)
+
+    def validate(self) -> None:
+        """Values no source training can use: one ConfigError naming the setting, before any work (also in a
+        pipeline, before its first stage)."""
+        self.train.validate()
+        self.eval.validate()
+        check_loss_settings(self)
+        check_setting(self.last_stride in (1, 2), "last_stride", self.last_stride, "1 or 2")
 
 
 def source_train_step(model: torch.nn.Module, batches: BatchSource, config: SourceConfig):
