@@ -457,6 +457,10 @@ CASES = [
         tmp, _market(tmp)[0], "--pretrained", str(tmp / "weights.pth")),
          "does not exist; --pretrained (or `pretrained:` in --config) takes imagenet, none or the path"),
     Case("an ONNX file cut short", _onnx_cut_short, "export it again"),
+    Case("label smoothing of 1 or more in a config", _config_size("label_smoothing: 1.5\n"),
+         "label_smoothing must be in [0, 1), got 1.5"),
+    Case("a negative weight decay in a config", _config_size("train: {optim: {weight_decay: -1}}\n"),
+         "train.optim.weight_decay must be 0 or more, got -1"),
     Case("a file that is not an image as `extract --images`", lambda tmp, monkeypatch: [
         "extract", "--model", _checkpoint(tmp, "m.pt"), "--images", _checkpoint(tmp, "x.pt"), "--out",
         str(tmp / "g.npz")], "is not an image file (.jpg"),
