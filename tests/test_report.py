@@ -263,6 +263,178 @@ def test_not_a_run_is_one_line(make, message, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and message in err and str(path) in err
 
 
+# ------------------------------------------------------------------------------------------------ damaged files
+def _report(run: Path, capsys, *flags: str) -> str:
+    """`kdreid report RUN` that must write the page (exit 0, one line on stderr, no warning); -> the page's HTML."""
+    assert main(["report", str(run), *flags]) == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("wrote "), err
+    return html.unescape((run / "report.html").read_text())
+
+
+def _edit_json(path: Path, change) -> None:
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+
+
+def _edit_yaml(path: Path, settings: dict) -> None:
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **settings}))
+
+
+@pytest.mark.parametrize("damage, found", [
+    (b"\xff\xfe\n", "it is not YAML text"),
+    (b"targets: [unclosed\n", "it is not YAML text"),
+    (b"- 1\n", "it holds list, not the mapping a kdreid run writes"),
+    ({"data": [1]}, "data is list, not a mapping"),
+    ({"eval": [1]}, "eval is list, not a mapping"),
+    ({"data": {"root": "nowhere", "cuhk03_split_id": "abc"}}, "data.cuhk03_split_id is str, not a whole number"),
+    ({"targets": 5}, "targets is int, not a list of strings"),
+    ({"targets": TARGET}, "targets is str, not a list of strings"),  # one name, not one note per letter
+    ({"teachers": "teacher.pt"}, "teachers is str, not a list of strings"),
+], ids=["not-utf8", "not-yaml", "not-a-mapping", "data-list", "eval-list", "split-id-text", "targets-int",
+        "targets-one-name", "teachers-one-path"])
+def test_a_damaged_config_costs_the_model_pictures_not_the_page(damage, found, tmp_path, tiny_model, rng, capsys):
+    run = tmp_path / "adapt"
+    _stage(run, "teacher D-MMD", histograms=False, rng=rng)
+    shutil.copy(tiny_model, run / "model.pt")
+    if isinstance(damage, bytes):
+        (run / "config.yaml").write_bytes(damage)
+    else:
+        _edit_yaml(run / "config.yaml", damage)
+    text = _report(run, capsys, "--visrank", "1", "--actmap", "1")
+    assert f"no ranked results or activation maps: {run / 'config.yaml'} is damaged: {found}; restore the " \
+           "config.yaml the run wrote" in text
+    assert _images(run / "report.html") == ["report/curves_run.png"]  # the rest of the page is written
+
+
+@pytest.mark.parametrize("damage, found", [
+    (lambda run: (run / "results.md").write_bytes(b"\xff\xfe"),
+     "Results: no results table ({run}/results.md is damaged: it is not UTF-8 text; run that stage again)"),
+    (lambda run: _edit_json(run / "metrics.json", lambda m: m.update(epochs=[1, 2])),
+     "Results: no training curves ({run}/metrics.json is damaged: 'epochs' entry 1 is not a training stage's record "
+     "(TypeError: "),
+    (lambda run: _edit_json(run / "metrics.json", lambda m: m.update(epochs=[{"epoch": "one", "losses": {}}])),
+     "'epochs' entry 1 is not a training stage's record (ValueError: "),
+    (lambda run: _edit_json(run / "metrics.json", lambda m: m["epochs"][1].update(losses={"loss": "x"})),
+     "'epochs' entry 2 is not a training stage's record (ValueError: could not convert string to float: 'x'); run "
+     "that stage again)"),
+    (lambda run: ((run / "results.md").unlink(),
+                  _edit_json(run / "metrics.json", lambda m: m["final"][TARGET].update(mAP="high"))),
+     "Results: no results table ({run}/metrics.json is damaged: final.synth_duke.mAP is str, not a number or null; "
+     "run that stage again)"),
+], ids=["results-not-utf8", "epochs-ints", "epoch-text", "loss-text", "final-map-text"])
+def test_a_damaged_stage_file_costs_its_table_or_curves_not_the_page(damage, found, tmp_path, rng, capsys):
+    run = tmp_path / "adapt"
+    _stage(run, "teacher D-MMD", histograms=True, rng=rng)
+    damage(run)
+    text = _report(run, capsys, "--visrank", "0", "--actmap", "0")
+    assert found.format(run=run) in text
+    assert "report/dmmd_run.png" in _images(run / "report.html")  # the rest of the page is written
+
+
+@pytest.mark.parametrize("damage, found", [
+    (lambda run: (run / "config.yaml").write_text(yaml.safe_dump({"targets": 5, "root": "nowhere"})),
+     "no ranked results: {run}/config.yaml is damaged: targets is int, not a list of strings"),
+    (lambda run: (run / "results.md").write_bytes(b"# title\xff\n"),
+     "no results table ({run}/results.md is damaged: it is not UTF-8 text; run the pipeline's command again"),
+    (lambda run: _edit_json(run / "metrics.json", lambda m: m["student"][TARGET].update(mAP="high")),
+     "no mAP bar chart ({run}/metrics.json is damaged: its 'student' row holds a mAP that is not a number"),
+    (lambda run: (run / "stages" / "blend" / "metrics.json").write_text("{trunc"),
+     "Stage blend: no training curves ({run}/stages/blend/metrics.json is not valid JSON"),
+], ids=["config-targets-int", "results-not-utf8", "row-map-text", "stage-metrics-not-json"])
+def test_a_damaged_pipeline_file_costs_its_part_not_the_page(damage, found, tmp_path, rng, capsys):
+    """A pipeline without its student.pt (nothing is ranked): its bars, stages and their curves."""
+    run = tmp_path / "pipe"
+    for name in ("source_osnet_tiny", "blend"):
+        _stage(run / "stages" / name, name, histograms=False, rng=rng)
+    row = {TARGET: {"mAP": 20.0, "rank1": 30.0}}
+    (run / "metrics.json").write_text(json.dumps({"source_only": row, "blend": row, "student": row}))
+    (run / "results.md").write_text("# synth_msmt -> synth_duke\n")
+    (run / "config.yaml").write_text(yaml.safe_dump({"targets": [TARGET], "root": "nowhere"}))
+    damage(run)
+    text = _report(run, capsys, "--visrank", "1", "--actmap", "0")
+    assert found.format(run=run) in text
+    assert "Stage source_osnet_tiny" in text and "report/curves_stages_source_osnet_tiny.png" in text
+
+
+EVALUATION = {
+    "final": {TARGET: {"mAP": 22.8, "rank1": 20.6, "rank5": 52.9, "rank10": 64.7, "mINP": 13.2}},
+    "verification": {TARGET: {"positive_pairs": 492, "negative_pairs": 4783, "auc": 0.656, "at_fpr": [
+        {"fpr": 0.001, "tpr": 0.2, "threshold": 0.0204}, {"fpr": 0.01, "tpr": 3.66, "threshold": 0.028}]}},
+    "evaluated_with": {TARGET: {"model": "model.pt", "metric": "euclidean", "flip": False}},
+}
+
+
+# What each part of an evaluation's page shows when its part of metrics.json is whole.
+EVALUATION_PARTS = {"final": "<td>synth_duke</td><td>22.8</td>", "verification": "<th>ROC AUC</th>",
+                    "evaluated_with": "synth_duke evaluated with model model.pt, metric euclidean"}
+
+
+@pytest.mark.parametrize("part, damage, found", [
+    ("verification", lambda m: m["verification"][TARGET]["at_fpr"][0].update(fpr="x"),
+     "no verification table ({path} is damaged: verification.synth_duke.at_fpr[0].fpr is str, not a number; run "
+     "kdreid evaluate again)"),
+    ("verification", lambda m: m["verification"][TARGET]["at_fpr"][1].update(tpr="x"),
+     "verification.synth_duke.at_fpr[1].tpr is str, not a number or null"),
+    ("verification", lambda m: m["verification"][TARGET].update(auc="x"),
+     "verification.synth_duke.auc is str, not a number or null"),
+    ("verification", lambda m: m["verification"][TARGET].update(at_fpr=[1, 2]),
+     "verification.synth_duke.at_fpr is a list holding int, not a list of mappings"),
+    ("evaluated_with", lambda m: m.update(evaluated_with=["x"]),
+     "the settings it was evaluated with are unknown ({path} is damaged: evaluated_with is list, not a mapping of "
+     "mappings; run kdreid evaluate again)"),
+    ("evaluated_with", lambda m: m.update(evaluated_with="oops"), "evaluated_with is str, not a mapping of mappings"),
+    ("final", lambda m: m.update(final={"x": {"mAP": [1]}}),
+     "no results table ({path} is damaged: final.x.mAP is list, not a number or null; run kdreid evaluate again)"),
+], ids=["fpr-text", "tpr-text", "auc-text", "at-fpr-ints", "evaluated-with-list", "evaluated-with-text", "final-list"])
+def test_a_damaged_evaluation_metrics_costs_its_table_or_line_not_the_page(part, damage, found, tmp_path, capsys):
+    run = tmp_path / "eval"
+    run.mkdir()
+    metrics = json.loads(json.dumps(EVALUATION))
+    damage(metrics)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    text = _report(run, capsys)
+    assert found.format(path=run / "metrics.json") in text
+    assert EVALUATION_PARTS[part] not in text
+    assert all(shown in text for other, shown in EVALUATION_PARTS.items() if other != part)
+
+
+def test_nan_distances_are_left_out_with_one_note(tmp_path, rng, capsys, recwarn):
+    """A diverged model's distances (NaN) used to print numpy and matplotlib RuntimeWarnings and draw nothing."""
+    run = tmp_path / "adapt"
+    _stage(run, "teacher D-MMD", histograms=True, rng=rng)
+    after = dict(np.load(run / "distances_after.npz"))
+    after["target_within"] = np.full(40, np.nan)
+    after["target_between"][:5] = np.inf
+    np.savez_compressed(run / "distances_after.npz", **after)
+    text = _report(run, capsys, "--visrank", "0", "--actmap", "0")
+    assert text.count("are not finite") == 1
+    assert "Results: 45 of the 160 distances in distances_after.npz are not finite (NaN or infinite: the model had " \
+           "diverged); the picture leaves them out" in text
+    assert "report/dmmd_run.png" in _images(run / "report.html")
+    assert not [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize("make, path", [
+    (lambda run: (run / "report.html").mkdir(), "report.html"),
+    (lambda run: (run / ".report.new").write_text("x"), ".report.new"),
+    (lambda run: (run / ".report.old").write_text("x"), ".report.old"),
+    (lambda run: (run / "report").write_text("x"), "report"),
+], ids=["page-a-folder", "building-a-file", "replaced-a-file", "pictures-a-file"])
+def test_what_stands_where_the_report_goes_is_named_to_move(make, path, tmp_path, rng, capsys):
+    """The report's own paths: the user chose none of them, so the fix is to move what is there, said before any
+    picture is drawn."""
+    run = tmp_path / "adapt"
+    _stage(run, "teacher D-MMD", histograms=False, rng=rng)
+    make(run)
+    assert main(["report", str(run), "--visrank", "0", "--actmap", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"kdreid: error: cannot write {run / path}: ")
+    assert err.endswith("; move or remove it"), err
+    assert (run / path).exists() and not (run / "report" / "curves_run.png").exists()
+
+
 def test_markdown_tables_and_paragraphs():
     html = markdown_to_html("# T\n\n| a | b |\n|---|---|\n| 1 | <x> |\n\nsome `code` here\nand more\n")
     assert html == ("<h3>T</h3>\n<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td>"

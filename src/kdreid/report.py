@@ -14,6 +14,9 @@ copied or zipped and opened in any browser without a server. What the page holds
 
 Ranked results and activation maps need the datasets: they are read from the data root recorded in the run's
 config (or --root); when a dataset cannot be read the page says so and the rest of the report is still written.
+So with a damaged file of the run (not text, not JSON or YAML, a value of another type than kdreid writes): the
+part of the page that reads it becomes a note naming the file and the fix (a damaged config.yaml: no ranked
+results or activation maps, as the settings they need are unknown), and the rest of the page is written.
 
     path = build_report("runs/all")                  # -> runs/all/report.html
 """
@@ -27,6 +30,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -42,6 +46,15 @@ _BUILDING = f".{PICTURES}.new"  # RUN/.report.new/: the pictures of the page bei
 _REPLACED = f".{PICTURES}.old"  # the pictures of the page it replaces, for the moment of the swap
 # Stage folders of a pipeline run in the order they ran (kdreid.stages.pipeline); others follow by name.
 STAGE_ORDER = ("source_", "teacher_", "blend", "distill")
+# How to repair each damaged file the page reads, for its note.
+CONFIG_FIX = "restore the config.yaml the run wrote"
+STAGE_FIX = "run that stage again"
+PIPELINE_FIX = "run the pipeline's command again (it reuses the finished stages)"
+EVALUATE_FIX = "run kdreid evaluate again"
+NUMBER = (int, float)
+OPTIONAL_NUMBER = (int, float, type(None))  # metrics.json writes null for a value it could not measure (NaN)
+_KIND_NAMES = {dict: "a mapping", list: "a list", str: "a string", bool: "true or false", int: "a whole number",
+               NUMBER: "a number", OPTIONAL_NUMBER: "a number or null"}
 
 
 @dataclass
@@ -67,13 +80,67 @@ def read_run_json(path: Path) -> dict | None:
 
 def read_run_yaml(path: Path) -> dict:
     """A run's config.yaml as a dict, {} when it is absent or unreadable (what it adds to a page is optional)."""
-    if not path.is_file():
-        return {}
+    return RunConfig.read(path).values
+
+
+def _expect(value, kind: type | tuple[type, ...], what: str, path: Path, fix: str, *, items: type | None = None):
+    """`value` when it is of `kind` (a list or mapping: with every item, or value, of `items`), else one line naming
+    `what` in `path` and the `fix`. A kdreid run writes these types; another one is damage (an edit, a bad copy),
+    which must cost the part of the page that reads it, not the page."""
+    if not isinstance(value, kind):
+        found = type(value).__name__
+    elif items is not None and not all(isinstance(item, items) for item in
+                                       (value.values() if isinstance(value, dict) else value)):
+        found = f"{_KIND_NAMES[kind]} holding " + ", ".join(sorted({type(item).__name__ for item in (
+            value.values() if isinstance(value, dict) else value) if not isinstance(item, items)}))
+    else:
+        return value
+    wanted = _KIND_NAMES[kind] + (f" of {_KIND_NAMES[items].removeprefix('a ')}s" if items is not None else "")
+    raise KdreidError(f"{path} is damaged: {what} is {found}, not {wanted}; {fix}")
+
+
+@dataclass
+class RunConfig:
+    """A run's config.yaml, read once: its settings of the types the run wrote, or the one line that says why they
+    are unknown. A damaged file (not YAML text, not a mapping, a value of another type) costs the parts of the page
+    that need its settings (a note each: ranked results, activation maps), not the page."""
+    path: Path
+    values: dict = field(default_factory=dict)  # {} when the file is absent or damaged
+    damage: str = ""  # why the file cannot be read; "" when it was read or is absent
+
+    @classmethod
+    def read(cls, path: Path) -> RunConfig:
+        if not path.is_file():
+            return cls(path)
+        try:
+            content = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            return cls(path, damage=f"{path} is damaged: it is not YAML text; {CONFIG_FIX}")
+        if content is not None and not isinstance(content, dict):
+            return cls(path, damage=f"{path} is damaged: it holds {type(content).__name__}, not the mapping a kdreid "
+                                    f"run writes; {CONFIG_FIX}")
+        return cls(path, content or {})
+
+    def setting(self, key: str, kind: type | tuple[type, ...], default=None, *, items: type | None = None):
+        """config[key] ("data.root": `root` of the `data` section) when it is of `kind` (see `_expect`), `default`
+        when it is absent or null; KdreidError (one line naming the file) when the file or the value is damaged."""
+        if self.damage:
+            raise KdreidError(self.damage)
+        *sections, name = key.split(".")
+        values = self.values
+        for depth in range(len(sections)):
+            values = _expect(values.get(sections[depth]) or {}, dict, ".".join(sections[:depth + 1]), self.path,
+                             CONFIG_FIX)
+        value = values.get(name)
+        return default if value is None else _expect(value, kind, key, self.path, CONFIG_FIX, items=items)
+
+
+def _read_text(path: Path, fix: str) -> str:
+    """A text file of a run (results.md); one line naming it when it is not UTF-8 text (damaged)."""
     try:
-        content = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        return {}
-    return content if isinstance(content, dict) else {}
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise KdreidError(f"{path} is damaged: it is not UTF-8 text; {fix}") from None
 
 
 def run_kind(run: Path) -> str:
@@ -139,34 +206,59 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f'<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def metrics_table(final: dict) -> str:
-    """{dataset: {mAP, rank1, ...}} in percent -> an HTML table."""
+def metrics_table(final, path: Path, fix: str) -> str:
+    """{dataset: {mAP, rank1, ...}} in percent (the `final` of `path`, a metrics.json) -> an HTML table; one line
+    naming the file and the `fix` when it is damaged."""
+    check = partial(_expect, path=path, fix=fix)
     rows = []
-    for dataset, values in final.items():
-        if not isinstance(values, dict):
-            continue
-        rows.append([dataset] + ["n/a" if values.get(key) is None else f"{values[key]:.1f}"
-                                 for _, key in METRIC_COLUMNS])
+    for dataset, values in check(final, dict, "final", items=dict).items():
+        numbers = [check(values.get(key), OPTIONAL_NUMBER, f"final.{dataset}.{key}") for _, key in METRIC_COLUMNS]
+        rows.append([dataset, *("n/a" if number is None else f"{number:.1f}" for number in numbers)])
     return _table(["dataset", *(title for title, _ in METRIC_COLUMNS)], rows)
 
 
-def verification_table(verification: dict) -> str:
-    """{dataset: VerificationResult.summary()} -> an HTML table: TPR at each FPR with its threshold, and the AUC."""
+def verification_table(verification, path: Path, fix: str) -> str:
+    """{dataset: VerificationResult.summary()} (the `verification` of `path`, a metrics.json) -> an HTML table: TPR
+    at each FPR with its threshold, and the AUC; one line naming the file and the `fix` when it is damaged."""
     from kdreid.evaluation.verification import threshold_text
 
-    summaries = {dataset: s for dataset, s in verification.items() if isinstance(s, dict) and s.get("at_fpr")}
-    if not summaries:
+    check = partial(_expect, path=path, fix=fix)
+    levels = {dataset: check(summary.get("at_fpr") or [], list, f"verification.{dataset}.at_fpr", items=dict)
+              for dataset, summary in check(verification, dict, "verification", items=dict).items()}
+    levels = {dataset: at_fpr for dataset, at_fpr in levels.items() if at_fpr}
+    if not levels:
         return ""
-    levels = [level.get("fpr") for level in next(iter(summaries.values()))["at_fpr"]]
 
-    def cell(level: dict) -> str:
-        if level.get("tpr") is None:
+    def cell(where: str, level: dict) -> str:
+        tpr = check(level.get("tpr"), OPTIONAL_NUMBER, f"{where}.tpr")
+        threshold = check(level.get("threshold"), OPTIONAL_NUMBER, f"{where}.threshold")
+        if tpr is None:
             return "n/a"
-        return f"{level['tpr']:.1f} (d < {threshold_text(level['threshold'])})"
+        return f"{tpr:.1f}" + ("" if threshold is None else f" (d < {threshold_text(threshold)})")
 
-    rows = [[dataset, *(cell(level) for level in s["at_fpr"]),
-             "n/a" if s.get("auc") is None else f"{s['auc']:.4f}"] for dataset, s in summaries.items()]
-    return _table(["dataset", *(f"TPR % at FPR {fpr:g}" for fpr in levels), "ROC AUC"], rows)
+    first = next(iter(levels))
+    fprs = [check(level.get("fpr"), NUMBER, f"verification.{first}.at_fpr[{index}].fpr")
+            for index, level in enumerate(levels[first])]
+    rows = []
+    for dataset, at_fpr in levels.items():
+        auc = check(verification[dataset].get("auc"), OPTIONAL_NUMBER, f"verification.{dataset}.auc")
+        rows.append([dataset, *(cell(f"verification.{dataset}.at_fpr[{index}]", level)
+                                for index, level in enumerate(at_fpr)), "n/a" if auc is None else f"{auc:.4f}"])
+    return _table(["dataset", *(f"TPR % at FPR {fpr:g}" for fpr in fprs), "ROC AUC"], rows)
+
+
+def evaluated_with_notes(recorded, path: Path, fix: str) -> list[str]:
+    """A note per target of the `evaluated_with` of `path` (an evaluation's metrics.json): the model and settings it
+    was evaluated with; one line naming the file and the `fix` when it is damaged."""
+    if recorded is None:
+        return []
+    if isinstance(recorded, dict) and "model" in recorded:  # a file from before: one set for every target
+        recorded = {"every target": recorded}
+    notes = []
+    for target, settings in _expect(recorded, dict, "evaluated_with", path, fix, items=dict).items():
+        described = ", ".join(f"{key} {_setting(value)}" for key, value in settings.items())
+        notes.append(_note(f"{target} evaluated with {described}"))
+    return notes
 
 
 def _figure(run: Path, picture: Path, caption: str) -> str:
@@ -185,8 +277,8 @@ def _note(text: str) -> str:
 def _config_block(path: Path) -> str:
     if not path.is_file():
         return ""
-    return (f"<details><summary>{html.escape(path.name)}</summary><pre>{html.escape(path.read_text())}</pre>"
-            "</details>")
+    text = path.read_text(errors="replace")  # shown as it is, damaged or not: its bytes that are not text as �
+    return f"<details><summary>{html.escape(path.name)}</summary><pre>{html.escape(text)}</pre></details>"
 
 
 # ------------------------------------------------------------------------------------------------ pictures
@@ -197,34 +289,52 @@ def _safe_name(name: str) -> str:
 def stage_section(run: Path, folder: Path, pictures: Path, title: str) -> Section:
     """A stage's table, training curves, (adapt stages) D-MMD histograms and (distill) teacher-vs-student
     distances."""
-    from kdreid.viz import dmmd_histograms, kd_distance_picture, training_curves
+    from kdreid.viz import (dmmd_histograms, kd_distance_picture, load_distances, load_kd_distances,
+                            training_curves)
+    from kdreid.viz.common import count_non_finite
+    from kdreid.viz.curves import curve_series
 
     section = Section(title)
-    metrics = read_run_json(folder / "metrics.json")
-    results = folder / "results.md"
-    if results.is_file():
-        section.blocks.append(markdown_to_html(results.read_text()))
-    elif metrics and isinstance(metrics.get("final"), dict):
-        section.blocks.append(metrics_table(metrics["final"]))
+    name = _safe_name(folder.relative_to(run).as_posix() if folder != run else "run")
+    source, results = folder / "metrics.json", folder / "results.md"
+    try:
+        metrics = read_run_json(source)
+    except KdreidError as error:  # a damaged file costs the curves (and the table, without results.md), not the page
+        lost = "training curves" if results.is_file() else "results table or training curves"
+        section.blocks.append(_note(f"{title}: no {lost} ({error})"))
+        metrics = {}
+    try:
+        if results.is_file():
+            section.blocks.append(markdown_to_html(_read_text(results, STAGE_FIX)))
+        elif metrics and "final" in metrics:
+            section.blocks.append(metrics_table(metrics["final"], source, STAGE_FIX))
+    except KdreidError as error:  # a damaged file costs the table, not the page
+        section.blocks.append(_note(f"{title}: no results table ({error})"))
     if metrics is None:
         section.blocks.append(_note(f"{folder.name}: no metrics.json (the stage has not finished)"))
     elif isinstance(metrics.get("epochs"), list) and metrics["epochs"]:
-        name = _safe_name(folder.relative_to(run).as_posix() if folder != run else "run")
-        picture = training_curves(metrics, pictures / f"curves_{name}.png", title=f"{title}: training")
-        section.blocks.append(_figure(run, picture, f"{title}: losses and mAP per dataset over epochs"))
+        # Read before drawing: a damaged file costs the curves; a failure to write the picture is the page's.
+        try:
+            curve_series(metrics)
+        except KdreidError as error:
+            section.blocks.append(_note(f"{title}: no training curves ({source} is damaged: {error}; {STAGE_FIX})"))
+        else:
+            picture = training_curves(metrics, pictures / f"curves_{name}.png", title=f"{title}: training")
+            section.blocks.append(_figure(run, picture, f"{title}: losses and mAP per dataset over epochs"))
     # The distance pictures a stage saved the data of (adapt: D-MMD histograms; distill: student against teachers):
-    # (file prefix, picture, its name, its title, what it shows, the moment after).
-    for prefix, draw, kind, heading, shows, moment in (
-            ("distances", dmmd_histograms, "dmmd", "within- and between-identity distances",
+    # (file prefix, its reader, picture, its name, its title, what it shows, the moment after).
+    for prefix, load, draw, kind, heading, shows, moment in (
+            ("distances", load_distances, dmmd_histograms, "dmmd", "within- and between-identity distances",
              "D-MMD distance histograms, source and target", "adaptation"),
-            ("kd_distances", kd_distance_picture, "kd", "the student's distances against its teachers'",
+            ("kd_distances", load_kd_distances, kd_distance_picture, "kd",
+             "the student's distances against its teachers'",
              "pairwise distances of each target's teacher and the student", "distillation")):
         before, after = folder / f"{prefix}_before.npz", folder / f"{prefix}_after.npz"
         if not before.is_file():
             continue
-        name = _safe_name(folder.relative_to(run).as_posix() if folder != run else "run")
         try:
-            picture = draw(before, after if after.is_file() else None, pictures / f"{kind}_{name}.png",
+            distances = {path: load(path) for path in (before, after) if path.is_file()}
+            picture = draw(distances[before], distances.get(after), pictures / f"{kind}_{name}.png",
                            title=f"{title}: {heading}")
         except KdreidError as error:  # a damaged file costs its picture, not the page
             section.blocks.append(_note(f"{title}: no {kind} picture ({error})"))
@@ -232,6 +342,12 @@ def stage_section(run: Path, folder: Path, pictures: Path, title: str) -> Sectio
         caption = (f"{title}: {shows}, before"
                    + (f" and after {moment}" if after.is_file() else f" {moment} (no 'after' file: unfinished)"))
         section.blocks.append(_figure(run, picture, caption))
+        for path, loaded in distances.items():  # a diverged model's distances are NaN: the picture leaves them out
+            non_finite, total = count_non_finite(loaded)
+            if non_finite:
+                section.blocks.append(_note(f"{title}: {non_finite} of the {total} distances in {path.name} are not "
+                                            "finite (NaN or infinite: the model had diverged); the picture leaves "
+                                            "them out"))
     section.blocks.append(_config_block(folder / "config.yaml"))
     return section
 
@@ -338,9 +454,13 @@ def _stage_folders(run: Path) -> list[Path]:
     """The stage folders in the order the pipeline ran them: the teachers' source model before the student's,
     the teachers in target order (from the run's config.yaml), then by name."""
     folders = [p for p in (run / "stages").iterdir() if p.is_dir()]
-    config = read_run_yaml(run / "config.yaml")
-    ran = [f"source_{config.get('teacher_arch')}", f"source_{config.get('student_arch')}",
-           *(f"teacher_{target}" for target in config.get("targets") or [])]
+    config = RunConfig.read(run / "config.yaml")
+    try:
+        targets = _stage_targets(config)
+    except KdreidError:  # only the order of the teachers: the page notes the damage where the settings are needed
+        targets = []
+    ran = [f"source_{config.values.get('teacher_arch')}", f"source_{config.values.get('student_arch')}",
+           *(f"teacher_{target}" for target in targets)]
 
     def order(folder: Path) -> tuple[int, int, str]:
         rank = next((i for i, prefix in enumerate(STAGE_ORDER) if folder.name.startswith(prefix)), len(STAGE_ORDER))
@@ -349,16 +469,30 @@ def _stage_folders(run: Path) -> list[Path]:
     return sorted(folders, key=order)
 
 
-def _stage_targets(config: dict) -> list[str]:
-    targets = config.get("targets") or config.get("sources") or []
-    return [t for t in targets if isinstance(t, str)]
+def _stage_targets(config: RunConfig) -> list[str]:
+    """The datasets a run's models are shown on: its targets, or (a source model) its sources. A single name where
+    a list belongs is damage like any other value of the wrong type: kdreid writes a list."""
+    return config.setting("targets", list, items=str) or config.setting("sources", list, [], items=str)
 
 
-def _data_options(config: dict) -> dict:
-    data = config.get("data") or {}
-    cuhk03 = {"labeled": bool(data.get("cuhk03_labeled")), "classic_split": bool(data.get("cuhk03_classic_split")),
-              "split_id": int(data.get("cuhk03_split_id") or 0)}
-    return {"cuhk03": cuhk03}
+def _data_options(config: RunConfig) -> dict:
+    """The dataset options of the run's config.yaml ({dataset: build_dataset keyword arguments})."""
+    return {"cuhk03": {"labeled": config.setting("data.cuhk03_labeled", bool, False),
+                       "classic_split": config.setting("data.cuhk03_classic_split", bool, False),
+                       "split_id": config.setting("data.cuhk03_split_id", int, 0)}}
+
+
+def _eval_options(config: RunConfig) -> dict:
+    """The distance and flip-averaging the run's config.yaml evaluated with."""
+    return {"metric": config.setting("eval.metric", str, "euclidean"),
+            "flip": config.setting("eval.flip", bool, False)}
+
+
+def _unknown_settings(error: KdreidError, visrank: int, actmap: int) -> Section:
+    """What the page shows instead of the ranked results and activation maps when a damaged config file makes the
+    settings they need (targets, data root, dataset and evaluation options) unknown."""
+    wanted = " or ".join(what for count, what in ((visrank, "ranked results"), (actmap, "activation maps")) if count)
+    return Section("Ranked results and activation maps", [_note(f"no {wanted}: {error}")])
 
 
 # ------------------------------------------------------------------------------------------------ the page
@@ -373,9 +507,15 @@ def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, actmap: in
     that fails, or is killed, leaves the page on disk with all its pictures."""
     run = Path(run)
     kind = run_kind(run)
-    pictures, building, replaced = run / PICTURES, run / _BUILDING, run / _REPLACED
-    if pictures.exists() and not pictures.is_dir():
-        raise KdreidError(f"cannot write {pictures}: a file stands where the report's pictures go; move it")
+    page, pictures, building, replaced = run / REPORT_PAGE, run / PICTURES, run / _BUILDING, run / _REPLACED
+    # Said before any picture is drawn: where the report writes, something else stands. These paths are the
+    # report's own (the user chose none of them), so the fix is to move that thing, not to choose another path.
+    if page.is_dir():
+        raise KdreidError(f"cannot write {page}: a folder stands where the report's page goes; move or remove it")
+    for folder in (pictures, building, replaced):
+        if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+            raise KdreidError(f"cannot write {folder}: a file stands where the report's pictures go; move or remove "
+                              "it")
     # A build killed in the swap left the page's pictures in `replaced`; one killed before it, a partial `building`.
     if replaced.is_dir() and not pictures.is_dir():
         replaced.rename(pictures)
@@ -383,8 +523,8 @@ def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, actmap: in
         shutil.rmtree(leftover, ignore_errors=True)
     make_folder(building)
     try:
-        page, text = run / REPORT_PAGE, _write_report(run, kind, building, visrank=visrank, topk=topk,
-                                                      actmap=actmap, root=root, device=device)
+        text = _write_report(run, kind, building, visrank=visrank, topk=topk, actmap=actmap, root=root,
+                             device=device)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -406,8 +546,9 @@ def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: i
                   root: str | None, device: str | None) -> str:
     """Draw the run's pictures into `pictures`; -> the page's HTML."""
     from kdreid.viz import pipeline_bars
+    from kdreid.viz.bars import pipeline_rows
 
-    config = read_run_yaml(run / "config.yaml")
+    config = RunConfig.read(run / "config.yaml")
     metrics = read_run_json(run / "metrics.json") or {}
     sections: list[Section] = []
     title = f"kdreid run {run.resolve().name}"
@@ -415,16 +556,27 @@ def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: i
     if kind == "pipeline":
         overview = Section("Results")
         results = run / "results.md"
-        if results.is_file():
-            text = results.read_text()
-            first = text.splitlines()[0] if text else ""
+        try:
+            text = _read_text(results, PIPELINE_FIX) if results.is_file() else ""
+        except KdreidError as error:  # a damaged file costs its table, not the page
+            overview.blocks.append(_note(f"no results table ({error})"))
+            text = ""
+        if text:
+            first = text.splitlines()[0]
             if first.startswith("#"):
                 title = f"{title}: {first.lstrip('#').strip()}"
                 text = "\n".join(text.splitlines()[1:])
             overview.blocks.append(markdown_to_html(text))
         if any(key in metrics for key in ("student", "source_only")):
-            labels = pipeline_row_labels(config)
+            labels = pipeline_row_labels(config.values)
             for metric in ("mAP", "rank1"):
+                # Read before drawing: a damaged file costs the chart; a failure to write the picture is the page's.
+                try:
+                    pipeline_rows(metrics, metric)
+                except KdreidError as error:
+                    overview.blocks.append(_note(f"no {metric} bar chart ({run / 'metrics.json'} is damaged: {error}; "
+                                                 f"{PIPELINE_FIX})"))
+                    continue
                 picture = pipeline_bars(metrics, pictures / f"pipeline_{metric}.png", metric=metric, labels=labels,
                                         title=f"{metric} per target")
                 overview.blocks.append(_figure(run, picture, f"{metric} (%) per target of every model of the run"))
@@ -432,47 +584,48 @@ def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: i
             overview.blocks.append(_note("the pipeline has not finished: no final metrics.json yet"))
         overview.blocks.append(_config_block(run / "config.yaml"))
         sections.append(overview)
-        if visrank > 0:
-            sections.append(ranked_results_section(
-                run, run / "student.pt", _stage_targets(config), root or config.get("root"), pictures,
-                num_queries=visrank, topk=topk, data_options=_data_options(_first_stage_config(run)), device=device,
+        if visrank > 0 or actmap > 0:
+            try:  # what the student's pictures need from the run's config files
+                targets, data_root = _stage_targets(config), root or config.setting("root", str)
+                data_options = _data_options(_first_stage_config(run))
                 # the student's numbers are the distill stage's: rank as it evaluated
-                eval_options=read_run_yaml(run / "stages" / "distill" / "config.yaml").get("eval")))
-        if actmap > 0:
-            student = ("student", run / "student.pt", None)
-            sections.append(activation_section(
-                run, {target: [(f"teacher of {target}", run / "stages" / f"teacher_{target}" / "model.pt", None),
-                               student] for target in _stage_targets(config)},
-                root or config.get("root"), pictures, num_images=actmap,
-                data_options=_data_options(_first_stage_config(run)), device=device))
+                eval_options = _eval_options(RunConfig.read(run / "stages" / "distill" / "config.yaml")) \
+                    if visrank > 0 else {}
+            except KdreidError as error:  # a damaged file: those settings are unknown
+                sections.append(_unknown_settings(error, visrank, actmap))
+            else:
+                if visrank > 0:
+                    sections.append(ranked_results_section(
+                        run, run / "student.pt", targets, data_root, pictures, num_queries=visrank, topk=topk,
+                        data_options=data_options, device=device, eval_options=eval_options))
+                if actmap > 0:
+                    student = ("student", run / "student.pt", None)
+                    sections.append(activation_section(
+                        run, {target: [(f"teacher of {target}", run / "stages" / f"teacher_{target}" / "model.pt",
+                                        None), student] for target in targets},
+                        data_root, pictures, num_images=actmap, data_options=data_options, device=device))
         for folder in _stage_folders(run):
             sections.append(stage_section(run, folder, pictures, f"Stage {folder.name}"))
     elif kind == "stage":
         sections.append(stage_section(run, run, pictures, "Results"))
-        if visrank > 0 and (run / "model.pt").is_file():
-            sections.append(ranked_results_section(
-                run, run / "model.pt", _stage_targets(config), root or (config.get("data") or {}).get("root"),
-                pictures, num_queries=visrank, topk=topk, data_options=_data_options(config), device=device,
-                eval_options=config.get("eval")))
-        if actmap > 0 and (run / "model.pt").is_file():
-            sections.append(activation_section(
-                run, _stage_models(run, config), root or (config.get("data") or {}).get("root"), pictures,
-                num_images=actmap, data_options=_data_options(config), device=device))
+        model = run / "model.pt"
+        if (visrank > 0 or actmap > 0) and model.is_file():
+            try:  # what the model's pictures need from the run's config.yaml
+                targets, data_root = _stage_targets(config), root or config.setting("data.root", str)
+                data_options, models = _data_options(config), _stage_models(run, config)
+                eval_options = _eval_options(config) if visrank > 0 else {}
+            except KdreidError as error:  # a damaged file: those settings are unknown
+                sections.append(_unknown_settings(error, visrank, actmap))
+            else:
+                if visrank > 0:
+                    sections.append(ranked_results_section(
+                        run, model, targets, data_root, pictures, num_queries=visrank, topk=topk,
+                        data_options=data_options, device=device, eval_options=eval_options))
+                if actmap > 0:
+                    sections.append(activation_section(run, models, data_root, pictures, num_images=actmap,
+                                                       data_options=data_options, device=device))
     else:
-        evaluation = Section("Evaluation")
-        evaluation.blocks.append(metrics_table(metrics["final"]))
-        if isinstance(metrics.get("verification"), dict) and (table := verification_table(metrics["verification"])):
-            evaluation.blocks += [_note("Same person or not, by distance alone (kdreid evaluate --verification): "
-                                        "the true-positive rate at each false-positive rate, and the threshold "
-                                        "that gives it"), table]
-        recorded = metrics.get("evaluated_with")
-        if isinstance(recorded, dict) and "model" in recorded:  # a file from before: one set for every target
-            recorded = {"every target": recorded}
-        for target, settings in (recorded or {}).items():
-            if isinstance(settings, dict):
-                described = ", ".join(f"{k} {_setting(v)}" for k, v in settings.items())
-                evaluation.blocks.append(_note(f"{target} evaluated with {described}"))
-        sections.append(evaluation)
+        sections.append(evaluation_section(run, metrics))
     sections += existing_evaluation_sections(run)
 
     return render_page(title, run, kind, sections)
@@ -487,6 +640,29 @@ def pipeline_row_labels(config: dict) -> dict[str, str]:
             "student": f"KD-ReID student ({config.get('student_arch', '')})"}
 
 
+def evaluation_section(run: Path, metrics: dict) -> Section:
+    """An evaluation folder's metrics: its table, its verification table and the settings each target was evaluated
+    with; a damaged part of its metrics.json is a note in place of that part."""
+    source = run / "metrics.json"
+    evaluation = Section("Evaluation")
+    try:
+        evaluation.blocks.append(metrics_table(metrics["final"], source, EVALUATE_FIX))
+    except KdreidError as error:
+        evaluation.blocks.append(_note(f"no results table ({error})"))
+    try:
+        if table := verification_table(metrics.get("verification") or {}, source, EVALUATE_FIX):
+            evaluation.blocks += [_note("Same person or not, by distance alone (kdreid evaluate --verification): "
+                                        "the true-positive rate at each false-positive rate, and the threshold "
+                                        "that gives it"), table]
+    except KdreidError as error:
+        evaluation.blocks.append(_note(f"no verification table ({error})"))
+    try:
+        evaluation.blocks += evaluated_with_notes(metrics.get("evaluated_with"), source, EVALUATE_FIX)
+    except KdreidError as error:
+        evaluation.blocks.append(_note(f"the settings it was evaluated with are unknown ({error})"))
+    return evaluation
+
+
 def _setting(value) -> str:
     """A setting of `evaluated_with` (a file from before recorded the protocol as {target: protocol})."""
     if isinstance(value, dict):
@@ -494,26 +670,27 @@ def _setting(value) -> str:
     return str(value)
 
 
-def _stage_models(run: Path, config: dict) -> dict[str, list[tuple[str, Path, str | None]]]:
+def _stage_models(run: Path, config: RunConfig) -> dict[str, list[tuple[str, Path, str | None]]]:
     """Per target, the models of a stage run to draw activation maps of: its model.pt, under the target's teacher
     for a distillation (when that file is still where the run found it)."""
-    teachers = config.get("teachers") if isinstance(config.get("teachers"), list) else []
+    teachers = config.setting("teachers", list, [], items=str)
     models = {}
     for position, target in enumerate(_stage_targets(config)):
         rows = [("model.pt", run / "model.pt", None)]
-        if position < len(teachers) and isinstance(teachers[position], str) and Path(teachers[position]).is_file():
-            rows = [(f"teacher of {target}", Path(teachers[position]), config.get("teacher_arch") or None),
+        if position < len(teachers) and Path(teachers[position]).is_file():
+            rows = [(f"teacher of {target}", Path(teachers[position]), config.setting("teacher_arch", str) or None),
                     ("student (model.pt)", run / "model.pt", None)]
         models[target] = rows
     return models
 
 
-def _first_stage_config(run: Path) -> dict:
+def _first_stage_config(run: Path) -> RunConfig:
+    """The config.yaml of the pipeline's first stage that has one (the stages share the pipeline's data settings)."""
     for folder in _stage_folders(run):
-        config = read_run_yaml(folder / "config.yaml")
-        if config:
+        config = RunConfig.read(folder / "config.yaml")
+        if config.values or config.damage:
             return config
-    return {}
+    return RunConfig(run / "config.yaml")  # none: every setting at its default
 
 
 STYLE = """

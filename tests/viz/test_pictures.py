@@ -1,5 +1,7 @@
 """D-MMD histograms, training curves and the pipeline bar chart: what they read, and that they draw it."""
 
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -7,6 +9,7 @@ from PIL import Image
 from kdreid.errors import KdreidError
 from kdreid.viz import dmmd_histograms, load_distances, pipeline_bars, training_curves
 from kdreid.viz.bars import pipeline_rows
+from kdreid.viz.common import count_non_finite
 from kdreid.viz.curves import curve_series
 from kdreid.viz.histograms import KEYS, summarize
 
@@ -82,6 +85,27 @@ def test_histograms_survive_an_empty_set(rng, tmp_path):
     assert dmmd_histograms(arrays, arrays, tmp_path / "h.png").is_file()
 
 
+def test_histograms_leave_out_non_finite_distances_without_warnings(rng, tmp_path, monkeypatch):
+    """A diverged model's distances are NaN: numpy and matplotlib printed six RuntimeWarnings and drew nothing."""
+    from kdreid.viz import histograms
+
+    diverged = _distances(rng)
+    diverged["target_within"] = np.full(20, np.nan)  # a whole panel: no finite distance
+    diverged["target_between"] = np.full(20, np.nan)
+    diverged["source_between"][:3] = [np.nan, np.inf, -np.inf]
+    labels = []
+    real_save = histograms.save_png
+    monkeypatch.setattr(histograms, "save_png", lambda figure, path: labels.extend(
+        label for axes in figure.axes for label in axes.get_legend_handles_labels()[1]) or real_save(figure, path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dmmd_histograms(_distances(rng), diverged, tmp_path / "h.png").is_file()
+    assert sum("non-finite left out" in label for label in labels) == 1
+    assert any(label.startswith("between-class (n=57,") and label.endswith("3 non-finite left out)")
+               for label in labels)
+    assert count_non_finite(diverged) == (43, sum(len(a) for a in diverged.values()))
+
+
 METRICS = {
     "final": {"synth_duke": {"mAP": 30.0}},
     "epochs": [
@@ -116,6 +140,21 @@ def test_curves_tick_only_epochs_that_exist(tmp_path, monkeypatch):
     assert ticks == [[1, 2], [2]]
 
 
+@pytest.mark.parametrize("epochs, found", [
+    ([1, 2], r"'epochs' entry 1 is not a training stage's record \(TypeError: "),
+    ([{"epoch": "one", "losses": {}}], r"entry 1 .* \(ValueError: invalid literal for int\(\)"),
+    ([{"epoch": 1, "losses": {"loss": 2.0}}, {"epoch": 2, "losses": {"loss": "x"}}],
+     r"entry 2 .* \(ValueError: could not convert string to float: 'x'\)"),
+    ([{"epoch": 1, "losses": [1]}], r"entry 1 .* \(AttributeError: "),
+    ([{"losses": {"loss": 1.0}}], r"entry 1 .* \(KeyError: 'epoch'\)"),
+    ([{"epoch": 1, "metrics": {"synth_duke": {"mAP": [1]}}}], r"entry 1 .* \(TypeError: "),
+], ids=["ints", "epoch-text", "loss-text", "losses-list", "no-epoch", "map-list"])
+def test_curves_of_a_damaged_file_are_one_line(epochs, found, tmp_path):
+    with pytest.raises(KdreidError, match=found):
+        training_curves({"epochs": epochs}, tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_curves_refuse_metrics_without_epochs(tmp_path):
     with pytest.raises(KdreidError, match="no 'epochs' list"):
         training_curves({"final": {}}, tmp_path / "c.png")
@@ -145,3 +184,6 @@ def test_bars_take_the_pipelines_rows_per_target(tmp_path):
 def test_bars_refuse_a_stages_metrics(tmp_path):
     with pytest.raises(KdreidError, match="not a pipeline run's metrics"):
         pipeline_bars(METRICS, tmp_path / "bars.png")
+    damaged = {**PIPELINE, "student": {"a": {"mAP": "high", "rank1": 48.0}}}
+    with pytest.raises(KdreidError, match=r"its 'student' row holds a mAP that is not a number \(could not convert"):
+        pipeline_rows(damaged, "mAP")

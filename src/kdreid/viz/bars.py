@@ -21,15 +21,18 @@ ROWS = (
 
 def pipeline_rows(metrics: Mapping, metric: str = "mAP") -> tuple[list[str], dict[str, dict[str, float]]]:
     """(targets, {row key: {target: value}}) of the rows metrics.json holds; a row absent for a target is left
-    out of it (its bar is not drawn)."""
+    out of it (its bar is not drawn). One line when a value is not a number (a damaged file: the caller names it)."""
     rows: dict[str, dict[str, float]] = {}
     targets: list[str] = []
     for key, _ in ROWS:
         per_target = metrics.get(key)
         if not isinstance(per_target, Mapping):
             continue
-        values = {t: float(m[metric]) for t, m in per_target.items()
-                  if isinstance(m, Mapping) and m.get(metric) is not None}
+        try:  # only this row's parsing: a value other than a number is damage, said in one line
+            values = {t: float(m[metric]) for t, m in per_target.items()
+                      if isinstance(m, Mapping) and m.get(metric) is not None}
+        except (TypeError, ValueError) as error:
+            raise KdreidError(f"its '{key}' row holds a {metric} that is not a number ({error})") from None
         if values:
             rows[key] = values
             targets += [t for t in values if t not in targets]

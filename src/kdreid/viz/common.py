@@ -8,6 +8,7 @@ import io
 import re
 import zipfile
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -51,6 +52,15 @@ def read_npz(path: str | Path, writer: str) -> dict[str, np.ndarray]:
             return {key: np.asarray(data[key]) for key in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise KdreidError(f"{path} is not a readable .npz ({error}); run {writer} again") from None
+
+
+def count_non_finite(distances: Mapping) -> tuple[int, int]:
+    """(NaN or infinite, all) distances of a loaded distance file: {name: array} (adapt) or {target: {name: array}}
+    (distill); only float arrays are distances (not a distill file's `same` flags)."""
+    arrays = [array for value in distances.values() for array in (value.values() if isinstance(value, Mapping)
+                                                                  else [value])
+              if np.issubdtype(np.asarray(array).dtype, np.floating)]
+    return sum(int(np.count_nonzero(~np.isfinite(array))) for array in arrays), sum(np.size(a) for a in arrays)
 
 
 def save_png(figure: Figure, path: str | Path) -> Path:

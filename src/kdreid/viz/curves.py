@@ -13,27 +13,34 @@ from kdreid.viz.common import PALETTE, new_figure, save_png
 
 
 def curve_series(metrics: Mapping) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, float]]]]:
-    """({loss name: [(epoch, mean loss)]}, {dataset: [(epoch, mAP)]}) from a stage's metrics.json content."""
+    """({loss name: [(epoch, mean loss)]}, {dataset: [(epoch, mAP)]}) from a stage's metrics.json content; one line
+    when it is not what a training stage writes (a damaged file: the caller names it)."""
     epochs = metrics.get("epochs")
     if not isinstance(epochs, list):
         raise KdreidError("metrics.json has no 'epochs' list: only a training stage's metrics have curves")
     losses: dict[str, list[tuple[int, float]]] = {}
     maps: dict[str, list[tuple[int, float]]] = {}
-    for entry in epochs:
-        epoch = int(entry["epoch"])
-        for name, value in (entry.get("losses") or {}).items():
-            losses.setdefault(name, []).append((epoch, float(value)))
-        for dataset, values in (entry.get("metrics") or {}).items():
-            if isinstance(values, Mapping) and values.get("mAP") is not None:
-                maps.setdefault(dataset, []).append((epoch, float(values["mAP"])))
+    for position, entry in enumerate(epochs, 1):
+        try:  # only this entry's parsing: any other value than a stage writes is damage, said in one line
+            epoch = int(entry["epoch"])
+            entry_losses = [(name, float(value)) for name, value in (entry.get("losses") or {}).items()]
+            entry_maps = [(dataset, float(values["mAP"])) for dataset, values in (entry.get("metrics") or {}).items()
+                          if isinstance(values, Mapping) and values.get("mAP") is not None]
+        except (TypeError, ValueError, KeyError, AttributeError) as error:
+            raise KdreidError(f"'epochs' entry {position} is not a training stage's record "
+                              f"({type(error).__name__}: {error})") from None
+        for name, value in entry_losses:
+            losses.setdefault(name, []).append((epoch, value))
+        for dataset, value in entry_maps:
+            maps.setdefault(dataset, []).append((epoch, value))
+    if not losses and not maps:
+        raise KdreidError("no 'epochs' entry holds losses or metrics; nothing to plot")
     return losses, maps
 
 
 def training_curves(metrics: Mapping, path: str | Path, title: str = "") -> Path:
     """Two panels side by side: losses (the total `loss` in black, its terms in colour) and mAP (%) per dataset."""
     losses, maps = curve_series(metrics)
-    if not losses and not maps:
-        raise KdreidError("metrics.json lists no epoch with losses or metrics; nothing to plot")
     figure = new_figure(11, 3.8 + (0.3 if title else 0))
     loss_axes, map_axes = figure.subplots(1, 2)
     colours = iter(PALETTE)

@@ -62,17 +62,24 @@ def dmmd_histograms(before: Mapping[str, np.ndarray] | str | Path,
             axes = axes_grid[row, column]
             for colour, kind in zip(PALETTE, KINDS):
                 data = distances[f"{domain}_{kind}"]
-                if len(data) == 0:
+                # A diverged model's distances are NaN: left out (and counted in the legend), as numpy and
+                # matplotlib would warn on them and draw nothing.
+                finite = data[np.isfinite(data)]
+                if len(finite) == 0:
                     continue
+                left_out = f", {len(data) - len(finite)} non-finite left out" if len(finite) < len(data) else ""
                 # One filled outline per set ("stepfilled"), not one rectangle per bin: the same picture, drawn
                 # several times faster.
-                axes.hist(np.clip(data, bins[0], bins[-1]), bins=bins, density=True, histtype="stepfilled",
+                axes.hist(np.clip(finite, bins[0], bins[-1]), bins=bins, density=True, histtype="stepfilled",
                           alpha=0.5, color=colour, edgecolor=colour,
-                          label=f"{kind}-class (n={len(data)}, mean {np.mean(data):.3g})")
+                          label=f"{kind}-class (n={len(finite)}, mean {np.mean(finite):.3g}{left_out})")
             axes.set_title(f"{domain}, {moment}", fontsize=10)
             axes.set_xlabel("Euclidean distance between embeddings (last bin: beyond the 99th percentile)", fontsize=8)
             axes.set_ylabel("density")
-            axes.legend(fontsize=8)
+            if axes.get_legend_handles_labels()[0]:
+                axes.legend(fontsize=8)
+            else:  # nothing drawn: an empty legend would only warn
+                axes.text(0.5, 0.5, "no finite distances", ha="center", va="center", transform=axes.transAxes)
     if title:
         figure.suptitle(title, fontsize=11)
     figure.tight_layout()
