@@ -89,7 +89,7 @@ NO_RUN_CAN_USE = [
     ("label_smoothing", 1.5, "label_smoothing must be in [0, 1), got 1.5"),
     ("label_smoothing", 1.0, "label_smoothing must be in [0, 1), got 1.0"),
     ("label_smoothing", -0.1, "label_smoothing must be in [0, 1), got -0.1"),
-    ("triplet_margin", -1, "triplet_margin must be 0 or more, got -1.0"),
+    ("triplet_margin", float("inf"), "triplet_margin must be a finite number, got inf"),
     ("last_stride", 3, "last_stride must be 1 or 2, got 3"),
     ("train.optim.lr", float("inf"), "--lr must be positive, got inf"),
     ("train.optim.weight_decay", -1, "train.optim.weight_decay must be 0 or more, got -1.0"),
@@ -135,7 +135,7 @@ ADAPT = ["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", "{tmp}/sourc
 DISTILL = ["distill", "-s", "synth_msmt", "-t", "synth_duke", "--teachers", "{tmp}/teacher.pt"]
 STAGE_SETTINGS_NO_RUN_CAN_USE = [
     (ADAPT, "label_smoothing", 1.0, "label_smoothing must be in [0, 1), got 1.0"),
-    (ADAPT, "triplet_margin", -0.3, "triplet_margin must be 0 or more, got -0.3"),
+    (ADAPT, "triplet_margin", float("nan"), "triplet_margin must be a finite number, got nan"),
     (ADAPT, "pseudo.eps", 0, "pseudo.eps must be a positive distance, got 0.0"),
     (ADAPT, "pseudo.min_samples", 0, "pseudo.min_samples must be at least 1, got 0"),
     (ADAPT, "pseudo.k1", 0, "pseudo.k1 must be at least 1, got 0"),
@@ -143,7 +143,7 @@ STAGE_SETTINGS_NO_RUN_CAN_USE = [
     (ADAPT, "eval.batch_size", 0, "eval.batch_size must be at least 1 (images), got 0"),
     (ADAPT, "train.optim.gamma", -1, "train.optim.gamma must be positive"),
     (DISTILL, "label_smoothing", 1.5, "label_smoothing must be in [0, 1), got 1.5"),
-    (DISTILL, "triplet_margin", -1, "triplet_margin must be 0 or more, got -1.0"),
+    (DISTILL, "triplet_margin", float("-inf"), "triplet_margin must be a finite number, got -inf"),
     (DISTILL, "eval.batch_size", -1, "eval.batch_size must be at least 1 (images), got -1"),
     (DISTILL, "train.optim.momentum", 1.5, "train.optim.momentum must be in [0, 1), got 1.5"),
 ]
@@ -164,8 +164,10 @@ def test_adapt_and_distill_refuse_a_setting_no_run_can_use_before_the_run_folder
 
 @pytest.mark.parametrize("key, value", [
     ("train.optim.weight_decay", 0.0), ("label_smoothing", 0.0), ("triplet_margin", 0.0),
+    ("triplet_margin", -1000.0),  # a CE-only run: the triplet hinge never opens
     ("train.optim.momentum", 0.0), ("train.optim.betas", (0.0, 0.0)), ("train.optim.milestones", []),
-    ("train.optim.milestones", [0, 500]), ("train.optim.milestones", [20, 20]), ("train.optim.gamma", 2.0), ("train.optim.min_lr_factor", 1.0),
+    ("train.optim.milestones", [0, 500]), ("train.optim.milestones", [20, 20]), ("train.optim.gamma", 2.0),
+    ("train.optim.min_lr_factor", 1.0),
     ("train.optim.warmup_epochs", 0), ("train.optim.warmup_epochs", 1000), ("train.optim.warmup_factor", 1.0),
     ("train.optim.clip_grad_norm", 0.0), ("train.optim.step_size", 1000), ("train.augment.pad", 0),
     ("train.augment.erase_attempts", 0), ("eval.batch_size", 1), ("train.log_freq", 1),

@@ -69,10 +69,11 @@ class EvalOptions:
 
 def check_loss_settings(config) -> None:
     """The source losses' settings every stage has: CE label smoothing (ε = 1 leaves no label in the target,
-    torch refuses more) and the triplet margin (a negative one is met with the negatives closer than the
-    positives)."""
+    torch refuses more) and the triplet margin (any finite one: a large negative margin switches the triplet term
+    off, a CE-only run)."""
     check_setting(0 <= config.label_smoothing < 1, "label_smoothing", config.label_smoothing, "in [0, 1)")
-    check_setting(0 <= config.triplet_margin < math.inf, "triplet_margin", config.triplet_margin, "0 or more")
+    check_setting(-math.inf < config.triplet_margin < math.inf, "triplet_margin", config.triplet_margin,
+                  "a finite number")
 
 
 def how_measured(names: Sequence[str], options: EvalOptions, data: DataOptions) -> str:
