@@ -63,7 +63,8 @@ def test_stage_runs_and_the_settings_they_differ_in(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "warning: the runs differ in train.epochs (5, 9)" in captured.err
     assert "seed" not in captured.err.split("warning: the runs differ in")[1].split(":")[0]  # the seed may differ
-    assert out.read_text() == captured.out and "| final model (resnet18) | 11.0 ± 1.4 | 12.0 ± 1.4 | 6.0 ± 1.4 | 7.0 ± 1.4 | 8.5 ± 1.4 |" in captured.out
+    assert out.read_text() == captured.out
+    assert "| final model (resnet18) | 11.0 ± 1.4 | 12.0 ± 1.4 | 6.0 ± 1.4 | 7.0 ± 1.4 | 8.5 ± 1.4 |" in captured.out
     assert "differ in `train.epochs` (5, 9)" in captured.out
     # A setting one run does not record (written by an older kdreid) is not a difference.
     config = yaml.safe_load((runs[1] / "config.yaml").read_text())

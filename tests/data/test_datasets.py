@@ -305,7 +305,8 @@ def test_manifest_rows_a_run_cannot_use_are_problems_naming_the_row(tmp_path):
     assert dataset.problems[0] == f"{manifest}:5: imgs/3.jpg is listed again (first at line 4): one row per image; " \
         "remove the repeated row"
     assert [problem.split(": ")[1] for problem in dataset.problems[1:4]] == [
-        "pid 99999999999999999999, camid 1, tracklet -1", "pid -5, camid 1, tracklet -1", "pid 3, camid -2, tracklet -1"]
+        "pid 99999999999999999999, camid 1, tracklet -1", "pid -5, camid 1, tracklet -1",
+        "pid 3, camid -2, tracklet -1"]
     assert dataset.problems[4] == f"{manifest}:9: split 'Train' of imgs/x.jpg is not one of train, query, gallery " \
         "(lower case); fix the row"
 
