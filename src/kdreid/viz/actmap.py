@@ -85,6 +85,10 @@ def draw_activation_maps(images: np.ndarray, maps: Sequence[tuple[str, np.ndarra
         figure.suptitle(title, fontsize=11, y=1 - 0.1 / figure_height, va="top")
     reference = maps[0][1]
     for row, (label, row_maps) in enumerate([("image", None), *maps]):
+        agreements = [] if row < 2 else [map_agreement(m, r) for m, r in zip(row_maps, reference)]
+        finite = [a for a in agreements if a == a]
+        if finite:  # the row's label says how closely it follows the first model on this page, on average
+            label = f"{label}\nmean r {sum(finite) / len(finite):.2f}"
         for column, image in enumerate(images):
             axes = figure.add_subplot(grid[row, column])
             axes.imshow(image if row_maps is None else overlay(image, row_maps[column]), interpolation="nearest")
@@ -93,7 +97,7 @@ def draw_activation_maps(images: np.ndarray, maps: Sequence[tuple[str, np.ndarra
             if row_maps is None and column < len(captions):
                 text = captions[column]
             elif row > 1:
-                agreement = map_agreement(row_maps[column], reference[column])
+                agreement = agreements[column]
                 text = "r n/a" if agreement != agreement else f"r {agreement:.2f}"
             if text:
                 axes.text(0.5, -0.03, text, transform=axes.transAxes, ha="center", va="top", fontsize=7)
