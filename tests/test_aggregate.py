@@ -27,6 +27,14 @@ def _pipeline(folder, seed, maps, **config):
     return folder
 
 
+def _with_stage(run, epochs):
+    """A pipeline run's stage folder with the complete config a stage writes."""
+    (run / "stages" / "distill").mkdir(parents=True, exist_ok=True)
+    (run / "stages" / "distill" / "config.yaml").write_text(yaml.safe_dump(
+        {"out": str(run / "stages" / "distill"), "train": {"epochs": epochs, "seed": 0, "device": "cpu"}}))
+    return run
+
+
 def _stage(folder, seed, maps, epochs=5):
     folder.mkdir(parents=True)
     final = {t: {"mAP": m, "rank1": m + 1} for t, m in zip(TARGETS, maps)}
@@ -84,7 +92,7 @@ def test_repeated_seeds_are_named(tmp_path, capsys):
     (lambda p: [_stage(p / "a", 0, (1.0, 2.0)), p / "a"], "a run is named twice"),
     (lambda p: [_stage(p / "a", 0, (1.0, 2.0)), _pipeline(p / "b", 1, (1.0, 2.0))], "of different kinds"),
     (lambda p: [_pipeline(p / "a", 0, (1.0, 2.0)), _pipeline(p / "b", 1, (1.0,))], "has no mAP of synth_cuhk"),
-    (lambda p: [_stage(p / "a", 0, (1.0,)), _stage(p / "b", 1, (1.0, 2.0))], "has synth_cuhk in its"),
+    (lambda p: [_stage(p / "a", 0, (1.0,)), _stage(p / "b", 1, (1.0, 2.0))], "a has no mAP of synth_cuhk"),
     (lambda p: [_stage(p / "a", 0, (1.0, 2.0)), p / "missing"], "does not exist"),
 ])
 def test_runs_that_cannot_be_aggregated_are_one_line(make, message, tmp_path, capsys):
@@ -110,3 +118,58 @@ def test_evaluation_folders_of_one_model_setting(tmp_path):
     recorded["evaluated_with"]["synth_duke"]["metric"] = "cosine"
     (runs[1] / "metrics.json").write_text(json.dumps(recorded))
     assert aggregate_runs(runs).differing == {"synth_duke.metric": ["euclidean", "cosine"]}
+
+
+def test_runs_are_compared_on_their_stages_and_whole_evaluation_settings(tmp_path, capsys):
+    """A pipeline whose command gave one run other settings (its own config.yaml records only the flags given) is
+    compared on its stages' complete configs; evaluation settings are compared whole (aqe off vs on)."""
+    runs = [_with_stage(_pipeline(tmp_path / f"s{seed}", seed, (20.0 + seed, 8.0)), epochs)
+            for seed, epochs in ((0, 7), (1, 7), (2, 9))]
+    assert aggregate_runs(runs).differing == {"distill.train.epochs": [7, 7, 9]}
+    evaluations = []
+    for index, aqe in enumerate((False, {"k": 5, "alpha": 3.0})):
+        folder = tmp_path / f"e{index}"
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps({"final": {"synth_duke": {"mAP": 30.0 + index}},
+                                                         "evaluated_with": {"synth_duke": {"aqe": aqe}}}))
+        evaluations.append(folder)
+    assert aggregate_runs(evaluations).differing == {"synth_duke.aqe": [False, {"k": 5, "alpha": 3.0}]}
+
+
+def test_a_value_a_run_could_not_measure_or_a_damaged_one_is_named_in_any_order(tmp_path, capsys):
+    runs = [_pipeline(tmp_path / f"s{seed}", seed, (20.0, 8.0)) for seed in range(3)]
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    metrics["student"]["synth_cuhk"]["mAP"] = None
+    (runs[0] / "metrics.json").write_text(json.dumps(metrics))
+    for order in (runs, runs[::-1]):
+        assert main(["aggregate", *map(str, order)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"{runs[0]} has no mAP of synth_cuhk in its 'KD-ReID student (osnet_x0_25)' row (null" in err
+    metrics["student"]["synth_cuhk"]["mAP"] = "high"
+    (runs[0] / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["aggregate", *map(str, runs)]) == 2
+    assert "is damaged: student.synth_cuhk.mAP is 'high', not a number" in capsys.readouterr().err
+    stage = _stage(tmp_path / "a", 0, (1.0, 2.0))
+    (stage / "metrics.json").write_text(json.dumps({"final": [1], "epochs": [{"epoch": 1}]}))
+    assert main(["aggregate", str(stage), str(_stage(tmp_path / "b", 1, (1.0, 2.0)))]) == 2
+    assert "is damaged: its 'final' entry is not a table of datasets" in capsys.readouterr().err
+
+
+def test_out_never_overwrites_a_file_of_the_runs_or_names_a_folder(tmp_path, capsys):
+    runs = [_stage(tmp_path / "a", 0, (1.0, 2.0)), _stage(tmp_path / "b", 1, (3.0, 4.0))]
+    before = (runs[0] / "metrics.json").read_bytes()
+    assert main(["aggregate", *map(str, runs), "--out", str(runs[0] / "metrics.json")]) == 2
+    assert "is the RUN" in capsys.readouterr().err and (runs[0] / "metrics.json").read_bytes() == before
+    assert main(["aggregate", *map(str, runs), "--out", f"{tmp_path / 'new'}/"]) == 2
+    assert "the trailing / names a folder" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_a_stage_runs_mean_is_over_its_targets(tmp_path):
+    runs = [_stage(tmp_path / "a", 0, (10.0, 2.0)), _stage(tmp_path / "b", 1, (14.0, 4.0))]
+    for run in runs:  # synth_cuhk is the stage's source here: scored, not in the mean
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        (run / "config.yaml").write_text(yaml.safe_dump({**config, "targets": ["synth_duke"],
+                                                         "sources": ["synth_cuhk"]}))
+    line = next(line for line in aggregate_runs(runs).markdown().splitlines() if line.startswith("| final"))
+    assert line.endswith("| 12.0 ± 2.8 |")

@@ -26,6 +26,7 @@ from kdreid.report import pipeline_row_labels, read_run_json, read_run_yaml, run
 
 METRICS = ("mAP", "rank1", "rank5", "rank10", "rank20", "mINP")
 PIPELINE_ROWS = ("source_only", "source_only_student", "teachers", "blend", "student")
+RUN_FILES = ("metrics.json", "config.yaml", "results.md", "report.html")  # what --out must not overwrite
 # Settings that say where or how a run executed, not what it trained: they may differ between the runs.
 EXECUTION_SETTINGS = {"seed", "out", "root", "device", "compile", "log_freq", "workers", "deterministic", "model",
                       "init", "student_init", "teachers"}
@@ -36,6 +37,7 @@ class Row:
     key: str
     label: str
     values: dict[str, dict[str, list[float]]]  # {dataset: {metric: one value per run}}
+    averaged: list[str] = field(default_factory=list)  # the datasets its mean mAP averages
 
 
 @dataclass
@@ -96,36 +98,65 @@ def _cell(values: Sequence[float]) -> str:
 
 
 def _mean_over_datasets(row: Row) -> list[float] | None:
-    """Each run's mAP averaged over the row's datasets (the results table's last column)."""
-    columns = [per["mAP"] for per in row.values.values() if "mAP" in per]
-    if not columns or len({len(c) for c in columns}) != 1:
+    """Each run's mAP averaged over the row's targets (`Row.averaged`; the results table's last column)."""
+    columns = [row.values[d]["mAP"] for d in row.averaged if "mAP" in row.values.get(d, {})]
+    if not columns or len(columns) != len(row.averaged):
         return None
     return [_mean(run_values) for run_values in zip(*columns)]
 
 
-def _rows_of(run: Path, kind: str) -> dict[str, tuple[str, dict[str, dict[str, float]]]]:
-    """{row key: (label, {dataset: {metric: value}})} of one run."""
-    metrics = read_run_json(run / "metrics.json") or {}
+def _rows_of(run: Path, kind: str) -> dict[str, tuple[str, dict[str, dict[str, float | None]]]]:
+    """{row key: (label, {dataset: {metric: value, None where the run could not measure it}})} of one run; one
+    line naming the file when a row is not what kdreid writes (damaged)."""
+    source = run / "metrics.json"
+    metrics = read_run_json(source) or {}
     if kind == "pipeline":
         labels = pipeline_row_labels(read_run_yaml(run / "config.yaml"))
-        found = {key: (labels[key], metrics[key]) for key in PIPELINE_ROWS if isinstance(metrics.get(key), dict)}
+        found = {key: (labels[key], metrics[key]) for key in PIPELINE_ROWS if key in metrics}
         if not found:
             raise KdreidError(f"{run} is a pipeline that has not finished (no final rows in its metrics.json); "
                               "finish it (run the same command again), then aggregate")
     else:
         arch = read_run_yaml(run / "config.yaml").get("arch") if kind == "stage" else None
-        found = {"final": (f"final model ({arch})" if arch else kind, metrics.get("final") or {})}
-    return {key: (label, {dataset: {m: float(v[m]) for m in METRICS if isinstance(v, dict) and
-                                    isinstance(v.get(m), (int, float))}
-                          for dataset, v in per_dataset.items() if isinstance(v, dict)})
-            for key, (label, per_dataset) in found.items()}
+        found = {"final": (f"final model ({arch})" if arch else kind, metrics.get("final"))}
+    rows = {}
+    for key, (label, per_dataset) in found.items():
+        if not isinstance(per_dataset, dict) or not all(isinstance(v, dict) for v in per_dataset.values()):
+            raise KdreidError(f"{source} is damaged: its {key!r} entry is not a table of datasets; run it again")
+        values = {}
+        for dataset, measured in per_dataset.items():
+            for metric in METRICS:
+                value = measured.get(metric)
+                if metric in measured and not (value is None or isinstance(value, (int, float))):
+                    raise KdreidError(f"{source} is damaged: {key}.{dataset}.{metric} is {value!r}, not a number; "
+                                      "run it again")
+                if metric in measured:
+                    values.setdefault(dataset, {})[metric] = None if value is None else float(value)
+        rows[key] = (label, values)
+    return rows
+
+
+def _averaged(run: Path, kind: str, datasets: Sequence[str]) -> list[str]:
+    """The datasets a row's mean mAP averages: a stage's targets (its sources are scored too, but the column is
+    the targets' mean, as in a pipeline's table), else all of them."""
+    targets = read_run_yaml(run / "config.yaml").get("targets") if kind == "stage" else None
+    chosen = [d for d in datasets if isinstance(targets, list) and d in targets]
+    return chosen or list(datasets)
 
 
 def _settings_of(run: Path, kind: str) -> dict[str, object]:
-    """The run's settings, flattened, without those that only say where or how it executed."""
+    """The run's settings, flattened, without those that only say where or how it executed. A pipeline's are its
+    stages' (`stage.key`): each stage's config.yaml is complete, where the pipeline's own holds only what its
+    command gave (a setting one run was given would be absent from the others). An evaluation's are per target
+    (`target.key`), each value whole (`aqe: false` against `aqe: {k, alpha}`)."""
     if kind == "evaluation":
         recorded = (read_run_json(run / "metrics.json") or {}).get("evaluated_with") or {}
-        settings = flatten(recorded) if isinstance(recorded, dict) else {}
+        settings = {f"{target}.{key}": value for target, values in recorded.items() if isinstance(values, dict)
+                    for key, value in values.items()} if isinstance(recorded, dict) else {}
+    elif kind == "pipeline":
+        stages = sorted(p for p in (run / "stages").iterdir() if p.is_dir()) if (run / "stages").is_dir() else []
+        settings = {f"{stage.name}.{key}": value for stage in stages
+                    for key, value in flatten(read_run_yaml(stage / "config.yaml")).items()}
     else:
         settings = flatten(read_run_yaml(run / "config.yaml"))
     return {key: value for key, value in settings.items()
@@ -155,39 +186,43 @@ def aggregate_runs(runs: Sequence[str | Path]) -> Aggregate:
         raise KdreidError(f"the runs are of different kinds: {described}; aggregate runs of one command")
     kind = kinds[paths[0]]
     per_run = {path: _rows_of(path, kind) for path in paths}
-    first = paths[0]
     rows = []
-    for key, (label, datasets) in per_run[first].items():
+    # Every row, dataset and metric any run holds, in the order they first appear: each must be in every run, and a
+    # number there (one a run could not measure, null, cannot be averaged with the others).
+    keys = list(dict.fromkeys(key for path in paths for key in per_run[path]))
+    for key in keys:
+        label = next(per_run[path][key][0] for path in paths if key in per_run[path])
+        datasets = list(dict.fromkeys(d for path in paths for d in per_run[path].get(key, ("", {}))[1]))
         values: dict[str, dict[str, list[float]]] = {}
-        for dataset, metrics in datasets.items():
+        for dataset in datasets:
+            metrics = dict.fromkeys(m for path in paths
+                                    for m in per_run[path].get(key, ("", {}))[1].get(dataset, {}))
             for metric in metrics:
                 column = []
                 for path in paths:
-                    found = per_run[path].get(key, (None, {}))[1].get(dataset, {}).get(metric)
-                    if found is None:
-                        raise KdreidError(f"{path} has no {metric} of {dataset} in its {label!r} row, which {first} "
-                                          "has: aggregate runs of the same command (same targets and stages)")
-                    column.append(found)
+                    held = per_run[path].get(key, ("", {}))[1].get(dataset, {})
+                    if held.get(metric) is None:
+                        why = "null: the run could not measure it" if metric in held else "absent"
+                        raise KdreidError(f"{path} has no {metric} of {dataset} in its {label!r} row ({why}), which "
+                                          "another run has: aggregate runs of the same command, each finished")
+                    column.append(held[metric])
                 values.setdefault(dataset, {})[metric] = column
-        rows.append(Row(key, label, values))
-    for path in paths[1:]:  # what a later run holds beyond the first would be left out silently
-        for key, (label, datasets) in per_run[path].items():
-            extra = sorted(set(datasets) - set(per_run[first].get(key, (None, {}))[1])) or \
-                ([] if key in per_run[first] else [label])
-            if extra:
-                raise KdreidError(f"{path} has {', '.join(extra)} in its {label!r} row, which {first} lacks: "
-                                  "aggregate runs of the same command (same targets and stages)")
+        rows.append(Row(key, label, values, _averaged(paths[0], kind, datasets)))
     settings = [_settings_of(path, kind) for path in paths]
     # Only settings every run records: one a run lacks is newer than the kdreid that wrote it (its default then).
-    keys = [key for key in settings[0] if all(key in s for s in settings[1:])]
-    differing = {key: [s[key] for s in settings] for key in keys
+    recorded = [key for key in settings[0] if all(key in s for s in settings[1:])]
+    differing = {key: [s[key] for s in settings] for key in recorded
                  if len({json.dumps(s[key], sort_keys=True, default=str) for s in settings}) > 1}
     return Aggregate([str(p) for p in paths], kind, [_seed_of(p, kind) for p in paths], rows, differing)
 
 
 def aggregate_command(args) -> int:
-    from kdreid.rundir import atomic_write_text
+    from kdreid.rundir import atomic_write_text, refuse_folder, refuse_overwriting_input
 
+    if args.out:  # before any work, and never over a file of the runs it reads
+        refuse_folder(args.out, "seeds.md")
+        refuse_overwriting_input(args.out, {f"RUN {run}'s {name}": Path(run) / name for run in args.runs
+                                            for name in RUN_FILES})
     result = aggregate_runs(args.runs)
     if result.differing:
         named = "; ".join(f"{k} ({', '.join(map(str, v))})" for k, v in result.differing.items())

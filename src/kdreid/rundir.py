@@ -142,8 +142,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that `path` is never seen half-written: a temporary file in the same folder,
     flushed and fsynced, renamed over `path`, then the folder fsynced. On any failure (a full disk is often
     reported only by fsync) the temporary file is removed and `path` keeps its old content."""
+    refuse_folder(path)  # as given: Path() would drop a trailing slash, which names a folder
     path = Path(path)
-    refuse_folder(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=absolute_path(path.parent), prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
