@@ -52,8 +52,8 @@ def test_k_above_the_set_size_uses_every_vector_and_bad_settings_are_refused(rng
     everything = torch.nn.functional.normalize(torch.cat([query, gallery]), dim=1)
     total = torch.nn.functional.normalize(everything.sum(0, keepdim=True), dim=1)
     assert torch.allclose(expanded, total.expand(2, 8), atol=1e-6)
-    for k, alpha in ((0, 3.0), (5, -1.0), (5, float("nan"))):
-        with pytest.raises(Exception, match="k must be at least 1 and alpha 0 or more"):
+    for k, alpha in ((0, 3.0), (5, -1.0), (5, float("nan")), (5, float("inf"))):
+        with pytest.raises(Exception, match="k must be at least 1 and alpha a finite 0 or more"):
             alpha_query_expansion(query, gallery, k=k, alpha=alpha)
 
 

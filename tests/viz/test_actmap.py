@@ -127,3 +127,15 @@ def test_visactmap_without_out_or_of_an_exported_file_is_one_line(tiny_model, tm
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pass its checkpoint" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_draws_the_maps_at_the_size_it_scores_at(tiny_domain, tiny_model, tmp_path, monkeypatch):
+    import kdreid.viz.actmap as actmap
+
+    seen = []
+    real = actmap.activation_maps
+    monkeypatch.setattr(actmap, "activation_maps", lambda model, images, size=None: seen.append(
+        tuple(images.shape[2:])) or real(model, images, size))
+    assert main(["evaluate", "--model", str(tiny_model), "-t", "synth_duke", "--root", str(tiny_domain), "--device",
+                 "cpu", "--out", str(tmp_path / "e"), "--visactmap", "2", "--height", "96", "--width", "48"]) == 0
+    assert seen == [(96, 48)]

@@ -164,6 +164,10 @@ def test_a_failed_evaluation_leaves_the_folder_pictures_as_they_were(tiny_domain
     capsys.readouterr()
     assert main([*common, "-t", "synth_duke", "synth_market", "--visrank", "3", "--visrank-topk", "2"]) == 2
     assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    # A folder the failed call would have made is not left behind, empty.
+    assert main(["evaluate", "--model", str(tiny_model), "--root", str(root), "--device", "cpu", "--out",
+                 str(tmp_path / "new"), "-t", "synth_duke", "synth_market", "--visrank", "1"]) == 2
+    assert not (tmp_path / "new").exists()
     # A file where a picture folder goes is named before any work.
     shutil.rmtree(out / "actmap")
     (out / "actmap").write_text("not a folder")

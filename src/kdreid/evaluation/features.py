@@ -436,6 +436,12 @@ def evaluate_command(args) -> int:
     # Every target is read before the first is evaluated: a misspelt one stops the command before any work.
     datasets = {target: build_dataset(target, args.root, **data_options.reader_options(target))
                 for target in args.targets}
+    for target, dataset in datasets.items():
+        for split in ("query", "gallery"):  # named here, before any work: evaluate_features does not know the dataset
+            if not getattr(dataset, split):
+                raise EvaluationError(f"dataset {target} has no {split} image under {dataset.root}: it cannot be "
+                                      "evaluated (an unlabelled target's training images only?); give it a query "
+                                      "and a gallery, or leave it out of -t")
     note_weights()  # what the weights file gave the model, once the command can run: a mistake stays one line
     final: dict[str, dict[str, float | None]] = {}
     verification: dict[str, dict] = {}  # per target, with --verification (VerificationResult.summary())
@@ -449,11 +455,6 @@ def evaluate_command(args) -> int:
                   f"{_aqe_text(aqe)}{', k-reciprocal re-ranked' if args.rerank else ''}", file=sys.stderr)
             with evaluation_warnings_to(lambda message: print(f"kdreid: warning: {target}: {message}",
                                                               file=sys.stderr)):
-                for split in ("query", "gallery"):  # named here: evaluate_features does not know the dataset
-                    if not getattr(dataset, split):
-                        raise EvaluationError(f"dataset {target} has no {split} image under {dataset.root}: it "
-                                              "cannot be evaluated (an unlabelled target's training images only?); "
-                                              "give it a query and a gallery, or leave it out of -t")
                 query, gallery = embed(dataset.query), embed(dataset.gallery)
                 if aqe:  # before everything that ranks: the table, --visrank and --verification see the same
                     query, gallery = expand_features(query, gallery, device=device, **aqe)
@@ -471,7 +472,8 @@ def evaluate_command(args) -> int:
 
                 pictures.add("actmap", target, "activation maps", visualize_activation_maps(
                     [(Path(args.model).name, model)], dataset.query, pictures.folder("actmap"), prefix=target,
-                    num_images=visactmap, device=device, title=f"{target}: where {Path(args.model).name} looks"))
+                    num_images=visactmap, device=device, title=f"{target}: where {Path(args.model).name} looks",
+                    size=(args.height, args.width)))  # the size the numbers beside them were measured at
             if args.verification:
                 verification[target] = result.verification.summary()
                 if args.out:
@@ -530,6 +532,7 @@ class _StagedPictures:
         self.out = out
         self.staging = out / ".evaluate.new" if out is not None else None
         self.drawn: list[tuple[str, str, str, list[Path]]] = []  # (folder, target, what, staged files)
+        self.made_out = out is not None and not out.exists()  # a failed call removes the folder it made
         if out is None:
             return
         for folder in self.FOLDERS:  # checked before any work: the move at the end must not fail
@@ -566,6 +569,8 @@ class _StagedPictures:
     def discard(self) -> None:
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
+            if self.made_out and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()  # made by this call, which wrote nothing there
 
 
 def _aqe_setting(args) -> dict | None:

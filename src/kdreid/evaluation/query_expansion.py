@@ -11,6 +11,8 @@ re-ranking it uses the other queries, so a score measured with it is transductiv
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -23,8 +25,9 @@ _ROW_BUDGET = 1 << 26
 
 
 def check_aqe(k: int, alpha: float) -> None:
-    if k < 1 or not alpha >= 0:
-        raise EvaluationError(f"--aqe-k {k} --aqe-alpha {alpha}: k must be at least 1 and alpha 0 or more")
+    # alpha = inf would raise a self-similarity of 0.99999994 to 0: zero or NaN features.
+    if k < 1 or not 0 <= alpha < math.inf:
+        raise EvaluationError(f"--aqe-k {k} --aqe-alpha {alpha}: k must be at least 1 and alpha a finite 0 or more")
 
 
 @torch.no_grad()

@@ -116,10 +116,11 @@ def visualize_activation_maps(
     num_images: int = 8,
     device: str | torch.device | None = None,
     title: str = "",
+    size: tuple[int | None, int | None] = (None, None),
 ) -> list[Path]:
     """Activation maps of each (label, model) on `num_images` of `records` (ImageRecord-like, with .path .pid
-    .camid; chosen spread over the list, as `choose_queries` chooses), each model fed the images at the size its
-    checkpoint records, written as OUT_DIR/<prefix>_01.png, _02.png, ... with IMAGES_PER_PAGE images per page; that
+    .camid; chosen spread over the list, as `choose_queries` chooses), each model fed the images at `size`
+    (height, width; a side left None: the size its checkpoint records), written as OUT_DIR/<prefix>_01.png, _02.png, ... with IMAGES_PER_PAGE images per page; that
     prefix's pages from an earlier call are removed first. -> the written paths."""
     from kdreid.data.cache import read_image
     from kdreid.evaluation.features import model_input_size, pick_device
@@ -134,7 +135,8 @@ def visualize_activation_maps(
     images = np.stack([read_image(str(r.path), *THUMBNAIL_SIZE) for r in chosen])  # what the picture shows
     maps = []
     for label, model in models:
-        height, width = model_input_size(model)
+        recorded = model_input_size(model)
+        height, width = size[0] or recorded[0], size[1] or recorded[1]
         batch = torch.from_numpy(np.stack([read_image(str(r.path), height, width) for r in chosen]))
         model.to(device)
         maps.append((label, activation_maps(model, batch.permute(0, 3, 1, 2).float().div(255), THUMBNAIL_SIZE)
