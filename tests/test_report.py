@@ -109,6 +109,16 @@ def test_pipeline_report_has_every_picture_and_renders_in_chromium(pipeline_run,
     assert result["broken"] == ["report/pipeline_mAP.png"]
 
 
+def test_stage_folders_an_earlier_command_left_are_named_not_shown(pipeline_run):
+    """Found by a review: after `--no-blend-baseline` in a run folder that had a blend, its old stage was shown as if
+    it were part of the results."""
+    config = yaml.safe_load((pipeline_run / "config.yaml").read_text())
+    (pipeline_run / "config.yaml").write_text(yaml.safe_dump({**config, "blend_baseline": False}))
+    text = build_report(pipeline_run, visrank=0, actmap=0).read_text()
+    assert "Stage blend" not in text and "Stage distill" in text and "Stage teacher_synth_duke" in text
+    assert "not shown: stages/blend, left by an earlier command in this run folder" in text
+
+
 def test_single_stage_report_shows_what_it_has(tmp_path, tiny_model, rng, capsys):
     run = tmp_path / "adapt"
     _stage(run, "teacher D-MMD", histograms=True, rng=rng)

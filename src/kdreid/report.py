@@ -469,6 +469,21 @@ def _stage_folders(run: Path) -> list[Path]:
     return sorted(folders, key=order)
 
 
+def _current_stages(config: RunConfig) -> set[str] | None:
+    """The stage folders a pipeline's last command ran (kdreid.stages.pipeline), from its config.yaml; None when the
+    file does not say (damaged, or from before these settings): then every folder is shown."""
+    try:
+        targets = _stage_targets(config)
+        teacher, student = config.setting("teacher_arch", str), config.setting("student_arch", str)
+        blend = config.setting("blend_baseline", bool, True)
+    except KdreidError:
+        return None
+    if not (targets and teacher and student):
+        return None
+    return {f"source_{teacher}", f"source_{student}", *(f"teacher_{t}" for t in targets), "distill",
+            *(["blend"] if blend else [])}
+
+
 def _stage_targets(config: RunConfig) -> list[str]:
     """The datasets a run's models are shown on: its targets, or (a source model) its sources. A single name where
     a list belongs is damage like any other value of the wrong type: kdreid writes a list."""
@@ -604,8 +619,15 @@ def _write_report(run: Path, kind: str, pictures: Path, *, visrank: int, topk: i
                         run, {target: [(f"teacher of {target}", run / "stages" / f"teacher_{target}" / "model.pt",
                                         None), student] for target in targets},
                         data_root, pictures, num_images=actmap, data_options=data_options, device=device))
-        for folder in _stage_folders(run):
-            sections.append(stage_section(run, folder, pictures, f"Stage {folder.name}"))
+        current = _current_stages(config)
+        folders = _stage_folders(run)
+        stale = [f"stages/{folder.name}" for folder in folders if current is not None and folder.name not in current]
+        if stale:  # e.g. the blend after --no-blend-baseline, a teacher of a target no longer named
+            overview.blocks.append(_note(f"not shown: {', '.join(stale)}, left by an earlier command in this run "
+                                         "folder and not part of its results"))
+        for folder in folders:
+            if f"stages/{folder.name}" not in stale:
+                sections.append(stage_section(run, folder, pictures, f"Stage {folder.name}"))
     elif kind == "stage":
         sections.append(stage_section(run, run, pictures, "Results"))
         model = run / "model.pt"
