@@ -428,8 +428,8 @@ def test_the_pipeline_saves_its_data_root_absolute(synth_root, tmp_path, monkeyp
     ({"source": {"label_smoothing": 1.5}}, "label_smoothing must be in [0, 1), got 1.5 (set in the --config file's "
                                            "`common` or `source` section, or by a flag)"),
     ({"source": {"triplet_margin": float("inf")}}, "triplet_margin must be a finite number, got inf"),
-    ({"common": {"train": {"optim": {"gamma": -1.0}}}}, "train.optim.gamma must be positive (the factor of each "
-                                                        "decay), got -1.0"),
+    ({"common": {"train": {"optim": {"scheduler": "multistep", "gamma": -1.0}}}},
+     "train.optim.gamma must be positive (the factor of each decay), got -1.0"),
     ({"common": {"eval": {"batch_size": 0}}}, "eval.batch_size must be at least 1 (images), got 0"),
     ({"adapt": {"pseudo": {"eps": -0.6}}}, "pseudo.eps must be a positive distance, got -0.6"),
     ({"distill": {"train.optim.warmup_epochs": -5}}, "train.optim.warmup_epochs must be 0 (no warm-up) or more, "

@@ -72,14 +72,23 @@ def test_unusable_settings_are_one_line_errors(flags, message, synth_root, tmp_p
     assert not (tmp_path / "r").exists()
 
 
-def _config_file(path, key: str, value):
-    """A --config file setting one dotted `key` (written nested, as a user writes it)."""
-    *parents, leaf = key.split(".")
-    data = {leaf: list(value) if isinstance(value, tuple) else value}
-    for parent in reversed(parents):
-        data = {parent: data}
+def _config_file(path, key: str, value, context: dict | None = None):
+    """A --config file setting the dotted `key` (written nested, as a user writes it), and the `context` settings
+    that make the run use it (the optimiser or schedule it belongs to)."""
+    data: dict = {}
+    for dotted, setting in {**(context or {}), key: value}.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = list(setting) if isinstance(setting, tuple) else setting
     path.write_text(yaml.safe_dump(data))
     return str(path)
+
+
+SGD, STEP, COSINE = ({"train.optim.optimizer": "sgd"}, {"train.optim.scheduler": "step"},
+                     {"train.optim.scheduler": "cosine"})
+SOURCE_VAL = {"train.select": "source-val"}
 
 
 # Settings no run can use: before, some stopped in torch with a traceback (exit 1) and left a half-written run
@@ -94,38 +103,41 @@ NO_RUN_CAN_USE = [
     ("train.optim.lr", float("inf"), "--lr must be positive, got inf"),
     ("train.optim.weight_decay", -1, "train.optim.weight_decay must be 0 or more, got -1.0"),
     ("train.optim.weight_decay", float("nan"), "train.optim.weight_decay must be 0 or more, got nan"),
-    ("train.optim.momentum", 1.0, "train.optim.momentum must be in [0, 1), got 1.0"),
-    ("train.optim.momentum", -0.5, "train.optim.momentum must be in [0, 1), got -0.5"),
+    ("train.optim.momentum", 1.0, "train.optim.momentum must be in [0, 1), got 1.0", SGD),
+    ("train.optim.momentum", -0.5, "train.optim.momentum must be in [0, 1), got -0.5", SGD),
     ("train.optim.betas", (1.5, 0.999), "train.optim.betas must be two numbers, each in [0, 1), got [1.5, 0.999]"),
     ("train.optim.betas", (0.9, -0.1), "train.optim.betas must be two numbers, each in [0, 1), got [0.9, -0.1]"),
     ("train.optim.milestones", [-1, 20], "train.optim.milestones must be 0-based epochs (0 or more), got [-1, 20]"),
-    ("train.optim.step_size", 0, "train.optim.step_size must be at least 1 (epochs), got 0"),
+    ("train.optim.step_size", 0, "train.optim.step_size must be at least 1 (epochs), got 0", STEP),
     ("train.optim.gamma", -1, "train.optim.gamma must be positive (the factor of each decay), got -1.0"),
     ("train.optim.gamma", 0, "train.optim.gamma must be positive (the factor of each decay), got 0.0"),
     ("train.optim.min_lr_factor", 1.5, "train.optim.min_lr_factor must be in [0, 1] (the cosine floor, a fraction "
-                                       "of --lr), got 1.5"),
-    ("train.optim.min_lr_factor", -0.1, "train.optim.min_lr_factor must be in [0, 1]"),
+                                       "of --lr), got 1.5", COSINE),
+    ("train.optim.min_lr_factor", -0.1, "train.optim.min_lr_factor must be in [0, 1]", COSINE),
     ("train.optim.warmup_epochs", -5, "train.optim.warmup_epochs must be 0 (no warm-up) or more, got -5"),
     ("train.optim.warmup_factor", 0, "train.optim.warmup_factor must be in (0, 1] (the first epoch's fraction of "
                                      "--lr), got 0.0"),
     ("train.optim.warmup_factor", 2, "train.optim.warmup_factor must be in (0, 1]"),
     ("train.optim.clip_grad_norm", -1, "train.optim.clip_grad_norm must be 0 (no clipping) or positive, got -1.0"),
-    ("train.source_val_ids", 0, "train.source_val_ids must be a fraction strictly between 0 and 1, got 0.0"),
-    ("train.source_val_ids", 1, "train.source_val_ids must be a fraction strictly between 0 and 1, got 1.0"),
-    ("train.log_freq", 0, "train.log_freq must be at least 1 (iterations), got 0"),
+    ("train.source_val_ids", 0, "train.source_val_ids must be a fraction strictly between 0 and 1, got 0.0",
+     SOURCE_VAL),
+    ("train.source_val_ids", 1, "train.source_val_ids must be a fraction strictly between 0 and 1, got 1.0",
+     SOURCE_VAL),
     ("train.augment.pad", -1, "train.augment.pad must be 0 or more; got -1"),
     ("train.augment.erase_attempts", -1, "train.augment.erase_attempts must be 0 or more; got -1"),
     ("train.augment.erase_aspect", float("inf"), "train.augment.erase_aspect must be positive; got inf"),
     ("eval.batch_size", 0, "eval.batch_size must be at least 1 (images), got 0"),
 ]
+NO_RUN_CAN_USE = [case if len(case) == 4 else (*case, None) for case in NO_RUN_CAN_USE]  # (..., context)
 
 
-@pytest.mark.parametrize("key, value, message", NO_RUN_CAN_USE, ids=[f"{k}={v}" for k, v, _ in NO_RUN_CAN_USE])
-def test_a_setting_no_run_can_use_is_one_line_before_the_run_folder(key, value, message, synth_root, tmp_path,
-                                                                    capsys):
+@pytest.mark.parametrize("key, value, message, context", NO_RUN_CAN_USE,
+                         ids=[f"{k}={v}" for k, v, _, _ in NO_RUN_CAN_USE])
+def test_a_setting_no_run_can_use_is_one_line_before_the_run_folder(key, value, message, context, synth_root,
+                                                                    tmp_path, capsys):
     out = tmp_path / "runs" / "r"
     code = main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root),
-                 "--out", str(out), *TINY, "--config", _config_file(tmp_path / "c.yaml", key, value)])
+                 "--out", str(out), *TINY, "--config", _config_file(tmp_path / "c.yaml", key, value, context)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("kdreid: error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()  # nor the parent this call would have made
@@ -145,18 +157,20 @@ STAGE_SETTINGS_NO_RUN_CAN_USE = [
     (DISTILL, "label_smoothing", 1.5, "label_smoothing must be in [0, 1), got 1.5"),
     (DISTILL, "triplet_margin", float("-inf"), "triplet_margin must be a finite number, got -inf"),
     (DISTILL, "eval.batch_size", -1, "eval.batch_size must be at least 1 (images), got -1"),
-    (DISTILL, "train.optim.momentum", 1.5, "train.optim.momentum must be in [0, 1), got 1.5"),
+    (DISTILL, "train.optim.momentum", 1.5, "train.optim.momentum must be in [0, 1), got 1.5", SGD),
 ]
+STAGE_SETTINGS_NO_RUN_CAN_USE = [case if len(case) == 5 else (*case, None) for case in STAGE_SETTINGS_NO_RUN_CAN_USE]
 
 
-@pytest.mark.parametrize("command, key, value, message", STAGE_SETTINGS_NO_RUN_CAN_USE,
-                         ids=[f"{c[0]}-{k}={v}" for c, k, v, _ in STAGE_SETTINGS_NO_RUN_CAN_USE])
+@pytest.mark.parametrize("command, key, value, message, context", STAGE_SETTINGS_NO_RUN_CAN_USE,
+                         ids=[f"{c[0]}-{k}={v}" for c, k, v, _, _ in STAGE_SETTINGS_NO_RUN_CAN_USE])
 def test_adapt_and_distill_refuse_a_setting_no_run_can_use_before_the_run_folder(command, key, value, message,
-                                                                                 synth_root, tmp_path, capsys):
+                                                                                 context, synth_root, tmp_path,
+                                                                                 capsys):
     # The --init/--teachers files need not exist: the settings are checked before anything is read.
     out = tmp_path / "runs" / "r"
     code = main([*(part.format(tmp=tmp_path) for part in command), "--root", str(synth_root), "--out", str(out),
-                 *TINY, "--config", _config_file(tmp_path / "c.yaml", key, value)])
+                 *TINY, "--config", _config_file(tmp_path / "c.yaml", key, value, context)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("kdreid: error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()
@@ -168,6 +182,9 @@ def test_adapt_and_distill_refuse_a_setting_no_run_can_use_before_the_run_folder
     ("train.optim.momentum", 0.0), ("train.optim.betas", (0.0, 0.0)), ("train.optim.milestones", []),
     ("train.optim.milestones", [0, 500]), ("train.optim.milestones", [20, 20]), ("train.optim.gamma", 2.0),
     ("train.optim.min_lr_factor", 1.0),
+    # what this run does not use is left alone, as the run leaves it (the default: Adam, multistep, select last)
+    ("train.optim.momentum", 1.5), ("train.optim.step_size", 0), ("train.optim.min_lr_factor", 5.0),
+    ("train.source_val_ids", 0.0), ("train.log_freq", 0),
     ("train.optim.warmup_epochs", 0), ("train.optim.warmup_epochs", 1000), ("train.optim.warmup_factor", 1.0),
     ("train.optim.clip_grad_norm", 0.0), ("train.optim.step_size", 1000), ("train.augment.pad", 0),
     ("train.augment.erase_attempts", 0), ("eval.batch_size", 1), ("train.log_freq", 1),

@@ -102,10 +102,10 @@ class TrainConfig:
             raise ConfigError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
         if self.eval_freq < 0:
             raise ConfigError(f"--eval-freq must be 0 (at the end) or positive, got {self.eval_freq}")
-        # A fraction of the identities to hold out: none, or all, leaves nothing to validate on or to train on.
-        check_setting(0 < self.source_val_ids < 1, "train.source_val_ids", self.source_val_ids,
-                      "a fraction strictly between 0 and 1")
-        check_setting(self.log_freq >= 1, "train.log_freq", self.log_freq, "at least 1 (iterations)")
+        if self.select == "source-val":  # the fraction of identities held out: none, or all, leaves nothing to
+            # validate on or to train on
+            check_setting(0 < self.source_val_ids < 1, "train.source_val_ids", self.source_val_ids,
+                          "a fraction strictly between 0 and 1")
         self.optim.validate()
         self.augment.validate()
         if self.compile != "auto" and self.compile not in COMPILE_MODES:

@@ -42,24 +42,32 @@ class OptimConfig:
 
     def validate(self) -> None:
         """Values no optimiser or schedule can use (torch would stop on some with a traceback, others would train
-        on a negative or growing learning rate), checked before any work."""
+        on a negative or growing learning rate), checked before any work — each where this run uses it: a setting
+        of another optimiser or schedule than the one chosen is left alone, as the run leaves it."""
         check_setting(0 < self.lr < math.inf, "--lr", self.lr, "positive")
         key = "train.optim."
         check_setting(0 <= self.weight_decay < math.inf, key + "weight_decay", self.weight_decay, "0 or more")
-        check_setting(0 <= self.momentum < 1, key + "momentum", self.momentum, "in [0, 1)")
-        check_setting(all(0 <= beta < 1 for beta in self.betas), key + "betas", list(self.betas),
-                      "two numbers, each in [0, 1)")
-        # The 0-based epochs from which the rate is multiplied by gamma once more (one named twice decays twice
-        # there, as torch's MultiStepLR does: a shortened schedule can round two milestones to one epoch).
-        check_setting(all(m >= 0 for m in self.milestones), key + "milestones", list(self.milestones),
-                      "0-based epochs (0 or more)")
-        check_setting(self.step_size >= 1, key + "step_size", self.step_size, "at least 1 (epochs)")
-        check_setting(0 < self.gamma < math.inf, key + "gamma", self.gamma, "positive (the factor of each decay)")
-        check_setting(0 <= self.min_lr_factor <= 1, key + "min_lr_factor", self.min_lr_factor,
-                      "in [0, 1] (the cosine floor, a fraction of --lr)")
+        if self.optimizer == "sgd":
+            check_setting(0 <= self.momentum < 1, key + "momentum", self.momentum, "in [0, 1)")
+        else:
+            check_setting(all(0 <= beta < 1 for beta in self.betas), key + "betas", list(self.betas),
+                          "two numbers, each in [0, 1)")
+        if self.scheduler == "multistep":
+            # The 0-based epochs from which the rate is multiplied by gamma once more (one named twice decays twice
+            # there, as torch's MultiStepLR does: a shortened schedule can round two milestones to one epoch).
+            check_setting(all(m >= 0 for m in self.milestones), key + "milestones", list(self.milestones),
+                          "0-based epochs (0 or more)")
+        if self.scheduler == "step":
+            check_setting(self.step_size >= 1, key + "step_size", self.step_size, "at least 1 (epochs)")
+        if self.scheduler in ("step", "multistep"):
+            check_setting(0 < self.gamma < math.inf, key + "gamma", self.gamma, "positive (the factor of each decay)")
+        if self.scheduler == "cosine":
+            check_setting(0 <= self.min_lr_factor <= 1, key + "min_lr_factor", self.min_lr_factor,
+                          "in [0, 1] (the cosine floor, a fraction of --lr)")
         check_setting(self.warmup_epochs >= 0, key + "warmup_epochs", self.warmup_epochs, "0 (no warm-up) or more")
-        check_setting(0 < self.warmup_factor <= 1, key + "warmup_factor", self.warmup_factor,
-                      "in (0, 1] (the first epoch's fraction of --lr)")
+        if self.warmup_epochs > 0:
+            check_setting(0 < self.warmup_factor <= 1, key + "warmup_factor", self.warmup_factor,
+                          "in (0, 1] (the first epoch's fraction of --lr)")
         check_setting(0 <= self.clip_grad_norm < math.inf, key + "clip_grad_norm", self.clip_grad_norm,
                       "0 (no clipping) or positive")
 
