@@ -120,8 +120,9 @@ def visualize_activation_maps(
 ) -> list[Path]:
     """Activation maps of each (label, model) on `num_images` of `records` (ImageRecord-like, with .path .pid
     .camid; chosen spread over the list, as `choose_queries` chooses), each model fed the images at `size`
-    (height, width; a side left None: the size its checkpoint records), written as OUT_DIR/<prefix>_01.png, _02.png, ... with IMAGES_PER_PAGE images per page; that
-    prefix's pages from an earlier call are removed first. -> the written paths."""
+    (height, width; a side left None: the size its checkpoint records), written as OUT_DIR/<prefix>_01.png,
+    _02.png, ... with IMAGES_PER_PAGE images per page; that prefix's pages from an earlier call are removed first.
+    -> the written paths."""
     from kdreid.data.cache import read_image
     from kdreid.evaluation.features import model_input_size, pick_device
 
