@@ -647,3 +647,35 @@ def test_dmmd_counts_copies_of_one_image_by_default_as_the_original(source_run, 
     assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", str(source_run / "model.pt"),
                  "--root", str(synth_root), "--out", str(tmp_path / "t"), "--dmmd-start", "0", *TINY]) == 0
     assert told and all(images == (None, None) for images in told)
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("kdreid: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_resume_is_checked_against_the_checkpoint_and_foreign_folders_are_refused(synth_root, tmp_path, capsys):
+    """Found by a bad-input review: with config.yaml deleted, --resume took any settings; a checkpoint copied from
+    another model's run was a traceback; a training --out into a pipeline's folder overwrote its results."""
+    source = ["train-source", "-s", "synth_msmt", "--root", str(synth_root), *TINY[2:], "--epochs", "1"]
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert main([*source, "-a", "osnet_tiny", "--out", str(run)]) == 0
+    assert main([*source, "-a", "resnet_tiny", "--out", str(other)]) == 0
+    capsys.readouterr()
+    (run / "config.yaml").unlink()
+    assert main([*source, "-a", "osnet_tiny", "--out", str(run), "--resume", "--lr", "0.01"]) == 2
+    assert "was trained with other settings than this command's (train.optim.lr" in _one_error(capsys)
+    shutil.copy(other / "checkpoints" / "last.pt", run / "checkpoints" / "last.pt")
+    assert main([*source, "-a", "osnet_tiny", "--out", str(run), "--resume"]) == 2
+    assert "arch 'resnet_tiny' -> 'osnet_tiny'" in _one_error(capsys)  # the checkpoint's own settings
+    pipeline_folder = tmp_path / "pipeline"
+    (pipeline_folder / "stages").mkdir(parents=True)
+    (pipeline_folder / "metrics.json").write_text('{"student": {}}')
+    assert main([*source, "-a", "osnet_tiny", "--out", str(pipeline_folder)]) == 2
+    assert "holds another run's files (metrics.json), not a checkpoint of this command" in _one_error(capsys)
+    assert (pipeline_folder / "metrics.json").read_text() == '{"student": {}}'
+    assert main(["pipeline", "-s", "synth_msmt", "-t", "synth_duke", "--root", str(synth_root), "--preset", "quick",
+                 "--out", str(other)]) == 2
+    assert "is a training run's folder (it holds model.pt), not a pipeline's" in _one_error(capsys)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,8 @@ from kdreid import distributed
 from kdreid.config import read_yaml
 from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.data.samplers import groups_per_rank
-from kdreid.errors import ConfigError, KdreidError
+from kdreid.errors import CheckpointError, ConfigError, KdreidError
+from kdreid.models.weights import UnsafeCheckpointError
 from kdreid.evaluation.features import evaluate_model, extract_features
 from kdreid.evaluation.ranking import evaluation_warnings_to
 from kdreid.models import save_checkpoint
@@ -35,7 +36,8 @@ from kdreid.stages.optim import check_setting
 from kdreid.stages.pseudo_labels import PseudoLabelConfig, cluster_quality
 from kdreid.stages.loop import (
     PATH_SETTINGS, FitResult, TrainConfig, absolute_path_setting, check_resumed_settings, has_checkpoint,
-    refuse_occupied, results_table, seed_everything, select_device,
+    checkpoint_file, load_training_state, previous_checkpoint_file, refuse_occupied, results_table,
+    seed_everything, select_device,
 )
 
 
@@ -273,9 +275,9 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     groups_per_rank(config.train.batch_size // config.train.num_instances, distributed.world_size(), "groups")
     refuse_occupied(Path(config.out), resume)
     extended = None
-    saved_config = Path(config.out) / "config.yaml"
-    if resume and has_checkpoint(Path(config.out)) and saved_config.is_file():
-        extended = check_resumed_settings(Path(config.out), read_yaml(saved_config), config)
+    trained = _trained_settings(Path(config.out)) if resume and has_checkpoint(Path(config.out)) else None
+    if trained is not None:
+        extended = check_resumed_settings(Path(config.out), trained, config)
     run = RunDir(config.out)
     # Only the main process writes the run's files; the others log warnings to their console.
     log = run.logger() if distributed.is_main() else distributed.worker_logger()
@@ -309,6 +311,22 @@ def _make_paths_absolute(config) -> None:
         owner = functools.reduce(getattr, parents, config)
         if hasattr(owner, name):
             setattr(owner, name, absolute_path_setting(getattr(owner, name)))
+
+
+def _trained_settings(run_path: Path) -> Mapping | None:
+    """The settings a run's checkpoint was trained with: the config its training checkpoint records (the truth,
+    even when config.yaml was deleted or edited, or the checkpoint copied from another run), else config.yaml;
+    None when neither says (the training loop then reports the checkpoint it cannot read)."""
+    for candidate in (checkpoint_file(run_path), previous_checkpoint_file(run_path)):
+        try:  # read only: which file to resume from, and saying so, is the training loop's (it may set one aside)
+            recorded = load_training_state(candidate).get("config") if candidate.exists() else None
+        except UnsafeCheckpointError:
+            raise  # not damage: a file that would run code, refused now
+        except CheckpointError:
+            continue
+        if isinstance(recorded, Mapping):
+            return recorded
+    return read_yaml(run_path / "config.yaml") if (run_path / "config.yaml").is_file() else None
 
 
 def _record_datasets(path: Path, datasets: Sequence[ReidDataset], config, log, resuming: bool) -> bool:

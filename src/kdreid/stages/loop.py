@@ -211,9 +211,15 @@ def _train(
     if found is not None:
         state, path = found
         checkpoint_time_ns = path.stat().st_mtime_ns
-        for name, module in modules.items():
-            module.load_state_dict(state["modules"][name])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            for name, module in modules.items():
+                module.load_state_dict(state["modules"][name])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as error:  # another model's checkpoint (a copied file)
+            first = str(error).strip().splitlines()[-1].strip() if str(error).strip() else type(error).__name__
+            raise TrainingError(f"{path} holds the training state of another model than this command builds "
+                                f"({first[:200]}); resume with the command that began {run.path}, or choose "
+                                "another --out") from None
         history = state["history"]
         start_epoch = state["epoch"]  # completed epochs
         best.update(state["best"])
@@ -460,6 +466,13 @@ def refuse_occupied(run_path: Path, resume: bool) -> None:
             f"{run_path} already holds a finished model ({Path(run_path) / 'model.pt'}) and no checkpoint to "
             "continue from; choose another --out"
         )
+    # Another command's (a pipeline's) or another program's results: a training run would overwrite them. (A run
+    # killed before its first checkpoint leaves only config.yaml and log.txt: the same command may start again.)
+    foreign = [name for name in ("metrics.json", "results.md", "stages", "student.pt")
+               if not resumable and (Path(run_path) / name).exists()]
+    if foreign:
+        raise TrainingError(f"{run_path} holds another run's files ({foreign[0]}), not a checkpoint of this "
+                            "command; choose another --out")
 
 
 # Settings of a stage config (dotted keys) that decide how a run executes or what it reports, never the weights it

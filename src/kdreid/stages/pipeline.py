@@ -218,7 +218,7 @@ def _describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
 def _read_saved_config(path: Path) -> Mapping | None:
     try:
         saved = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, UnicodeDecodeError):  # damaged: the stage trains again, as with any unreadable config
         return None
     return saved if isinstance(saved, Mapping) else None
 
@@ -490,6 +490,10 @@ def table_rows(config: PipelineConfig, configs: Mapping[str, Any], finals: Mappi
 def run(config: PipelineConfig) -> PipelineResult:
     """Run (or continue) the whole pipeline; see the module docstring for the folders and files."""
     config.validate()
+    held = [name for name in ("model.pt", "checkpoints") if (Path(config.out) / name).exists()]
+    if held:  # a stage's run folder: the pipeline's files would overwrite its config.yaml and metrics.json
+        raise ConfigError(f"{config.out} is a training run's folder (it holds {held[0]}), not a pipeline's; choose "
+                          "another --out")
     config.root = absolute_path(config.root)  # as the stages save theirs: `kdreid report` works from anywhere
     configs = stage_configs(config)  # every config error surfaces before any training
     fingerprints = DatasetFingerprints()
