@@ -110,6 +110,6 @@ def run_main(body: Callable[[argparse.Namespace], str], parser: argparse.Argumen
         # keeps --root).
         message = re.sub(r"(with |^|; )--root\b", r"\1-data-dir", str(error))
         print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", 2)  # a run stopped by SIGINT/SIGTERM: 130/143, as `kdreid` exits
     print(f"run folder: {out}")
     return 0

@@ -167,3 +167,23 @@ def test_dmmd_checks_its_run_folder_before_converting_and_leaves_nothing_on_bad_
     assert dmmd.main([*flags, "-dt", "synth_duke", "--out", str(run)]) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert (run / "init.pt").read_bytes() == b"the run's start weights"
+
+
+def test_a_script_stopped_by_a_signal_exits_as_kdreid_does(capsys):
+    """Found by a review: the scripts answered 2 to SIGINT/SIGTERM where `kdreid` answers 130/143."""
+    import argparse
+    import signal
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from _seed_args import run_main
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    from kdreid.stages.loop import TrainingInterrupted
+
+    def stopped(args):
+        raise TrainingInterrupted("stopped by SIGTERM at epoch 1; run the same command with --resume",
+                                  signal.SIGTERM)
+
+    assert run_main(stopped, argparse.ArgumentParser(prog="source_training.py"), []) == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err

@@ -544,8 +544,9 @@ def test_adapt_with_pseudo_labels_clusters_the_target(source_run, synth_root, tm
 
 
 def test_a_resumed_run_keeps_the_datasets_record_of_its_start(tmp_path, monkeypatch):
-    """Data regenerated between a crash and --resume: the model saw both, so its record stays the first one (a
-    pipeline then trains the stage again) and the log says so; a fresh run records what it reads."""
+    """Data regenerated between a crash and --resume: the run is refused in one line (its classifier and sampler
+    positions are the first files'; going on was a size-mismatch or IndexError traceback when identities or images
+    changed), and its record stays the first one; a fresh run records what it reads."""
     from types import SimpleNamespace
 
     from kdreid.stages import common
@@ -558,21 +559,22 @@ def test_a_resumed_run_keeps_the_datasets_record_of_its_start(tmp_path, monkeypa
     config = SimpleNamespace(data=SimpleNamespace(root="root", combineall=False), sources=["synth_msmt"])
     assert common._record_datasets(record, duke, config, log, resuming=False) is False
     current["synth_duke"] = "bbbb/uuuu"  # other training images
-    assert common._record_datasets(record, duke, config, log, resuming=True) is False
+    with pytest.raises(DatasetError, match="synth_duke hold other training images than when the run in .* began "
+                                           r"\(regenerated or re-extracted\): restore the files it began with"):
+        common._record_datasets(record, duke, config, log, resuming=True)
     assert json.loads(record.read_text()) == {"synth_duke": "aaaa/tttt"}
-    assert warnings == ["synth_duke hold other training images than when this run began (regenerated or "
-                        "re-extracted); the run goes on, its datasets.json keeps the first ones"]
     common._record_datasets(record, duke, config, log, resuming=False)
     assert json.loads(record.read_text()) == {"synth_duke": "bbbb/uuuu"}
     # Only a query or gallery image replaced (after a failed evaluation): the record follows, with no warning.
     current["synth_duke"] = "cccc/uuuu"
     assert common._record_datasets(record, duke, config, log, resuming=True) is True  # numbers measured again
-    assert json.loads(record.read_text()) == {"synth_duke": "cccc/uuuu"} and len(warnings) == 1
+    assert json.loads(record.read_text()) == {"synth_duke": "cccc/uuuu"} and not warnings
     # A source under --combineall trains on its query and gallery too: that change is one of training images.
     config.data.combineall, config.sources = True, ["synth_duke"]
     current["synth_duke"] = "dddd/uuuu"
-    assert common._record_datasets(record, duke, config, log, resuming=True) is False
-    assert json.loads(record.read_text()) == {"synth_duke": "cccc/uuuu"} and len(warnings) == 2
+    with pytest.raises(DatasetError, match="hold other training images"):
+        common._record_datasets(record, duke, config, log, resuming=True)
+    assert json.loads(record.read_text()) == {"synth_duke": "cccc/uuuu"}
 
 
 def test_what_the_ranking_warns_of_is_a_line_of_the_run_log_naming_the_dataset(monkeypatch, caplog):

@@ -23,7 +23,7 @@ from kdreid import distributed
 from kdreid.config import read_yaml
 from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.data.samplers import groups_per_rank
-from kdreid.errors import CheckpointError, ConfigError, KdreidError
+from kdreid.errors import CheckpointError, ConfigError, DatasetError, KdreidError
 from kdreid.models.weights import UnsafeCheckpointError
 from kdreid.evaluation.features import evaluate_model, extract_features
 from kdreid.evaluation.ranking import evaluation_warnings_to
@@ -343,10 +343,10 @@ def _record_datasets(path: Path, datasets: Sequence[ReidDataset], config, log, r
         changes = [(name, fingerprint_change(before.get(name, fingerprint), fingerprint, trains_on_all(name, config)))
                    for name, fingerprint in now.items()]
         changed = [name for name, change in changes if change == "train"]
-        if changed:
-            log.warning(f"{', '.join(changed)} hold other training images than when this run began (regenerated "
-                        f"or re-extracted); the run goes on, its {path.name} keeps the first ones")
-            return False
+        if changed:  # its classifier, sampler positions and cached batches are those of the first files
+            raise DatasetError(f"{', '.join(changed)} hold other training images than when the run in {path.parent} "
+                               "began (regenerated or re-extracted): restore the files it began with, or start a "
+                               "new run with another --out")
     write_json(path, now)
     return any(change == "evaluation" for _, change in changes)
 

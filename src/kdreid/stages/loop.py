@@ -62,6 +62,10 @@ SELECTION_RULES = {
 SELECTION_SCORES = {"source-val": ("source-val", "mAP"), "target-clusters": ("target-clusters", "score")}
 
 
+# The largest input side any command takes (re-ID crops are ~256x128).
+MAX_INPUT_SIDE = 4096
+
+
 @dataclass
 class TrainConfig:
     """Settings every stage shares; the common CLI flags map onto these."""
@@ -90,6 +94,10 @@ class TrainConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
+        for flag, value in (("--height", self.height), ("--width", self.width)):
+            if value > MAX_INPUT_SIDE:  # one image of 100000x100000 exhausts the memory before any check can speak
+                raise ConfigError(f"{flag} {value} is far above any re-ID input size (they train at 256x128); give "
+                                  f"at most {MAX_INPUT_SIDE}")
         if self.num_instances < 2:
             raise ConfigError(
                 f"--num-instances must be at least 2 (the triplet and D-MMD losses need pairs), got {self.num_instances}"
