@@ -100,6 +100,11 @@ def test_teachers_adapted_to_other_targets_are_refused_before_any_work(three_dom
         assert main([*args[:at + 1], adapted[first], adapted[second], *args[at + 3:]]) == 2
         assert capsys.readouterr().err == f"kdreid: error: {message}\n"
         assert not (tmp_path / "r").exists()
+        # Read as plain weights (--teacher-arch), a kdreid checkpoint still records its datasets: checked too (a
+        # review found --teacher-arch switched the check off).
+        assert main([*args[:at + 1], adapted[first], adapted[second], *args[at + 3:], "--teacher-arch",
+                     "resnet_tiny"]) == 2
+        assert capsys.readouterr().err.endswith(f"kdreid: error: {message}\n")
     # In the targets' order they pass that check (the run itself is another test's).
     distill.check_teacher_targets([distill.load_teacher(adapted[n]) for n in ("duke", "cuhk")],
                                   [adapted["duke"], adapted["cuhk"]], TARGETS, ["synth_msmt"])

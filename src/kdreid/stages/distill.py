@@ -213,8 +213,16 @@ def load_teacher(path: str, arch: str = "", last_stride: int = 1) -> nn.Module:
     """A kdreid checkpoint, or (with `arch`) a plain state dict of another toolkit, built with `last_stride`, as an
     eval-mode model."""
     if arch:  # with the embedding layer the file holds, if any (SpCL's and the seed's `feat`)
-        return build_model(arch, 0, pretrained=path, last_stride=last_stride,
-                           embedding_dim=embedding_dim_of(path)).eval()
+        from kdreid.models.weights import CHECKPOINT_FORMAT, read_file
+
+        model = build_model(arch, 0, pretrained=path, last_stride=last_stride,
+                            embedding_dim=embedding_dim_of(path)).eval()
+        content = read_file(path)
+        if isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT:
+            # A kdreid checkpoint read as plain weights still records what it was trained on: the target checks
+            # (check_teacher_targets) keep working with --teacher-arch.
+            model.kdreid_meta = {key: value for key, value in content.items() if key != "state_dict"}
+        return model
     try:
         return load_checkpoint(path)
     except CheckpointError as error:
@@ -265,7 +273,7 @@ def file_digest(path: str | Path) -> str:
 def check_teacher_targets(teachers: Sequence[nn.Module], paths: Sequence[str], targets: Sequence[str],
                           sources: Sequence[str]) -> None:
     """Refuse a kdreid teacher that was not trained on the target at its position (teachers in another order,
-    or never adapted). A plain state dict (--teacher-arch) records no datasets and is not checked."""
+    or never adapted). A plain state dict of another toolkit records no datasets and is not checked."""
     for position, (teacher, path, target) in enumerate(zip(teachers, paths, targets), start=1):
         datasets = list((getattr(teacher, "kdreid_meta", None) or {}).get("datasets") or [])
         if not datasets or target in datasets:
