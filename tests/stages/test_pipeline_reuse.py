@@ -511,3 +511,27 @@ def test_the_blend_baseline_flag_and_config_key(tmp_path, monkeypatch):
     assert _resolved_by_cli(tmp_path, monkeypatch, {}, "--no-blend-baseline").blend_baseline is False
     assert _resolved_by_cli(tmp_path, monkeypatch, {"blend_baseline": False}).blend_baseline is False
     assert _resolved_by_cli(tmp_path, monkeypatch, {"blend_baseline": False}, "--blend-baseline").blend_baseline
+
+
+def test_an_architecture_that_cannot_run_stops_the_pipeline_before_the_first_stage(synth_root, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Found by a review: an unknown --student-arch failed after the teachers' source stage had trained, and a
+    first stage that failed left the pipeline's folder (config.yaml, log.txt) behind."""
+    calls = []
+    for kind in list(pipeline.RUNNERS):
+        monkeypatch.setitem(pipeline.RUNNERS, kind, lambda config, resume: calls.append(config.out))
+    common = ["pipeline", "-s", "synth_msmt", "-t", "synth_duke", "--root", str(synth_root), "--preset", "quick",
+              "--teacher-arch", "resnet_tiny", "--out", str(tmp_path / "run")]
+    assert main([*common, "--student-arch", "osnet_huge"]) == 2
+    assert "unknown model 'osnet_huge'" in capsys.readouterr().err
+    assert main([*common, "--student-arch", "osnet_tiny", "--height", "8", "--width", "4"]) == 2
+    assert "cannot take 8x4 images" in capsys.readouterr().err
+    assert calls == [] and not (tmp_path / "run").exists()
+
+    def failing(config, resume):
+        raise DatasetError("a bad input in the first stage")
+
+    for kind in list(pipeline.RUNNERS):
+        monkeypatch.setitem(pipeline.RUNNERS, kind, failing)
+    assert main([*common, "--student-arch", "osnet_tiny"]) == 2
+    assert not (tmp_path / "run").exists()

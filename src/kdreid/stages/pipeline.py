@@ -31,7 +31,7 @@ import yaml
 
 from kdreid import distributed
 from kdreid.config import flatten, read_yaml
-from kdreid.errors import ConfigError
+from kdreid.errors import ConfigError, KdreidError
 from kdreid.models import count_macs, load_checkpoint
 from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes, atomic_write_text, exclusive, write_json
 from kdreid.stages import adapt, distill, source
@@ -193,6 +193,21 @@ class DatasetFingerprints:
             dataset = load_datasets([name], data.root, {name: options})[0]  # DatasetError when missing or unreadable
             self._known[key] = dataset_fingerprint(dataset, data.root)
         return self._known[key]
+
+
+def check_architectures(configs: Mapping[str, Any]) -> None:
+    """Every stage's architecture built once, and fed one image of its input size, before the first stage trains:
+    an unknown name or a size it cannot take is one line now, not after hours of the earlier stages."""
+    from kdreid.models import build_model, check_input_size
+
+    checked = set()
+    for stage_config in configs.values():
+        arch = getattr(stage_config, "arch", "") or ""
+        size = (stage_config.train.height, stage_config.train.width)
+        if not arch or (arch, size) in checked:
+            continue
+        checked.add((arch, size))
+        check_input_size(build_model(arch, num_classes=0), *size)
 
 
 def check_datasets(configs: Mapping[str, Any], targets: list[str], fingerprints: DatasetFingerprints) -> None:
@@ -496,6 +511,7 @@ def run(config: PipelineConfig) -> PipelineResult:
                           "another --out")
     config.root = absolute_path(config.root)  # as the stages save theirs: `kdreid report` works from anywhere
     configs = stage_configs(config)  # every config error surfaces before any training
+    check_architectures(configs)  # and every architecture that cannot be built or take its images
     fingerprints = DatasetFingerprints()
     check_datasets(configs, config.targets, fingerprints)  # and every missing dataset
     # Under torchrun every process runs this function; the first stage's device decides the backend, and only
@@ -503,8 +519,18 @@ def run(config: PipelineConfig) -> PipelineResult:
     distributed.init(next(iter(configs.values())).train.device)
     # The main process holds the pipeline's folder: a second pipeline there would train, or remove, the stage
     # folders this one trains in.
-    with exclusive(config.out) if distributed.is_main() else contextlib.nullcontext():
-        return _run_stages(config, configs, fingerprints)
+    created = not Path(config.out).exists()
+    try:
+        with exclusive(config.out) if distributed.is_main() else contextlib.nullcontext():
+            return _run_stages(config, configs, fingerprints)
+    except KdreidError:
+        # A folder this call made, where no stage kept a model or a checkpoint (each removes its own after an early
+        # failure): the pipeline's config.yaml and log alone are not a run to continue.
+        stages = Path(config.out) / "stages"
+        kept = stages.is_dir() and any(stages.rglob("*.pt"))  # a stage's model.pt or checkpoints
+        if created and distributed.is_main() and not kept:
+            shutil.rmtree(config.out, ignore_errors=True)
+        raise
 
 
 def _run_stages(config: PipelineConfig, configs: dict, fingerprints: DatasetFingerprints) -> PipelineResult:
