@@ -535,3 +535,13 @@ def test_an_architecture_that_cannot_run_stops_the_pipeline_before_the_first_sta
         monkeypatch.setitem(pipeline.RUNNERS, kind, failing)
     assert main([*common, "--student-arch", "osnet_tiny"]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_stage_settings_the_pipeline_decides_are_named_not_silently_dropped(tmp_path, capsys):
+    config = _config(tmp_path, distill={"teachers": ["a.pt", "b.pt"]}, common={"out": "/tmp/elsewhere"},
+                     blend={"targets": ["synth_duke"]})
+    configs = pipeline.stage_configs(config)
+    err = capsys.readouterr().err
+    assert configs["distill"].teachers[0].endswith("teacher_synth_duke/model.pt")
+    for key in ("teachers", "out", "targets"):
+        assert err.count(f"kdreid: warning: the pipeline sets {key} of its stages itself") == 1, err

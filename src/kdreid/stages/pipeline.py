@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,13 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
         settings: dict[str, Any] = {}
         for layer in (config.common, *layers, config.overrides):
             settings.update(flatten(layer))
+        # What the pipeline decides wins over a section's value: said once, not silently dropped.
+        for key in sorted(set(settings) & {*fixed, "data.root"}):
+            if key not in ignored:
+                ignored.add(key)
+                print(f"kdreid: warning: the pipeline sets {key} of its stages itself (datasets, architectures, "
+                      f"input models, folders, data root); {key} in the --config file's stage sections is not "
+                      "used", file=sys.stderr)
         settings.update(fixed)
         settings["data.root"] = config.root
         try:
@@ -141,6 +149,8 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
 
     def source_name(arch: str) -> str:
         return f"source_{arch}"
+
+    ignored: set[str] = set()  # keys already named as set by the pipeline
 
     configs: dict[str, Any] = {}
     for arch in dict.fromkeys([config.teacher_arch, config.student_arch]):  # once when they are the same
