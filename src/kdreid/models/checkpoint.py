@@ -118,7 +118,8 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None) -> nn.Module:
     checkpoint = read_checkpoint(path)
     saved_arch = checkpoint["arch"]
     if arch is not None and saved_arch != arch:
-        raise CheckpointError(f"{path}: holds a {saved_arch} model, not the {arch} that was asked for")
+        raise CheckpointError(f"{path}: holds a {saved_arch} model, not the {arch} that was asked for; name "
+                              f"{saved_arch} as the architecture, or leave it out (the checkpoint records it)")
     build_args = dict(checkpoint["build_args"])
     num_domains = int(build_args.pop("num_domains", 0) or 0)
     try:

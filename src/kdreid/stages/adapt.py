@@ -27,7 +27,7 @@ import torch
 
 from kdreid import distributed
 from kdreid.data.datasets.base import ImageRecord
-from kdreid.errors import ConfigError, DatasetError
+from kdreid.errors import CheckpointError, ConfigError, DatasetError
 from kdreid.evaluation.features import extract_features
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmmd_terms, euclidean_distances
 from kdreid.losses.mmd import within_between
@@ -130,7 +130,10 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
     run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets
     source_records = combine_train(sources, combineall=config.data.combineall)
     target_records = combine_train(targets)
-    source_model = load_checkpoint(config.init, arch=config.arch or None)
+    try:
+        source_model = load_checkpoint(config.init, arch=config.arch or None)
+    except CheckpointError as error:  # named as the flag the file came from
+        raise CheckpointError(f"--init {error}") from None
     source_records, validation = source_label_space(source_records, source_model)
     if validation is None and train.select == "source-val":
         raise ConfigError(

@@ -372,7 +372,10 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     # The student: from its source-trained checkpoint (same label space as the sources), or built anew.
     validation = None
     if config.student_init:
-        student = load_checkpoint(config.student_init, arch=config.arch or None)
+        try:
+            student = load_checkpoint(config.student_init, arch=config.arch or None)
+        except CheckpointError as error:  # named as the flag the file came from
+            raise CheckpointError(f"--student-init {error}") from None
         source_records, validation = source_label_space(source_records, student)
     else:
         student = None
