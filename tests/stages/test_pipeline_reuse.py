@@ -545,3 +545,11 @@ def test_stage_settings_the_pipeline_decides_are_named_not_silently_dropped(tmp_
     assert configs["distill"].teachers[0].endswith("teacher_synth_duke/model.pt")
     for key in ("teachers", "out", "targets"):
         assert err.count(f"kdreid: warning: the pipeline sets {key} of its stages itself") == 1, err
+
+
+def test_a_pipeline_section_in_a_pipeline_config_says_where_its_keys_go(tmp_path):
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text("pipeline: {teacher_arch: resnet18}\n")
+    with pytest.raises(ConfigError, match=r"a `pipeline:` section is how presets are written; in a pipeline's "
+                                          r"--config its keys \(teacher_arch\) go at the top level"):
+        pipeline.resolve_pipeline_config(config_file=str(config_file))

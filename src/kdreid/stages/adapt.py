@@ -195,7 +195,10 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
                     what=GROUPING_NAMES["pseudo"],
                 )
             except DatasetError as error:  # too few clusters this epoch: tracklets are the other unsupervised way
-                raise DatasetError(f"epoch {epoch + 1}: {error}, or group the target by --grouping tracklet") from None
+                # After a checkpoint, other settings are a new run (--resume refuses them): say where it goes.
+                where = " (with another --out: this run's checkpoints hold its settings)" if epoch > 0 else ""
+                raise DatasetError(f"epoch {epoch + 1}: {error}, or group the target by --grouping tracklet"
+                                   f"{where}") from None
         source_batches.start_epoch(epoch)
         target_batches.start_epoch(epoch)
 

@@ -105,6 +105,9 @@ def resolve_pipeline_config(*, preset: str | None = None, config_file: str | Non
         # Checked even when --preset wins over it: a misspelt name in a file someone reuses should not lie there.
         if isinstance(named, str) and named and named not in PRESETS:
             raise ConfigError(f"{config_file}: unknown preset {named!r}; known: {', '.join(sorted(PRESETS))}")
+        if isinstance(data, Mapping) and isinstance(data.get("pipeline"), Mapping):  # the presets' own layout
+            raise ConfigError(f"{config_file}: a `pipeline:` section is how presets are written; in a pipeline's "
+                              f"--config its keys ({', '.join(data['pipeline'])}) go at the top level")
         if preset is None and isinstance(named, str):
             preset = named
     if preset is None:
