@@ -105,19 +105,31 @@ def _mean_over_datasets(row: Row) -> list[float] | None:
     return [_mean(run_values) for run_values in zip(*columns)]
 
 
-def _rows_of(run: Path, kind: str) -> dict[str, tuple[str, dict[str, dict[str, float | None]]]]:
+@dataclass
+class _Run:
+    """One run folder's files, each read once."""
+    path: Path
+    kind: str
+    metrics: dict  # its metrics.json
+    config: dict  # its config.yaml ({} when absent or unreadable)
+
+    @classmethod
+    def read(cls, path: Path, kind: str) -> _Run:
+        return cls(path, kind, read_run_json(path / "metrics.json") or {}, read_run_yaml(path / "config.yaml"))
+
+
+def _rows_of(run: _Run) -> dict[str, tuple[str, dict[str, dict[str, float | None]]]]:
     """{row key: (label, {dataset: {metric: value, None where the run could not measure it}})} of one run; one
     line naming the file when a row is not what kdreid writes (damaged)."""
-    source = run / "metrics.json"
-    metrics = read_run_json(source) or {}
+    source, kind, metrics = run.path / "metrics.json", run.kind, run.metrics
     if kind == "pipeline":
-        labels = pipeline_row_labels(read_run_yaml(run / "config.yaml"))
+        labels = pipeline_row_labels(run.config)
         found = {key: (labels[key], metrics[key]) for key in PIPELINE_ROWS if key in metrics}
         if not found:
-            raise KdreidError(f"{run} is a pipeline that has not finished (no final rows in its metrics.json); "
+            raise KdreidError(f"{run.path} is a pipeline that has not finished (no final rows in its metrics.json); "
                               "finish it (run the same command again), then aggregate")
     else:
-        arch = read_run_yaml(run / "config.yaml").get("arch") if kind == "stage" else None
+        arch = run.config.get("arch") if kind == "stage" else None
         found = {"final": (f"final model ({arch})" if arch else kind, metrics.get("final"))}
     rows = {}
     for key, (label, per_dataset) in found.items():
@@ -136,40 +148,41 @@ def _rows_of(run: Path, kind: str) -> dict[str, tuple[str, dict[str, dict[str, f
     return rows
 
 
-def _averaged(run: Path, kind: str, datasets: Sequence[str]) -> list[str]:
+def _averaged(run: _Run, datasets: Sequence[str]) -> list[str]:
     """The datasets a row's mean mAP averages: a stage's targets (its sources are scored too, but the column is
     the targets' mean, as in a pipeline's table), else all of them."""
-    targets = read_run_yaml(run / "config.yaml").get("targets") if kind == "stage" else None
+    targets = run.config.get("targets") if run.kind == "stage" else None
     chosen = [d for d in datasets if isinstance(targets, list) and d in targets]
     return chosen or list(datasets)
 
 
-def _settings_of(run: Path, kind: str) -> dict[str, object]:
+def _settings_of(run: _Run) -> dict[str, object]:
     """The run's settings, flattened, without those that only say where or how it executed. A pipeline's are its
     stages' (`stage.key`): each stage's config.yaml is complete, where the pipeline's own holds only what its
     command gave (a setting one run was given would be absent from the others). An evaluation's are per target
     (`target.key`), each value whole (`aqe: false` against `aqe: {k, alpha}`)."""
-    if kind == "evaluation":
-        recorded = (read_run_json(run / "metrics.json") or {}).get("evaluated_with") or {}
+    if run.kind == "evaluation":
+        recorded = run.metrics.get("evaluated_with") or {}
         settings = {f"{target}.{key}": value for target, values in recorded.items() if isinstance(values, dict)
                     for key, value in values.items()} if isinstance(recorded, dict) else {}
-    elif kind == "pipeline":
-        stages = sorted(p for p in (run / "stages").iterdir() if p.is_dir()) if (run / "stages").is_dir() else []
+    elif run.kind == "pipeline":
+        folder = run.path / "stages"
+        stages = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
         settings = {f"{stage.name}.{key}": value for stage in stages
                     for key, value in flatten(read_run_yaml(stage / "config.yaml")).items()}
     else:
-        settings = flatten(read_run_yaml(run / "config.yaml"))
+        settings = flatten(run.config)
     return {key: value for key, value in settings.items()
             if key.rsplit(".", 1)[-1] not in EXECUTION_SETTINGS}
 
 
-def _seed_of(run: Path, kind: str) -> object:
+def _seed_of(run: _Run) -> object:
     """The seed the run's config records (a pipeline: from its flags, its `common` section, else the default)."""
-    settings = flatten(read_run_yaml(run / "config.yaml"))
+    settings = flatten(run.config)
     for key in ("train.seed", "overrides.train.seed", "common.train.seed"):
         if key in settings:
             return settings[key]
-    return 0 if settings and kind != "evaluation" else None
+    return 0 if settings and run.kind != "evaluation" else None
 
 
 def aggregate_runs(runs: Sequence[str | Path]) -> Aggregate:
@@ -185,35 +198,32 @@ def aggregate_runs(runs: Sequence[str | Path]) -> Aggregate:
         described = ", ".join(f"{path} ({kind})" for path, kind in kinds.items())
         raise KdreidError(f"the runs are of different kinds: {described}; aggregate runs of one command")
     kind = kinds[paths[0]]
-    per_run = {path: _rows_of(path, kind) for path in paths}
+    read = [_Run.read(path, kind) for path in paths]
+    per_run = [_rows_of(run) for run in read]
     rows = []
     # Every row, dataset and metric any run holds, in the order they first appear: each must be in every run, and a
     # number there (one a run could not measure, null, cannot be averaged with the others).
-    keys = list(dict.fromkeys(key for path in paths for key in per_run[path]))
-    for key in keys:
-        label = next(per_run[path][key][0] for path in paths if key in per_run[path])
-        datasets = list(dict.fromkeys(d for path in paths for d in per_run[path].get(key, ("", {}))[1]))
+    for key in dict.fromkeys(key for held in per_run for key in held):
+        label = next(held[key][0] for held in per_run if key in held)
+        tables = [held.get(key, ("", {}))[1] for held in per_run]  # {dataset: {metric: value}} of each run
+        datasets = list(dict.fromkeys(d for table in tables for d in table))
         values: dict[str, dict[str, list[float]]] = {}
         for dataset in datasets:
-            metrics = dict.fromkeys(m for path in paths
-                                    for m in per_run[path].get(key, ("", {}))[1].get(dataset, {}))
-            for metric in metrics:
-                column = []
-                for path in paths:
-                    held = per_run[path].get(key, ("", {}))[1].get(dataset, {})
-                    if held.get(metric) is None:
-                        why = "null: the run could not measure it" if metric in held else "absent"
-                        raise KdreidError(f"{path} has no {metric} of {dataset} in its {label!r} row ({why}), which "
-                                          "another run has: aggregate runs of the same command, each finished")
-                    column.append(held[metric])
-                values.setdefault(dataset, {})[metric] = column
-        rows.append(Row(key, label, values, _averaged(paths[0], kind, datasets)))
-    settings = [_settings_of(path, kind) for path in paths]
+            for metric in dict.fromkeys(m for table in tables for m in table.get(dataset, {})):
+                for run, table in zip(read, tables):
+                    measured = table.get(dataset, {})
+                    if measured.get(metric) is None:
+                        why = "null: the run could not measure it" if metric in measured else "absent"
+                        raise KdreidError(f"{run.path} has no {metric} of {dataset} in its {label!r} row ({why}), "
+                                          "which another run has: aggregate runs of the same command, each finished")
+                values.setdefault(dataset, {})[metric] = [table[dataset][metric] for table in tables]
+        rows.append(Row(key, label, values, _averaged(read[0], datasets)))
+    settings = [_settings_of(run) for run in read]
     # Only settings every run records: one a run lacks is newer than the kdreid that wrote it (its default then).
     recorded = [key for key in settings[0] if all(key in s for s in settings[1:])]
     differing = {key: [s[key] for s in settings] for key in recorded
                  if len({json.dumps(s[key], sort_keys=True, default=str) for s in settings}) > 1}
-    return Aggregate([str(p) for p in paths], kind, [_seed_of(p, kind) for p in paths], rows, differing)
+    return Aggregate([str(p) for p in paths], kind, [_seed_of(run) for run in read], rows, differing)
 
 
 def aggregate_command(args) -> int:

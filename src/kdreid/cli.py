@@ -254,18 +254,15 @@ def _add_input_size(p, default: str = "the checkpoint's, else 256x128") -> None:
 
 def _require_positive(args, *flags: str) -> None:
     """Sizes and counts below 1 would fail deep inside with a traceback, or (--height 0) silently mean the
-    default: refuse them here, in one line; an input side beyond MAX_INPUT_SIDE too."""
+    default: refuse them here, in one line; an input side beyond the bound training has too."""
     for flag in flags:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
-        if flag in ("--height", "--width") and value is not None:  # the bound training has
-            from kdreid.stages.loop import MAX_INPUT_SIDE
+        if flag in ("--height", "--width") and value is not None:
+            from kdreid.stages.loop import check_input_side
 
-            if value <= MAX_INPUT_SIDE:
-                continue
-            raise ConfigError(f"{flag} {value} is far above any re-ID input size (they train at 256x128); "
-                              f"give at most {MAX_INPUT_SIDE}")
+            check_input_side(flag, value)
 
 
 def _run_evaluate(args) -> int:

@@ -66,6 +66,14 @@ SELECTION_SCORES = {"source-val": ("source-val", "mAP"), "target-clusters": ("ta
 MAX_INPUT_SIDE = 4096
 
 
+def check_input_side(flag: str, value: int) -> None:
+    """One image of 100000x100000 exhausts the memory before any check can speak: refused here, for every command
+    that takes --height/--width."""
+    if value > MAX_INPUT_SIDE:
+        raise ConfigError(f"{flag} {value} is far above any re-ID input size (they train at 256x128); give at most "
+                          f"{MAX_INPUT_SIDE}")
+
+
 @dataclass
 class TrainConfig:
     """Settings every stage shares; the common CLI flags map onto these."""
@@ -94,10 +102,8 @@ class TrainConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
-        for flag, value in (("--height", self.height), ("--width", self.width)):
-            if value > MAX_INPUT_SIDE:  # one image of 100000x100000 exhausts the memory before any check can speak
-                raise ConfigError(f"{flag} {value} is far above any re-ID input size (they train at 256x128); give "
-                                  f"at most {MAX_INPUT_SIDE}")
+        check_input_side("--height", self.height)
+        check_input_side("--width", self.width)
         if self.num_instances < 2:
             raise ConfigError(
                 f"--num-instances must be at least 2 (the triplet and D-MMD losses need pairs), got {self.num_instances}"

@@ -120,6 +120,7 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
     """Every stage's resolved config, by stage name, in the order they run."""
     run = Path(config.out) / "stages"
     preset = config.preset or None
+    ignored: set[str] = set()  # keys already named as set by the pipeline
 
     def resolve(cls, stage: str, layers: list[Mapping], fixed: dict, sections: tuple[str, ...] = ()):
         # Precedence, lowest first: defaults, the preset, `common`, the stage's own settings, `overrides` (the
@@ -152,8 +153,6 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
 
     def source_name(arch: str) -> str:
         return f"source_{arch}"
-
-    ignored: set[str] = set()  # keys already named as set by the pipeline
 
     configs: dict[str, Any] = {}
     for arch in dict.fromkeys([config.teacher_arch, config.student_arch]):  # once when they are the same
