@@ -185,13 +185,13 @@ def test_wrong_layout_names_the_layout_it_looks_like(tmp_path, capsys):
     duke_tree(tmp_path)
     # the Duke parent given for Market-1501
     assert_usage_error(capsys, ["--root", str(tmp_path), "-d", "market1501"],
-                       f"no -d market1501 data under {tmp_path}",
-                       "is this the DukeMTMC-reID layout? then use -d dukemtmcreid")
+                       f"no market1501 data under {tmp_path}",
+                       "is this the DukeMTMC-reID layout? then name it dukemtmcreid")
     # Duke extracted into the market1501 folder
     (tmp_path / "dukemtmc-reid").rename(tmp_path / "market1501")
     assert_usage_error(capsys, ["--root", str(tmp_path), "-d", "market1501"],
                        f"expected bounding_box_train under {tmp_path / 'market1501'}",
-                       "is this the DukeMTMC-reID layout? then use -d dukemtmcreid")
+                       "is this the DukeMTMC-reID layout? then name it dukemtmcreid")
     # an MSMT17 tree given as Duke, a Market tree given as MSMT17
     msmt_tree(tmp_path / "m")
     assert_usage_error(capsys, ["--root", str(tmp_path / "m"), "-d", "dukemtmcreid"], "is this the MSMT17 layout?")
@@ -227,8 +227,8 @@ def test_parent_of_other_datasets_lists_what_it_holds(tmp_path, capsys):
     duke_tree(tmp_path)
     market_tree(tmp_path, "synth_duke")
     assert_usage_error(capsys, ["--root", str(tmp_path), "-d", "cuhk03"],
-                       f"no -d cuhk03 data under {tmp_path}: expected {tmp_path / 'cuhk03'}/ holding",
-                       "it holds Market-1501, DukeMTMC-reID, synth_duke (-d market1501, dukemtmcreid, synth_duke)")
+                       f"no cuhk03 data under {tmp_path}: expected {tmp_path / 'cuhk03'}/ holding",
+                       "it holds Market-1501, DukeMTMC-reID, synth_duke (named market1501, dukemtmcreid, synth_duke)")
 
 
 def test_a_file_name_that_is_not_utf8_is_printed_not_a_crash(tmp_path):

@@ -145,7 +145,7 @@ def test_a_missing_target_stops_the_pipeline_before_any_stage(synth_root, tmp_pa
         monkeypatch.setitem(pipeline.RUNNERS, kind, lambda config, resume: calls.append(config.out))
     config = pipeline.PipelineConfig(sources=["synth_msmt"], targets=["synth_duke", "market1501"],
                                      root=str(synth_root), out=str(tmp_path / "run"), preset="quick")
-    with pytest.raises(DatasetError, match="no -d market1501 data under"):
+    with pytest.raises(DatasetError, match="no market1501 data under"):
         pipeline.run(config)
     assert calls == [] and not (tmp_path / "run").exists()
 

@@ -206,9 +206,33 @@ def test_the_defaults_and_presets_pass_validation(preset):
 
 def test_resume_of_a_finished_run_trains_no_more(source_run, synth_root):
     before = (source_run / "checkpoints" / "last.pt").stat().st_mtime_ns
-    assert main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root),
-                 "--out", str(source_run), "--resume", *TINY]) == 0
+    assert main(["train-source", "-s", "synth_msmt", "-t", "synth_duke", "-a", "osnet_tiny", "--root",
+                 str(synth_root), "--out", str(source_run), "--resume", *TINY]) == 0
     assert (source_run / "checkpoints" / "last.pt").stat().st_mtime_ns == before
+    assert "resumed from" in (log := (source_run / "log.txt").read_text()) and "all 2 epochs were trained" in log
+    assert "continuing at epoch 3" not in log
+
+
+def test_a_finished_run_resumed_with_other_evaluation_settings_measures_them(synth_root, tmp_path):
+    # Resuming a finished run with another distance and one more target exited 0 and kept the old numbers (of the
+    # Euclidean distance, without the new target) under a results table that named the new distance.
+    out = tmp_path / "run"
+    args = ["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root), "--out", str(out),
+            *TINY[:1], "1", *TINY[2:]]
+    assert main(args) == 0
+    checkpoint_time = (out / "checkpoints" / "last.pt").stat().st_mtime_ns
+    cosine = tmp_path / "cosine.yaml"
+    cosine.write_text("eval:\n  metric: cosine\n")
+    assert main([*args, "-t", "synth_duke", "--config", str(cosine), "--resume"]) == 0
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    model = load_checkpoint(out / "model.pt")
+    for name in ("synth_msmt", "synth_duke"):
+        expected = evaluate_model(model, build_dataset(name, synth_root), metric="cosine", height=64, width=32,
+                                  device="cpu").summary()
+        assert final[name]["mAP"] == pytest.approx(expected["mAP"], abs=1e-4)
+    assert "cosine distances" in (out / "results.md").read_text()
+    assert "evaluating epoch 1's weights again: eval.metric 'euclidean' -> 'cosine'" in (out / "log.txt").read_text()
+    assert (out / "checkpoints" / "last.pt").stat().st_mtime_ns == checkpoint_time  # nothing trained again
 
 
 def test_resume_with_other_training_settings_is_refused_and_touches_nothing(source_run, synth_root, capsys):

@@ -36,8 +36,8 @@ from kdreid.stages.optim import check_setting
 from kdreid.stages.pseudo_labels import PseudoLabelConfig, cluster_quality
 from kdreid.stages.loop import (
     PATH_SETTINGS, FitResult, TrainConfig, absolute_path_setting, check_resumed_settings, has_checkpoint,
-    checkpoint_file, load_training_state, previous_checkpoint_file, refuse_occupied, results_table,
-    seed_everything, select_device,
+    checkpoint_file, load_training_state, measurement_changes, previous_checkpoint_file, refuse_occupied,
+    results_table, seed_everything, select_device,
 )
 
 
@@ -195,7 +195,9 @@ class StageStart:
     device: torch.device
     sources: list[ReidDataset]
     targets: list[ReidDataset]
-    evaluation_changed: bool = False  # resumed after a query or gallery changed: the final numbers are measured again
+    # Why a resumed run's final numbers no longer hold ("" when they do): a query or gallery changed, or a setting of
+    # how they are measured. `fit` measures them again.
+    evaluation_changed: str = ""
 
 
 def stage_runner(run):
@@ -274,10 +276,11 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     distributed.init(config.train.device)
     groups_per_rank(config.train.batch_size // config.train.num_instances, distributed.world_size(), "groups")
     refuse_occupied(Path(config.out), resume)
-    extended = None
+    extended, measured_otherwise = None, ""
     trained = _trained_settings(Path(config.out)) if resume and has_checkpoint(Path(config.out)) else None
     if trained is not None:
         extended = check_resumed_settings(Path(config.out), trained, config)
+        measured_otherwise = measurement_changes(trained, config)
     run = RunDir(config.out)
     # Only the main process writes the run's files; the others log warnings to their console.
     log = run.logger() if distributed.is_main() else distributed.worker_logger()
@@ -297,7 +300,9 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     evaluation_changed = None
     if distributed.is_main():
         resuming = resume and has_checkpoint(run.path)
-        evaluation_changed = _record_datasets(run.path / DATASETS_FILE, sources + targets, config, log, resuming)
+        data_changed = _record_datasets(run.path / DATASETS_FILE, sources + targets, config, log, resuming)
+        evaluation_changed = "; ".join(filter(None, ["a query or gallery changed since" if data_changed else "",
+                                                     measured_otherwise]))
     # Every process evaluates (each embeds its share): all must know whether the final numbers are measured again.
     evaluation_changed = distributed.broadcast_object(evaluation_changed)
     return StageStart(run, log, device, sources, targets, evaluation_changed)

@@ -181,6 +181,9 @@ def fit(**arguments) -> FitResult:
     `compile_auto`: the compile mode that `--compile auto` stands for in this stage on CUDA (see
     `speed.auto_compile_mode`); on a CPU auto is always off.
 
+    `reevaluate`: why the selected weights' numbers no longer hold (a resume after a query changed, or with another
+    evaluation setting), or "": when set and this call did not measure them, they are measured again.
+
     SIGINT and SIGTERM are handled while this runs (the previous handlers are restored afterwards): the step in
     flight finishes, a checkpoint is written at that position and `TrainingInterrupted` is raised. A second
     signal stops at once (KeyboardInterrupt).
@@ -203,7 +206,7 @@ def _train(
     before_epoch: Callable[[int], None] | None = None,
     resumables: Mapping[str, Any] | None = None,
     resume: bool = False,
-    reevaluate: bool = False,
+    reevaluate: str = "",
     log=None,
     compile_auto: str = "off",
 ) -> FitResult:
@@ -240,8 +243,11 @@ def _train(
         _restore_rng(state["rng"])
         inside = state.get("inside")
         evaluation_pending = state.get("evaluation_pending", False)
-        where = f"epoch {start_epoch + 1}" + (f", iteration {inside['iteration'] + 1}" if inside else "")
-        log.info(f"resumed from {path}: continuing at {where}")
+        if start_epoch >= config.epochs:
+            log.info(f"resumed from {path}: all {config.epochs} epochs were trained")
+        else:
+            where = f"epoch {start_epoch + 1}" + (f", iteration {inside['iteration'] + 1}" if inside else "")
+            log.info(f"resumed from {path}: continuing at {where}")
     distributed.broadcast_modules(modules.values())  # every process starts from the main one's weights
     if distributed.is_main():
         # The folders training writes to, made now: a file in their place is one line before the first epoch, not
@@ -425,10 +431,11 @@ def _train(
     if config.select != "last" and best["state"] is not None:
         model.load_state_dict(best["state"])
     if reevaluate and best["epoch"] not in measured_now:
-        # A query or gallery changed since the selected weights were measured (an undecodable image replaced): the
-        # numbers are those of the data now. The selection stands: no rule reads a target's query or gallery.
-        log.info(f"evaluating epoch {best['epoch']}'s weights again: a query or gallery changed since")
-        best["metrics"] = {**best["metrics"], **evaluate(best["epoch"] - 1)}
+        # The selected weights were measured on other data (an undecodable image replaced in a query) or in another
+        # way (another distance, more targets): the numbers are those of the data and settings now. The selection
+        # stands: no rule reads a target's query or gallery, and a changed setting the selection reads is refused.
+        log.info(f"evaluating epoch {best['epoch']}'s weights again: {reevaluate}")
+        best["metrics"] = evaluate(best["epoch"] - 1)
     selection = SELECTION_RULES[config.select]
     if config.select != "last":
         selection += f" (epoch {best['epoch']})"
@@ -502,6 +509,8 @@ RUN_ONLY_SETTINGS = frozenset({
 # how often and how that score is measured, and which source identities are held out for it. A stage config may
 # add its own (EVALUATION_ONLY: the source stage's targets, which it only evaluates on).
 SELECTION_SETTINGS = frozenset({"train.eval_freq", "train.source_val_ids", "eval.metric", "eval.flip"})
+# Settings that decide how the numbers are measured, never which weights are kept when `select` is last.
+MEASUREMENT_SETTINGS = frozenset({"eval.metric", "eval.flip"})
 _UNSET = "(unset)"
 # Settings that name files or folders. A run saves them absolute, so that its config.yaml means the same files from
 # any working directory (`kdreid report`, a resume from elsewhere); they are compared as the files they name
@@ -540,6 +549,15 @@ def changes_weights(key: str, stage_config, also_run_only: tuple[str, ...] = ())
         return False
     selection_only = SELECTION_SETTINGS | set(getattr(stage_config, "EVALUATION_ONLY", ()))
     return not (stage_config.train.select == "last" and key in selection_only)
+
+
+def measurement_changes(saved: Mapping[str, Any], stage_config) -> str:
+    """The settings of how a run's numbers are measured (the distance, flip averaging, a source stage's targets) that
+    differ between `saved` and `stage_config`, in words, or "". A resumed run measures its final weights again when
+    they changed: its numbers would otherwise be those of the old settings, written beside the new ones."""
+    keys = MEASUREMENT_SETTINGS | set(getattr(stage_config, "EVALUATION_ONLY", ()))
+    changed = {key: values for key, values in changed_settings(saved, stage_config).items() if key in keys}
+    return ", ".join(f"{key} {was!r} -> {now!r}" for key, (was, now) in changed.items())
 
 
 def check_resumed_settings(run_path: Path, saved: Mapping[str, Any], stage_config) -> str | None:

@@ -281,8 +281,9 @@ _LAYOUT_SIGNS: list[tuple[str, str, tuple[str, ...]]] = [
 
 
 def layout_hint(folder: Path, expected: str) -> str:
-    """'; is this the X layout? then use -d x' when `folder` (or its contents) looks like another dataset, or
-    '; it holds X, Y (-d x, y)' when it is a parent of other datasets; '' when nothing is recognised."""
+    """'; is this the X layout? then name it x' when `folder` (or its contents) looks like another dataset, or
+    '; it holds X, Y (named x, y)' when it is a parent of other datasets; '' when nothing is recognised. Names,
+    not flags: the dataset came from -d, -s or -t."""
     names = {folder.name}
     if folder.is_dir():
         names |= {child.name for child in folder.iterdir()}
@@ -296,9 +297,9 @@ def layout_hint(folder: Path, expected: str) -> str:
     if not matches and "bounding_box_train" in names and expected in ("msmt17", "cuhk03", "custom"):
         matches.append(("Market-1501 (bounding_box_train/)", "market1501, dukemtmcreid or a synth_ name"))
     if len(matches) == 1:
-        return f"; is this the {matches[0][0]} layout? then use -d {matches[0][1]}"
+        return f"; is this the {matches[0][0]} layout? then name it {matches[0][1]}"
     if matches:
-        return f"; it holds {', '.join(t for t, _ in matches)} (-d {', '.join(d for _, d in matches)})"
+        return f"; it holds {', '.join(t for t, _ in matches)} (named {', '.join(d for _, d in matches)})"
     return ""
 
 
@@ -312,10 +313,10 @@ def find_dataset_folder(root: Path, candidates: Sequence[Path], marker: str, dat
     existing = next((c for c in candidates if c.is_dir()), None)
     if existing is not None:
         raise DatasetError(
-            f"expected {marker} under {existing}{layout_hint(existing, dataset)}; the -d {dataset} layout is {expected}"
+            f"expected {marker} under {existing}{layout_hint(existing, dataset)}; the {dataset} layout is {expected}"
         )
     raise DatasetError(
-        f"no -d {dataset} data under {root}: expected {expected}{layout_hint(root, dataset)}; "
+        f"no {dataset} data under {root}: expected {expected}{layout_hint(root, dataset)}; "
         "--root is the parent folder of the datasets"
     )
 

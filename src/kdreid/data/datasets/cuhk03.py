@@ -77,7 +77,7 @@ def read_cuhk03(root: Path, labeled: bool = False, classic_split: bool = False, 
                 + ("add --cuhk03-labeled" if other_kind == "labeled" else "drop --cuhk03-labeled")
             )
         raise DatasetError(
-            f"no -d cuhk03 data under {root}: expected {data_dir}/ holding {RAW_MAT} and "
+            f"no cuhk03 data under {root}: expected {data_dir}/ holding {RAW_MAT} and "
             f"{new_protocol_mat('detected')}, or the CUHK03-NP release {root}/cuhk03-np/{kind}/bounding_box_train/"
             f"{layout_hint(root, 'cuhk03')}; --root is the parent folder of the datasets"
         )
