@@ -576,9 +576,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdreid: error: {error}", file=sys.stderr)
         # Training stopped by SIGINT/SIGTERM (after its checkpoint) exits 128 + signal, as shells expect.
         return getattr(error, "exit_code", USAGE_ERROR)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM outside training (errors.Terminated)
         print("kdreid: interrupted", file=sys.stderr)
-        return 130
+        return getattr(interrupt, "exit_code", 130)
     except BrokenPipeError:
         # The reader of the output stopped early (`kdreid models | head -1`): nothing is wrong, say nothing. Python
         # would flush stdout again at exit and fail once more, so stdout goes to /dev/null first.

@@ -32,6 +32,13 @@ class EvaluationError(KdreidError):
     """Inputs to an evaluation do not fit together (lengths, NaNs, empty sets)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while no training loop handles it (reading the datasets, building the models): it stops the command
+    as Ctrl-C does, so that what the command made is cleaned up, and the CLI exits 128 + 15."""
+
+    exit_code = 143
+
+
 def why_not_a_file(path, model: bool = True) -> str:
     """Why `path` cannot be read as a file, for a message: "does not exist", or "is a folder, not a file" — for a
     `model` file with the model.pt inside it to pass instead when the folder is a run's (a common slip:

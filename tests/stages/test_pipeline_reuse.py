@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import shutil
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -534,6 +535,14 @@ def test_an_architecture_that_cannot_run_stops_the_pipeline_before_the_first_sta
     for kind in list(pipeline.RUNNERS):
         monkeypatch.setitem(pipeline.RUNNERS, kind, failing)
     assert main([*common, "--student-arch", "osnet_tiny"]) == 2
+    assert not (tmp_path / "run").exists()
+
+    def terminated(config, resume):  # SIGTERM before the first stage's training handles signals
+        signal.raise_signal(signal.SIGTERM)
+
+    for kind in list(pipeline.RUNNERS):
+        monkeypatch.setitem(pipeline.RUNNERS, kind, terminated)
+    assert main([*common, "--student-arch", "osnet_tiny"]) == 143
     assert not (tmp_path / "run").exists()
 
 

@@ -324,3 +324,25 @@ def test_resumed_plain_dict_states_come_back_on_the_training_device():
     tensors = [*restored["source"], *restored["targets"][0]]
     assert all(tensor.device.type == "meta" for tensor in tensors)
     assert isinstance(restored["source"], tuple) and restored["order"] == [0]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_before_training_begins_leaves_no_run_folder(synth_root, tmp_path, monkeypatch, capsys, signum,
+                                                              code):
+    """Found by a review: Ctrl-C or SIGTERM while the datasets were read left config.yaml, log.txt and
+    datasets.json (SIGTERM killed the process with no clean-up): a folder that --resume could not continue and
+    that the same command then refused as occupied."""
+    from kdreid.stages import common
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signum)  # the real handler: SIGTERM's is installed only while a command runs
+
+    monkeypatch.setattr(common, "load_datasets", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "new" / "run"
+    assert main(_source_args(synth_root, out)) == code
+    assert capsys.readouterr().err.endswith("kdreid: interrupted\n")
+    assert not (tmp_path / "new").exists()
+    assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.undo()
+    assert main(_source_args(synth_root, out)) == 0  # the same command starts afresh, not refused as occupied

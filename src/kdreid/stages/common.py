@@ -9,6 +9,8 @@ import io
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from kdreid import distributed
 from kdreid.config import read_yaml
 from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.data.samplers import groups_per_rank
-from kdreid.errors import CheckpointError, ConfigError, DatasetError, KdreidError
+from kdreid.errors import CheckpointError, ConfigError, DatasetError, KdreidError, Terminated
 from kdreid.models.weights import UnsafeCheckpointError
 from kdreid.evaluation.features import evaluate_model, extract_features
 from kdreid.evaluation.ranking import evaluation_warnings_to
@@ -215,10 +217,12 @@ def stage_runner(run):
         created = _first_missing(out)  # the folder, or its topmost parent, that this call makes
         if not distributed.is_main():
             return run(config, resume=resume)
-        with exclusive(out):  # removed, if it must be, before another process can take it
+        # Ctrl-C or SIGTERM before training's own handling begins (reading datasets, building models) is cleaned
+        # up like a bad input: the config.yaml, log and datasets.json of a run that never trained are not a run.
+        with exclusive(out), sigterm_interrupts():  # removed, if it must be, before another process can take it
             try:
                 return run(config, resume=resume)
-            except KdreidError:
+            except (KdreidError, KeyboardInterrupt):
                 if created is not None and out.is_dir() and not (has_checkpoint(out) or (out / "model.pt").exists()):
                     RunDir(out).close_logger()
                     shutil.rmtree(out, ignore_errors=True)
@@ -230,6 +234,26 @@ def stage_runner(run):
                 raise
 
     return guarded
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises `errors.Terminated` (a KeyboardInterrupt) while inside, where it would otherwise kill the
+    process with no clean-up; only when nothing else handles SIGTERM, and from the main thread. Training's own
+    handlers (`loop.fit`) take over while it runs and give this one back."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _first_missing(path: Path) -> Path | None:

@@ -36,7 +36,7 @@ from kdreid.errors import ConfigError, KdreidError
 from kdreid.models import count_macs, load_checkpoint
 from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes, atomic_write_text, exclusive, write_json
 from kdreid.stages import adapt, distill, source
-from kdreid.stages.common import evaluate_datasets, refuse_repeated_datasets, trains_on_all
+from kdreid.stages.common import evaluate_datasets, refuse_repeated_datasets, sigterm_interrupts, trains_on_all
 from kdreid.stages.data import (
     DATASETS_FILE, dataset_fingerprint, fingerprint_change, load_datasets, read_datasets_record,
 )
@@ -533,9 +533,9 @@ def run(config: PipelineConfig) -> PipelineResult:
     # folders this one trains in.
     created = not Path(config.out).exists()
     try:
-        with exclusive(config.out) if distributed.is_main() else contextlib.nullcontext():
+        with exclusive(config.out) if distributed.is_main() else contextlib.nullcontext(), sigterm_interrupts():
             return _run_stages(config, configs, fingerprints)
-    except KdreidError:
+    except (KdreidError, KeyboardInterrupt):
         # A folder this call made, where no stage kept a model or a checkpoint (each removes its own after an early
         # failure): the pipeline's config.yaml and log alone are not a run to continue.
         stages = Path(config.out) / "stages"
