@@ -46,7 +46,9 @@ class Case:
 
 
 def _market(tmp: Path) -> tuple[Path, Path]:
+    """A data root with market1501 (returned) and dukemtmcreid, the target of the training cases."""
     root = tmp / "data"
+    duke_tree(root)
     return root, market_tree(root)
 
 
@@ -145,22 +147,22 @@ def _checkpoint(tmp: Path, name: str, arch: str = "osnet_tiny", classes: int = 3
 
 def _teacher_count(tmp, monkeypatch):
     root, _ = _market(tmp)
-    duke_tree(root)
-    return ["distill", "-s", "market1501", "-t", "market1501", "dukemtmcreid", "--teachers",
-            _checkpoint(tmp, "t.pt"), "--root", str(root), "--out", str(tmp / "run"), *TINY]
+    teacher = _checkpoint(tmp, "t.pt")
+    return ["distill", "-s", "market1501", "-t", "dukemtmcreid", "--teachers", teacher, teacher, "--root", str(root),
+            "--out", str(tmp / "run"), *TINY]
 
 
 def _teacher_architecture(tmp, monkeypatch):
     root, _ = _market(tmp)
     plain = tmp / "osnet_weights.pth"
     torch.save(build_model("osnet_tiny", 3).state_dict(), plain)
-    return ["distill", "-s", "market1501", "-t", "market1501", "--teachers", str(plain), "--teacher-arch",
+    return ["distill", "-s", "market1501", "-t", "dukemtmcreid", "--teachers", str(plain), "--teacher-arch",
             "resnet_tiny", "--root", str(root), "--out", str(tmp / "run"), *TINY]
 
 
 def _init_architecture(tmp, monkeypatch):
     root, _ = _market(tmp)
-    return ["adapt", "-s", "market1501", "-t", "market1501", "-a", "resnet_tiny", "--init",
+    return ["adapt", "-s", "market1501", "-t", "dukemtmcreid", "-a", "resnet_tiny", "--init",
             _checkpoint(tmp, "src.pt"), "--root", str(root), "--out", str(tmp / "run"), *TINY]
 
 
@@ -318,7 +320,7 @@ def _onnx_as_init(tmp, monkeypatch):
     exported = tmp / "m.onnx"
     assert main(["export", "--model", _checkpoint(tmp, "m.pt"), "--format", "onnx", "--out", str(exported)]) == 0
     root, _ = _market(tmp)
-    return ["adapt", "-s", "market1501", "-t", "market1501", "--init", str(exported), "--root", str(root), "--out",
+    return ["adapt", "-s", "market1501", "-t", "dukemtmcreid", "--init", str(exported), "--root", str(root), "--out",
             str(tmp / "run")]
 
 
@@ -329,7 +331,7 @@ def _text_as_model(tmp, monkeypatch):
 
 def _training_state_as_init(tmp, monkeypatch):
     root = _finished_run(tmp)
-    return ["adapt", "-s", "market1501", "-t", "market1501", "--init", str(tmp / "run" / "checkpoints" / "last.pt"),
+    return ["adapt", "-s", "market1501", "-t", "dukemtmcreid", "--init", str(tmp / "run" / "checkpoints" / "last.pt"),
             "--root", str(root), "--out", str(tmp / "teacher"), *TINY]
 
 
@@ -368,7 +370,7 @@ CASES = [
     Case("unreadable split folder (permissions)", _unreadable_folder, "permission denied; make it readable"),
     Case("unknown dataset name", _unknown_dataset, "unknown dataset 'market1502'; known:"),
     Case("unknown model name", _unknown_model, "unknown model 'resnet51'; known models:"),
-    Case("wrong teacher count", _teacher_count, "1 teacher(s) for 2 target(s)"),
+    Case("wrong teacher count", _teacher_count, "2 teacher(s) for 1 target(s)"),
     Case("teacher of the wrong architecture", _teacher_architecture, "fit resnet_tiny's backbone"),
     Case("--init of another architecture than -a", _init_architecture, "holds a osnet_tiny model, not the resnet_tiny"),
     Case("image size in a config: not an integer", _config_size("train: {height: 64x32}\n"),
@@ -429,6 +431,10 @@ CASES = [
                                                             "--root", str(_market(tmp)[0]), "--out", str(tmp / "run"),
                                                             *TINY],
          "-s names market1501 twice; name each dataset once"),
+    Case("the source named as a target", lambda tmp, monkeypatch: [
+        "adapt", "-s", "market1501", "-t", "market1501", "--init", _checkpoint(tmp, "s.pt"), "--root",
+        str(_market(tmp)[0]), "--out", str(tmp / "run"), *TINY],
+         "-s and -t both name market1501: a target is a dataset other than the source"),
     Case("a negative --dmmd-weight", lambda tmp, monkeypatch: ["adapt", "-s", "market1501", "-t", "dukemtmcreid",
                                                                "--init", str(tmp / "s.pt"), "--dmmd-weight", "-1"],
          "--dmmd-weight must be 0 (a control run) or positive, got -1.0"),
@@ -531,13 +537,13 @@ def _evil(tmp: Path, kind: str) -> tuple[Path, Path]:
 
 def _entry_points(tmp: Path, root: Path, evil: Path, good: str) -> dict[str, list[str]]:
     out = str(tmp / "run")
-    kd = ["distill", "-s", "market1501", "-t", "market1501", "--root", str(root), "--out", out, *TINY]
+    kd = ["distill", "-s", "market1501", "-t", "dukemtmcreid", "--root", str(root), "--out", out, *TINY]
     return {
         "evaluate --model": ["evaluate", "--model", str(evil), "-t", "market1501", "--root", str(root)],
         "export --model": ["export", "--model", str(evil), "--format", "onnx", "--out", str(tmp / "m.onnx")],
         "extract --model": ["extract", "--model", str(evil), "--images", str(root), "--out", str(tmp / "g.npz")],
         "train-source --pretrained": _train(tmp, root, "--pretrained", str(evil)),
-        "adapt --init": ["adapt", "-s", "market1501", "-t", "market1501", "--init", str(evil), "--root", str(root),
+        "adapt --init": ["adapt", "-s", "market1501", "-t", "dukemtmcreid", "--init", str(evil), "--root", str(root),
                          "--out", out, *TINY],
         "distill --teachers": [*kd, "--teachers", str(evil), "--student-init", good],
         "distill --student-init": [*kd, "--teachers", good, "--student-init", str(evil)],

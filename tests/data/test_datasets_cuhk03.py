@@ -262,7 +262,7 @@ def test_the_training_stages_read_the_classic_split_they_are_given(command, tmp_
 
     monkeypatch.setattr(source, "run", capture)
     monkeypatch.setattr(pipeline, "run", capture)
-    argv = [command, "-s", "cuhk03", *(["-t", "cuhk03"] if command == "pipeline" else []), "--root", str(tmp_path),
+    argv = [command, "-s", "cuhk03", *(["-t", "market1501"] if command == "pipeline" else []), "--root", str(tmp_path),
             "--out", str(tmp_path / "run"), "--cuhk03-classic-split", "--split-id", "1"]
     with pytest.raises(Captured):
         main(argv)

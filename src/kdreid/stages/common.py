@@ -282,11 +282,17 @@ def write_picture_data(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def refuse_repeated_datasets(sources: Sequence[str], targets: Sequence[str]) -> None:
     """A dataset named twice in -s or in -t is refused: read twice, each identity would become two classes (and
-    its own negative), and a pipeline would train two teachers into one folder."""
+    its own negative), and a pipeline would train two teachers into one folder. So is one named by both: a target
+    is another camera network, whose labels are never read; adapting to the labelled source, or distilling its
+    teacher, is a slip (the source's query and gallery are evaluated without naming it with -t)."""
     for flag, names in (("-s", sources), ("-t", targets)):
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ConfigError(f"{flag} names {repeated[0]} twice; name each dataset once")
+    both = [name for name in targets if name in sources]
+    if both:
+        raise ConfigError(f"-s and -t both name {both[0]}: a target is a dataset other than the source (the source "
+                          "is evaluated too); leave it out of -t")
 
 
 def begin_stage(config, *, resume: bool) -> StageStart:
