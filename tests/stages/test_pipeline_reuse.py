@@ -562,3 +562,20 @@ def test_a_pipeline_section_in_a_pipeline_config_says_where_its_keys_go(tmp_path
     with pytest.raises(ConfigError, match=r"a `pipeline:` section is how presets are written; in a pipeline's "
                                           r"--config its keys \(teacher_arch\) go at the top level"):
         pipeline.resolve_pipeline_config(config_file=str(config_file))
+
+
+def test_the_top_level_copies_of_stages_no_longer_run_are_removed(tmp_path, caplog):
+    """Found by a review: after a target was left out of -t, its teacher_T.pt stayed beside the new run's models,
+    to be deployed as one of them. A copy goes only while its stage still holds the model; a file the stages do
+    not hold is named, not removed."""
+    run = tmp_path / "run"
+    for stage in ("teacher_a", "teacher_b", "source_resnet50", "source_resnet18"):
+        (run / "stages" / stage).mkdir(parents=True)
+        (run / "stages" / stage / "model.pt").write_bytes(stage.encode())
+        (run / f"{stage}.pt").write_bytes(stage.encode())
+    (run / "teacher_c.pt").write_bytes(b"no stage holds this one")
+    with caplog.at_level(logging.INFO):
+        pipeline.remove_stale_copies(run, ["teacher_a", "source_resnet50"], logging.getLogger("test"))
+    assert sorted(p.name for p in run.glob("*.pt")) == ["source_resnet50.pt", "teacher_a.pt", "teacher_c.pt"]
+    assert (run / "stages" / "teacher_b" / "model.pt").is_file()
+    assert any("teacher_c.pt is not a model of this command's stages" in m for m in caplog.messages)

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import yaml
@@ -429,6 +429,22 @@ def _copy(source_path: Path, target: Path) -> None:
     atomic_write_bytes(target, Path(source_path).read_bytes())
 
 
+def remove_stale_copies(run_path: Path, current: Sequence[str], log) -> None:
+    """The top-level teacher_*.pt / source_*.pt of stages this command no longer has (a target left out of -t,
+    another --teacher-arch): an earlier command's copies, which would be deployed as this run's models. Each goes
+    only while its stage folder still holds the same model (same size: nothing is lost); otherwise it is named."""
+    for path in sorted([*run_path.glob("teacher_*.pt"), *run_path.glob("source_*.pt")]):
+        if path.stem in current or not path.is_file():
+            continue
+        original = run_path / "stages" / path.stem / "model.pt"
+        if original.is_file() and original.stat().st_size == path.stat().st_size:
+            path.unlink()
+            log.info(f"removed {path}: a copy of {original}, a stage this command does not have")
+        else:
+            log.warning(f"{path} is not a model of this command's stages (left by an earlier command); remove it "
+                        "by hand if it is not needed")
+
+
 ORACLE_MARK = "**oracle** (target labels)"
 GROUPING_LEGEND = {
     "tracklet": "tracklet ids, one person in one camera, no cross-camera identity",
@@ -602,6 +618,8 @@ def _run_stages(config: PipelineConfig, configs: dict, fingerprints: DatasetFing
         _copy(stages / f"teacher_{t}" / "model.pt", run_path / f"teacher_{t}.pt")
     for arch in dict.fromkeys([config.teacher_arch, config.student_arch]):
         _copy(stages / f"source_{arch}" / "model.pt", run_path / f"source_{arch}.pt")
+    remove_stale_copies(run_path, [f"teacher_{t}" for t in targets] +
+                        [f"source_{arch}" for arch in (config.teacher_arch, config.student_arch)], log)
 
     distill_config = configs["distill"]
     height, width = distill_config.train.height, distill_config.train.width
