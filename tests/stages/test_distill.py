@@ -401,12 +401,12 @@ def test_a_resume_distils_from_the_same_teacher_files_named_from_any_folder(thre
                     extra={"stage": "source", "input_size": [64, 32]})
     before = (out / "checkpoints" / "last.pt").read_bytes()
     assert distill_from(tmp_path, "--epochs", "2", "--resume") == 2
-    assert (f"teacher 2 ({models / 't_cuhk.pt'}) is not the file {out} began with (its content differs)"
+    assert (f"teacher 2 ({models / 't_cuhk.pt'}) is not the model {out} began with (its weights differ)"
             in capsys.readouterr().err)
     assert (out / "checkpoints" / "last.pt").read_bytes() == before
     (out / "checkpoints" / "last.pt").rename(out / "checkpoints" / "previous.pt")  # as when last.pt is damaged
     assert distill_from(tmp_path, "--epochs", "2", "--resume") == 2
-    assert "is not the file" in capsys.readouterr().err
+    assert "is not the model" in capsys.readouterr().err
     (out / "checkpoints" / "previous.pt").rename(out / "checkpoints" / "last.pt")
     record = (out / "teachers.json").read_text()
     (out / "teachers.json").write_text('{"broken": ')
@@ -424,3 +424,32 @@ def test_a_resume_distils_from_the_same_teacher_files_named_from_any_folder(thre
     for moment in ("before", "after"):
         assert {len(pairs["teacher"]) for pairs in load_kd_distances(out / f"kd_distances_{moment}.npz").values()} \
             == {6 * 5 // 2}
+
+
+def test_the_teachers_record_compares_weights_and_still_reads_file_digests(tmp_path):
+    """A teacher measured again with another distance (a pipeline) is rewritten with other numbers inside: the
+    same teacher. A record written by an older kdreid holds file digests, which are still compared."""
+    from kdreid.errors import TrainingError
+
+    def check(resuming=True, models=None):
+        distill.check_same_teachers(run, [str(path)], models or [load_checkpoint(path)], resuming=resuming)
+
+    torch.manual_seed(0)
+    model = build_model("osnet_tiny", 5)
+    path = tmp_path / "teacher.pt"
+    save_checkpoint(path, model, metrics={"synth_duke": {"mAP": 1.0}}, extra={"input_size": [64, 32]})
+    run = tmp_path / "run"
+    run.mkdir()
+    check(resuming=False)
+    save_checkpoint(path, model, metrics={"synth_duke": {"mAP": 2.0}}, extra={"input_size": [64, 32]})
+    check()  # the same weights in a file that differs
+    (run / distill.TEACHERS_FILE).write_text(json.dumps([distill.file_digest(path)]))  # an older kdreid's record
+    check()
+    torch.manual_seed(1)
+    save_checkpoint(path, build_model("osnet_tiny", 5), extra={"input_size": [64, 32]})  # trained again in place
+    refused = "is not the model .* began with \\(its weights differ\\)"
+    with pytest.raises(TrainingError, match=refused):
+        check()  # against the older record: another file
+    check(resuming=False, models=[model])  # a record of the first weights
+    with pytest.raises(TrainingError, match=refused):
+        check()

@@ -10,6 +10,8 @@ import torch
 import yaml
 
 from kdreid.cli import main
+from kdreid.data.datasets import build_dataset
+from kdreid.evaluation.features import evaluate_model
 from kdreid.config import dump_yaml
 from kdreid.models import build_model, count_macs, count_parameters, load_checkpoint
 from kdreid.stages import pipeline
@@ -76,6 +78,22 @@ def test_pipeline_end_to_end_then_stage_reuse(three_domains, tmp_path, capsys):
     assert "stage blend: resuming" in err and "stage teacher_synth_duke: reusing" in err
     assert "stage distill: reusing" in err  # the student does not start from the blend
     assert (out / "stages" / "blend" / "model.pt").is_file()
+
+    # Another distance: no stage trains again, each measures its numbers again. Every row was of the old distance
+    # (the stages' own numbers and the cached ones on all targets) under a table that named the new one.
+    cosine = tmp_path / "cosine.yaml"
+    cosine.write_text(yaml.safe_dump({**yaml.safe_load(changed.read_text()), "common": {"eval": {"metric": "cosine"}}}))
+    assert main(_args(three_domains, out, cosine)) == 0
+    err = capsys.readouterr().err
+    assert all(f"stage {name}: resuming" in err for name in STAGES) and "training in" not in err
+    assert "eval.metric 'euclidean' -> 'cosine'" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    distill_final = json.loads((out / "stages" / "distill" / "metrics.json").read_text())["final"]
+    assert metrics["student"] == {t: distill_final[t] for t in TARGETS}
+    teacher = load_checkpoint(out / "teacher_synth_duke.pt")
+    duke = build_dataset("synth_duke", three_domains)
+    assert metrics["teachers_on_all_targets"]["synth_duke"]["synth_duke"]["mAP"] == pytest.approx(evaluate_model(
+        teacher, duke, metric="cosine", height=64, width=32, device="cpu").summary()["mAP"], abs=1e-4)
 
 
 def _check_outputs(out: Path) -> None:

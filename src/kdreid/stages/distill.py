@@ -234,16 +234,19 @@ def load_teacher(path: str, arch: str = "", last_stride: int = 1) -> nn.Module:
         raise
 
 
-# RUN/teachers.json: a digest of each teacher's file when the run began.
+# RUN/teachers.json: a digest of each teacher's weights when the run began.
 TEACHERS_FILE = "teachers.json"
+_WEIGHTS_DIGEST = "weights sha256:"  # a record's prefix; without it (runs begun by an older kdreid), the file's SHA-256
 
 
-def check_same_teachers(run: Path, teachers: Sequence[str], *, resuming: bool) -> None:
+def check_same_teachers(run: Path, teachers: Sequence[str], models: Sequence[nn.Module], *, resuming: bool) -> None:
     """A resumed distillation must learn from the teachers it began with: the same paths (checked with the other
-    settings) may hold other files since (a teacher trained again in place, a relative path read from another
-    folder). The first run records each file's SHA-256; a resume with different content is refused."""
+    settings) may hold other models since (a teacher trained again in place, a relative path read from another
+    folder). The first run records a digest of each teacher's weights (`models`, loaded from `teachers`); a resume
+    with other weights is refused. The weights, not the file: a pipeline's teacher measured again with another
+    distance is the same teacher in a file that records other numbers."""
     record = run / TEACHERS_FILE
-    now = [file_digest(path) for path in teachers]
+    now = [_WEIGHTS_DIGEST + weights_digest(model) for model in models]
     if resuming and record.is_file():
         try:
             before = json.loads(record.read_text())
@@ -253,13 +256,22 @@ def check_same_teachers(run: Path, teachers: Sequence[str], *, resuming: bool) -
             raise TrainingError(f"{record} cannot be read ({error}); delete it to resume without checking that the "
                                 "teachers are the files the run began with") from None
         for position, (path, was, digest) in enumerate(zip(teachers, before, now), start=1):
-            if was != digest:
+            if was != (digest if was.startswith(_WEIGHTS_DIGEST) else file_digest(path)):
                 raise TrainingError(
-                    f"teacher {position} ({path}) is not the file {run} began with (its content differs); resume "
+                    f"teacher {position} ({path}) is not the model {run} began with (its weights differ); resume "
                     "with the run's own teachers or choose another --out"
                 )
         return
     write_json(record, now)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over a model's state dict: every name, dtype, shape and the tensor's bytes, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}\t{tensor.dtype}\t{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def file_digest(path: str | Path) -> str:
@@ -364,7 +376,8 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     start = begin_stage(config, resume=resume)
     run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets
     if distributed.is_main():
-        check_same_teachers(run_dir.path, config.teachers, resuming=resume and has_checkpoint(run_dir.path))
+        check_same_teachers(run_dir.path, config.teachers, teacher_models,
+                            resuming=resume and has_checkpoint(run_dir.path))
     for path, teacher in zip(config.teachers, teacher_models):
         note_loaded_weights(teacher, log.info, f"teacher {path}")
     source_records = combine_train(sources, combineall=config.data.combineall)

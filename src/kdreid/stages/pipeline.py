@@ -12,8 +12,9 @@ A stage is reused, make-style, when its folder holds `model.pt`, the `config.yam
 config it would run now on every setting that decides its weights (see `loop.changes_weights`; the paths of its
 input models may differ), its model is newer than the models it starts from, and its datasets hold the files
 it was trained on (`datasets.json`: paths, labels and sizes; a moved data folder keeps them); a folder with a training
-checkpoint but no `model.pt` (a crash) is resumed; anything else there is stale and trained again, after a log
-line that says why.
+checkpoint but no `model.pt` (a crash) is resumed, and so is a finished one whose numbers no longer hold (its query
+or gallery files changed, or the distance or flip setting did: with no epoch left, it measures them again);
+anything else there is stale and trained again, after a log line that says why.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ from kdreid.stages.common import evaluate_datasets, refuse_repeated_datasets, si
 from kdreid.stages.data import (
     DATASETS_FILE, dataset_fingerprint, fingerprint_change, load_datasets, read_datasets_record,
 )
-from kdreid.stages.loop import SELECTION_RULES, changed_settings, changes_weights, checkpoint_file, select_device
+from kdreid.stages.loop import (
+    SELECTION_RULES, changed_settings, changes_weights, checkpoint_file, measurement_changes, select_device,
+)
 from kdreid.stages.presets import PRESETS, resolve_config
 
 STAGE_OVERRIDES = ("common", "source", "adapt", "blend", "distill", "overrides")
@@ -325,10 +328,14 @@ def stage_state(stage_config, fingerprints: DatasetFingerprints | None = None) -
                                    "files than it was trained on (regenerated or re-extracted)")
     evaluated_on_other = (f"the query/gallery of dataset {next(iter(changed))} under {stage_config.data.root} hold "
                           "other files than it was evaluated on") if changed else ""
-    if evaluated_on_other and finished and not checkpoint.is_file():  # only a new run measures its numbers again
-        return StageState("fresh", f"{evaluated_on_other}, and it has no training checkpoint")
-    if evaluated_on_other:  # the same training images: resumed, the run measures its numbers on the files now
-        return StageState("resume", f"{evaluated_on_other}; same training images, evaluated again")
+    measured_otherwise = measurement_changes(saved, stage_config)
+    if measured_otherwise:
+        measured_otherwise = f"its numbers were measured otherwise ({measured_otherwise})"
+    remeasure = "; ".join(filter(None, [evaluated_on_other, measured_otherwise]))
+    if remeasure and finished and not checkpoint.is_file():  # only a new run measures its numbers again
+        return StageState("fresh", f"{remeasure}, and it has no training checkpoint")
+    if remeasure:  # the same training images: resumed, the run measures its numbers on the files, as told, now
+        return StageState("resume", f"{remeasure}; same weights, evaluated again")
     if finished:
         # A reused model keeps the numbers it measured: evaluation settings changed since are named here.
         ignored = f"; ignoring {_describe(changes)}" if changes else ""
@@ -371,18 +378,21 @@ def run_stage(name: str, stage_config, log, fingerprints: DatasetFingerprints | 
 
 def evaluate_on_targets(name: str, stage_config, targets: list[str], log, fingerprints: DatasetFingerprints) -> dict:
     """A stage's model on every target (source stages evaluate on their sources, teachers on their own target
-    only), cached next to the model and recomputed when the model is newer or a target's files changed."""
+    only), cached next to the model and recomputed when the model is newer, a target's files changed or the numbers
+    are measured otherwise (distance, flip)."""
     folder = Path(stage_config.out)
     cache = folder / "all_targets.json"
     model_path = folder / "model.pt"
     data = stage_config.data
     contents = {t: fingerprints.of(t, data) for t in targets}
+    measured = {"metric": stage_config.eval.metric, "flip": stage_config.eval.flip}  # what changes the numbers
     if cache.is_file() and not _newer_inputs(cache, [model_path]):
         try:
             cached = json.loads(cache.read_bytes())
         except ValueError:  # damaged: it is only a cache, computed again below
             cached = {}
-        if isinstance(cached, dict) and cached.get("targets") == targets and cached.get("datasets") == contents:
+        if isinstance(cached, dict) and cached.get("targets") == targets and cached.get("datasets") == contents \
+                and cached.get("eval") == measured:
             return cached["metrics"]
     log.info(f"stage {name}: evaluating {model_path} on {', '.join(targets)}")
     datasets = load_datasets(targets, data.root, {t: data.reader_options(t) for t in targets})
@@ -390,7 +400,7 @@ def evaluate_on_targets(name: str, stage_config, targets: list[str], log, finger
     model = load_checkpoint(model_path).to(device)
     metrics = evaluate_datasets(model, datasets, stage_config.train, device, stage_config.eval, data, log)
     if distributed.is_main():
-        write_json(cache, {"targets": targets, "datasets": contents, "metrics": metrics})
+        write_json(cache, {"targets": targets, "datasets": contents, "eval": measured, "metrics": metrics})
     distributed.barrier()
     return metrics
 
