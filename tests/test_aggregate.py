@@ -160,7 +160,12 @@ def test_out_never_overwrites_a_file_of_the_runs_or_names_a_folder(tmp_path, cap
     runs = [_stage(tmp_path / "a", 0, (1.0, 2.0)), _stage(tmp_path / "b", 1, (3.0, 4.0))]
     before = (runs[0] / "metrics.json").read_bytes()
     assert main(["aggregate", *map(str, runs), "--out", str(runs[0] / "metrics.json")]) == 2
-    assert "is the RUN" in capsys.readouterr().err and (runs[0] / "metrics.json").read_bytes() == before
+    assert "is a file of the RUN" in capsys.readouterr().err and (runs[0] / "metrics.json").read_bytes() == before
+    # Found by a review: any other file of a run was overwritten (a model.pt replaced by the table, exit 0).
+    (runs[1] / "model.pt").write_bytes(b"weights")
+    assert main(["aggregate", *map(str, runs), "--out", str(runs[1] / "model.pt")]) == 2
+    assert "is a file of the RUN" in capsys.readouterr().err and (runs[1] / "model.pt").read_bytes() == b"weights"
+    assert main(["aggregate", *map(str, runs), "--out", str(runs[1] / "seeds.md")]) == 0  # a new file there: fine
     assert main(["aggregate", *map(str, runs), "--out", f"{tmp_path / 'new'}/"]) == 2
     assert "the trailing / names a folder" in capsys.readouterr().err and not (tmp_path / "new").exists()
 

@@ -26,7 +26,6 @@ from kdreid.report import pipeline_row_labels, read_run_json, read_run_yaml, run
 
 METRICS = ("mAP", "rank1", "rank5", "rank10", "rank20", "mINP")
 PIPELINE_ROWS = ("source_only", "source_only_student", "teachers", "blend", "student")
-RUN_FILES = ("metrics.json", "config.yaml", "results.md", "report.html")  # what --out must not overwrite
 # Settings that say where or how a run executed, not what it trained: they may differ between the runs.
 EXECUTION_SETTINGS = {"seed", "out", "root", "device", "compile", "log_freq", "workers", "deterministic", "model",
                       "init", "student_init", "teachers"}
@@ -226,13 +225,24 @@ def aggregate_runs(runs: Sequence[str | Path]) -> Aggregate:
     return Aggregate([str(p) for p in paths], kind, [_seed_of(run) for run in read], rows, differing)
 
 
+def _refuse_run_file(out: str, runs: Sequence[str]) -> None:
+    """--out must not replace a file of the runs it reads: any file already inside one of them (its metrics.json,
+    but also its model.pt, a checkpoint, its log) is refused in one line; a new file there is written."""
+    target = Path(out)
+    if not target.exists():
+        return
+    for run in runs:
+        if Path(run).is_dir() and target.resolve().is_relative_to(Path(run).resolve()):
+            raise KdreidError(f"--out {out} is a file of the RUN {run}: writing it would replace it; choose another "
+                              "--out")
+
+
 def aggregate_command(args) -> int:
-    from kdreid.rundir import atomic_write_text, refuse_folder, refuse_overwriting_input
+    from kdreid.rundir import atomic_write_text, refuse_folder
 
     if args.out:  # before any work, and never over a file of the runs it reads
         refuse_folder(args.out, "seeds.md")
-        refuse_overwriting_input(args.out, {f"RUN {run}'s {name}": Path(run) / name for run in args.runs
-                                            for name in RUN_FILES})
+        _refuse_run_file(args.out, args.runs)
     result = aggregate_runs(args.runs)
     if result.differing:
         named = "; ".join(f"{k} ({', '.join(map(str, v))})" for k, v in result.differing.items())

@@ -458,7 +458,7 @@ def test_pipeline_pretrained_starts_both_source_trainings_from_imagenet(tmp_path
         pass
 
     looked_up = []
-    monkeypatch.setattr("kdreid.models.weights.resolve_imagenet", lambda spec: looked_up.append(spec.name))
+    monkeypatch.setattr("kdreid.models.weights.resolve_imagenet", lambda spec, **_: looked_up.append(spec.name))
     def run(config):
         raise Resolved(pipeline.stage_configs(config))
 
@@ -579,3 +579,17 @@ def test_the_top_level_copies_of_stages_no_longer_run_are_removed(tmp_path, capl
     assert sorted(p.name for p in run.glob("*.pt")) == ["source_resnet50.pt", "teacher_a.pt", "teacher_c.pt"]
     assert (run / "stages" / "teacher_b" / "model.pt").is_file()
     assert any("teacher_c.pt is not a model of this command's stages" in m for m in caplog.messages)
+
+
+def test_missing_imagenet_weights_name_a_way_out_each_command_takes(synth_root, tmp_path, monkeypatch, capsys):
+    """Found by a review: the pipeline's message said to pass --pretrained PATH, which the pipeline refuses (its
+    --pretrained is none or imagenet)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    common = ["-s", "synth_msmt", "--root", str(synth_root), "--pretrained", "imagenet", "--out"]
+    assert main(["pipeline", *common, str(tmp_path / "p"), "-t", "synth_duke", "--preset", "quick"]) == 2
+    err = capsys.readouterr().err
+    assert "ImageNet weights for resnet18 not found" in err and err.rstrip().endswith(
+        "or pass --pretrained none (both source stages then start from random weights)")
+    assert main(["train-source", *common, str(tmp_path / "s"), "-a", "resnet18"]) == 2
+    assert "or pass --pretrained PATH (a state dict in its layout" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()

@@ -336,13 +336,14 @@ def torch_home() -> Path:
     return Path(torch.hub.get_dir()).parent
 
 
-def resolve_imagenet(spec) -> Path:
-    """The local ImageNet file for a registered model, or one line saying where to put which file."""
+_OR_A_FILE = "pass --pretrained PATH (a state dict in its layout; pretrained=PATH in Python) or --pretrained none"
+
+
+def resolve_imagenet(spec, otherwise: str = _OR_A_FILE) -> Path:
+    """The local ImageNet file for a registered model, or one line saying where to put which file, or what to do
+    `otherwise` (a command that takes no weights file names its own way out)."""
     if not spec.imagenet:
-        raise ModelError(
-            f"no ImageNet weights are published for {spec.name} in a layout kdreid reads; "
-            "pass --pretrained PATH (a state dict in its layout; pretrained=PATH in Python) or --pretrained none"
-        )
+        raise ModelError(f"no ImageNet weights are published for {spec.name} in a layout kdreid reads; {otherwise}")
     home = torch_home()
     for name in spec.imagenet:
         for folder in spec.torch_home_dirs:
@@ -355,7 +356,7 @@ def resolve_imagenet(spec) -> Path:
         howto = f"on a connected machine run `python -c \"import torchvision; {howto}\"` and copy it from there"
     raise ModelError(
         f"ImageNet weights for {spec.name} not found: put {spec.imagenet[0]} in {target}/ "
-        f"(kdreid never downloads; {howto}), or pass --pretrained PATH (pretrained=PATH in Python)"
+        f"(kdreid never downloads; {howto}), or {otherwise}"
     )
 
 

@@ -169,7 +169,9 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
             from kdreid.models.registry import get_spec
             from kdreid.models.weights import resolve_imagenet
 
-            resolve_imagenet(get_spec(arch))
+            # The pipeline takes no weights file (its two source stages are two architectures).
+            resolve_imagenet(get_spec(arch), otherwise="pass --pretrained none (both source stages then start "
+                                                       "from random weights)")
         if source_config.train.select == "target-clusters":
             # It scores target images, which source training does not see: the source model keeps its last epoch.
             source_config.train.select = "last"
