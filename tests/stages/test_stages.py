@@ -705,3 +705,14 @@ def test_resume_is_checked_against_the_checkpoint_and_foreign_folders_are_refuse
     assert main(["pipeline", "-s", "synth_msmt", "-t", "synth_duke", "--root", str(synth_root), "--preset", "quick",
                  "--out", str(other)]) == 2
     assert "is a training run's folder (it holds model.pt), not a pipeline's" in _one_error(capsys)
+
+
+def test_a_source_trained_on_all_its_splits_is_not_evaluated(synth_root, tmp_path):
+    """Found by a review: --combineall trains on the source's query and gallery identities, which were then
+    evaluated as if held out (a recall number in the source's row)."""
+    out = tmp_path / "run"
+    assert main(["train-source", "-s", "synth_msmt", "-t", "synth_duke", "-a", "osnet_tiny", "--root",
+                 str(synth_root), "--out", str(out), "--combineall", *TINY[:1], "1", *TINY[2:]]) == 0
+    assert list(json.loads((out / "metrics.json").read_text())["final"]) == ["synth_duke"]
+    assert "synth_msmt is not evaluated: --combineall trains on its query and gallery too" in (
+        out / "log.txt").read_text()

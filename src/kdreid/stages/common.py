@@ -154,11 +154,15 @@ def evaluable(dataset: ReidDataset) -> bool:
 def stage_evaluator(model: nn.Module, datasets: Sequence[ReidDataset], validation, config, device: torch.device,
                     log):
     """The `evaluate(epoch)` a stage gives the loop: every evaluable dataset's query/gallery, plus the held-out
-    source identities as "source-val" when there are some (what --select source-val chooses by)."""
+    source identities as "source-val" when there are some (what --select source-val chooses by). A source under
+    --combineall is not evaluated: its query and gallery are training images, its numbers would be recall."""
     for dataset in datasets:
-        if not evaluable(dataset):
+        if trains_on_all(dataset.name, config):
+            log.info(f"{dataset.name} is not evaluated: --combineall trains on its query and gallery too")
+        elif not evaluable(dataset):
             log.warning(f"{dataset.name} has no query or no gallery images: it is not evaluated (its training "
                         "images are used)")
+    datasets = [d for d in datasets if not trains_on_all(d.name, config)]
     targets = [d for d in datasets if d.name in config.targets]
     if config.train.select == "target-clusters" and not targets:
         raise ConfigError("--select target-clusters scores the targets' training images: name them with -t")
