@@ -30,7 +30,9 @@ def _reference(query, gallery, k, alpha):
     return expanded[:len(query)], expanded[len(query):]
 
 
-@pytest.mark.parametrize("k, alpha", [(5, 3.0), (1, 3.0), (3, 0.0), (7, 1.5)])
+# (20, 1.5) and (39, 3.0) reach neighbours of negative cosine, which weigh 0 (found by a review: without the clamp
+# the closer cases passed, a negative weight or a NaN from the fractional power went unseen).
+@pytest.mark.parametrize("k, alpha", [(5, 3.0), (1, 3.0), (3, 0.0), (7, 1.5), (20, 1.5), (39, 3.0)])
 def test_matches_the_definition_vector_by_vector(rng, k, alpha):
     query, gallery = rng.normal(size=(9, 16)), rng.normal(size=(30, 16))
     expected_query, expected_gallery = _reference(query, gallery, k, alpha)

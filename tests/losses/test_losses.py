@@ -159,6 +159,22 @@ def test_dmmd_terms_against_pairwise_computation_and_gradients_only_into_target_
     assert target.grad.abs().sum() > 0
 
 
+def test_the_dmmd_feature_term_is_the_embeddings_mmd_and_moves_both_sides():
+    # Found by a review: detaching either side of the feature term passed every test; detaching the target's
+    # leaves one of the three D-MMD terms unable to adapt anything.
+    torch.manual_seed(1)
+    source = (torch.randn(8, 5) * 0.3).requires_grad_()
+    target = (torch.randn(8, 5) * 0.3 + 0.2).requires_grad_()
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    terms = dmmd_terms(source, groups, target, groups)
+    assert terms["mmd_features"].item() == pytest.approx(_mmd_float64(source.detach(), target.detach()), rel=1e-4)
+    terms["mmd_features"].backward()
+    assert source.grad.abs().sum() > 0 and target.grad.abs().sum() > 0
+    normalized = dmmd_terms(source, groups, target, groups, normalize=True)["mmd_features"]
+    assert normalized.item() == pytest.approx(
+        _mmd_float64(F.normalize(source.detach(), dim=1), F.normalize(target.detach(), dim=1)), rel=1e-4)
+
+
 def test_two_copies_of_one_image_are_no_within_class_pair():
     # A group smaller than K repeats images in its chunk (drawn with replacement, as torchreid's sampler does);
     # the copies' distances are no within-class sample (the original code counted them, defect 32).

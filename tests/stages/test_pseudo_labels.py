@@ -49,3 +49,20 @@ def test_cluster_quality_ranks_separated_identities_above_noise():
     good, bad = cluster_quality(separated, settings), cluster_quality(noise, settings)
     assert good["clusters"] == 12 and good["clustered"] == 100.0 and good["score"] > 50
     assert bad["score"] < good["score"] / 2
+
+
+def test_the_target_is_clustered_on_its_normalised_embeddings():
+    # Found by a review: clustering raw embeddings passed every test; DBSCAN's eps 0.6 and the k-reciprocal
+    # neighbourhoods are SpCL's values for unit vectors, and a raw embedding's scale would move them.
+    import torch
+
+    from kdreid.evaluation.rerank import jaccard_distance
+    from kdreid.stages.pseudo_labels import PseudoLabelConfig, clustering_distances
+
+    torch.manual_seed(0)
+    centres = torch.randn(6, 16)
+    features = (centres.repeat_interleave(8, 0) + 0.4 * torch.randn(48, 16)) * torch.rand(48, 1).add(0.2) * 5
+    settings = PseudoLabelConfig(k1=6, k2=3)
+    expected = jaccard_distance(torch.nn.functional.normalize(features, dim=1), k1=6, k2=3).numpy()
+    np.testing.assert_allclose(clustering_distances(features, settings), expected, atol=1e-6)
+    assert not np.allclose(jaccard_distance(features, k1=6, k2=3).numpy(), expected, atol=1e-3)
