@@ -79,3 +79,23 @@ def test_no_chunk_repeats_an_image_unless_its_group_is_smaller_than_k():
                     assert len(set(chunk)) == 4, (epoch, chunk)
                 else:
                     assert set(chunk) <= {i for i, label in enumerate(labels) if label == labels[chunk[0]]}
+
+
+def test_refill_chunks_repeat_no_more_than_the_first_pass():
+    """Found by a review: once large groups outlast the rest, the emptied groups are refilled; a refill drew all
+    K images of a small group with replacement ([a, a, a, a] from three images), more copy pairs than needed."""
+    labels = [0] * 40 + [1] * 3 + [2] * 2 + [3] * 5 + [4] * 3  # group 0 outlasts the rest: refills every epoch
+    members = collections.defaultdict(set)
+    for index, label in enumerate(labels):
+        members[label].add(index)
+    refills = 0
+    for epoch in range(20):
+        sampler = PKSampler(labels, batch_size=8, num_instances=4, seed=epoch)
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            for k in range(0, 8, 4):
+                chunk = batch[k : k + 4]
+                group = members[labels[chunk[0]]]
+                assert len(set(chunk)) == min(4, len(group)), (epoch, chunk)  # every image once before any repeat
+                refills += labels[chunk[0]] != 0
+    assert refills > 5 * 20  # the small groups came back many times: refills were exercised

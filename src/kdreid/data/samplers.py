@@ -96,13 +96,19 @@ class PKSampler:
                 # the same number of batches of P distinct groups.
                 for label in labels:
                     if not chunks[label]:
-                        members = self.members[label]
-                        chunks[label] = [rng.choice(members, size=self.num_instances,
-                                                    replace=len(members) < self.num_instances)]
+                        chunks[label] = [self._fresh_chunk(self.members[label], rng)]
                 available = labels
             picked = rng.choice(len(available), size=self.groups_per_batch, replace=False)
             batches.append([int(i) for j in picked for i in chunks[available[j]].pop()])
         return batches
+
+    def _fresh_chunk(self, members: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """K images of one group for a refill: K different ones, or, from a group of fewer, each of its images once
+        and the fewest repeats (as its chunks in the epoch's first pass are made)."""
+        if len(members) >= self.num_instances:
+            return rng.choice(members, size=self.num_instances, replace=False)
+        return np.concatenate([rng.permutation(members),
+                               rng.choice(members, size=self.num_instances - len(members), replace=True)])
 
     def __iter__(self) -> Iterator[list[int]]:
         # A batch lists its groups one after the other, K indices each: this rank's groups are one slice.
