@@ -453,3 +453,88 @@ def test_the_teachers_record_compares_weights_and_still_reads_file_digests(tmp_p
     check(resuming=False, models=[model])  # a record of the first weights
     with pytest.raises(TrainingError, match=refused):
         check()
+
+
+def test_each_teacher_sees_its_own_targets_batch_and_the_same_vectors_as_the_student(three_domains, checkpoints,
+                                                                                        tmp_path, monkeypatch):
+    """Found by a review: giving teacher t another target's batch, the source KD term images the student did not
+    see, or comparing the student's neck with the teacher's embedding all passed every test. Here every teacher
+    call is traced back to the batch source its images came from, and each KD term's two vectors to one space."""
+    drawn = {}  # id(images tensor) -> the BatchSource that returned it ("source", or the target's index)
+    sources = []
+    real_next, real_teacher = distill.BatchSource.next_batch, distill.Teacher.forward
+    teacher_index = {}
+
+    def next_batch(self, generator):
+        images, labels = real_next(self, generator)
+        drawn[id(images)] = sources.index(self)  # 0: the source (built first), 1 + t: target t
+        return images, labels
+
+    original_init = distill.BatchSource.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        sources.append(self)
+
+    calls = []  # (teacher index, which batch source its images came from)
+
+    def teacher_forward(self, images):
+        calls.append((teacher_index.setdefault(id(self), len(teacher_index)), drawn[id(images)]))
+        return real_teacher(self, images)
+
+    pairs = []  # (the least of the student's vectors, the least of the teacher's) of each KD term
+    real_kd = distill.distance_kd
+
+    def spy(student_vectors, teacher_vectors):
+        pairs.append((float(student_vectors.detach().min()), float(teacher_vectors.min())))
+        return real_kd(student_vectors, teacher_vectors)
+
+    monkeypatch.setattr(distill.BatchSource, "__init__", init)
+    monkeypatch.setattr(distill.BatchSource, "next_batch", next_batch)
+    monkeypatch.setattr(distill.Teacher, "forward", teacher_forward)
+    monkeypatch.setattr(distill, "distance_kd", spy)
+    # The student's BNNeck shifts its neck far below zero; its embedding (a pooled ReLU map) stays >= 0.
+    student = load_checkpoint(checkpoints["student"])
+    student.bnneck.bias.data.fill_(-1000.0)
+    student_path = str(save_checkpoint(tmp_path / "student.pt", student, extra={"stage": "source"}))
+    assert main(["distill", "-s", "synth_msmt", "-t", *TARGETS, "-a", "osnet_tiny", "--teachers",
+                 checkpoints["t_duke"], checkpoints["t_cuhk"], "--student-init", student_path, "--root",
+                 str(three_domains), "--out", str(tmp_path / "run"), "--epochs", "1", "--lkds-weight", "1",
+                 "--target-order", "random", *TINY]) == 0
+    assert len(teacher_index) == 2 and calls
+    target_calls = [(t, source) for t, source in calls if source != 0]
+    assert all(source == 1 + t for t, source in target_calls), target_calls  # teacher t: target t's images
+    assert {t for t, _ in target_calls} == {0, 1}
+    assert sum(source == 0 for _, source in calls) == len(target_calls)  # one source KD term per target term
+    assert len(pairs) == len(calls) and all(student >= 0 and teacher >= 0 for student, teacher in pairs)
+
+
+@pytest.mark.parametrize("alternation", ["batch", "full"])
+def test_the_shift_order_is_given_each_targets_measured_mmd(three_domains, checkpoints, tmp_path, monkeypatch,
+                                                            alternation):
+    """Found by a review: negating the shifts where they are measured (the farthest target first) passed every
+    test; `target_order` itself is tested to sort ascending. Here the values it receives are the MMDs measured
+    between the student's source and target embeddings (per batch group, or averaged over `shift_batches`)."""
+    measured, given = [], []
+    real_mmd, real_order = distill.mmd, distill.target_order
+
+    def mmd(a, b, *args, **kwargs):
+        value = real_mmd(a, b, *args, **kwargs)
+        measured.append(float(value))
+        return value
+
+    def order(style, count, *, rng, shifts=None):
+        if style == "shift":
+            given.append(list(shifts))
+        return real_order(style, count, rng=rng, shifts=shifts)
+
+    monkeypatch.setattr(distill, "mmd", mmd)
+    monkeypatch.setattr(distill, "target_order", order)
+    out = tmp_path / alternation
+    assert main(_distill_args(three_domains, checkpoints, out, "--epochs", "1", "--target-alt", alternation,
+                              "--target-order", "shift")) == 0
+    per_target = 1 if alternation == "batch" else distill.DistillConfig().shift_batches
+    expected = [[float(np.mean(measured[at + t * per_target:at + (t + 1) * per_target])) for t in range(2)]
+                for at in range(0, len(measured), 2 * per_target)]
+    assert len(given) == len(expected) > 0 and all(value > 0 for shifts in given for value in shifts)
+    assert np.allclose(given, expected, rtol=1e-6)
