@@ -716,3 +716,30 @@ def test_a_source_trained_on_all_its_splits_is_not_evaluated(synth_root, tmp_pat
     assert list(json.loads((out / "metrics.json").read_text())["final"]) == ["synth_duke"]
     assert "synth_msmt is not evaluated: --combineall trains on its query and gallery too" in (
         out / "log.txt").read_text()
+
+
+def test_the_triplet_and_dmmd_terms_see_the_embedding_before_bnneck(source_run, synth_root, tmp_path, monkeypatch):
+    """Found by a review: computing the source triplet or the D-MMD terms on the BNNeck output passed every test.
+    A BNNeck whose bias is -1000 puts the neck far below zero; the embedding (a pooled ReLU map) never is."""
+    from kdreid.models import save_checkpoint
+    from kdreid.stages import source
+
+    model = load_checkpoint(source_run / "model.pt")
+    model.bnneck.bias.data.fill_(-1000.0)
+    init = save_checkpoint(tmp_path / "shifted.pt", model, extra={"stage": "source", "input_size": [64, 32]})
+    seen = []
+
+    def spy(real, *positions):
+        def wrapper(*args, **kwargs):
+            seen.append(min(float(args[i].detach().min()) for i in positions))
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(adapt, "batch_hard_triplet", spy(adapt.batch_hard_triplet, 0))
+    monkeypatch.setattr(adapt, "dmmd_terms", spy(adapt.dmmd_terms, 0, 2))
+    monkeypatch.setattr(source, "batch_hard_triplet", spy(source.batch_hard_triplet, 0))
+    assert main(["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", str(init), "--root", str(synth_root),
+                 "--out", str(tmp_path / "t"), "--dmmd-start", "0", *TINY[:1], "1", *TINY[2:]]) == 0
+    assert main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--pretrained", str(init), "--root",
+                 str(synth_root), "--out", str(tmp_path / "s"), *TINY[:1], "1", *TINY[2:]]) == 0
+    assert len(seen) > 3 and min(seen) >= 0, seen
