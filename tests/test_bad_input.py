@@ -20,7 +20,7 @@ import torch
 
 from kdreid.cli import main
 from kdreid.models import build_model, save_checkpoint
-from tests.data.layouts import duke_tree, market_tree
+from tests.data.layouts import duke_tree, market_tree, write_csv, write_images
 
 TINY = ["--epochs", "1", "--batch-size", "4", "--num-instances", "2", "--height", "32", "--width", "16",
         "--device", "cpu", "--seed", "0"]
@@ -43,6 +43,7 @@ class Case:
     setup: Callable  # (tmp: Path, monkeypatch) -> argv
     answer: str  # a fragment of the one-line answer
     code: int = 2
+    made_run_folder: bool = False  # found after TMP/run was made: the answer must also remove it
 
 
 def _market(tmp: Path) -> tuple[Path, Path]:
@@ -143,6 +144,22 @@ def _unknown_model(tmp, monkeypatch):
 def _checkpoint(tmp: Path, name: str, arch: str = "osnet_tiny", classes: int = 3) -> str:
     torch.manual_seed(0)
     return str(save_checkpoint(tmp / name, build_model(arch, classes), extra={"input_size": [32, 16]}))
+
+
+def _tracklets_across_cameras(tmp: Path, command: str) -> list[str]:
+    """A custom target whose tracklet column holds person ids: tracklet 7 seen by cameras 1 and 2."""
+    root, _ = _market(tmp)
+    names = [f"t{i}.jpg" for i in range(8)]
+    write_images(root / "site" / "train", names)
+    write_csv(root / "site" / "manifest.csv", ["path", "pid", "camid", "tracklet"],
+              [[f"train/{name}", 7 + i // 4, 1 + i % 2, 7 + i // 4] for i, name in enumerate(names)])
+    if command == "pipeline":  # refused before its first stage, which would train for hours first
+        return ["pipeline", "-s", "market1501", "-t", "custom:site", "--root", str(root), "--out", str(tmp / "run"),
+                "--preset", "quick"]
+    model = _checkpoint(tmp, "m.pt")
+    flags = ["--init", model] if command == "adapt" else ["--teachers", model]
+    return [command, "-s", "market1501", "-t", "custom:site", *flags, "--root", str(root), "--out",
+            str(tmp / "run"), *TINY]
 
 
 def _teacher_count(tmp, monkeypatch):
@@ -431,6 +448,14 @@ CASES = [
                                                             "--root", str(_market(tmp)[0]), "--out", str(tmp / "run"),
                                                             *TINY],
          "-s names market1501 twice; name each dataset once"),
+    Case("a target's tracklets that span cameras (adapt)", lambda tmp, monkeypatch: _tracklets_across_cameras(
+        tmp, "adapt"), "target custom:site: 2 training tracklets span several cameras (e.g. tracklet 0); a tracklet "
+                       "is one person in one camera", made_run_folder=True),
+    Case("a target's tracklets that span cameras (distill)", lambda tmp, monkeypatch: _tracklets_across_cameras(
+        tmp, "distill"), "split them per camera (distill samples its target batches by tracklet",
+         made_run_folder=True),
+    Case("a target's tracklets that span cameras (pipeline)", lambda tmp, monkeypatch: _tracklets_across_cameras(
+        tmp, "pipeline"), "split them per camera (or set `adapt: {grouping: pseudo}` in the --config file"),
     Case("the source named as a target", lambda tmp, monkeypatch: [
         "adapt", "-s", "market1501", "-t", "market1501", "--init", _checkpoint(tmp, "s.pt"), "--root",
         str(_market(tmp)[0]), "--out", str(tmp / "run"), *TINY],
@@ -487,6 +512,8 @@ def test_bad_input_answers_in_one_line(case, tmp_path, monkeypatch, capsys):
     code = main(argv)
     line = _one_line_error(capsys.readouterr().err)
     assert code == case.code and case.answer in line, line
+    if case.made_run_folder:
+        assert not (tmp_path / "run").exists()
 
 
 def test_a_model_that_cannot_take_the_images_is_refused_before_the_run_folder_stays(tmp_path, monkeypatch, capsys):

@@ -47,10 +47,20 @@ def _actions(config) -> dict[str, str]:
 def test_settings_that_do_not_change_the_weights_keep_finished_stages(tmp_path):
     _finish(pipeline.stage_configs(_config(tmp_path)))
     run_only = {"train.device": "cuda", "train.compile": "off", "train.log_freq": 5, "train.eval_freq": 1,
-                "train.deterministic": True, "eval.flip": True, "eval.metric": "cosine", "eval.batch_size": 7}
+                "train.deterministic": True, "eval.batch_size": 7}
     assert set(_actions(_config(tmp_path, overrides=run_only, adapt={"histogram_images": 10})).values()) == {"done"}
     state = pipeline.stage_state(pipeline.stage_configs(_config(tmp_path, overrides={"train.device": "cuda"}))["blend"])
     assert "ignoring train.device auto -> cuda" in state.reason
+    # How the numbers are measured changes no weights either, but the stages' numbers: each is measured again,
+    # resumed from its checkpoint (no epoch left); without one only a new run can measure them.
+    cosine = pipeline.stage_configs(_config(tmp_path, overrides={"eval.metric": "cosine"}))
+    state = pipeline.stage_state(cosine["blend"])
+    assert state.action == "fresh" and state.reason == ("its numbers were measured otherwise (eval.metric 'euclidean' "
+                                                        "-> 'cosine'), and it has no training checkpoint")
+    (Path(cosine["blend"].out) / "checkpoints").mkdir()
+    (Path(cosine["blend"].out) / "checkpoints" / "last.pt").write_bytes(b"state")
+    state = pipeline.stage_state(cosine["blend"])
+    assert state.action == "resume" and state.reason.endswith("-> 'cosine'); same weights, evaluated again")
 
     # What does change the weights: the number of epochs, the seed, a loss weight, the selection rule.
     assert set(_actions(_config(tmp_path, overrides={"train.epochs": 9})).values()) == {"fresh"}
@@ -276,7 +286,7 @@ def test_a_stage_whose_query_or_gallery_changed_is_evaluated_again_not_trained_a
     state = pipeline.stage_state(blend)
     assert state.action == "resume" and state.reason == (
         f"the query/gallery of dataset synth_cuhk under {tmp_path / 'data'} hold other files than it was evaluated "
-        "on; same training images, evaluated again")
+        "on; same weights, evaluated again")
     # Finished, its numbers are the old files': resumed too (no epoch left), it measures them again; without its
     # checkpoint only a new run can.
     torch.save({}, folder / "model.pt")

@@ -40,16 +40,24 @@ def queries_without_cross_camera_match(dataset: ReidDataset) -> int:
     return sum(1 for q in dataset.query if not gallery_cameras.get(q.pid, set()) - {q.camid})
 
 
+def tracklets_across_cameras(records) -> list[int]:
+    """The tracklet ids (sorted) that more than one camera saw: each is a cross-camera identity label, which the
+    unsupervised stages must never read (DESIGN §3)."""
+    cameras: dict[int, set[int]] = defaultdict(set)
+    for record in records:
+        if record.tracklet >= 0:
+            cameras[record.tracklet].add(record.camid)
+    return sorted(t for t, cams in cameras.items() if len(cams) > 1)
+
+
 def tracklet_problems(dataset: ReidDataset) -> list[str]:
     """Train tracklets must show one person in one camera (DESIGN §3); a tracklet id reused across cameras or
     people would leak cross-camera identity into the unsupervised stages."""
-    cameras: dict[int, set[int]] = defaultdict(set)
     people: dict[int, set[int]] = defaultdict(set)
     for record in dataset.train:
-        cameras[record.tracklet].add(record.camid)
         people[record.tracklet].add(record.pid)
     problems = []
-    crossing = sorted(t for t, cams in cameras.items() if len(cams) > 1)
+    crossing = tracklets_across_cameras(dataset.train)
     mixed = sorted(t for t, pids in people.items() if len(pids) > 1)
     if crossing:
         problems.append(

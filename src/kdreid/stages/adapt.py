@@ -38,6 +38,7 @@ from kdreid.stages.common import (
     StageResult,
     begin_stage,
     check_loss_settings,
+    refuse_tracklets_across_cameras,
     stage_evaluator,
     finish_stage,
     picture_sample,
@@ -129,6 +130,10 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
     start = begin_stage(config, resume=resume)
     run_dir, log, device, sources, targets = start.run, start.log, start.device, start.sources, start.targets
     source_records = combine_train(sources, combineall=config.data.combineall)
+    if config.grouping == "tracklet":
+        for dataset in targets:
+            refuse_tracklets_across_cameras(dataset, "or use --grouping pseudo, or --grouping oracle if they are "
+                                                     "identities")
     target_records = combine_train(targets)
     try:
         source_model = load_checkpoint(config.init, arch=config.arch or None)

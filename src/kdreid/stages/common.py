@@ -284,6 +284,22 @@ def write_picture_data(path: Path, arrays: dict[str, np.ndarray]) -> None:
         atomic_write_bytes(path, buffer.getvalue())
 
 
+def refuse_tracklets_across_cameras(dataset: ReidDataset, fix: str) -> None:
+    """A target's training batches are grouped by tracklet: one whose tracklet ids span cameras (a custom
+    manifest's column holding person ids, a multi-camera tracker's tracks) would give the stage cross-camera
+    identity labels while its results say "tracklet". One line, before any training; `fix` names the way out."""
+    from kdreid.data.check import tracklets_across_cameras
+
+    crossing = tracklets_across_cameras(dataset.train)
+    if crossing:
+        raise DatasetError(
+            f"target {dataset.name}: {len(crossing)} training tracklets span several cameras (e.g. tracklet "
+            f"{crossing[0]}); a tracklet is one person in one camera, and one across cameras is the cross-camera "
+            f"identity label unsupervised adaptation never reads: split them per camera ({fix}; `kdreid data "
+            f"check -d {dataset.name}` lists them)"
+        )
+
+
 def refuse_repeated_datasets(sources: Sequence[str], targets: Sequence[str]) -> None:
     """A dataset named twice in -s or in -t is refused: read twice, each identity would become two classes (and
     its own negative), and a pipeline would train two teachers into one folder. So is one named by both: a target

@@ -58,6 +58,7 @@ from kdreid.stages.common import (
     StageResult,
     begin_stage,
     check_loss_settings,
+    refuse_tracklets_across_cameras,
     stage_evaluator,
     finish_stage,
     picture_sample,
@@ -451,6 +452,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
                 f"target {dataset.name} has training images without a tracklet id; distill samples target batches "
                 "by tracklet (give the custom manifest a tracklet column)"
             )
+        refuse_tracklets_across_cameras(dataset, "distill samples its target batches by tracklet")
         target_batches.append(BatchSource(
             dataset.train, tracklets, height=train.height, width=train.width, batch_size=train.batch_size,
             num_instances=train.num_instances, augment=train.augment, device=device, seed=train.seed + 1 + t,

@@ -37,7 +37,9 @@ from kdreid.errors import ConfigError, KdreidError
 from kdreid.models import count_macs, load_checkpoint
 from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes, atomic_write_text, exclusive, write_json
 from kdreid.stages import adapt, distill, source
-from kdreid.stages.common import evaluate_datasets, refuse_repeated_datasets, sigterm_interrupts, trains_on_all
+from kdreid.stages.common import (
+    evaluate_datasets, refuse_repeated_datasets, refuse_tracklets_across_cameras, sigterm_interrupts, trains_on_all,
+)
 from kdreid.stages.data import (
     DATASETS_FILE, dataset_fingerprint, fingerprint_change, load_datasets, read_datasets_record,
 )
@@ -202,14 +204,24 @@ class DatasetFingerprints:
 
     def __init__(self):
         self._known: dict[tuple, str] = {}
+        self._datasets: dict[tuple, Any] = {}
 
     def of(self, name: str, data) -> str:
-        options = data.reader_options(name)
-        key = (name, data.root, tuple(sorted(options.items())))
+        key = self._key(name, data)
         if key not in self._known:
-            dataset = load_datasets([name], data.root, {name: options})[0]  # DatasetError when missing or unreadable
-            self._known[key] = dataset_fingerprint(dataset, data.root)
+            self._known[key] = dataset_fingerprint(self.dataset(name, data), data.root)
         return self._known[key]
+
+    def dataset(self, name: str, data):
+        """The dataset as the stages read it (DatasetError when missing or unreadable), parsed once."""
+        key = self._key(name, data)
+        if key not in self._datasets:
+            self._datasets[key] = load_datasets([name], data.root, {name: data.reader_options(name)})[0]
+        return self._datasets[key]
+
+    @staticmethod
+    def _key(name: str, data) -> tuple:
+        return name, data.root, tuple(sorted(data.reader_options(name).items()))
 
 
 def check_architectures(configs: Mapping[str, Any]) -> None:
@@ -234,6 +246,12 @@ def check_datasets(configs: Mapping[str, Any], targets: list[str], fingerprints:
     for stage_config in configs.values():
         for name in dict.fromkeys([*stage_config.sources, *stage_config.targets, *targets]):
             fingerprints.of(name, stage_config.data)
+        # Tracklets across cameras stop the stage that groups its target batches by them: say so now.
+        fix = ("distill samples its target batches by tracklet" if isinstance(stage_config, distill.DistillConfig)
+               else "or set `adapt: {grouping: pseudo}` in the --config file"
+               if getattr(stage_config, "grouping", "") == "tracklet" else None)
+        for name in stage_config.targets if fix else ():
+            refuse_tracklets_across_cameras(fingerprints.dataset(name, stage_config.data), fix)
 
 
 def stage_inputs(stage_config) -> list[Path]:
