@@ -199,7 +199,7 @@ def stage_configs(config: PipelineConfig) -> dict[str, Any]:
 
 
 class DatasetFingerprints:
-    """Each dataset's `dataset_fingerprint` as the stages read it (root, reader options), computed once per
+    """Each dataset as the stages read it (root, reader options), and its `dataset_fingerprint`, computed once per
     pipeline call: listing and statting MSMT17's 126k files takes seconds, and seven stages ask."""
 
     def __init__(self):
