@@ -71,6 +71,14 @@ def test_random_erasing_fills_a_rectangle_with_the_mean():
         assert rows * cols == erased[i].sum()
 
 
+def test_the_batch_comes_in_the_layout_asked_for():
+    # channels_last for a CUDA model in that layout (found by a review: the layout could be ignored unseen).
+    config = AugmentConfig(flip=0.5, pad=2, erase=0.5)
+    out = augment_batch(_images(batch=4), config, _gen(), memory_format=torch.channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, augment_batch(_images(batch=4), config, _gen()))
+
+
 def test_same_generator_seed_same_batch():
     images = _images()
     config = AugmentConfig()
@@ -156,12 +164,18 @@ def _torchreid_erasing(probability: float = 0.5):
     return transforms.RandomErasing(probability=probability, mean=list(IMAGENET_MEAN))
 
 
-def test_flip_draws_match_random_horizontal_flip():
+@pytest.mark.parametrize("probability", [0.5, 0.2, 1.0])
+def test_flip_draws_match_random_horizontal_flip(probability):
+    # 0.2 and 1.0 too (found by a review: p applied as 1 - p passed at 0.5 alone).
     from torchvision import transforms
 
-    ours = _flipped(_ours(AugmentConfig(flip=0.5, pad=0, erase=0)))
-    reference = _flipped(_reference(transforms.RandomHorizontalFlip(0.5)))
-    assert _same_categorical(ours, reference) > ALPHA
+    ours = _flipped(_ours(AugmentConfig(flip=probability, pad=0, erase=0)))
+    reference = _flipped(_reference(transforms.RandomHorizontalFlip(probability)))
+    assert abs(ours.mean() - probability) < 0.04
+    if probability == 1.0:
+        assert ours.all() and reference.all()
+    else:
+        assert _same_categorical(ours, reference) > ALPHA
 
 
 def test_crop_offsets_match_pad_and_random_crop():
@@ -183,8 +197,21 @@ def test_random_erasing_draws_match_torchreid():
     assert _same_categorical(ours["applied"], reference["applied"]) > ALPHA
     for key in ("h", "w", "area", "aspect", "top", "left"):
         assert stats.ks_2samp(ours[key], reference[key]).pvalue > ALPHA, key
-    # Placement is uniform over the positions where the rectangle fits.
+    # Placement is uniform over the positions where the rectangle fits, its last one included (found by a review:
+    # a top drawn one short never touched the bottom row, which the normalised statistics above do not show).
     assert stats.kstest(ours["top"], "uniform").pvalue > ALPHA
+    for edge in ("bottom", "right"):
+        touches = _touching(_ours(AugmentConfig(flip=0, pad=0, erase=1.0)), edge)
+        expected = _touching(_reference(_torchreid_erasing(1.0)), edge)
+        assert touches.mean() > 0.01 and _same_categorical(touches, expected) > ALPHA, edge
+
+
+def _touching(out: torch.Tensor, edge: str) -> np.ndarray:
+    """Whether each applied rectangle reaches the image's last row (bottom) or last column (right)."""
+    erased = out[:, 2] != 1.0  # (N, H, W)
+    applied = erased.flatten(1).any(1)
+    line = erased[:, -1, :] if edge == "bottom" else erased[:, :, -1]
+    return line.any(1)[applied].numpy()
 
 
 @pytest.mark.parametrize("wrong", ["torchvision log-uniform aspect", "area up to 0.33"])
