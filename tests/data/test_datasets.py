@@ -324,6 +324,29 @@ def test_custom_csv_with_split_column(tmp_path):
     )
 
 
+def test_custom_reads_upper_case_suffixes_and_a_manifests_nested_paths(tmp_path):
+    """Found by a review: camera and phone exports write .JPG, and a manifest's path may sit deeper than its
+    split folder (train/cam1/...): a case-sensitive suffix or the split taken from the last folder passed."""
+    folder = tmp_path / "upper"
+    write_images(folder / "train", ["0001_c1_a.JPG", "0001_c2_b.Jpeg"])
+    write_images(folder / "query", ["0002_c1_a.PNG"])
+    write_images(folder / "gallery", ["0002_c2_b.jpg"])
+    dataset = build_dataset("custom:upper", tmp_path)
+    assert [len(dataset.split(split)) for split in ("train", "query", "gallery")] == [2, 1, 1]
+    assert dataset.problems == [] and dataset.query[0].pid == 2
+    nested = tmp_path / "nested"
+    rows = [["train/cam1/a.jpg", 1, 1], ["train/cam2/b.jpg", 1, 2], ["query/site/c.jpg", 2, 2],
+            ["gallery/site/d.jpg", 2, 1]]
+    for row in rows:
+        write_images(nested / Path(row[0]).parent, [Path(row[0]).name])
+    write_csv(nested / "manifest.csv", ["path", "pid", "camid"], rows)
+    dataset = build_dataset("custom:nested", tmp_path)
+    assert dataset.problems == []
+    assert [[Path(r.path).relative_to(nested).as_posix() for r in dataset.split(split)]
+            for split in ("train", "query", "gallery")] == [["train/cam1/a.jpg", "train/cam2/b.jpg"],
+                                                            ["query/site/c.jpg"], ["gallery/site/d.jpg"]]
+
+
 def test_several_custom_datasets_side_by_side(tmp_path):
     """`custom:NAME` reads ROOT/NAME with the custom rules, so one run can adapt to two of one's own sites."""
     write_images(tmp_path / "site_a" / "train", ["0001_c1_a.jpg", "0002_c2_b.jpg"])
