@@ -22,7 +22,8 @@ def torchreid_osnet():
     return load_torchreid_module("torchreid/reid/models/osnet.py")
 
 
-@pytest.mark.parametrize("name, prefix", [("osnet_x0_25", ""), ("osnet_x0_25", "module."), ("osnet_x1_0", "module.")])
+@pytest.mark.parametrize("name, prefix", [("osnet_x0_25", ""), ("osnet_x0_25", "module."), ("osnet_x1_0", "module."),
+                                          ("osnet_x0_25", "module.module.")])  # DataParallel around DDP
 def test_osnet_matches_torchreid(torchreid_osnet, name, prefix, tmp_path):
     torch.manual_seed(0)
     reference = getattr(torchreid_osnet, name)(num_classes=11, pretrained=False)

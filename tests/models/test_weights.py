@@ -63,8 +63,14 @@ def test_torchreid_imagenet_location_is_read(torch_home):
 
 
 def _resnet_tiny_state(seed=0):
+    """A resnet_tiny's state with random BatchNorm statistics and affine weights, BNNeck included: a fresh model's
+    identity BatchNorms would equal a file's that was not loaded (a review found a BNNeck rename could go)."""
+    from tests.reference import randomise_batchnorm
+
     torch.manual_seed(seed)
-    return build_model("resnet_tiny", 0, bnneck=True).state_dict()
+    model = build_model("resnet_tiny", 0, bnneck=True)
+    randomise_batchnorm(model, seed)
+    return model.state_dict()
 
 
 def test_fastreid_container_and_prefixes(tmp_path):
@@ -265,12 +271,23 @@ def test_a_training_checkpoint_is_named_with_the_file_to_pass_instead(tmp_path):
             build_model("resnet_tiny", 3, pretrained=path)
 
 
-def test_an_embedding_layer_in_the_file_is_loaded_or_refused_never_dropped(tmp_path):
+@pytest.mark.parametrize("layout", ["spcl", "openunreid"])
+def test_an_embedding_layer_in_the_file_is_loaded_or_refused_never_dropped(tmp_path, layout):
     from kdreid.models.weights import embedding_dim_of
+    from tests.reference import randomise_batchnorm
 
-    # SpCL's and the original KD-ReID code's layout: backbone, `feat` (Linear), `feat_bn`, classifier.
+    # SpCL's and the original KD-ReID code's layout: backbone, `feat` (Linear), `feat_bn`, classifier;
+    # OpenUnReID's: module.mean_net.backbone.*, head.feat_reduction (Linear), head.feat_bn.
     trained = build_model("resnet_tiny", 5, embedding_dim=24)
-    state = {k.replace("embed.", "feat.").replace("bnneck.", "feat_bn."): v for k, v in trained.state_dict().items()}
+    randomise_batchnorm(trained)
+    if layout == "spcl":
+        state = {k.replace("embed.", "feat.").replace("bnneck.", "feat_bn."): v
+                 for k, v in trained.state_dict().items()}
+    else:
+        head = {"embed": "head.feat_reduction", "bnneck": "head.feat_bn"}
+        state = {"module.mean_net." + (head[k.split(".")[0]] + "." + k.split(".", 1)[1]
+                                       if k.split(".")[0] in head else "backbone." + k): v
+                 for k, v in trained.state_dict().items() if not k.startswith("classifier")}
     path = tmp_path / "seed.pth.tar"
     torch.save({"state_dict": state}, path)
     with pytest.raises(ModelError, match=r"holds an embedding layer \(\d+ -> 24\) that this resnet_tiny was built "
