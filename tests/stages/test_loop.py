@@ -111,3 +111,92 @@ def test_results_table_names_the_selection_rule():
                           "last epoch")
     assert "| source only | synth_duke | — | 12.3 | 50.0 | — | — | — |" in table
     assert "Checkpoint selection: last epoch" in table
+
+
+def _torch_rates(scheduler_of, epochs: int, lr: float = 1.0) -> list[float]:
+    """The rate torch's scheduler gives at the start of each epoch, stepped once per epoch."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = scheduler_of(optimizer)
+    rates = []
+    for _ in range(epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_schedules_equal_torchs_schedulers_after_a_linear_warm_up():
+    """Parity with torch.optim.lr_scheduler (found by a review: a cosine counted from epoch 0 instead of the end of
+    the warm-up, a cosine without its floor and a multistep off by one epoch passed the spot checks above)."""
+    from torch.optim import lr_scheduler
+
+    w, total = 3, 20
+    warm = _torch_rates(lambda o: lr_scheduler.LinearLR(o, start_factor=0.1, end_factor=1.0, total_iters=w), w)
+    cases = {
+        "multistep": (dict(milestones=[8, 14], gamma=0.2),
+                      lambda o: lr_scheduler.MultiStepLR(o, milestones=[8, 14], gamma=0.2)),
+        "step": (dict(step_size=4, gamma=0.5), lambda o: lr_scheduler.StepLR(o, step_size=4, gamma=0.5)),
+        "cosine": (dict(min_lr_factor=0.05),
+                   lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=total - w, eta_min=0.05)),
+    }
+    for name, (settings, scheduler_of) in cases.items():
+        config = OptimConfig(lr=1.0, warmup_epochs=w, warmup_factor=0.1, scheduler=name, **settings)
+        ours = [learning_rate(config, epoch, total) for epoch in range(total)]
+        assert ours[:w] == pytest.approx(warm), name
+        # After the warm-up: torch's schedule, the cosine's from the warm-up's end, the steps' from epoch 0.
+        expected = (_torch_rates(scheduler_of, total - w) if name == "cosine"
+                    else _torch_rates(scheduler_of, total)[w:])
+        assert ours[w:] == pytest.approx(expected, rel=1e-6), name
+
+
+@pytest.mark.parametrize("name, kind", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                        ("amsgrad", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_optimizers_carry_every_setting_of_the_config(name, kind):
+    # Found by a review: a hard-coded momentum or a dropped weight decay passed (only lr and two flags were read).
+    config = OptimConfig(optimizer=name, lr=0.02, weight_decay=0.003, momentum=0.7, nesterov=False,
+                         betas=(0.8, 0.95))
+    optimizer = build_optimizer(nn.Linear(2, 2).parameters(), config)
+    assert type(optimizer) is kind
+    settings = optimizer.defaults
+    assert settings["lr"] == 0.02 and settings["weight_decay"] == 0.003
+    if name == "sgd":
+        assert settings["momentum"] == 0.7 and settings["nesterov"] is False
+    else:
+        assert tuple(settings["betas"]) == (0.8, 0.95) and settings["amsgrad"] is (name == "amsgrad")
+
+
+def test_a_parameter_groups_lr_scale_follows_the_schedule():
+    from kdreid.stages.optim import set_learning_rate
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    optimizer = build_optimizer([{"params": model[0].parameters(), "lr_scale": 0.1},
+                                 {"params": model[1].parameters()}], OptimConfig(optimizer="sgd"))
+    set_learning_rate(optimizer, 0.5)
+    assert [group["lr"] for group in optimizer.param_groups] == [pytest.approx(0.05), 0.5]
+
+
+def test_gradients_are_clipped_to_the_norm_asked_for(tmp_path, monkeypatch):
+    # Found by a review: a clipping that never ran passed every test.
+    norms = []
+    real_step = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    torch.manual_seed(0)
+    model = nn.Linear(6, 1)
+    config = TrainConfig(epochs=1, device="cpu", eval_freq=0,
+                         optim=OptimConfig(optimizer="sgd", lr=0.01, momentum=0.0, warmup_epochs=0,
+                                           clip_grad_norm=0.05))
+
+    def train_step(ctx):
+        loss = (model(DATA[:8]).squeeze(1) - TARGETS[:8]).pow(2).mean()  # gradients of norm ~10-100
+        return {"loss": loss}
+
+    fit(run=RunDir(tmp_path / "run"), config=config, stage_config=config, modules={"model": model},
+        optimizer=build_optimizer(model.parameters(), config.optim), batches_per_epoch=3, train_step=train_step,
+        evaluate=lambda epoch: {})
+    assert len(norms) == 3 and max(norms) == pytest.approx(0.05, rel=1e-4)
