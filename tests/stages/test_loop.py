@@ -11,7 +11,10 @@ DATA = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
 TARGETS = DATA @ torch.arange(6, dtype=torch.float32)
 
 
-def _train(tmp_path, *, epochs=3, resume=False, interrupt_at=None, nan_at=None, select="last", name="run"):
+def _train(tmp_path, *, epochs=3, resume=False, interrupt_at=None, nan_at=None, select="last", name="run",
+           snapshots=None):
+    """A tiny regression trained by `fit`; `snapshots` (a dict), when given, receives the weights each epoch was
+    evaluated with."""
     torch.manual_seed(0)
     model = nn.Linear(6, 1)
     config = TrainConfig(epochs=epochs, device="cpu", eval_freq=1, select=select,
@@ -30,6 +33,8 @@ def _train(tmp_path, *, epochs=3, resume=False, interrupt_at=None, nan_at=None, 
 
     def evaluate(epoch):
         evaluations.append(epoch)
+        if snapshots is not None:
+            snapshots[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
         # A fake validation curve that peaks at epoch 2 (1-based), to exercise selection.
         return {"source-val": {"mAP": [10.0, 30.0, 20.0][epoch]}, "t": {"mAP": 1.0 + epoch, "rank1": 2.0},
                 "target-clusters": {"score": -100.0}}  # fewer than two clusters every time
@@ -71,10 +76,50 @@ def test_non_finite_loss_names_epoch_iteration_and_term(tmp_path):
         _train(tmp_path, nan_at=(1, 3))
 
 
+def _same_state(a, b) -> bool:
+    return all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_source_val_selection_restores_the_best_epoch(tmp_path):
-    model, result, _ = _train(tmp_path, select="source-val")
+    snapshots = {}
+    model, result, _ = _train(tmp_path, select="source-val", snapshots=snapshots)
     assert result.selected_epoch == 2 and "epoch 2" in result.selection
     assert result.final["t"]["mAP"] == 2.0
+    # The weights are that epoch's, not the last one's (found by a review: without the restore, or with a best
+    # snapshot that aliased the training weights, model.pt would hold the last epoch under the selected numbers).
+    assert _same_state(model.state_dict(), snapshots[1]) and not _same_state(model.state_dict(), snapshots[2])
+
+
+def test_a_resumed_selection_remembers_the_best_epoch_before_the_stop(tmp_path):
+    # Found by a review: forgetting the best score on resume let a later, worse epoch be selected.
+    straight, expected, _ = _train(tmp_path, select="source-val", name="straight")
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, select="source-val", name="broken", interrupt_at=(2, 1))
+    resumed, result, _ = _train(tmp_path, select="source-val", name="broken", resume=True)
+    assert result.selected_epoch == expected.selected_epoch == 2 and result.final["t"]["mAP"] == 2.0
+    assert _same_state(resumed.state_dict(), straight.state_dict())
+
+
+def test_the_step_seed_follows_the_seed_the_epoch_and_the_iteration():
+    # Found by a review: a step seed blind to the epoch (the same augmentation every epoch) or to --seed passed.
+    from kdreid.stages.loop import _step_seed
+
+    seeds = {_step_seed(seed, epoch, iteration) for seed in (0, 1) for epoch in (0, 1) for iteration in (0, 3)}
+    assert len(seeds) == 8
+
+
+def test_a_resume_refuses_fewer_epochs_and_names_a_changed_flip(tmp_path):
+    # Found by a review: a resume with fewer epochs (another schedule) passed; so did a measurement check blind to
+    # eval.flip.
+    from kdreid.stages.loop import check_resumed_settings, measurement_changes
+    from kdreid.stages.source import SourceConfig
+
+    config = SourceConfig(sources=["a"])
+    config.train.epochs = 3
+    with pytest.raises(TrainingError, match=r"train.epochs 5 -> 3"):
+        check_resumed_settings(tmp_path, {"sources": ["a"], "train": {"epochs": 5}}, config)
+    config.eval.flip = True
+    assert measurement_changes({"sources": ["a"], "train": {"epochs": 3}}, config) == "eval.flip False -> True"
 
 
 def test_a_selection_whose_evaluations_all_tie_says_it_kept_the_first(tmp_path):
