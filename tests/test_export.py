@@ -218,6 +218,58 @@ def test_large_features_are_checked_relative_to_their_size(fp16, tmp_path, monke
     assert not (tmp_path / "drift.onnx").exists()
 
 
+@pytest.mark.parametrize("fault, dynamic", [
+    ("one image of eight off by 3e-4 relative", False),
+    ("one image NaN", False),
+    ("off by 1% at batch size 1 only", True),
+    ("every image off by 2e-4 relative", True),
+])
+def test_the_check_catches_the_worst_image_at_every_batch_size_and_nan(fault, dynamic, tmp_path, monkeypatch):
+    """Found by a review: a bound ten times looser, the mean instead of the worst image, the better of the two
+    batch sizes, a check at the traced batch size only, or NaN features all passed (every drift tested was far
+    above the bound)."""
+    real_runner = export_module._run_torchscript
+
+    def faulty_runner(path):
+        run = real_runner(path)
+
+        def faulty(x):
+            out = run(x).clone()
+            holds_last = bool((x[-1:] == last).all())  # the batch, or the one image, ends with the last image
+            if fault.startswith("one image of eight") and holds_last:
+                out[-1] *= 1 + 3e-4
+            elif fault == "one image NaN" and holds_last:
+                out[-1] = float("nan")
+            elif fault.startswith("off by 1%") and len(x) == 1:
+                out *= 1.01
+            elif fault.startswith("every image"):
+                out *= 1 + 2e-4
+            return out
+        return faulty
+
+    checked = images(8)
+    last = checked[-1:]
+    monkeypatch.setattr(export_module, "_run_torchscript", faulty_runner)
+    with pytest.raises(ModelError, match="refusing to write"):
+        export_model(tiny(), tmp_path / "m.ts", "torchscript", dynamic_batch=dynamic, images=checked)
+    assert list(tmp_path.iterdir()) == []
+    if fault.startswith("every image"):  # the bound itself: 1e-4 relative in fp32; 5e-5 passes
+        monkeypatch.setattr(export_module, "_run_torchscript", lambda path: lambda x: real_runner(path)(x) * (1 + 5e-5))
+        assert export_model(tiny(), tmp_path / "m.ts", "torchscript", images=checked).relative_error < 1e-4
+
+
+def test_the_onnx_contract_names_its_batch_axes(tmp_path):
+    # Found by a review: an output batch axis not declared dynamic (a fixed [2, D] for TensorRT) and a static
+    # file recording "[N, ...]" passed.
+    import onnx
+
+    export_model(tiny(), tmp_path / "d.onnx", "onnx", dynamic_batch=True, images=images(2))
+    graph = onnx.load(tmp_path / "d.onnx").graph
+    assert graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    result = export_model(tiny(), tmp_path / "s.onnx", "onnx", dynamic_batch=False, images=images(2))
+    assert result.metadata["input_shape"] == f"[1, 3, {SIZE[0]}, {SIZE[1]}]"
+
+
 def test_an_exporter_failure_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
     def broken_export(*args, **kwargs):
         raise RuntimeError("Exporting the operator 'aten::weird' to ONNX opset version 18 is not supported.\nmore")
