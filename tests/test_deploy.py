@@ -95,10 +95,12 @@ def test_extract_fails_only_when_nothing_decodes(tmp_path, workdir, capsys):
     assert not out.exists()
 
 
-def test_extract_with_exported_models_matches_the_checkpoint(workdir, tmp_path):
+@pytest.mark.parametrize("flip", [[], ["--flip"]])
+def test_extract_with_exported_models_matches_the_checkpoint(workdir, tmp_path, flip):
+    # With --flip too (found by a review: exported models flipped the wrong axis, or doubled the features, unseen).
     pytest.importorskip("onnxruntime")
     reference = tmp_path / "ref.npz"
-    assert extract(workdir, reference) == 0
+    assert extract(workdir, reference, *flip) == 0
     expected = load_features(reference)
     for format, suffix in (("onnx", ".onnx"), ("torchscript", ".ts")):
         exported = tmp_path / f"tiny{suffix}"
@@ -106,7 +108,7 @@ def test_extract_with_exported_models_matches_the_checkpoint(workdir, tmp_path):
         assert main(args) == 0  # static batch of 1: extract feeds it one image at a time
         out = tmp_path / f"{format}.npz"
         assert main(["extract", "--model", str(exported), "--images", str(workdir / "images"), "--out", str(out),
-                     "--batch-size", "4"]) == 0
+                     "--batch-size", "4", *flip]) == 0
         got = load_features(out)
         assert got.paths == expected.paths
         assert np.abs(got.features - expected.features).max() <= 1e-4
@@ -286,6 +288,20 @@ def test_search_warns_when_query_and_gallery_are_embedded_otherwise(workdir, tmp
         f"kdreid: warning: the query images are embedded by {other}, the gallery by {workdir / 'tiny.pt'}: "
         "distances mix two embeddings (unless both files hold one model, e.g. a checkpoint and its export); embed "
         "both the same way (--model, --flip, --height/--width)"]
+    # A flip-averaged gallery embeds its query images flip-averaged too, unasked (found by a review: embedding
+    # them without flip passed; the warning above was the only sign): an image of the gallery finds itself.
+    flipped = tmp_path / "flipped.npz"
+    assert main(["extract", "--model", "tiny.pt", "--images", "images", "--out", str(flipped), "--batch-size", "4",
+                 "--flip"]) == 0
+    capsys.readouterr()
+    distances = {}
+    for flag in ([], ["--no-flip"]):
+        assert main(["search", "--gallery", str(flipped), "--query", str(query), "--topk", "1", "--json",
+                     *flag]) == 0
+        captured = capsys.readouterr()
+        assert ("warning" in captured.err) == bool(flag)
+        distances[bool(flag)] = json.loads(captured.out)[0]["results"][0]["distance"]
+    assert distances[False] < 1e-3 < distances[True]
     copy = tmp_path / "copy.pt"  # the same weights elsewhere: the same model, no warning
     copy.write_bytes((workdir / "tiny.pt").read_bytes())
     assert main(["search", "--gallery", str(gallery), "--query", str(query), "--topk", "1", "--model",

@@ -182,10 +182,17 @@ def test_feature_kd_reaches_an_osnet_student_through_the_projector():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def test_distill_end_to_end_with_two_teachers_of_different_architectures(three_domains, checkpoints, tmp_path):
+def test_distill_end_to_end_with_two_teachers_of_different_architectures(three_domains, checkpoints, tmp_path,
+                                                                         monkeypatch):
+    built, optimised = [], []  # the projectors, and what the optimiser steps (a review: leaving them out passed)
+    real_projector, real_optimizer = distill.build_projector, distill.build_optimizer
+    monkeypatch.setattr(distill, "build_projector", lambda *a, **k: built.append(real_projector(*a, **k)) or built[-1])
+    monkeypatch.setattr(distill, "build_optimizer",
+                        lambda params, *a, **k: optimised.extend(map(id, params)) or real_optimizer(params, *a, **k))
     out = tmp_path / "kd"
     assert main(_distill_args(three_domains, checkpoints, out, "--epochs", "1", "--kd-style", "all",
                               "--target-order", "shift", "--lkds-weight", "0.5")) == 0
+    assert len(built) == 2 and all(id(p) in optimised for projector in built for p in projector.parameters())
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["final"]) == {"synth_duke", "synth_cuhk", "synth_msmt"}
     losses = metrics["epochs"][0]["losses"]
