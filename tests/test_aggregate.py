@@ -178,3 +178,27 @@ def test_a_stage_runs_mean_is_over_its_targets(tmp_path):
                                                          "sources": ["synth_cuhk"]}))
     line = next(line for line in aggregate_runs(runs).markdown().splitlines() if line.startswith("| final"))
     assert line.endswith("| 12.0 ± 2.8 |")
+
+
+def test_seeds_are_read_wherever_a_pipeline_sets_them(tmp_path, capsys):
+    # Found by a review: a seed in the config file's `common` section read as none (a false "repeat" warning),
+    # and a pipeline without any seed, which ran with the default 0, as unknown.
+    runs = [_pipeline(tmp_path / f"c{seed}", seed, (20.0 + seed, 8.0), overrides={}, common={"train": {"seed": seed}})
+            for seed in range(3)]
+    assert aggregate_runs(runs).seeds == [0, 1, 2]
+    assert main(["aggregate", *map(str, runs)]) == 0 and "repeat" not in capsys.readouterr().err
+    unseeded = [_pipeline(tmp_path / f"u{i}", 0, (20.0 + i, 8.0), overrides={}) for i in range(2)]
+    assert aggregate_runs(unseeded).seeds == [0, 0]
+    assert main(["aggregate", *map(str, unseeded)]) == 0 and "repeat" in capsys.readouterr().err
+
+
+def test_a_null_metric_is_shown_as_na_and_rows_name_their_architecture(tmp_path):
+    # Found by a review: a null shown as 0.0, and the student's source-only row named after the teachers'
+    # architecture, passed.
+    from kdreid.report import metrics_table, pipeline_row_labels
+
+    table = metrics_table({"d": {"mAP": None, "rank1": 50.0}}, tmp_path / "metrics.json", "fix it")
+    assert "<td>n/a</td>" in table and "<td>50.0</td>" in table
+    labels = pipeline_row_labels({"teacher_arch": "resnet50", "student_arch": "osnet_x0_25"})
+    assert labels["source_only_student"] == "source only (osnet_x0_25)"
+    assert labels["source_only"] == "source only (resnet50)"
