@@ -483,3 +483,19 @@ def _render(chromium: str, page: Path, profile: Path) -> dict:
     found = re.search(r'<pre id="kdreid-image-check">(.*?)</pre>', done.stdout, re.S)
     assert found, f"Chromium printed no check result (exit {done.returncode}): {done.stderr[-2000:]}"
     return json.loads(html.unescape(found.group(1)))
+
+
+def test_a_pipelines_ranked_pictures_rank_as_its_student_was_evaluated(pipeline_run, monkeypatch):
+    # Found by a review: reading the distance from the pipeline's own config.yaml (which has no eval section)
+    # instead of the distill stage's passed: the student's pictures ranked by another distance than its numbers.
+    import kdreid.viz
+
+    distill_config = pipeline_run / "stages" / "distill" / "config.yaml"
+    config = yaml.safe_load(distill_config.read_text())
+    config["eval"] = {"metric": "cosine", "flip": True}
+    distill_config.write_text(yaml.safe_dump(config))
+    drawn = []
+    monkeypatch.setattr(kdreid.viz, "visualize_ranked_results", lambda query, gallery, out, **kw: drawn.append(
+        kw["metric"]) or [])
+    build_report(pipeline_run, visrank=2, topk=3, actmap=0, device="cpu")
+    assert drawn == ["cosine"]
