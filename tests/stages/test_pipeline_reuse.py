@@ -84,8 +84,9 @@ def test_a_stage_finished_by_an_older_kdreid_is_reused_across_settings_it_predat
     assert set(_actions(_config(tmp_path, common={"data.cuhk03_split_id": 2})).values()) == {"fresh"}
 
 
-def test_evaluation_settings_matter_when_a_score_picks_the_epoch(tmp_path):
-    by_score = {"train.select": "source-val"}
+@pytest.mark.parametrize("select", ["source-val", "target-clusters"])  # a review: the second went untested
+def test_evaluation_settings_matter_when_a_score_picks_the_epoch(tmp_path, select):
+    by_score = {"train.select": select}
     _finish(pipeline.stage_configs(_config(tmp_path, adapt=by_score)))
     assert _actions(_config(tmp_path, adapt=by_score))["teacher_synth_duke"] == "done"
     changed = _actions(_config(tmp_path, adapt={**by_score, "train.eval_freq": 1}))
