@@ -147,7 +147,7 @@ def _checkpoint(tmp: Path, name: str, arch: str = "osnet_tiny", classes: int = 3
 
 
 def _tracklets_across_cameras(tmp: Path, command: str) -> list[str]:
-    """A custom target whose tracklet column holds person ids: tracklet 7 seen by cameras 1 and 2."""
+    """A custom target whose tracklet column holds person ids: tracklets 7 and 8, each seen by cameras 1 and 2."""
     root, _ = _market(tmp)
     names = [f"t{i}.jpg" for i in range(8)]
     write_images(root / "site" / "train", names)
