@@ -499,3 +499,16 @@ def test_a_pipelines_ranked_pictures_rank_as_its_student_was_evaluated(pipeline_
         kw["metric"]) or [])
     build_report(pipeline_run, visrank=2, topk=3, actmap=0, device="cpu")
     assert drawn == ["cosine"]
+
+
+def test_the_pictures_read_the_cuhk03_protocol_and_the_distance_the_run_recorded(tmp_path):
+    # Found by a review: cuhk03_labeled dropped from the pictures' dataset options passed (the labelled boxes'
+    # pictures would have shown the detected ones).
+    from kdreid.report import RunConfig, _data_options, _eval_options
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"data": {"cuhk03_labeled": True, "cuhk03_classic_split": True,
+                                             "cuhk03_split_id": 4}, "eval": {"metric": "cosine", "flip": True}}))
+    config = RunConfig.read(path)
+    assert _data_options(config) == {"cuhk03": {"labeled": True, "classic_split": True, "split_id": 4}}
+    assert _eval_options(config) == {"metric": "cosine", "flip": True}
