@@ -24,3 +24,14 @@ def three_domains(synth_root, tmp_path_factory):
     for name in ("synth_msmt", "synth_duke"):
         os.symlink(synth_root / name, root / name)
     return root
+
+
+@pytest.fixture(scope="session")
+def source_model(synth_root, tmp_path_factory):
+    """An osnet_tiny trained one epoch on synth_msmt at 32x16: the start of the adaptation tests that need a source
+    model and no accuracy."""
+    out = tmp_path_factory.mktemp("source") / "source"
+    assert main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root), "--out",
+                 str(out), "--epochs", "1", "--batch-size", "16", "--num-instances", "4", "--height", "32",
+                 "--width", "16", "--device", "cpu", "--seed", "0"]) == 0
+    return out / "model.pt"

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from kdreid.cli import main
 from kdreid.models import build_model, load_checkpoint, save_checkpoint
 from kdreid.stages import adapt, common, distill
 from kdreid.stages.data import combine_train, load_datasets
@@ -42,15 +41,6 @@ def _scramble_target_identities(monkeypatch, targets):
     monkeypatch.setattr(common, "load_datasets", scrambled)
 
 
-@pytest.fixture(scope="module")
-def source_model(three_domains, tmp_path_factory):
-    out = tmp_path_factory.mktemp("leak") / "source"
-    assert main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(three_domains), "--out",
-                 str(out), "--epochs", "1", "--batch-size", "16", "--num-instances", "4", "--height", "32",
-                 "--width", "16", "--device", "cpu", "--seed", "0"]) == 0
-    return str(out / "model.pt")
-
-
 def _same_weights(a, b) -> bool:
     first, second = load_checkpoint(a).state_dict(), load_checkpoint(b).state_dict()
     return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
@@ -61,7 +51,7 @@ def test_adaptation_reads_no_target_identity(grouping, source_model, three_domai
     def run(out):
         # A tight eps: the barely trained model sees everyone as alike, and eps 0.6 merges them all.
         config = resolve_config(adapt.AdaptConfig, "adapt", overrides={
-            "sources": ["synth_msmt"], "targets": ["synth_duke"], "arch": "osnet_tiny", "init": source_model,
+            "sources": ["synth_msmt"], "targets": ["synth_duke"], "arch": "osnet_tiny", "init": str(source_model),
             "out": str(out), "data.root": str(three_domains), "grouping": grouping, "dmmd_start": 0,
             "pseudo.eps": 0.3, "pseudo.min_samples": 2, **TRAIN,
         })

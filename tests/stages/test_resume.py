@@ -121,15 +121,6 @@ def sigterm_at(monkeypatch):
     return arm
 
 
-@pytest.fixture(scope="module")
-def source_model(synth_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume") / "source"
-    assert main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root), "--out",
-                 str(out), "--epochs", "1", "--batch-size", "16", "--num-instances", "4", "--height", "32",
-                 "--width", "16", "--device", "cpu", "--seed", "0"]) == 0
-    return out / "model.pt"
-
-
 def test_adapt_with_pseudo_labels_resumes_exactly_from_inside_an_epoch(source_model, synth_root, tmp_path,
                                                                        sigterm_at, capsys):
     # The pseudo-labels of epoch 2 come from the weights at its start: resuming inside it must reuse them (the

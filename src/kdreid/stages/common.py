@@ -23,6 +23,7 @@ from torch import nn
 
 from kdreid import distributed
 from kdreid.config import read_yaml
+from kdreid.data.check import tracklets_across_cameras
 from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.data.samplers import groups_per_rank
 from kdreid.errors import CheckpointError, ConfigError, DatasetError, KdreidError, Terminated
@@ -288,8 +289,6 @@ def refuse_tracklets_across_cameras(dataset: ReidDataset, fix: str) -> None:
     """A target's training batches are grouped by tracklet: one whose tracklet ids span cameras (a custom
     manifest's column holding person ids, a multi-camera tracker's tracks) would give the stage cross-camera
     identity labels while its results say "tracklet". One line, before any training; `fix` names the way out."""
-    from kdreid.data.check import tracklets_across_cameras
-
     crossing = tracklets_across_cameras(dataset.train)
     if crossing:
         raise DatasetError(

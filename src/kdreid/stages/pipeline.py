@@ -247,10 +247,13 @@ def check_datasets(configs: Mapping[str, Any], targets: list[str], fingerprints:
         for name in dict.fromkeys([*stage_config.sources, *stage_config.targets, *targets]):
             fingerprints.of(name, stage_config.data)
         # Tracklets across cameras stop the stage that groups its target batches by them: say so now.
-        fix = ("distill samples its target batches by tracklet" if isinstance(stage_config, distill.DistillConfig)
-               else "or set `adapt: {grouping: pseudo}` in the --config file"
-               if getattr(stage_config, "grouping", "") == "tracklet" else None)
-        for name in stage_config.targets if fix else ():
+        if isinstance(stage_config, distill.DistillConfig):
+            fix = "distill samples its target batches by tracklet"
+        elif getattr(stage_config, "grouping", "") == "tracklet":
+            fix = "or set `adapt: {grouping: pseudo}` in the --config file"
+        else:
+            continue
+        for name in stage_config.targets:
             refuse_tracklets_across_cameras(fingerprints.dataset(name, stage_config.data), fix)
 
 
