@@ -512,3 +512,32 @@ def test_the_pictures_read_the_cuhk03_protocol_and_the_distance_the_run_recorded
     config = RunConfig.read(path)
     assert _data_options(config) == {"cuhk03": {"labeled": True, "classic_split": True, "split_id": 4}}
     assert _eval_options(config) == {"metric": "cosine", "flip": True}
+
+
+def test_a_distillations_activation_maps_put_each_target_under_its_own_teacher(tmp_path):
+    # Found by a review: every target drawn under the first teacher passed. A teacher file that is gone leaves
+    # that target with the student alone.
+    from kdreid.report import RunConfig, _stage_models
+
+    run = tmp_path / "distill"
+    run.mkdir()
+    teachers = [tmp_path / "teacher_a.pt", tmp_path / "gone.pt", tmp_path / "teacher_c.pt"]
+    teachers[0].write_bytes(b"")
+    teachers[2].write_bytes(b"")
+    (run / "config.yaml").write_text(yaml.safe_dump({"targets": ["a", "b", "c"], "teacher_arch": "resnet18",
+                                                     "teachers": [str(path) for path in teachers]}))
+    models = _stage_models(run, RunConfig.read(run / "config.yaml"))
+    student = ("student (model.pt)", run / "model.pt", None)
+    assert models == {"a": [("teacher of a", teachers[0], "resnet18"), student],
+                      "b": [("model.pt", run / "model.pt", None)],
+                      "c": [("teacher of c", teachers[2], "resnet18"), student]}
+
+
+def test_root_overrides_the_data_root_a_stage_run_recorded(tmp_path, tiny_domain, tiny_model, rng, capsys):
+    # Found by a review: a stage run's pictures ignoring --root passed (the data moved since the run: no pictures).
+    run = tmp_path / "adapt"
+    _stage(run, "teacher D-MMD", histograms=False, rng=rng)  # its config.yaml records data.root "nowhere"
+    shutil.copy(tiny_model, run / "model.pt")
+    _report(run, capsys, "--visrank", "1", "--actmap", "1", "--root", str(tiny_domain))
+    assert _images(run / "report.html") == ["report/curves_run.png", "report/visrank/synth_duke_01.png",
+                                            "report/actmap/synth_duke_01.png"]
