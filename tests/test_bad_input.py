@@ -495,6 +495,12 @@ CASES = [
     Case("a file that is not an image as `extract --images`", lambda tmp, monkeypatch: [
         "extract", "--model", _checkpoint(tmp, "m.pt"), "--images", _checkpoint(tmp, "x.pt"), "--out",
         str(tmp / "g.npz")], "is not an image file (.jpg"),
+    Case("a run folder as `extract --model` (its model.pt meant)", lambda tmp, monkeypatch: [
+        "extract", "--model", str(Path(_checkpoint(tmp / "run", "model.pt")).parent), "--images", str(tmp), "--out",
+        str(tmp / "g.npz")], "run is a folder, not a file; its model is "),
+    Case("a folder without a model as `extract --model`", lambda tmp, monkeypatch: [
+        "extract", "--model", str(tmp), "--images", str(tmp), "--out", str(tmp / "g.npz")],
+         "is a folder, not a file; pass a kdreid checkpoint"),
 ]
 
 

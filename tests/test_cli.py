@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from kdreid import __version__
 from kdreid.cli import main
 
@@ -129,3 +131,112 @@ def test_a_yes_no_stage_flag_can_turn_off_what_a_preset_turned_on():
     assert parser.parse_args(common).dmmd_normalize is None  # not given: the preset decides (on, in quick)
     assert parser.parse_args([*common, "--no-dmmd-normalize"]).dmmd_normalize is False
     assert parser.parse_args([*common, "--combineall"]).combineall is True
+
+
+# Every stage flag, each at a value that no default or preset holds: a flag that is parsed but does not reach the
+# config (a key missing from the overrides, or the wrong key) leaves the default, and the comparison names it.
+STAGE_FLAGS = ["--root", "R", "--out", "O", "--epochs", "3", "--batch-size", "24", "--num-instances", "3",
+               "--height", "96", "--width", "48", "--lr", "0.02", "--optimizer", "amsgrad", "--seed", "7",
+               "--deterministic", "--device", "cpu", "--eval-freq", "2", "--compile", "off", "--select", "source-val",
+               "--cuhk03-labeled", "--cuhk03-classic-split", "--split-id", "4"]
+STAGE_SETTINGS = {"data.cuhk03_labeled": True, "data.cuhk03_classic_split": True, "data.cuhk03_split_id": 4,
+                  "train.epochs": 3, "train.batch_size": 24, "train.num_instances": 3, "train.height": 96,
+                  "train.width": 48, "train.optim.lr": 0.02, "train.optim.optimizer": "amsgrad", "train.seed": 7,
+                  "train.deterministic": True, "train.device": "cpu", "train.eval_freq": 2, "train.compile": "off",
+                  "train.select": "source-val"}
+
+
+def _setting(config, dotted: str):
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _config_a_stage_runs_with(monkeypatch, module, argv):
+    """(config, resume) that `kdreid <stage> argv` hands to the stage's run."""
+    seen = []
+    monkeypatch.setattr(module, "run", lambda config, resume=False: seen.append((config, resume)))
+    assert main(argv) == 0
+    return seen[0]
+
+
+@pytest.mark.parametrize("stage, argv, own", [
+    ("source", ["train-source", "-s", "cuhk03", "-t", "market1501", "dukemtmcreid", "-a", "resnet_tiny",
+                "--pretrained", "imagenet", "--combineall"],
+     {"sources": ["cuhk03"], "targets": ["market1501", "dukemtmcreid"], "arch": "resnet_tiny",
+      "pretrained": "imagenet", "data.combineall": True}),
+    ("adapt", ["adapt", "-s", "cuhk03", "-t", "market1501", "dukemtmcreid", "-a", "resnet_tiny", "--init", "i.pt",
+               "--grouping", "pseudo", "--dmmd-start", "2", "--dmmd-weight", "0.5", "--dmmd-terms", "within",
+               "between", "--dmmd-source-groups", "tracklet", "--dmmd-normalize", "--dmmd-copies", "exclude",
+               "--blend", "--combineall"],
+     {"sources": ["cuhk03"], "targets": ["market1501", "dukemtmcreid"], "arch": "resnet_tiny", "init": "i.pt",
+      "grouping": "pseudo", "dmmd_start": 2, "dmmd_weight": 0.5, "dmmd_terms": ["within", "between"],
+      "dmmd_source_groups": "tracklet", "dmmd_normalize": True, "dmmd_copies": "exclude", "blend": True,
+      "data.combineall": True}),
+    ("distill", ["distill", "-s", "cuhk03", "-t", "market1501", "dukemtmcreid", "-a", "osnet_tiny", "--teachers",
+                 "a.pt", "b.pt", "--teacher-arch", "resnet_tiny", "--teacher-last-stride", "2", "--teacher-mode",
+                 "train", "--student-init", "s.pt", "--pretrained", "imagenet", "--target-alt", "full",
+                 "--target-order", "shift", "--kd-style", "all", "--kd-feature", "neck", "--lkdt-weight", "0.3",
+                 "--lkds-weight", "0.2", "--lda-weight", "0.1", "--multi-head", "--combineall"],
+     {"sources": ["cuhk03"], "targets": ["market1501", "dukemtmcreid"], "arch": "osnet_tiny",
+      "teachers": ["a.pt", "b.pt"], "teacher_arch": "resnet_tiny", "teacher_last_stride": 2, "teacher_mode": "train",
+      "student_init": "s.pt", "pretrained": "imagenet", "target_alt": "full", "target_order": "shift",
+      "kd_style": "all", "kd_feature": "neck", "lkdt_weight": 0.3, "lkds_weight": 0.2, "lda_weight": 0.1,
+      "multi_head": True, "data.combineall": True}),
+])
+def test_every_flag_of_a_stage_reaches_its_config(stage, argv, own, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(f"kdreid.stages.{stage}")
+    config, resume = _config_a_stage_runs_with(monkeypatch, module, [*argv, *STAGE_FLAGS, "--resume"])
+    expected = {"out": "O", "data.root": "R", **STAGE_SETTINGS, **own}
+    assert {key: _setting(config, key) for key in expected} == expected
+    assert resume is True
+    default = module.__dict__[{"source": "SourceConfig", "adapt": "AdaptConfig", "distill": "DistillConfig"}[stage]]()
+    assert all(_setting(default, key) != value for key, value in expected.items()), "a value the flag cannot show"
+    _, resume = _config_a_stage_runs_with(monkeypatch, module, argv)
+    assert resume is False
+
+
+def test_a_flag_wins_over_the_config_file_which_wins_over_the_preset(tmp_path, monkeypatch):
+    # Lowest first: preset < --config < flags, a --no-X flag included (it must not read as "not given").
+    from kdreid.stages import adapt
+    from kdreid.stages.presets import PRESETS
+
+    quick = PRESETS["quick"]["adapt"]
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("dmmd_start: 3\ntrain: {epochs: 9, deterministic: true}\ndata: {combineall: true}\n")
+    base = ["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", "i.pt", "--preset", "quick"]
+    config, _ = _config_a_stage_runs_with(monkeypatch, adapt, [*base, "--config", str(settings)])
+    assert (config.dmmd_start, config.train.epochs, config.train.deterministic, config.data.combineall) == (
+        3, 9, True, True)  # the file over the preset
+    assert config.train.height == quick["train"]["height"] and config.dmmd_normalize is quick["dmmd_normalize"]
+    config, _ = _config_a_stage_runs_with(monkeypatch, adapt, [
+        *base, "--config", str(settings), "--dmmd-start", "0", "--epochs", "1", "--no-deterministic",
+        "--no-combineall", "--no-dmmd-normalize", "--height", "32"])
+    assert (config.dmmd_start, config.train.epochs, config.train.deterministic, config.data.combineall,
+            config.dmmd_normalize, config.train.height) == (0, 1, False, False, False, 32)  # the flags over both
+
+
+def test_every_flag_of_the_pipeline_reaches_its_stages(tmp_path, monkeypatch):
+    from kdreid.stages import pipeline
+
+    seen = []
+
+    def fake_run(config):
+        seen.append(config)
+        (tmp_path / "results.md").write_text("")
+        return pipeline.PipelineResult(str(tmp_path), {}, [], [])
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    flags = [flag if flag not in ("R", "O") else str(tmp_path / flag) for flag in STAGE_FLAGS]
+    assert main(["pipeline", "-s", "cuhk03", "-t", "market1501", "dukemtmcreid", "--teacher-arch", "resnet_tiny",
+                 "--student-arch", "osnet_tiny", "--pretrained", "imagenet", "--no-blend-baseline", "--preset",
+                 "quick", *flags]) == 0
+    config = seen[0]
+    assert (config.sources, config.targets, config.teacher_arch, config.student_arch, config.root, config.out,
+            config.preset, config.blend_baseline) == (
+        ["cuhk03"], ["market1501", "dukemtmcreid"], "resnet_tiny", "osnet_tiny", str(tmp_path / "R"),
+        str(tmp_path / "O"), "quick", False)
+    assert config.source == {"pretrained": "imagenet"}
+    assert config.overrides == STAGE_SETTINGS  # --out and --root are the pipeline's own, not a stage's

@@ -58,6 +58,10 @@ def test_a_misspelt_evaluation_metric_is_refused_when_the_config_is_read():
         ({"heigth": 3}, "unknown key(s) heigth"),
         ({"height": "tall"}, "config.height: expected an integer"),
         ({"flip": 1}, "expected true or false"),
+        ({"height": True}, "config.height: expected an integer, got True"),  # YAML's `yes`: not the number 1
+        ({"optim": {"lr": False}}, "config.optim.lr: expected a number, got False"),
+        ({"pretrained": 3}, "config.pretrained: expected a string, got 3"),
+        ({"sources": ["a", 5]}, "config.sources[1]: expected a string, got 5"),
         ({"optim": {"name": "rmsprop"}}, "config.optim.name: 'rmsprop' is not one of"),
         ({"optim": {"milestones": [1, "x"]}}, "config.optim.milestones[1]"),
     ],
@@ -66,6 +70,15 @@ def test_bad_values_name_the_key(data, fragment):
     with pytest.raises(ConfigError, match=None) as info:
         from_dict(Run, data)
     assert fragment in str(info.value)
+
+
+def test_a_pair_takes_exactly_two_values():
+    from kdreid.stages.source import SourceConfig
+
+    assert from_dict(SourceConfig, {"train": {"optim": {"betas": [0.5, 0.9]}}}).train.optim.betas == (0.5, 0.9)
+    for betas in ([0.9], [0.9, 0.99, 0.999]):  # else Adam gets a wrong number of betas, after the data are read
+        with pytest.raises(ConfigError, match=f"config.train.optim.betas: expected 2 values, got {len(betas)}"):
+            from_dict(SourceConfig, {"train": {"optim": {"betas": betas}}})
 
 
 def test_override_dotted_and_skips_none():

@@ -151,6 +151,14 @@ def test_rerank_search_ranks_by_the_reranked_distances():
     assert torch.allclose(distances, want.values[:, :5], atol=1e-4)
 
 
+def test_rerank_refuses_a_gallery_over_its_bound(monkeypatch):
+    monkeypatch.setattr(deploy, "RERANK_MAX_GALLERY", 4)  # O(G^2) gallery-gallery neighbours: bounded
+    gallery, query = np.zeros((5, 3), np.float32), np.zeros((1, 3), np.float32)
+    with pytest.raises(deploy.EvaluationError, match="5 gallery images is over 4: search without --rerank"):
+        search_features(query, gallery, rerank=True)
+    assert search_features(query, gallery[:4], k=2, rerank=True)[1].shape == (1, 2)
+
+
 def test_search_command_ranks_query_images(workdir, tmp_path, capsys):
     gallery = tmp_path / "g.npz"
     assert extract(workdir, gallery) == 0
@@ -181,6 +189,33 @@ def test_search_command_ranks_query_images(workdir, tmp_path, capsys):
     assert all(result["distance"] < 1e-9 for row in json.loads(capsys.readouterr().out) for result in row["results"])
     assert main(["search", "--gallery", str(gallery), "--query", str(query), "--max-distance", "-1"]) == 2
     assert "--max-distance must be a positive distance" in capsys.readouterr().err
+
+
+def test_search_command_ranks_by_the_metric_and_re_ranking_it_is_given(workdir, tmp_path, capsys):
+    # --metric and --rerank must reach the ranking: against distances computed here from the features file.
+    gallery = tmp_path / "g.npz"
+    assert extract(workdir, gallery) == 0
+    features = torch.from_numpy(load_features(gallery).features)
+    paths = load_features(gallery).paths
+    normed = torch.nn.functional.normalize(features, dim=1)
+    euclidean = compute_distance_matrix(features, features)
+    expected = {
+        ("--metric", "cosine"): 1 - normed @ normed.T,
+        ("--rerank",): torch.as_tensor(re_ranking(euclidean, euclidean, euclidean)).float(),
+    }
+    # Neither is a re-ordering of the euclidean ranking: the checks below can fail.
+    for want in expected.values():
+        assert not torch.equal(want.sort(dim=1).indices[:, 1:], euclidean.sort(dim=1).indices[:, 1:])
+    capsys.readouterr()
+    for flags, want in expected.items():
+        assert main(["search", "--gallery", str(gallery), "--query", str(gallery), "--topk", "6", "--json",
+                     *flags]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        for row, distances in zip(rows, want, strict=True):  # each result at its distance, the nearest first
+            # (re-ranking recomputes the distances in float32: ~1e-4 of rounding on these close features)
+            got = [r["distance"] for r in row["results"]]
+            assert got == pytest.approx(distances.sort().values.tolist(), abs=1e-3), flags
+            assert got == pytest.approx([float(distances[paths.index(r["path"])]) for r in row["results"]], abs=1e-3)
 
 
 def test_search_refuses_other_dimensions_and_other_files(workdir, tmp_path, capsys):
@@ -381,6 +416,13 @@ def test_a_model_of_another_contract_is_named_not_run_into_a_traceback(workdir, 
     assert main([*images[:1], "--model", str(identity), *images[1:]]) == 2
     assert "returned an output of shape (6, 3, 64, 32) for 6 images, not features (N, D)" in _one_line(capsys)
     assert not (tmp_path / "f.npz").exists()
+
+
+def test_a_model_that_gives_another_number_of_rows_than_images_is_refused():
+    # One row for three images (a model that pools over the batch) would shift every later path's features.
+    embedder = deploy.Embedder(lambda images: np.zeros((1, 4), np.float32), 8, 4, "pooled.onnx", "onnx")
+    with pytest.raises(deploy.KdreidError, match=r"pooled.onnx returned an output of shape \(1, 4\) for 3 images"):
+        embedder(np.zeros((3, 8, 4, 3), np.uint8))
 
 
 def test_nan_features_are_refused_where_they_would_be_written_or_ranked(workdir, tmp_path, capsys):

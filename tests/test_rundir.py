@@ -78,6 +78,21 @@ def test_atomic_write_fsyncs_the_file_and_its_folder_and_keeps_usual_permissions
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
 
 
+def test_atomic_write_follows_the_umask_and_keeps_an_old_files_mode(tmp_path):
+    import stat
+
+    umask = os.umask(0o027)  # not the usual 022: a fixed 0644 would pass with that one
+    try:
+        atomic_write_text(tmp_path / "new.txt", "x")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == 0o640
+    (tmp_path / "old.txt").write_text("old")
+    (tmp_path / "old.txt").chmod(0o600)  # a file the user made private stays private when rewritten
+    atomic_write_text(tmp_path / "old.txt", "new")
+    assert stat.S_IMODE((tmp_path / "old.txt").stat().st_mode) == 0o600 and (tmp_path / "old.txt").read_text() == "new"
+
+
 def hold_in_another_process(folder):
     """A process that holds `folder` (rundir.exclusive) until killed; returns it once the lock is taken."""
     import subprocess
@@ -107,6 +122,22 @@ def test_a_run_folder_is_held_by_one_process_and_freed_when_it_dies(tmp_path):
         assert f"pid {os.getpid()} " in (folder / rundir.LOCK_FILE).read_text()
     with rundir.exclusive(folder):  # released at the end of the block
         pass
+
+
+def test_a_folder_this_process_let_go_is_locked_again_when_held_again(tmp_path):
+    # Leaving the block must forget the folder as well as unlock it: else a later block in this process would take
+    # it for a re-entrant one and write there unlocked, beside another process that holds it by then.
+    folder = tmp_path / "run"
+    with rundir.exclusive(folder):
+        pass
+    holder = hold_in_another_process(folder)
+    try:
+        with pytest.raises(rundir.FolderInUse):
+            with rundir.exclusive(folder):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_folder_held_by_this_process_can_be_held_again_inside(tmp_path):
@@ -160,9 +191,11 @@ def test_the_lock_file_follows_the_umask_as_the_run_files_do(tmp_path):
     assert stat.S_IMODE((tmp_path / "run" / rundir.LOCK_FILE).stat().st_mode) == 0o664
 
 
-def test_a_lock_file_removed_between_open_and_lock_is_not_held(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recreated", [False, True])
+def test_a_lock_file_removed_between_open_and_lock_is_not_held(tmp_path, monkeypatch, recreated):
     # The process that held the folder removed it (a pipeline retraining a stage) just after this one opened the old
     # lock file: locking that file would hold nothing anyone else sees, so the folder's new lock file is taken.
+    # `recreated`: the folder (and a new lock file in it) is back by the time this one looks.
     import fcntl
 
     real_flock = fcntl.flock
@@ -174,12 +207,23 @@ def test_a_lock_file_removed_between_open_and_lock_is_not_held(tmp_path, monkeyp
             import shutil
 
             shutil.rmtree(tmp_path / "run")
+            if recreated:
+                (tmp_path / "run").mkdir()
+                (tmp_path / "run" / rundir.LOCK_FILE).write_text("")
         return real_flock(fd, operation)
 
     monkeypatch.setattr(fcntl, "flock", flock)
     with rundir.exclusive(tmp_path / "run"):
         assert f"pid {os.getpid()} " in (tmp_path / "run" / rundir.LOCK_FILE).read_text()
     assert removed
+
+
+def test_the_lock_file_names_only_the_process_that_holds_it_now(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / rundir.LOCK_FILE).write_text("pid 1 on a-host-with-a-long-name, started long ago: " + "x" * 300)
+    with rundir.exclusive(tmp_path / "run"):
+        line = (tmp_path / "run" / rundir.LOCK_FILE).read_text()
+    assert line.startswith(f"pid {os.getpid()} ") and line.count("\n") == 1 and line.endswith("\n")
 
 
 def test_a_file_where_a_run_folder_goes_is_one_line(tmp_path):
@@ -243,3 +287,24 @@ def test_a_path_through_a_file_is_one_line_before_writing(tmp_path):
         assert str(caught.value) == (f"cannot write {target}: {tmp_path / 'afile'} is a file where a folder is "
                                      "needed; move that file or choose another path")
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # a folder that was moved: not "a file"
+    with pytest.raises(KdreidError) as caught:
+        atomic_write_text(tmp_path / "link" / "m.json", "x")
+    assert str(caught.value) == (f"cannot write {tmp_path / 'link' / 'm.json'}: {tmp_path / 'link'} is a link to "
+                                 f"{tmp_path / 'gone'}, which does not exist; create that folder or choose another path")
+
+
+def test_a_run_folder_logger_asked_for_twice_writes_each_line_once(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.logger("test_twice")
+    run.logger("test_twice").info("once")
+    run.close_logger("test_twice")
+    assert (run.path / "log.txt").read_text().count("once") == 1
+
+
+def test_an_error_that_names_no_path_is_left_to_its_traceback():
+    import errno
+
+    assert rundir.describe_environment_error(OSError(errno.ENOSPC, "No space left on device")) is None
+    assert rundir.describe_environment_error(OSError(errno.ENOSPC, "No space left on device", "/x/y")) == (
+        "/x/y: no space left on the device; free space")

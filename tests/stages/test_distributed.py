@@ -113,7 +113,56 @@ def _synced_step_and_collectives(folder: str) -> dict:
         "means": distributed.mean_across_ranks({"a": float(rank), "b": 10.0 * rank}),
         "broadcast": distributed.broadcast_array(np.array([rank + 1, 7], dtype=np.int64)).tolist(),
         "stop": _stop_agreement(rank),
+        "max": distributed.max_across_ranks(rank + 2),  # a sum (5) or this process's own would differ
+        # Two non-empty shards of different lengths: in rank order, each cut to its own length.
+        "gathered_both": distributed.gather_rows(torch.arange(6.0).view(3, 2) if rank == 0 else
+                                                 torch.tensor([[10.1, 11.3]])),  # float32 values kept exactly
+        "eval_logits": _eval_logits(),
+        "broadcast_weights": _broadcast_weights(rank),
+        "optimiser_keeps_its_tensors": _optimiser_keeps_its_tensors(),
+        "diverged": _divergence_seen(rank),
     }
+
+
+def _eval_logits() -> torch.Tensor:
+    model = distributed.sync_batchnorm(_tiny_model()).eval()
+    images, _ = _global_batch()
+    mine = distributed.shard(len(images))
+    with torch.no_grad():
+        return model(images[mine.start:mine.stop])
+
+
+def _optimiser_keeps_its_tensors() -> bool:
+    """An optimiser made before sync_batchnorm still steps the BatchNorm weights the synced model uses."""
+    model = _tiny_model()
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    distributed.sync_batchnorm(model)
+    held = {id(p) for group in optimiser.param_groups for p in group["params"]}
+    return isinstance(model[1], distributed.SyncBatchNorm) and {id(p) for p in model.parameters()} == held
+
+
+def _broadcast_weights(rank: int) -> dict:
+    """Every process builds its model from another seed; broadcast_modules gives all of them process 0's."""
+    torch.manual_seed(rank)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[1].running_mean.fill_(rank + 1.0)
+    distributed.broadcast_modules([model])
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _divergence_seen(rank: int) -> str:
+    """check_same_weights on the same weights (silent), then on weights that differ in one buffer of process 1."""
+    model = _tiny_model()
+    distributed.check_same_weights([model])
+    if rank == 1:
+        with torch.no_grad():
+            model[1].running_mean[2] += 1e-3
+    try:
+        distributed.check_same_weights([model])
+    except RuntimeError as error:
+        return str(error)
+    return ""
 
 
 def _stop_agreement(rank: int) -> tuple:
@@ -150,6 +199,17 @@ def test_processes_together_equal_one_process_on_the_global_batch(tmp_path):
         assert r["means"] == {"a": 0.5, "b": 5.0}
         assert r["broadcast"] == [1, 7]
         assert r["stop"] == (False, True, 15)
+        assert r["max"] == 3 and r["optimiser_keeps_its_tensors"]
+        torch.testing.assert_close(r["gathered_both"], torch.tensor([[0.0, 1], [2, 3], [4, 5], [10.1, 11.3]]),
+                                   rtol=0, atol=0)
+        # In eval mode BatchNorm uses its running statistics, not the batch's, on several processes too.
+        torch.testing.assert_close(torch.cat([r["eval_logits"] for r in ranks]), _tiny_model().eval()(images))
+        torch.manual_seed(0)
+        first = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))  # process 0's model
+        for key, value in first.state_dict().items():
+            torch.testing.assert_close(r["broadcast_weights"][key], value if key != "1.running_mean" else
+                                       torch.ones(2), msg=key)
+        assert r["diverged"].startswith("process 1 holds other weights than process 0 (first: 0.1.running_mean)")
         assert "a batch of P=3 groups cannot be shared by 2 processes" in r["refusal"]
     assert not (tmp_path / "refused").exists()
 
@@ -236,6 +296,43 @@ def test_torchrun_variables_left_in_a_shell_are_named_before_the_wait(monkeypatc
     )
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun sets: no warning
     assert distributed.init("cpu") and capsys.readouterr().err == ""
+    # `torchrun --nproc_per_node=1`: one process, which joins no group and runs as a plain one.
+    joined.clear()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert not distributed.launched() and not distributed.init("cpu") and joined == []
+
+
+def test_a_device_the_processes_cannot_share_is_refused_before_joining(monkeypatch):
+    joined = []
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *args, **kwargs: joined.append(args))
+    monkeypatch.setattr(distributed.atexit, "register", lambda function: None)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: False)
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500",
+                            TORCHELASTIC_RUN_ID="test").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--device cuda asked for CUDA, but no GPU is visible"):
+        distributed.init("cuda")
+    assert distributed.init("auto") and joined == [("gloo",)]  # no GPU: gloo on the CPU
+    joined.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: joined.append(("device", index)))
+    with pytest.raises(ConfigError, match="--device cuda:0 would put every process on one GPU"):
+        distributed.init("cuda:0")
+    with pytest.raises(ConfigError, match="process 1 has LOCAL_RANK 1 but this node shows 1 GPU"):
+        distributed.init("cuda")
+    assert joined == []
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.init("cuda") and joined == [("device", 0), ("nccl",)]
+    # A second node: process 3 of 4 is the second on its node, whose GPU is its LOCAL_RANK, not its RANK.
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 3)
+    assert distributed.device_for(torch.device("cuda")) == torch.device("cuda", 1)
+    assert distributed.device_for(torch.device("cuda", 0)) == torch.device("cuda", 0)  # as asked
 
 
 def test_train_source_on_two_processes_agrees_with_one_process_and_resumes(synth_root, tmp_path):
