@@ -110,6 +110,18 @@ def test_empty_split_is_a_problem(tmp_path):
     assert not any("another camera" in p for p in problems)  # nothing to say about queries when there are none
 
 
+def test_a_released_layout_with_empty_query_and_gallery_is_a_problem(tmp_path):
+    """Only a custom dataset may be an unlabelled target (train only); a Market-1501 tree whose query and gallery
+    folders are empty is a broken extraction, said for both splits."""
+    data_dir = market_tree(tmp_path)
+    for split in ("query", "bounding_box_test"):
+        for path in (data_dir / split).iterdir():
+            path.unlink()
+    problems = find_problems(build_dataset("market1501", tmp_path), verify=False)
+    assert problems == [f"{data_dir}: the {split} split of market1501 has no images; check the layout"
+                        for split in ("query", "gallery")]
+
+
 def test_custom_dataset_where_no_query_has_a_cross_camera_match(tmp_path, capsys):
     folder = tmp_path / "custom"
     write_images(folder / "train", ["0001_c1_a.jpg"])
@@ -204,6 +216,9 @@ def test_cuhk03_flags_belong_to_cuhk03(tmp_path, capsys):
     market_tree(tmp_path)
     assert_usage_error(capsys, ["--root", str(tmp_path), "-d", "market1501", "--cuhk03-labeled"],
                        "apply only to -d cuhk03, not to -d market1501")
+    for flags in (["--split-id", "1"], ["--cuhk03-classic-split"]):  # not silently ignored either
+        assert_usage_error(capsys, ["--root", str(tmp_path), "-d", "market1501", *flags],
+                           "apply only to -d cuhk03, not to -d market1501")
 
 
 def test_unknown_option_is_an_error(tmp_path):

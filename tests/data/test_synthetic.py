@@ -308,6 +308,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
         generate(tmp_path, ["synth_cuhk"], size=(12, 6))
     assert not any(tmp_path.iterdir())
     assert main(["data", "synth", "--out", str(tmp_path), "--gap", "1.5"]) == 2
+    assert main(["data", "synth", "--out", str(tmp_path), "--gap", "-0.5"]) == 2
+    assert "--gap -0.5 must be between 0 (no domain style) and 1" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", str(tmp_path), "--seed", "-1"]) == 2
+    assert "--seed -1 must be between 0 and 2**32 - 1" in capsys.readouterr().err
     with pytest.raises(KdreidError):
         build_domain("synth_msmt", scale=3.0, seed=0)  # more pids than 4 digits hold
     capsys.readouterr()
@@ -423,3 +427,41 @@ def test_a_file_or_link_where_a_domain_goes_is_refused_before_rendering(tmp_path
         assert target.is_symlink() or target.read_text() == "notes\n"
         target.unlink()
     assert (elsewhere / "keep.txt").read_text() == "mine" and sorted(elsewhere.iterdir()) == [elsewhere / "keep.txt"]
+
+
+def test_identity_rows_are_never_shared_between_splits(root):
+    """A person (identity row of the manifest) belongs to one pid: train people, test people, distractors and junk
+    are different people, or a test identity would be trained on."""
+    for name in DOMAIN_NAMES:
+        pids_of_row = defaultdict(set)
+        for row in read_manifest(root / name):
+            pids_of_row[row["identity"]].add(row["pid"])
+        shared = {row: pids for row, pids in pids_of_row.items() if len(pids) > 1}
+        assert not shared, (name, shared)
+    # look-alikes exist (hard negatives: rows that copy an earlier row), each a person of its own
+    rows = read_manifest(root / "synth_market")
+    assert any(int(row["twin_of"]) >= 0 and int(row["pid"]) > 0 for row in rows)
+
+
+def test_names_that_collide_get_the_next_box_index():
+    from kdreid.data.synthetic.plan import _make_names_unique
+
+    columns = {"pid": np.array([5, 5, 5, 6, 5]), "camid": np.array([1, 1, 1, 1, 2]), "seq": np.ones(5, int),
+               "frame": np.array([10, 10, 10, 10, 10]), "box": np.array([1, 1, 2, 1, 1])}
+    box = columns["box"].copy()
+    _make_names_unique(columns)
+    names = set(zip(*(columns[field].tolist() for field in ("pid", "camid", "seq", "frame", "box"))))
+    assert len(names) == 5 and (columns["box"] >= box).all() and columns["box"][[0, 3, 4]].tolist() == [1, 1, 1]
+
+
+def test_random_streams_do_not_depend_on_the_process():
+    """Seeded from stable values: two interpreters with different string hashing draw the same numbers (Python's
+    hash() of the domain name would differ between them)."""
+    import subprocess
+    import sys
+
+    code = ("from kdreid.data.synthetic.plan import stream; "
+            "print(stream(3, 'synth_duke', 2).integers(0, 2**31, 4).tolist())")
+    draws = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
+    assert len(draws) == 1

@@ -106,6 +106,25 @@ def test_baseline_command(tmp_path, capsys):
     assert 0.0 <= result["mAP"] <= 100.0 and 0.0 < result["chance_mAP"] < 100.0
     assert main(["data", "baseline", "--root", str(tmp_path), "-d", "synth_cuhk"]) == 0
     assert "colour-histogram baseline mAP" in capsys.readouterr().out
+    # every number of the report, against the ranking computed here from the images (features: sqrt of the stripe
+    # distributions / STRIPES, unit norm)
+    from kdreid.data.cache import read_image
+    from kdreid.data.datasets import build_dataset
+    from kdreid.evaluation.color_histogram import histogram_features
+
+    dataset = build_dataset("synth_cuhk", tmp_path)
+    features = {split: np.sqrt(np.stack([stripe_histograms(read_image(r.path)) for r in records]) / STRIPES)
+                for split, records in (("query", dataset.query), ("gallery", dataset.gallery))}
+    np.testing.assert_allclose(histogram_features([r.path for r in dataset.query]), features["query"], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(features["query"], axis=1), 1.0, atol=1e-6)
+    ids = [np.array([getattr(r, field) for r in records]) for field in ("pid", "camid")
+           for records in (dataset.query, dataset.gallery)]  # q_pids, g_pids, q_camids, g_camids
+    cmc, mean_ap = evaluate_rank(hellinger_distances(features["query"], features["gallery"]), *ids, max_rank=50)
+    assert result["mAP"] == pytest.approx(100 * mean_ap, abs=1e-4)
+    for rank in (1, 5, 10, 20):
+        assert result[f"rank{rank}"] == pytest.approx(100 * cmc[rank - 1], abs=1e-4), rank
+    assert result["chance_mAP"] == pytest.approx(100 * expected_random_map(*ids))
+    assert result["num_gallery"] == len(dataset.gallery)
 
 
 def test_baseline_command_reads_cuhk03_as_the_other_data_commands_do(tmp_path, capsys):
@@ -134,6 +153,17 @@ def test_baseline_command_reads_cuhk03_as_the_other_data_commands_do(tmp_path, c
     with pytest.warns(EvaluationWarning, match="2 of 5 queries"):
         cmc, mean_ap = evaluate_rank(distances, q_pids, g_pids, q_camids, g_camids, use_metric_cuhk03=True)
     assert result["rank1"] == pytest.approx(100 * cmc[0]) and result["mAP"] == pytest.approx(100 * mean_ap)
+    # the flag reaches the scoring: the CMC is single-gallery-shot (this tiny split scores the same either way)
+    import kdreid.evaluation.color_histogram as color_histogram
+
+    protocols = []
+    real = color_histogram.color_histogram_baseline
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(color_histogram, "color_histogram_baseline", lambda data, use_metric_cuhk03=False: (
+            protocols.append(use_metric_cuhk03) or real(data, use_metric_cuhk03=use_metric_cuhk03)))
+        assert main([*flags, "--split-id", "1"]) == 0
+    capsys.readouterr()
+    assert protocols == [True]
     # The CUHK03 flags on another dataset are a one-line usage error, as for `kdreid data check`.
     generate(tmp_path, ["synth_cuhk"], scale=0.01, seed=0, size=(64, 32), workers=1)
     assert main(["data", "baseline", "--root", str(tmp_path), "-d", "synth_cuhk", "--cuhk03-labeled"]) == 2

@@ -45,7 +45,8 @@ def test_default_parameters_equal_torchreid(torchreid_rerank, seed, num_q, num_g
     assert np.abs(ours - q_g).max() > 0.1  # it did re-rank
 
 
-@pytest.mark.parametrize("k1, k2, lambda_value", [(5, 3, 0.3), (7, 1, 0.5), (20, 6, 0.0), (20, 6, 1.0), (4, 5, 0.2)])
+@pytest.mark.parametrize("k1, k2, lambda_value", [(5, 3, 0.3), (7, 1, 0.5), (20, 6, 0.0), (20, 6, 1.0), (4, 5, 0.2),
+                                                   (9, 2, 0.3)])
 def test_other_parameters_equal_torchreid(torchreid_rerank, k1, k2, lambda_value):
     _, _, q_g, q_q, g_g = problem(4, 25, 70, clusters=6)
     expected = torchreid_rerank.re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value)
@@ -89,3 +90,18 @@ def test_bad_input_is_one_line():
         re_ranking(-q_g, q_q, g_g)
     with pytest.raises(EvaluationError, match="k2 <= k1 \\+ 1"):
         re_ranking(q_g, q_q, g_g, k1=3, k2=6)
+    # each bound said before any work (a lambda of 1.5 would blend with a negative weight on the Jaccard term)
+    for k1, k2, lambda_value in ((0, 1, 0.3), (20, 6, 1.5), (20, 6, -0.1)):
+        with pytest.raises(EvaluationError, match="re-ranking needs k1 >= 1, 1 <= k2 <= k1 \\+ 1 and 0 <= lambda <= 1"):
+            re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lambda_value)
+
+
+def test_features_with_far_cosine_neighbours_agree_with_matrices():
+    """A small set and a large k1: the expanded sets reach images at cosine distance above 1 (up to 2), which the
+    features path must read as the matrices hold them (a clamp at 1 there went unseen by the clustered problems)."""
+    qf, gf, *_ = problem(8, 6, 18, dim=3)
+    matrices = [compute_distance_matrix(a, b, metric="cosine").numpy() for a, b in ((qf, gf), (qf, qf), (gf, gf))]
+    matrices[1:] = [(m + m.T) / 2 for m in matrices[1:]]
+    assert max(m.max() for m in matrices) > 1.5
+    np.testing.assert_allclose(re_ranking_features(qf, gf, metric="cosine").numpy(), re_ranking(*matrices),
+                               atol=1e-5)

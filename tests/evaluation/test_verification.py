@@ -71,11 +71,38 @@ def test_tpr_at_fpr_and_auc_equal_an_exact_count_over_every_pair(seed, monkeypat
     assert np.array_equal(whole.positives, result.positives) and np.array_equal(whole.negatives, result.negatives)
 
 
+def test_a_rate_reached_exactly_is_allowed_and_ties_count_half():
+    # 10 negatives, one of them in the first bin: FPR 0.1 is reached exactly at the second edge, and "at most 0.1"
+    # includes it (threshold 1.0: one of the two positives, the one at 0.0, is closer)
+    distmat = np.array([[0.0, 0.0, 1.0, *[2.0] * 9]])
+    result = verification_statistics(distmat, [1], [1, 2, 1, *range(3, 12)], [1], [2] * 12, bins=2)
+    assert (result.num_positive, result.num_negative) == (2, 10)
+    assert result.at_fpr(0.1) == (pytest.approx(0.5), pytest.approx(1.0))
+    # every distance equal: one bin, every positive tied with every negative: AUC exactly 0.5 (ties half)
+    tied = verification_statistics(np.full((2, 6), 0.7), [1, 2], [1, 1, 2, 3, 3, 0], [1, 1], [2, 2, 2, 1, 1, 1])
+    assert tied.auc() == pytest.approx(0.5)
+
+
+def test_summary_is_percent_and_keeps_the_threshold_whole():
+    distmat, *labels = _pairs(2)
+    result = verification_statistics(distmat, *labels)
+    summary = result.summary()
+    assert (summary["positive_pairs"], summary["negative_pairs"]) == (result.num_positive, result.num_negative)
+    assert summary["auc"] == pytest.approx(result.auc(), abs=1e-6)
+    for level, fpr in zip(summary["at_fpr"], FPR_LEVELS):
+        tpr, threshold = result.at_fpr(fpr)
+        assert level["fpr"] == fpr and level["tpr"] == pytest.approx(100 * tpr, abs=1e-6)
+        assert level["threshold"] == threshold  # not rounded: rounded up it could let more negatives through
+    assert any(level["tpr"] > 1 for level in summary["at_fpr"])  # percent, not a fraction
+
+
 def test_empty_populations_and_bad_input():
     no_positive = verification_statistics(np.array([[0.5, 0.7]]), [1], [2, 3], [1], [1, 2])
     assert np.isnan(no_positive.at_fpr(0.01)[0]) and no_positive.summary()["at_fpr"][0]["tpr"] is None
     with pytest.raises(Exception, match="NaN or inf"):
         verification_statistics(np.array([[np.nan, 1.0]]), [1], [1, 2], [1], [2, 1])
+    with pytest.raises(EvaluationError, match="pass one pid and one camid per query row and per gallery column"):
+        verification_statistics(np.array([[0.5, 1.0]]), [1], [1], [1], [2, 1])  # one gallery pid for two columns
 
 
 def test_picture_is_written(tmp_path):
@@ -83,6 +110,35 @@ def test_picture_is_written(tmp_path):
     path = verification_picture(verification_statistics(distmat, *labels), tmp_path / "v.png", title="t")
     with Image.open(path) as image:
         assert image.size[0] > 600
+
+
+def test_picture_shows_positives_as_positives_and_the_roc(tmp_path, monkeypatch):
+    """Read back from the drawn figure: each population's histogram is its own counts as a density over the drawn
+    bins, the thresholds are the result's, and the ROC is (FPR, TPR)."""
+    import kdreid.viz.verification as picture
+
+    distmat, *labels = _pairs(1)
+    result = verification_statistics(distmat, *labels)
+    figures = []
+    real_save = picture.save_png
+    monkeypatch.setattr(picture, "save_png", lambda figure, path: figures.append(figure) or real_save(figure, path))
+    verification_picture(result, tmp_path / "v.png")
+    histogram_axes, roc_axes = figures[0].axes[:2]
+    group = BINS // picture.DRAWN_BINS
+    edges = result.edges[::group]
+    stairs = {patch.get_label().split(" pairs")[0]: patch for patch in histogram_axes.patches}
+    for name, counts in (("positive", result.positives), ("negative", result.negatives)):
+        values, drawn_edges, _ = stairs[name].get_data()
+        np.testing.assert_allclose(drawn_edges, edges)
+        expected = counts.reshape(-1, group).sum(1) / (counts.sum() * np.diff(edges))
+        np.testing.assert_allclose(values, expected, rtol=1e-9)
+        assert stairs[name].get_label() == f"{name} pairs (n={counts.sum():,})"
+    thresholds = [line.get_xdata()[0] for line in histogram_axes.lines]
+    assert thresholds == pytest.approx([result.at_fpr(fpr)[1] for fpr in FPR_LEVELS])
+    false_rate, true_rate, _ = result.roc()
+    curve = roc_axes.lines[0]
+    np.testing.assert_allclose(curve.get_xdata(), false_rate[false_rate > 0])
+    np.testing.assert_allclose(curve.get_ydata(), true_rate[false_rate > 0])
 
 
 def test_evaluate_verification_writes_figures_picture_and_metrics(setup, tmp_path, capsys):  # noqa: F811

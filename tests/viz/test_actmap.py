@@ -139,3 +139,56 @@ def test_evaluate_draws_the_maps_at_the_size_it_scores_at(tiny_domain, tiny_mode
     assert main(["evaluate", "--model", str(tiny_model), "-t", "synth_duke", "--root", str(tiny_domain), "--device",
                  "cpu", "--out", str(tmp_path / "e"), "--visactmap", "2", "--height", "96", "--width", "48"]) == 0
     assert seen == [(96, 48)]
+
+
+def test_each_page_draws_its_own_images_maps_and_captions(tiny_domain, tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    """Nine images: the second page holds the ninth chosen image, its caption and its maps (computed here for that
+    image alone); every map under an image is of that image."""
+    import kdreid.viz.actmap as actmap
+    from kdreid.data.cache import read_image
+    from kdreid.viz.ranking import THUMBNAIL_SIZE, choose_queries
+
+    model = load_model(tiny_model)
+    query = build_dataset("synth_duke", str(tiny_domain)).query
+    drawn = []
+    monkeypatch.setattr(actmap, "draw_activation_maps", lambda images, maps, path, captions=(), title="": drawn.append(
+        (images, maps, list(captions))) or path)
+    visualize_activation_maps([("a", model), ("b", model)], query, tmp_path / "out", prefix="t", num_images=9,
+                              device="cpu")
+    chosen = [query[i] for i in choose_queries(len(query), 9)]
+    assert [len(images) for images, _, _ in drawn] == [8, 1]
+    for page, start in ((0, 0), (1, 8)):
+        images, maps, captions = drawn[page]
+        records = chosen[start:start + len(images)]
+        assert captions == [f"id {r.pid} cam {r.camid}" for r in records]
+        assert np.array_equal(images, np.stack([read_image(str(r.path), *THUMBNAIL_SIZE) for r in records]))
+        batch = torch.from_numpy(np.stack([read_image(str(r.path), 64, 32) for r in records]))
+        expected = activation_maps(model, batch.permute(0, 3, 1, 2).float().div(255), THUMBNAIL_SIZE).numpy()
+        assert [label for label, _ in maps] == ["a", "b"]
+        for _, row in maps:
+            np.testing.assert_allclose(row, expected, atol=1e-5)
+
+
+def test_rows_after_the_first_say_their_agreement_with_the_first(tmp_path, monkeypatch):
+    """Three models: the texts under rows 2 and 3 are each map's correlation with row 1's map of the same image."""
+    import kdreid.viz.actmap as actmap
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (3, 16, 8, 3), dtype=np.uint8)
+    first, second, third = rng.random((3, 16, 8)), rng.random((3, 16, 8)), rng.random((3, 16, 8))
+    second[1] = 2 * first[1] + 1  # r = 1 exactly for image 1
+    figures = []
+    real_save = actmap.save_png
+    monkeypatch.setattr(actmap, "save_png", lambda figure, path: figures.append(figure) or real_save(figure, path))
+    draw_activation_maps(images, [("t", first), ("s1", second), ("s2", third)], tmp_path / "m.png",
+                         captions=["x", "y", "z"])
+    texts = [text.get_text() for axes in figures[0].axes for text in axes.texts]
+    expected = [f"r {map_agreement(m, f):.2f}" for other in (second, third) for m, f in zip(other, first)]
+    assert [t for t in texts if t.startswith("r ")] == expected and expected[1] == "r 1.00"
+    assert [t for t in texts if t in ("x", "y", "z")] == ["x", "y", "z"]
+    # and each drawn map is that row's map of the column's image
+    drawn = [axes.images[0].get_array() for axes in figures[0].axes]
+    for row, maps in enumerate((None, first, second, third)):
+        for column in range(3):
+            expected = images[column] if maps is None else overlay(images[column], maps[column])
+            assert np.array_equal(drawn[3 * row + column], expected), (row, column)

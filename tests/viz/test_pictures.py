@@ -187,3 +187,87 @@ def test_bars_refuse_a_stages_metrics(tmp_path):
     damaged = {**PIPELINE, "student": {"a": {"mAP": "high", "rank1": 48.0}}}
     with pytest.raises(KdreidError, match=r"its 'student' row holds a mAP that is not a number \(could not convert"):
         pipeline_rows(damaged, "mAP")
+
+
+def _drawn_figure(monkeypatch, module):
+    """The Figure a picture function of `module` hands to save_png (still written, so the PNG path is exercised)."""
+    figures = []
+    real_save = module.save_png
+    monkeypatch.setattr(module, "save_png", lambda figure, path: figures.append(figure) or real_save(figure, path))
+    return figures
+
+
+def test_histogram_panels_show_their_own_domain_and_moment(rng, tmp_path, monkeypatch):
+    from kdreid.viz import histograms
+
+    figures = _drawn_figure(monkeypatch, histograms)
+    before, after = _distances(rng), _distances(rng, 0.5)
+    after = {key: values[: 5 + 3 * i] for i, (key, values) in enumerate(after.items())}  # other counts than before
+    dmmd_histograms(_save(tmp_path / "b.npz", before), _save(tmp_path / "a.npz", after), tmp_path / "h.png")
+    [figure] = figures
+    panels = {axes.get_title(): axes.get_legend_handles_labels()[1] for axes in figure.axes}
+    for moment, distances in (("before adaptation", before), ("after adaptation", after)):
+        for domain in ("source", "target"):
+            expected = [f"{kind}-class (n={len(distances[f'{domain}_{kind}'])}, "
+                        f"mean {np.mean(distances[f'{domain}_{kind}']):.3g})" for kind in ("within", "between")]
+            assert panels[f"{domain}, {moment}"] == expected
+
+
+def test_kd_panels_show_each_targets_pairs_where_they_belong(rng, tmp_path, monkeypatch):
+    """Per panel: the pairs of one identity as points at (teacher, student), those of two identities in the density,
+    and the agreement of that target and moment in the title (all of it read back from the drawn figure)."""
+    from matplotlib.collections import PathCollection, QuadMesh
+
+    from kdreid.viz import kd, kd_distance_picture
+
+    def pairs(count, shift):
+        teacher = rng.uniform(0, 1, count)
+        return {"teacher": teacher, "student": np.clip(teacher + rng.normal(shift, 0.1, count), 0, 2),
+                "same": rng.uniform(0, 1, count) < 0.3}
+
+    moments = {"before": {"a": pairs(40, 0.3), "b": pairs(25, 0.5)},
+               "after": {"a": pairs(30, 0.0), "b": pairs(35, 0.1)}}
+    files = {}
+    for moment, per_target in moments.items():
+        arrays = {"targets": np.array(list(per_target))}
+        for index, values in enumerate(per_target.values()):
+            arrays.update({f"t{index}_{kind}": values[kind] for kind in ("teacher", "student", "same")})
+        files[moment] = _save(tmp_path / f"kd_{moment}.npz", arrays)
+    figures = _drawn_figure(monkeypatch, kd)
+    kd_distance_picture(files["before"], files["after"], tmp_path / "kd.png")
+    [figure] = figures
+    assert len(figure.axes) >= 4
+    for axes in figure.axes:
+        if not axes.get_title():
+            continue  # a colour bar, if any
+        target, moment = axes.get_title().split("\n")[0].split(", ")
+        values = moments[moment.split()[0]][target]
+        same = values["same"]
+        [points] = [c for c in axes.collections if isinstance(c, PathCollection)]
+        np.testing.assert_allclose(points.get_offsets(), np.column_stack([values["teacher"][same],
+                                                                         values["student"][same]]))
+        [density] = [c for c in axes.collections if isinstance(c, QuadMesh)]
+        assert int(np.ma.sum(density.get_array())) == int((~same).sum())
+        r = np.corrcoef(values["teacher"], values["student"])[0, 1]
+        difference = np.mean(np.abs(values["teacher"] - values["student"]))
+        assert axes.get_title().endswith(f"Pearson r {r:.3f}, mean |student − teacher| {difference:.3f}")
+
+
+def test_bars_draw_each_rows_values_and_their_mean_per_target(tmp_path, monkeypatch):
+    from matplotlib.container import BarContainer
+
+    from kdreid.viz import bars
+
+    full = {**PIPELINE, "student": {"a": {"mAP": 28.0, "rank1": 48.0}, "b": {"mAP": 23.0, "rank1": 40.0}}}
+    del full["source_only_student"]  # a row absent (a pipeline with one architecture): the others keep their names
+    figures = _drawn_figure(monkeypatch, bars)
+    pipeline_bars(full, tmp_path / "bars.png", metric="rank1", labels={"student": "osnet_x0_25 student"})
+    [axes] = figures[0].axes
+    assert [tick.get_text() for tick in axes.get_xticklabels()] == ["a", "b", "mean"]
+    drawn = {container.get_label(): [round(bar.get_height(), 6) for bar in container]
+             for container in axes.containers if isinstance(container, BarContainer)}
+    expected = {label: [full[key]["a"]["rank1"], full[key]["b"]["rank1"],
+                        (full[key]["a"]["rank1"] + full[key]["b"]["rank1"]) / 2]
+                for key, label in bars.ROWS if key in full and key != "student"}
+    expected["osnet_x0_25 student"] = [48.0, 40.0, 44.0]
+    assert drawn == expected

@@ -175,3 +175,58 @@ def test_a_failed_evaluation_leaves_the_folder_pictures_as_they_were(tiny_domain
     assert main([*common, "-t", "synth_duke"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a file where kdreid keeps its actmap pictures" in err
+
+
+def test_each_row_shows_its_own_query_and_the_labels_of_what_it_shows(tmp_path, monkeypatch):
+    """Rows for queries 2 and 0 (not 0 and 1): each row's first image is that query's, and the texts under the
+    images name the query's and each gallery image's identity and camera, with the distance."""
+    import kdreid.viz.ranking as ranking
+
+    (tmp_path / "q").mkdir()
+    (tmp_path / "g").mkdir()
+    query_paths, gallery_paths = _grey_images(tmp_path / "q", 3), _grey_images(tmp_path / "g", 4)
+    query_colours = [(200, 30, 30), (30, 30, 200), (200, 200, 30)]  # never made by grey text on white
+    for path, colour in zip(query_paths, query_colours):
+        Image.fromarray(np.full((32, 16, 3), colour, np.uint8)).save(path)
+    q_pids, q_camids = np.array([7, 8, 9]), np.array([1, 2, 3])
+    g_pids, g_camids = np.array([9, 7, 5, 8]), np.array([4, 5, 6, 7])
+    ranked = [RankedQuery(2, [0, 2], [0.125, 0.5], [True, False]), RankedQuery(0, [3, 1], [0.25, 0.75], [False, True])]
+    figures = []
+    real_save = ranking.save_png
+    monkeypatch.setattr(ranking, "save_png", lambda figure, path: figures.append(figure) or real_save(figure, path))
+    out = draw_ranked_results(ranked, query_paths, gallery_paths, q_pids, q_camids, g_pids, g_camids,
+                              tmp_path / "r.png")
+    pixels = _pixels(out)
+    assert {query_colours[2], query_colours[0]} <= pixels and query_colours[1] not in pixels  # queries 2 and 0
+    texts = [text.get_text() for axes in figures[0].axes for text in axes.texts]
+    assert texts == ["id 9 cam 3", "0.125\nid 9 cam 4", "0.500\nid 5 cam 6",
+                     "id 7 cam 1", "0.250\nid 8 cam 7", "0.750\nid 7 cam 5"]
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_visrank_with_rerank_shows_the_re_ranked_order(rng, tmp_path, monkeypatch, metric):
+    """--rerank --visrank: the pictures rank by the re-ranked distances of the evaluation (computed over every
+    query, with the chosen metric), cut at topk."""
+    import kdreid.viz.ranking as ranking
+    from kdreid.evaluation.rerank import re_ranking_features
+
+    centres = rng.normal(size=(6, 8))
+    q_ids, g_ids = np.arange(24) % 6, np.arange(60) % 6
+    scales = rng.uniform(0.3, 3.0, (84, 1))  # norms that differ: cosine and Euclidean rank differently
+    features = torch.from_numpy((np.concatenate([centres[q_ids], centres[g_ids]]) + 1.2 * rng.normal(size=(84, 8)))
+                                * scales).float()
+    paths = _grey_images(tmp_path, 1) * 84
+    query = Features(features[:24], q_ids, np.zeros(24, int), paths[:24])
+    gallery = Features(features[24:], g_ids, np.ones(60, int), paths[24:])
+    drawn = []
+    monkeypatch.setattr(ranking, "draw_ranked_results", lambda ranked, *args, **kwargs: drawn.extend(ranked) or
+                        tmp_path / "unused.png")
+    visualize_ranked_results(query, gallery, tmp_path / "out", num_queries=5, topk=6, metric=metric, rerank=True)
+    chosen = choose_queries(24, 5)
+    full = re_ranking_features(features[:24], features[24:], metric=metric)
+    expected = rank_queries(full[chosen], q_ids, g_ids, np.zeros(24, int), np.ones(60, int), chosen, topk=6)
+    assert [item.gallery_indices for item in drawn] == [item.gallery_indices for item in expected]
+    assert all(len(item.gallery_indices) == 6 for item in drawn)
+    plain = rank_queries(compute_distance_matrix(features[chosen], features[24:], metric=metric), q_ids, g_ids,
+                         np.zeros(24, int), np.ones(60, int), chosen, topk=6)
+    assert [item.gallery_indices for item in plain] != [item.gallery_indices for item in expected]  # it matters
