@@ -126,6 +126,26 @@ def test_curves_take_losses_of_every_epoch_and_map_where_evaluated(tmp_path):
     assert training_curves(METRICS, tmp_path / "c.png", title="adapt").is_file()
 
 
+def test_curves_draw_each_series_at_its_epochs(tmp_path, monkeypatch):
+    """Read back from the drawn lines: a loss that rises and an mAP that falls are drawn as they were measured (a
+    review's mutation sorting the values passed on METRICS, whose values are already in order)."""
+    from kdreid.viz import curves
+
+    figures = _drawn_figure(monkeypatch, curves)
+    metrics = {"epochs": [
+        {"epoch": 1, "losses": {"loss": 2.0}, "metrics": {"synth_duke": {"mAP": 30.0}}},
+        {"epoch": 2, "losses": {"loss": 4.0}},
+        {"epoch": 3, "losses": {"loss": 3.0}, "metrics": {"synth_duke": {"mAP": 10.0}, "source-val": {"mAP": 5.0}}},
+        {"epoch": 4, "losses": {"loss": 1.0}, "metrics": {"synth_duke": {"mAP": 20.0}, "source-val": {"mAP": 7.0}}},
+    ]}
+    training_curves(metrics, tmp_path / "c.png")
+    [figure] = figures
+    drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for axes in figure.axes
+             for line in axes.get_lines()}
+    assert drawn == {"loss": ([1, 2, 3, 4], [2.0, 4.0, 3.0, 1.0]), "synth_duke": ([1, 3, 4], [30.0, 10.0, 20.0]),
+                     "source-val": ([3, 4], [5.0, 7.0])}
+
+
 def test_curves_tick_only_epochs_that_exist(tmp_path, monkeypatch):
     """One evaluation (epoch 2): the mAP panel's locator used to fall back to ticks 1.900 ... 2.100."""
     from kdreid.viz import curves
