@@ -180,3 +180,23 @@ def test_the_input_size_comes_from_the_recorded_config_when_no_input_size_is(tmp
     path = save_checkpoint(tmp_path / "m.pt", build_model("osnet_tiny", 3),
                            config={"train": {"height": 48, "width": 24}})
     assert model_input_size(load_checkpoint(path)) == (48, 24)
+
+
+def test_the_round_trip_keeps_the_last_stride(tmp_path):
+    # Found by a review: a last_stride=2 model left out of the recorded build arguments reloaded with stride 1;
+    # its state dict fits either way, so only the output size and values tell.
+    model = trained_like("resnet_tiny", num_classes=3, last_stride=2).eval()
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model))
+    assert loaded.last_stride == 2
+    images = torch.rand(2, 3, 64, 32)
+    with torch.no_grad():
+        assert loaded(images, return_all=True).feature_maps[3].shape[-2:] == (2, 1)
+        assert torch.equal(loaded(images), model(images))
+
+
+def test_true_and_false_stay_booleans_in_the_metadata(tmp_path):
+    # bool is an Integral: checked after it, a flag would come back as 1 and fail a typed config's bool check.
+    path = save_checkpoint(tmp_path / "m.pt", build_model("osnet_tiny", 3), config={"flip": True, "amp": False},
+                           metrics={"ok": True})
+    meta = load_checkpoint(path).kdreid_meta
+    assert meta["config"]["flip"] is True and meta["config"]["amp"] is False and meta["metrics"]["ok"] is True

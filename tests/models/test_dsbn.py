@@ -106,3 +106,26 @@ def test_a_dsbn_teacher_distils_with_the_margins_of_its_default_domain():
     teacher = Teacher(model, "eval")
     for margin, bn in zip(teacher.margins, model.stage_batchnorms()):
         assert torch.equal(margin, bn_margins(bn.bns[1].weight, bn.bns[1].bias))
+
+
+def test_select_domain_gives_a_model_that_saves_and_loads_as_a_plain_one(tmp_path):
+    # Found by a review: select_domain left `num_domains` set, so the checkpoint of the plain model recorded
+    # domains and load_checkpoint rebuilt DSBN that its state dict does not fit.
+    from kdreid.models import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = convert_dsbn(build_model("resnet_tiny", 3), 2)
+    with torch.no_grad():
+        model(torch.rand(8, 3, 32, 16), domain=1)
+    select_domain(model, 1).eval()
+    assert not model.num_domains
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "plain.pt", model))
+    assert not getattr(loaded, "num_domains", 0)
+    images = torch.rand(2, 3, 32, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+
+
+def test_a_model_needs_at_least_one_domain():
+    with pytest.raises(ModelError, match="convert_dsbn needs num_domains >= 1, got 0"):
+        convert_dsbn(build_model("resnet_tiny", 3), 0)

@@ -135,3 +135,30 @@ def test_resnet_matches_torchreid():
     images = torch.rand(2, 3, 64, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (ours(images) - reference(normalise(images))).abs().max() <= 1e-5
+
+
+def _shapes(state_dict, skip=()):
+    return {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith(skip)}
+
+
+@pytest.mark.parametrize("name", ["osnet_x1_0", "osnet_x0_75", "osnet_x0_5", "osnet_x0_25"])
+def test_every_osnet_width_has_torchreids_layout(torchreid_osnet, name):
+    """Each width's state dict has torchreid's keys and shapes (found by a review: the stem width c0 of x0_75
+    and x0_5 could change with no test failing; their model-zoo files would then not load)."""
+    reference = getattr(torchreid_osnet, name)(num_classes=3, pretrained=False)
+    ours = build_model(name, 0, bnneck=False)
+    assert _shapes(ours.state_dict()) == _shapes(reference.state_dict(), skip=("classifier",))
+
+
+@pytest.mark.parametrize("name, reference", [
+    ("resnet18", lambda: torchvision.models.resnet18(weights=None)),
+    ("resnet34", lambda: torchvision.models.resnet34(weights=None)),
+    ("resnet50", lambda: torchvision.models.resnet50(weights=None)),
+    ("resnet101", lambda: torchvision.models.resnet101(weights=None)),
+    ("mobilenetv2_x1_4", lambda: torchvision.models.mobilenet_v2(weights=None, width_mult=1.4)),
+])
+def test_every_torchvision_layout_matches_its_keys_and_shapes(name, reference):
+    """Blocks per stage and widths as torchvision builds them (found by a review: ResNet-34's or ResNet-101's
+    depth could change with no test failing)."""
+    ours = build_model(name, 0, bnneck=False)
+    assert _shapes(ours.state_dict()) == _shapes(reference().state_dict(), skip=("fc.", "classifier."))

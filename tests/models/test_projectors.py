@@ -40,3 +40,17 @@ def test_connectors_start_he_normal_on_the_fan_out_as_heo_et_al():
     projector = FeatureProjector((64, 64, 64, 64), (256, 512, 1024, 2048))
     for (conv, _), c_out in zip(projector.stages, (256, 512, 1024, 2048)):
         assert abs(conv.weight.std().item() / (2.0 / c_out) ** 0.5 - 1) < 0.05
+
+
+def test_a_larger_student_map_is_average_pooled_and_a_smaller_one_bilinearly_resized():
+    # Found by a review: only the shapes were checked; max pooling or another resize passed.
+    torch.manual_seed(0)
+    projector = FeatureProjector((4, 4), (6, 6)).eval()
+    student = [torch.randn(2, 4, 16, 8), torch.randn(2, 4, 2, 1)]  # 4x larger (bilinear would differ), 2x smaller
+    teacher = [torch.zeros(2, 6, 4, 2), torch.zeros(2, 6, 4, 2)]
+    with torch.no_grad():
+        plain = projector(student)
+        out = projector(student, teacher)
+    assert torch.allclose(out[0], torch.nn.functional.avg_pool2d(plain[0], 4), atol=1e-6)
+    upsampled = torch.nn.functional.interpolate(plain[1], size=(4, 2), mode="bilinear", align_corners=False)
+    assert torch.allclose(out[1], upsampled, atol=1e-6)
