@@ -4,6 +4,7 @@ same weights and metrics.json (every field but timings) as an uninterrupted run;
 The subprocess test holds the run at a known step with the loop's test-only hook (KDREID_TEST_HOLD_AT_STEP: print
 a marker, wait for a signal) so that kills land at known points without sleeping and guessing."""
 
+import functools
 import hashlib
 import json
 import os
@@ -318,8 +319,8 @@ def test_resumed_plain_dict_states_come_back_on_the_training_device():
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_before_training_begins_leaves_no_run_folder(synth_root, tmp_path, monkeypatch, capsys, signum,
-                                                              code):
+def test_a_signal_before_training_begins_leaves_no_run_folder(synth_root, tmp_path, monkeypatch, capsys, request,
+                                                              signum, code):
     """Found by a review: Ctrl-C or SIGTERM while the datasets were read left config.yaml, log.txt and
     datasets.json (SIGTERM killed the process with no clean-up): a folder that --resume could not continue and
     that the same command then refused as occupied."""
@@ -329,6 +330,10 @@ def test_a_signal_before_training_begins_leaves_no_run_folder(synth_root, tmp_pa
         signal.raise_signal(signum)  # the real handler: SIGTERM's is installed only while a command runs
 
     monkeypatch.setattr(common, "load_datasets", interrupted)
+    if signum == signal.SIGINT:  # a pytest started in the background by a script inherits SIGINT ignored; Python
+        # then installs no KeyboardInterrupt handler, and the signal raised here would do nothing
+        request.addfinalizer(functools.partial(signal.signal, signal.SIGINT,
+                                               signal.signal(signal.SIGINT, signal.default_int_handler)))
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "new" / "run"
     assert main(_source_args(synth_root, out)) == code
