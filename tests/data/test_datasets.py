@@ -414,3 +414,15 @@ def test_synthetic_domain_without_manifest_and_manifest_mismatches(tmp_path):
 def test_every_layout_is_registered():
     assert set(dataset_names()) >= {"market1501", "dukemtmcreid", "cuhk03", "msmt17", "custom",
                                     "synth_market", "synth_duke", "synth_cuhk", "synth_msmt"}
+
+
+def test_walk_files_leaves_out_hidden_files_and_macos_folders(tmp_path):
+    # What `kdreid extract` and the custom layout list as images: a Finder copy's ._ twins and .DS_Store are not.
+    from kdreid.data.datasets.base import walk_files
+
+    write_images(tmp_path, ["a.jpg", "._a.jpg"])
+    write_images(tmp_path / "cam2", ["b.jpg", "._b.jpg"])
+    write_images(tmp_path / "__MACOSX", ["c.jpg"])
+    write_images(tmp_path / ".trash", ["d.jpg"])
+    (tmp_path / ".DS_Store").write_bytes(b"\x00")
+    assert walk_files(tmp_path) == [tmp_path / "a.jpg", tmp_path / "cam2" / "b.jpg"]

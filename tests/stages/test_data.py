@@ -59,3 +59,87 @@ def test_batch_source_draws_pk_batches_of_augmented_images():
     source.start_epoch(0)
     batch, labels = source.next_batch(torch.Generator().manual_seed(0))
     assert (labels >= 3).all()  # outliers (-1) are never drawn
+
+
+def _named_records(prefix, num_pids, cams=(1, 2, 3), per_cam=2):
+    return [ImageRecord(f"{prefix}/{r.path}", r.pid, r.camid, r.tracklet) for r in _records(num_pids, cams, per_cam)]
+
+
+def test_three_sources_get_disjoint_label_ranges():
+    """A review: with two sources an offset taken from the last dataset alone equals the running one; `-s a b c`
+    would then give c the labels of b. Reference: each source's (raw pid) and (raw tracklet) map to labels of its
+    own, the pids together 0..N-1."""
+    sources = [ReidDataset(name, "", _named_records(name, n), [], []) for name, n in (("a", 3), ("b", 2), ("c", 4))]
+    combined = combine_train(sources)
+    originals = [(d.name, r) for d in sources for r in d.train]
+    assert [r.path for r in combined] == [r.path for _, r in originals]
+    assert sorted({r.pid for r in combined}) == list(range(3 + 2 + 4))
+    for field in ("pid", "tracklet"):
+        label_of = {}  # (source, raw label) -> combined label: one each, no two sharing one
+        for (name, raw), new in zip(originals, combined):
+            assert label_of.setdefault((name, getattr(raw, field)), getattr(new, field)) == getattr(new, field)
+        assert len(set(label_of.values())) == len(label_of) == sum(len({getattr(r, field) for r in d.train})
+                                                                   for d in sources)
+
+
+def test_combineall_test_identities_get_new_per_camera_tracklets():
+    """--combineall: a test identity's images are one new id, one tracklet per (identity, camera) that no training
+    tracklet has; an image both in query and gallery (classic CUHK03) once; MSMT17's pid 0 is a person."""
+    train = _named_records("t", 3)
+    query = [ImageRecord("q1.jpg", 7, 1), ImageRecord("both.jpg", 9, 2)]
+    gallery = [ImageRecord("g1.jpg", 7, 2), ImageRecord("g2.jpg", 7, 2), ImageRecord("g3.jpg", 7, 1),
+               ImageRecord("both.jpg", 9, 2), ImageRecord("g4.jpg", 9, 3), ImageRecord("z.jpg", 0, 1),
+               ImageRecord("z2.jpg", 0, 2)]
+    everything = combine_train([ReidDataset("market1501", "", train, query, gallery)], combineall=True)
+    assert [r.path for r in everything].count("both.jpg") == 1
+    added = {r.path: r for r in everything[len(train):]}
+    assert set(added) == {"q1.jpg", "both.jpg", "g1.jpg", "g2.jpg", "g3.jpg", "g4.jpg"}  # distractors left out
+    assert {r.tracklet for r in train}.isdisjoint(r.tracklet for r in added.values())
+    assert {r.pid for r in train}.isdisjoint(r.pid for r in added.values())
+    by_pair = collections.defaultdict(set)
+    for r in added.values():
+        by_pair[(r.pid, r.camid)].add(r.tracklet)
+    assert all(len(tracklets) == 1 for tracklets in by_pair.values())
+    assert len({t for tracklets in by_pair.values() for t in tracklets}) == len(by_pair) == 4
+    msmt = combine_train([ReidDataset("msmt17", "", train, [ImageRecord("q0.jpg", 0, 1)],
+                                      [ImageRecord("g0.jpg", 0, 2)])], combineall=True)
+    assert {r.path for r in msmt[len(train):]} == {"q0.jpg", "g0.jpg"}  # a real identity, kept
+
+
+def test_source_validation_holds_out_only_identities_with_a_match_in_another_camera():
+    """--select source-val: a held-out identity has a gallery image in another camera for every query (one seen by
+    one camera alone would be a query without a match); the fraction counts every identity; the split needs two."""
+    for seed in range(5):
+        records = _records(num_pids=20) + _records(num_pids=30, cams=(4,))[20 * 2:]  # ids 20..29 in camera 4 only
+        split = hold_out_validation(records, 0.2, seed=seed)
+        held = {r.pid - 1 for r in split.query}
+        assert len(held) == round(0.2 * 30) and held <= set(range(20))
+        assert {r.path for r in split.train}.isdisjoint(r.path for r in split.query + split.gallery)
+        assert {r.path for r in records if r.pid in held} == {r.path for r in split.query + split.gallery}
+        for q in split.query:
+            assert any(g.pid == q.pid and g.camid != q.camid for g in split.gallery)
+    with pytest.raises(DatasetError, match="cannot hold out"):
+        hold_out_validation(_records(num_pids=10), 0.1, seed=0)  # a single identity: no validation
+
+
+def test_batch_source_draws_every_identity_label_zero_included():
+    records = _records(num_pids=4, per_cam=1)
+    images = torch.zeros(len(records), 3, 8, 4, dtype=torch.uint8)
+    source = BatchSource(records, [r.pid for r in records], height=8, width=4, batch_size=6, num_instances=3,
+                         augment=AugmentConfig(flip=0, pad=0, erase=0), device=torch.device("cpu"), seed=0,
+                         images=images)
+    source.start_epoch(0)
+    drawn = {label for _ in range(len(source)) for label in source.next_batch(torch.Generator())[1].tolist()}
+    assert drawn == {0, 1, 2, 3}
+
+
+def test_a_datasets_record_that_is_not_a_mapping_is_damaged(tmp_path):
+    from kdreid.stages.data import read_datasets_record
+
+    path = tmp_path / "datasets.json"
+    assert read_datasets_record(path) == {}  # a run from before the record
+    for text in ('["synth_msmt"]', '"abc"', "{", "null"):
+        path.write_text(text)
+        assert read_datasets_record(path) is None, text
+    path.write_text('{"synth_msmt": "aaaa/bbbb"}')
+    assert read_datasets_record(path) == {"synth_msmt": "aaaa/bbbb"}

@@ -11,8 +11,11 @@ from kdreid.data.augment import AugmentConfig, augment_batch
 from kdreid.rundir import RunDir
 from kdreid.stages.loop import TrainConfig, fit
 from kdreid.stages.optim import OptimConfig, build_optimizer
-from kdreid.stages.speed import CompiledStep, LossWindow, auto_compile_mode, host_to_device, resolve_compile
-from kdreid.errors import ConfigError, TrainingError
+from kdreid.stages.speed import (
+    CompiledStep, LossWindow, auto_compile_mode, host_to_device, resolve_compile, tune_backends,
+    use_channels_last,
+)
+from kdreid.errors import ConfigError, DatasetError, TrainingError
 
 DATA = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
 TARGETS = DATA @ torch.arange(6, dtype=torch.float32)
@@ -198,3 +201,66 @@ def test_channels_last_batches_hold_the_same_values():
     nhwc = augment_batch(images, config, torch.Generator().manual_seed(3), memory_format=torch.channels_last)
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and plain.is_contiguous()
     assert torch.equal(plain, nhwc)
+
+
+def test_a_loss_term_of_some_steps_only_is_averaged_over_those_steps():
+    # D-MMD terms join from --dmmd-start, inside an epoch's window: each term's mean is over the steps that had it.
+    window = LossWindow(epoch=0)
+    window.add(0, {"loss": torch.tensor(1.0)})
+    window.add(1, {"loss": torch.tensor(3.0), "dmmd": torch.tensor(4.0)})
+    window.add(2, {"loss": torch.tensor(5.0), "dmmd": torch.tensor(2.0)})
+    assert window.means() == {"loss": 3.0, "dmmd": 3.0}
+
+
+def test_cudnn_autotuning_stays_off_in_deterministic_mode(monkeypatch):
+    # Device objects only: nothing runs on a GPU.
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    tune_backends(torch.device("cuda"), deterministic=True)
+    tune_backends(torch.device("cpu"), deterministic=False)
+    assert torch.backends.cudnn.benchmark is False
+    tune_backends(torch.device("cuda"), deterministic=False)
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_a_user_error_in_the_first_compiled_step_is_not_taken_for_a_compiler_failure(caplog):
+    # A bad input (or a NaN) raised by the guarded first step is reported as itself: no "torch.compile failed",
+    # no eager repeat of the step, and the compiled forward stays.
+    model = nn.Linear(6, 1)
+    compiled = CompiledStep(model, "default", torch.device("cpu"), logging.getLogger("t"))
+    rewound = []
+
+    def step():
+        raise DatasetError("a batch of P=4 tracklets needs at least that many")
+
+    with caplog.at_level(logging.WARNING), pytest.raises(DatasetError, match="a batch of P=4"):
+        compiled.run(step, rewind=lambda: rewound.append(1))
+    assert compiled.active and not rewound and "failed" not in caplog.text
+    compiled.release()
+
+
+def test_evaluation_bypasses_the_compiled_forward(monkeypatch):
+    # Evaluation batches vary in size: under `eager()` the forward runs as Python, never traced or recompiled.
+    _eager_backend(monkeypatch)
+    traced = []
+
+    class Recording(nn.Linear):
+        def forward(self, x):
+            traced.append(torch.compiler.is_compiling())
+            return super().forward(x)
+
+    model = Recording(6, 1)
+    compiled = CompiledStep(model, "default", torch.device("cpu"), logging.getLogger("t"))
+    try:
+        model(DATA[:8])
+        assert traced == [True]  # the training forward goes through dynamo
+        with compiled.eager():
+            expected = DATA[:7] @ model.weight.T + model.bias
+            torch.testing.assert_close(model(DATA[:7]), expected)
+        assert traced == [True, False]
+    finally:
+        compiled.release()
+
+
+def test_the_cpu_keeps_the_contiguous_layout():
+    # channels_last is a CUDA speed-up; on the CPU the training step stays the computation CI checks.
+    assert use_channels_last(torch.device("cuda")) and not use_channels_last(torch.device("cpu"))

@@ -798,3 +798,44 @@ def test_the_triplet_and_dmmd_terms_see_the_embedding_before_bnneck(source_run, 
     assert main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--pretrained", str(init), "--root",
                  str(synth_root), "--out", str(tmp_path / "s"), *TINY[:1], "1", *TINY[2:]]) == 0
     assert len(seen) > 3 and min(seen) >= 0, seen
+
+
+def test_the_target_cluster_score_is_the_mean_over_the_targets(monkeypatch):
+    """--select target-clusters with several targets: each target's cluster quality counts alike (a review: a
+    score of one target alone went unnoticed with the single-target runs of the other tests)."""
+    from types import SimpleNamespace
+
+    from kdreid.stages import common
+
+    features = {"a": torch.zeros(2, 3), "b": torch.ones(4, 3)}
+    monkeypatch.setattr(common, "extract_features",
+                        lambda model, records, **options: SimpleNamespace(features=features[records[0]]))
+    monkeypatch.setattr(common, "cluster_quality",
+                        lambda f, settings: {"score": float(f.sum()), "clustered": float(len(f))})
+    config = SimpleNamespace(train=SimpleNamespace(height=8, width=4), eval=SimpleNamespace(batch_size=2))
+    targets = [SimpleNamespace(name=name, train=[name]) for name in ("a", "b")]
+    assert common.target_cluster_quality(None, targets, config, "cpu") == {"score": 6.0, "clustered": 3.0}
+
+
+def test_source_val_ranks_the_held_out_queries_against_their_gallery(monkeypatch):
+    """--select source-val chooses the epoch by these numbers: one query per (identity, camera) ranked against the
+    rest, Market-style; swapped, every gallery image would be a query."""
+    import logging
+    from types import SimpleNamespace
+
+    from kdreid.data.datasets.base import ImageRecord
+    from kdreid.stages import common
+    from kdreid.stages.data import hold_out_validation
+
+    records = [ImageRecord(f"p{p}_c{c}_{i}.jpg", p, c) for p in range(10) for c in (1, 2) for i in range(3)]
+    validation = hold_out_validation(records, 0.2, seed=0)
+    seen = {}
+    monkeypatch.setattr(common, "evaluate_datasets", lambda *args, **kwargs: {})
+    monkeypatch.setattr(common, "evaluate_split", lambda model, query, gallery, **kwargs: seen.setdefault(
+        kwargs["name"], (list(query), list(gallery))) and {"mAP": 0.0})
+    config = SimpleNamespace(train=SimpleNamespace(select="source-val", height=8, width=4), eval=common.EvalOptions(),
+                             data=common.DataOptions(), sources=["s"], targets=[])
+    evaluate = common.stage_evaluator(None, [], validation, config, torch.device("cpu"), logging.getLogger("t"))
+    assert set(evaluate(0)) == {"source-val"}
+    assert seen["source-val"] == (validation.query, validation.gallery)
+    assert len(validation.query) == 2 * 2 and len(validation.gallery) == 2 * 2 * 2
