@@ -187,3 +187,95 @@ def test_a_script_stopped_by_a_signal_exits_as_kdreid_does(capsys):
 
     assert run_main(stopped, argparse.ArgumentParser(prog="source_training.py"), []) == 143
     assert "stopped by SIGTERM" in capsys.readouterr().err
+
+
+def _captured(monkeypatch, module, tmp_path):
+    """Replace `module.run` (a stage's run) by one that keeps the config and resume flag it was handed."""
+    from kdreid.stages.common import StageResult
+
+    seen = {}
+
+    def fake_run(config, *, resume=False):
+        seen.update(config=config, resume=resume)
+        return StageResult(str(tmp_path / "out" / "model.pt"), {}, None)
+
+    monkeypatch.setattr(module, "run", fake_run)
+    return seen
+
+
+# Flags shared by the three scripts, each to a value unlike both presets' and the defaults'.
+COMMON_FLAGS = ["--preset", "quick", "--resume", "-b", "24", "--num-instances", "6", "--height", "96", "--width",
+                "48", "--epochs", "3", "--lr", "0.02", "--optimizer", "sgd", "--eval-freq", "2", "--device", "cpu",
+                "--seed", "11"]
+
+
+def _check_common_flags(config, seen, data_dir):
+    from kdreid.stages.presets import PRESETS
+
+    train = config.train
+    assert (train.batch_size, train.num_instances, train.height, train.width, train.epochs) == (24, 6, 96, 48, 3)
+    assert (train.optim.lr, train.optim.optimizer, train.eval_freq, train.device, train.seed) == (
+        0.02, "sgd", 2, "cpu", 11)
+    assert config.data.root == str(data_dir) and config.data.cuhk03_labeled and config.data.cuhk03_classic_split
+    # --preset quick: what no flag sets comes from it (paper's scheduler is multistep), and --resume reaches run.
+    assert train.optim.scheduler == PRESETS["quick"]["source"]["train"]["optim"]["scheduler"] == "cosine"
+    assert seen["resume"] is True
+
+
+def test_source_training_flags_map_onto_the_source_config(monkeypatch, tmp_path):
+    """A review: -dt, --preset and --resume of the scripts were each dropped without any test failing."""
+    from kdreid.stages import source
+
+    seen = _captured(monkeypatch, source, tmp_path)
+    assert _script("source_training.py").main(["-ds", "synth_msmt", "synth_cuhk", "-dt", "synth_duke", "market1501",
+                                               "-a", "osnet_tiny", "-data-dir", str(tmp_path), "--out",
+                                               str(tmp_path / "run"), *COMMON_FLAGS]) == 0
+    config = seen["config"]
+    assert config.sources == ["synth_msmt", "synth_cuhk"] and config.targets == ["synth_duke", "market1501"]
+    assert config.arch == "osnet_tiny" and config.out == str(tmp_path / "run")
+    _check_common_flags(config, seen, tmp_path)
+
+
+def test_dmmd_flags_map_onto_the_adapt_config(monkeypatch, tmp_path):
+    from kdreid.models import build_model, save_checkpoint
+    from kdreid.stages import adapt
+
+    seen = _captured(monkeypatch, adapt, tmp_path)
+    model = save_checkpoint(tmp_path / "source.pt", build_model("osnet_tiny", 5))  # a kdreid checkpoint: as it is
+    dmmd = _script("DMMD.py")
+    assert dmmd.main(["-ds", "synth_cuhk", "-dt", "synth_duke", "-a", "osnet_tiny", "-data-dir", str(tmp_path),
+                      "-mp", str(model), "--out", str(tmp_path / "run"), "--grouping", "oracle", "--dmmd-start", "7",
+                      *COMMON_FLAGS]) == 0
+    config = seen["config"]
+    assert config.sources == ["synth_cuhk"] and config.targets == ["synth_duke"] and not config.blend
+    assert config.arch == "osnet_tiny" and config.init == str(model)
+    assert config.grouping == "oracle" and config.dmmd_start == 7
+    _check_common_flags(config, seen, tmp_path)
+    assert dmmd.main(["-dt", "synth_duke", "synth_cuhk", "-mp", str(model), "--out", str(tmp_path / "blend")]) == 0
+    assert seen["config"].blend and seen["config"].grouping == "tracklet" and seen["resume"] is False
+
+
+def test_kd_reid_student_teacher_and_run_flags_map_onto_the_distill_config(monkeypatch, tmp_path, capsys):
+    from kdreid.models import build_model, save_checkpoint
+    from kdreid.stages import distill
+
+    seen = _captured(monkeypatch, distill, tmp_path)
+    kd_reid = _script("KD-REID.py")
+    teacher = str(save_checkpoint(tmp_path / "teacher.pt", build_model("resnet_tiny", 5)))
+    plain = tmp_path / "student.pth.tar"
+    torch.save({"state_dict": build_model("osnet_tiny", 5).state_dict()}, plain)
+    assert kd_reid.main(["-ds", "synth_cuhk", "-dt", "synth_duke", "-as", "osnet_tiny", "-at", "resnet_tiny",
+                         "-data-dir", str(tmp_path), "-mps", str(plain), "-mpt", teacher, "--teacher-mode", "train",
+                         "--target-order", "shift", "--log-loss", "--out", str(tmp_path / "run"),
+                         *COMMON_FLAGS]) == 0
+    config = seen["config"]
+    assert config.sources == ["synth_cuhk"] and config.targets == ["synth_duke"] and config.arch == "osnet_tiny"
+    assert config.teacher_mode == "train" and config.target_order == "shift"
+    # A plain state dict as -mps starts the student's weights; a kdreid checkpoint as -mpt carries its arch.
+    assert config.pretrained == str(plain) and config.student_init == "" and config.teacher_arch == ""
+    _check_common_flags(config, seen, tmp_path)
+    assert "--log-loss is accepted for compatibility" in capsys.readouterr().err
+    # --stda SPCL: the teachers are SpCL state dicts of -at, whatever their file looks like.
+    assert kd_reid.main(["-dt", "synth_duke", "-at", "resnet_tiny", "-mpt", teacher, "--stda", "SPCL",
+                         "-mps", teacher]) == 0
+    assert seen["config"].teacher_arch == "resnet_tiny" and seen["config"].student_init == teacher

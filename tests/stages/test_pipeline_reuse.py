@@ -510,6 +510,11 @@ def test_without_the_blend_baseline_no_blend_stage_runs_and_no_row_shows_it(thre
     assert trained == ["source_resnet_tiny", "source_osnet_tiny", "teacher_synth_duke", "teacher_synth_cuhk",
                        "distill"]
     assert "blend" not in result.metrics and set(result.metrics["student"]) == set(TARGETS)
+    # How each stage trained, in metrics.json: no target grouping for the source stages (None, not the table's dash).
+    assert result.metrics["training"] == {
+        **{f"source_{arch}": {"grouping": None, "select": "last"} for arch in ("resnet_tiny", "osnet_tiny")},
+        **{f"teacher_{t}": {"grouping": "tracklet", "select": "last"} for t in TARGETS},
+        "distill": {"grouping": "tracklet", "select": "last"}}
     table = (tmp_path / "run" / "results.md").read_text()
     assert "blend" not in table and "KD-ReID student (osnet_tiny)" in table
     log = (tmp_path / "run" / "log.txt").read_text()
@@ -604,3 +609,180 @@ def test_missing_imagenet_weights_name_a_way_out_each_command_takes(synth_root, 
     assert main(["train-source", *common, str(tmp_path / "s"), "-a", "resnet18"]) == 2
     assert "or pass --pretrained PATH (a state dict in its layout" in capsys.readouterr().err
     assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_section_cannot_move_a_stage_off_the_pipelines_data_root(tmp_path, capsys):
+    """A review: `data.root` in a stage section, said to be unused, would have won over --root had the pipeline
+    only filled it in when missing."""
+    configs = pipeline.stage_configs(_config(tmp_path, common={"data.root": "/elsewhere"},
+                                             distill={"data": {"root": "/nowhere"}}))
+    assert {c.data.root for c in configs.values()} == {str(tmp_path)}
+    assert capsys.readouterr().err.count("the pipeline sets data.root of its stages itself") == 1
+
+
+def test_a_copied_run_folder_reuses_its_stages(tmp_path):
+    """The input models' paths (init, student_init, teachers) are the pipeline's wiring: a run folder copied or moved
+    elsewhere names other paths in every stage, and keeps every stage."""
+    _finish(pipeline.stage_configs(_config(tmp_path)))
+    shutil.copytree(tmp_path / "run", tmp_path / "moved", copy_function=shutil.copy2)  # times kept
+    moved = _config(tmp_path)
+    moved.out = str(tmp_path / "moved")
+    assert set(_actions(moved).values()) == {"done"}
+
+
+def _counting_evaluation(monkeypatch):
+    evaluated = []
+    monkeypatch.setattr(pipeline, "load_checkpoint", lambda path: torch.nn.Identity())
+    monkeypatch.setattr(pipeline, "evaluate_datasets", lambda model, datasets, *rest: evaluated.append(
+        [d.name for d in datasets]) or {d.name: {"mAP": float(len(evaluated))} for d in datasets})
+    return evaluated
+
+
+def test_the_cached_evaluation_on_every_target_is_redone_for_a_newer_model_or_another_flip(three_domains, tmp_path,
+                                                                                          monkeypatch):
+    """A review: a teacher retrained (its model.pt newer than the cache) kept the old model's numbers on every
+    target, and so did a changed `eval.flip`, had either been left out of the cache's check."""
+    import os
+
+    def configs_of(**settings):
+        config = _config(three_domains, **settings)
+        config.out = str(tmp_path / "run")
+        return pipeline.stage_configs(config)
+
+    configs = configs_of()
+    _finish(configs)
+    evaluated = _counting_evaluation(monkeypatch)
+    log, _ = _logger()
+
+    def evaluate(stage_config):
+        return pipeline.evaluate_on_targets("teacher_synth_duke", stage_config, TARGETS, log,
+                                            pipeline.DatasetFingerprints())
+
+    teacher = configs["teacher_synth_duke"]
+    assert evaluate(teacher)["synth_cuhk"] == {"mAP": 1.0}
+    assert evaluate(teacher)["synth_cuhk"] == {"mAP": 1.0} and len(evaluated) == 1  # cached
+    cache = Path(teacher.out) / "all_targets.json"
+    older = (Path(teacher.out) / "model.pt").stat().st_mtime_ns - 10**10
+    os.utime(cache, ns=(older, older))  # the model trained again after the cache was written
+    assert evaluate(teacher)["synth_cuhk"] == {"mAP": 2.0} and len(evaluated) == 2
+    flipped = configs_of(common={"eval.flip": not teacher.eval.flip})["teacher_synth_duke"]
+    assert evaluate(flipped)["synth_cuhk"] == {"mAP": 3.0} and len(evaluated) == 3
+    assert evaluate(flipped)["synth_cuhk"] == {"mAP": 3.0} and len(evaluated) == 3
+
+
+def test_each_results_cell_is_its_rows_own_number(tmp_path):
+    """A review: the table's cells were only checked for their grouping and selection; a rank-1 cell showing mAP,
+    a mean over rank-1, or a teacher row showing its own target only went unnoticed. Every number differs here,
+    and the cells are compared with the mappings they come from."""
+    config = _config(tmp_path)
+    configs = pipeline.stage_configs(config)
+
+    def numbers(seed):
+        return {t: {"mAP": seed + 1.25 * i, "rank1": seed + 50.5 + i} for i, t in enumerate(TARGETS)}
+
+    finals = {name: numbers(3.0 * k) for k, name in enumerate(configs)}
+    teacher_all = {t: numbers(20.0 + 2.0 * i) for i, t in enumerate(TARGETS)}
+    finals.update({f"teacher_{t}": {t: teacher_all[t][t]} for t in TARGETS})  # a teacher's own stage: its target
+    info = {"arch": "osnet_tiny", "parameters": 1e5, "macs": 1e6, "height": 64, "width": 32,
+            "images_per_second": 100.0, "batch_size": 32, "device": "cpu"}
+    table = pipeline.results_markdown(config, pipeline.table_rows(config, configs, finals, teacher_all), info)
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header == ["model", "grouping", "selection", *[f"{t} {m}" for t in TARGETS for m in ("mAP", "R1")],
+                      "mean mAP"]
+    expected = {"source only (resnet_tiny)": finals["source_resnet_tiny"],
+                "source only (osnet_tiny)": finals["source_osnet_tiny"],
+                **{f"teacher {t} (D-MMD, resnet_tiny)": teacher_all[t] for t in TARGETS},
+                "blend (D-MMD on all targets, osnet_tiny)": finals["blend"],
+                "KD-ReID student (osnet_tiny)": finals["distill"]}
+    rows = {cells[0]: cells[3:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+    assert list(rows) == list(expected)
+    for label, per_target in expected.items():
+        want = [f"{per_target[t][m]:.1f}" for t in TARGETS for m in ("mAP", "rank1")]
+        want.append(f"{sum(per_target[t]['mAP'] for t in TARGETS) / len(TARGETS):.1f}")
+        assert rows[label] == want, label
+
+
+def test_images_per_second_counts_images_over_the_time_they_took(monkeypatch):
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, images):
+            calls.append(images.shape)
+            return images
+
+    clock = iter([10.0, 10.25, 10.5, 10.75, 11.0, 11.25])  # a quarter second per timed batch
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: next(clock))
+    speed = pipeline.images_per_second(Counting(), 8, 4, torch.device("cpu"), batch_size=3, seconds=1.0)
+    # One warm-up batch, then four timed ones of 3 images in 1.0 s.
+    assert len(calls) == 5 and calls[0] == (3, 3, 8, 4) and speed == pytest.approx(12.0)
+
+
+def test_a_pipeline_that_fails_in_a_folder_it_did_not_make_leaves_that_folder(synth_root, tmp_path, monkeypatch):
+    """A failed first stage removes the pipeline folder only when this call made it: an existing --out (a user's
+    folder, an earlier call's config.yaml and log) stays."""
+    def failing(config, resume):
+        raise DatasetError("a bad input in the first stage")
+
+    for kind in list(pipeline.RUNNERS):
+        monkeypatch.setitem(pipeline.RUNNERS, kind, failing)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    config = pipeline.PipelineConfig(sources=["synth_msmt"], targets=["synth_duke"], teacher_arch="resnet_tiny",
+                                     student_arch="osnet_tiny", root=str(synth_root), out=str(out), preset="quick")
+    with pytest.raises(DatasetError, match="a bad input"):
+        pipeline.run(config)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_top_level_copy_whose_stage_holds_another_model_is_kept(tmp_path, caplog):
+    """remove_stale_copies removes a copy only while its stage folder holds the same model: a stage trained again
+    since (another size) leaves the copy, the only file of that model, where it is, and names it."""
+    run = tmp_path / "run"
+    (run / "stages" / "teacher_b").mkdir(parents=True)
+    (run / "stages" / "teacher_b" / "model.pt").write_bytes(b"retrained since, a longer file")
+    (run / "teacher_b.pt").write_bytes(b"the model copied")
+    with caplog.at_level(logging.INFO):
+        pipeline.remove_stale_copies(run, ["teacher_a"], logging.getLogger("test"))
+    assert (run / "teacher_b.pt").read_bytes() == b"the model copied"
+    assert any("teacher_b.pt is not a model of this command's stages" in m for m in caplog.messages)
+
+
+def test_a_stage_section_wins_over_common_and_the_blend_over_adapt(tmp_path):
+    """A review: `common` applied after the stage sections (it is the lower layer) went unnoticed, every test
+    setting a key in one of them only."""
+    configs = pipeline.stage_configs(_config(tmp_path, common={"train.epochs": 4, "train.seed": 1},
+                                             source={"train": {"epochs": 5}}, adapt={"train.epochs": 6},
+                                             blend={"train": {"epochs": 7}}, distill={"train.epochs": 8}))
+    assert {name: c.train.epochs for name, c in configs.items()} == {
+        "source_resnet_tiny": 5, "source_osnet_tiny": 5, "teacher_synth_duke": 6, "teacher_synth_cuhk": 6,
+        "blend": 7, "distill": 8}
+    assert {c.train.seed for c in configs.values()} == {1}  # what no section names comes from `common`
+
+
+def test_the_student_is_counted_without_any_of_its_classifiers():
+    """metrics.json's parameters of the deployed student: a multi-head student's per-target classifiers go with
+    the single head's classifier (a review: only `classifier` was left out of the count in a mutant)."""
+    from kdreid.models import build_model, count_parameters
+
+    retrieval = count_parameters(build_model("osnet_tiny", 0))
+    assert pipeline.deployed_parameters(build_model("osnet_tiny", 7)) == retrieval
+    assert pipeline.deployed_parameters(build_model("osnet_tiny", [7, 9, 11])) == retrieval
+
+
+@pytest.mark.parametrize("section", ["common", "source", "adapt", "blend", "distill", "overrides"])
+def test_a_stage_section_that_is_not_a_mapping_is_one_config_error(tmp_path, section):
+    with pytest.raises(ConfigError, match=f"pipeline setting '{section}' must be a mapping of stage settings"):
+        _config(tmp_path, **{section: ["train.epochs", 3]}).validate()
+
+
+
+def test_a_metrics_file_whose_final_entry_is_not_a_table_is_damaged(tmp_path):
+    """Read as the stage's numbers, a list there stopped the pipeline later with a traceback."""
+    configs = pipeline.stage_configs(_config(tmp_path))
+    _finish(configs)
+    folder = Path(configs["blend"].out)
+    (folder / "metrics.json").write_text('{"final": [1, 2]}')
+    state = pipeline.stage_state(configs["blend"])
+    assert state.action == "fresh" and state.reason.startswith(f"{folder / 'metrics.json'} is damaged (TypeError)")
