@@ -27,7 +27,7 @@ from _seed_args import (  # noqa: E402
 
 KD_STYLES = {"only_outputs": "outputs", "only_feats": "feats", "all": "all", "outputs": "outputs",
              "feats": "feats"}
-UNUSED = {"log_loss": ("--log-loss",)}
+UNUSED = {"log_loss": (("--log-loss",), "the original parsed it and did not use it")}
 
 
 def build_parser():
@@ -85,7 +85,7 @@ def train(args) -> str:
             f"({' '.join(args.targets)}): pass one teacher per target, in the same order"
         )
     out = args.out or run_folder(args)
-    overrides = common_overrides(args) | {
+    overrides = common_overrides(args, step_size=5) | {  # the original KD's default step size
         "sources": args.sources, "targets": args.targets, "arch": args.arch_student, "teachers": args.teachers,
         "target_alt": args.target_alt, "target_order": args.target_order,
         "kd_style": KD_STYLES[args.kd_style] if args.kd_style else None, "lkdt_weight": args.lkdt_weight,

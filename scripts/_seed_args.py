@@ -2,8 +2,9 @@
 flags onto kdreid's stage configs, and the one-line error handling of the `kdreid` command.
 
 The scripts are thin wrappers: they build the same config objects `kdreid train-source/adapt/distill` build and
-call the same `run` functions. Flags the original parsed but never used are still accepted, so old command lines
-keep working, and a note says they have no effect.
+call the same `run` functions. Flags the original parsed but never used, and the two that have no kdreid
+counterpart (`-j`, `--features`), are still accepted, so old command lines keep working, and a note says they have
+no effect and why.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ from typing import Callable
 
 from kdreid.errors import CheckpointError, KdreidError
 
-# Parsed by the original scripts but without effect there or here (see reference/original-system.md §3).
+# Accepted without effect here, each with the reason its note gives (the original's flags: reference/original-
+# system.md §3). `--dropout` and `--momentum` (a memory momentum copied from SpCL) did nothing there either.
 IGNORED = {
-    "workers": ("-j", "--workers"),
-    "features": ("--features",),
-    "dropout": ("--dropout",),
-    "momentum": ("--momentum",),
-    "scheduler": ("--scheduler",),
-    "step_size": ("--step-size",),
-    "print_freq": ("--print-freq",),
-    "tensorboard": ("--tensorboard",),
+    "workers": (("-j", "--workers"), "kdreid decodes every image once into a cache; there are no loader workers"),
+    "features": (("--features",), "the embedding is the backbone's pooled width with a BNNeck (a seed checkpoint's "
+                                  "`feat` layer is read from the file)"),
+    "dropout": (("--dropout",), "the original did not use it either"),
+    "momentum": (("--momentum",), "the original did not use it either (SGD's momentum is 0.9)"),
+    "print_freq": (("--print-freq",), "kdreid logs each epoch"),
+    "tensorboard": (("--tensorboard",), "kdreid always writes TensorBoard scalars to RUN/tensorboard/"),
 }
 
 
@@ -44,13 +45,18 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=["adam", "amsgrad", "adamw", "sgd"])
     p.add_argument("--eval-freq", type=int, help="evaluate every N epochs (0: at the end only)")
+    p.add_argument("--scheduler", choices=["single_step", "multi_step", "cosine"],
+                   help="the original's schedules, without warm-up: single_step = the rate times 0.1 every "
+                        "--step-size epochs; cosine = down to 0 over --epochs (the original's T_max=1 restarted "
+                        "every epoch); without it (and --step-size) the preset's schedule")
+    p.add_argument("--step-size", type=int, help="epochs between two decays of single_step (implies it)")
     # What kdreid adds.
     p.add_argument("--out", help="run folder (default: a folder named after the settings under runs/)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--preset", default="paper", help="kdreid settings under the flags: paper (default) or quick")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    for dest, flags in IGNORED.items():
+    for dest, (flags, _) in IGNORED.items():
         if dest == "tensorboard":
             p.add_argument(*flags, dest=dest, action="store_true", help=argparse.SUPPRESS)
         else:
@@ -58,15 +64,38 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def note_ignored(args: argparse.Namespace, extra: dict[str, tuple[str, ...]] | None = None) -> None:
-    for dest, flags in {**IGNORED, **(extra or {})}.items():
+def note_ignored(args: argparse.Namespace, extra: dict[str, tuple[tuple[str, ...], str]] | None = None) -> None:
+    for dest, (flags, why) in {**IGNORED, **(extra or {})}.items():
         if getattr(args, dest, None) not in (None, False):
-            print(f"note: {flags[-1]} is accepted for compatibility with the original scripts and has no effect",
+            print(f"note: {flags[-1]} is accepted for compatibility with the original scripts and has no effect: {why}",
                   file=sys.stderr)
 
 
-def common_overrides(args: argparse.Namespace) -> dict:
-    return {
+def schedule_overrides(args: argparse.Namespace, step_size: int) -> dict:
+    """The original's `--scheduler` / `--step-size` as kdreid settings ({} without either: the preset decides).
+    `step_size` is the script's default (50; 5 for KD). The original had no warm-up, so none is added. Its KD engine
+    stepped the scheduler once per target in each epoch; here a step is an epoch, in every script."""
+    from kdreid.errors import ConfigError
+
+    scheduler = args.scheduler or ("single_step" if args.step_size is not None else None)
+    if scheduler is None:
+        return {}
+    if scheduler == "multi_step":
+        raise ConfigError("--scheduler multi_step needs a list of epochs, which the original's flag could not take "
+                          "(it failed there too); use --scheduler single_step --step-size N, or `kdreid` with a "
+                          "--config file holding train.optim.milestones")
+    if scheduler == "cosine":
+        if args.step_size is not None:
+            raise ConfigError(f"--step-size {args.step_size} belongs to --scheduler single_step, not cosine; leave one "
+                              "of them out")
+        return {"train.optim.scheduler": "cosine", "train.optim.min_lr_factor": 0.0, "train.optim.warmup_epochs": 0}
+    return {"train.optim.scheduler": "step", "train.optim.gamma": 0.1, "train.optim.warmup_epochs": 0,
+            "train.optim.step_size": step_size if args.step_size is None else args.step_size}
+
+
+def common_overrides(args: argparse.Namespace, *, step_size: int = 50) -> dict:
+    """The shared flags as kdreid settings; `step_size`: the script's default for --scheduler single_step."""
+    return schedule_overrides(args, step_size) | {
         "data.root": args.data_dir,
         # The seed always read CUHK03's labeled boxes, on the classic split unless --new-cuhk.
         "data.cuhk03_labeled": True,

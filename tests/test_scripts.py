@@ -279,3 +279,51 @@ def test_kd_reid_student_teacher_and_run_flags_map_onto_the_distill_config(monke
     assert kd_reid.main(["-dt", "synth_duke", "-at", "resnet_tiny", "-mpt", teacher, "--stda", "SPCL",
                          "-mps", teacher]) == 0
     assert seen["config"].teacher_arch == "resnet_tiny" and seen["config"].student_init == teacher
+
+
+def test_the_originals_scheduler_flags_set_its_schedule(monkeypatch, tmp_path, capsys):
+    """Found by a review: --scheduler and --step-size, which set the original's StepLR, were accepted as flags
+    without effect (and the note said they had none there either)."""
+    from kdreid.models import build_model, save_checkpoint
+    from kdreid.stages import distill, source
+    from kdreid.stages.optim import learning_rate
+
+    seen = _captured(monkeypatch, source, tmp_path)
+    script = _script("source_training.py")
+    common = ["-ds", "synth_msmt", "-data-dir", str(tmp_path), "--out", str(tmp_path / "run"), "--lr", "0.1"]
+    assert script.main([*common, "--scheduler", "single_step", "--step-size", "3", "--epochs", "8"]) == 0
+    optim = seen["config"].train.optim
+    assert (optim.scheduler, optim.step_size, optim.gamma, optim.warmup_epochs) == ("step", 3, 0.1, 0)
+    assert [learning_rate(optim, epoch, 8) for epoch in range(8)] == pytest.approx([0.1] * 3 + [0.01] * 3 + [0.001] * 2)
+    assert script.main([*common, "--step-size", "4"]) == 0  # the original's default scheduler is single_step
+    assert (seen["config"].train.optim.scheduler, seen["config"].train.optim.step_size) == ("step", 4)
+    assert script.main([*common, "--scheduler", "single_step"]) == 0  # the original's step size: 50
+    assert seen["config"].train.optim.step_size == 50
+    assert script.main([*common, "--scheduler", "cosine"]) == 0
+    optim = seen["config"].train.optim
+    assert (optim.scheduler, optim.min_lr_factor, optim.warmup_epochs) == ("cosine", 0.0, 0)
+    assert script.main(common) == 0  # neither flag: the paper preset's schedule
+    assert seen["config"].train.optim.scheduler == "multistep" and seen["config"].train.optim.warmup_epochs == 10
+    capsys.readouterr()
+    assert script.main([*common, "--scheduler", "multi_step"]) == 2
+    assert "--scheduler multi_step needs a list of epochs" in capsys.readouterr().err
+    assert script.main([*common, "--scheduler", "cosine", "--step-size", "5"]) == 2
+    assert "--step-size 5 belongs to --scheduler single_step, not cosine" in capsys.readouterr().err
+    # KD-REID.py's own default step size, 5
+    seen = _captured(monkeypatch, distill, tmp_path)
+    teacher = str(save_checkpoint(tmp_path / "teacher.pt", build_model("resnet_tiny", 5)))
+    assert _script("KD-REID.py").main(["-dt", "synth_duke", "-mpt", teacher, "-data-dir", str(tmp_path), "--out",
+                                       str(tmp_path / "kd"), "--scheduler", "single_step"]) == 0
+    assert (seen["config"].train.optim.scheduler, seen["config"].train.optim.step_size) == ("step", 5)
+
+
+def test_flags_without_a_kdreid_counterpart_say_why(monkeypatch, tmp_path, capsys):
+    from kdreid.stages import source
+
+    _captured(monkeypatch, source, tmp_path)
+    assert _script("source_training.py").main(["-data-dir", str(tmp_path), "--out", str(tmp_path / "run"), "-j", "8",
+                                               "--features", "512", "--dropout", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --workers is accepted for compatibility with the original scripts and has no effect: kdreid " \
+           "decodes every image once" in err
+    assert "--features is accepted" in err and "--dropout is accepted" in err and "--scheduler" not in err
