@@ -47,8 +47,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--eval-freq", type=int, help="evaluate every N epochs (0: at the end only)")
     p.add_argument("--scheduler", choices=["single_step", "multi_step", "cosine"],
                    help="the original's schedules, without warm-up: single_step = the rate times 0.1 every "
-                        "--step-size epochs; cosine = down to 0 over --epochs (the original's T_max=1 restarted "
-                        "every epoch); without it (and --step-size) the preset's schedule")
+                        "--step-size epochs; cosine = down to 0 over --epochs (the original's T_max=1 alternated "
+                        "between the full rate and 0); without it (and --step-size) the preset's schedule")
     p.add_argument("--step-size", type=int, help="epochs between two decays of single_step (implies it)")
     # What kdreid adds.
     p.add_argument("--out", help="run folder (default: a folder named after the settings under runs/)")
