@@ -738,15 +738,21 @@ def test_a_pipeline_that_fails_in_a_folder_it_did_not_make_leaves_that_folder(sy
 
 def test_a_top_level_copy_whose_stage_holds_another_model_is_kept(tmp_path, caplog):
     """remove_stale_copies removes a copy only while its stage folder holds the same model: a stage trained again
-    since (another size) leaves the copy, the only file of that model, where it is, and names it."""
+    since leaves the copy, the only file of that model, where it is, and names it — also when the retrained model
+    has the same size, as a checkpoint of the same architecture has (found by a review: sizes were compared)."""
     run = tmp_path / "run"
     (run / "stages" / "teacher_b").mkdir(parents=True)
+    (run / "stages" / "teacher_c").mkdir(parents=True)
     (run / "stages" / "teacher_b" / "model.pt").write_bytes(b"retrained since, a longer file")
     (run / "teacher_b.pt").write_bytes(b"the model copied")
+    (run / "stages" / "teacher_c" / "model.pt").write_bytes(b"weights after --resume")
+    (run / "teacher_c.pt").write_bytes(b"weights of the copy!!!")
     with caplog.at_level(logging.INFO):
         pipeline.remove_stale_copies(run, ["teacher_a"], logging.getLogger("test"))
     assert (run / "teacher_b.pt").read_bytes() == b"the model copied"
-    assert any("teacher_b.pt is not a model of this command's stages" in m for m in caplog.messages)
+    assert (run / "teacher_c.pt").read_bytes() == b"weights of the copy!!!"
+    for name in ("teacher_b", "teacher_c"):
+        assert any(f"{name}.pt is not a model of this command's stages" in m for m in caplog.messages)
 
 
 def test_a_stage_section_wins_over_common_and_the_blend_over_adapt(tmp_path):

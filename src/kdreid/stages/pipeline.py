@@ -20,6 +20,7 @@ anything else there is stale and trained again, after a log line that says why.
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import json
 import shutil
 import sys
@@ -465,12 +466,13 @@ def _copy(source_path: Path, target: Path) -> None:
 def remove_stale_copies(run_path: Path, current: Sequence[str], log) -> None:
     """The top-level teacher_*.pt / source_*.pt of stages this command no longer has (a target left out of -t,
     another --teacher-arch): an earlier command's copies, which would be deployed as this run's models. Each goes
-    only while its stage folder still holds the same model (same size: nothing is lost); otherwise it is named."""
+    only while its stage folder still holds the same model (the same bytes: nothing is lost); otherwise it is
+    named."""
     for path in sorted([*run_path.glob("teacher_*.pt"), *run_path.glob("source_*.pt")]):
         if path.stem in current or not path.is_file():
             continue
         original = run_path / "stages" / path.stem / "model.pt"
-        if original.is_file() and original.stat().st_size == path.stat().st_size:
+        if original.is_file() and filecmp.cmp(original, path, shallow=False):
             path.unlink()
             log.info(f"removed {path}: a copy of {original}, a stage this command does not have")
         else:
