@@ -448,6 +448,10 @@ CASES = [
                                                             "--root", str(_market(tmp)[0]), "--out", str(tmp / "run"),
                                                             *TINY],
          "-s names market1501 twice; name each dataset once"),
+    Case("a target named twice", lambda tmp, monkeypatch: ["train-source", "-s", "market1501", "-t", "dukemtmcreid",
+                                                           "dukemtmcreid", "--root", str(_market(tmp)[0]), "--out",
+                                                           str(tmp / "run"), *TINY],
+         "-t names dukemtmcreid twice; name each dataset once"),
     Case("a target's tracklets that span cameras (adapt)", lambda tmp, monkeypatch: _tracklets_across_cameras(
         tmp, "adapt"), "target custom:site: 2 training tracklets span several cameras (e.g. tracklet 0); a tracklet "
                        "is one person in one camera", made_run_folder=True),

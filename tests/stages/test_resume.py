@@ -342,3 +342,29 @@ def test_a_signal_before_training_begins_leaves_no_run_folder(synth_root, tmp_pa
     assert signal.getsignal(signal.SIGTERM) is before
     monkeypatch.undo()
     assert main(_source_args(synth_root, out)) == 0  # the same command starts afresh, not refused as occupied
+
+
+def test_a_sigterm_handler_of_the_program_running_kdreid_is_left_in_place():
+    """`sigterm_interrupts` takes SIGTERM only when nothing else handles it (a review: taking it always, and
+    handing back SIG_DFL after, passed every test)."""
+    from kdreid.errors import Terminated
+    from kdreid.stages.common import sigterm_interrupts
+
+    def own(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, own)
+    try:
+        with sigterm_interrupts():
+            assert signal.getsignal(signal.SIGTERM) is own
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(Terminated):
+            with sigterm_interrupts():
+                signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
