@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -6,6 +7,16 @@ import torch
 # Two cores are shared by pytest-xdist workers; one intra-op thread each keeps them from fighting.
 torch.set_num_threads(1)
 os.environ.setdefault("KDREID_TEST", "1")
+
+
+@pytest.fixture(autouse=True)
+def sigint_as_python_sets_it():
+    """SIGINT raises KeyboardInterrupt in every test, however pytest was started: one started in the background by
+    a script inherits SIGINT ignored (and so would the commands it runs), where a test that raises it, or sends it to
+    a child, would test nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

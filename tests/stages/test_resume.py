@@ -4,7 +4,6 @@ same weights and metrics.json (every field but timings) as an uninterrupted run;
 The subprocess test holds the run at a known step with the loop's test-only hook (KDREID_TEST_HOLD_AT_STEP: print
 a marker, wait for a signal) so that kills land at known points without sleeping and guessing."""
 
-import functools
 import hashlib
 import json
 import os
@@ -284,6 +283,18 @@ def test_sigint_before_the_first_step_of_an_epoch_resumes_there_and_handlers_com
         assert torch.equal(a, b)
 
 
+def test_a_sigint_the_process_was_started_ignoring_stays_ignored(tmp_path, monkeypatch):
+    # A script's `kdreid ... &` inherits SIGINT ignored, so that Ctrl-C stops the script and not its background jobs;
+    # Python leaves it so, and training must not take it over (it did: the job checkpointed and stopped).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the autouse fixture puts Python's handler back afterwards
+    monkeypatch.setenv(HOLD, "5")
+    raised = []
+    monkeypatch.setattr(loop, "_hold", lambda step, stop: raised.append(step) or signal.raise_signal(signal.SIGINT))
+    _train(tmp_path / "run")
+    assert raised and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert load_training_state(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 4  # trained to its end
+
+
 def test_sigint_during_the_last_evaluation_stops_after_its_checkpoint_and_resume_only_finishes(tmp_path):
     """Ctrl-C while the last epoch is evaluated: the stage must not write its model and exit 0 (a pipeline would
     go on to the next stages); the checkpoint holds the finished epoch, and --resume trains and evaluates nothing."""
@@ -319,8 +330,8 @@ def test_resumed_plain_dict_states_come_back_on_the_training_device():
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_before_training_begins_leaves_no_run_folder(synth_root, tmp_path, monkeypatch, capsys, request,
-                                                              signum, code):
+def test_a_signal_before_training_begins_leaves_no_run_folder(synth_root, tmp_path, monkeypatch, capsys, signum,
+                                                              code):
     """Found by a review: Ctrl-C or SIGTERM while the datasets were read left config.yaml, log.txt and
     datasets.json (SIGTERM killed the process with no clean-up): a folder that --resume could not continue and
     that the same command then refused as occupied."""
@@ -330,10 +341,6 @@ def test_a_signal_before_training_begins_leaves_no_run_folder(synth_root, tmp_pa
         signal.raise_signal(signum)  # the real handler: SIGTERM's is installed only while a command runs
 
     monkeypatch.setattr(common, "load_datasets", interrupted)
-    if signum == signal.SIGINT:  # a pytest started in the background by a script inherits SIGINT ignored; Python
-        # then installs no KeyboardInterrupt handler, and the signal raised here would do nothing
-        request.addfinalizer(functools.partial(signal.signal, signal.SIGINT,
-                                               signal.signal(signal.SIGINT, signal.default_int_handler)))
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "new" / "run"
     assert main(_source_args(synth_root, out)) == code

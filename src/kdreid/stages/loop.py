@@ -689,7 +689,9 @@ class TrainingInterrupted(TrainingError):
 class _GracefulStop:
     """SIGINT/SIGTERM while training: note the signal and let the loop stop between two steps (the step in flight
     is finished, a checkpoint written). A second signal stops at once. The handlers are only installed from the
-    main thread (Python's rule) and the previous ones are put back on exit."""
+    main thread (Python's rule) and the previous ones are put back on exit. A signal the process was started with
+    ignored (a script's `kdreid ... &`: the shell ignores SIGINT there, so that Ctrl-C stops the script, not its
+    background jobs) stays ignored, as Python leaves it."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -701,7 +703,8 @@ class _GracefulStop:
     def __enter__(self) -> _GracefulStop:
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
