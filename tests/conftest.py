@@ -20,6 +20,18 @@ def sigint_as_python_sets_it():
 
 
 @pytest.fixture
+def drawn_figures(monkeypatch):
+    """drawn_figures(module) -> the list that collects each Figure the module's picture functions hand to save_png
+    (the PNG is still written): what a picture shows, read back from the figure."""
+    def capture(module):
+        figures, real_save = [], module.save_png
+        monkeypatch.setattr(module, "save_png", lambda figure, path: figures.append(figure) or real_save(figure, path))
+        return figures
+
+    return capture
+
+
+@pytest.fixture
 def rng():
     import numpy as np
 

@@ -112,16 +112,14 @@ def test_picture_is_written(tmp_path):
         assert image.size[0] > 600
 
 
-def test_picture_shows_positives_as_positives_and_the_roc(tmp_path, monkeypatch):
+def test_picture_shows_positives_as_positives_and_the_roc(tmp_path, drawn_figures):
     """Read back from the drawn figure: each population's histogram is its own counts as a density over the drawn
     bins, the thresholds are the result's, and the ROC is (FPR, TPR)."""
     import kdreid.viz.verification as picture
 
     distmat, *labels = _pairs(1)
     result = verification_statistics(distmat, *labels)
-    figures = []
-    real_save = picture.save_png
-    monkeypatch.setattr(picture, "save_png", lambda figure, path: figures.append(figure) or real_save(figure, path))
+    figures = drawn_figures(picture)
     verification_picture(result, tmp_path / "v.png")
     histogram_axes, roc_axes = figures[0].axes[:2]
     group = BINS // picture.DRAWN_BINS

@@ -286,7 +286,7 @@ def test_sigint_before_the_first_step_of_an_epoch_resumes_there_and_handlers_com
 def test_a_sigint_the_process_was_started_ignoring_stays_ignored(tmp_path, monkeypatch):
     # A script's `kdreid ... &` inherits SIGINT ignored, so that Ctrl-C stops the script and not its background jobs;
     # Python leaves it so, and training must not take it over (it did: the job checkpointed and stopped).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the autouse fixture puts Python's handler back afterwards
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the autouse fixture restores the one before the test
     monkeypatch.setenv(HOLD, "5")
     raised = []
     monkeypatch.setattr(loop, "_hold", lambda step, stop: raised.append(step) or signal.raise_signal(signal.SIGINT))

@@ -169,7 +169,7 @@ def test_each_page_draws_its_own_images_maps_and_captions(tiny_domain, tiny_mode
             np.testing.assert_allclose(row, expected, atol=1e-5)
 
 
-def test_rows_after_the_first_say_their_agreement_with_the_first(tmp_path, monkeypatch):
+def test_rows_after_the_first_say_their_agreement_with_the_first(tmp_path, drawn_figures):
     """Three models: the texts under rows 2 and 3 are each map's correlation with row 1's map of the same image."""
     import kdreid.viz.actmap as actmap
 
@@ -177,9 +177,7 @@ def test_rows_after_the_first_say_their_agreement_with_the_first(tmp_path, monke
     images = rng.integers(0, 256, (3, 16, 8, 3), dtype=np.uint8)
     first, second, third = rng.random((3, 16, 8)), rng.random((3, 16, 8)), rng.random((3, 16, 8))
     second[1] = 2 * first[1] + 1  # r = 1 exactly for image 1
-    figures = []
-    real_save = actmap.save_png
-    monkeypatch.setattr(actmap, "save_png", lambda figure, path: figures.append(figure) or real_save(figure, path))
+    figures = drawn_figures(actmap)
     draw_activation_maps(images, [("t", first), ("s1", second), ("s2", third)], tmp_path / "m.png",
                          captions=["x", "y", "z"])
     texts = [text.get_text() for axes in figures[0].axes for text in axes.texts]

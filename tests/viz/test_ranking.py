@@ -177,7 +177,7 @@ def test_a_failed_evaluation_leaves_the_folder_pictures_as_they_were(tiny_domain
     assert len(err.splitlines()) == 1 and "is a file where kdreid keeps its actmap pictures" in err
 
 
-def test_each_row_shows_its_own_query_and_the_labels_of_what_it_shows(tmp_path, monkeypatch):
+def test_each_row_shows_its_own_query_and_the_labels_of_what_it_shows(tmp_path, drawn_figures):
     """Rows for queries 2 and 0 (not 0 and 1): each row's first image is that query's, and the texts under the
     images name the query's and each gallery image's identity and camera, with the distance."""
     import kdreid.viz.ranking as ranking
@@ -191,9 +191,7 @@ def test_each_row_shows_its_own_query_and_the_labels_of_what_it_shows(tmp_path, 
     q_pids, q_camids = np.array([7, 8, 9]), np.array([1, 2, 3])
     g_pids, g_camids = np.array([9, 7, 5, 8]), np.array([4, 5, 6, 7])
     ranked = [RankedQuery(2, [0, 2], [0.125, 0.5], [True, False]), RankedQuery(0, [3, 1], [0.25, 0.75], [False, True])]
-    figures = []
-    real_save = ranking.save_png
-    monkeypatch.setattr(ranking, "save_png", lambda figure, path: figures.append(figure) or real_save(figure, path))
+    figures = drawn_figures(ranking)
     out = draw_ranked_results(ranked, query_paths, gallery_paths, q_pids, q_camids, g_pids, g_camids,
                               tmp_path / "r.png")
     pixels = _pixels(out)
