@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from kdreid.errors import CheckpointError, KdreidError
+from kdreid.errors import CheckpointError, ConfigError, KdreidError
 
 # Accepted without effect here, each with the reason its note gives (the original's flags: reference/original-
 # system.md §3). `--dropout` and `--momentum` (a memory momentum copied from SpCL) did nothing there either.
@@ -75,8 +75,6 @@ def schedule_overrides(args: argparse.Namespace, step_size: int) -> dict:
     """The original's `--scheduler` / `--step-size` as kdreid settings ({} without either: the preset decides).
     `step_size` is the script's default (50; 5 for KD). The original had no warm-up, so none is added. Its KD engine
     stepped the scheduler once per target in each epoch; here a step is an epoch, in every script."""
-    from kdreid.errors import ConfigError
-
     scheduler = args.scheduler or ("single_step" if args.step_size is not None else None)
     if scheduler is None:
         return {}

@@ -32,6 +32,27 @@ def drawn_figures(monkeypatch):
 
 
 @pytest.fixture
+def pipeline_config_of(tmp_path, monkeypatch):
+    """pipeline_config_of(argv) -> the PipelineConfig `kdreid <argv>` hands to pipeline.run (which is not run)."""
+    from kdreid.cli import main
+    from kdreid.stages import pipeline
+
+    def resolve(argv):
+        seen = []
+
+        def fake_run(config):
+            seen.append(config)
+            (tmp_path / "results.md").write_text("")
+            return pipeline.PipelineResult(str(tmp_path), {}, [], [])
+
+        monkeypatch.setattr(pipeline, "run", fake_run)
+        assert main(argv) == 0
+        return seen[0]
+
+    return resolve
+
+
+@pytest.fixture
 def rng():
     import numpy as np
 

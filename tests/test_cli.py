@@ -218,22 +218,11 @@ def test_a_flag_wins_over_the_config_file_which_wins_over_the_preset(tmp_path, m
             config.dmmd_normalize, config.train.height) == (0, 1, False, False, False, 32)  # the flags over both
 
 
-def test_every_flag_of_the_pipeline_reaches_its_stages(tmp_path, monkeypatch):
-    from kdreid.stages import pipeline
-
-    seen = []
-
-    def fake_run(config):
-        seen.append(config)
-        (tmp_path / "results.md").write_text("")
-        return pipeline.PipelineResult(str(tmp_path), {}, [], [])
-
-    monkeypatch.setattr(pipeline, "run", fake_run)
+def test_every_flag_of_the_pipeline_reaches_its_stages(tmp_path, pipeline_config_of):
     flags = [flag if flag not in ("R", "O") else str(tmp_path / flag) for flag in STAGE_FLAGS]
-    assert main(["pipeline", "-s", "cuhk03", "-t", "market1501", "dukemtmcreid", "--teacher-arch", "resnet_tiny",
-                 "--student-arch", "osnet_tiny", "--pretrained", "imagenet", "--no-blend-baseline", "--preset",
-                 "quick", *flags]) == 0
-    config = seen[0]
+    config = pipeline_config_of(["pipeline", "-s", "cuhk03", "-t", "market1501", "dukemtmcreid", "--teacher-arch",
+                                 "resnet_tiny", "--student-arch", "osnet_tiny", "--pretrained", "imagenet",
+                                 "--no-blend-baseline", "--preset", "quick", *flags])
     assert (config.sources, config.targets, config.teacher_arch, config.student_arch, config.root, config.out,
             config.preset, config.blend_baseline) == (
         ["cuhk03"], ["market1501", "dukemtmcreid"], "resnet_tiny", "osnet_tiny", str(tmp_path / "R"),

@@ -195,43 +195,34 @@ def test_select_target_clusters_leaves_the_source_stages_their_last_epoch(tmp_pa
         "teacher_synth_cuhk": "target-clusters", "blend": "target-clusters", "distill": "target-clusters"}
 
 
-def _resolved_by_cli(tmp_path, monkeypatch, yaml_settings: dict, *flags) -> pipeline.PipelineConfig:
+def _resolved_by_cli(tmp_path, pipeline_config_of, yaml_settings: dict, *flags) -> pipeline.PipelineConfig:
     """The PipelineConfig `kdreid pipeline` hands to pipeline.run for these --config settings and flags."""
-    seen = []
-
-    def fake_run(config):
-        seen.append(config)
-        (tmp_path / "results.md").write_text("")
-        return pipeline.PipelineResult(str(tmp_path), {}, [], [])
-
-    monkeypatch.setattr(pipeline, "run", fake_run)
     config_file = tmp_path / "pipeline.yaml"
     config_file.write_text(yaml.safe_dump(yaml_settings))
-    assert main(["pipeline", "-s", "synth_msmt", "-t", *TARGETS, "--out", str(tmp_path / "run"),
-                 "--config", str(config_file), *flags]) == 0
-    return seen[0]
+    return pipeline_config_of(["pipeline", "-s", "synth_msmt", "-t", *TARGETS, "--out", str(tmp_path / "run"),
+                               "--config", str(config_file), *flags])
 
 
-def test_cli_flags_win_over_the_config_file_in_every_stage(tmp_path, monkeypatch):
+def test_cli_flags_win_over_the_config_file_in_every_stage(tmp_path, pipeline_config_of):
     settings = {"source": {"train": {"epochs": 5}}, "adapt": {"train": {"epochs": 6}},
                 "blend": {"train": {"epochs": 7}}, "distill": {"train.epochs": 8, "train.seed": 3}}
-    config = _resolved_by_cli(tmp_path, monkeypatch, settings, "--epochs", "1")
+    config = _resolved_by_cli(tmp_path, pipeline_config_of, settings, "--epochs", "1")
     configs = pipeline.stage_configs(config)
     assert {name: c.train.epochs for name, c in configs.items()} == dict.fromkeys(configs, 1)
     assert configs["distill"].train.seed == 3  # what no flag names still comes from the file
     # Without the flag the file's sections apply.
-    configs = pipeline.stage_configs(_resolved_by_cli(tmp_path, monkeypatch, settings))
+    configs = pipeline.stage_configs(_resolved_by_cli(tmp_path, pipeline_config_of, settings))
     assert [configs[n].train.epochs for n in ("source_resnet50", "teacher_synth_duke", "blend", "distill")] == [
         5, 6, 7, 8]
 
 
-def test_a_preset_named_in_the_config_file_applies_its_pipeline_section(tmp_path, monkeypatch):
-    config = _resolved_by_cli(tmp_path, monkeypatch, {"preset": "quick"})
+def test_a_preset_named_in_the_config_file_applies_its_pipeline_section(tmp_path, pipeline_config_of):
+    config = _resolved_by_cli(tmp_path, pipeline_config_of, {"preset": "quick"})
     assert config.preset == "quick" and config.teacher_arch == PRESETS["quick"]["pipeline"]["teacher_arch"]
-    assert _resolved_by_cli(tmp_path, monkeypatch, {"preset": "quick", "teacher_arch": "resnet34"}).teacher_arch == \
-        "resnet34"
+    overridden = _resolved_by_cli(tmp_path, pipeline_config_of, {"preset": "quick", "teacher_arch": "resnet34"})
+    assert overridden.teacher_arch == "resnet34"
     # --preset wins over the file's.
-    config = _resolved_by_cli(tmp_path, monkeypatch, {"preset": "quick"}, "--preset", "paper")
+    config = _resolved_by_cli(tmp_path, pipeline_config_of, {"preset": "quick"}, "--preset", "paper")
     assert config.preset == "paper" and config.teacher_arch == "resnet50"
 
 
@@ -523,11 +514,11 @@ def test_without_the_blend_baseline_no_blend_stage_runs_and_no_row_shows_it(thre
     assert "blend" in pipeline.stage_configs(_config(tmp_path))
 
 
-def test_the_blend_baseline_flag_and_config_key(tmp_path, monkeypatch):
-    assert _resolved_by_cli(tmp_path, monkeypatch, {}).blend_baseline is True
-    assert _resolved_by_cli(tmp_path, monkeypatch, {}, "--no-blend-baseline").blend_baseline is False
-    assert _resolved_by_cli(tmp_path, monkeypatch, {"blend_baseline": False}).blend_baseline is False
-    assert _resolved_by_cli(tmp_path, monkeypatch, {"blend_baseline": False}, "--blend-baseline").blend_baseline
+def test_the_blend_baseline_flag_and_config_key(tmp_path, pipeline_config_of):
+    assert _resolved_by_cli(tmp_path, pipeline_config_of, {}).blend_baseline is True
+    assert _resolved_by_cli(tmp_path, pipeline_config_of, {}, "--no-blend-baseline").blend_baseline is False
+    assert _resolved_by_cli(tmp_path, pipeline_config_of, {"blend_baseline": False}).blend_baseline is False
+    assert _resolved_by_cli(tmp_path, pipeline_config_of, {"blend_baseline": False}, "--blend-baseline").blend_baseline
 
 
 def test_an_architecture_that_cannot_run_stops_the_pipeline_before_the_first_stage(synth_root, tmp_path, capsys,
