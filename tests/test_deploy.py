@@ -444,3 +444,51 @@ def test_nan_features_are_refused_where_they_would_be_written_or_ranked(workdir,
     np.savez(tmp_path / "inf.npz", **arrays)
     assert main(["search", "--gallery", str(tmp_path / "inf.npz"), "--query", str(tmp_path / "gallery.npz")]) == 2
     assert "holds NaN/inf features; extract it again" in _one_line(capsys)
+
+
+def plain_resnet(path, **kwargs) -> torch.nn.Module:
+    """A plain state dict (another toolkit's file: no kdreid metadata) of a resnet_tiny built with `kwargs`, saved
+    at `path`; returns the model in eval mode."""
+    torch.manual_seed(0)
+    model = build_model("resnet_tiny", 0, **kwargs)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.save({"state_dict": model.state_dict()}, path)
+    return model.eval()
+
+
+def test_a_plain_state_dict_is_embedded_with_its_last_stride_and_embedding_layer(workdir, tmp_path, capsys):
+    # Found by a review: `-a ARCH` always rebuilt last stride 1, so a torchreid ResNet (last stride 2) gave other
+    # features than torchreid's, silently; and a file with an embedding layer (SpCL's `feat`) was refused with a
+    # fix ("build it with embedding_dim=D") that no flag could apply. Nor did extract say what the file loaded.
+    model = plain_resnet(tmp_path / "stride2.pth", last_stride=2, embedding_dim=8)
+    out = tmp_path / "plain.npz"
+    args = ["extract", "--model", str(tmp_path / "stride2.pth"), "-a", "resnet_tiny", "--images",
+            str(workdir / "images"), "--out", str(out), "--height", str(SIZE[0]), "--width", str(SIZE[1])]
+    assert main([*args, "--last-stride", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "kdreid: loaded " in err and f"from {tmp_path / 'stride2.pth'}" in err
+    saved = load_features(out)
+    reference = FeatureExtractor(model, height=SIZE[0], width=SIZE[1], device="cpu")(saved.paths).numpy()
+    assert saved.features.shape[1] == 8 and np.abs(saved.features - reference).max() <= 1e-5
+    assert (saved.arch, saved.last_stride) == ("resnet_tiny", 2)
+
+    # The gallery's own state dict embeds the queries as it embedded the gallery: -a and --last-stride included.
+    query = saved.paths[2]
+    assert main(["search", "--gallery", str(out), "--query", query, "--topk", "1"]) == 0
+    rank, distance, path = capsys.readouterr().out.strip().splitlines()[1].split()
+    assert path == query and float(distance) < 1e-3 * np.linalg.norm(saved.features[2])  # itself, to fp32 rounding
+
+    # Without --last-stride the default (1) is another model: other features.
+    assert main([*args[:-4], "--height", str(SIZE[0]), "--width", str(SIZE[1])]) == 0
+    assert np.abs(load_features(out).features - reference).max() > 1e-3
+
+    # A kdreid checkpoint records its stride: another one is refused in one line.
+    capsys.readouterr()
+    assert main(["extract", "--model", str(workdir / "tiny.pt"), "--last-stride", "2", "--images",
+                 str(workdir / "images"), "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "last stride 1, not 2" in err[0] and not (tmp_path / "x.npz").exists()

@@ -447,3 +447,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_export_builds_a_plain_state_dict_with_its_last_stride_and_embedding_layer(tmp_path, capsys):
+    # Found by a review: `-a ARCH` always rebuilt last stride 1 (a torchreid ResNet's file, trained with 2, was
+    # exported as another model, and the check passed against that other model) and refused a file's embedding layer.
+    model = tiny("resnet_tiny", last_stride=2, embedding_dim=8)
+    plain = tmp_path / "plain.pth"
+    torch.save({"state_dict": model.state_dict()}, plain)
+    out = tmp_path / "plain.onnx"
+    assert main(["export", "--model", str(plain), "-a", "resnet_tiny", "--last-stride", "2", "--format", "onnx",
+                 "--out", str(out), "--dynamic-batch", "--height", str(SIZE[0]), "--width", str(SIZE[1])]) == 0
+    assert "kdreid: loaded " in capsys.readouterr().err
+    x = images(3)
+    assert np.abs(run_onnx(out, x) - expected(model, x)).max() <= 1e-4

@@ -207,6 +207,7 @@ def _add_evaluate(commands) -> None:
                    help="a kdreid checkpoint (model.pt), a plain state dict with -a, or an .onnx / TorchScript file "
                         "from export")
     p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
+    _add_last_stride(p)
     p.add_argument("-t", "--targets", nargs="+", required=True, help="dataset names, e.g. market1501 synth_duke")
     p.add_argument("--root", type=_path, required=True, help="parent folder of the datasets")
     p.add_argument("--out", type=_path, default=None,
@@ -243,6 +244,13 @@ def _add_evaluate(commands) -> None:
                    help="same-person verification: TPR at FPR 1e-4..1e-1 with each distance threshold, ROC AUC; "
                         "with --out, positive/negative distance histograms and the ROC in OUT/verification/*.png")
     p.set_defaults(run=_run_evaluate)
+
+
+def _add_last_stride(p) -> None:
+    """--last-stride of the commands that take a plain state dict with -a."""
+    p.add_argument("--last-stride", type=int, choices=[1, 2], default=None,
+                   help="with -a: the last-stage stride the plain state dict was trained with (default 1: fast-reid, "
+                        "SpCL, OpenUnReID; 2: torchreid's ResNets)")
 
 
 def _add_input_size(p, default: str = "the checkpoint's, else 256x128") -> None:
@@ -422,6 +430,7 @@ def _add_export(commands) -> None:
     p.add_argument("--model", type=_path, required=True,
                    help="a kdreid checkpoint (model.pt), or a plain state dict with -a")
     p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
+    _add_last_stride(p)
     p.add_argument("--format", required=True, choices=("onnx", "torchscript", "torchreid"))
     p.add_argument("--out", type=_path, required=True, help="file to write (atomically, only after the check passes)")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batches of 1)")
@@ -444,6 +453,7 @@ def _add_extract(commands) -> None:
     p.add_argument("--model", type=_path, required=True,
                    help="a kdreid checkpoint, or an .onnx / TorchScript file from export")
     p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
+    _add_last_stride(p)
     p.add_argument("--images", type=_path, required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", type=_path, required=True, help="features file to write, e.g. gallery.npz")
     p.add_argument("--flip", action="store_true", help="average the features of each image and its mirror")
@@ -467,6 +477,7 @@ def _add_search(commands) -> None:
     p.add_argument("--query", type=_path, required=True, help="an image, a folder of images, or a features .npz")
     p.add_argument("--model", type=_path, default=None, help="model that embeds query images (default: the gallery's)")
     p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
+    _add_last_stride(p)
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("--max-distance", type=float, default=None, metavar="D",
                    help="list only gallery images closer than D (a threshold from `kdreid evaluate --verification`)")

@@ -8,7 +8,8 @@
 
 A features file is a NumPy `.npz`: `features` (N, D) float32 (not L2-normalised), `paths` (N,) str (absolute),
 `pids` and `camids` (N,) int64 (-1 when the file name is not Market-style `PID_cCAM...`), and what made it:
-`model`, `flip`, `height`, `width`, `format` = "kdreid-features".
+`model`, `flip`, `height`, `width`, `format` = "kdreid-features", and a plain state dict's `arch` and `last_stride`
+("" and 0 otherwise).
 
 Search is exact. Gallery norms are computed once when the index is built; a query is one matrix product per chunk
 of the gallery and a top-k, merged across chunks: one query against 1M 512-d features takes ~0.18 s on 2 loaded
@@ -56,6 +57,11 @@ class Embedder:
     kind: str  # "checkpoint", "onnx" or "torchscript"
     flip: bool = False
     batch_size: int = 64
+    # A plain state dict's architecture and last stride (what -a / --last-stride said; recorded in a features file
+    # so that `search` embeds its queries alike), and the checkpoint's model (None for an exported file).
+    arch: str = ""
+    last_stride: int = 0
+    model: object = None
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         features = self.embed(images)
@@ -71,10 +77,12 @@ class Embedder:
 
 
 def open_embedder(path: str | Path, *, arch: str | None = None, flip: bool = False, batch_size: int = 64,
-                  device: str | None = None, height: int | None = None, width: int | None = None) -> Embedder:
-    """An Embedder for a kdreid checkpoint (or a plain state dict with `arch`), an ONNX file or a TorchScript
-    file written by `kdreid export`. `flip` averages each image's features with its mirror's. height, width: the
-    input size (default: the one the checkpoint records, else 256 x 128); an exported file takes only its own."""
+                  device: str | None = None, height: int | None = None, width: int | None = None,
+                  last_stride: int | None = None) -> Embedder:
+    """An Embedder for a kdreid checkpoint (or a plain state dict with `arch`, built with `last_stride`: default 1,
+    2 for torchreid's ResNets), an ONNX file or a TorchScript file written by `kdreid export`. `flip` averages each
+    image's features with its mirror's. height, width: the input size (default: the one the checkpoint records,
+    else 256 x 128); an exported file takes only its own."""
     path = Path(path)
     if not path.is_file():
         raise KdreidError(f"model file {path} {why_not_a_file(path)}; pass a kdreid checkpoint or an exported .onnx "
@@ -84,7 +92,7 @@ def open_embedder(path: str | Path, *, arch: str | None = None, flip: bool = Fal
         return _onnx_embedder(path, flip, batch_size, height, width)
     if kind == "torchscript":
         return _torchscript_embedder(path, flip, batch_size, height, width)
-    return _checkpoint_embedder(path, arch, flip, batch_size, device, height, width)
+    return _checkpoint_embedder(path, arch, flip, batch_size, device, height, width, last_stride)
 
 
 def _as_float(images: np.ndarray) -> torch.Tensor:
@@ -92,12 +100,12 @@ def _as_float(images: np.ndarray) -> torch.Tensor:
 
 
 def _checkpoint_embedder(path: Path, arch, flip: bool, batch_size: int, device, height: int | None,
-                         width: int | None) -> Embedder:
+                         width: int | None, last_stride: int | None = None) -> Embedder:
     from kdreid.evaluation.features import embed_batch, load_model, model_input_size, pick_device
 
     from kdreid.models import check_input_size
 
-    model = load_model(path, arch)
+    model = load_model(path, arch, last_stride)
     device = pick_device(device)
     recorded_height, recorded_width = model_input_size(model)
     height, width = height or recorded_height, width or recorded_width
@@ -107,7 +115,9 @@ def _checkpoint_embedder(path: Path, arch, flip: bool, batch_size: int, device, 
     def embed(images: np.ndarray) -> np.ndarray:
         return embed_batch(model, _as_float(images).to(device), flip).cpu().numpy()
 
-    return Embedder(embed, height, width, str(path), "checkpoint", flip, batch_size)
+    plain = getattr(model, "load_report", None) is not None  # set for a plain state dict (built from the file)
+    arch, last_stride = (model.arch, int(model.last_stride)) if plain else ("", 0)
+    return Embedder(embed, height, width, str(path), "checkpoint", flip, batch_size, arch, last_stride, model)
 
 
 def _exported_size(path: Path, metadata: dict, shape, height: int | None, width: int | None) -> tuple[int, int]:
@@ -253,7 +263,7 @@ def save_features(path: str | Path, extracted: Extracted, embedder: Embedder) ->
              paths=np.array([str(Path(p).absolute()) for p in extracted.paths], dtype=str),
              pids=extracted.pids, camids=extracted.camids,
              model=str(Path(embedder.source).resolve()), flip=embedder.flip, height=embedder.height,
-             width=embedder.width)
+             width=embedder.width, arch=embedder.arch, last_stride=embedder.last_stride)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
 
@@ -268,6 +278,8 @@ class FeatureFile:
     flip: bool
     height: int
     width: int
+    arch: str = ""  # a plain state dict's -a and --last-stride ("" and 0 otherwise, and in older files)
+    last_stride: int = 0
 
 
 def load_features(path: str | Path) -> FeatureFile:
@@ -287,7 +299,9 @@ def load_features(path: str | Path) -> FeatureFile:
                 raise EvaluationError(f"{path} holds NaN/inf features; extract it again with a sound model")
             return FeatureFile(features.reshape(len(data["paths"]), -1), [str(p) for p in data["paths"]],
                                data["pids"], data["camids"], str(data["model"]), bool(data["flip"]),
-                               int(data["height"]), int(data["width"]))
+                               int(data["height"]), int(data["width"]),
+                               str(data["arch"]) if "arch" in data.files else "",
+                               int(data["last_stride"]) if "last_stride" in data.files else 0)
     except (OSError, ValueError, zipfile.BadZipFile, KeyError) as error:
         raise EvaluationError(f"{path} cannot be read as a features file ({error}); write it again with "
                               "`kdreid extract`") from None
@@ -387,10 +401,14 @@ def extract_command(args) -> int:
     """`kdreid extract`: features of every image under --images into --out; undecodable images listed last."""
     refuse_folder(args.out, "gallery.npz")  # before the extraction, not after it
     refuse_overwriting_input(args.out, {"--model": args.model})
-    if args.arch and Path(args.model).is_file() and model_kind(Path(args.model)) != "checkpoint":
-        warn_unused({"-a": args.arch}, f"{args.model} is an exported model, which records its architecture")
+    if Path(args.model).is_file() and model_kind(Path(args.model)) != "checkpoint":
+        warn_unused({"-a": args.arch, "--last-stride": args.last_stride},
+                    f"{args.model} is an exported model, which records its architecture")
     embedder = open_embedder(args.model, arch=args.arch, flip=args.flip, batch_size=args.batch_size,
-                             device=args.device, height=args.height, width=args.width)
+                             device=args.device, height=args.height, width=args.width, last_stride=args.last_stride)
+    from kdreid.evaluation.features import note_loaded_weights
+
+    note_loaded_weights(embedder.model)
     extracted = extract_folder(embedder, args.images, workers=args.workers)
     for path, why in extracted.skipped:
         print(f"kdreid: skipped {path}: {why}", file=sys.stderr)
@@ -453,7 +471,7 @@ def search_command(args) -> int:
               "the set, so a threshold measured by `kdreid evaluate --verification` does not carry over exactly",
               file=sys.stderr)
     if query_path.suffix.lower() == ".npz" and query_path.is_file():
-        warn_unused({"--model": args.model, "-a": args.arch, "--flip": args.flip,
+        warn_unused({"--model": args.model, "-a": args.arch, "--last-stride": args.last_stride, "--flip": args.flip,
                       "--height": args.height, "--width": args.width}, f"{args.query} holds features already")
         query = load_features(query_path)
         query_features, query_paths = query.features, query.paths
@@ -463,9 +481,21 @@ def search_command(args) -> int:
         if not model or not Path(model).is_file():
             raise KdreidError(f"embedding {args.query} needs the model: pass --model (the gallery's recorded model "
                               f"{model or '(none)'} does not exist)")
-        # Query images are embedded as the gallery was (its size and flip) unless the flags say otherwise.
-        embedder = open_embedder(model, arch=args.arch, flip=gallery.flip if args.flip is None else args.flip,
-                                 height=args.height or gallery.height, width=args.width or gallery.width)
+        # Query images are embedded as the gallery was (its size and flip; for the gallery's own plain state dict,
+        # its -a and --last-stride) unless the flags say otherwise.
+        own = not args.model or _same_file(Path(model), Path(gallery.model))
+        arch = args.arch or (gallery.arch if own and gallery.arch else None)
+        last_stride = args.last_stride or (gallery.last_stride if own and gallery.last_stride else None)
+        if Path(model).is_file() and model_kind(Path(model)) != "checkpoint":
+            warn_unused({"-a": args.arch, "--last-stride": args.last_stride},
+                        f"{model} is an exported model, which records its architecture")
+            arch = last_stride = None
+        embedder = open_embedder(model, arch=arch, flip=gallery.flip if args.flip is None else args.flip,
+                                 height=args.height or gallery.height, width=args.width or gallery.width,
+                                 last_stride=last_stride)
+        from kdreid.evaluation.features import note_loaded_weights
+
+        note_loaded_weights(embedder.model)
         embedded = (str(model), embedder.flip, (embedder.height, embedder.width), "the query images are embedded")
         images = list_images(query_path)
         if not images:

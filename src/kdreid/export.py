@@ -421,7 +421,7 @@ def export_command(args) -> int:
     from kdreid.models import check_input_size
 
     refuse_overwriting_input(args.out, {"--model": args.model, "--images": args.images})
-    model = load_model(args.model, getattr(args, "arch", None))
+    model = load_model(args.model, getattr(args, "arch", None), getattr(args, "last_stride", None))
     height, width = input_size(model, args.height, args.width)
     check_input_size(model, height, width)
     images = load_check_images(args.images, height, width) if args.images else None

@@ -51,22 +51,30 @@ class Features:
 
 
 # ------------------------------------------------------------------------------------------------ models
-def load_model(path: str | Path, arch: str | None = None) -> nn.Module:
+def load_model(path: str | Path, arch: str | None = None, last_stride: int | None = None) -> nn.Module:
     """A model in eval mode on the CPU from a kdreid checkpoint, or from another toolkit's plain state dict when
-    `arch` names its architecture."""
+    `arch` names its architecture: built with the embedding layer the file holds, if any (SpCL's and OpenUnReID's
+    `feat`), and with `last_stride` (default 1; 2 for torchreid's ResNets, which a stride-1 model embeds
+    differently). A kdreid checkpoint records its own stride: another `last_stride` is refused."""
     from kdreid.models import build_model, load_checkpoint
-    from kdreid.models.weights import CHECKPOINT_FORMAT, read_file
+    from kdreid.models.weights import CHECKPOINT_FORMAT, embedding_dim_of, read_file
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file {path} {why_not_a_file(path)}; pass the model.pt a kdreid run wrote")
     content = read_file(path)
     if isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT:
-        return load_checkpoint(path, arch=arch)
+        model = load_checkpoint(path, arch=arch)
+        recorded = getattr(model, "last_stride", 1)
+        if last_stride is not None and last_stride != recorded:
+            raise CheckpointError(f"{path} is a kdreid checkpoint of last stride {recorded}, not {last_stride}: "
+                                  "leave --last-stride out (it is for plain state dicts with -a)")
+        return model
     if arch is None:
         raise CheckpointError(f"{path} is a plain state dict with no architecture recorded; name it with -a ARCH "
                               "(e.g. -a resnet50 or -a osnet_x0_25)")
-    model = build_model(arch, num_classes=0, pretrained=str(path))
+    model = build_model(arch, num_classes=0, pretrained=str(path), embedding_dim=embedding_dim_of(path),
+                        last_stride=1 if last_stride is None else last_stride)
     return model.eval()
 
 
@@ -619,7 +627,8 @@ def _embedder_of(args, device: torch.device) -> tuple[Callable[[Sequence], Featu
     path = Path(args.model)
     if path.is_file() and model_kind(path) != "checkpoint":
         # --device still places the ranking; the file itself runs as `extract` runs it (on the CPU).
-        warn_unused({"-a": args.arch}, f"{path} is an exported model: it runs as `kdreid extract` runs it")
+        warn_unused({"-a": args.arch, "--last-stride": args.last_stride},
+                    f"{path} is an exported model: it runs as `kdreid extract` runs it")
         if "cuhk03" in args.targets:  # the check a checkpoint gets (_other_cuhk03_split) needs what it trained on
             print(f"kdreid: warning: {path} is an exported file, which does not record the CUHK03 split it was "
                   "trained on: evaluate its checkpoint to have that checked", file=sys.stderr)
@@ -636,7 +645,7 @@ def _embedder_of(args, device: torch.device) -> tuple[Callable[[Sequence], Featu
                             np.array([r.camid for r in records], dtype=np.int64), [r.path for r in records])
 
         return embed_exported, lambda: None, None
-    model = load_model(path, args.arch)
+    model = load_model(path, args.arch, args.last_stride)
     if "cuhk03" in args.targets and (leak := _other_cuhk03_split(model, args.cuhk03_classic_split, args.split_id)):
         print(f"kdreid: warning: {args.model} {leak}", file=sys.stderr)
     trained_height, trained_width = model_input_size(model)
