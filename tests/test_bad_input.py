@@ -162,6 +162,17 @@ def _tracklets_across_cameras(tmp: Path, command: str) -> list[str]:
             str(tmp / "run"), *TINY]
 
 
+def _manifest_names_a_missing_image(tmp, monkeypatch):
+    """One's own data whose manifest lists an image that is not there (deleted, or never copied)."""
+    root, _ = _market(tmp)
+    names = [f"p{i}.jpg" for i in range(8)]
+    write_images(root / "shop" / "train", names)
+    write_csv(root / "shop" / "manifest.csv", ["path", "pid", "camid"],
+              [[f"train/{name}", 1 + i // 4, 1 + i % 2] for i, name in enumerate([*names, "gone.jpg"])])
+    return ["train-source", "-s", "custom:shop", "-a", "osnet_tiny", "--root", str(root), "--out", str(tmp / "run"),
+            *TINY]
+
+
 def _teacher_count(tmp, monkeypatch):
     root, _ = _market(tmp)
     teacher = _checkpoint(tmp, "t.pt")
@@ -255,6 +266,26 @@ def _no_work(*args, **kwargs):
 def _out_is_a_file(tmp, monkeypatch):
     root, _ = _market(tmp)
     (tmp / "run").write_text("not a folder")
+    return _train(tmp, root)
+
+
+def _out_not_writable(tmp, monkeypatch):
+    """--out an existing folder the user may not write in (made by another user, or read-only): no lock file can be
+    created there and none exists."""
+    from kdreid import rundir
+
+    root, _ = _market(tmp)
+    (tmp / "run").mkdir()
+    (tmp / "run").chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: make the refusal the kernel would give happen at open()
+        real_open = os.open
+
+        def refusing_open(path, flags, *args, **kwargs):
+            if Path(path).parent == tmp / "run" and flags & os.O_CREAT:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(rundir.os, "open", refusing_open)
     return _train(tmp, root)
 
 
@@ -385,6 +416,9 @@ CASES = [
     Case("non-image file named .jpg", _replace_image(b"<html>not an image</html>"), "cannot identify image file"),
     Case("unreadable image (permissions)", _unreadable_image, "is not readable (permission denied)"),
     Case("unreadable split folder (permissions)", _unreadable_folder, "permission denied; make it readable"),
+    Case("a manifest row naming an image that does not exist", _manifest_names_a_missing_image,
+         "shop/train/gone.jpg (custom:shop, train) does not exist; restore it or take it out of the dataset's list",
+         made_run_folder=True),
     Case("unknown dataset name", _unknown_dataset, "unknown dataset 'market1502'; known:"),
     Case("unknown model name", _unknown_model, "unknown model 'resnet51'; known models:"),
     Case("wrong teacher count", _teacher_count, "2 teacher(s) for 1 target(s)"),
@@ -399,6 +433,9 @@ CASES = [
          "train.augment.flip is a probability, from 0 to 1; got 2.0"),
     Case("P×K batch larger than the data allow", _too_big_batch, "lower --batch-size or raise --num-instances"),
     Case("--out is a file", _out_is_a_file, "is a file, not a folder; choose another --out"),
+    Case("--out a folder that is not writable", _out_not_writable,
+         "run: permission denied; nothing was half-written (the previous file, if any, is intact): fix the "
+         "permissions"),
     Case("a run folder another kdreid process is writing", _folder_in_use,
          "is in use by another kdreid process (pid 4242 on node7, "),
     Case("--device that is not a device", lambda tmp, monkeypatch: _train(tmp, _market(tmp)[0], "--device", "gpu"),

@@ -242,9 +242,11 @@ def _lock(folder: Path, fcntl) -> int | None:
     for _ in range(10):
         try:  # 0o666 & ~umask, as the run's other files: a group sharing a run folder can lock it too
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:  # another member's lock file, not writable by us: a read descriptor locks as well
-            try:
+        except PermissionError as denied:  # another member's lock file, not writable by us: a read descriptor
+            try:                           # locks as well
                 fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # no lock file, and the folder is not writable: that is what to say
+                raise as_write_error(folder, denied) from None
             except OSError as error:
                 raise as_write_error(path, error) from None
         except OSError as error:

@@ -364,8 +364,12 @@ def test_several_custom_datasets_side_by_side(tmp_path):
     assert build_dataset("custom:site_a", tmp_path / "site_a").train == site_a.train
     assert "custom:FOLDER" in dataset_names()
     # a typo names the sites that are there; a name that is not a folder name is refused
-    with pytest.raises(DatasetError, match=r"^-d custom:site_c: expected train/.* holds custom:site_a, custom:site_b$"):
+    with pytest.raises(DatasetError,
+                       match=r"^dataset custom:site_c: expected train/.* holds custom:site_a, custom:site_b$"):
         build_dataset("custom:site_c", tmp_path)
+    # so does plain `custom` when --root is their parent (the folder is not called custom/)
+    with pytest.raises(DatasetError, match=r"^dataset custom: expected train/.* holds custom:site_a, custom:site_b$"):
+        build_dataset("custom", tmp_path)
     with pytest.raises(DatasetError, match=r"after 'custom:' comes the name of a folder"):
         build_dataset("custom:../site_a", tmp_path)
     with pytest.raises(DatasetError, match=r"unknown dataset 'market:site_a'; known: .*custom:FOLDER"):

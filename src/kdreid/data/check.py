@@ -96,6 +96,18 @@ def find_problems(dataset: ReidDataset, verify: bool = True, workers: int | None
     return problems
 
 
+def parse_problems_note(dataset: ReidDataset) -> str | None:
+    """One line for the commands that train on or evaluate `dataset` when its reader left files or manifest rows out
+    (names that do not parse, links to nothing, images of a format the layout does not read...): they go on
+    without them, but not silently. None when nothing was left out."""
+    if not dataset.problems:
+        return None
+    count = len(dataset.problems)
+    return (f"{dataset.name}: {count} file{'s' if count > 1 else ''} or row{'s' if count > 1 else ''} left out while "
+            f"reading it (e.g. {dataset.problems[0]}); `kdreid data check -d {dataset.name}` lists "
+            f"{'them' if count > 1 else 'it'}")
+
+
 def is_unlabelled_target(dataset: ReidDataset) -> bool:
     """One's own cameras with training images only (tracker crops): a target to adapt to, with nothing to evaluate,
     which the custom formats allow (docs/datasets.md); the released layouts always have a query and a gallery."""

@@ -405,6 +405,7 @@ def evaluate_command(args) -> int:
     RUN/metrics.json ({"final": {target: {mAP, rank1, rank5, rank10, rank20, mINP}}}, merged into an existing file)."""
     import json
 
+    from kdreid.data.check import parse_problems_note
     from kdreid.data.datasets.base import build_dataset
     from kdreid.errors import DatasetError
     from kdreid.evaluation.ranking import evaluation_warnings_to
@@ -445,6 +446,8 @@ def evaluate_command(args) -> int:
     datasets = {target: build_dataset(target, args.root, **data_options.reader_options(target))
                 for target in args.targets}
     for target, dataset in datasets.items():
+        if (note := parse_problems_note(dataset)) is not None:
+            print(f"kdreid: warning: {note}", file=sys.stderr)
         for split in ("query", "gallery"):  # named here, before any work: evaluate_features does not know the dataset
             if not getattr(dataset, split):
                 raise EvaluationError(f"dataset {target} has no {split} image under {dataset.root}: it cannot be "

@@ -23,7 +23,7 @@ from torch import nn
 
 from kdreid import distributed
 from kdreid.config import read_yaml
-from kdreid.data.check import tracklets_across_cameras
+from kdreid.data.check import parse_problems_note, tracklets_across_cameras
 from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.data.samplers import groups_per_rank
 from kdreid.errors import CheckpointError, ConfigError, DatasetError, KdreidError, Terminated
@@ -346,6 +346,9 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     options = {name: config.data.reader_options(name) for name in [*config.sources, *config.targets]}
     sources = load_datasets(config.sources, config.data.root, options)
     targets = load_datasets(config.targets, config.data.root, options)
+    for dataset in sources + targets:
+        if (note := parse_problems_note(dataset)) is not None:
+            log.warning(note)
     evaluation_changed = None
     if distributed.is_main():
         resuming = resume and has_checkpoint(run.path)

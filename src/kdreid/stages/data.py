@@ -42,8 +42,14 @@ def dataset_fingerprint(dataset: ReidDataset, root: str) -> str:
     root = str(Path(root).expanduser().absolute())  # as build_dataset made the records' paths
     for split in ("train", "query", "gallery"):
         for record in getattr(dataset, split):
+            try:
+                size = os.stat(record.path).st_size
+            except FileNotFoundError:  # a list file or manifest names an image that is not there
+                raise DatasetError(f"image {record.path} ({dataset.name}, {split}) does not exist; restore it or take "
+                                   f"it out of the dataset's list (`kdreid data check -d {dataset.name}` lists every "
+                                   "missing file)") from None
             line = (f"{split}\t{os.path.relpath(record.path, root)}\t{record.pid}\t{record.camid}\t{record.tracklet}"
-                    f"\t{os.stat(record.path).st_size}\n").encode("utf-8", "surrogateescape")  # names need not be UTF-8
+                    f"\t{size}\n").encode("utf-8", "surrogateescape")  # names need not be UTF-8
             whole.update(line)
             if split == "train":
                 train.update(line)

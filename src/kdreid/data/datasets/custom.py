@@ -20,6 +20,7 @@ import csv
 from pathlib import Path
 
 from kdreid.data.datasets.base import (
+    MEMBER_NAME,
     SPLITS,
     ImageRecord,
     ReidDataset,
@@ -44,7 +45,7 @@ def read_custom(root: Path) -> ReidDataset:
     candidates = (root, root / "custom")
     folder = _first_custom_folder(candidates)
     if folder is None:
-        raise _not_found("custom", candidates, layout_hint(root, "custom"))
+        raise _not_found("custom", candidates, _hint(root))
     return _read_custom_folder("custom", folder)
 
 
@@ -54,12 +55,18 @@ def read_named_custom(root: Path, member: str) -> ReidDataset:
     candidates = (root / member, root) if root.name == member else (root / member,)
     folder = _first_custom_folder(candidates)
     if folder is None:
-        layouts = set(dataset_names())  # other layouts' folders (synth_market/ has a manifest) are not custom ones
-        others = sorted(f"custom:{d.name}" for d in root.iterdir()
-                        if d.is_dir() and d.name not in layouts and _first_custom_folder((d,)))
-        hint = f"; {root} holds {', '.join(others)}" if others else layout_hint(root, "custom")
-        raise _not_found(f"custom:{member}", candidates, hint)
+        raise _not_found(f"custom:{member}", candidates, _hint(root))
     return _read_custom_folder(f"custom:{member}", folder)
+
+
+def _hint(root: Path) -> str:
+    """'; ROOT holds custom:a, custom:b' when ROOT's sub-folders are custom ones (what to name instead), else a hint
+    of another layout."""
+    layouts = set(dataset_names())  # other layouts' folders (synth_market/ has a manifest) are not custom ones
+    others = sorted(f"custom:{d.name}" for d in root.iterdir()
+                    if d.is_dir() and d.name not in layouts and MEMBER_NAME.fullmatch(d.name)
+                    and _first_custom_folder((d,)))
+    return f"; {root} holds {', '.join(others)}" if others else layout_hint(root, "custom")
 
 
 def _first_custom_folder(candidates: tuple[Path, ...]) -> Path | None:
@@ -68,8 +75,8 @@ def _first_custom_folder(candidates: tuple[Path, ...]) -> Path | None:
 
 def _not_found(name: str, candidates: tuple[Path, ...], hint: str) -> DatasetError:
     where = " or ".join(str(candidate) for candidate in candidates)
-    return DatasetError(f"-d {name}: expected train/, query/, gallery/ (and optionally {CUSTOM_MANIFEST}) under {where}"
-                        f"{hint}")
+    return DatasetError(f"dataset {name}: expected train/, query/, gallery/ (and optionally {CUSTOM_MANIFEST}) under "
+                        f"{where}{hint}")
 
 
 def _read_custom_folder(name: str, folder: Path) -> ReidDataset:
