@@ -545,3 +545,27 @@ def test_the_shift_order_is_given_each_targets_measured_mmd(three_domains, check
                 for at in range(0, len(measured), 2 * per_target)]
     assert len(given) == len(expected) > 0 and all(value > 0 for shifts in given for value in shifts)
     assert np.allclose(given, expected, rtol=1e-6)
+
+
+def test_a_resume_takes_the_same_teachers_from_another_folder(three_domains, checkpoints, tmp_path, capsys):
+    """Found by a review: a pipeline's run folder moved (or renamed) while its distillation was interrupted could not
+    be continued: the pipeline names the teachers in their new folder, and the stage refused the changed paths
+    although the weights are checked (teachers.json) and the pipeline itself ignores where its stages' inputs lie."""
+    import shutil
+
+    out = tmp_path / "run"
+    assert main(_distill_args(three_domains, checkpoints, out, "--epochs", "1")) == 0
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("t_duke", "t_cuhk"):
+        shutil.copy(checkpoints[name], moved / f"{name}.pt")
+    args = _distill_args(three_domains, {**checkpoints, "t_duke": str(moved / "t_duke.pt"),
+                                         "t_cuhk": str(moved / "t_cuhk.pt")}, out, "--epochs", "2", "--resume")
+    save_checkpoint(moved / "t_cuhk.pt", build_model("osnet_tiny", 5),
+                    extra={"stage": "source", "input_size": [64, 32]})
+    capsys.readouterr()
+    assert main(args) == 2  # another model at the new path: still refused, by its weights
+    assert f"teacher 2 ({moved / 't_cuhk.pt'}) is not the model {out} began with" in capsys.readouterr().err
+    shutil.copy(checkpoints["t_cuhk"], moved / "t_cuhk.pt")
+    assert main(args) == 0
+    assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2]

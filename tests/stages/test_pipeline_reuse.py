@@ -782,3 +782,21 @@ def test_a_metrics_file_whose_final_entry_is_not_a_table_is_damaged(tmp_path):
     (folder / "metrics.json").write_text('{"final": [1, 2]}')
     state = pipeline.stage_state(configs["blend"])
     assert state.action == "fresh" and state.reason.startswith(f"{folder / 'metrics.json'} is damaged (TypeError)")
+
+
+def test_a_stage_stopped_before_its_after_picture_data_resumes_to_write_it(tmp_path):
+    """Found by a review: adapt and distill write their 'after' picture data (distances_after.npz,
+    kd_distances_after.npz) after model.pt and metrics.json; a pipeline stopped in between reused the stage as
+    finished for ever, and `kdreid report` called it unfinished. Resumed from its checkpoint, it trains nothing."""
+    configs = pipeline.stage_configs(_config(tmp_path))
+    _finish(configs)
+    for name, prefix in (("teacher_synth_duke", "distances"), ("blend", "distances"), ("distill", "kd_distances")):
+        folder = Path(configs[name].out)
+        (folder / f"{prefix}_before.npz").write_bytes(b"")
+        assert pipeline.stage_state(configs[name]).action == "done"  # no checkpoint to write it from: kept as is
+        (folder / "checkpoints").mkdir()
+        (folder / "checkpoints" / "last.pt").write_bytes(b"state")
+        state = pipeline.stage_state(configs[name])
+        assert state.action == "resume" and f"{folder / prefix}_after.npz is missing" in state.reason
+        (folder / f"{prefix}_after.npz").write_bytes(b"")
+        assert pipeline.stage_state(configs[name]).action == "done"

@@ -376,7 +376,8 @@ def _trained_settings(run_path: Path) -> Mapping | None:
     None when neither says (the training loop then reports the checkpoint it cannot read)."""
     for candidate in (checkpoint_file(run_path), previous_checkpoint_file(run_path)):
         try:  # read only: which file to resume from, and saying so, is the training loop's (it may set one aside)
-            recorded = load_training_state(candidate).get("config") if candidate.exists() else None
+            # keep: the training loop reads the same file next, without reading it again
+            recorded = load_training_state(candidate, keep=True).get("config") if candidate.exists() else None
         except UnsafeCheckpointError:
             raise  # not damage: a file that would run code, refused now
         except CheckpointError:

@@ -241,11 +241,12 @@ _WEIGHTS_DIGEST = "weights sha256:"  # a record's prefix; without it (runs begun
 
 
 def check_same_teachers(run: Path, teachers: Sequence[str], models: Sequence[nn.Module], *, resuming: bool) -> None:
-    """A resumed distillation must learn from the teachers it began with: the same paths (checked with the other
-    settings) may hold other models since (a teacher trained again in place, a relative path read from another
-    folder). The first run records a digest of each teacher's weights (`models`, loaded from `teachers`); a resume
-    with other weights is refused. The weights, not the file: a pipeline's teacher measured again with another
-    distance is the same teacher in a file that records other numbers."""
+    """A resumed distillation must learn from the teachers it began with: the same paths may hold other models since
+    (a teacher trained again in place, a relative path read from another folder), and other paths the same ones (a
+    pipeline's run folder moved: its teachers move with it). The first run records a digest of each teacher's weights
+    (`models`, loaded from `teachers`); a resume with other weights is refused. The weights, not the file: a
+    pipeline's teacher measured again with another distance is the same teacher in a file that records other
+    numbers."""
     record = run / TEACHERS_FILE
     now = [_WEIGHTS_DIGEST + weights_digest(model) for model in models]
     if resuming and record.is_file():

@@ -243,6 +243,8 @@ def _train(
         _restore_rng(state["rng"])
         inside = state.get("inside")
         evaluation_pending = state.get("evaluation_pending", False)
+        # The weights and optimiser state are in place: the loaded copy is dropped, not held while training.
+        found, state = path, None
         if start_epoch >= config.epochs:
             log.info(f"resumed from {path}: all {config.epochs} epochs were trained")
         else:
@@ -562,11 +564,12 @@ def measurement_changes(saved: Mapping[str, Any], stage_config) -> str:
 
 def check_resumed_settings(run_path: Path, saved: Mapping[str, Any], stage_config) -> str | None:
     """A run resumes with the settings it was trained with (`saved`, its config.yaml): only more epochs, what
-    `changes_weights` lets change and the start weights (`init`, `student_init`: the checkpoint replaces them)
-    may differ; anything else is one TrainingError naming the settings, before anything is written. Returns a
+    `changes_weights` lets change, the start weights (`init`, `student_init`: the checkpoint replaces them) and the
+    teachers' paths (a moved run folder: distillation checks their weights, `distill.check_same_teachers`) may
+    differ; anything else is one TrainingError naming the settings, before anything is written. Returns a
     line to log when the run is extended."""
     differences = {key: values for key, values in changed_settings(saved, stage_config).items()
-                   if changes_weights(key, stage_config, ("init", "student_init"))}
+                   if changes_weights(key, stage_config, ("init", "student_init", "teachers"))}
     more_epochs = differences.pop("train.epochs", None)
     if more_epochs is not None and not more_epochs[1] > more_epochs[0]:
         differences["train.epochs"] = more_epochs  # fewer epochs than trained: a different schedule
@@ -619,11 +622,38 @@ def _keep_as_previous(path: Path) -> None:
         os.replace(path, previous)
 
 
-def load_training_state(path: Path) -> dict:
+# A checkpoint read with `keep=True` (a resume's settings check, before its models are built), handed to the next
+# read of the same unchanged file (the training loop's) instead of reading, hashing and unpickling it a second time:
+# hundreds of MB for a large model. At most one, and only once.
+_KEPT: dict[tuple, dict] = {}
+
+
+def _file_identity(path: Path) -> tuple | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return os.path.realpath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def load_training_state(path: Path, *, keep: bool = False) -> dict:
     """A training checkpoint's dict, after checking its header's length and sha256 (files written before the
     header existed are read without). CheckpointError when it is truncated or damaged, UnsafeCheckpointError
-    when unpickling it would run code."""
+    when unpickling it would run code. `keep`: the next call for the same unchanged file returns this dict (once)
+    without reading the file again."""
     path = Path(path)
+    identity = _file_identity(path)
+    kept = _KEPT.pop(identity, None)
+    if kept is not None:
+        return kept
+    state = _read_training_state(path)
+    if keep and identity is not None:
+        _KEPT.clear()
+        _KEPT[identity] = state
+    return state
+
+
+def _read_training_state(path: Path) -> dict:
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -789,8 +819,10 @@ def _hold(step: int, stop: _GracefulStop) -> None:
 
 def _capture_rng() -> dict:
     _, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    python_state = random.getstate()
     state = {
-        "python": list(random.getstate()[1]),
+        "python": list(python_state[1]),
+        "python_gauss": python_state[2],  # the second value of random.gauss's last pair, kept for its next call
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
                   "has_gauss": has_gauss, "cached_gauss": cached_gauss},
         "torch": torch.get_rng_state(),
@@ -801,7 +833,7 @@ def _capture_rng() -> dict:
 
 
 def _restore_rng(state: dict) -> None:
-    random.setstate((3, tuple(state["python"]), None))
+    random.setstate((3, tuple(state["python"]), state.get("python_gauss")))  # absent in older checkpoints
     numpy_state = state["numpy"]
     np.random.set_state((
         "MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],

@@ -13,7 +13,8 @@ config it would run now on every setting that decides its weights (see `loop.cha
 input models may differ), its model is newer than the models it starts from, and its datasets hold the files
 it was trained on (`datasets.json`: paths, labels and sizes; a moved data folder keeps them); a folder with a training
 checkpoint but no `model.pt` (a crash) is resumed, and so is a finished one whose numbers no longer hold (its query
-or gallery files changed, or the distance or flip setting did: with no epoch left, it measures them again);
+or gallery files changed, or the distance or flip setting did: with no epoch left, it measures them again, and
+one stopped before it wrote its 'after' picture data, which it writes then);
 anything else there is stale and trained again, after a log line that says why.
 """
 
@@ -314,6 +315,20 @@ def _damaged_results(folder: Path) -> str | None:
     return None
 
 
+# The picture data a stage writes after its results (adapt: D-MMD histograms; distill: student against teachers), by
+# the file it writes before training: a stage stopped between its results and that file would otherwise be reused
+# without it, and `kdreid report` would call the finished stage unfinished.
+PICTURE_DATA = (("distances_before.npz", "distances_after.npz"), ("kd_distances_before.npz", "kd_distances_after.npz"))
+
+
+def _missing_picture_data(folder: Path) -> Path | None:
+    """The 'after' picture data a finished stage lacks although it wrote the 'before' one, or None."""
+    for before, after in PICTURE_DATA:
+        if (folder / before).is_file() and not (folder / after).is_file():
+            return folder / after
+    return None
+
+
 @dataclass
 class StageState:
     action: str  # "done" (reuse), "resume" (interrupted, same weight settings and inputs) or "fresh" (train anew)
@@ -360,6 +375,10 @@ def stage_state(stage_config, fingerprints: DatasetFingerprints | None = None) -
         return StageState("fresh", f"{remeasure}, and it has no training checkpoint")
     if remeasure:  # the same training images: resumed, the run measures its numbers on the files, as told, now
         return StageState("resume", f"{remeasure}; same weights, evaluated again")
+    missing = _missing_picture_data(folder) if finished else None
+    if missing and checkpoint.is_file():  # stopped while it extracted them, after its results were written
+        return StageState("resume", f"{missing} is missing (it was stopped after its results); its checkpoint "
+                                    "writes it again, training nothing")
     if finished:
         # A reused model keeps the numbers it measured: evaluation settings changed since are named here.
         ignored = f"; ignoring {_describe(changes)}" if changes else ""
