@@ -186,6 +186,64 @@ def test_protocol_is_chosen_per_target_as_the_stages_do(setup, tmp_path, capsys,
     assert json.loads(out)["final"]["cuhk03"]["rank1"] == pytest.approx(cuhk03["rank1"], abs=1e-3)
 
 
+@pytest.mark.parametrize("flags, split", [
+    ([], "detected boxes of the 767/700 protocol"),
+    (["--cuhk03-labeled"], "labeled boxes of the 767/700 protocol"),
+    (["--cuhk03-classic-split", "--split-id", "3"], "detected boxes of classic split 3"),
+])
+def test_the_cuhk03_boxes_and_split_are_named_and_recorded(setup, tmp_path, capsys, monkeypatch, flags, split):
+    # Labeled and detected boxes, or two splits, give other numbers under the same protocol: an evaluation folder
+    # (and `aggregate`, `report` reading it) must say which one its cuhk03 numbers are.
+    from kdreid.data.datasets import base
+
+    root, checkpoint, _ = setup
+    market = build_dataset("market1501", root)
+    real_build = base.build_dataset
+    monkeypatch.setattr(base, "build_dataset", lambda name, *a, **kw: market if name == "cuhk03" else
+                        real_build(name, *a, **kw))  # the Market images stand in for CUHK03's
+    code, _, err = run(["evaluate", "--model", str(checkpoint), "-t", "market1501", "cuhk03", "--root", str(root),
+                        "--out", str(tmp_path), "--device", "cpu", *flags], capsys)
+    assert code == 0, err
+    assert f"cuhk03 ({split}): 6 queries" in err
+    assert "market1501: 6 queries" in err
+    recorded = json.loads((tmp_path / "metrics.json").read_text())["evaluated_with"]
+    assert recorded["cuhk03"]["split"] == split and "split" not in recorded["market1501"]
+
+
+def test_a_model_trained_on_the_targets_test_images_is_named(setup, tmp_path, capsys):
+    # --combineall trains a source on its query and gallery: the stage does not evaluate it there, and neither may
+    # `kdreid evaluate` without saying that those numbers are recall of training images.
+    root, _, _ = setup
+    torch.manual_seed(0)
+    model = build_model("resnet_tiny", num_classes=6)
+    for combineall, warned in ((True, True), (False, False)):
+        checkpoint = save_checkpoint(tmp_path / f"model_{combineall}.pt", model, datasets=["market1501"],
+                                     config={"sources": ["market1501"], "data": {"combineall": combineall}},
+                                     extra={"input_size": [HEIGHT, WIDTH]})
+        code, _, err = run(["evaluate", "--model", str(checkpoint), "-t", "market1501", "--root", str(root),
+                            "--device", "cpu"], capsys)
+        assert code == 0, err
+        warnings = [line for line in err.splitlines() if line.startswith("kdreid: warning:")]
+        assert warnings == ([f"kdreid: warning: {checkpoint} trained on market1501's query and gallery images too "
+                             "(--combineall): its numbers on market1501 measure recall of training images, not "
+                             "re-identification (the training stage did not evaluate it)"] if warned else [])
+
+
+def test_a_distance_matrix_too_large_for_memory_is_refused_with_its_size():
+    # 10^6 x 10^6 float32 distances are 4 TB: one line with the size, not the allocator's traceback (or the OOM
+    # killer, where the system overcommits).
+    from kdreid.errors import EvaluationError
+    from kdreid.evaluation.features import Features, evaluate_features
+
+    def features(count, pid):
+        return Features(torch.zeros(count, 1), np.full(count, pid), np.full(count, pid), [""] * count)
+
+    with pytest.raises(EvaluationError, match=r"^1000000 queries x 1000000 gallery images: the query-gallery "
+                                              r"distance matrix needs 4000\.0 GB, but cpu has [0-9.]+ GB free; "
+                                              r"evaluate on a machine with more memory$"):
+        evaluate_features(features(10**6, 1), features(10**6, 2), device="cpu")
+
+
 @pytest.mark.parametrize("trained, flags, warned", [
     ({"cuhk03_classic_split": True, "cuhk03_split_id": 3}, ["--cuhk03-classic-split", "--split-id", "3"], None),
     ({"cuhk03_classic_split": True, "cuhk03_split_id": 3}, ["--cuhk03-classic-split"],

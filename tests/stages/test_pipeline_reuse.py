@@ -174,6 +174,25 @@ def _table(tmp_path, **settings) -> tuple[list[str], dict]:
     return table.splitlines(), configs
 
 
+def test_the_results_table_says_how_its_numbers_were_measured(tmp_path):
+    # The pipeline's table is what a user quotes: its distance, protocol and CUHK03 boxes and split go with it, as
+    # under each stage's own results.md.
+    config = pipeline.PipelineConfig(sources=["synth_msmt"], targets=["synth_duke", "cuhk03"],
+                                     teacher_arch="resnet_tiny", student_arch="osnet_tiny", root=str(tmp_path),
+                                     out=str(tmp_path / "run"), preset="quick",
+                                     common={"eval": {"metric": "cosine"}, "data": {"cuhk03_labeled": True}})
+    configs = pipeline.stage_configs(config)
+    numbers = {t: {"mAP": 10.0, "rank1": 20.0} for t in config.targets}
+    info = {"arch": "osnet_tiny", "parameters": 1e5, "macs": 1e6, "height": 64, "width": 32,
+            "images_per_second": 100.0, "batch_size": 32, "device": "cpu"}
+    rows = pipeline.table_rows(config, configs, {name: numbers for name in configs},
+                               {t: numbers for t in config.targets})
+    lines = pipeline.results_markdown(config, rows, info, configs).splitlines()
+    assert lines[-1] == ("Measured with cosine distances between embeddings; the market protocol for synth_duke, "
+                         "cuhk03 (a query's gallery images of its identity in its camera left out; mAP and CMC as "
+                         "torchreid computes them); cuhk03 labeled boxes, the 767/700 protocol.")
+
+
 def test_each_results_row_names_its_own_grouping_and_selection(tmp_path):
     lines, _ = _table(tmp_path, adapt={"grouping": "oracle", "train": {"select": "target-clusters"}},
                       blend={"grouping": "tracklet", "train": {"select": "last"}})

@@ -293,6 +293,7 @@ def evaluate_features(
     if len(gallery) == 0:
         raise EvaluationError("empty gallery: the dataset's gallery split holds no image")
     device = pick_device(device)
+    check_room_for_distances(len(query), len(gallery), device)
     query_features, gallery_features = query.features.to(device), gallery.features.to(device)
     if normalize:
         query_features, gallery_features = F.normalize(query_features, dim=1), F.normalize(gallery_features, dim=1)
@@ -307,6 +308,46 @@ def evaluate_features(
 
         result.verification = verification_statistics(distmat, query.pids, gallery.pids, query.camids, gallery.camids)
     return result
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that a new tensor can take on `device` now: CUDA's free memory plus what PyTorch holds cached; on the
+    CPU, the system's available memory within this process's cgroup limit (Linux). None when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as handle:
+            available = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    try:  # a container's limit (cgroup v2) is often far below what the machine has
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            # The page cache of the images just read counts as used there, but the kernel drops it for a new
+            # tensor: only the rest is taken (a false refusal would cost more than the traceback it replaces).
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+            used = int((cgroup / "memory.current").read_text()) - int(stat.get("inactive_file", 0))
+            available = min(available, max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def check_room_for_distances(num_queries: int, num_gallery: int, device: torch.device) -> None:
+    """One line, before any work, when the (Q, G) float32 distance matrix an evaluation holds cannot fit in the
+    memory `device` has free: the allocator's traceback (or the kernel's OOM killer) otherwise."""
+    needed = 4 * num_queries * num_gallery
+    free = free_memory(device)
+    if free is None or needed <= free:  # the chunks of ranking, re-ranking and verification are small beside it
+        return
+    gigabytes = lambda count: f"{count / 1e9:.1f} GB"  # noqa: E731
+    hint = ("evaluate on the CPU (--device cpu) if the host has that room" if device.type == "cuda"
+            else "evaluate on a machine with more memory")
+    raise EvaluationError(
+        f"{num_queries} queries x {num_gallery} gallery images: the query-gallery distance matrix needs "
+        f"{gigabytes(needed)}, but {device} has {gigabytes(free)} free; {hint}")
 
 
 def evaluate_model(
@@ -379,6 +420,24 @@ def _settings_per_target(recorded, targets) -> dict:
         return dict(recorded)
     protocols = recorded.get("protocol") if isinstance(recorded.get("protocol"), dict) else {}
     return {target: {**recorded, "protocol": protocols.get(target)} for target in targets if target in protocols}
+
+
+def _cuhk03_split_text(data) -> str:
+    """Which CUHK03 a `-t cuhk03` evaluation reads (`DataOptions`): its boxes and split, in words."""
+    boxes = "labeled" if data.cuhk03_labeled else "detected"
+    return f"{boxes} boxes of " + (f"classic split {data.cuhk03_split_id}" if data.cuhk03_classic_split
+                                   else "the 767/700 protocol")
+
+
+def _trained_on_test_images(model: nn.Module, target: str) -> str | None:
+    """Why the numbers of `model` on `target` would be recall rather than re-ID accuracy: it trained on that
+    dataset's query and gallery images (a source under --combineall), as its checkpoint records."""
+    config = (getattr(model, "kdreid_meta", None) or {}).get("config") or {}
+    data = config.get("data") or {}
+    if data.get("combineall") and target in (config.get("sources") or []):
+        return (f"trained on {target}'s query and gallery images too (--combineall): its numbers on {target} "
+                "measure recall of training images, not re-identification (the training stage did not evaluate it)")
+    return None
 
 
 def _other_cuhk03_split(model: nn.Module, classic: bool, split_id: int) -> str | None:
@@ -458,10 +517,13 @@ def evaluate_command(args) -> int:
     verification: dict[str, dict] = {}  # per target, with --verification (VerificationResult.summary())
     pictures = _StagedPictures(Path(args.out) if args.out else None)
     protocols = {target: args.protocol or protocol_for(target, data_options) for target in args.targets}
+    # CUHK03's numbers depend on its boxes and split as much as on the protocol: named beside them and recorded.
+    splits = {target: _cuhk03_split_text(data_options) for target in args.targets if target == "cuhk03"}
     described = f"{args.metric}{_aqe_text(aqe)}{', re-ranked' if args.rerank else ''}"
     try:
         for target, dataset in datasets.items():
-            print(f"{target}: {len(dataset.query)} queries, {len(dataset.gallery)} gallery images, "
+            print(f"{target}{f' ({splits[target]})' if target in splits else ''}: "
+                  f"{len(dataset.query)} queries, {len(dataset.gallery)} gallery images, "
                   f"{protocols[target]} protocol, {args.metric} distances{', flip-averaged' if args.flip else ''}"
                   f"{_aqe_text(aqe)}{', k-reciprocal re-ranked' if args.rerank else ''}", file=sys.stderr)
             with evaluation_warnings_to(lambda message: print(f"kdreid: warning: {target}: {message}",
@@ -514,7 +576,9 @@ def evaluate_command(args) -> int:
             settings = _settings_per_target(metrics.get("evaluated_with"), metrics["final"])
             model_file = str(Path(args.model).absolute())
             settings.update({target: dict(model=model_file, metric=args.metric, rerank=args.rerank, flip=args.flip,
-                                          aqe=aqe or False, protocol=protocols[target]) for target in final})
+                                          aqe=aqe or False, protocol=protocols[target],
+                                          **({"split": splits[target]} if target in splits else {}))
+                             for target in final})
             metrics["evaluated_with"] = settings
             write_json(path, metrics)
             pictures.install()
@@ -651,6 +715,9 @@ def _embedder_of(args, device: torch.device) -> tuple[Callable[[Sequence], Featu
     model = load_model(path, args.arch, args.last_stride)
     if "cuhk03" in args.targets and (leak := _other_cuhk03_split(model, args.cuhk03_classic_split, args.split_id)):
         print(f"kdreid: warning: {args.model} {leak}", file=sys.stderr)
+    for target in args.targets:
+        if leak := _trained_on_test_images(model, target):
+            print(f"kdreid: warning: {args.model} {leak}", file=sys.stderr)
     trained_height, trained_width = model_input_size(model)
     check_input_size(model, args.height or trained_height, args.width or trained_width)
 

@@ -40,7 +40,8 @@ from kdreid.models import count_macs, load_checkpoint
 from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes, atomic_write_text, exclusive, write_json
 from kdreid.stages import adapt, distill, source
 from kdreid.stages.common import (
-    evaluate_datasets, refuse_repeated_datasets, refuse_tracklets_across_cameras, sigterm_interrupts, trains_on_all,
+    evaluate_datasets, how_measured, refuse_repeated_datasets, refuse_tracklets_across_cameras, sigterm_interrupts,
+    trains_on_all,
 )
 from kdreid.stages.data import (
     DATASETS_FILE, dataset_fingerprint, fingerprint_change, load_datasets, read_datasets_record,
@@ -528,7 +529,10 @@ def _grouping_cell(stage_config) -> str:
     return "—" if grouping is None else ORACLE_MARK if grouping == "oracle" else grouping
 
 
-def results_markdown(config: PipelineConfig, rows: list[TableRow], info: dict) -> str:
+def results_markdown(config: PipelineConfig, rows: list[TableRow], info: dict,
+                     configs: Mapping[str, Any] | None = None) -> str:
+    """The pipeline's table; with the stages' `configs`, how its numbers were measured (distance, protocol, CUHK03
+    boxes and split), as each stage's own results.md says it: re-ID numbers mean little without."""
     targets = config.targets
     header = "| model | grouping | selection | " + " | ".join(f"{t} mAP | {t} R1" for t in targets) + " | mean mAP |"
     lines = [
@@ -563,6 +567,13 @@ def results_markdown(config: PipelineConfig, rows: list[TableRow], info: dict) -
         "Selection: " + "; ".join(f"{r}: {SELECTION_RULES[r]}" for r in rules)
         + ". No number here comes from a checkpoint chosen on target test labels.",
     ]
+    if configs:
+        measured = {name: how_measured(targets, c.eval, c.data) for name, c in configs.items()}
+        if len(set(measured.values())) == 1:
+            lines += ["", f"Measured with {next(iter(measured.values()))}."]
+        else:
+            lines += ["", "Measured with, per stage: " + "; ".join(f"{name}: {how}" for name, how in measured.items())
+                      + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -688,7 +699,7 @@ def _run_stages(config: PipelineConfig, configs: dict, fingerprints: DatasetFing
     metrics["student_model"] = info
     write_json(run_path / "metrics.json", metrics)
 
-    table = results_markdown(config, table_rows(config, configs, finals, teacher_all), info)
+    table = results_markdown(config, table_rows(config, configs, finals, teacher_all), info, configs)
     atomic_write_text(run_path / "results.md", table)
     log.info(f"wrote {run_path / 'metrics.json'}, {run_path / 'results.md'} and the final models in {run_path}")
     return PipelineResult(str(run_path), metrics, ran, reused)
