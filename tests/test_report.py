@@ -333,7 +333,10 @@ def test_a_damaged_config_costs_the_model_pictures_not_the_page(damage, found, t
                   _edit_json(run / "metrics.json", lambda m: m["final"][TARGET].update(mAP="high"))),
      "Results: no results table ({run}/metrics.json is damaged: final.synth_duke.mAP is str, not a number or null; "
      "run that stage again)"),
-], ids=["results-not-utf8", "epochs-ints", "epoch-text", "loss-text", "final-map-text"])
+    (lambda run: _edit_json(run / "metrics.json", lambda m: m.update(epochs={"1": {"epoch": 1}})),
+     "Results: no training curves ({run}/metrics.json is damaged: 'epochs' is dict, not the list of epoch records a "
+     "training stage writes; run that stage again)"),
+], ids=["results-not-utf8", "epochs-ints", "epoch-text", "loss-text", "final-map-text", "epochs-not-a-list"])
 def test_a_damaged_stage_file_costs_its_table_or_curves_not_the_page(damage, found, tmp_path, rng, capsys):
     run = tmp_path / "adapt"
     _stage(run, "teacher D-MMD", histograms=True, rng=rng)
@@ -350,9 +353,15 @@ def test_a_damaged_stage_file_costs_its_table_or_curves_not_the_page(damage, fou
      "no results table ({run}/results.md is damaged: it is not UTF-8 text; run the pipeline's command again"),
     (lambda run: _edit_json(run / "metrics.json", lambda m: m["student"][TARGET].update(mAP="high")),
      "no mAP bar chart ({run}/metrics.json is damaged: its 'student' row holds a mAP that is not a number"),
+    (lambda run: _edit_json(run / "metrics.json", lambda m: m["student"].update({TARGET: "high"})),
+     "no mAP bar chart ({run}/metrics.json is damaged: its 'student' row holds str for synth_duke, not a mapping of "
+     "metrics"),
+    (lambda run: _edit_json(run / "metrics.json", lambda m: m.update(student=[20.0])),
+     "no mAP bar chart ({run}/metrics.json is damaged: its 'student' row is list, not a mapping of targets"),
     (lambda run: (run / "stages" / "blend" / "metrics.json").write_text("{trunc"),
      "Stage blend: no training curves ({run}/stages/blend/metrics.json is not valid JSON"),
-], ids=["config-targets-int", "results-not-utf8", "row-map-text", "stage-metrics-not-json"])
+], ids=["config-targets-int", "results-not-utf8", "row-map-text", "row-target-text", "row-list",
+        "stage-metrics-not-json"])
 def test_a_damaged_pipeline_file_costs_its_part_not_the_page(damage, found, tmp_path, rng, capsys):
     """A pipeline without its student.pt (nothing is ranked): its bars, stages and their curves."""
     run = tmp_path / "pipe"

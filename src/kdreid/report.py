@@ -152,7 +152,7 @@ def run_kind(run: Path) -> str:
     metrics = read_run_json(run / "metrics.json")
     if (run / "stages").is_dir() and (metrics is None or "student" in metrics or "source_only" in metrics):
         return "pipeline"
-    if metrics is not None and isinstance(metrics.get("epochs"), list):
+    if metrics is not None and "epochs" in metrics:  # an `epochs` of another type is damage, noted on a stage's page
         return "stage"
     if metrics is not None and isinstance(metrics.get("final"), dict):
         return "evaluation"
@@ -312,8 +312,9 @@ def stage_section(run: Path, folder: Path, pictures: Path, title: str) -> Sectio
         section.blocks.append(_note(f"{title}: no results table ({error})"))
     if metrics is None:
         section.blocks.append(_note(f"{folder.name}: no metrics.json (the stage has not finished)"))
-    elif isinstance(metrics.get("epochs"), list) and metrics["epochs"]:
-        # Read before drawing: a damaged file costs the curves; a failure to write the picture is the page's.
+    elif "epochs" in metrics and (not isinstance(metrics["epochs"], list) or metrics["epochs"]):
+        # Read before drawing: a damaged file costs the curves (an `epochs` that is not a list too, said in a note,
+        # not a section silently without its curves); a failure to write the picture is the page's.
         try:
             curve_series(metrics)
         except KdreidError as error:

@@ -26,11 +26,18 @@ def pipeline_rows(metrics: Mapping, metric: str = "mAP") -> tuple[list[str], dic
     targets: list[str] = []
     for key, _ in ROWS:
         per_target = metrics.get(key)
-        if not isinstance(per_target, Mapping):
+        if per_target is None:
             continue
+        # Another type than kdreid writes is damage too, said in one line: skipped, the row's bars would silently
+        # be missing from a chart whose table still shows them.
+        if not isinstance(per_target, Mapping):
+            raise KdreidError(f"its '{key}' row is {type(per_target).__name__}, not a mapping of targets to metrics")
+        for target, entry in per_target.items():
+            if not isinstance(entry, Mapping):
+                raise KdreidError(f"its '{key}' row holds {type(entry).__name__} for {target}, not a mapping of "
+                                  "metrics")
         try:  # only this row's parsing: a value other than a number is damage, said in one line
-            values = {t: float(m[metric]) for t, m in per_target.items()
-                      if isinstance(m, Mapping) and m.get(metric) is not None}
+            values = {t: float(m[metric]) for t, m in per_target.items() if m.get(metric) is not None}
         except (TypeError, ValueError) as error:
             raise KdreidError(f"its '{key}' row holds a {metric} that is not a number ({error})") from None
         if values:

@@ -16,8 +16,10 @@ def curve_series(metrics: Mapping) -> tuple[dict[str, list[tuple[int, float]]], 
     """({loss name: [(epoch, mean loss)]}, {dataset: [(epoch, mAP)]}) from a stage's metrics.json content; one line
     when it is not what a training stage writes (a damaged file: the caller names it)."""
     epochs = metrics.get("epochs")
-    if not isinstance(epochs, list):
+    if epochs is None:
         raise KdreidError("metrics.json has no 'epochs' list: only a training stage's metrics have curves")
+    if not isinstance(epochs, list):
+        raise KdreidError(f"'epochs' is {type(epochs).__name__}, not the list of epoch records a training stage writes")
     losses: dict[str, list[tuple[int, float]]] = {}
     maps: dict[str, list[tuple[int, float]]] = {}
     for position, entry in enumerate(epochs, 1):
