@@ -581,7 +581,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return USAGE_ERROR
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        from kdreid import distributed
+
+        distributed.mark_succeeded(code == 0)  # how the process group is left at exit
+        return code
     except KdreidError as error:
         _traceback_if_asked()
         print(f"kdreid: error: {error}", file=sys.stderr)

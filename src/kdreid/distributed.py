@@ -76,10 +76,27 @@ def init(device: str = "auto") -> bool:
     return True
 
 
+_succeeded = False  # the last command of this process ended well (`mark_succeeded`)
+
+
+def mark_succeeded(succeeded: bool) -> None:
+    global _succeeded
+    _succeeded = succeeded
+
+
 def cleanup() -> None:
-    """Leave the process group (registered at exit by `init`)."""
-    if is_distributed():
-        dist.destroy_process_group()
+    """Leave the process group (registered at exit by `init`). After a command that ended well, first wait for the
+    other processes: one that tore its connections down while a peer's gloo threads still used them made that peer
+    abort at exit ("terminate called without an active exception", exit -6) after a successful run. Not after a
+    failure, where the others may never come (a process that failed alone)."""
+    if not is_distributed():
+        return
+    if _succeeded:
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 -- a peer gone already: leaving is all that is left to do
+            pass
+    dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
