@@ -580,11 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return USAGE_ERROR
+    succeeded = False
     try:
         code = int(args.run(args) or 0)
-        from kdreid import distributed
-
-        distributed.mark_succeeded(code == 0)  # how the process group is left at exit
+        succeeded = code == 0
         return code
     except KdreidError as error:
         _traceback_if_asked()
@@ -608,6 +607,9 @@ def main(argv: list[str] | None = None) -> int:
         _traceback_if_asked()
         print(f"kdreid: error: {message}", file=sys.stderr)
         return USAGE_ERROR
+    finally:
+        if "kdreid.distributed" in sys.modules:  # a torchrun process: how it leaves the process group at exit
+            sys.modules["kdreid.distributed"].mark_succeeded(succeeded)
 
 
 TRACEBACK_VARIABLE = "KDREID_TRACEBACK"
