@@ -422,13 +422,6 @@ def _settings_per_target(recorded, targets) -> dict:
     return {target: {**recorded, "protocol": protocols.get(target)} for target in targets if target in protocols}
 
 
-def _cuhk03_split_text(data) -> str:
-    """Which CUHK03 a `-t cuhk03` evaluation reads (`DataOptions`): its boxes and split, in words."""
-    boxes = "labeled" if data.cuhk03_labeled else "detected"
-    return f"{boxes} boxes of " + (f"classic split {data.cuhk03_split_id}" if data.cuhk03_classic_split
-                                   else "the 767/700 protocol")
-
-
 def _trained_on_test_images(model: nn.Module, target: str) -> str | None:
     """Why the numbers of `model` on `target` would be recall rather than re-ID accuracy: it trained on that
     dataset's query and gallery images (a source under --combineall), as its checkpoint records."""
@@ -470,7 +463,7 @@ def evaluate_command(args) -> int:
     from kdreid.evaluation.ranking import evaluation_warnings_to
     from kdreid.models.weights import model_kind
     from kdreid.rundir import write_json
-    from kdreid.stages.common import DataOptions, protocol_for
+    from kdreid.stages.common import DataOptions, cuhk03_boxes_and_split, protocol_for
 
     # How every target is read and scored, as the training stages read and score it (so a run's metrics.json and
     # this agree), unless --protocol names one protocol for all.
@@ -518,7 +511,8 @@ def evaluate_command(args) -> int:
     pictures = _StagedPictures(Path(args.out) if args.out else None)
     protocols = {target: args.protocol or protocol_for(target, data_options) for target in args.targets}
     # CUHK03's numbers depend on its boxes and split as much as on the protocol: named beside them and recorded.
-    splits = {target: _cuhk03_split_text(data_options) for target in args.targets if target == "cuhk03"}
+    splits = {target: "{} boxes of {}".format(*cuhk03_boxes_and_split(data_options))
+              for target in args.targets if target == "cuhk03"}
     described = f"{args.metric}{_aqe_text(aqe)}{', re-ranked' if args.rerank else ''}"
     try:
         for target, dataset in datasets.items():

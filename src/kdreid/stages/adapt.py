@@ -52,6 +52,8 @@ from kdreid.stages.optim import build_optimizer, check_setting
 from kdreid.stages.pseudo_labels import PseudoLabelConfig, clustering_distances, dbscan
 
 DMMD_TERMS = ("within", "between", "features")
+# The D-MMD histograms' data (kdreid.viz.histograms), before and after adaptation.
+PICTURE_DATA = ("distances_before.npz", "distances_after.npz")
 
 
 @dataclass
@@ -186,7 +188,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         log.warning(f"--dmmd-start {config.dmmd_start} >= --epochs {train.epochs}: D-MMD never runs, so this run only "
                     "fine-tunes on the source; lower --dmmd-start or raise --epochs")
     optimizer = build_optimizer(model.parameters(), train.optim)
-    _save_histograms(run_dir.path / "distances_before.npz", model, source_records, target_records, config, device)
+    _save_histograms(run_dir.path / PICTURE_DATA[0], model, source_records, target_records, config, device)
 
     def before_epoch(epoch: int) -> None:
         if config.grouping == "pseudo":
@@ -255,7 +257,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         metrics_extra={"grouping": config.grouping},
     )
     # After the results: the picture's data must not cost the trained model when it cannot be written.
-    _save_histograms(run_dir.path / "distances_after.npz", model, source_records, target_records, config, device)
+    _save_histograms(run_dir.path / PICTURE_DATA[1], model, source_records, target_records, config, device)
     return finished
 
 

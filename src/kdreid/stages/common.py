@@ -90,10 +90,17 @@ def how_measured(names: Sequence[str], options: EvalOptions, data: DataOptions) 
         parts.append(f"the market protocol for {', '.join(market)} (a query's gallery images of its identity in its "
                      "camera left out; mAP and CMC as torchreid computes them)")
     if "cuhk03" in names:
-        boxes = "labeled" if data.cuhk03_labeled else "detected"
-        parts.append(f"cuhk03 {boxes} boxes, " + (f"classic split {data.cuhk03_split_id}, single-gallery-shot CMC"
-                                                  if data.cuhk03_classic_split else "the 767/700 protocol"))
+        boxes, split = cuhk03_boxes_and_split(data)
+        parts.append(f"cuhk03 {boxes} boxes, {split}" + (", single-gallery-shot CMC" if data.cuhk03_classic_split
+                                                         else ""))
     return "; ".join(parts)
+
+
+def cuhk03_boxes_and_split(data: DataOptions) -> tuple[str, str]:
+    """Which CUHK03 `data` reads, in words: its boxes ("labeled" or "detected") and its split ("classic split N" or
+    "the 767/700 protocol"); its numbers depend on both as much as on the protocol."""
+    return ("labeled" if data.cuhk03_labeled else "detected",
+            f"classic split {data.cuhk03_split_id}" if data.cuhk03_classic_split else "the 767/700 protocol")
 
 
 def protocol_for(name: str, data: DataOptions) -> str:

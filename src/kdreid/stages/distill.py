@@ -236,6 +236,8 @@ def load_teacher(path: str, arch: str = "", last_stride: int = 1) -> nn.Module:
 
 
 # RUN/teachers.json: a digest of each teacher's weights when the run began.
+# The student-against-teachers distances' data (kdreid.viz.kd), before and after distillation.
+PICTURE_DATA = ("kd_distances_before.npz", "kd_distances_after.npz")
 TEACHERS_FILE = "teachers.json"
 _WEIGHTS_DIGEST = "weights sha256:"  # a record's prefix; without it (runs begun by an older kdreid), the file's SHA-256
 
@@ -587,7 +589,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     evaluate = stage_evaluator(student, targets + sources, validation, config, device, log)
     # The student before its first step: a resumed run's weights come back inside `fit`, so this is its starting
     # point too, drawn with this run's `histogram_images` as the "after" file will be.
-    before = _save_kd_distances(run_dir.path / "kd_distances_before.npz", student, teachers, targets, config, device)
+    before = _save_kd_distances(run_dir.path / PICTURE_DATA[0], student, teachers, targets, config, device)
 
     result = fit(
         run=run_dir, config=train, stage_config=config, modules={"student": student, "projectors": projectors},
@@ -608,6 +610,6 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     # After the results: the picture's data must not cost the trained student when it cannot be written.
     # Teachers in eval mode are frozen, their distances the same: measured once. (In train mode, an ablation,
     # their BatchNorm statistics moved with the batches, and are measured again.)
-    _save_kd_distances(run_dir.path / "kd_distances_after.npz", student, teachers, targets, config, device,
+    _save_kd_distances(run_dir.path / PICTURE_DATA[1], student, teachers, targets, config, device,
                        reuse=before if config.teacher_mode == "eval" else None)
     return finished

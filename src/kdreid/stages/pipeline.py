@@ -319,7 +319,7 @@ def _damaged_results(folder: Path) -> str | None:
 # The picture data a stage writes after its results (adapt: D-MMD histograms; distill: student against teachers), by
 # the file it writes before training: a stage stopped between its results and that file would otherwise be reused
 # without it, and `kdreid report` would call the finished stage unfinished.
-PICTURE_DATA = (("distances_before.npz", "distances_after.npz"), ("kd_distances_before.npz", "kd_distances_after.npz"))
+PICTURE_DATA = (adapt.PICTURE_DATA, distill.PICTURE_DATA)
 
 
 def _missing_picture_data(folder: Path) -> Path | None:
