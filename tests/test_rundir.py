@@ -25,6 +25,20 @@ def test_run_folder_holds_config_log_metrics(tmp_path):
     assert json.loads((run.path / "metrics.json").read_text())["final"]["synth_duke"]["mAP"] == 12.5
 
 
+def test_a_value_that_could_not_be_measured_is_written_null_in_strict_json(tmp_path):
+    # A target with no valid query has NaN metrics; Python's json would write NaN, which jq, JavaScript and other
+    # strict readers refuse: the whole metrics.json would be unreadable to them.
+    run = RunDir(tmp_path / "run")
+    nan, inf = float("nan"), float("inf")
+    run.save_metrics({"final": {"a": {"mAP": nan, "rank1": 50.0}}, "epochs": [{"loss": inf, "m": [nan, 1.0]}]})
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    loaded = json.loads((run.path / "metrics.json").read_text(), parse_constant=refuse)
+    assert loaded == {"final": {"a": {"mAP": None, "rank1": 50.0}}, "epochs": [{"loss": None, "m": [None, 1.0]}]}
+
+
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "m.json"
     atomic_write_text(target, "old")

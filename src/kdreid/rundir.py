@@ -8,6 +8,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -195,8 +196,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_safe(data: Any) -> Any:
+    """`data` with every NaN or infinite float as None (null): JSON has neither, and the `NaN` Python's json writes
+    by default makes the file unreadable to strict readers (jq, JavaScript, other languages' parsers)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: json_safe(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(value) for value in data]
+    return data
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Strict JSON: a value that could not be measured (NaN) is written null, as readers of our files expect."""
+    atomic_write_text(path, json.dumps(json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 # A hidden file in a run folder: the process that trains (or runs a pipeline) there holds an exclusive lock on it.

@@ -19,6 +19,7 @@ from kdreid.config import dump_yaml
 from kdreid.errors import ConfigError, DatasetError
 from kdreid.stages import pipeline
 from kdreid.stages.data import DATASETS_FILE, dataset_fingerprint, load_datasets
+from kdreid.stages.loop import results_table
 from kdreid.stages.presets import PRESETS
 
 TARGETS = ["synth_duke", "synth_cuhk"]
@@ -172,6 +173,25 @@ def _table(tmp_path, **settings) -> tuple[list[str], dict]:
     rows = pipeline.table_rows(config, configs, finals, {t: numbers for t in TARGETS})
     table = pipeline.results_markdown(config, rows, info)
     return table.splitlines(), configs
+
+
+def test_a_value_a_stage_could_not_measure_is_n_a_in_the_tables(tmp_path):
+    # No valid query on a target: NaN in memory, null in a reused stage's metrics.json; neither is a number to print
+    # ("nan") or to average, nor a crash formatting None.
+    config = _config(tmp_path)
+    configs = pipeline.stage_configs(config)
+    unmeasured = {TARGETS[0]: {"mAP": None, "rank1": float("nan")}, **{t: {"mAP": 10.0, "rank1": 20.0}
+                                                                      for t in TARGETS[1:]}}
+    numbers = {t: {"mAP": 10.0, "rank1": 20.0} for t in TARGETS}
+    info = {"arch": "osnet_tiny", "parameters": 1e5, "macs": 1e6, "height": 64, "width": 32,
+            "images_per_second": 100.0, "batch_size": 32, "device": "cpu"}
+    finals = {name: numbers for name in configs} | {"distill": unmeasured}
+    rows = pipeline.table_rows(config, configs, finals, {t: numbers for t in TARGETS})
+    student = [line for line in pipeline.results_markdown(config, rows, info).splitlines()
+               if line.startswith("| KD-ReID student")][0].split(" | ")
+    assert student[-2 * len(TARGETS) - 1:] == ["n/a", "n/a"] + ["10.0", "20.0"] * (len(TARGETS) - 1) + ["— |"]
+    stage_table = results_table([{"model": "m", "dataset": TARGETS[0], "metrics": {"mAP": float("nan")}}], "last")
+    assert "| m | " + TARGETS[0] + " | — | n/a | — |" in stage_table
 
 
 def test_the_results_table_says_how_its_numbers_were_measured(tmp_path):

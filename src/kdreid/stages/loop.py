@@ -868,6 +868,12 @@ def _tensorboard(path: Path, purge_step: int | None = None):
     return SummaryWriter(str(path), purge_step=purge_step)
 
 
+def percent_cell(value: float | None) -> str:
+    """A table cell in percent; n/a where a value could not be measured (no valid query: NaN, null in
+    metrics.json), as `kdreid evaluate` prints it."""
+    return "n/a" if value is None or value != value else f"{value:.1f}"
+
+
 def results_table(rows: list[dict], selection: str, measured: str = "") -> str:
     """A Markdown table: one row per (model, dataset) with mAP and CMC in percent, how they were `measured`
     (distances, protocol), and the selection rule."""
@@ -879,7 +885,7 @@ def results_table(rows: list[dict], selection: str, measured: str = "") -> str:
         m = row["metrics"]
         lines.append(
             f"| {row['model']} | {row['dataset']} | {row.get('grouping', '—')} | "
-            + " | ".join(f"{m[k]:.1f}" if k in m else "—" for k in METRIC_KEYS)
+            + " | ".join(percent_cell(m[k]) if k in m else "—" for k in METRIC_KEYS)
             + " |"
         )
     lines.append("")

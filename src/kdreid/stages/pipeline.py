@@ -47,7 +47,8 @@ from kdreid.stages.data import (
     DATASETS_FILE, dataset_fingerprint, fingerprint_change, load_datasets, read_datasets_record,
 )
 from kdreid.stages.loop import (
-    SELECTION_RULES, changed_settings, changes_weights, checkpoint_file, measurement_changes, select_device,
+    SELECTION_RULES, changed_settings, changes_weights, checkpoint_file, measurement_changes, percent_cell,
+    select_device,
 )
 from kdreid.stages.presets import PRESETS, resolve_config
 
@@ -548,9 +549,9 @@ def results_markdown(config: PipelineConfig, rows: list[TableRow], info: dict,
             if m is None:
                 cells += ["—", "—"]
             else:
-                cells += [f"{m['mAP']:.1f}", f"{m['rank1']:.1f}"]
+                cells += [percent_cell(m["mAP"]), percent_cell(m["rank1"])]
                 maps.append(m["mAP"])
-        mean = f"{sum(maps) / len(maps):.1f}" if len(maps) == len(targets) else "—"
+        mean = percent_cell(sum(maps) / len(maps)) if len(maps) == len(targets) and None not in maps else "—"
         lines.append(f"| {row.label} | {row.grouping} | {row.select} | " + " | ".join(cells) + f" | {mean} |")
     groupings = [g for g in GROUPING_LEGEND if any(g in row.grouping for row in rows)]
     rules = [r for r in SELECTION_RULES if any(row.select == r for row in rows)]
