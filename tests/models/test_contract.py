@@ -60,7 +60,7 @@ def test_last_stride_two_halves_the_last_map():
     model = build_model("resnet_tiny", 3, last_stride=2)
     out = model(torch.rand(2, 3, 64, 32))
     assert out.feature_maps[3].shape[-2:] == (2, 1)
-    with pytest.raises(ModelError, match="last_stride"):
+    with pytest.raises(ModelError, match="leave --last-stride"):
         build_model("osnet_tiny", 3, last_stride=2)
 
 

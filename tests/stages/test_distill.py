@@ -155,7 +155,7 @@ def test_plain_state_dict_teachers_keep_the_last_stride_they_were_trained_with(t
 
 @pytest.mark.parametrize("flags, message", [
     (["--teacher-last-stride", "2"], "--teacher-last-stride applies to plain state dicts (--teacher-arch ARCH)"),
-    (["--teacher-arch", "osnet_tiny", "--teacher-last-stride", "2"], "OSNet has no last-stage stride"),
+    (["--teacher-arch", "osnet_tiny", "--teacher-last-stride", "2"], "leave --last-stride / --teacher-last-stride at 1"),
 ])
 def test_a_teacher_last_stride_that_cannot_apply_is_refused(tmp_path, capsys, flags, message):
     model = build_model("osnet_tiny", 0)

@@ -80,7 +80,7 @@ class VerificationResult:
             # the threshold in full: rounded up, it could let through more than `fpr` of the negative pairs
             levels.append({"fpr": fpr, "tpr": plain(100.0 * tpr), "threshold": plain(threshold, None)})
         return {"positive_pairs": self.num_positive, "negative_pairs": self.num_negative,
-                "auc": plain(self.auc()), "at_fpr": levels}
+                "auc": plain(self.auc(), None), "at_fpr": levels}  # whole: printed to 4 digits, as on the picture
 
 
 def threshold_text(threshold: float, digits: int = 4) -> str:

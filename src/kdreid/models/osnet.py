@@ -121,7 +121,8 @@ class OSNet(ReidModel):
         super().__init__()
         if last_stride != 1:
             # OSNet's last stage keeps the resolution by design (output stride 16); there is no stride to set.
-            raise ValueError(f"OSNet has no last-stage stride; use last_stride=1, got {last_stride}")
+            raise ValueError(f"OSNet has no last-stage stride to set (its maps stay at 1/16 of the input), got "
+                             f"{last_stride}: leave --last-stride / --teacher-last-stride at 1")
         self.last_stride = 1
         c0, c1, c2, c3 = channels
         self.conv1 = ConvBN(3, c0, 7, stride=2, padding=3)
