@@ -218,6 +218,22 @@ def test_a_flag_wins_over_the_config_file_which_wins_over_the_preset(tmp_path, m
             config.dmmd_normalize, config.train.height) == (0, 1, False, False, False, 32)  # the flags over both
 
 
+def test_an_empty_section_of_the_config_file_keeps_the_preset(tmp_path, monkeypatch):
+    # `train:` with its lines commented out is YAML null: it changes nothing, where it used to rebuild the whole
+    # section from the defaults (quick's 64x32 cosine run became a 256x128 multistep one, without a word).
+    from kdreid.stages import source
+    from kdreid.stages.presets import PRESETS
+
+    quick = PRESETS["quick"]["source"]["train"]
+    base = ["train-source", "-s", "synth_msmt", "--preset", "quick", "--config"]
+    for text in ("train:\n#  epochs: 3\n", "train:\n  optim:\n#    lr: 0.1\n"):
+        settings = tmp_path / "settings.yaml"
+        settings.write_text(text)
+        config, _ = _config_a_stage_runs_with(monkeypatch, source, [*base, str(settings)])
+        assert (config.train.epochs, config.train.height, config.train.optim.scheduler, config.train.optim.lr) == (
+            quick["epochs"], quick["height"], quick["optim"]["scheduler"], quick["optim"]["lr"]), text
+
+
 def test_every_flag_of_the_pipeline_reaches_its_stages(tmp_path, pipeline_config_of):
     flags = [flag if flag not in ("R", "O") else str(tmp_path / flag) for flag in STAGE_FLAGS]
     config = pipeline_config_of(["pipeline", "-s", "cuhk03", "-t", "market1501", "dukemtmcreid", "--teacher-arch",

@@ -12,13 +12,14 @@ TARGETS = DATA @ torch.arange(6, dtype=torch.float32)
 
 
 def _train(tmp_path, *, epochs=3, resume=False, interrupt_at=None, nan_at=None, select="last", name="run",
-           snapshots=None):
+           snapshots=None, eval_freq=1, warmup_epochs=1):
     """A tiny regression trained by `fit`; `snapshots` (a dict), when given, receives the weights each epoch was
     evaluated with."""
     torch.manual_seed(0)
     model = nn.Linear(6, 1)
-    config = TrainConfig(epochs=epochs, device="cpu", eval_freq=1, select=select,
-                         optim=OptimConfig(optimizer="sgd", lr=0.01, momentum=0.0, warmup_epochs=1, milestones=[2]))
+    config = TrainConfig(epochs=epochs, device="cpu", eval_freq=eval_freq, select=select,
+                         optim=OptimConfig(optimizer="sgd", lr=0.01, momentum=0.0, warmup_epochs=warmup_epochs,
+                                           milestones=[2]))
     optimizer = build_optimizer(model.parameters(), config.optim)
     evaluations = []
 
@@ -130,6 +131,21 @@ def test_a_selection_whose_evaluations_all_tie_says_it_kept_the_first(tmp_path):
             in (tmp_path / "run" / "log.txt").read_text())
     _train(tmp_path, select="source-val", name="chosen")
     assert "none was better" not in (tmp_path / "chosen" / "log.txt").read_text()
+
+
+def test_settings_the_run_is_too_short_to_honour_are_named_before_it_trains(tmp_path):
+    # Found by a review: `--epochs 5` under the default 10-epoch warm-up never reached --lr, and `--select source-val`
+    # without --eval-freq compared one evaluation (the last epoch), both without a word.
+    _train(tmp_path, epochs=3, warmup_epochs=3, select="source-val", eval_freq=0, name="short")
+    log = (tmp_path / "short" / "log.txt").read_text()
+    assert ("the warm-up (train.optim.warmup_epochs 3) is as long as the run (--epochs 3): the learning rate rises "
+            "to 6.70e-03 and never reaches --lr 0.01" in log)
+    assert ("--select source-val chooses among the evaluated epochs, and --eval-freq 0 evaluates only the last of "
+            "the 3: the model is the last epoch's" in log)
+    assert log.index("never reaches") < log.index("epoch 1/3")
+    _train(tmp_path, epochs=3, warmup_epochs=2, select="source-val", eval_freq=2, name="long_enough")
+    log = (tmp_path / "long_enough" / "log.txt").read_text()
+    assert "never reaches" not in log and "evaluates only the last" not in log
 
 
 def test_learning_rate_schedules():

@@ -594,6 +594,20 @@ def test_adapt_bad_inputs(source_run, synth_root, tmp_path):
         adapt.run(config(dmmd_terms=["within", "var"]))
 
 
+@pytest.mark.parametrize("command", [["train-source", "-s", "synth_msmt"], ADAPT, DISTILL], ids=lambda c: c[0])
+def test_a_batch_of_one_group_is_refused_before_the_run_folder(command, synth_root, tmp_path, capsys):
+    # Found by a review: --batch-size 4 --num-instances 4 trained with the triplet (and D-MMD's between-class
+    # term) at 0 on every step, silently (P = 1: no negative, no pair of two groups).
+    out = tmp_path / "runs" / "r"
+    code = main([*(part.format(tmp=tmp_path) for part in command), "--root", str(synth_root), "--out", str(out),
+                 *TINY, "--batch-size", "4", "--num-instances", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("kdreid: error: --batch-size 4 with --num-instances 4 gives one group per batch; "
+                                 "the triplet and D-MMD losses need two or more: choose --batch-size at least 8 "
+                                 "(P×K with P >= 2)\n"), err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_adapt_with_pseudo_labels_clusters_the_target(source_run, synth_root, tmp_path, monkeypatch):
     seen = []
     real = adapt.dbscan
@@ -619,8 +633,11 @@ def test_adapt_with_pseudo_labels_clusters_the_target(source_run, synth_root, tm
 
     # A clustering that finds fewer clusters than a batch's P: the answer names tracklets, the other grouping.
     monkeypatch.setattr(adapt, "dbscan", lambda distances, eps, min_samples: real(distances, eps, min_samples) * 0)
+    # Found by a review: the clustering's settings, the first thing to change, were not named.
     with pytest.raises(DatasetError, match=r"^epoch 1: a batch of P=4 pseudo-labels needs at least that many, but "
-                                           r"the data have 1; .*, or group the target by --grouping tracklet$"):
+                                           r"the data have 1; .*, or change the clustering \(now 1 clusters of 165 "
+                                           r"images with pseudo.eps 0.3, pseudo.min_samples 2: set them in a --config "
+                                           r"file\), or group the target by --grouping tracklet$"):
         adapt.run(config.__class__(**{**vars(config), "out": str(tmp_path / "few")}))
 
 

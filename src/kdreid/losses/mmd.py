@@ -41,13 +41,13 @@ def _gaussian_kernel(x: torch.Tensor, y: torch.Tensor, sigmas) -> torch.Tensor:
     y = x if same else y.float().reshape(len(y), -1)
     if x.shape[1] == 1:  # scalar samples (distances): the exact difference, cheap at (N, M)
         squared = (x - y.t()).pow(2)
-    else:  # wide embeddings: the expansion avoids an (N, M, D) tensor
-        squared = (x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1)[None, :] - 2.0 * x @ y.t()).clamp_min(0.0)
-        if same:
-            # Each sample against itself: exactly 0. The expansion leaves float32 rounding there (~1e-4 for
-            # 2048-d features of norm ~45), which the narrow bandwidths (1/(2σ) up to 5e5) would turn into a
-            # diagonal anywhere between ~16 and 19 instead of the constant 19.
-            squared = squared.fill_diagonal_(0.0)
+    else:
+        # Wide embeddings: the differences themselves, summed without an (N, M, D) tensor. Not the expansion
+        # |x|² + |y|² - 2x·y: in float32 it leaves rounding of ~1e-4 between two equal samples (2048-d features of
+        # norm ~45) — each sample and itself, and also two copies of one image or a collapsed embedding — which
+        # the narrow bandwidths (1/(2σ) up to 5e5) turn into a kernel value anywhere between ~16 and 19 instead
+        # of 19. cdist's gradient at a zero distance is 0, as the exact one.
+        squared = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
     return torch.exp(-squared[..., None] * _inverse_widths(tuple(sigmas), squared.device)).sum(-1)
 
 

@@ -204,8 +204,14 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
             except DatasetError as error:  # too few clusters this epoch: tracklets are the other unsupervised way
                 # After a checkpoint, other settings are a new run (--resume refuses them): say where it goes.
                 where = " (with another --out: this run's checkpoints hold its settings)" if epoch > 0 else ""
-                raise DatasetError(f"epoch {epoch + 1}: {error}, or group the target by --grouping tracklet"
-                                   f"{where}") from None
+                # The clustering's own settings are the first thing to change: eps 0.6 suits a well-trained model,
+                # and a barely trained one sees everyone as alike (one cluster) or no one (only outliers).
+                raise DatasetError(
+                    f"epoch {epoch + 1}: {error}, or change the clustering (now {labels.max() + 1} clusters of "
+                    f"{kept.sum()} images with pseudo.eps {config.pseudo.eps}, pseudo.min_samples "
+                    f"{config.pseudo.min_samples}: set them in a --config file), or group the target by --grouping "
+                    f"tracklet{where}"
+                ) from None
         source_batches.start_epoch(epoch)
         target_batches.start_epoch(epoch)
 

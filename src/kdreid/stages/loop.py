@@ -112,6 +112,14 @@ class TrainConfig:
             raise ConfigError(
                 f"--batch-size {self.batch_size} is not a multiple of --num-instances {self.num_instances}"
             )
+        if self.batch_size // self.num_instances < 2:
+            # One group per batch: no negative for the triplet and no between-class pair for D-MMD, so both would
+            # be 0 at every step without a word.
+            raise ConfigError(
+                f"--batch-size {self.batch_size} with --num-instances {self.num_instances} gives one group per batch; "
+                f"the triplet and D-MMD losses need two or more: choose --batch-size at least {2 * self.num_instances} "
+                "(P×K with P >= 2)"
+            )
         if not 0 <= self.seed < 2**32:  # what numpy's and torch's generators take
             raise ConfigError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
         if self.eval_freq < 0:
@@ -250,6 +258,8 @@ def _train(
         else:
             where = f"epoch {start_epoch + 1}" + (f", iteration {inside['iteration'] + 1}" if inside else "")
             log.info(f"resumed from {path}: continuing at {where}")
+    if start_epoch < config.epochs:
+        _warn_of_settings_this_run_cannot_honour(config, log)
     distributed.broadcast_modules(modules.values())  # every process starts from the main one's weights
     if distributed.is_main():
         # The folders training writes to, made now: a file in their place is one line before the first epoch, not
@@ -444,6 +454,24 @@ def _train(
     trained_none = config.epochs <= start_epoch
     return FitResult(final=best["metrics"], epochs=history, selection=selection, selected_epoch=best["epoch"],
                      weights_time_ns=checkpoint_time_ns if trained_none else None)
+
+
+def _warn_of_settings_this_run_cannot_honour(config: TrainConfig, log) -> None:
+    """Settings that this run's length reduces to nothing, said before it trains rather than left to be found in
+    the numbers: a warm-up as long as the run (the rate never reaches --lr), and a checkpoint selection with one
+    evaluated epoch to choose from (the last: --select chooses among the epochs --eval-freq evaluates)."""
+    optim = config.optim
+    if optim.warmup_epochs >= config.epochs:
+        peak = learning_rate(optim, config.epochs - 1, config.epochs)
+        log.warning(f"the warm-up (train.optim.warmup_epochs {optim.warmup_epochs}) is as long as the run (--epochs "
+                    f"{config.epochs}): the learning rate rises to {peak:.2e} and never reaches --lr {optim.lr:g}; "
+                    "give train.optim.warmup_epochs a smaller value in a --config file, or train longer")
+    evaluated = sum(1 for epoch in range(1, config.epochs + 1)
+                    if epoch == config.epochs or (config.eval_freq > 0 and epoch % config.eval_freq == 0))
+    if config.select != "last" and evaluated < 2:
+        log.warning(f"--select {config.select} chooses among the evaluated epochs, and --eval-freq "
+                    f"{config.eval_freq} evaluates only the last of the {config.epochs}: the model is the last "
+                    "epoch's; give --eval-freq N to evaluate every N epochs")
 
 
 def _warn_if_no_epoch_scored_apart(select: str, history: list[dict], kept: int, log) -> None:

@@ -81,6 +81,10 @@ def _merge(config: T, partial: Mapping, where: str) -> T:
     def deep(base: dict, update: Mapping) -> dict:
         merged = dict(base)
         for key, value in update.items():
+            if value is None and isinstance(base.get(key), dict):
+                # An empty section (`train:` whose lines are all commented out) changes nothing; as None it
+                # would rebuild the section from the defaults, silently undoing the preset's settings there.
+                continue
             if isinstance(value, Mapping) and isinstance(base.get(key), dict):
                 merged[key] = deep(base[key], value)
             else:
