@@ -6,7 +6,8 @@ several targets (the blended baseline).
 
 A thin wrapper over `kdreid adapt` (kdreid.stages.adapt.run) that keeps the seed's flags. `-mp` takes a kdreid
 checkpoint, or a plain state dict (e.g. the seed's model-best.pth.tar), which is rebuilt as a kdreid checkpoint
-of `-a` with the source's identities first (RUN/init.pt).
+of `-a` with the source's identities first (RUN/init.pt). Without `-a`, the architecture is the one a kdreid
+checkpoint records, and the seed's resnet50 for a plain state dict.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _seed_args, when imported rather than run
 
 from _seed_args import (  # noqa: E402
+    arch_of,
     common_overrides,
     common_parser,
     is_kdreid_checkpoint,
@@ -32,7 +34,8 @@ def build_parser():
     p.add_argument("-ds", "--dataset-source", dest="sources", nargs="+", default=["msmt17"])
     p.add_argument("-dt", "--dataset-target", dest="targets", nargs="+", default=["market1501"],
                    help="the target; several targets adapt one blended model to their union, as the seed")
-    p.add_argument("-a", "--arch", default="resnet50")
+    p.add_argument("-a", "--arch",
+                   help="default: the -mp checkpoint's, or resnet50 for a plain state dict (the seed's)")
     p.add_argument("-mp", "--model-path", dest="model_path", required=True,
                    help="the source-trained model to start from")
     p.add_argument("--grouping", choices=["tracklet", "pseudo", "oracle"],
@@ -80,6 +83,7 @@ def train(args) -> str:
     from kdreid.stages.presets import resolve_config
 
     note_ignored(args)
+    args.arch = arch_of(args.arch, args.model_path)
     sources = "+".join(args.sources)
     out = args.out or str(Path("runs") / "DMMD" / f"{sources}{'_new_cuhk' if args.new_cuhk else ''}"
                           / f"{sources}_to_{'+'.join(args.targets)}_{args.arch}")
@@ -92,7 +96,7 @@ def train(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(train, build_parser(), argv)
+    return run_main(train, build_parser(), argv, {"--init": "-mp"})
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 A thin wrapper over `kdreid distill` (kdreid.stages.distill.run) that keeps the seed's flags, both its spellings
 (`--lkds_weight` and `--lkds-weight`, `--kd-style only_outputs` and `outputs`) and its file name
 (`scripts/KD_REID.py` runs this file). `-mpt` and `-mps` take kdreid checkpoints or plain state dicts of `-at`
-and `-as` (the seed's model-best.pth.tar files).
+and `-as` (the seed's model-best.pth.tar files). Without `-as`/`-at`, a kdreid checkpoint's own architecture is
+used, and the seed's resnet50 for a plain state dict; an `-at` that a kdreid teacher contradicts is refused. Without
+`-mps` the student starts from ImageNet weights, as the seed's did (`--pretrained none|FILE` otherwise).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _seed_args, when imported rather than run
 
 from _seed_args import (  # noqa: E402
+    SEED_ARCH,
+    arch_of,
+    checkpoint_arch,
     common_overrides,
     common_parser,
-    is_kdreid_checkpoint,
     note_ignored,
+    pretrained_flag,
     run_main,
 )
 
@@ -35,9 +40,13 @@ def build_parser():
     p.add_argument("-ds", "--dataset-source", dest="sources", nargs="+", default=["msmt17"])
     p.add_argument("-dt", "--dataset-target", dest="targets", nargs="+", default=["market1501"],
                    help="the targets, in the order of -mpt")
-    p.add_argument("-as", "--arch-student", dest="arch_student", default="resnet50")
-    p.add_argument("-at", "--arch-teacher", dest="arch_teacher", default="resnet50")
+    p.add_argument("-as", "--arch-student", dest="arch_student",
+                   help="default: the -mps checkpoint's, else resnet50 (the seed's)")
+    p.add_argument("-at", "--arch-teacher", dest="arch_teacher",
+                   help="the teachers' architecture: that of plain state dicts (default resnet50, the seed's); kdreid "
+                        "checkpoints record theirs (they must agree with it)")
     p.add_argument("-mps", "--model-path-student", dest="student", help="source-trained student")
+    pretrained_flag(p, "without -mps, the student's")
     p.add_argument("-mpt", "--model-path-teachers", dest="teachers", nargs="+", required=True,
                    help="one teacher per target, in the order of -dt")
     p.add_argument("--target-alt", choices=["batch", "full"],
@@ -46,7 +55,8 @@ def build_parser():
     p.add_argument("--target-order", choices=["random", "fixed", "shift"])
     p.add_argument("--lkds_weight", "--lkds-weight", dest="lkds_weight", type=float, help="KD on source images")
     p.add_argument("--lda_weight", "--lda-weight", dest="lda_weight", type=float,
-                   help="the student's own D-MMD + CE + triplet")
+                   help="the student's own D-MMD + CE + triplet, weighted as written (the seed's batch "
+                        "engine divided it by 100: its 1 is 0.01 here)")
     p.add_argument("--lkdt_weight", "--lkdt-weight", dest="lkdt_weight", type=float, help="KD on target images")
     p.add_argument("--multi-head", action="store_const", const=True, help="one classifier per target")
     p.add_argument("--stda", choices=["D-MMD", "SPCL"], default="D-MMD",
@@ -84,6 +94,22 @@ def train(args) -> str:
             f"{len(args.teachers)} teacher(s) in -mpt for {len(args.targets)} target(s) in -dt "
             f"({' '.join(args.targets)}): pass one teacher per target, in the same order"
         )
+    # The architectures: the flags, else what kdreid checkpoints record, else the seed's resnet50.
+    args.arch_student = arch_of(args.arch_student, args.student)
+    teacher_archs = [checkpoint_arch(path) for path in args.teachers]
+    plain_teachers = args.stda == "SPCL" or None in teacher_archs
+    if not plain_teachers and args.arch_teacher:
+        for path, arch in zip(args.teachers, teacher_archs):
+            if arch != args.arch_teacher:
+                raise ConfigError(f"-mpt {path}: holds a {arch} model, not the {args.arch_teacher} that -at names; "
+                                  f"pass -at {arch}, or leave -at out (a kdreid checkpoint records its architecture)")
+    if plain_teachers:
+        args.arch_teacher = args.arch_teacher or SEED_ARCH
+    else:
+        args.arch_teacher = args.arch_teacher or "+".join(dict.fromkeys(teacher_archs))
+    if args.student and args.pretrained:
+        raise ConfigError(f"--pretrained {args.pretrained} has no effect with -mps (the student starts from it); "
+                          "leave one of them out")
     out = args.out or run_folder(args)
     overrides = common_overrides(args, step_size=5) | {  # the original KD's default step size
         "sources": args.sources, "targets": args.targets, "arch": args.arch_student, "teachers": args.teachers,
@@ -95,18 +121,21 @@ def train(args) -> str:
     config = resolve_config(distill.DistillConfig, "distill", preset=args.preset, overrides=overrides)
     config.validate()  # the teacher/target count before any file is read
     # Plain state dicts (the seed's files, SpCL's) load as -at; kdreid checkpoints carry their architecture.
-    if args.stda == "SPCL" or not all(is_kdreid_checkpoint(path) for path in args.teachers):
+    if plain_teachers:
         config.teacher_arch = args.arch_teacher
     if args.student:
-        if is_kdreid_checkpoint(args.student):
+        if checkpoint_arch(args.student):
             config.student_init = args.student
         else:
             config.pretrained = args.student
+    else:  # the seed built its student with ImageNet weights
+        config.pretrained = args.pretrained or "imagenet"
     return str(Path(distill.run(config, resume=args.resume).model_path).parent)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(train, build_parser(), argv)
+    return run_main(train, build_parser(), argv, {"--student-init": "-mps", "--teachers": "-mpt",
+                                                  "--teacher-arch": "-at"})
 
 
 if __name__ == "__main__":

@@ -111,32 +111,78 @@ def common_overrides(args: argparse.Namespace, *, step_size: int = 50) -> dict:
     }
 
 
-def is_kdreid_checkpoint(path: str) -> bool:
-    """True for a kdreid checkpoint; False for a plain state dict (torchreid's model-best.pth.tar and the like)."""
+def checkpoint_arch(path: str) -> str | None:
+    """The architecture a kdreid checkpoint records; None for a plain state dict (torchreid's model-best.pth.tar and
+    the like), which records none."""
     from kdreid.models import read_checkpoint
 
     try:
-        read_checkpoint(path)
+        return str(read_checkpoint(path)["arch"])
     except CheckpointError as error:
         if "not a kdreid checkpoint" in str(error):
-            return False
+            return None
         raise
-    return True
+
+
+def is_kdreid_checkpoint(path: str) -> bool:
+    """True for a kdreid checkpoint; False for a plain state dict (torchreid's model-best.pth.tar and the like)."""
+    return checkpoint_arch(path) is not None
+
+
+def arch_of(given: str | None, path: str | None) -> str:
+    """The architecture of the model in `path`: `given` (the script's -a / -as); else the one a kdreid checkpoint
+    records; else the seed's default, resnet50 (a plain state dict records none). A flag that contradicts the
+    checkpoint is refused by the stage, in one line under the script's flag names."""
+    if given:
+        return given
+    return (checkpoint_arch(path) if path else None) or SEED_ARCH
+
+
+SEED_ARCH = "resnet50"  # the seed's default for -a, -as and -at
+
+
+def pretrained_flag(p: argparse.ArgumentParser, whose: str) -> None:
+    p.add_argument("--pretrained", default=None,
+                   help=f"{whose} start: imagenet (default, as the original's pretrained=True: a local file, never "
+                        "downloaded), none (random weights) or a weights file")
+
+
+# kdreid's flags as the scripts spell them, in the one-line errors (a `kdreid ...` command quoted there keeps its
+# own). Per script: the flags it names differently.
+COMMON_FLAGS = {"--root": "-data-dir", "-s": "-ds", "-t": "-dt"}
+_QUOTED = re.compile(r"`[^`]*`|\(kdreid [^)]*\)")
+
+
+def script_message(message: str, flags: dict[str, str]) -> str:
+    """`message` with kdreid's flag names replaced by the script's (`flags` over COMMON_FLAGS), outside quoted
+    `kdreid ...` commands."""
+    names = {**COMMON_FLAGS, **flags}
+    alternatives = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+    pattern = re.compile(rf"(?<![\w-])({alternatives})(?![\w-])")
+    parts, last = [], 0
+    for quoted in _QUOTED.finditer(message):
+        parts.append(pattern.sub(lambda m: names[m.group(1)], message[last:quoted.start()]))
+        parts.append(quoted.group(0))
+        last = quoted.end()
+    parts.append(pattern.sub(lambda m: names[m.group(1)], message[last:]))
+    return "".join(parts)
 
 
 def run_main(body: Callable[[argparse.Namespace], str], parser: argparse.ArgumentParser,
-             argv: list[str] | None) -> int:
+             argv: list[str] | None, flags: dict[str, str] | None = None) -> int:
     """Parse, run `body` (which returns the run folder) and print where the run is; a KdreidError is one line
-    and exit code 2, as with the `kdreid` command."""
+    and exit code 2, as with the `kdreid` command, naming the script's flags (`flags`: kdreid's name -> the
+    script's, over COMMON_FLAGS). Stopped (Ctrl-C, SIGTERM) where no training loop handles it, one line and 130/143,
+    as `kdreid` exits."""
     args = parser.parse_args(argv)
     prog = Path(parser.prog).name
     try:
         out = body(args)
     except KdreidError as error:
-        # kdreid's messages name its --root flag; this script's is -data-dir (a `kdreid ...` command they quote
-        # keeps --root).
-        message = re.sub(r"(with |^|; )--root\b", r"\1-data-dir", str(error))
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {script_message(str(error), flags or {})}", file=sys.stderr)
         return getattr(error, "exit_code", 2)  # a run stopped by SIGINT/SIGTERM: 130/143, as `kdreid` exits
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM while reading the data (errors.Terminated)
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return getattr(interrupt, "exit_code", 130)
     print(f"run folder: {out}")
     return 0

@@ -45,7 +45,8 @@ def test_the_three_scripts_chain_with_the_original_flags(data, tmp_path, capsys)
         runs[arch] = tmp_path / f"source_{arch}"
         # `-data-dir` (the README's spelling), an ignored original flag, evaluation-only targets.
         assert source_training.main(["-ds", "synth_msmt", "-dt", "synth_duke", "-a", arch, "-data-dir", str(data),
-                                     "--out", str(runs[arch]), "--features", "512", *TINY]) == 0
+                                     "--out", str(runs[arch]), "--features", "512", "--pretrained", "none",
+                                     *TINY]) == 0
     out = capsys.readouterr()
     assert f"run folder: {runs['osnet_tiny']}" in out.out and "--features is accepted" in out.err
     config = _config(runs["resnet_tiny"])
@@ -328,3 +329,114 @@ def test_flags_without_a_kdreid_counterpart_say_why(monkeypatch, tmp_path, capsy
     assert "note: --workers is accepted for compatibility with the original scripts and has no effect: kdreid " \
            "decodes every image once" in err
     assert "--features is accepted" in err and "--dropout is accepted" in err and "--scheduler" not in err
+
+
+@pytest.fixture
+def osnet_checkpoint(tmp_path):
+    """An untrained osnet_tiny kdreid checkpoint with synth_msmt's 10 training identities (scale 0.01)."""
+    from kdreid.models import build_model, save_checkpoint
+
+    return str(save_checkpoint(tmp_path / "osnet.pt", build_model("osnet_tiny", 10), datasets=["synth_msmt"]))
+
+
+@pytest.fixture
+def osnet_teacher(tmp_path):
+    """An untrained osnet_tiny kdreid checkpoint that records an adaptation to synth_duke."""
+    from kdreid.models import build_model, save_checkpoint
+
+    return str(save_checkpoint(tmp_path / "teacher.pt", build_model("osnet_tiny", 10),
+                               datasets=["synth_msmt", "synth_duke"]))
+
+
+def _capture_runs(monkeypatch, tmp_path) -> dict:
+    """Replace the three stages' run functions: each records the config a script hands it and trains nothing."""
+    from kdreid.stages import adapt, distill, source
+
+    seen = {}
+    for module in (source, adapt, distill):
+        def fake_run(config, *, resume=False, name=module.__name__.rsplit(".", 1)[-1]):
+            seen[name] = config
+            return distill.StageResult(str(tmp_path / "out" / "model.pt"), {}, None)
+
+        monkeypatch.setattr(module, "run", fake_run)
+    return seen
+
+
+def test_architectures_default_to_what_a_kdreid_checkpoint_records(data, osnet_checkpoint, osnet_teacher, tmp_path,
+                                                                     monkeypatch):
+    # The seed's -a/-as/-at default (resnet50) holds for plain state dicts; a kdreid checkpoint names its own, so
+    # `DMMD.py -mp model.pt` needs no -a (it used to fail, naming kdreid's --init and saying to leave -a out).
+    seen = _capture_runs(monkeypatch, tmp_path)
+    args = ["-ds", "synth_msmt", "-dt", "synth_duke", "-data-dir", str(data), *TINY]
+    assert _script("DMMD.py").main([*args, "-mp", osnet_checkpoint, "--out", str(tmp_path / "t")]) == 0
+    assert seen["adapt"].arch == "osnet_tiny"
+    assert _script("KD-REID.py").main([*args, "-mps", osnet_checkpoint, "-mpt", osnet_teacher]) == 0
+    config = seen["distill"]
+    assert config.arch == "osnet_tiny" and config.teacher_arch == "" and config.student_init == osnet_checkpoint
+    assert Path(config.out).parent.name == "osnet_tiny_t_osnet_tiny_s"
+
+
+def test_a_contradicting_architecture_is_named_by_the_scripts_flags(data, osnet_checkpoint, osnet_teacher, tmp_path,
+                                                                    capsys):
+    # One line naming the script's flags (-mp, -mps, -mpt, -at, -ds/-dt), not kdreid's (--init, --student-init, -s/-t),
+    # and nothing written.
+    dmmd, kd_reid = _script("DMMD.py"), _script("KD-REID.py")
+    args = ["-ds", "synth_msmt", "-dt", "synth_duke", "-data-dir", str(data), *TINY]
+    for run, expected in (
+        (lambda: dmmd.main([*args, "-a", "resnet_tiny", "-mp", osnet_checkpoint, "--out", str(tmp_path / "t")]),
+         f"-mp {osnet_checkpoint}: holds a osnet_tiny model, not the resnet_tiny"),
+        (lambda: kd_reid.main([*args, "-as", "resnet_tiny", "-mps", osnet_checkpoint, "-mpt", osnet_teacher,
+                               "--out", str(tmp_path / "s")]),
+         f"-mps {osnet_checkpoint}: holds a osnet_tiny model, not the resnet_tiny"),
+        # -at used to be silently ignored for kdreid teachers
+        (lambda: kd_reid.main([*args, "-at", "resnet50", "-mps", osnet_checkpoint, "-mpt", osnet_teacher,
+                               "--out", str(tmp_path / "s")]),
+         f"-mpt {osnet_teacher}: holds a osnet_tiny model, not the resnet50 that -at names"),
+        (lambda: dmmd.main(["-ds", "synth_msmt", "-dt", "synth_msmt", "-data-dir", str(data), "-mp", osnet_checkpoint,
+                            "--out", str(tmp_path / "t"), *TINY]),
+         "-ds and -dt both name synth_msmt"),
+    ):
+        capsys.readouterr()
+        code = run()
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, lines
+        assert f": error: {expected}" in lines[0], lines[0]
+        assert "--init" not in lines[0] and "--student-init" not in lines[0]
+    assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
+
+
+def test_source_training_and_a_student_without_mps_start_from_imagenet_as_the_seed(tmp_path, monkeypatch, capsys):
+    # The original built its models with pretrained=True; kdreid's stages default to random weights.
+    seen = _capture_runs(monkeypatch, tmp_path)
+    source_training, kd_reid = _script("source_training.py"), _script("KD-REID.py")
+    assert source_training.main(["-ds", "market1501", "-data-dir", str(tmp_path)]) == 0
+    assert seen["source"].pretrained == "imagenet" and seen["source"].arch == "resnet50"
+    assert source_training.main(["-ds", "market1501", "--pretrained", "none"]) == 0
+    assert seen["source"].pretrained == "none"
+    plain = tmp_path / "teacher.pth"
+    torch.save({"state_dict": {}}, plain)
+    assert kd_reid.main(["-dt", "market1501", "-mpt", str(plain)]) == 0
+    assert seen["distill"].pretrained == "imagenet" and seen["distill"].arch == "resnet50"
+    assert seen["distill"].teacher_arch == "resnet50"
+    capsys.readouterr()
+    assert kd_reid.main(["-dt", "market1501", "-mpt", str(plain), "-mps", str(plain), "--pretrained", "none"]) == 2
+    assert "--pretrained none has no effect with -mps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signal_exception, code", [("KeyboardInterrupt", 130), ("Terminated", 143)])
+def test_a_script_stopped_before_training_exits_as_kdreid_does(signal_exception, code, tmp_path, monkeypatch,
+                                                                 capsys):
+    # Ctrl-C or SIGTERM while the datasets are read: one line and 128 + signal, not a traceback and exit code 1.
+    from kdreid import errors
+    from kdreid.stages import source
+
+    def stopped(config, *, resume=False):
+        raise getattr(errors, signal_exception, KeyboardInterrupt)()
+
+    monkeypatch.setattr(source, "run", stopped)
+    try:
+        returned = _script("source_training.py").main(["-ds", "market1501", "-data-dir", str(tmp_path)])
+    except KeyboardInterrupt:
+        pytest.fail(f"{signal_exception} escaped the script (a traceback and exit code 1)")
+    assert returned == code
+    assert capsys.readouterr().err.strip().splitlines() == [f"{Path(sys.argv[0]).name}: interrupted"]

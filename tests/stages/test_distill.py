@@ -153,6 +153,22 @@ def test_plain_state_dict_teachers_keep_the_last_stride_they_were_trained_with(t
         assert not torch.allclose(distill.load_teacher(str(path), "resnet_tiny")(images), expected, atol=1e-3)
 
 
+def test_a_kdreid_teacher_beside_plain_ones_keeps_its_own_architecture_and_stride(tmp_path):
+    # --teacher-arch and --teacher-last-stride describe the plain state dicts; a kdreid checkpoint among the teachers
+    # (mixed teachers) records its own. Rebuilt with them, a stride-1 teacher silently embedded every image
+    # differently (stride 2), and one of another architecture was refused.
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 64, 32)
+    for arch in ("resnet_tiny", "osnet_tiny"):
+        model = build_model(arch, 5, last_stride=1).eval()
+        path = str(save_checkpoint(tmp_path / f"{arch}.pt", model, datasets=["synth_msmt", "synth_duke"]))
+        teacher = distill.load_teacher(path, "resnet_tiny", last_stride=2)
+        assert teacher.arch == arch and teacher.last_stride == 1 and not teacher.training
+        assert teacher.kdreid_meta["datasets"] == ["synth_msmt", "synth_duke"]  # still checked against the target
+        with torch.no_grad():
+            assert torch.equal(teacher(images), model(images))
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--teacher-last-stride", "2"], "--teacher-last-stride applies to plain state dicts (--teacher-arch ARCH)"),
     (["--teacher-arch", "osnet_tiny", "--teacher-last-stride", "2"], "leave --last-stride / --teacher-last-stride at 1"),
@@ -340,6 +356,48 @@ def test_every_head_of_a_multi_head_student_trains(three_domains, checkpoints, t
         assert head.weight.shape == initial.shape and not torch.allclose(head.weight, initial)
     losses = json.loads((out / "metrics.json").read_text())["epochs"][0]["losses"]
     assert {"ce", "triplet", "mmd_within", "mmd_between", "mmd_features"} <= set(losses)
+
+
+def test_a_multi_head_student_continues_with_its_heads_or_is_refused_in_one_line(three_domains, checkpoints,
+                                                                                 tmp_path, capsys):
+    # A --multi-head distillation's student as --student-init: --lda-weight was refused as "trained on [10, 10]
+    # source identities, but the sources have 10", and --multi-head as a student that "has none" (classifier).
+    student = distill.multi_head_copy(load_checkpoint(checkpoints["student"]), 2)
+    path = str(save_checkpoint(tmp_path / "heads.pt", student, datasets=["synth_msmt", *TARGETS],
+                               extra={"stage": "distill", "targets": TARGETS}))
+    args = _distill_args(three_domains, checkpoints, tmp_path / "kd", "--epochs", "1", "--lda-weight", "1")
+    args[args.index("--student-init") + 1] = path
+    for refused in (args, [*args, "--multi-head", "-t", *TARGETS[::-1]]):  # no heads asked for; other targets
+        assert main(refused) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{path} has 2 classifiers, one per target of a --multi-head distillation " \
+            "(synth_duke synth_cuhk): continue it with --multi-head and the same targets in the same order" in err
+        assert not (tmp_path / "kd").exists()
+    assert main([*args, "--multi-head"]) == 0
+    trained = load_checkpoint(tmp_path / "kd" / "model.pt")
+    assert trained.num_heads == 2
+    for before, after in zip(student.classifiers, trained.classifiers):
+        assert not torch.allclose(before.weight, after.weight)
+
+
+def test_the_students_rows_name_its_teachers_grouping_and_an_oracle_teacher_is_named(three_domains, checkpoints,
+                                                                                       tmp_path):
+    # The stage's own results.md gave the student "—" (no target images), and a student of oracle teachers (target
+    # identity labels) went unmarked outside `kdreid pipeline`.
+    torch.manual_seed(0)
+    teachers = [str(save_checkpoint(tmp_path / f"{name}.pt", build_model("resnet_tiny", 7), datasets=["synth_msmt", t],
+                                    extra={"stage": "adapt", "grouping": grouping}))
+                for name, t, grouping in (("duke", "synth_duke", "tracklet"), ("cuhk", "synth_cuhk", "oracle"))]
+    out = tmp_path / "kd"
+    args = _distill_args(three_domains, checkpoints, out, "--epochs", "1", "--eval-freq", "0")
+    at = args.index("--teachers")
+    assert main([*args[:at + 1], *teachers, *args[at + 3:]]) == 0
+    rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| KD-ReID student")]
+    assert len(rows) == 3 and all("| tracklet; teachers tracklet, oracle |" in row for row in rows)
+    assert (f"teacher {teachers[1]} was adapted with --grouping oracle (the target's identity labels): this student is "
+            "an ablation" in (out / "log.txt").read_text())
+    assert load_checkpoint(out / "model.pt").kdreid_meta["extra"]["teacher_groupings"] == ["tracklet", "oracle"]
+    assert distill.teacher_groupings([build_model("resnet_tiny", 0)]) == ["unrecorded"]  # another toolkit's
 
 
 def test_a_student_without_source_training_is_named(three_domains, checkpoints, tmp_path):

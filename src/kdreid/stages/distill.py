@@ -36,7 +36,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -83,7 +83,8 @@ class DistillConfig:
     sources: list[str] = field(default_factory=lambda: ["msmt17"])
     targets: list[str] = field(default_factory=lambda: ["market1501"])
     teachers: list[str] = field(default_factory=list)  # one checkpoint per target, in the targets' order
-    teacher_arch: str = ""  # set: the teachers are plain state dicts of this architecture (other toolkits)
+    teacher_arch: str = ""  # set: the plain state dicts among the teachers are of this architecture (kdreid
+    # checkpoints among them keep the architecture and stride they record)
     # The last-stage stride those plain teachers were trained with; their weights do not record it. 1: SpCL,
     # OpenUnReID, fast-reid, kdreid; 2: torchreid's ResNets and the original KD-ReID/D-MMD code.
     teacher_last_stride: int = 1
@@ -212,18 +213,18 @@ class Teacher(nn.Module):
 
 def load_teacher(path: str, arch: str = "", last_stride: int = 1) -> nn.Module:
     """A kdreid checkpoint, or (with `arch`) a plain state dict of another toolkit, built with `last_stride`, as an
-    eval-mode model."""
+    eval-mode model. A kdreid checkpoint is rebuilt as it records itself (architecture, last stride, embedding,
+    DSBN) even with `arch`: `arch` and `last_stride` describe the plain state dicts that may sit beside it (mixed
+    teachers), and rebuilding it with them would give another network, or refuse a teacher of another
+    architecture."""
     if arch:  # with the embedding layer the file holds, if any (SpCL's and the seed's `feat`)
         from kdreid.models.weights import CHECKPOINT_FORMAT, read_file
 
-        model = build_model(arch, 0, pretrained=path, last_stride=last_stride,
-                            embedding_dim=embedding_dim_of(path)).eval()
         content = read_file(path)
         if isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT:
-            # A kdreid checkpoint read as plain weights still records what it was trained on: the target checks
-            # (check_teacher_targets) keep working with --teacher-arch.
-            model.kdreid_meta = {key: value for key, value in content.items() if key != "state_dict"}
-        return model
+            return load_checkpoint(path)  # its metadata too: the target checks (check_teacher_targets) still apply
+        return build_model(arch, 0, pretrained=path, last_stride=last_stride,
+                           embedding_dim=embedding_dim_of(path)).eval()
     try:
         return load_checkpoint(path)
     except CheckpointError as error:
@@ -306,6 +307,24 @@ def check_teacher_targets(teachers: Sequence[nn.Module], paths: Sequence[str], t
         )
 
 
+def teacher_groupings(teachers: Sequence[nn.Module]) -> list[str]:
+    """How each teacher grouped its target's images when it was adapted, as its checkpoint records it (`tracklet`,
+    `pseudo`, `oracle`); "—" for a kdreid teacher that never saw its target grouped (not from `adapt`), "unrecorded"
+    for a plain state dict of another toolkit."""
+    groupings = []
+    for teacher in teachers:
+        meta = getattr(teacher, "kdreid_meta", None)
+        groupings.append("unrecorded" if not meta else str((meta.get("extra") or {}).get("grouping") or "—"))
+    return groupings
+
+
+def student_grouping(teacher_groupings: Iterable[str]) -> str:
+    """A student's grouping cell in a results table: its own target batches come by tracklet (its only use of
+    groups is its own D-MMD); what its teachers learnt from their grouping, it inherits (an oracle teacher makes an
+    oracle student)."""
+    return f"tracklet; teachers {', '.join(dict.fromkeys(teacher_groupings))}"
+
+
 def multi_head_copy(model: nn.Module, heads: int) -> nn.Module:
     """The same model with `heads` classifiers, each a copy of `model`'s one (built anew, so that every head's
     parameters exist before the optimiser is made)."""
@@ -384,6 +403,11 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
                             resuming=resume and has_checkpoint(run_dir.path))
     for path, teacher in zip(config.teachers, teacher_models):
         note_loaded_weights(teacher, log.info, f"teacher {path}")
+    groupings = teacher_groupings(teacher_models)
+    for path, grouping in zip(config.teachers, groupings):
+        if grouping == "oracle":
+            log.warning(f"teacher {path} was adapted with --grouping oracle (the target's identity labels): this "
+                        "student is an ablation, not unsupervised adaptation")
     source_records = combine_train(sources, combineall=config.data.combineall)
 
     # The student: from its source-trained checkpoint (same label space as the sources), or built anew.
@@ -406,15 +430,25 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         student = build_model(config.arch or "osnet_x0_25", num_classes, pretrained=config.pretrained,
                               embedding_dim=embedding_dim_of(config.pretrained) if from_file else 0)
         note_loaded_weights(student, log.info, f"student {student.arch} weights")
-    elif config.lda_weight > 0 and student.num_classes != num_classes:
-        raise ConfigError(
+    elif config.lda_weight > 0 and set(np.atleast_1d(student.num_classes).tolist()) != {num_classes}:
+        raise ConfigError(  # (a multi-head student: the same source classes in each of its heads)
             f"{config.student_init} was trained on {student.num_classes} source identities, but the sources "
             f"{'+'.join(config.sources)} have {num_classes}; --lda-weight needs the student of a source run on "
             "the same data"
         )
     # One target has one head: --multi-head changes nothing there (the model keeps its single classifier).
     multi_head = config.multi_head and len(targets) > 1
-    if multi_head:
+    heads = getattr(student, "num_heads", 1)
+    if heads > 1:  # a multi-head distillation's student: its heads belong to the targets it was distilled on
+        recorded = list(getattr(student, "kdreid_meta", {}).get("extra", {}).get("targets") or [])
+        if (multi_head or config.lda_weight > 0) and not (multi_head and heads == len(targets)
+                                                          and recorded in ([], list(config.targets))):
+            raise ConfigError(
+                f"{config.student_init} has {heads} classifiers, one per target of a --multi-head distillation"
+                f"{' (' + ' '.join(recorded) + ')' if recorded else ''}: continue it with --multi-head and the same "
+                "targets in the same order, or start from a single-head student (train-source's model.pt)"
+            )
+    elif multi_head:
         student = multi_head_copy(student, len(targets))
     for network in (student, *teacher_models):  # the teachers see the student's batches
         check_input_size(network, train.height, train.width)
@@ -604,8 +638,10 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         start, config, student, result, stage="distill",
         label=f"KD-ReID student ({student.arch}, kd {config.kd_style}, {config.target_alt}/{config.target_order})",
         datasets=config.sources + config.targets,
-        checkpoint_extra={"targets": list(config.targets), "teachers": list(config.teachers)},
-        metrics_extra={"student": student.arch, "targets": list(config.targets)},
+        grouping=student_grouping(groupings),
+        checkpoint_extra={"targets": list(config.targets), "teachers": list(config.teachers),
+                          "teacher_groupings": groupings},
+        metrics_extra={"student": student.arch, "targets": list(config.targets), "teacher_groupings": groupings},
     )
     # After the results: the picture's data must not cost the trained student when it cannot be written.
     # Teachers in eval mode are frozen, their distances the same: measured once. (In train mode, an ablation,

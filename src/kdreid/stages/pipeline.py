@@ -589,10 +589,8 @@ def table_rows(config: PipelineConfig, configs: Mapping[str, Any], finals: Mappi
     rows += [row(f"teacher {t} (D-MMD, {config.teacher_arch})", f"teacher_{t}", teacher_all[t]) for t in config.targets]
     if "blend" in configs:
         rows.append(row(f"blend (D-MMD on all targets, {config.student_arch})", "blend", finals["blend"]))
-    # The student inherits what its teachers learnt from their grouping: an oracle teacher makes an oracle row.
-    teachers = dict.fromkeys(_grouping_cell(configs[f"teacher_{t}"]) for t in config.targets)
     rows.append(row(f"KD-ReID student ({config.student_arch})", "distill", finals["distill"],
-                    grouping=f"{_grouping_cell(configs['distill'])}; teachers {', '.join(teachers)}"))
+                    grouping=distill.student_grouping(_grouping_cell(configs[f"teacher_{t}"]) for t in config.targets)))
     return rows
 
 
