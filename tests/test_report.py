@@ -257,6 +257,21 @@ def test_evaluation_report_shows_only_the_latest_visrank_pages_and_counts_them(t
     assert err.endswith("(1 picture)"), err
 
 
+def test_drawing_flags_on_an_evaluation_folder_are_named_as_without_effect(tiny_domain, tiny_model, tmp_path,
+                                                                           capsys):
+    """Found by a pictures review: `kdreid report EVAL --visrank 16` drew nothing and said nothing (an evaluation
+    folder's page shows the pictures `kdreid evaluate` drew); the flags given are now named in a warning."""
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_model), "-t", TARGET, "--root", str(tiny_domain), "--device",
+                 "cpu", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out), "--visrank", "16", "--visrank-topk", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --visrank, --visrank-topk have no effect on an evaluation folder" in err
+    assert main(["report", str(out)]) == 0  # nothing asked: nothing to warn of
+    assert "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: None, "does not exist"),
     (lambda p: p.write_text("x"), "is a file, not a run folder"),

@@ -332,7 +332,9 @@ def _add_distill(commands) -> None:
     p.add_argument("-a", "--arch", help="student architecture (default: that of --student-init, else osnet_x0_25)")
     p.add_argument("--teachers", type=_path, nargs="+", required=True,
                    help="one teacher checkpoint per target, same order")
-    p.add_argument("--teacher-arch", help="the teachers are plain state dicts of this architecture (other toolkits)")
+    p.add_argument("--teacher-arch",
+                   help="the teachers are plain state dicts of this architecture (other toolkits); kdreid "
+                        "checkpoints among them keep the architecture and stride they record")
     p.add_argument("--teacher-last-stride", type=int, choices=[1, 2],
                    help="with --teacher-arch: the last-stage stride the teachers were trained with (default 1: "
                         "SpCL, fast-reid; 2: torchreid's ResNets, the original KD-ReID code)")
@@ -505,10 +507,11 @@ def _add_report(commands) -> None:
     p = commands.add_parser("report", help="RUN/report.html: the tables and pictures of a run (static page)")
     p.add_argument("run_dir", type=_path, metavar="RUN",
                    help="a run folder: a pipeline's, a stage's, or `kdreid evaluate --out`'s")
-    p.add_argument("--visrank", type=int, default=4, metavar="N",
+    # Defaults None (4, 8, 8 in kdreid.report): an evaluation folder's page, which draws nothing, names them given.
+    p.add_argument("--visrank", type=int, default=None, metavar="N",
                    help="ranked results of N queries per target with the run's final model (0: none; default 4)")
-    p.add_argument("--visrank-topk", type=int, default=8, metavar="K", help="gallery images per query (default 8)")
-    p.add_argument("--actmap", type=int, default=8, metavar="N",
+    p.add_argument("--visrank-topk", type=int, default=None, metavar="K", help="gallery images per query (default 8)")
+    p.add_argument("--actmap", type=int, default=None, metavar="N",
                    help="activation maps (where each model looks) on N query images per target (0: none; default 8)")
     p.add_argument("--root", type=_path, default=None,
                    help="data root for the ranked results and activation maps (default: the one the run used)")

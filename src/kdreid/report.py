@@ -512,7 +512,11 @@ def _unknown_settings(error: KdreidError, visrank: int, actmap: int) -> Section:
 
 
 # ------------------------------------------------------------------------------------------------ the page
-def build_report(run: str | Path, *, visrank: int = 4, topk: int = 8, actmap: int = 8, root: str | None = None,
+DEFAULT_VISRANK, DEFAULT_TOPK, DEFAULT_ACTMAP = 4, 8, 8  # `kdreid report`'s --visrank, --visrank-topk, --actmap
+
+
+def build_report(run: str | Path, *, visrank: int = DEFAULT_VISRANK, topk: int = DEFAULT_TOPK,
+                 actmap: int = DEFAULT_ACTMAP, root: str | None = None,
                  device: str | None = None) -> Path:
     """Write RUN/report.html and its pictures in RUN/report/; -> the page's path. `visrank` queries per target
     in the ranked results, `actmap` query images per target in the activation maps (0: none), `root` overrides
@@ -758,17 +762,27 @@ on {html.escape(generated)}.</p>
 def report_command(args) -> int:
     from kdreid.evaluation.features import pick_device
 
-    if args.visrank < 0 or args.visrank_topk < 1:  # before any feature is extracted, as `kdreid evaluate` does
-        raise KdreidError(f"--visrank {args.visrank} --visrank-topk {args.visrank_topk}: --visrank must be 0 or more "
+    given = [flag for flag, value in (("--visrank", args.visrank), ("--visrank-topk", args.visrank_topk),
+                                      ("--actmap", args.actmap), ("--root", args.root), ("--device", args.device))
+             if value is not None]
+    visrank = DEFAULT_VISRANK if args.visrank is None else args.visrank
+    topk = DEFAULT_TOPK if args.visrank_topk is None else args.visrank_topk
+    actmap = DEFAULT_ACTMAP if args.actmap is None else args.actmap
+    if visrank < 0 or topk < 1:  # before any feature is extracted, as `kdreid evaluate` does
+        raise KdreidError(f"--visrank {visrank} --visrank-topk {topk}: --visrank must be 0 or more "
                           "and --visrank-topk at least 1")
-    if args.actmap < 0:
-        raise KdreidError(f"--actmap {args.actmap}: the number of images must be 0 or more")
+    if actmap < 0:
+        raise KdreidError(f"--actmap {actmap}: the number of images must be 0 or more")
     pick_device(args.device)  # a bad --device is the command's error, not a note per target
     if args.root is not None and not Path(args.root).is_dir():  # a flag given is the command's error too
         raise KdreidError(f"--root {args.root} is not a folder; pass the data root the run read (or leave --root out "
                           "to use the one it recorded)")
-    page = build_report(args.run_dir, visrank=args.visrank, topk=args.visrank_topk, actmap=args.actmap,
-                        root=args.root, device=args.device)
+    if given and run_kind(Path(args.run_dir)) == "evaluation":  # its page draws nothing: say so, not ignore them
+        print(f"kdreid: warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect on an "
+              f"evaluation folder, whose page shows the pictures `kdreid evaluate` drew there; draw others with "
+              f"`kdreid evaluate ... --out {args.run_dir}` and its --visrank N --visrank-topk K --visactmap N",
+              file=sys.stderr)
+    page = build_report(args.run_dir, visrank=visrank, topk=topk, actmap=actmap, root=args.root, device=args.device)
     # Counted on the page: an evaluation folder's pictures are shown from RUN/visrank/ and RUN/verification/, not
     # RUN/report/.
     images = len(re.findall(r"<img ", page.read_text()))

@@ -267,6 +267,22 @@ def test_kd_panels_show_each_targets_pairs_where_they_belong(rng, tmp_path, draw
     assert sorted(panels) == [("a", "after"), ("a", "before"), ("b", "after"), ("b", "before")]
 
 
+def test_kd_title_of_one_target_fits_the_picture(rng, tmp_path, drawn_figures):
+    """Found by a pictures review: with one target (one 4.2-inch column) the report's title, "Stage distill: the
+    student's distances against its teachers'", was cut off at both ends of the PNG."""
+    from kdreid.viz import kd, kd_distance_picture
+
+    teacher = rng.uniform(0, 1, 45)
+    pairs = {"a": {"teacher": teacher, "student": teacher * 0.5, "same": rng.uniform(0, 1, 45) < 0.3}}
+    figures = drawn_figures(kd)
+    path = kd_distance_picture(pairs, pairs, tmp_path / "kd.png",
+                               title="Stage distill: the student's distances against its teachers'")
+    [figure] = figures
+    box = figure._suptitle.get_window_extent(figure.canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= figure.bbox.width
+    assert Image.open(path).size[0] == round(figure.bbox.width)
+
+
 def test_bars_draw_each_rows_values_and_their_mean_per_target(tmp_path, drawn_figures):
     from matplotlib.container import BarContainer
 

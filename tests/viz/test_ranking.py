@@ -93,6 +93,28 @@ def test_frames_are_green_for_matches_and_red_for_others(tmp_path):
     assert WRONG_RGB in colours["wrong"] and CORRECT_RGB not in colours["wrong"]
 
 
+def test_a_narrow_picture_holds_its_whole_title(tmp_path, drawn_figures):
+    """Found by a pictures review: a top-1 ranking (`--visrank-topk 1`) and one activation-map image drew the
+    evaluation's title ("market1501: model.pt, euclidean, alpha query expansion ..., re-ranked (1/1)") wider than
+    the figure, cut off at both ends."""
+    from kdreid.viz import actmap, ranking
+    from kdreid.viz.actmap import draw_activation_maps
+
+    paths = _grey_images(tmp_path, 2)
+    pids, camids = np.array([1, 1]), np.array([0, 1])
+    title = "market1501: model.pt, euclidean, alpha query expansion (k 5, alpha 3), re-ranked (1/1)"
+    figures = drawn_figures(ranking)
+    draw_ranked_results([RankedQuery(0, [1], [0.1], [True])], paths, paths, pids, camids, pids, camids,
+                        tmp_path / "r.png", title=title)
+    actmap_figures = drawn_figures(actmap)
+    draw_activation_maps(np.zeros((1, 128, 64, 3), np.uint8), [("model.pt", np.zeros((1, 128, 64)))],
+                         tmp_path / "a.png", title=title)
+    for figure, path in ((figures[0], tmp_path / "r.png"), (actmap_figures[0], tmp_path / "a.png")):
+        box = figure._suptitle.get_window_extent(figure.canvas.get_renderer())
+        assert 0 <= box.x0 and box.x1 <= figure.bbox.width, path.name
+        assert Image.open(path).size[0] == round(figure.bbox.width)
+
+
 def test_pages_hold_eight_queries_each(tmp_path):
     paths = _grey_images(tmp_path, 4)
     features = torch.eye(4)
@@ -175,6 +197,26 @@ def test_a_failed_evaluation_leaves_the_folder_pictures_as_they_were(tiny_domain
     assert main([*common, "-t", "synth_duke"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a file where kdreid keeps its actmap pictures" in err
+
+
+def test_evaluating_a_target_again_without_pictures_removes_its_earlier_ones(tiny_domain, tiny_model, tmp_path,
+                                                                            capsys):
+    """Found by a pictures review: `--verification` pictures went when a target was evaluated again without the
+    flag, but `--visrank` and `--visactmap` pages stayed, and the report showed another model's ranking beside the
+    new numbers. Only that target's pages go; another target's stay with its numbers."""
+    import shutil
+
+    root, out = tmp_path / "data", tmp_path / "eval"
+    for name in ("synth_duke", "synth_market"):
+        shutil.copytree(tiny_domain / "synth_duke", root / name)
+    common = ["evaluate", "--model", str(tiny_model), "--root", str(root), "--device", "cpu", "--out", str(out)]
+    assert main([*common, "-t", "synth_duke", "synth_market", "--visrank", "1", "--visactmap", "1"]) == 0
+    drawn = {f"{folder}/{target}_01.png" for folder in ("visrank", "actmap") for target in ("synth_duke",
+                                                                                          "synth_market")}
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*.png")} == drawn
+    assert main([*common, "-t", "synth_duke"]) == 0  # another evaluation of synth_duke, no picture asked for
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*.png")} == {"visrank/synth_market_01.png",
+                                                                          "actmap/synth_market_01.png"}
 
 
 def test_each_row_shows_its_own_query_and_the_labels_of_what_it_shows(tmp_path, drawn_figures):

@@ -534,6 +534,8 @@ def evaluate_command(args) -> int:
                 pictures.add("visrank", target, "ranked results", visualize_ranked_results(
                     query, gallery, pictures.folder("visrank"), prefix=target, num_queries=visrank, topk=topk,
                     metric=args.metric, rerank=args.rerank, title=f"{target}: {Path(args.model).name}, {described}"))
+            elif args.out:  # an earlier evaluation's ranking (another model or setting) must not stay beside these
+                pictures.add("visrank", target, "", [])
             if visactmap:
                 from kdreid.viz.actmap import visualize_activation_maps
 
@@ -541,6 +543,8 @@ def evaluate_command(args) -> int:
                     [(Path(args.model).name, model)], dataset.query, pictures.folder("actmap"), prefix=target,
                     num_images=visactmap, device=device, title=f"{target}: where {Path(args.model).name} looks",
                     size=(args.height, args.width)))  # the size the numbers beside them were measured at
+            elif args.out:  # likewise an earlier evaluation's activation maps (of another model, perhaps)
+                pictures.add("actmap", target, "", [])
             if args.verification:
                 verification[target] = result.verification.summary()
                 if args.out:

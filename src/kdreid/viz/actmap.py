@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdreid.errors import EvaluationError
-from kdreid.viz.common import new_figure, remove_pages, save_png
+from kdreid.viz.common import fitted_suptitle, new_figure, remove_pages, save_png
 from kdreid.viz.ranking import THUMBNAIL_SIZE, choose_queries
 
 IMAGES_PER_PAGE = 8  # columns per PNG; more images go to further pages
@@ -82,7 +82,7 @@ def draw_activation_maps(images: np.ndarray, maps: Sequence[tuple[str, np.ndarra
     grid = figure.add_gridspec(rows, columns, left=label_width / figure_width, right=0.99, bottom=0.3 / figure_height,
                                top=1 - top_space / figure_height, wspace=0.12, hspace=0.3)
     if title:
-        figure.suptitle(title, fontsize=11, y=1 - 0.1 / figure_height, va="top")
+        fitted_suptitle(figure, title, fontsize=11, y=1 - 0.1 / figure_height, va="top")
     reference = maps[0][1]
     for row, (label, row_maps) in enumerate([("image", None), *maps]):
         agreements = [] if row < 2 else [map_agreement(m, r) for m, r in zip(row_maps, reference)]

@@ -39,6 +39,16 @@ def new_figure(width: float, height: float) -> Figure:
     return figure
 
 
+def fitted_suptitle(figure: Figure, title: str, **options):
+    """figure.suptitle(title, **options), the figure widened to hold it where it is narrower (a picture of one
+    column: one target, a top-1 ranking, one image), rather than the title cut off at both ends."""
+    heading = figure.suptitle(title, **options)
+    needed = heading.get_window_extent(figure.canvas.get_renderer()).width / figure.dpi + 0.3
+    if needed > figure.get_figwidth():
+        figure.set_size_inches(needed, figure.get_figheight())
+    return heading
+
+
 def read_npz(path: str | Path, writer: str) -> dict[str, np.ndarray]:
     """The arrays of an .npz that `writer` (e.g. "the adapt stage") saved for a picture; one line naming it when the
     file is missing or damaged (a truncated copy is not a zip file)."""

@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from kdreid.errors import KdreidError
-from kdreid.viz.common import PALETTE, new_figure, read_npz, save_png
+from kdreid.viz.common import PALETTE, fitted_suptitle, new_figure, read_npz, save_png
 
 SHOWN_WITHIN = 3000  # within-identity pairs drawn as points over the density (a sample when there are more)
 
@@ -94,7 +94,7 @@ def kd_distance_picture(before: Mapping | str | Path, after: Mapping | str | Pat
             axes.set_xlabel("teacher's distance (1 − cos)", fontsize=8)
             axes.set_ylabel("student's distance (1 − cos)", fontsize=8)
             axes.legend(fontsize=7, loc="upper left")
-    if title:
-        figure.suptitle(title, fontsize=11)
+    if title:  # one target's column (4.2 inches) is narrower than a report's title
+        fitted_suptitle(figure, title, fontsize=11)
     figure.tight_layout()
     return save_png(figure, path)

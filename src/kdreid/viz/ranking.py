@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from kdreid.errors import EvaluationError
-from kdreid.viz.common import CORRECT_RGB, QUERY_RGB, WRONG_RGB, new_figure, remove_pages, save_png
+from kdreid.viz.common import (CORRECT_RGB, QUERY_RGB, WRONG_RGB, fitted_suptitle, new_figure, remove_pages,
+                               save_png)
 
 THUMBNAIL_SIZE = (128, 64)  # (height, width) of each image in the picture: the re-ID aspect ratio, small files
 BORDER = 5  # pixels of coloured frame around a thumbnail
@@ -114,7 +115,7 @@ def draw_ranked_results(
     grid = figure.add_gridspec(rows, columns, left=0.01, right=0.99, bottom=0.35 / figure_height,
                                top=1 - top_space / figure_height, wspace=0.12, hspace=0.45)
     if title:
-        figure.suptitle(title, fontsize=11, y=1 - 0.1 / figure_height, va="top")
+        fitted_suptitle(figure, title, fontsize=11, y=1 - 0.1 / figure_height, va="top")
     for row, item in enumerate(ranked):
         q = item.query_index
         axes = figure.add_subplot(grid[row, 0])
