@@ -199,17 +199,41 @@ def test_wrong_layout_names_the_layout_it_looks_like(tmp_path, capsys):
     assert_usage_error(capsys, ["--root", str(tmp_path), "-d", "market1501"],
                        f"no market1501 data under {tmp_path}",
                        "is this the DukeMTMC-reID layout? then name it dukemtmcreid")
-    # Duke extracted into the market1501 folder
+    # Duke extracted into the market1501 folder: to be moved where -d dukemtmcreid reads it (naming it dukemtmcreid
+    # alone was answered with "is this the Market-1501 layout? then name it market1501", the folder's name)
     (tmp_path / "dukemtmc-reid").rename(tmp_path / "market1501")
     assert_usage_error(capsys, ["--root", str(tmp_path), "-d", "market1501"],
                        f"expected bounding_box_train under {tmp_path / 'market1501'}",
-                       "is this the DukeMTMC-reID layout? then name it dukemtmcreid")
+                       f"it holds the DukeMTMC-reID layout, which -d dukemtmcreid reads under "
+                       f"{tmp_path / 'dukemtmc-reid'}: move it there")
     # an MSMT17 tree given as Duke, a Market tree given as MSMT17
     msmt_tree(tmp_path / "m")
     assert_usage_error(capsys, ["--root", str(tmp_path / "m"), "-d", "dukemtmcreid"], "is this the MSMT17 layout?")
     market_tree(tmp_path / "k", "custom")
     assert_usage_error(capsys, ["--root", str(tmp_path / "k" / "custom"), "-d", "custom"],
                        "expected train/, query/, gallery/", "is this the Market-1501 (bounding_box_train/) layout?")
+
+
+def test_a_dataset_one_folder_off_its_layout_is_named_with_the_move(tmp_path, capsys):
+    """Found by a review: a zip extracted twice, a renamed folder or a version folder left out got 'no market1501
+    data under ROOT' or 'expected bounding_box_train under X', not where the files are nor what to move."""
+    nested = market_tree(tmp_path / "a", "market1501/Market-1501-v15.09.15/Market-1501-v15.09.15")
+    assert_usage_error(capsys, ["--root", str(tmp_path / "a"), "-d", "market1501"],
+                       f"{nested / 'bounding_box_train'} is not where the market1501 layout has it",
+                       f"move the contents of {nested}/ there")
+    renamed = market_tree(tmp_path / "b", "Market-1501")
+    assert_usage_error(capsys, ["--root", str(tmp_path / "b"), "-d", "market1501"],
+                       f"{renamed / 'bounding_box_train'} is not where", f"move the contents of {renamed}/ there")
+    flat = msmt_tree(tmp_path / "c")
+    for path in list(flat.iterdir()):
+        path.rename(flat.parent / path.name)
+    flat.rmdir()
+    assert_usage_error(capsys, ["--root", str(tmp_path / "c"), "-d", "msmt17"],
+                       f"{flat.parent / 'list_train.txt'} is not where the msmt17 layout has it",
+                       f"move the contents of {flat.parent}/ there")
+    # another dataset's folder is named as that dataset, never as a folder to move
+    market_tree(tmp_path / "d", "synth_market")
+    assert_usage_error(capsys, ["--root", str(tmp_path / "d"), "-d", "market1501"], "then name it synth_market")
 
 
 def test_cuhk03_flags_belong_to_cuhk03(tmp_path, capsys):

@@ -278,12 +278,16 @@ _LAYOUT_SIGNS: list[tuple[str, str, tuple[str, ...]]] = [
     ("CUHK03", "cuhk03", ("cuhk03_release", "cuhk03", "cuhk03-np", "images_detected", "images_labeled",
                           "cuhk03_new_protocol_config_detected.mat")),
 ]
+# Where each dataset's reader looks under --root: where to move it when it was found in another dataset's folder.
+_LAYOUT_HOMES = {"market1501": "market1501/", "dukemtmcreid": "dukemtmc-reid/", "msmt17": "msmt17/",
+                 "cuhk03": "cuhk03/"}
 
 
-def layout_hint(folder: Path, expected: str) -> str:
+def layout_hint(folder: Path, expected: str, data_root: Path | None = None) -> str:
     """'; is this the X layout? then name it x' when `folder` (or its contents) looks like another dataset, or
     '; it holds X, Y (named x, y)' when it is a parent of other datasets; '' when nothing is recognised. Names,
-    not flags: the dataset came from -d, -s or -t."""
+    not flags: the dataset came from -d, -s or -t. With `data_root`, `folder` is the `expected` dataset's own
+    folder under it: another dataset found there is to be moved where its own reader looks, not only named."""
     names = {folder.name}
     if folder.is_dir():
         names |= {child.name for child in folder.iterdir()}
@@ -296,6 +300,10 @@ def layout_hint(folder: Path, expected: str) -> str:
         matches.append(("MSMT17 (list_train.txt)", "msmt17"))
     if not matches and "bounding_box_train" in names and expected in ("msmt17", "cuhk03", "custom"):
         matches.append(("Market-1501 (bounding_box_train/)", "market1501, dukemtmcreid or a synth_ name"))
+    if len(matches) == 1 and data_root is not None and matches[0][1] in _LAYOUT_HOMES:
+        title, name = matches[0]
+        return (f"; it holds the {title} layout, which -d {name} reads under {data_root / _LAYOUT_HOMES[name]}: "
+                "move it there")
     if len(matches) == 1:
         return f"; is this the {matches[0][0]} layout? then name it {matches[0][1]}"
     if matches:
@@ -311,14 +319,44 @@ def find_dataset_folder(root: Path, candidates: Sequence[Path], marker: str, dat
         if (candidate / marker).exists():
             return candidate
     existing = next((c for c in candidates if c.is_dir()), None)
-    if existing is not None:
+    if existing is None:
+        hint = layout_hint(root, dataset)
+    else:  # the dataset's own folder (--root itself when it carries the dataset's name)
+        hint = layout_hint(existing, dataset, data_root=root.parent if existing == root else root)
+    misplaced = None if hint else _misplaced_marker(root, candidates, marker, dataset)
+    if misplaced is not None:
         raise DatasetError(
-            f"expected {marker} under {existing}{layout_hint(existing, dataset)}; the {dataset} layout is {expected}"
+            f"{misplaced} is not where the {dataset} layout has it ({expected}); move the contents of "
+            f"{misplaced.parent}/ there"
         )
+    if existing is not None:
+        raise DatasetError(f"expected {marker} under {existing}{hint}; the {dataset} layout is {expected}")
     raise DatasetError(
-        f"no {dataset} data under {root}: expected {expected}{layout_hint(root, dataset)}; "
-        "--root is the parent folder of the datasets"
+        f"no {dataset} data under {root}: expected {expected}{hint}; --root is the parent folder of the datasets"
     )
+
+
+def _misplaced_marker(root: Path, candidates: Sequence[Path], marker: str, dataset: str) -> Path | None:
+    """`marker` one folder off the layout, in or next to where it was looked for: a zip extracted twice
+    (`Market-1501-v15.09.15/Market-1501-v15.09.15/`), a renamed folder (`ROOT/Market-1501/`), the files of a version
+    folder extracted without it (`ROOT/msmt17/list_train.txt`). Folders named as another dataset's are left out."""
+    others = {sign for _, name, signs in _LAYOUT_SIGNS if name != dataset for sign in signs}
+    others |= {name for name in _READERS if name != dataset}
+    places = [c for c in candidates if c.is_dir()]
+    places += [c.parent for c in candidates if c.parent != c and c.parent.is_relative_to(root) and c.parent.is_dir()]
+    for place in dict.fromkeys(places):
+        if (place / marker).exists() and place not in candidates:
+            return place / marker
+        try:
+            children = sorted(entry.path for entry in os.scandir(place) if entry.is_dir() and not
+                              entry.name.startswith(".") and entry.name not in others
+                              and not entry.name.startswith("synth_"))
+        except OSError:
+            continue
+        for child in children:
+            if Path(child) not in candidates and (Path(child) / marker).exists():
+                return Path(child) / marker
+    return None
 
 
 def require_split_folder(folder: Path, fix: str) -> Path:

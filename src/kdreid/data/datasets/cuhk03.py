@@ -68,14 +68,19 @@ def read_cuhk03(root: Path, labeled: bool = False, classic_split: bool = False, 
     np_dir = next((d for d in np_candidates if (d / "bounding_box_train").is_dir()), None)
     if np_dir is not None and not classic_split and not (data_dir / new_protocol_mat(kind)).is_file():
         return read_cuhk03_np(np_dir, split_id)
-    if not data_dir.is_dir():
+    new_protocol_missing = np_dir is None and not classic_split and not (data_dir / new_protocol_mat(kind)).is_file()
+    if not data_dir.is_dir() or new_protocol_missing:
+        # only the other kind of boxes of a CUHK03-NP release is there (ROOT/cuhk03-np/ or ROOT/cuhk03/cuhk03-np/)
         other_kind = "detected" if labeled else "labeled"
-        release = next((d for d in (root, root.parent) if d.name == "cuhk03-np"), root / "cuhk03-np")
-        if (release / other_kind).is_dir():
+        releases = [d for d in (root, root.parent) if d.name == "cuhk03-np"]
+        releases += [root / "cuhk03-np", data_dir / "cuhk03-np"]
+        release = next((d for d in releases if (d / other_kind / "bounding_box_train").is_dir()), None)
+        if release is not None:
             raise DatasetError(
-                f"{root}: this CUHK03-NP release has {other_kind} boxes, not {kind}; "
+                f"{release}: this CUHK03-NP release has {other_kind} boxes, not {kind}; "
                 + ("add --cuhk03-labeled" if other_kind == "labeled" else "drop --cuhk03-labeled")
             )
+    if not data_dir.is_dir():
         raise DatasetError(
             f"no cuhk03 data under {root}: expected {data_dir}/ holding {RAW_MAT} and "
             f"{new_protocol_mat('detected')}, or the CUHK03-NP release {root}/cuhk03-np/{kind}/bounding_box_train/"
