@@ -259,6 +259,15 @@ def broadcast_array(array: np.ndarray) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
+def all_objects(value) -> list:
+    """Every process's `value` (any picklable object, CPU tensors inside), in rank order, on every process."""
+    if world_size() == 1:
+        return [value]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def broadcast_object(value):
     """The main process's `value` (any picklable object) on every process: one decision taken for all."""
     if world_size() == 1:

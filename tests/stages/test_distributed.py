@@ -2,6 +2,7 @@
 averaging, gathering) against one process holding the whole batch, then a real `torchrun` run of a stage
 against a one-process run with the same global batch."""
 
+import functools
 import json
 import os
 import socket
@@ -392,3 +393,60 @@ def test_the_pipeline_on_two_processes_decides_each_stage_once_and_prints_once(s
     assert "removing" not in done.stderr  # a fresh run removes nothing
     assert done.stdout.count("| KD-ReID student (mobilenetv2_tiny)") == 1
     assert (out / "results.md").is_file() and (out / "stages" / "distill" / "model.pt").is_file()
+
+
+
+def _fit_with_a_cached_group(folder: Path, resume: bool = False) -> tuple[torch.Tensor, dict]:
+    """fit on this process's share: a group of two steps' data drawn at the group's first step from this process's
+    stream (as distill caches a group of batches), kept as a resumable. -> (weights, the epoch's logged losses)."""
+    import logging
+
+    from kdreid.rundir import RunDir
+    from kdreid.stages.loop import TrainConfig, fit
+    from kdreid.stages.optim import OptimConfig, build_optimizer
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    config = TrainConfig(epochs=1, device="cpu", optim=OptimConfig(optimizer="sgd", lr=0.1, warmup_epochs=0))
+    optimizer = build_optimizer(model.parameters(), config.optim)
+    cache = {"group": None}
+
+    def step(context):
+        if context.iteration % 2 == 0:
+            cache["group"] = torch.randn(4, 3, generator=context.generator) + distributed.rank()
+        return {"loss": model(cache["group"]).pow(2).mean()}
+
+    result = fit(run=RunDir(folder), config=config, stage_config=config, modules={"model": model},
+                 optimizer=optimizer, batches_per_epoch=6, train_step=step, evaluate=lambda epoch: {"t": {"mAP": 1.0}},
+                 before_epoch=lambda epoch: cache.update(group=None), resumables={"cache": cache}, resume=resume,
+                 log=logging.getLogger("kdreid.test"))
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), result.epochs[0]["losses"]
+
+
+def _stopped_then_resumed(stop_before: int, folder: str) -> tuple:
+    from kdreid.stages import loop
+
+    whole = _fit_with_a_cached_group(Path(folder) / "whole")
+    hold_step, hold = loop._test_hold_step, loop._hold
+    loop._test_hold_step = lambda: stop_before
+    loop._hold = lambda step, stop: setattr(stop, "signal", 15)  # SIGTERM, as torchrun forwards it to every process
+    try:
+        _fit_with_a_cached_group(Path(folder) / "stopped")
+        raise AssertionError("not stopped")
+    except loop.TrainingInterrupted:
+        pass
+    finally:
+        loop._test_hold_step, loop._hold = hold_step, hold
+    distributed.barrier()  # the main process has written the checkpoint
+    return whole, _fit_with_a_cached_group(Path(folder) / "stopped", resume=True)
+
+
+@pytest.mark.parametrize("stop_before", [2, 3], ids=["between-groups", "inside-a-group"])
+def test_a_run_stopped_inside_an_epoch_resumes_each_process_where_it_stood(tmp_path, stop_before):
+    # The checkpoint written at a signal held the main process's loss sums and its cached group of batches (its
+    # share of the images), which every process resumed from: the resumed epoch's logged mean counted the main
+    # process's share twice, and the other processes trained on the main one's images to the end of the group.
+    for (weights, losses), (resumed_weights, resumed_losses) in _on_processes(
+            functools.partial(_stopped_then_resumed, stop_before), tmp_path):
+        assert resumed_losses["loss"] == pytest.approx(losses["loss"], rel=1e-12)
+        assert torch.equal(resumed_weights, weights)

@@ -344,7 +344,7 @@ def _train(
         resuming_inside = inside is not None and epoch == start_epoch
         if resuming_inside:
             # What before_epoch and the first steps left (checkpoints load onto the CPU: tensors go back to device).
-            _load_resumables(resumables, inside["resumables"], device)
+            _load_resumables(resumables, _own_resumables(inside), device)
         elif before_epoch is not None:
             with compiled.eager():
                 before_epoch(epoch)  # may run the model in eval mode (pseudo-labels), so train mode comes after
@@ -365,12 +365,19 @@ def _train(
                 _hold(epoch * batches_per_epoch + iteration, stop)
             if stop.requested():  # between steps: the previous one is complete, this one not begun
                 window.flush()  # a non-finite loss must stop the run, not be saved
+                # The sums so far as means over the processes (every process calls this): the main process writes
+                # the checkpoint, and every process resumes from its sums; its own share's would stand for all.
+                loss_sums = distributed.mean_across_ranks(dict(window.sums))
+                # What each process keeps inside the epoch, for each: a cached group of batches (distill) holds
+                # that process's share of the images, which only it may train on again.
+                states = distributed.all_objects(_tensors_to(_resumable_states(resumables), torch.device("cpu")))
                 write_checkpoint(epoch, {
                     "iteration": iteration,
-                    "loss_sums": dict(window.sums),
+                    "loss_sums": loss_sums,
                     "loss_counts": dict(window.counts),
                     "seconds": seconds_before + time.perf_counter() - started,
-                    "resumables": _resumable_states(resumables),
+                    "resumables": states[0],
+                    **({"rank_resumables": states[1:]} if len(states) > 1 else {}),
                 })
                 if bar is not None:
                     bar.close()
@@ -800,6 +807,15 @@ class _GracefulStop:
 
 def _resumable_states(resumables: Mapping[str, Any]) -> dict:
     return {name: dict(obj) if isinstance(obj, dict) else obj.state_dict() for name, obj in resumables.items()}
+
+
+def _own_resumables(inside: Mapping[str, Any]) -> Mapping[str, Any]:
+    """This process's resumable states of a checkpoint written inside an epoch: the main process's, or, under
+    torchrun with as many processes as wrote it, the ones this process kept (its share of a cached group)."""
+    others = inside.get("rank_resumables") or []
+    if distributed.rank() > 0 and len(others) + 1 == distributed.world_size():
+        return others[distributed.rank() - 1]
+    return inside["resumables"]
 
 
 def _load_resumables(resumables: Mapping[str, Any], states: Mapping[str, Any], device: torch.device) -> None:
