@@ -3,6 +3,10 @@
 The CLI prints a `KdreidError` as one line and exits non-zero without a traceback; anything else is a bug.
 """
 
+import contextlib
+import signal
+import threading
+
 
 class KdreidError(Exception):
     """A user mistake (bad path, layout, value); the message says what and how to fix it."""
@@ -37,6 +41,26 @@ class Terminated(KeyboardInterrupt):
     as Ctrl-C does, so that what the command made is cleaned up, and the CLI exits 128 + 15."""
 
     exit_code = 143
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt) while inside, where it would otherwise kill the process
+    with no clean-up; only when nothing else handles SIGTERM, and from the main thread. Training's own handlers
+    (`loop.fit`) take over while it runs and give this one back."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def why_not_a_file(path, model: bool = True) -> str:

@@ -350,6 +350,33 @@ def synth(out, *more) -> list[str]:
     return ["data", "synth", "--out", str(out), "--scale", str(SCALE), "--size", "64x32", "--workers", "1", *more]
 
 
+def test_sigterm_removes_the_domain_being_written_as_ctrl_c_does(tmp_path):
+    """A batch system's time limit (SIGTERM) mid-write: the half-written domain is removed, the previous one stays,
+    `kdreid: interrupted` and exit 143, as for Ctrl-C; not a hidden .partial folder (GBs at full size) left behind."""
+    import subprocess
+    import sys
+
+    generate(tmp_path, ["synth_market"], scale=SCALE, seed=SEED, size=SIZE)
+    before = (tmp_path / "synth_market" / "manifest.csv").read_bytes()
+    code = (
+        "import os, signal, sys\n"
+        "from kdreid.cli import main\n"
+        "from kdreid.data.synthetic import writer\n"
+        "real = writer.write_chunk\n"
+        "def write_chunk(domain, chunk, folder):\n"
+        "    if chunk == 1:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(domain, chunk, folder)\n"
+        "writer.write_chunk = write_chunk\n"
+        f"sys.exit(main({synth(tmp_path, '--domains', 'synth_market', '--seed', '1')!r}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 128 + 15, (run.returncode, run.stderr)
+    assert run.stderr.strip().splitlines() == ["kdreid: interrupted"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, "synth_market"]
+    assert (tmp_path / "synth_market" / "manifest.csv").read_bytes() == before
+
+
 def test_a_second_run_into_the_same_folder_is_refused_in_one_line(tmp_path, capsys):
     from tests.test_rundir import hold_in_another_process
 
@@ -429,6 +456,33 @@ def test_a_file_or_link_where_a_domain_goes_is_refused_before_rendering(tmp_path
     assert (elsewhere / "keep.txt").read_text() == "mine" and sorted(elsewhere.iterdir()) == [elsewhere / "keep.txt"]
 
 
+def test_a_scale_too_large_for_one_domain_is_refused_before_any_domain_is_rendered(tmp_path, monkeypatch, capsys):
+    """--scale 2.5 fits synth_cuhk but not synth_msmt's 4-digit pids: refused at once, not after synth_cuhk's
+    35,000 images (hours at the default sizes), with the largest --scale that fits."""
+    from kdreid.data import synthetic
+
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("rendered before refusing")
+
+    monkeypatch.setattr(synthetic, "_write_domain", no_rendering)
+    out = tmp_path / "data"
+    assert main(synth(out, "--domains", "synth_cuhk", "synth_msmt", "--scale", "2.5")) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "synth_msmt at --scale 2.5 needs 10252 pids" in err and "use --scale 2.43 or less" in err
+    assert not out.exists()
+    build_domain("synth_msmt", scale=2.43, seed=0)  # the scale it names fits
+    for scale in ("inf", "nan"):  # one line, not an OverflowError from round(inf)
+        assert main(synth(out, "--domains", "synth_cuhk", "--scale", scale)) == 2
+        err = capsys.readouterr().err
+        assert f"--scale {scale} must be a number > 0" in err and "Traceback" not in err
+
+
+def test_a_domain_named_twice_is_written_once(tmp_path, capsys):
+    assert main(synth(tmp_path, "--domains", "synth_cuhk", "synth_cuhk")) == 0
+    assert capsys.readouterr().out.count("synth_cuhk: train") == 1
+
+
 def test_identity_rows_are_never_shared_between_splits(root):
     """A person (identity row of the manifest) belongs to one pid: train people, test people, distractors and junk
     are different people, or a test identity would be trained on."""
@@ -467,3 +521,24 @@ def test_random_streams_do_not_depend_on_the_process():
                            env={**os.environ, "PYTHONHASHSEED": str(seed)}) for seed in (1, 2)]
     assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
     assert runs[0].stdout == runs[1].stdout
+
+
+def test_pixels_do_not_depend_on_the_number_of_blas_threads():
+    """The same seed gives the same pixels on a 2-core laptop and a 64-core server: the sensor's blur and colour
+    mixing must not go through a threaded BLAS matmul, whose last bits (and so a few rounded pixels) change with
+    the thread count (OMP_NUM_THREADS, the cores)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from kdreid.data.synthetic.camera import apply_sensor
+
+    cameras = build_domain("synth_msmt", scale=SCALE, seed=SEED).cameras
+    images = np.random.default_rng(0).random((256, 128, 64, 3), dtype=np.float32)
+    which = np.arange(len(images)) % cameras.count
+
+    def sensor(threads: int) -> np.ndarray:
+        with threadpoolctl.threadpool_limits(threads):
+            return apply_sensor(np.random.default_rng(1), images.copy(), which, np.ones(len(images), np.float32),
+                                np.ones((len(images), 3), np.float32), cameras)
+
+    one = sensor(1)
+    for threads in (2, 3, 4):
+        assert np.array_equal(sensor(threads), one), f"{threads} BLAS threads change the pixels"

@@ -355,7 +355,7 @@ def test_a_sigterm_handler_of_the_program_running_kdreid_is_left_in_place():
     """`sigterm_interrupts` takes SIGTERM only when nothing else handles it (a review: taking it always, and
     handing back SIG_DFL after, passed every test)."""
     from kdreid.errors import Terminated
-    from kdreid.stages.common import sigterm_interrupts
+    from kdreid.errors import sigterm_interrupts
 
     def own(signum, frame):
         pass

@@ -9,8 +9,6 @@ import io
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from kdreid.config import read_yaml
 from kdreid.data.check import parse_problems_note, tracklets_across_cameras
 from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.data.samplers import groups_per_rank
-from kdreid.errors import CheckpointError, ConfigError, DatasetError, KdreidError, Terminated
+from kdreid.errors import CheckpointError, ConfigError, DatasetError, KdreidError, sigterm_interrupts
 from kdreid.models.weights import UnsafeCheckpointError
 from kdreid.evaluation.features import evaluate_model, extract_features
 from kdreid.evaluation.ranking import evaluation_warnings_to
@@ -246,26 +244,6 @@ def stage_runner(run):
                 raise
 
     return guarded
-
-
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """SIGTERM raises `errors.Terminated` (a KeyboardInterrupt) while inside, where it would otherwise kill the
-    process with no clean-up; only when nothing else handles SIGTERM, and from the main thread. Training's own
-    handlers (`loop.fit`) take over while it runs and give this one back."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
-        yield
-        return
-
-    def terminate(signum, frame):
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _first_missing(path: Path) -> Path | None:

@@ -35,13 +35,12 @@ import yaml
 
 from kdreid import distributed
 from kdreid.config import flatten, read_yaml
-from kdreid.errors import ConfigError, KdreidError
+from kdreid.errors import ConfigError, KdreidError, sigterm_interrupts
 from kdreid.models import count_macs, load_checkpoint
 from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes, atomic_write_text, exclusive, write_json
 from kdreid.stages import adapt, distill, source
 from kdreid.stages.common import (
-    evaluate_datasets, how_measured, refuse_repeated_datasets, refuse_tracklets_across_cameras, sigterm_interrupts,
-    trains_on_all,
+    evaluate_datasets, how_measured, refuse_repeated_datasets, refuse_tracklets_across_cameras, trains_on_all,
 )
 from kdreid.stages.data import (
     DATASETS_FILE, dataset_fingerprint, fingerprint_change, load_datasets, read_datasets_record,

@@ -13,9 +13,11 @@ chunks have their own streams, so --workers does not change a single pixel.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,8 @@ import numpy as np
 
 from kdreid.data.synthetic.domains import DOMAIN_NAMES, PRESETS, DomainPreset, with_gap
 from kdreid.data.synthetic.generate import Domain, build_domain, render_chunk
-from kdreid.errors import KdreidError
+from kdreid.data.synthetic.plan import check_pid_capacity
+from kdreid.errors import KdreidError, sigterm_interrupts
 
 __all__ = ["DOMAIN_NAMES", "PRESETS", "DomainPreset", "Domain", "build_domain", "render_chunk", "render_domain",
            "generate", "synth_command", "with_gap", "parse_size"]
@@ -52,6 +55,11 @@ _WORKER_DOMAIN: tuple[Domain, Path] | None = None
 def _init_worker(domain: Domain, folder: Path) -> None:
     global _WORKER_DOMAIN
     _WORKER_DOMAIN = (domain, folder)
+    # Ctrl-C reaches the whole process group: the parent stops the pool, which ends its workers with SIGTERM (a
+    # worker that raised KeyboardInterrupt itself would print its traceback); a forked worker also inherits the
+    # command's SIGTERM handler (sigterm_interrupts), which would raise in the middle of a chunk
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _write_chunk_in_worker(chunk: int) -> list[list]:
@@ -77,6 +85,7 @@ def generate(
     from kdreid.data.synthetic.writer import move_into_place, remove_stale_staging, staging_folder
     from kdreid.rundir import as_write_error, exclusive
 
+    domains = list(dict.fromkeys(domains))  # a name given twice is written once, not twice over
     _validate(domains, scale, gap, size, workers, seed)
     out = _output_folder(out)
     # Held for the whole run: two runs into one --out would share (and remove) each other's staging folders.
@@ -176,8 +185,10 @@ def _validate(domains, scale, gap, size, workers, seed) -> None:
     unknown = [d for d in domains if d not in PRESETS]
     if unknown:
         raise KdreidError(f"unknown synthetic domain(s) {', '.join(unknown)}; known: {', '.join(DOMAIN_NAMES)}")
-    if not scale > 0:
-        raise KdreidError(f"--scale {scale} must be > 0 (1.0 = the size of the dataset each domain mimics)")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise KdreidError(f"--scale {scale} must be a number > 0 (1.0 = the size of the dataset each domain mimics)")
+    for name in domains:  # before any domain is rendered: not after hours of writing the ones that fit
+        check_pid_capacity(PRESETS[name], scale)
     if not 0.0 <= gap <= 1.0:
         raise KdreidError(f"--gap {gap} must be between 0 (no domain style) and 1 (full preset)")
     if size is not None and (size[0] < 16 or size[1] < 8):  # checked here, not in parse_size: generate(size=)
@@ -192,8 +203,9 @@ def synth_command(args) -> int:
     """`kdreid data synth`: write the domains and print one line per domain."""
     domains = args.domains or list(DOMAIN_NAMES)
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)  # 0 is refused, not "all"
-    summaries = generate(args.out, domains, scale=args.scale, seed=args.seed, size=parse_size(args.size),
-                         gap=args.gap, workers=workers, progress=True)
+    with sigterm_interrupts():
+        summaries = generate(args.out, domains, scale=args.scale, seed=args.seed, size=parse_size(args.size),
+                             gap=args.gap, workers=workers, progress=True)
     for s in summaries:
         t = s.truth
         print(

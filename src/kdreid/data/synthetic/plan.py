@@ -10,6 +10,7 @@ indices and time of day per tracklet, all from the plan's own stream.
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -147,20 +148,32 @@ class _Builder:
         )
 
 
+def identity_counts(preset: DomainPreset, scale: float) -> tuple[int, int]:
+    """(train ids, test ids) of `preset` at `scale`."""
+    return max(2, round(preset.sizes.train_ids * scale)), max(2, round(preset.sizes.test_ids * scale))
+
+
+def check_pid_capacity(preset: DomainPreset, scale: float) -> None:
+    """One line when the domain's pids do not fit the 4 digits of Market-1501 names (cheap: callers check every
+    domain before rendering any)."""
+    needed = sum(identity_counts(preset, scale))
+    if needed > 9999:
+        limit = math.floor(100 * 9999 / (preset.sizes.train_ids + preset.sizes.test_ids)) / 100
+        raise KdreidError(
+            f"{preset.name} at --scale {scale} needs {needed} pids, more than the 4 digits of the Market-1501 "
+            f"layout hold; use --scale {limit:g} or less"
+        )
+
+
 def plan_domain(preset: DomainPreset, scale: float, seed: int, views: np.ndarray) -> Plan:
     """Lay out every image of a domain. `views` (C,) holds each camera's dominant walking direction."""
     rng = stream(seed, preset.name, STREAM_PLAN)
     sizes, cams = preset.sizes, preset.num_cameras
-    n_train = max(2, round(sizes.train_ids * scale))
-    n_test = max(2, round(sizes.test_ids * scale))
+    check_pid_capacity(preset, scale)
+    n_train, n_test = identity_counts(preset, scale)
     n_gallery = max(2, round(sizes.gallery_images * scale))
     n_distractor_images = round(n_gallery * preset.distractor_fraction)
     n_junk = round(n_gallery * preset.junk_fraction)
-    if n_train + n_test > 9999:
-        raise KdreidError(
-            f"{preset.name} at --scale {scale} needs {n_train + n_test} pids, more than the 4 digits of the "
-            f"Market-1501 layout hold; use a smaller --scale"
-        )
     num_panoramas = rng.integers(PANORAMAS_PER_CAMERA[0], PANORAMAS_PER_CAMERA[1] + 1, size=cams)
     builder = _Builder(rng, preset, views, num_panoramas)
 
