@@ -13,6 +13,7 @@ For a batch of N images there are N(N-1)/2 distance samples per domain, and each
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"## D-MMD terms per step, {name}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     header = f"{'batch':>5} {'dim':>5} {'with backward (ms)':>19} {'no graph (ms)':>14} {'ratio':>6}"
     print(header + (f" {'compiled, with backward (ms)':>29} {'speed-up':>8}" if args.compiled else ""))
     for batch in args.batch_sizes:

@@ -74,7 +74,8 @@ say "machine: $CORES CPU cores"
 (nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true) | tee "$OUT/gpu.txt"
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee -a "$OUT/gpu.txt"
-[ -d .cache/reference/torchreid-0.2.5/torchreid ] || say "WARNING: .cache/reference/torchreid-0.2.5 missing: the torchreid rows will fail"
+[ -d .cache/reference/torchreid-0.2.5/torchreid ] || \
+  say "WARNING: .cache/reference/torchreid-0.2.5 missing: the torchreid and plain rows and the accuracy check will fail"
 
 # The steps go in order of what is still unmeasured on an H100 (docs/training-speed.md): the budget cuts the last.
 # 1. Throughput: kdreid (eager) / bare step / plain / torchreid for ResNet-50 and OSNet x0.25, then adaptation and

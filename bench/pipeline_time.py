@@ -127,6 +127,14 @@ def main(argv=None) -> dict:
         args.batch_size = 16
         args.workers = min(args.workers, 2)
 
+    import torch
+
+    from kdreid.stages.loop import select_device
+
+    device = select_device(args.device or "auto")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"[setup] {device_name}; torch {torch.__version__}", flush=True)
+
     temporary = tempfile.TemporaryDirectory() if args.out is None or args.data is None else nullcontext()
     with temporary as scratch:
         data = Path(args.data or Path(scratch) / "data")
@@ -172,7 +180,7 @@ def main(argv=None) -> dict:
             rows.append(row)
             if args.json:  # so far: a run cut by its time limit keeps the stages it finished
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps({"rows": rows, "partial": True}, indent=2))
+                Path(args.json).write_text(json.dumps({"device": device_name, "rows": rows, "partial": True}, indent=2))
             print(f"[stage] {name}: {row['wall_s']:.1f} s measured ({row['epochs_run']} epochs, {row['train_s']:.1f} s "
                   f"training) -> EXTRAPOLATED {row['extrapolated_full_s']:.0f} s for {row['full_epochs']} epochs on "
                   f"{row['image_ratio']:.1f}x the images", flush=True)
@@ -187,7 +195,7 @@ def main(argv=None) -> dict:
         total = time.perf_counter() - started
 
     print(f"\n## kdreid pipeline, {args.source} -> {' '.join(args.targets)}, preset {args.preset}, "
-          f"epochs × {args.epochs_scale}, domains at scale {args.scale}")
+          f"epochs × {args.epochs_scale}, domains at scale {args.scale}; {device_name}, torch {torch.__version__}")
     print(f"{'stage':<22} {'measured s':>10} {'epochs':>6} {'train s':>8} | {'EXTRAPOLATED full s':>20}")
     for row in rows:
         print(f"{row['stage']:<22} {row['wall_s']:>10.1f} {row['epochs_run']:>6} {row['train_s']:>8.1f} | "
@@ -205,7 +213,8 @@ def main(argv=None) -> dict:
     print(f"EXTRAPOLATED (not measured) to the full {args.preset} schedule on {args.full_size}-size domains: "
           f"{full / 60:.1f} min ({(full - blend) / 60:.1f} min without the blend baseline); with "
           f"{args.dmmd_factor:g}× the adaptation epochs: {half / 60:.1f} min")
-    result = {"rows": rows, "measured_total_s": total, "extrapolated_full_min": full / 60,
+    result = {"device": device_name, "torch": torch.__version__, "rows": rows, "measured_total_s": total,
+              "extrapolated_full_min": full / 60,
               "extrapolated_without_blend_min": (full - blend) / 60,
               "extrapolated_dmmd_factor_min": half / 60, "settings": vars(args)}
     if args.json:

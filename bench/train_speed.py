@@ -223,9 +223,22 @@ def cpu_transform(height: int, width: int, augment: AugmentConfig):
     return T.Compose(steps)
 
 
+class MissingReference(RuntimeError):
+    """torchreid 0.2.5's sources are not in .cache/reference/: the rows that need them fail with this one line."""
+
+
+def require_torchreid(what: str) -> None:
+    if not (TORCHREID / "torchreid").is_dir():
+        raise MissingReference(
+            f"torchreid 0.2.5's sources are missing ({what} needs them): extract its sdist to {TORCHREID} "
+            "(`make test` downloads it to .cache/reference/; then `tar -xzf .cache/reference/torchreid-0.2.5.tar.gz "
+            "-C .cache/reference`)")
+
+
 def _torchreid_random_erasing():
     import importlib.util
 
+    require_torchreid("the plain path's RandomErasing")
     path = TORCHREID / "torchreid" / "reid" / "data" / "transforms.py"
     spec = importlib.util.spec_from_file_location("torchreid_ref_transforms", path)
     module = importlib.util.module_from_spec(spec)
@@ -311,8 +324,7 @@ class PlainTrainer:
 
 # ------------------------------------------------------------------------------------------------ torchreid 0.2.5
 def import_torchreid():
-    if not TORCHREID.is_dir():
-        raise FileNotFoundError(f"torchreid 0.2.5 sources not found at {TORCHREID} (extract the sdist there)")
+    require_torchreid("the torchreid row")
     for name in ("cv2", "gdown"):  # imported by visualisation and download helpers only
         try:
             __import__(name)
@@ -531,6 +543,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.accuracy and "plain" in args.acc_paths:
+        try:  # before any work: the check would stop at its first plain run, after the first fast one
+            require_torchreid("--accuracy's plain path")
+        except MissingReference as error:
+            raise SystemExit(f"train_speed.py: {error}") from None
     device = select_device(args.device)
     args.device = str(device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -574,6 +591,9 @@ def main(argv=None) -> dict:
                 save_json(results, args.json)
                 print(f"[run] {label}: {stopped}", flush=True)
                 sys.exit(stopped.exit_code)
+            except MissingReference as error:  # one line, not a traceback: nothing is wrong with kdreid
+                print(f"[run] {label}: failed: {error}", flush=True)
+                row = {"error": str(error)}
             except Exception as error:  # one failing path must not hide the others' numbers
                 traceback.print_exc()
                 row = {"error": f"{type(error).__name__}: {error}"}
@@ -637,6 +657,7 @@ def print_table(results: dict, args) -> None:
         print(f"\n## Training images/s — {results['device']}, torch {results['torch']}, batch {args.batch}, "
               f"{args.height}x{args.width}")
         print(f"{'path':<44} {'img/s':>9} {'vs torchreid':>13} {'vs plain':>9}")
+        crossed = False
         for label, row in speed.items():
             if "images_per_s" not in row:
                 print(f"{label:<44} {'failed':>9}  {row.get('error', '')[:80]}")
@@ -644,11 +665,19 @@ def print_table(results: dict, args) -> None:
             arch = label.split()[0]
             ratios = []
             for base in ("torchreid", "plain"):
-                other = (speed.get(f"{arch} {base}") or speed.get(f"{arch} {base} [earlier run]") or {}).get(
-                    "images_per_s")
+                found = next(((key, speed[key]) for key in (f"{arch} {base}", f"{arch} {base} [earlier run]")
+                              if key in speed and "images_per_s" in speed[key]), None)
                 mine = label.removesuffix(" [earlier run]").endswith(base)
-                ratios.append(f"{row['images_per_s'] / other:.2f}x" if other and not mine else "")
+                if found is None or mine:
+                    ratios.append("")
+                    continue
+                # A ratio between this run and the --compare run was not measured side by side: marked.
+                across = found[0].endswith("[earlier run]") != label.endswith("[earlier run]")
+                crossed = crossed or across
+                ratios.append(f"{row['images_per_s'] / found[1]['images_per_s']:.2f}x" + ("*" if across else ""))
             print(f"{label:<44} {row['images_per_s']:>9,.0f} {ratios[0]:>13} {ratios[1]:>9}")
+        if crossed:
+            print(f"* against a row of the earlier run ({args.compare}), not measured side by side in this one")
     accuracy = results.get("accuracy")
     if accuracy:
         paths = [name for name in ("fast", "compiled", "plain") if name in accuracy]

@@ -143,3 +143,24 @@ def test_a_datasets_record_that_is_not_a_mapping_is_damaged(tmp_path):
         assert read_datasets_record(path) is None, text
     path.write_text('{"synth_msmt": "aaaa/bbbb"}')
     assert read_datasets_record(path) == {"synth_msmt": "aaaa/bbbb"}
+
+
+def test_a_cache_too_large_for_the_ram_is_refused_in_one_line_before_decoding(monkeypatch):
+    # Found by a review: the allocator's traceback (or the OOM killer halfway through decoding) instead.
+    monkeypatch.setattr("kdreid.stages.data.free_memory", lambda device: 1_000_000)
+    records = _records(num_pids=6, per_cam=1)  # files that do not exist: the check comes before any decoding
+    with pytest.raises(DatasetError, match=r"cache needs 2\.4 MB \(18 images at 256x176, uint8\) but the host has "
+                                           r"1\.0 MB available; train at a smaller --height/--width"):
+        BatchSource(records, [r.pid for r in records], height=256, width=176, batch_size=6, num_instances=3,
+                    augment=AugmentConfig(), device=torch.device("cpu"), seed=0)
+
+
+def test_the_cache_goes_to_the_gpu_only_when_it_fits_beside_the_training(monkeypatch):
+    # DESIGN §3: "in RAM, or on the GPU when it fits" (found by a review: moved to the GPU whatever its size).
+    from kdreid.stages.data import cache_device
+
+    monkeypatch.setattr("kdreid.stages.data.free_memory", lambda device: 10 * 2**30)
+    cuda = torch.device("cuda")
+    assert cache_device(2 * 2**30, cuda) == cuda
+    assert cache_device(8 * 2**30, cuda).type == "cpu"
+    assert cache_device(2**20, torch.device("cpu")).type == "cpu"

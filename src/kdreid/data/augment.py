@@ -5,7 +5,9 @@ These are the re-ID augmentations of torchreid/fast-reid practice (Zhong et al.,
 Augmentation", 2017, for the erasing); colour jitter is deliberately absent: it would erase the camera-style
 gap that adaptation is meant to bridge. Each draw follows the distribution of the CPU transforms it replaces
 (torchvision's RandomHorizontalFlip, Pad + RandomCrop, and torchreid's RandomErasing with its defaults): see
-tests/data/test_augment.py. Nothing here reads a value back to the host, so a CUDA step never waits on it.
+tests/data/test_augment.py. The erased rectangle is filled with the ImageNet mean colour on [0, 1] images (0 after
+the model's normalisation), as fast-reid does; torchreid's builder writes the same numbers into the normalised tensor.
+Nothing here reads a value back to the host, so a CUDA step never waits on it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Decode every training image once into a uint8 tensor (N, 3, H, W), so that an epoch costs index lookups
-instead of JPEG decodes. The cache sits in RAM, and on the GPU when training on CUDA (Market-1501's
-12,936 training images at 256×128 take 1.3 GB)."""
+instead of JPEG decodes. The cache sits in RAM, and on the GPU when training on CUDA and it fits there
+(Market-1501's 12,936 training images at 256×128 take 1.3 GB; kdreid.stages.data.BatchSource decides)."""
 
 from __future__ import annotations
 

@@ -158,7 +158,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
     source_batches = BatchSource(
         source_records, [r.pid for r in source_records], height=train.height, width=train.width,
         batch_size=train.batch_size, num_instances=train.num_instances, augment=train.augment, device=device,
-        seed=train.seed,
+        seed=train.seed, log=log,
     )
     source_dmmd_groups = None  # None: the identity labels of the batch
     if config.dmmd_source_groups == "tracklet":
@@ -172,7 +172,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
     target_batches = BatchSource(
         target_records, initial_groups, height=train.height, width=train.width, batch_size=train.batch_size,
         num_instances=train.num_instances, augment=train.augment, device=device, seed=train.seed + 1,
-        what=GROUPING_NAMES[config.grouping],
+        what=GROUPING_NAMES[config.grouping], log=log,
     )
     log.info(
         f"adapt {'+'.join(config.sources)} -> {'+'.join(config.targets)} with {arch}; target grouping: "

@@ -19,6 +19,7 @@ from kdreid.data.cache import decode_images
 from kdreid.data.datasets.base import ImageRecord, ReidDataset, build_dataset
 from kdreid.data.samplers import PKSampler
 from kdreid.errors import DatasetError
+from kdreid.evaluation.features import free_memory
 from kdreid.stages.speed import host_to_device
 
 
@@ -157,6 +158,35 @@ def hold_out_validation(records: Sequence[ImageRecord], fraction: float, seed: i
     return ValidationSplit(train, sorted(query, key=lambda r: r.path), sorted(gallery, key=lambda r: r.path))
 
 
+# The share of a GPU's free memory the image cache may take: the rest is for the model's activations, the optimiser
+# and the other domains' caches (decoded after this one). A larger cache stays in RAM.
+DEVICE_CACHE_SHARE = 0.5
+
+
+def _gigabytes(count: float) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
+
+
+def check_room_for_cache(count: int, height: int, width: int) -> None:
+    """One line before decoding when the uint8 cache of `count` images cannot fit in RAM: the allocator's traceback
+    otherwise, or the kernel's OOM killer halfway through the decoding."""
+    needed = count * 3 * height * width
+    free = free_memory(torch.device("cpu"))
+    if free is not None and needed > free:
+        raise DatasetError(
+            f"the training image cache needs {_gigabytes(needed)} ({count} images at {height}x{width}, uint8) but "
+            f"the host has {_gigabytes(free)} available; train at a smaller --height/--width or on fewer images")
+
+
+def cache_device(nbytes: int, device: torch.device) -> torch.device:
+    """Where a cache of `nbytes` lives: on a CUDA `device` when it fits in DEVICE_CACHE_SHARE of its free memory, in
+    RAM otherwise (and always on a CPU)."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    free = free_memory(device)
+    return device if free is None or nbytes <= DEVICE_CACHE_SHARE * free else torch.device("cpu")
+
+
 class BatchSource:
     """P×K batches of one domain: a sampler over group labels, the decoded images, augmentation on `device`.
 
@@ -178,15 +208,28 @@ class BatchSource:
         seed: int,
         what: str = "identities",
         images: torch.Tensor | None = None,
+        log=None,
     ):
         self.records = list(records)
         self.augment = augment
         self.device = device
-        self.images = images if images is not None else decode_images(
-            [r.path for r in self.records], height, width, progress=True
-        )
-        if device.type == "cuda":
-            self.images = self.images.to(device)  # decode once, then every batch is an on-device gather
+        if images is None:
+            check_room_for_cache(len(self.records), height, width)
+            images = decode_images([r.path for r in self.records], height, width, progress=True)
+        self.images = images
+        where = "RAM"
+        if device.type == "cuda" and images.device.type != "cuda":
+            # Decode once, then every batch is an on-device gather, when the cache fits beside the training.
+            if cache_device(images.numel(), device).type == "cuda":
+                self.images, where = images.to(device), f"{device} memory"
+            else:
+                where = (f"RAM: more than {DEVICE_CACHE_SHARE:.0%} of the {_gigabytes(free_memory(device) or 0)} "
+                         f"{device} has free (each batch is gathered on the host and copied over)")
+        elif images.device.type == "cuda":
+            where = f"{images.device} memory"
+        if log is not None:
+            log.info(f"image cache: {len(self.records)} images at {height}x{width}, {_gigabytes(images.numel())} "
+                     f"in {where}")
         self.set_labels(labels, batch_size=batch_size, num_instances=num_instances, seed=seed, what=what)
         self._iterator: Iterator[list[int]] | None = None
         self._drawn = 0
@@ -240,9 +283,13 @@ class BatchSource:
             positions = next(self._iterator)
         self._drawn += 1
         # The batch's one host-to-device copy: its positions in `records` (also kept for per-image fields).
-        index = host_to_device(torch.as_tensor(self.kept[positions]), self.device)
+        positions = torch.as_tensor(self.kept[positions])
+        index = host_to_device(positions, self.device)
         self.last_index = index
-        images = self.images[index]  # the cache lives on `device`
+        if self.images.device.type == self.device.type:
+            images = self.images[index]  # the cache lives on `device`
+        else:  # a cache too large for the GPU: gathered in RAM, the batch copied over
+            images = host_to_device(self.images[positions], self.device)
         labels = self._device_labels[index]
         # channels_last on CUDA, the layout the training loop gives the model there.
         layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format

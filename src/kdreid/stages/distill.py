@@ -479,7 +479,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
     source_batches = BatchSource(
         source_records, [r.pid for r in source_records], height=train.height, width=train.width,
         batch_size=train.batch_size, num_instances=train.num_instances, augment=train.augment, device=device,
-        seed=train.seed,
+        seed=train.seed, log=log,
     ) if need_source else None
     target_batches = []
     for t, dataset in enumerate(targets):
@@ -493,7 +493,7 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         target_batches.append(BatchSource(
             dataset.train, tracklets, height=train.height, width=train.width, batch_size=train.batch_size,
             num_instances=train.num_instances, augment=train.augment, device=device, seed=train.seed + 1 + t,
-            what="tracklets",
+            what="tracklets", log=log,
         ))
 
     count = len(targets)

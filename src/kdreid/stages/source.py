@@ -97,7 +97,7 @@ def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
     distributed.sync_batchnorm(model)  # several processes: BatchNorm over the global batch
     batches = BatchSource(
         records, [r.pid for r in records], height=train.height, width=train.width, batch_size=train.batch_size,
-        num_instances=train.num_instances, augment=train.augment, device=device, seed=train.seed,
+        num_instances=train.num_instances, augment=train.augment, device=device, seed=train.seed, log=log,
     )
     optimizer = build_optimizer(model.parameters(), train.optim)
     train_step = source_train_step(model, batches, config)
