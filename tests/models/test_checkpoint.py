@@ -153,6 +153,25 @@ def test_damaged_state_dict(tmp_path):
         load_checkpoint(tmp_path / "bad2.pt")
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.pop("arch"), "a kdreid checkpoint with no 'arch'; the file is damaged or was edited"),
+    (lambda p: p.pop("build_args"), "with no 'build_args'"),
+    (lambda p: p.pop("state_dict"), "with no 'state_dict'"),
+    (lambda p: p.update(arch=None), "with a NoneType as its 'arch'"),
+    (lambda p: p.update(format_version="1"), "its format_version '1' is not a number"),
+    (lambda p: p["build_args"].update(dropout=0.1),
+     r"cannot rebuild its model \(.*unexpected keyword argument 'dropout'\); the file was edited or written by "
+     r"another kdreid"),
+])
+def test_an_edited_checkpoint_is_one_line_not_a_traceback(tmp_path, edit, message):
+    # Found by a review: each of these was a KeyError / TypeError / ValueError traceback from `kdreid evaluate`.
+    payload = read_checkpoint(save_checkpoint(tmp_path / "m.pt", trained_like(num_classes=3)))
+    edit(payload)
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path / "edited.pt")
+
+
 def test_metadata_must_be_plain(tmp_path):
     with pytest.raises(TypeError, match="config.fn is a builtin_function_or_method; store plain"):
         save_checkpoint(tmp_path / "m.pt", trained_like(num_classes=3), config={"fn": len})

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision
 
+from kdreid.errors import ModelError
 from kdreid.models import build_model, load_weights
 from kdreid.models.heads import IMAGENET_MEAN, IMAGENET_STD
 from tests.reference import load_torchreid_module, randomise_batchnorm
@@ -137,6 +138,23 @@ def test_resnet_matches_torchreid():
         assert (ours(images) - reference(normalise(images))).abs().max() <= 1e-5
 
 
+def test_torchreid_fc_layers_are_refused_not_dropped(tmp_path):
+    """torchreid's resnet50_fc512 (model zoo) embeds with Linear+BN+ReLU after the pooling; loaded as -a resnet50
+    those `fc.*` layers were discarded and the 2048-d pooled feature evaluated instead (found by a review)."""
+    module = load_torchreid_module("torchreid/reid/models/resnet.py")
+    # resnet50_fc512's head on a ResNet-18
+    reference = module.ResNet(10, "softmax", module.BasicBlock, [2, 2, 2, 2], last_stride=1, fc_dims=[32])
+    path = tmp_path / "resnet18_fc32.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in reference.state_dict().items()}}, path)
+    with pytest.raises(ModelError, match=r"fc: 512 -> 32, torchreid's fc_dims.* that resnet18 does not have"):
+        build_model("resnet18", 0, pretrained=path)
+    # torchvision's ImageNet classifier `fc` is still discarded as a head.
+    plain = torchvision.models.resnet18(weights=None)
+    torch.save(plain.state_dict(), tmp_path / "resnet18-f37072fd.pth")
+    report = build_model("resnet18", 0, pretrained=tmp_path / "resnet18-f37072fd.pth").load_report
+    assert sorted(report.discarded) == ["fc.bias", "fc.weight"]
+
+
 def _shapes(state_dict, skip=()):
     return {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith(skip)}
 
@@ -162,3 +180,16 @@ def test_every_torchvision_layout_matches_its_keys_and_shapes(name, reference):
     depth could change with no test failing)."""
     ours = build_model(name, 0, bnneck=False)
     assert _shapes(ours.state_dict()) == _shapes(reference().state_dict(), skip=("fc.", "classifier."))
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_x1_0", "mobilenetv2_x1_4"])
+def test_torchreids_mobilenetv2_layout_is_named_not_called_another_architecture(name, tmp_path):
+    """torchreid's MobileNetV2 (conv1..conv9, another first block) does not load into ours, which has the same name:
+    the error said "is it another architecture?" to a user who had named the right one (found by a review)."""
+    module = load_torchreid_module("torchreid/reid/models/mobilenetv2.py")
+    reference = getattr(module, name)(num_classes=3, loss="softmax", pretrained=False)
+    torch.save({"state_dict": reference.state_dict()}, tmp_path / "torchreid.pth")
+    with pytest.raises(ModelError, match=rf"a MobileNetV2 in torchreid's layout \(conv1..conv9\), which kdreid's "
+                                         rf"{name} \(torchvision's layout and widths\) cannot read") as error:
+        build_model(name, 0, pretrained=tmp_path / "torchreid.pth")
+    assert "another architecture" not in str(error.value)

@@ -423,6 +423,22 @@ def test_the_run_log_says_what_a_weights_file_gave_the_model(synth_root, tmp_pat
     assert "osnet_tiny weights: loaded 300 tensors from" in log and "1 discarded: module.classifier.weight" in log
 
 
+def test_a_weights_file_with_an_embedding_layer_starts_a_source_run(synth_root, tmp_path):
+    """SpCL's layout (`feat` + `feat_bn`) as --pretrained: the source stage stopped with "build it with
+    embedding_dim=24", which no train-source flag sets (a review); it is built with the file's layer, as distill's
+    student is."""
+    from kdreid.models import build_model, read_checkpoint
+
+    spcl = build_model("osnet_tiny", 0, embedding_dim=24).state_dict()
+    renamed = {"module." + k.replace("embed.", "feat.").replace("bnneck.", "feat_bn."): v for k, v in spcl.items()}
+    torch.save({"state_dict": renamed}, tmp_path / "spcl.pth")
+    out = tmp_path / "from-spcl"
+    assert main(["train-source", "-s", "synth_msmt", "-a", "osnet_tiny", "--root", str(synth_root), "--out", str(out),
+                 "--pretrained", str(tmp_path / "spcl.pth"), *TINY[:1], "1", *TINY[2:]]) == 0
+    assert read_checkpoint(out / "model.pt")["build_args"]["embedding_dim"] == 24
+    assert "1 missing: classifier.weight" in (out / "log.txt").read_text()
+
+
 def test_a_target_with_training_images_only_is_adapted_to_and_not_evaluated(source_run, synth_root, tmp_path):
     # One's own cameras: tracker crops with track ids, no labelled query/gallery. The run stopped after training
     # ("empty query set") with no model.

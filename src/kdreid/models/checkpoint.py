@@ -99,11 +99,21 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{path}: not a kdreid checkpoint (it records no architecture); load a plain state dict with "
             "build_model(ARCH, NUM_CLASSES, pretrained=PATH)"
         )
-    if int(obj.get("format_version", 0)) > FORMAT_VERSION:
+    version = obj.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: its format_version {version!r} is not a number; the file is damaged or was "
+                              "edited")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format {obj['format_version']} is newer than this kdreid reads ({FORMAT_VERSION});"
             " upgrade kdreid"
         )
+    # What load_checkpoint needs; a KeyError or TypeError later would be a traceback, not this one line.
+    for key, kind in (("arch", str), ("build_args", Mapping), ("state_dict", Mapping)):
+        if not isinstance(obj.get(key), kind):
+            found = "no" if key not in obj else f"a {type(obj[key]).__name__} as its"
+            raise CheckpointError(f"{path}: a kdreid checkpoint with {found} {key!r}; the file is damaged or was "
+                                  "edited, use the model.pt its run wrote")
     return dict(obj)
 
 
@@ -126,6 +136,10 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None) -> nn.Module:
         model = build_model(saved_arch, **build_args)
     except ModelError as error:
         raise CheckpointError(f"{path}: cannot rebuild its model: {error}") from None
+    except TypeError as error:  # an argument this kdreid's build_model does not take (a newer kdreid wrote it)
+        raise CheckpointError(f"{path}: cannot rebuild its model ({error}); the file was edited or written by "
+                              f"another kdreid (it records {checkpoint.get('kdreid_version')}, this is "
+                              f"{kdreid.__version__})") from None
     if num_domains:
         convert_dsbn(model, num_domains)
     model.default_domain = int(checkpoint.get("default_domain", 0))

@@ -297,6 +297,14 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             f"was built without; build it with embedding_dim={embedding.shape[0]}"
         )
     if not any(not head_key(k) for k in accepted):
+        if str(arch).startswith("mobilenetv2") and any(k.startswith("conv9.conv.") for k in tensors):
+            # Same name, another network: torchreid's MobileNetV2 has an extra 1×1 conv in its first block and
+            # rounds widths differently; ours is torchvision's.
+            raise ModelError(
+                f"{source}: a MobileNetV2 in torchreid's layout (conv1..conv9), which kdreid's {arch} "
+                "(torchvision's layout and widths) cannot read; use it in torchreid, or train one with kdreid "
+                "(mobilenetv2_x1_0 starts from torchvision's ImageNet weights with --pretrained imagenet)"
+            )
         raise ModelError(
             f"{source}: none of its {len(state_dict)} tensors fit {arch}'s backbone "
             f"(its keys look like {', '.join(list(state_dict)[:3])}); is it another architecture?"
@@ -311,6 +319,19 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             f"{source}: {len(backbone_missing)} of {arch}'s {len(backbone)} backbone tensors are missing or of "
             f"another shape (e.g. {backbone_missing[0]}); is this a checkpoint of another architecture? "
             "pass the right -a"
+        )
+    fc_layer = next((value for key, (_, value) in tensors.items() if value.ndim == 2
+                     and any(re.fullmatch(r"fc\.\d+\.weight", k) for k in _candidates(key, last_domain))
+                     and not any(k in own for k in _candidates(key, last_domain))), None)
+    if fc_layer is not None:
+        # torchreid's `fc_dims` layers (Linear + BN + ReLU after the pooling, e.g. resnet50_fc512): its feature is
+        # their output; dropping them would evaluate the pooled feature instead, silently another model. (Checked
+        # once the backbone fits: an OSNet file, into another architecture, has an `fc` too.)
+        raise ModelError(
+            f"{source}: holds fully connected layers after the pooling (fc: {fc_layer.shape[1]} -> "
+            f"{fc_layer.shape[0]}, torchreid's fc_dims, e.g. resnet50_fc512) that {arch} does not have; its "
+            f"features are their output. To use the {fc_layer.shape[1]}-d pooled feature anyway, re-save the "
+            "state dict without its fc.* keys"
         )
     model.load_state_dict(accepted, strict=False)
     log.info(report.summary())
@@ -358,6 +379,14 @@ def resolve_imagenet(spec, otherwise: str = _OR_A_FILE) -> Path:
         f"ImageNet weights for {spec.name} not found: put {spec.imagenet[0]} in {target}/ "
         f"(kdreid never downloads; {howto}), or {otherwise}"
     )
+
+
+def embedding_dim_for(pretrained: str | Path | None) -> int:
+    """`build_model`'s `embedding_dim` for a `pretrained` setting: the width of the embedding layer a weights file
+    holds, 0 for none / imagenet (any case) and for a path that is not a file (build_model names it)."""
+    if pretrained is None or str(pretrained).lower() in ("", "none", "imagenet") or not Path(pretrained).is_file():
+        return 0
+    return embedding_dim_of(pretrained)
 
 
 def embedding_dim_of(path: str | Path) -> int:

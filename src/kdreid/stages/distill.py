@@ -50,7 +50,7 @@ from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing, dmm
 from kdreid.losses.distill import bn_margins, cosine_distance_matrix, distance_kd, margin_feature_loss
 from kdreid.models import build_model, build_projector, check_input_size, load_checkpoint
 from kdreid.models.dsbn import DSBatchNorm
-from kdreid.models.weights import embedding_dim_of
+from kdreid.models.weights import embedding_dim_for, embedding_dim_of
 from kdreid.rundir import write_json
 from kdreid.stages.common import (
     DataOptions,
@@ -426,9 +426,8 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         )
     num_classes = 1 + max(r.pid for r in source_records)
     if student is None:
-        from_file = config.pretrained not in ("none", "imagenet")
         student = build_model(config.arch or "osnet_x0_25", num_classes, pretrained=config.pretrained,
-                              embedding_dim=embedding_dim_of(config.pretrained) if from_file else 0)
+                              embedding_dim=embedding_dim_for(config.pretrained))
         note_loaded_weights(student, log.info, f"student {student.arch} weights")
     elif config.lda_weight > 0 and set(np.atleast_1d(student.num_classes).tolist()) != {num_classes}:
         raise ConfigError(  # (a multi-head student: the same source classes in each of its heads)
@@ -509,8 +508,9 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
         f"lda {config.lda_weight}, teachers in {config.teacher_mode} mode; "
         f"{batches_per_epoch} optimiser steps per epoch"
     )
-    if not config.student_init and config.pretrained in ("none", "imagenet"):  # a file may be source-trained
-        start_weights = "random weights" if config.pretrained == "none" else "ImageNet weights"
+    # (A weights file may hold a source-trained student; none and imagenet do not.)
+    if not config.student_init and str(config.pretrained).lower() in ("none", "imagenet"):
+        start_weights = "random weights" if str(config.pretrained).lower() == "none" else "ImageNet weights"
         log.warning(f"no --student-init: the student starts from {start_weights}, not from a source-trained model "
                     "(KD-ReID's student is trained on the source first: pass --student-init SOURCE_RUN/model.pt)")
     if config.multi_head and config.lda_weight == 0:

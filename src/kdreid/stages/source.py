@@ -16,6 +16,7 @@ from kdreid import distributed
 from kdreid.evaluation.features import note_loaded_weights
 from kdreid.losses import batch_hard_triplet, cross_entropy_label_smoothing
 from kdreid.models import build_model, check_input_size
+from kdreid.models.weights import embedding_dim_for
 from kdreid.stages.common import (
     StageResult,
     begin_stage,
@@ -90,7 +91,9 @@ def run(config: SourceConfig, *, resume: bool = False) -> StageResult:
         f"{train.batch_size} images per forward on {device}"
     )
 
-    model = build_model(config.arch, num_classes, pretrained=config.pretrained, last_stride=config.last_stride)
+    # A weights file's embedding layer (SpCL's / OpenUnReID's `feat`) is loaded with it, as the distill stage does.
+    model = build_model(config.arch, num_classes, pretrained=config.pretrained, last_stride=config.last_stride,
+                        embedding_dim=embedding_dim_for(config.pretrained))
     note_loaded_weights(model, log.info, f"{config.arch} weights")
     check_input_size(model, train.height, train.width)
     model = model.to(device)
