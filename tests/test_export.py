@@ -145,6 +145,8 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["osnet_x0_25", "osnet_tiny"])
 def test_torchreid_state_dict_loads_into_torchreid_osnet(arch, torchreid_osnet, tmp_path):
     model = tiny(arch)
+    with torch.no_grad():  # logits of a size that a wrongly folded BNNeck would show (its init is 0.001-sized)
+        model.classifier.weight.normal_()
     out = tmp_path / f"{arch}_kdreid.pth"
     export_model(model, out, "torchreid", images=images(2))
     state = torch.load(out, map_location="cpu", weights_only=True)
@@ -163,8 +165,10 @@ def test_torchreid_state_dict_loads_into_torchreid_osnet(arch, torchreid_osnet, 
         logits_theirs = reference.classifier(theirs)
     assert theirs.std() > 1e-3
     assert (theirs - ours).abs().max().item() <= 1e-5
-    with torch.no_grad():  # the classifier came along too (its bias is zero: ours has none)
-        assert torch.allclose(logits_theirs, model.classifier(ours), atol=1e-5)
+    with torch.no_grad():  # the classifier too, with the BNNeck folded in: torchreid's logits are ours
+        model_logits = model(x, return_all=True).logits
+    assert logits_theirs.std() > 1e-3
+    assert torch.allclose(logits_theirs, model_logits, atol=1e-5)
 
 
 def test_torchreid_format_refuses_what_torchreid_cannot_hold(tmp_path):

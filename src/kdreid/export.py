@@ -335,8 +335,10 @@ def torchreid_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict torchreid's OSNet (`torchreid.models.build_model("osnet_x0_25", ...)`) loads.
 
     Our OSNet already uses torchreid's module names; torchreid has no BNNeck and its classifier has a bias, so the
-    BNNeck is left out (torchreid's OSNet returns the `fc` feature: our pre-BNNeck `Out.embedding`) and the
-    classifier gets a zero bias. A multi-head model's classifiers are left out: trackers only use the features.
+    BNNeck is left out (torchreid's OSNet returns the `fc` feature: our pre-BNNeck `Out.embedding`) and folded
+    into the classifier: in eval mode the BNNeck is x * scale + shift per channel, so W·BN(x) = (W·diag(scale))·x +
+    W·shift, and torchreid's logits are ours. A multi-head model's classifiers are left out: trackers only use the
+    features.
     """
     if not model.arch.startswith("osnet"):
         raise ModelError(f"--format torchreid takes OSNet models (torchreid's layout); {model.arch} has no "
@@ -347,9 +349,18 @@ def torchreid_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()
              if key.split(".", 1)[0] not in ("bnneck", "classifier", "classifiers", "embed")}
     if model.classifier is not None:
-        weight = model.classifier.weight.detach().cpu().clone()
-        state["classifier.weight"] = weight
-        state["classifier.bias"] = torch.zeros(weight.shape[0])
+        weight = model.classifier.weight.detach().cpu().double()
+        scale = torch.ones(weight.shape[1], dtype=torch.float64)
+        shift = torch.zeros(weight.shape[1], dtype=torch.float64)
+        bn = model.bnneck
+        if bn is not None:  # in eval mode: (x - mean) / sqrt(var + eps) * gamma + beta
+            scale = bn.running_var.detach().cpu().double().add(bn.eps).rsqrt()
+            shift = -bn.running_mean.detach().cpu().double() * scale
+            if bn.affine:
+                gamma, beta = bn.weight.detach().cpu().double(), bn.bias.detach().cpu().double()
+                scale, shift = scale * gamma, shift * gamma + beta
+        state["classifier.weight"] = (weight * scale).float()
+        state["classifier.bias"] = (weight @ shift).float()
     return state
 
 
