@@ -202,3 +202,58 @@ def test_a_null_metric_is_shown_as_na_and_rows_name_their_architecture(tmp_path)
     labels = pipeline_row_labels({"teacher_arch": "resnet50", "student_arch": "osnet_x0_25"})
     assert labels["source_only_student"] == "source only (osnet_x0_25)"
     assert labels["source_only"] == "source only (resnet50)"
+
+
+def test_runs_on_other_files_under_the_same_dataset_names_are_named(tmp_path, capsys):
+    # Found by a review: runs trained on data regenerated under the same names (another --scale or seed of `kdreid
+    # data synth`, read from another --root) were averaged without a word: the data root is not compared, and the
+    # datasets.json digests that tell the files apart were not read.
+    runs = [_stage(tmp_path / "a", 0, (10.0, 5.0)), _stage(tmp_path / "b", 1, (12.0, 7.0))]
+    for run, digest in zip(runs, ("1111/aaaa", "2222/bbbb")):
+        (run / "datasets.json").write_text(json.dumps({"synth_duke": digest, "synth_cuhk": "3333/cccc"}))
+    assert main(["aggregate", *map(str, runs)]) == 0
+    assert "differ in datasets.synth_duke (1111/aaaa, 2222/bbbb)" in capsys.readouterr().err
+    (runs[1] / "datasets.json").write_text(json.dumps({"synth_duke": "1111/aaaa", "synth_cuhk": "3333/cccc"}))
+    assert aggregate_runs(runs).differing == {}  # the same files, wherever they lay
+    pipelines = [_with_stage(_pipeline(tmp_path / f"p{seed}", seed, (20.0 + seed, 8.0)), 7) for seed in range(2)]
+    for run, digest in zip(pipelines, ("1111/aaaa", "2222/bbbb")):
+        (run / "stages" / "distill" / "datasets.json").write_text(json.dumps({"synth_duke": digest}))
+    assert aggregate_runs(pipelines).differing == {"distill.datasets.synth_duke": ["1111/aaaa", "2222/bbbb"]}
+
+
+def test_one_model_evaluated_in_several_folders_is_named(tmp_path, capsys):
+    # Found by a review: `kdreid evaluate --model runs/s0/model.pt` written into two folders (a slip in a loop over
+    # seeds) gave a "± 0.0" table without a word.
+    runs = []
+    for index, model in enumerate(("/runs/s0/model.pt", "/runs/s0/model.pt", "/runs/s2/model.pt")):
+        folder = tmp_path / f"e{index}"
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps({
+            "final": {"synth_duke": {"mAP": 30.0 + (index == 2)}},
+            "evaluated_with": {"synth_duke": {"model": model, "metric": "euclidean"}}}))
+        runs.append(folder)
+    assert main(["aggregate", *map(str, runs)]) == 0
+    err = capsys.readouterr().err
+    assert f"{runs[0]}, {runs[1]} evaluated the same model file /runs/s0/model.pt" in err and "/runs/s2" not in err
+    assert main(["aggregate", str(runs[0]), str(runs[2])]) == 0
+    assert "same model file" not in capsys.readouterr().err
+
+
+def test_an_unfinished_run_names_aggregate_as_what_comes_after(tmp_path, capsys):
+    # Found by a review: the refusal of a stopped stage (no metrics.json yet) ended "then report it".
+    done = _stage(tmp_path / "a", 0, (1.0, 2.0))
+    stopped = tmp_path / "b"
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text((done / "config.yaml").read_text())
+    assert main(["aggregate", str(done), str(stopped)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("continue it with the same command and --resume, then aggregate")
+
+
+def test_json_holds_the_tables_mean_map_column(tmp_path, capsys):
+    # Found by a review: --json had every metric but not the mean mAP over datasets, the table's last column.
+    runs = [_stage(tmp_path / "a", 0, (10.0, 2.0)), _stage(tmp_path / "b", 1, (14.0, 4.0))]
+    assert main(["aggregate", *map(str, runs), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["averaged"] == list(TARGETS) and row["mean_mAP"]["values"] == [6.0, 9.0]
+    assert row["mean_mAP"]["std"] == pytest.approx(np.std([6.0, 9.0], ddof=1))

@@ -46,6 +46,7 @@ class Aggregate:
     seeds: list[object]  # each run's seed (None where its config does not say)
     rows: list[Row]
     differing: dict[str, list[object]] = field(default_factory=dict)  # setting -> its value in each run
+    repeated_models: dict[str, list[str]] = field(default_factory=dict)  # evaluations: model file -> its runs
 
     def datasets(self) -> list[str]:
         return list(dict.fromkeys(d for row in self.rows for d in row.values))
@@ -74,10 +75,16 @@ class Aggregate:
         return "\n".join(lines) + "\n"
 
     def as_json(self) -> dict:
+        def stats(values):
+            return {"mean": _mean(values), "std": _std(values), "values": values} if values else None
+
         return {"kind": self.kind, "runs": self.runs, "seeds": self.seeds, "differing_settings": self.differing,
+                "std": "sample (n - 1)",
                 "rows": [{"key": row.key, "label": row.label,
-                          "datasets": {d: {m: {"mean": _mean(v), "std": _std(v), "values": v} for m, v in per.items()}
-                                       for d, per in row.values.items()}} for row in self.rows]}
+                          "datasets": {d: {m: stats(v) for m, v in per.items()} for d, per in row.values.items()},
+                          # the table's last column: each run's mAP averaged over `averaged`
+                          "mean_mAP": stats(_mean_over_datasets(row)), "averaged": row.averaged}
+                         for row in self.rows]}
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -168,11 +175,40 @@ def _settings_of(run: _Run) -> dict[str, object]:
         folder = run.path / "stages"
         stages = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
         settings = {f"{stage.name}.{key}": value for stage in stages
-                    for key, value in flatten(read_run_yaml(stage / "config.yaml")).items()}
+                    for key, value in {**flatten(read_run_yaml(stage / "config.yaml")), **_datasets_of(stage)}.items()}
     else:
-        settings = flatten(run.config)
+        settings = {**flatten(run.config), **_datasets_of(run.path)}
     return {key: value for key, value in settings.items()
             if key.rsplit(".", 1)[-1] not in EXECUTION_SETTINGS}
+
+
+def _datasets_of(folder: Path) -> dict[str, str]:
+    """{`datasets.NAME`: the content digest of dataset NAME} of a stage's datasets.json (paths relative to the data
+    root, labels, sizes): runs on other files under the same names (regenerated data, another --scale or seed of
+    `kdreid data synth`) differ there, whatever --root they were read from; {} when absent or unreadable."""
+    try:
+        recorded = json.loads((folder / "datasets.json").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return {f"datasets.{name}": value for name, value in recorded.items()} if isinstance(recorded, dict) else {}
+
+
+def _repeated_models(read: Sequence[_Run]) -> dict[str, list[str]]:
+    """{model file: the runs that evaluated it} of evaluation folders where one model file was evaluated in
+    several of them (on the same target): their spread is nothing's, not the seed's."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for run in read if read and read[0].kind == "evaluation" else []:
+        recorded = run.metrics.get("evaluated_with")
+        for target, values in (recorded.items() if isinstance(recorded, dict) else []):
+            model = values.get("model") if isinstance(values, dict) else None
+            if isinstance(model, str):
+                found.setdefault((model, target), []).append(str(run.path))
+    repeated: dict[str, list[str]] = {}
+    for (model, _), runs in found.items():
+        if len(runs) > 1:
+            repeated.setdefault(model, [])
+            repeated[model] += [r for r in runs if r not in repeated[model]]
+    return repeated
 
 
 def _seed_of(run: _Run) -> object:
@@ -192,7 +228,7 @@ def aggregate_runs(runs: Sequence[str | Path]) -> Aggregate:
         raise KdreidError("aggregate needs at least two runs (the same command with other --seed values)")
     if len({p.resolve() for p in paths}) != len(paths):
         raise KdreidError("a run is named twice: each run must count once")
-    kinds = {path: run_kind(path) for path in paths}
+    kinds = {path: run_kind(path, then="aggregate") for path in paths}
     if len(set(kinds.values())) > 1:
         described = ", ".join(f"{path} ({kind})" for path, kind in kinds.items())
         raise KdreidError(f"the runs are of different kinds: {described}; aggregate runs of one command")
@@ -222,7 +258,8 @@ def aggregate_runs(runs: Sequence[str | Path]) -> Aggregate:
     recorded = [key for key in settings[0] if all(key in s for s in settings[1:])]
     differing = {key: [s[key] for s in settings] for key in recorded
                  if len({json.dumps(s[key], sort_keys=True, default=str) for s in settings}) > 1}
-    return Aggregate([str(p) for p in paths], kind, [_seed_of(run) for run in read], rows, differing)
+    return Aggregate([str(p) for p in paths], kind, [_seed_of(run) for run in read], rows, differing,
+                     _repeated_models(read))
 
 
 def _refuse_run_file(out: str, runs: Sequence[str]) -> None:
@@ -251,6 +288,9 @@ def aggregate_command(args) -> int:
     if known and len(set(map(str, known))) < len(known):
         print(f"kdreid: warning: seeds {', '.join(map(str, result.seeds))} repeat: repeated seeds measure the "
               "run-to-run noise of one seed, not the spread over seeds", file=sys.stderr)
+    for model, runs in result.repeated_models.items():
+        print(f"kdreid: warning: {', '.join(runs)} evaluated the same model file {model}: the spread over them is "
+              "not the seed's; evaluate each seed's model", file=sys.stderr)
     text = json.dumps(result.as_json(), indent=2) + "\n" if args.json else result.markdown()
     if args.out:
         atomic_write_text(args.out, text)

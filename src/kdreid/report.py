@@ -143,8 +143,9 @@ def _read_text(path: Path, fix: str) -> str:
         raise KdreidError(f"{path} is damaged: it is not UTF-8 text; {fix}") from None
 
 
-def run_kind(run: Path) -> str:
-    """"pipeline", "stage" or "evaluation"; KdreidError (one line) when `run` is not a kdreid run folder."""
+def run_kind(run: Path, then: str = "report it") -> str:
+    """"pipeline", "stage" or "evaluation"; KdreidError (one line) when `run` is not a kdreid run folder. `then`:
+    what the command that asks does with a finished run (said after the fix of an unfinished one)."""
     if not run.exists():
         raise KdreidError(f"run folder {run} does not exist; pass the --out folder of a kdreid command")
     if not run.is_dir():
@@ -158,7 +159,7 @@ def run_kind(run: Path) -> str:
         return "evaluation"
     if metrics is None and (run / "config.yaml").is_file():  # a stage that has not finished (or was stopped)
         raise KdreidError(f"{run} holds a run that has not finished (no metrics.json yet); continue it with the same "
-                          "command and --resume, then report it")
+                          f"command and --resume, then {then}")
     raise KdreidError(f"{run} is not a kdreid run folder (no metrics.json of a stage, a pipeline or `kdreid "
                       "evaluate --out`); pass the --out folder of a finished run")
 

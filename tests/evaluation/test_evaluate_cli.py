@@ -100,6 +100,22 @@ def test_table_rows_plain_state_dict_and_merge(setup, tmp_path, capsys):
     assert float(row.split()[1]) == pytest.approx(expected["mAP"], abs=0.051)
 
 
+def test_the_input_size_is_recorded_and_tells_evaluations_apart(setup, tmp_path, capsys):
+    # Found by a review: --height/--width change the numbers but were not recorded in evaluated_with, so `kdreid
+    # aggregate` averaged evaluations at two input sizes without a word (and the report did not say the size).
+    from kdreid.aggregate import aggregate_runs
+
+    root, checkpoint, _ = setup
+    for name, size in (("a", []), ("b", ["--height", "64", "--width", "32"])):
+        code, _, err = run(["evaluate", "--model", str(checkpoint), "-t", "market1501", "--root", str(root),
+                            "--out", str(tmp_path / name), "--device", "cpu", *size], capsys)
+        assert code == 0, err
+    recorded = json.loads((tmp_path / "a" / "metrics.json").read_text())["evaluated_with"]["market1501"]
+    assert (recorded["height"], recorded["width"]) == (HEIGHT, WIDTH)  # the checkpoint's own size
+    assert aggregate_runs([tmp_path / "a", tmp_path / "b"]).differing == {
+        "market1501.height": [HEIGHT, 64], "market1501.width": [WIDTH, 32]}
+
+
 def test_user_mistakes_are_one_line(setup, capsys):
     root, _, plain = setup
     code, _, err = run(["evaluate", "--model", str(plain), "-t", "market1501", "--root", str(root)], capsys)

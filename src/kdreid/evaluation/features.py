@@ -493,7 +493,7 @@ def evaluate_command(args) -> int:
     if args.out:
         _check_evaluation_folder(Path(args.out))
     device = pick_device(args.device)
-    embed, note_weights, model = _embedder_of(args, device)
+    embed, note_weights, model, input_size = _embedder_of(args, device)
     # Every target is read before the first is evaluated: a misspelt one stops the command before any work.
     datasets = {target: build_dataset(target, args.root, **data_options.reader_options(target))
                 for target in args.targets}
@@ -575,6 +575,7 @@ def evaluate_command(args) -> int:
             model_file = str(Path(args.model).absolute())
             settings.update({target: dict(model=model_file, metric=args.metric, rerank=args.rerank, flip=args.flip,
                                           aqe=aqe or False, protocol=protocols[target],
+                                          height=input_size[0], width=input_size[1],  # the numbers depend on it
                                           **({"split": splits[target]} if target in splits else {}))
                              for target in final})
             metrics["evaluated_with"] = settings
@@ -680,10 +681,11 @@ def expand_features(query: Features, gallery: Features, *, k: int, alpha: float,
 
 
 def _embedder_of(args, device: torch.device) -> tuple[Callable[[Sequence], Features], Callable[[], None],
-                                                     nn.Module | None]:
-    """(`records -> Features`, `note()`, the model) for `kdreid evaluate --model`: a kdreid checkpoint (or -a ARCH
-    state dict) run by torch, or a file `kdreid export` wrote, run as `kdreid extract` runs it (so the deployed
-    file's own numbers are measured; no model then); `note()` says what a weights file gave the model."""
+                                                     nn.Module | None, tuple[int, int]]:
+    """(`records -> Features`, `note()`, the model, the input size (height, width) the images are resized to) for
+    `kdreid evaluate --model`: a kdreid checkpoint (or -a ARCH state dict) run by torch, or a file `kdreid export`
+    wrote, run as `kdreid extract` runs it (so the deployed file's own numbers are measured; no model then);
+    `note()` says what a weights file gave the model."""
     from kdreid.deploy import extract_paths, open_embedder, warn_unused
     from kdreid.errors import DatasetError
     from kdreid.models import check_input_size
@@ -709,7 +711,7 @@ def _embedder_of(args, device: torch.device) -> tuple[Callable[[Sequence], Featu
             return Features(features, np.array([r.pid for r in records], dtype=np.int64),
                             np.array([r.camid for r in records], dtype=np.int64), [r.path for r in records])
 
-        return embed_exported, lambda: None, None
+        return embed_exported, lambda: None, None, (embedder.height, embedder.width)
     model = load_model(path, args.arch, args.last_stride)
     if "cuhk03" in args.targets and (leak := _other_cuhk03_split(model, args.cuhk03_classic_split, args.split_id)):
         print(f"kdreid: warning: {args.model} {leak}", file=sys.stderr)
@@ -723,7 +725,8 @@ def _embedder_of(args, device: torch.device) -> tuple[Callable[[Sequence], Featu
         return extract_features(model, records, height=args.height, width=args.width, batch_size=args.batch_size,
                                 flip=args.flip, device=device, workers=args.workers, progress=sys.stderr.isatty())
 
-    return embed_checkpoint, lambda: note_loaded_weights(model), model
+    return (embed_checkpoint, lambda: note_loaded_weights(model), model,
+            (args.height or trained_height, args.width or trained_width))
 
 
 def format_verification(verification: dict[str, dict]) -> str:
