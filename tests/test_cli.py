@@ -245,3 +245,32 @@ def test_every_flag_of_the_pipeline_reaches_its_stages(tmp_path, pipeline_config
         str(tmp_path / "O"), "quick", False)
     assert config.source == {"pretrained": "imagenet"}
     assert config.overrides == STAGE_SETTINGS  # --out and --root are the pipeline's own, not a stage's
+
+
+def _help_of(argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+
+
+def test_the_stage_help_names_the_defaults_the_configs_hold(capsys):
+    from kdreid.stages import adapt, distill, pipeline, source
+    from kdreid.stages.presets import PRESETS
+
+    for command, config in (("train-source", source.SourceConfig()), ("adapt", adapt.AdaptConfig()),
+                            ("distill", distill.DistillConfig())):
+        text = _help_of([command], capsys)
+        assert f"default: {config.out})" in text and f"default: {config.data.root})" in text, command
+    text = _help_of(["pipeline"], capsys)
+    defaults = pipeline.PipelineConfig()
+    assert f"default: {defaults.out})" in text and f"default: {defaults.root})" in text
+    # a pipeline folder holds the final models and the stages' run folders, not a model.pt or checkpoints/
+    out_help = text.split("--out OUT run folder", 1)[1].split("--config CONFIG", 1)[0]
+    assert "student.pt" in out_help and "stages/" in out_help
+    assert "model.pt" not in out_help and "checkpoints/" not in out_help
+    # --teacher-arch's default is the preset's: the demo (--preset quick) trains ResNet-18 teachers
+    assert (f"(default: the preset's: {defaults.teacher_arch}, {PRESETS['quick']['pipeline']['teacher_arch']} under "
+            "--preset quick)") in text
+    text = _help_of(["data", "synth"], capsys)
+    assert "1.0 (default)" in text and "default 0" in text and "1 = full preset (default)" in text
+    assert "(default 10)" in _help_of(["search"], capsys)

@@ -24,10 +24,12 @@ def _add_data_synth(sub) -> None:
     p = sub.add_parser("synth", help="write the synthetic domains (synth_market, synth_duke, synth_cuhk, synth_msmt)")
     p.add_argument("--out", type=_path, required=True, help="parent folder; each domain goes to OUT/<name>/")
     p.add_argument("--domains", nargs="+", default=None, help="domain names (default: all four)")
-    p.add_argument("--scale", type=float, default=1.0, help="1.0 = as many ids/images as the dataset it mimics")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="1.0 (default) = as many ids/images as the dataset it mimics")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--size", default=None, help="HxW of the written images (default: each domain's own size)")
-    p.add_argument("--gap", type=float, default=1.0, help="style gap dial: 0 = no domain style, 1 = full preset")
+    p.add_argument("--gap", type=float, default=1.0,
+                   help="style gap dial: 0 = no domain style, 1 = full preset (default)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: number of CPU cores)")
     p.set_defaults(run=_run_data_synth)
 
@@ -114,10 +116,16 @@ def _path(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- stages
-def _add_stage_flags(p, preset_default: str = "none: the built-in defaults", pipeline: bool = False) -> None:
+def _add_stage_flags(p, preset_default: str = "none: the built-in defaults", pipeline: bool = False,
+                     out_default: str = "") -> None:
     """The flags every training stage takes; unset flags leave the preset/--config value alone."""
-    p.add_argument("--root", type=_path, help="parent folder of the datasets (as in torchreid)")
-    p.add_argument("--out", type=_path, help="run folder (config.yaml, log.txt, checkpoints/, model.pt, metrics.json)")
+    p.add_argument("--root", type=_path, help="parent folder of the datasets (as in torchreid; default: data)")
+    p.add_argument("--out", type=_path,
+                   help=f"run folder (config.yaml, log.txt, results.md, metrics.json, student.pt and the other "
+                        f"final models, and stages/: one training run folder per stage; default: {out_default})"
+                   if pipeline else
+                   f"run folder (config.yaml, log.txt, checkpoints/, model.pt, metrics.json, results.md; default: "
+                   f"{out_default})")
     p.add_argument("--config", type=_path, help="YAML file of settings (applied over --preset, under the flags)")
     p.add_argument("--preset", help=f"named settings: quick (CPU minutes) or paper (default {preset_default})")
     p.add_argument("--epochs", type=int)
@@ -181,7 +189,7 @@ def _add_train_source(commands) -> None:
     p.add_argument("-a", "--arch", help="architecture (see `kdreid models`)")
     p.add_argument("--pretrained", type=_path, help="none, imagenet or a weights file")
     p.add_argument("--combineall", action=argparse.BooleanOptionalAction, help="train on query/gallery ids too")
-    _add_stage_flags(p)
+    _add_stage_flags(p, out_default="runs/source")
     p.set_defaults(run=_run_train_source)
 
 
@@ -304,7 +312,7 @@ def _add_adapt(commands) -> None:
                         "the original (count, default), or none (exclude)")
     p.add_argument("--blend", action=argparse.BooleanOptionalAction, help="adapt one model to the union of the targets")
     p.add_argument("--combineall", action=argparse.BooleanOptionalAction, help="train on source query/gallery ids too")
-    _add_stage_flags(p)
+    _add_stage_flags(p, out_default="runs/adapt")
     p.set_defaults(run=_run_adapt)
 
 
@@ -356,7 +364,7 @@ def _add_distill(commands) -> None:
     p.add_argument("--lda-weight", type=float, help="weight of the student's own D-MMD + CE + triplet (default 0)")
     p.add_argument("--multi-head", action=argparse.BooleanOptionalAction, help="one classifier per target")
     p.add_argument("--combineall", action=argparse.BooleanOptionalAction, help="train on source query/gallery ids too")
-    _add_stage_flags(p)
+    _add_stage_flags(p, out_default="runs/distill")
     p.set_defaults(run=_run_distill)
 
 
@@ -385,7 +393,8 @@ def _add_pipeline(commands) -> None:
     )
     p.add_argument("-s", "--sources", nargs="+", required=True, help="labelled source dataset(s)")
     p.add_argument("-t", "--targets", nargs="+", required=True, help="the unlabelled targets")
-    p.add_argument("--teacher-arch", help="architecture of the source model and the teachers (default resnet50)")
+    p.add_argument("--teacher-arch", help="architecture of the source model and the teachers (default: the "
+                                          "preset's: resnet50, resnet18 under --preset quick)")
     p.add_argument("--student-arch", help="architecture of the student and the blend (default osnet_x0_25)")
     p.add_argument("--pretrained", choices=["none", "imagenet"],
                    help="where both source trainings start: none (default) or ImageNet weights (a local file "
@@ -393,7 +402,7 @@ def _add_pipeline(commands) -> None:
     p.add_argument("--blend-baseline", action=argparse.BooleanOptionalAction, default=None,
                    help="train the blend, the baseline row the student is compared with (default yes; "
                         "--no-blend-baseline saves that adaptation stage)")
-    _add_stage_flags(p, preset_default="paper", pipeline=True)
+    _add_stage_flags(p, preset_default="paper", pipeline=True, out_default="runs/pipeline")
     p.set_defaults(run=_run_pipeline)
 
 
@@ -480,7 +489,7 @@ def _add_search(commands) -> None:
     p.add_argument("--model", type=_path, default=None, help="model that embeds query images (default: the gallery's)")
     p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
     _add_last_stride(p)
-    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--topk", type=int, default=10, help="gallery images listed per query (default 10)")
     p.add_argument("--max-distance", type=float, default=None, metavar="D",
                    help="list only gallery images closer than D (a threshold from `kdreid evaluate --verification`)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (galleries up to 50,000 images)")
