@@ -218,7 +218,7 @@ def test_a_flag_wins_over_the_config_file_which_wins_over_the_preset(tmp_path, m
             config.dmmd_normalize, config.train.height) == (0, 1, False, False, False, 32)  # the flags over both
 
 
-def test_an_empty_section_of_the_config_file_keeps_the_preset(tmp_path, monkeypatch):
+def test_an_empty_section_of_the_config_file_keeps_the_preset(tmp_path, monkeypatch, capsys):
     # `train:` with its lines commented out is YAML null: it changes nothing, where it used to rebuild the whole
     # section from the defaults (quick's 64x32 cosine run became a 256x128 multistep one, without a word).
     from kdreid.stages import source
@@ -232,6 +232,10 @@ def test_an_empty_section_of_the_config_file_keeps_the_preset(tmp_path, monkeypa
         config, _ = _config_a_stage_runs_with(monkeypatch, source, [*base, str(settings)])
         assert (config.train.epochs, config.train.height, config.train.optim.scheduler, config.train.optim.lr) == (
             quick["epochs"], quick["height"], quick["optim"]["scheduler"], quick["optim"]["lr"]), text
+    # Only a section: a setting left blank (`epochs:` with no value) is refused, not silently left at the preset's.
+    settings.write_text("train:\n  epochs:\n")
+    assert main([*base, str(settings)]) == 2
+    assert f"{settings}.train.epochs: expected an integer, got None" in capsys.readouterr().err
 
 
 def test_every_flag_of_the_pipeline_reaches_its_stages(tmp_path, pipeline_config_of):

@@ -30,13 +30,15 @@ def test_a_value_that_could_not_be_measured_is_written_null_in_strict_json(tmp_p
     # strict readers refuse: the whole metrics.json would be unreadable to them.
     run = RunDir(tmp_path / "run")
     nan, inf = float("nan"), float("inf")
-    run.save_metrics({"final": {"a": {"mAP": nan, "rank1": 50.0}}, "epochs": [{"loss": inf, "m": [nan, 1.0]}]})
+    run.save_metrics({"final": {"a": {"mAP": nan, "rank1": 50.0}}, "epochs": [{"loss": inf, "m": [nan, 1.0]}],
+                      "pair": (-inf, 2.0)})
 
     def refuse(constant):
         raise ValueError(f"not strict JSON: {constant}")
 
     loaded = json.loads((run.path / "metrics.json").read_text(), parse_constant=refuse)
-    assert loaded == {"final": {"a": {"mAP": None, "rank1": 50.0}}, "epochs": [{"loss": None, "m": [None, 1.0]}]}
+    assert loaded == {"final": {"a": {"mAP": None, "rank1": 50.0}}, "epochs": [{"loss": None, "m": [None, 1.0]}],
+                      "pair": [None, 2.0]}
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):

@@ -397,7 +397,10 @@ def test_the_students_rows_name_its_teachers_grouping_and_an_oracle_teacher_is_n
     assert (f"teacher {teachers[1]} was adapted with --grouping oracle (the target's identity labels): this student is "
             "an ablation" in (out / "log.txt").read_text())
     assert load_checkpoint(out / "model.pt").kdreid_meta["extra"]["teacher_groupings"] == ["tracklet", "oracle"]
+    assert json.loads((out / "metrics.json").read_text())["teacher_groupings"] == ["tracklet", "oracle"]
     assert distill.teacher_groupings([build_model("resnet_tiny", 0)]) == ["unrecorded"]  # another toolkit's
+    # A kdreid teacher that never saw its target grouped (a source run's checkpoint) records none: not "unrecorded".
+    assert distill.teacher_groupings([load_checkpoint(checkpoints["t_duke"])]) == ["—"]
 
 
 def test_a_student_without_source_training_is_named(three_domains, checkpoints, tmp_path):
@@ -406,6 +409,26 @@ def test_a_student_without_source_training_is_named(three_domains, checkpoints, 
     assert main(args[:at] + args[at + 2:]) == 0
     assert ("no --student-init: the student starts from random weights, not from a source-trained model"
             in (tmp_path / "kd" / "log.txt").read_text())
+
+
+def test_a_student_without_student_init_starts_from_the_pretrained_setting_as_given(three_domains, checkpoints,
+                                                                                     tmp_path):
+    # --pretrained in any case (NONE is none), and a weights file with an embedding layer (SpCL's `feat` +
+    # `feat_bn`) built with that layer, as train-source builds it.
+    from kdreid.models import read_checkpoint
+
+    args = _distill_args(three_domains, checkpoints, tmp_path / "none", "--epochs", "1", "--eval-freq", "0")
+    at = args.index("--student-init")
+    assert main([*args[:at], *args[at + 2:], "--pretrained", "NONE"]) == 0
+    assert ("no --student-init: the student starts from random weights, not from a source-trained model"
+            in (tmp_path / "none" / "log.txt").read_text())
+    spcl = build_model("osnet_tiny", 0, embedding_dim=24).state_dict()
+    renamed = {"module." + k.replace("embed.", "feat.").replace("bnneck.", "feat_bn."): v for k, v in spcl.items()}
+    torch.save({"state_dict": renamed}, tmp_path / "spcl.pth")
+    args = _distill_args(three_domains, checkpoints, tmp_path / "spcl", "--epochs", "1", "--eval-freq", "0")
+    assert main([*args[:at], *args[at + 2:], "--pretrained", str(tmp_path / "spcl.pth")]) == 0
+    assert read_checkpoint(tmp_path / "spcl" / "model.pt")["build_args"]["embedding_dim"] == 24
+    assert "no --student-init" not in (tmp_path / "spcl" / "log.txt").read_text()  # a file may be source-trained
 
 
 def test_multi_head_with_one_target_keeps_the_single_head(three_domains, checkpoints, tmp_path):

@@ -146,6 +146,29 @@ def test_settings_the_run_is_too_short_to_honour_are_named_before_it_trains(tmp_
     _train(tmp_path, epochs=3, warmup_epochs=2, select="source-val", eval_freq=2, name="long_enough")
     log = (tmp_path / "long_enough" / "log.txt").read_text()
     assert "never reaches" not in log and "evaluates only the last" not in log
+    # --select last (the default) has nothing to choose: evaluating only the last epoch is no reason to warn.
+    _train(tmp_path, epochs=3, warmup_epochs=2, select="last", eval_freq=0, name="last")
+    assert "chooses among the evaluated epochs" not in (tmp_path / "last" / "log.txt").read_text()
+    # A finished run resumed trains nothing: the settings it could not honour were said when it trained.
+    _train(tmp_path, epochs=3, warmup_epochs=3, select="source-val", eval_freq=0, name="short", resume=True)
+    log = (tmp_path / "short" / "log.txt").read_text()
+    assert "all 3 epochs were trained" in log
+    assert log.count("never reaches") == 1 and log.count("evaluates only the last") == 1
+
+
+def test_each_process_resumes_the_resumables_it_kept_when_as_many_processes_resume(monkeypatch):
+    # The checkpoint written inside an epoch holds the main process's resumables and the other processes' (in rank
+    # order); with another number of processes than wrote it, each process starts from the main one's.
+    from kdreid import distributed
+    from kdreid.stages.loop import _own_resumables
+
+    inside = {"resumables": {"cache": "rank 0"}, "rank_resumables": [{"cache": "rank 1"}, {"cache": "rank 2"}]}
+    for world, rank, expected in ((3, 0, "rank 0"), (3, 1, "rank 1"), (3, 2, "rank 2"), (1, 0, "rank 0"),
+                                  (2, 1, "rank 0"), (4, 3, "rank 0"), (4, 2, "rank 0")):
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        assert _own_resumables(inside) == {"cache": expected}, (world, rank)
+    assert _own_resumables({"resumables": {"cache": "rank 0"}}) == {"cache": "rank 0"}  # a one-process checkpoint
 
 
 def test_learning_rate_schedules():

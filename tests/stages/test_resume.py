@@ -377,6 +377,27 @@ def test_a_sigterm_handler_of_the_program_running_kdreid_is_left_in_place():
         signal.signal(signal.SIGTERM, before)
 
 
+def test_sigterm_interrupts_outside_the_main_thread_leaves_sigterm_alone():
+    """A program that runs kdreid in a worker thread: Python lets only the main thread set signal handlers."""
+    import threading
+
+    from kdreid.errors import sigterm_interrupts
+
+    before, seen = signal.getsignal(signal.SIGTERM), []
+
+    def work():
+        try:
+            with sigterm_interrupts():
+                seen.append(signal.getsignal(signal.SIGTERM))
+        except Exception as error:  # noqa: BLE001 - reported below, in the main thread
+            seen.append(error)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen == [before] and signal.getsignal(signal.SIGTERM) is before
+
+
 def test_the_python_rng_state_comes_back_with_its_cached_gauss_value():
     """Found by a review: the checkpoint dropped the value random.gauss keeps between two calls (it draws them in
     pairs), so after a resume the next random.gauss differed from an uninterrupted run's whenever the number of

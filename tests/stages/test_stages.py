@@ -624,6 +624,24 @@ def test_a_batch_of_one_group_is_refused_before_the_run_folder(command, synth_ro
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_share_of_one_group_per_process_is_refused_before_the_run_folder(synth_root, tmp_path, capsys,
+                                                                            monkeypatch):
+    # Found by a review: under torchrun each process computes the triplet and D-MMD on its own P/W groups; with
+    # P/W = 1 (2 processes, --batch-size 8 --num-instances 4; or the presets' P=8 on 8 GPUs) the triplet was 0 at
+    # every step, silently, as with P = 1 on one process.
+    from kdreid import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    out = tmp_path / "runs" / "r"
+    code = main(["train-source", "-s", "synth_msmt", "--root", str(synth_root), "--out", str(out), *TINY,
+                 "--batch-size", "8", "--num-instances", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("kdreid: error: --batch-size 8 with --num-instances 4 gives each of the 2 processes "
+                                 "one group per batch; the triplet and D-MMD losses, computed on each process's "
+                                 "share, need two or more: choose --batch-size at least 16\n"), err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_adapt_with_pseudo_labels_clusters_the_target(source_run, synth_root, tmp_path, monkeypatch):
     seen = []
     real = adapt.dbscan

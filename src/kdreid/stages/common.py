@@ -308,7 +308,14 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     _make_paths_absolute(config)
     # Under torchrun: join the other processes, and refuse a P×K batch they cannot share before any work.
     distributed.init(config.train.device)
-    groups_per_rank(config.train.batch_size // config.train.num_instances, distributed.world_size(), "groups")
+    share = groups_per_rank(config.train.batch_size // config.train.num_instances, distributed.world_size(), "groups")
+    if share < 2:  # each process's losses see only its share: one group is no negative, no between-class pair
+        raise ConfigError(
+            f"--batch-size {config.train.batch_size} with --num-instances {config.train.num_instances} gives each of "
+            f"the {distributed.world_size()} processes one group per batch; the triplet and D-MMD losses, computed on "
+            f"each process's share, need two or more: choose --batch-size at least "
+            f"{2 * config.train.num_instances * distributed.world_size()}"
+        )
     refuse_occupied(Path(config.out), resume)
     extended, measured_otherwise = None, ""
     trained = _trained_settings(Path(config.out)) if resume and has_checkpoint(Path(config.out)) else None
