@@ -59,6 +59,37 @@ def test_paths_arrays_and_tensors_give_the_same_features(model, tmp_path):
     torch.testing.assert_close(extractor(uint8[0]), from_paths[:1], atol=1e-6, rtol=1e-6)
 
 
+def test_uint8_tensors_of_another_size_are_resized_as_files_are(model, tmp_path):
+    # A tracker's crops as a decoded uint8 tensor (torchvision.io.decode_image's layout) must embed as the same
+    # crops read from files (`kdreid extract`'s gallery): resized by PIL from uint8, not interpolated in float.
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, 256, (64, 40, 3), dtype=np.uint8) for _ in range(3)]
+    paths = []
+    for i, array in enumerate(arrays):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(array).save(paths[-1])
+    extractor = FeatureExtractor(model, height=HEIGHT, width=WIDTH, device="cpu")
+    from_paths = extractor(paths)
+    uint8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(extractor(uint8), from_paths, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(extractor(uint8[1]), from_paths[1:2], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(extractor(uint8.float() / 255), from_paths, atol=0.05, rtol=0.05)  # float: close
+
+
+def test_float_tensors_outside_0_1_are_refused(model):
+    # Models normalise inside: a float tensor is RGB in [0, 1]. torchvision's read_image(...).float() (0..255) or a
+    # torchreid-style ImageNet-normalised batch would be embedded as garbage without a word.
+    extractor = FeatureExtractor(model, height=HEIGHT, width=WIDTH, device="cpu")
+    images = torch.rand(2, 3, HEIGHT, WIDTH)
+    extractor(images)  # in range: fine
+    extractor(images * 1.1 - 0.05)  # a bicubic resize's overshoot: fine too
+    with pytest.raises(EvaluationError, match=r"\[0, 1\].*255"):
+        extractor(images * 255)
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    with pytest.raises(EvaluationError, match="normalis"):
+        extractor((images - mean) / std)
+
+
 def test_flip_averages_the_image_and_its_mirror(model):
     images = torch.rand(3, 3, HEIGHT, WIDTH)
     flipped = FeatureExtractor(model, height=HEIGHT, width=WIDTH, flip=True, device="cpu")(images)

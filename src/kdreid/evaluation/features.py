@@ -244,7 +244,21 @@ class FeatureExtractor:
             if batch.dim() != 4 or batch.shape[1] != 3:
                 raise EvaluationError(f"image tensors must be (N, 3, H, W) or (3, H, W), got {tuple(images.shape)}")
             batch = batch.detach().cpu()
+            if batch.dtype == torch.uint8 and tuple(batch.shape[2:]) != size:
+                # Decoded images (torchvision.io's layout): resized as files and arrays are, by PIL from uint8, so
+                # a crop gives the embedding `kdreid extract` gave its file, not a float resize's (~1/255 apart).
+                images = list(batch.permute(0, 2, 3, 1).contiguous().numpy())
+                return self._as_float_batch(images)
             batch = batch.float() / 255 if batch.dtype == torch.uint8 else batch.float()
+            if batch.numel():
+                low, high = float(batch.min()), float(batch.max())
+                # Slack for a caller's own resampling (bicubic overshoots [0, 1] a little); 0..255 values and
+                # ImageNet-normalised ones (about -2.1..2.6) lie far outside.
+                if low < -0.25 or high > 1.25:
+                    hint = ("divide 0..255 values by 255" if low >= 0 else
+                            "pass the images before ImageNet normalisation (the model normalises inside)")
+                    raise EvaluationError(f"float image tensors must hold RGB values in [0, 1], got {low:.3g}.."
+                                          f"{high:.3g}; {hint}, or pass a uint8 tensor")
             if tuple(batch.shape[2:]) != size:
                 batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
             return batch
