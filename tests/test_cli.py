@@ -278,3 +278,72 @@ def test_the_stage_help_names_the_defaults_the_configs_hold(capsys):
     text = _help_of(["data", "synth"], capsys)
     assert "1.0 (default)" in text and "default 0" in text and "1 = full preset (default)" in text
     assert "(default 10)" in _help_of(["search"], capsys)
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_and_leaves_nothing_half_written(tmp_path):
+    """`timeout`, `kill` or a batch system's time limit during `kdreid evaluate --out NEW`: before, the process
+    died at once (no message) and left NEW/.evaluate.new/ with the pictures drawn so far. Now, as for Ctrl-C:
+    `kdreid: interrupted`, exit 143, and the folder the call made is gone."""
+    from kdreid.data.synthetic import generate
+
+    model, _, _ = _model_and_gallery(tmp_path)
+    generate(tmp_path / "data", ["synth_market"], scale=0.01, seed=0, size=(32, 16))
+    out = tmp_path / "new" / "eval"
+    argv = ["evaluate", "--model", str(model), "-t", "synth_market", "--root", str(tmp_path / "data"), "--out",
+            str(out), "--visrank", "1", "--device", "cpu", "--workers", "1"]
+    code = (
+        "import os, signal, sys\n"
+        "from kdreid.cli import main\n"
+        "import kdreid.viz.ranking as ranking\n"
+        "real = ranking.visualize_ranked_results\n"
+        "def drawn_then_stopped(*args, **kwargs):\n"
+        "    pages = real(*args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return pages\n"
+        "ranking.visualize_ranked_results = drawn_then_stopped\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 128 + 15, (run.returncode, run.stderr)
+    assert run.stderr.strip().splitlines()[-1] == "kdreid: interrupted" and "Traceback" not in run.stderr
+    assert run.stdout == ""
+    assert not out.exists()
+
+
+def test_ctrl_c_while_a_library_loads_is_an_interruption_not_a_missing_package(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C that lands while onnxruntime's compiled module initialises reaches Python as pybind11's
+    ImportError("initialization failed") raised from the KeyboardInterrupt: before, `kdreid export` said to
+    `pip install onnx onnxruntime` (exit 2) — a package that is installed."""
+    import builtins
+
+    model, _, _ = _model_and_gallery(tmp_path)
+    real_import = builtins.__import__
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "onnxruntime":
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as stop:
+                raise ImportError("initialization failed") from stop
+        return real_import(name, *args, **kwargs)
+
+    capsys.readouterr()
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", str(model), "--format", "onnx", "--out", str(out)]) == 130
+    assert capsys.readouterr().err == "kdreid: interrupted\n"
+    assert not out.exists()
+
+
+def test_a_tilde_in_a_path_flag_is_the_home_folder_as_in_root(tmp_path, capsys, monkeypatch):
+    """`--out=~/x.npz` (or a quoted "~/x") reaches kdreid unexpanded: --root expanded it, --model refused it and
+    --out wrote into a folder named `~` in the current one."""
+    model, images, _ = _model_and_gallery(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    capsys.readouterr()
+    assert main(["extract", f"--model=~/{model.name}", "--images", "~/images", "--out=~/x.npz"]) == 0, \
+        capsys.readouterr().err
+    assert (tmp_path / "x.npz").is_file() and list(work.iterdir()) == []

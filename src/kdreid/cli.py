@@ -9,12 +9,13 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
 
 from kdreid import __version__
-from kdreid.errors import ConfigError, KdreidError
+from kdreid.errors import ConfigError, KdreidError, sigterm_interrupts
 
 USAGE_ERROR = 2
 
@@ -112,7 +113,9 @@ def _path(text: str) -> str:
     """A path flag's value: an empty one is refused (it would silently mean the current folder)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; name a file or folder (. for the current one)")
-    return text
+    # `--out=~/run` and a quoted "~/run" reach us unexpanded (the shell expands only a word that starts with ~):
+    # expanded here, as --root always was, not written to a folder named `~` in the current one.
+    return os.path.expanduser(text)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -593,11 +596,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return USAGE_ERROR
     succeeded = False
+    # SIGTERM (`kill`, `timeout`, a scheduler) stops every command as Ctrl-C does: what it was writing is cleaned
+    # up, and it exits 143 with one line. The training commands install this themselves, on the main process only
+    # (torchrun's other processes keep the default), and hand it to the training loop's own handling.
+    own_handling = getattr(args, "command", None) in _TRAINING_COMMANDS
     try:
-        code = int(args.run(args) or 0)
+        with contextlib.nullcontext() if own_handling else sigterm_interrupts():
+            code = int(args.run(args) or 0)
         succeeded = code == 0
         return code
     except KdreidError as error:
+        interrupt = None if hasattr(error, "exit_code") else _interrupt_behind(error)
+        if interrupt is not None:  # Ctrl-C while a library loaded, which it reported as an ImportError
+            print("kdreid: interrupted", file=sys.stderr)
+            return getattr(interrupt, "exit_code", 130)
         _traceback_if_asked()
         print(f"kdreid: error: {error}", file=sys.stderr)
         # Training stopped by SIGINT/SIGTERM (after its checkpoint) exits 128 + signal, as shells expect.
@@ -622,6 +634,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if "kdreid.distributed" in sys.modules:  # a torchrun process: how it leaves the process group at exit
             sys.modules["kdreid.distributed"].mark_succeeded(succeeded)
+
+
+# The commands whose stages handle SIGTERM themselves (kdreid.stages.common, kdreid.stages.pipeline).
+_TRAINING_COMMANDS = ("train-source", "adapt", "distill", "pipeline")
+
+
+def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C, or SIGTERM as errors.Terminated) that `error` was raised from, if any: a
+    signal that arrives while a compiled extension initialises (onnxruntime, faiss: pybind11) becomes its
+    ImportError("initialization failed"), which kdreid would otherwise report as a missing package."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, KeyboardInterrupt):
+            return current
+        pending += [current.__cause__, current.__context__]
+    return None
 
 
 TRACEBACK_VARIABLE = "KDREID_TRACEBACK"

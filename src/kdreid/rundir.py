@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -194,6 +195,29 @@ def remove_stale_temporaries(folder: str | Path) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def first_missing(path: str | Path) -> Path | None:
+    """The topmost of `path` and its parents that does not exist (None when `path` exists): what a command that
+    writes to `path` makes, and may remove again (`remove_made_folder`)."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def remove_made_folder(folder: str | Path, made: Path) -> None:
+    """Remove `folder` and, while they are empty, its parents up to `made` (`first_missing(folder)` before the
+    command made them): a command that failed or was stopped leaves nothing of its own behind."""
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.parents:
+        if not parent.is_relative_to(made):
+            break
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 def json_safe(data: Any) -> Any:

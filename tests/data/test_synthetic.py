@@ -542,3 +542,21 @@ def test_pixels_do_not_depend_on_the_number_of_blas_threads():
     one = sensor(1)
     for threads in (2, 3, 4):
         assert np.array_equal(sensor(threads), one), f"{threads} BLAS threads change the pixels"
+
+
+def test_a_run_stopped_before_its_first_domain_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) during the first domain into a new --out: no folder holding only the lock file is left,
+    nor the parents the call made; a folder that existed before stays."""
+    from kdreid.data.synthetic import writer
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "write_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path / "new" / "data", ["synth_cuhk"], scale=SCALE, seed=SEED, size=SIZE)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path / "kept", ["synth_cuhk"], scale=SCALE, seed=SEED, size=SIZE)
+    assert (tmp_path / "kept").is_dir()

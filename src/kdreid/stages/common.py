@@ -8,7 +8,6 @@ import functools
 import io
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,9 @@ from kdreid.models.weights import UnsafeCheckpointError
 from kdreid.evaluation.features import evaluate_model, extract_features
 from kdreid.evaluation.ranking import evaluation_warnings_to
 from kdreid.models import save_checkpoint
-from kdreid.rundir import RunDir, atomic_write_bytes, atomic_write_text, exclusive, write_json
+from kdreid.rundir import (
+    RunDir, atomic_write_bytes, atomic_write_text, exclusive, first_missing, remove_made_folder, write_json,
+)
 from kdreid.stages.data import (
     DATASETS_FILE, dataset_fingerprint, fingerprint_change, hold_out_validation, load_datasets, read_datasets_record,
 )
@@ -224,7 +225,7 @@ def stage_runner(run):
     def guarded(config, *, resume: bool = False):
         config.validate()  # before the run folder below is made: a refused setting leaves nothing behind
         out = Path(config.out)
-        created = _first_missing(out)  # the folder, or its topmost parent, that this call makes
+        created = first_missing(out)  # the folder, or its topmost parent, that this call makes
         if not distributed.is_main():
             return run(config, resume=resume)
         # Ctrl-C or SIGTERM before training's own handling begins (reading datasets, building models) is cleaned
@@ -235,24 +236,10 @@ def stage_runner(run):
             except (KdreidError, KeyboardInterrupt):
                 if created is not None and out.is_dir() and not (has_checkpoint(out) or (out / "model.pt").exists()):
                     RunDir(out).close_logger()
-                    shutil.rmtree(out, ignore_errors=True)
-                    for parent in out.parents:  # the parents this call made, while nothing else is in them
-                        if not parent.is_relative_to(created):
-                            break
-                        with contextlib.suppress(OSError):
-                            parent.rmdir()
+                    remove_made_folder(out, created)
                 raise
 
     return guarded
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The topmost of `path` and its parents that does not exist (None when `path` exists)."""
-    if path.exists() or path.is_symlink():
-        return None
-    while not path.parent.exists() and path.parent != path:
-        path = path.parent
-    return path
 
 
 def picture_sample(records: Sequence[ImageRecord], count: int, rng: np.random.Generator) -> list[ImageRecord]:

@@ -13,6 +13,7 @@ chunks have their own streams, so --workers does not change a single pixel.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -83,13 +84,14 @@ def generate(
     """Write each domain under out/<name>/; returns what was written. `size` (H, W) overrides every camera's
     written size; `workers` processes render chunks in parallel without changing the output."""
     from kdreid.data.synthetic.writer import move_into_place, remove_stale_staging, staging_folder
-    from kdreid.rundir import as_write_error, exclusive
+    from kdreid.rundir import as_write_error, exclusive, first_missing
 
     domains = list(dict.fromkeys(domains))  # a name given twice is written once, not twice over
     _validate(domains, scale, gap, size, workers, seed)
+    made = first_missing(out)  # the folder (or its topmost parent) this call makes, if any
     out = _output_folder(out)
     # Held for the whole run: two runs into one --out would share (and remove) each other's staging folders.
-    with exclusive(out):
+    with exclusive(out), _removed_if_left_empty(out, made):
         for name in domains:
             _refuse_non_folder(out / name)
         remove_stale_staging(out)
@@ -108,6 +110,20 @@ def generate(
             move_into_place(staging, out / name)
             summaries.append(DomainSummary(name, out / name, stats, images, time.perf_counter() - started))
     return summaries
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(out: Path, made: Path | None):
+    """A run stopped (Ctrl-C, SIGTERM) or failed before its first domain was in place leaves no --out folder behind
+    that it made itself, holding nothing but its lock file (and the parents it made with it)."""
+    from kdreid.rundir import LOCK_FILE, remove_made_folder
+
+    try:
+        yield
+    except BaseException:
+        if made is not None and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+            remove_made_folder(out, made)
+        raise
 
 
 def _refuse_non_folder(folder: Path) -> None:
