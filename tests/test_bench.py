@@ -49,6 +49,13 @@ def test_rows_that_need_torchreid_fail_in_one_line_and_the_others_run(train_spee
     assert results["speed"]["osnet_x0_25 bare step"]["images_per_s"] > 0
 
 
+def test_a_reference_folder_without_its_sources_is_missing_too(train_speed_without_torchreid):
+    # .cache/reference/torchreid-0.2.5/ there but empty (an extraction stopped early): one line, not importlib's error
+    train_speed_without_torchreid.TORCHREID.mkdir(parents=True)
+    with pytest.raises(train_speed_without_torchreid.MissingReference, match="sources are missing"):
+        train_speed_without_torchreid.require_torchreid("the torchreid row")
+
+
 def test_ratios_against_an_earlier_run_are_marked(tmp_path, capsys):
     module = _bench("train_speed")
     earlier = tmp_path / "earlier.json"
@@ -60,6 +67,8 @@ def test_ratios_against_an_earlier_run_are_marked(tmp_path, capsys):
     lines = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines()}
     assert lines["r kdreid"].split()[-2:] == ["3.00x*", "2.00x"]  # torchreid's row is the earlier run's
     assert lines["r plain"].split()[-1] == "1.50x*"
+    # the earlier run's own row, against this run's plain row: marked too
+    assert lines["r torchreid [earlier run]"].split()[-1] == "0.67x*"
     assert any(line.startswith("* against a row of the earlier run") for line in lines.values())
 
 

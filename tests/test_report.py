@@ -268,7 +268,32 @@ def test_drawing_flags_on_an_evaluation_folder_are_named_as_without_effect(tiny_
     assert main(["report", str(out), "--visrank", "16", "--visrank-topk", "5"]) == 0
     err = capsys.readouterr().err
     assert "warning: --visrank, --visrank-topk have no effect on an evaluation folder" in err
+    assert main(["report", str(out), "--actmap", "2", "--root", str(tiny_domain), "--device", "cpu"]) == 0
+    assert "warning: --actmap, --root, --device have no effect on an evaluation folder" in capsys.readouterr().err
     assert main(["report", str(out)]) == 0  # nothing asked: nothing to warn of
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_the_drawing_flags_reach_the_page_and_default_as_their_help_says(tmp_path, rng, monkeypatch, capsys):
+    """`kdreid report RUN`'s --visrank, --visrank-topk, --actmap, --root and --device, each passed on (none of
+    them named as without effect on a stage's folder); left out: 4 queries, top-8, 8 activation maps."""
+    import kdreid.report as report
+
+    calls = []
+
+    def build_report(run, **options):
+        calls.append(options)
+        (Path(run) / "report.html").write_text("<p>page</p>")
+        return Path(run) / "report.html"
+
+    monkeypatch.setattr(report, "build_report", build_report)
+    run = tmp_path / "adapt"
+    _stage(run, "teacher D-MMD", histograms=False, rng=rng)
+    assert main(["report", str(run)]) == 0
+    assert calls[-1] == {"visrank": 4, "topk": 8, "actmap": 8, "root": None, "device": None}
+    assert main(["report", str(run), "--visrank", "3", "--visrank-topk", "2", "--actmap", "1", "--root",
+                 str(tmp_path), "--device", "cpu"]) == 0
+    assert calls[-1] == {"visrank": 3, "topk": 2, "actmap": 1, "root": str(tmp_path), "device": "cpu"}
     assert "warning" not in capsys.readouterr().err
 
 

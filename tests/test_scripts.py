@@ -440,3 +440,27 @@ def test_a_script_stopped_before_training_exits_as_kdreid_does(signal_exception,
         pytest.fail(f"{signal_exception} escaped the script (a traceback and exit code 1)")
     assert returned == code
     assert capsys.readouterr().err.strip().splitlines() == [f"{Path(sys.argv[0]).name}: interrupted"]
+
+
+def test_a_kdreid_teacher_among_plain_ones_keeps_its_own_architecture(data, osnet_teacher, tmp_path, monkeypatch):
+    # Plain state dicts load as -at (default resnet50); the kdreid checkpoint among them records its own (the stage
+    # keeps it): not a join of the recorded architectures with a plain file's none, nor a refusal of -at.
+    seen = _capture_runs(monkeypatch, tmp_path)
+    plain = tmp_path / "teacher.pth"
+    torch.save({"state_dict": {}}, plain)
+    kd_reid = _script("KD-REID.py")
+    args = ["-ds", "synth_msmt", "-dt", "synth_duke", "synth_cuhk", "-data-dir", str(data), *TINY]
+    assert kd_reid.main([*args, "-mpt", osnet_teacher, str(plain)]) == 0
+    assert seen["distill"].teacher_arch == "resnet50"
+    assert kd_reid.main([*args, "-mpt", str(plain), osnet_teacher, "-at", "resnet_tiny"]) == 0
+    assert seen["distill"].teacher_arch == "resnet_tiny"
+
+
+def test_flags_inside_a_quoted_kdreid_command_keep_kdreids_names():
+    # The command a message quotes is run as written: `kdreid ... --root` keeps --root; the rest names the script's.
+    seed_args = _script("_seed_args.py")
+    message = "no data under X: pass --root, or run `kdreid data synth --out X` (kdreid evaluate -t market1501)"
+    assert seed_args.script_message(message, {"--init": "-mp"}) == (
+        "no data under X: pass -data-dir, or run `kdreid data synth --out X` (kdreid evaluate -t market1501)")
+    assert seed_args.script_message("-t synth_duke: see `kdreid check --root R -t synth_duke`", {}) == \
+        "-dt synth_duke: see `kdreid check --root R -t synth_duke`"

@@ -236,6 +236,26 @@ def test_a_dataset_one_folder_off_its_layout_is_named_with_the_move(tmp_path, ca
     assert_usage_error(capsys, ["--root", str(tmp_path / "d"), "-d", "market1501"], "then name it synth_market")
 
 
+def test_another_dataset_in_the_folder_given_as_root_is_to_move_beside_it(tmp_path, capsys):
+    """--root at the dataset's own folder: the other dataset found there goes beside it, under its parent (not
+    under the folder given, where -d dukemtmcreid would then not find it either)."""
+    duke_tree(tmp_path)
+    (tmp_path / "dukemtmc-reid").rename(tmp_path / "market1501")
+    assert_usage_error(capsys, ["--root", str(tmp_path / "market1501"), "-d", "market1501"],
+                       f"which -d dukemtmcreid reads under {tmp_path / 'dukemtmc-reid'}: move it there")
+
+
+@pytest.mark.parametrize("other", ["DukeMTMC-reID", "synth_market"])
+def test_another_datasets_folder_beside_an_empty_one_is_never_to_move_into_it(tmp_path, capsys, other):
+    """ROOT/market1501/ is there but empty, another dataset lies beside it: not named as Market-1501 files to move
+    into ROOT/market1501/ (which would mix two datasets)."""
+    (tmp_path / "market1501").mkdir()
+    market_tree(tmp_path, other)
+    err = assert_usage_error(capsys, ["--root", str(tmp_path), "-d", "market1501"],
+                             f"expected bounding_box_train under {tmp_path / 'market1501'}")
+    assert "is not where" not in err and "move the contents" not in err
+
+
 def test_cuhk03_flags_belong_to_cuhk03(tmp_path, capsys):
     market_tree(tmp_path)
     assert_usage_error(capsys, ["--root", str(tmp_path), "-d", "market1501", "--cuhk03-labeled"],

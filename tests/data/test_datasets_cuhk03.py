@@ -207,6 +207,14 @@ def test_root_at_the_cuhk03_np_release_itself(tmp_path, root):
         build_dataset("cuhk03", tmp_path / root)
 
 
+def test_an_empty_folder_of_the_other_kind_is_not_called_a_release_of_it(tmp_path):
+    """ROOT/cuhk03-np/labeled/ without its images (an extraction stopped early): not "add --cuhk03-labeled", which
+    would fail again, but where the detected boxes were looked for."""
+    (tmp_path / "cuhk03-np" / "labeled").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"^no cuhk03 data under .*cuhk03-np/detected/bounding_box_train/"):
+        build_dataset("cuhk03", tmp_path)
+
+
 def test_an_empty_new_protocol_split_file_is_a_clear_error(tmp_path):
     data_dir = new_protocol_tree(tmp_path)
     (data_dir / "cuhk03_new_protocol_config_detected.mat").write_bytes(b"")

@@ -377,6 +377,36 @@ def test_sigterm_removes_the_domain_being_written_as_ctrl_c_does(tmp_path):
     assert (tmp_path / "synth_market" / "manifest.csv").read_bytes() == before
 
 
+@pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_stop_with_workers_is_one_line_from_the_parent_not_a_traceback_per_worker(tmp_path, signal_name, code):
+    """--workers 2 stopped mid-chunk: a batch system's SIGTERM to the command, or Ctrl-C to the whole process group.
+    The workers end quietly (a forked worker inherits the command's SIGTERM handler, and would get the Ctrl-C too);
+    the parent says `kdreid: interrupted` once and removes the half-written domain."""
+    import subprocess
+    import sys
+
+    kill = "os.kill(os.getppid(), signal.SIGTERM)" if signal_name == "SIGTERM" else \
+        "os.killpg(os.getpgid(0), signal.SIGINT)"
+    script = (
+        "import os, signal, sys, time\n"
+        "from kdreid.cli import main\n"
+        "from kdreid.data.synthetic import writer\n"
+        "real = writer.write_chunk\n"
+        "def write_chunk(domain, chunk, folder):\n"
+        "    if chunk == 1:\n"
+        f"        {kill}\n"
+        "        time.sleep(30)\n"
+        "    return real(domain, chunk, folder)\n"
+        "writer.write_chunk = write_chunk\n"
+        f"sys.exit(main({synth(tmp_path, '--domains', 'synth_market', '--workers', '2')!r}))\n"  # 2 chunks
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         start_new_session=True)  # its own process group: the SIGINT reaches it, not pytest
+    assert run.returncode == code, (run.returncode, run.stderr)
+    assert run.stderr.strip().splitlines() == ["kdreid: interrupted"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
+
+
 def test_a_second_run_into_the_same_folder_is_refused_in_one_line(tmp_path, capsys):
     from tests.test_rundir import hold_in_another_process
 
@@ -560,3 +590,52 @@ def test_a_run_stopped_before_its_first_domain_leaves_no_folder_it_made(tmp_path
     with pytest.raises(KeyboardInterrupt):
         generate(tmp_path / "kept", ["synth_cuhk"], scale=SCALE, seed=SEED, size=SIZE)
     assert (tmp_path / "kept").is_dir()
+
+
+def test_the_sensors_blur_and_colour_mixing_are_the_matrix_products_they_stand_for():
+    """The fixed-order loops of the sensor (per-diagonal blur, per-channel colour mixing) compute what the dense
+    products they replaced did: pixel @ colour.T, then rows @ image @ cols.T with each axis' resample_blur_matrix
+    (blur given at 128 px height); a float64 reference, so only rounding may move a pixel by one level."""
+    from dataclasses import replace
+
+    from kdreid.data.synthetic.camera import apply_sensor, resample_blur_matrix
+
+    height, width = 48, 24
+    style = build_domain("synth_duke", scale=SCALE, seed=SEED).cameras
+    c = style.count
+    rng = np.random.default_rng(0)
+    colour = (0.6 * np.eye(3) + rng.uniform(0.0, 0.13, (c, 3, 3))).astype(np.float32)  # rows sum below 1
+    ones, zeros = np.ones(c, np.float32), np.zeros(c, np.float32)
+    resolution = np.resize(np.array([1.0, 0.5, 0.35, 0.8], np.float32), c)
+    blur = np.resize(np.array([0.0, 2.0, 1.0, 3.0], np.float32), c)
+    neutral = replace(style, gain=ones, colour=colour, gamma=ones, contrast=ones, saturation=ones, haze=zeros,
+                      light_ramp=zeros, resolution=resolution, blur=blur, noise=zeros)
+    images = rng.uniform(0.05, 0.95, (2 * c, height, width, 3)).astype(np.float32)
+    cameras = np.arange(len(images)) % c
+    out = apply_sensor(np.random.default_rng(1), images.copy(), cameras, np.ones(len(images), np.float32),
+                       np.ones((len(images), 3), np.float32), neutral)
+
+    for i, camera in enumerate(cameras):
+        sigma = float(blur[camera]) * height / 128
+        rows = resample_blur_matrix(height, float(resolution[camera]), sigma).astype(np.float64)
+        cols = resample_blur_matrix(width, float(resolution[camera]), sigma).astype(np.float64)
+        mixed = images[i].astype(np.float64) @ colour[camera].astype(np.float64).T  # (H, W, 3)
+        filtered = np.einsum("hk,kwc,vw->hvc", rows, mixed, cols)
+        expected = np.clip(filtered, 0.0, 1.0) * 255.0 + 0.5
+        difference = np.abs(out[i].astype(np.int64) - np.floor(expected).astype(np.int64))
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.01, (camera, difference.max())
+
+
+@pytest.mark.parametrize("n, resolution", [(64, 0.5), (48, 0.35), (32, 0.8)])
+def test_the_resampling_operator_blurs_after_resampling(n, resolution):
+    """resample_blur_matrix's docstring: down-sampling, up-sampling, *then* the blur (at resolution 1 the operator
+    is the blur alone), each row summing to 1."""
+    from kdreid.data.synthetic.camera import resample_blur_matrix
+
+    resampled = resample_blur_matrix(n, resolution, 0.0).astype(np.float64)
+    for sigma in (0.8, 2.0):
+        blur = resample_blur_matrix(n, 1.0, sigma).astype(np.float64)
+        operator = resample_blur_matrix(n, resolution, sigma).astype(np.float64)
+        assert np.allclose(operator, blur @ resampled, atol=1e-6)
+        assert np.allclose(operator.sum(axis=1), 1.0, atol=1e-5)
+    assert np.allclose(resampled.sum(axis=1), 1.0, atol=1e-5)

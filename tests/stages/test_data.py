@@ -6,7 +6,7 @@ import torch
 from kdreid.data.augment import AugmentConfig
 from kdreid.data.datasets.base import ImageRecord, ReidDataset
 from kdreid.errors import DatasetError
-from kdreid.stages.data import BatchSource, combine_train, hold_out_validation
+from kdreid.stages.data import BatchSource, check_room_for_cache, combine_train, hold_out_validation
 
 
 def _records(num_pids=10, cams=(1, 2, 3), per_cam=2):
@@ -153,6 +153,9 @@ def test_a_cache_too_large_for_the_ram_is_refused_in_one_line_before_decoding(mo
                                            r"1\.0 MB available; train at a smaller --height/--width"):
         BatchSource(records, [r.pid for r in records], height=256, width=176, batch_size=6, num_instances=3,
                     augment=AugmentConfig(), device=torch.device("cpu"), seed=0)
+    # where the free memory is unknown (no /proc/meminfo: macOS, Windows), no refusal: the check, not the training
+    monkeypatch.setattr("kdreid.stages.data.free_memory", lambda device: None)
+    check_room_for_cache(10**6, 256, 128)
 
 
 def test_the_cache_goes_to_the_gpu_only_when_it_fits_beside_the_training(monkeypatch):
@@ -164,3 +167,5 @@ def test_the_cache_goes_to_the_gpu_only_when_it_fits_beside_the_training(monkeyp
     assert cache_device(2 * 2**30, cuda) == cuda
     assert cache_device(8 * 2**30, cuda).type == "cpu"
     assert cache_device(2**20, torch.device("cpu")).type == "cpu"
+    monkeypatch.setattr("kdreid.stages.data.free_memory", lambda device: None)  # unknown: on the GPU, as before
+    assert cache_device(8 * 2**30, cuda) == cuda

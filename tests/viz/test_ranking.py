@@ -113,6 +113,11 @@ def test_a_narrow_picture_holds_its_whole_title(tmp_path, drawn_figures):
         box = figure._suptitle.get_window_extent(figure.canvas.get_renderer())
         assert 0 <= box.x0 and box.x1 <= figure.bbox.width, path.name
         assert Image.open(path).size[0] == round(figure.bbox.width)
+    # widened only: as tall as with a short title
+    draw_ranked_results([RankedQuery(0, [1], [0.1], [True])], paths, paths, pids, camids, pids, camids,
+                        tmp_path / "short.png", title="market1501")
+    assert Image.open(tmp_path / "short.png").size[1] == Image.open(tmp_path / "r.png").size[1]
+    assert Image.open(tmp_path / "short.png").size[0] < Image.open(tmp_path / "r.png").size[0]
 
 
 def test_pages_hold_eight_queries_each(tmp_path):
