@@ -232,6 +232,37 @@ def test_a_failed_report_leaves_the_previous_one_whole(tmp_path, tiny_model, rng
     assert "--visrank must be 0 or more" in capsys.readouterr().err
 
 
+def test_a_second_report_of_a_run_being_reported_is_refused_in_one_line(tmp_path, rng, capsys):
+    # Two `kdreid report RUN` at once shared RUN/.report.new/: the second removed the first's pictures as it began,
+    # and both then swapped folders, leaving a page whose pictures were missing (with exit code 0 for both).
+    from kdreid.rundir import REPORT_LOCK_FILE
+    from tests.test_rundir import hold_in_another_process
+
+    run = tmp_path / "adapt"
+    _stage(run, "teacher D-MMD", histograms=True, rng=rng)
+    trainer = hold_in_another_process(run)  # a command writing the run (a pipeline between stages): reported
+    try:
+        assert main(["report", str(run), "--visrank", "0"]) == 0
+    finally:
+        trainer.kill()
+        trainer.wait()
+    page = (run / "report.html").read_text()
+    before = {picture: (run / picture).read_bytes() for picture in _images(run / "report.html")}
+    capsys.readouterr()
+    holder = hold_in_another_process(run, REPORT_LOCK_FILE)  # another `kdreid report` of the run
+    try:
+        assert main(["report", str(run), "--visrank", "0"]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"kdreid: error: {run} is in use by another kdreid process (pid {holder.pid} on ")
+    assert err.endswith("wait for it to end, then report the run again") and "\n" not in err
+    assert (run / "report.html").read_text() == page and not (run / ".report.new").exists()
+    assert {picture: (run / picture).read_bytes() for picture in before} == before
+    assert main(["report", str(run), "--visrank", "0"]) == 0  # free again
+
+
 def test_evaluation_folder_report_includes_its_visrank_actmap_and_verification_pictures(tiny_domain, tiny_model, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(tiny_model), "-t", TARGET, "--root", str(tiny_domain), "--device",
@@ -311,6 +342,30 @@ def test_not_a_run_is_one_line(make, message, tmp_path, capsys):
     assert main(["report", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and str(path) in err
+
+
+def test_a_run_still_training_is_named_with_its_process_not_sent_to_resume(tmp_path, capsys):
+    # "continue it with --resume" is the fix for a stopped run; for one another process still trains, that --resume
+    # would be refused: the page is for after it ends.
+    from tests.test_rundir import hold_in_another_process
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("out: x\n")
+    shutil.copytree(run, tmp_path / "other")
+    holder = hold_in_another_process(run)
+    try:
+        for argv, then in ((["report", str(run)], "report it"), (["aggregate", str(run), str(tmp_path / "other")], "aggregate")):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert err == (f"kdreid: error: {run} holds a run that has not finished (no metrics.json yet): another "
+                           f"kdreid process is training it ({(run / '.kdreid.lock').read_text().strip()}); wait for "
+                           f"it to end, then {then}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["report", str(run)]) == 2
+    assert "continue it with the same command and --resume, then report it" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ damaged files

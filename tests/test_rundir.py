@@ -109,14 +109,15 @@ def test_atomic_write_follows_the_umask_and_keeps_an_old_files_mode(tmp_path):
     assert stat.S_IMODE((tmp_path / "old.txt").stat().st_mode) == 0o600 and (tmp_path / "old.txt").read_text() == "new"
 
 
-def hold_in_another_process(folder):
-    """A process that holds `folder` (rundir.exclusive) until killed; returns it once the lock is taken."""
+def hold_in_another_process(folder, lock=rundir.LOCK_FILE):
+    """A process that holds `folder` (rundir.exclusive, with the lock file `lock`) until killed; returns it once the
+    lock is taken."""
     import subprocess
     import sys
 
     code = ("import sys, time; from kdreid.rundir import exclusive\n"
-            "with exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+            "with exclusive(sys.argv[1], lock=sys.argv[2]):\n    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder), lock], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
 

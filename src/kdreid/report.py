@@ -38,7 +38,7 @@ import yaml
 import kdreid
 from kdreid.errors import KdreidError
 from kdreid.evaluation.ranking import METRIC_COLUMNS
-from kdreid.rundir import atomic_write_text, make_folder
+from kdreid.rundir import REPORT_LOCK_FILE, atomic_write_text, exclusive, held_by, make_folder
 
 REPORT_PAGE = "report.html"
 PICTURES = "report"  # RUN/report/: the pictures the page shows
@@ -158,6 +158,9 @@ def run_kind(run: Path, then: str = "report it") -> str:
     if metrics is not None and isinstance(metrics.get("final"), dict):
         return "evaluation"
     if metrics is None and (run / "config.yaml").is_file():  # a stage that has not finished (or was stopped)
+        if (holder := held_by(run)) is not None:  # still training: a --resume now would be refused
+            raise KdreidError(f"{run} holds a run that has not finished (no metrics.json yet): another kdreid process "
+                              f"is training it ({holder}); wait for it to end, then {then}")
         raise KdreidError(f"{run} holds a run that has not finished (no metrics.json yet); continue it with the same "
                           f"command and --resume, then {then}")
     raise KdreidError(f"{run} is not a kdreid run folder (no metrics.json of a stage, a pipeline or `kdreid "
@@ -525,9 +528,19 @@ def build_report(run: str | Path, *, visrank: int = DEFAULT_VISRANK, topk: int =
 
     A report is rebuilt whole (no picture of an older one lingers), but the older one stays until the new one is
     complete: the new pictures are drawn in RUN/.report.new/ and swapped in with the page at the end, so a build
-    that fails, or is killed, leaves the page on disk with all its pictures."""
+    that fails, or is killed, leaves the page on disk with all its pictures. The page is built under the run's report
+    lock (`rundir.exclusive`, REPORT_LOCK_FILE): a second report of the run at the same time is refused in one line
+    naming the first, rather than both building in RUN/.report.new/ and swapping each other's pictures out from under
+    the page. A command training there (a pipeline between stages) does not hold that lock: its run can be
+    reported meanwhile."""
     run = Path(run)
     kind = run_kind(run)
+    with exclusive(run, fix="wait for it to end, then report the run again", lock=REPORT_LOCK_FILE):
+        return _build_report(run, kind, visrank=visrank, topk=topk, actmap=actmap, root=root, device=device)
+
+
+def _build_report(run: Path, kind: str, *, visrank: int, topk: int, actmap: int, root: str | None,
+                  device: str | None) -> Path:
     page, pictures, building, replaced = run / REPORT_PAGE, run / PICTURES, run / _BUILDING, run / _REPLACED
     # Said before any picture is drawn: where the report writes, something else stands. These paths are the
     # report's own (the user chose none of them), so the fix is to move that thing, not to choose another path.

@@ -239,7 +239,10 @@ def write_json(path: str | Path, data: Any) -> None:
 
 # A hidden file in a run folder: the process that trains (or runs a pipeline) there holds an exclusive lock on it.
 LOCK_FILE = ".kdreid.lock"
-_HELD: set[Path] = set()  # the folders this process holds
+# Another hidden lock, for `kdreid report` alone: it writes only its own files there, and reads a run that another
+# command still writes (a pipeline between stages), so it holds the folder against other reports only.
+REPORT_LOCK_FILE = ".kdreid-report.lock"
+_HELD: set[Path] = set()  # the lock files this process holds
 
 
 class FolderInUse(KdreidError):
@@ -247,16 +250,17 @@ class FolderInUse(KdreidError):
 
 
 @contextlib.contextmanager
-def exclusive(folder: str | Path):
+def exclusive(folder: str | Path, fix: str = "wait for it to end or choose another --out", lock: str = LOCK_FILE):
     """Hold `folder` (a run folder, created if need be) for this process while the block runs. A second kdreid
     writing there at the same time — the same command started twice, a `--resume` while the first still trains,
     a pipeline that would remove a stage folder another process trains in — is refused in one line naming the
     process that holds it. The lock is the kernel's (flock): it goes with its process, even a killed one, so a
     crashed run never leaves the folder locked. Where the file system has no locks (some network mounts) or the
     platform has no fcntl, the folder is used unlocked. Re-entrant: a block inside another holding the same folder
-    in this process (a seed script wrapping a stage) goes on."""
+    in this process (a seed script wrapping a stage) goes on. `fix`: what the refusal tells the user to do; `lock`:
+    the lock file's name (REPORT_LOCK_FILE: held against other reports only)."""
     folder = RunDir(folder).path
-    key = folder.resolve()
+    key = folder.resolve() / lock
     try:
         import fcntl
     except ImportError:  # not POSIX
@@ -264,7 +268,7 @@ def exclusive(folder: str | Path):
     if fcntl is None or key in _HELD:
         yield
         return
-    fd = _lock(folder, fcntl)
+    fd = _lock(folder, fcntl, fix, lock)
     _HELD.add(key)
     try:
         yield
@@ -274,9 +278,9 @@ def exclusive(folder: str | Path):
             os.close(fd)  # releases the lock
 
 
-def _lock(folder: Path, fcntl) -> int | None:
-    """The locked descriptor of folder's LOCK_FILE (None where the file system has no locks)."""
-    path = folder / LOCK_FILE
+def _lock(folder: Path, fcntl, fix: str, lock: str) -> int | None:
+    """The locked descriptor of folder's `lock` file (None where the file system has no locks)."""
+    path = folder / lock
     for _ in range(10):
         try:  # 0o666 & ~umask, as the run's other files: a group sharing a run folder can lock it too
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -294,9 +298,7 @@ def _lock(folder: Path, fcntl) -> int | None:
         except BlockingIOError:
             os.close(fd)
             raise FolderInUse(
-                f"{folder} is in use by another kdreid process ({_holder(path)}); wait for it to end or choose "
-                "another --out"
-            ) from None
+                f"{folder} is in use by another kdreid process ({_holder(path)}); {fix}") from None
         except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
             os.close(fd)
             return None
@@ -316,8 +318,32 @@ def _lock(folder: Path, fcntl) -> int | None:
         # held it: this lock is on a file nobody else will see. Take the folder's current one.
         os.close(fd)
         folder.mkdir(parents=True, exist_ok=True)
-    raise FolderInUse(f"{folder} keeps being removed and re-created by another process; wait for it to end or "
-                      "choose another --out")
+    raise FolderInUse(f"{folder} keeps being removed and re-created by another process; {fix}")
+
+
+def held_by(folder: str | Path) -> str | None:
+    """Who holds `folder` now (its lock file's line: pid, host, start, command) when another process does; None when
+    nobody does, or it cannot be told (no lock file, a file system without locks). Only looks: creates nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = Path(folder) / LOCK_FILE
+    if Path(folder).resolve() / LOCK_FILE in _HELD:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(path)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases the shared lock, if it was taken
+    return None
 
 
 def _holder_line() -> str:

@@ -145,6 +145,40 @@ def test_out_must_be_a_folder_of_its_own_not_a_training_run(setup, tmp_path, cap
     assert a_file.read_text() == "x"
 
 
+def test_an_out_folder_another_evaluation_writes_is_refused_in_one_line(setup, tmp_path, capsys):
+    """Two `evaluate --out` into one folder at once: the second removed the first's staged pictures as it began (the
+    first then failed with a traceback after writing its metrics.json), and each merged its targets into the
+    metrics.json it had read, losing the other's. The second is refused, naming the first."""
+    from kdreid.rundir import LOCK_FILE
+    from tests.test_rundir import hold_in_another_process
+
+    root, checkpoint, _ = setup
+    out = tmp_path / "eval"
+    staged = out / ".evaluate.new" / "visrank" / "market1501_01.png"  # the other evaluation's, being drawn
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"png")
+    (out / "metrics.json").write_text('{"final": {"dukemtmcreid": {"mAP": 12.5}}}')
+    holder = hold_in_another_process(out)
+    try:
+        code, _, err = run(["evaluate", "--model", str(checkpoint), "-t", "market1501", "--root", str(root),
+                            "--out", str(out), "--visrank", "2", "--device", "cpu"], capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"kdreid: error: {out} is in use by another kdreid process (pid {holder.pid} on ")
+    assert staged.read_bytes() == b"png" and not (out / "visrank").exists()
+    assert json.loads((out / "metrics.json").read_text()) == {"final": {"dukemtmcreid": {"mAP": 12.5}}}
+    # A call that fails in a folder it made leaves no folder behind, lock file included.
+    code, _, err = run(["evaluate", "--model", str(tmp_path / "missing.pt"), "-t", "market1501", "--root", str(root),
+                        "--out", str(tmp_path / "new"), "--device", "cpu"], capsys)
+    assert code == 2 and not (tmp_path / "new").exists(), err
+    code, _, err = run(["evaluate", "--model", str(checkpoint), "-t", "market1501", "--root", str(root),
+                        "--out", str(tmp_path / "new"), "--device", "cpu"], capsys)
+    assert code == 0 and sorted(p.name for p in (tmp_path / "new").iterdir()) == [LOCK_FILE, "metrics.json"], err
+
+
 def test_skipped_queries_are_a_warning_line(tmp_path, capsys, setup):
     _, checkpoint, _ = setup
     write_market(tmp_path, lonely_queries=2)  # two query identities absent from the gallery

@@ -152,6 +152,76 @@ def test_a_stage_folder_another_process_trains_in_is_not_removed(tmp_path, monke
     assert (Path(changed.out) / "model.pt").exists()
 
 
+def test_a_pipeline_refused_a_folder_another_took_as_it_started_leaves_that_folder(synth_root, tmp_path, monkeypatch):
+    # Two pipelines started together on one new --out: both see no folder, the other one takes it first. The refused
+    # one must not remove it as "a folder this call made" (its config.yaml, its log, the stage it trains).
+    from kdreid.rundir import LOCK_FILE, FolderInUse
+    from tests.test_rundir import hold_in_another_process
+
+    for kind in list(pipeline.RUNNERS):
+        monkeypatch.setitem(pipeline.RUNNERS, kind, lambda config, resume: pytest.fail("a stage ran"))
+    real_exclusive, holders = pipeline.exclusive, []
+
+    def taken_meanwhile(folder, *args, **kwargs):
+        holders.append(hold_in_another_process(folder))
+        (Path(folder) / "config.yaml").write_text("the other pipeline's")
+        return real_exclusive(folder, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "exclusive", taken_meanwhile)
+    config = pipeline.PipelineConfig(sources=["synth_msmt"], targets=["synth_duke"], teacher_arch="resnet_tiny",
+                                     student_arch="osnet_tiny", root=str(synth_root), out=str(tmp_path / "run"),
+                                     preset="quick")
+    try:
+        with pytest.raises(FolderInUse, match="is in use by another kdreid process"):
+            pipeline.run(config)
+        assert (tmp_path / "run" / "config.yaml").read_text() == "the other pipeline's"
+        assert f"pid {holders[0].pid} " in (tmp_path / "run" / LOCK_FILE).read_text()
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+
+
+def test_a_copy_a_killed_pipeline_left_half_written_goes_when_it_runs_again(synth_root, tmp_path, monkeypatch):
+    # Killed while it copied a stage's model to RUN/student.pt: the temporary file (as large as the model) is removed
+    # by the next run in that folder, as a training stage removes its own; another program's hidden files stay.
+    def stop(config, resume):
+        raise ConfigError("stopped at the first stage")
+
+    for kind in list(pipeline.RUNNERS):
+        monkeypatch.setitem(pipeline.RUNNERS, kind, stop)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".student.pt.k2j4x9a1.kdreid-tmp").write_bytes(b"half a model")
+    (run / ".notes").write_text("a user's")
+    config = pipeline.PipelineConfig(sources=["synth_msmt"], targets=["synth_duke"], teacher_arch="resnet_tiny",
+                                     student_arch="osnet_tiny", root=str(synth_root), out=str(run), preset="quick")
+    with pytest.raises(ConfigError, match="stopped at the first stage"):
+        pipeline.run(config)
+    assert not (run / ".student.pt.k2j4x9a1.kdreid-tmp").exists() and (run / ".notes").read_text() == "a user's"
+
+
+def test_a_pipeline_run_again_in_this_process_after_its_folder_went_writes_its_log(synth_root, tmp_path,
+                                                                                    monkeypatch):
+    # The first call fails before any stage keeps a model and removes the folder it made; the second (a notebook,
+    # a seed script) must log to a log.txt of its own, not to the first's removed file.
+    def stop(config, resume):
+        raise ConfigError("stopped at the first stage")
+
+    for kind in list(pipeline.RUNNERS):
+        monkeypatch.setitem(pipeline.RUNNERS, kind, stop)
+    config = pipeline.PipelineConfig(sources=["synth_msmt"], targets=["synth_duke"], teacher_arch="resnet_tiny",
+                                     student_arch="osnet_tiny", root=str(synth_root), out=str(tmp_path / "run"),
+                                     preset="quick")
+    with pytest.raises(ConfigError):
+        pipeline.run(config)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()  # kept this time: a folder the call did not make
+    with pytest.raises(ConfigError):
+        pipeline.run(config)
+    assert "pipeline synth_msmt -> synth_duke" in (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_a_missing_target_stops_the_pipeline_before_any_stage(synth_root, tmp_path, monkeypatch):
     calls = []
     for kind in list(pipeline.RUNNERS):

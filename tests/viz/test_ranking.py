@@ -177,20 +177,26 @@ def test_a_failed_evaluation_leaves_the_folder_pictures_as_they_were(tiny_domain
     (over an earlier evaluation's) beside the earlier metrics.json. They are drawn aside and moved in with it."""
     import shutil
 
+    from kdreid.rundir import LOCK_FILE
+
     root, out = tmp_path / "data", tmp_path / "eval"
     for name in ("synth_duke", "synth_market"):
         shutil.copytree(tiny_domain / "synth_duke", root / name)
     common = ["evaluate", "--model", str(tiny_model), "--root", str(root), "--device", "cpu", "--out", str(out),
               "--verification", "--visactmap", "1"]
     assert main([*common, "-t", "synth_duke", "--visrank", "1"]) == 0
-    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    def files() -> dict:  # but the lock file, which names the latest command that held the folder
+        return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+                and p.name != LOCK_FILE}
+
+    before = files()
     assert {str(p) for p in before} >= {"metrics.json", "visrank/synth_duke_01.png", "actmap/synth_duke_01.png",
                                         "verification/synth_duke.png"}
     broken = sorted((root / "synth_market" / "bounding_box_test").glob("*.jpg"))[-1]
     broken.write_bytes(broken.read_bytes()[:100])
     capsys.readouterr()
     assert main([*common, "-t", "synth_duke", "synth_market", "--visrank", "3", "--visrank-topk", "2"]) == 2
-    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert files() == before
     # A folder the failed call would have made is not left behind, empty.
     assert main(["evaluate", "--model", str(tiny_model), "--root", str(root), "--device", "cpu", "--out",
                  str(tmp_path / "new"), "-t", "synth_duke", "synth_market", "--visrank", "1"]) == 2
@@ -210,6 +216,8 @@ def test_evaluating_a_target_again_without_pictures_removes_its_earlier_ones(tin
     flag, but `--visrank` and `--visactmap` pages stayed, and the report showed another model's ranking beside the
     new numbers. Only that target's pages go; another target's stay with its numbers."""
     import shutil
+
+    from kdreid.rundir import LOCK_FILE
 
     root, out = tmp_path / "data", tmp_path / "eval"
     for name in ("synth_duke", "synth_market"):

@@ -468,7 +468,27 @@ def _other_cuhk03_split(model: nn.Module, classic: bool, split_id: int) -> str |
 
 def evaluate_command(args) -> int:
     """`kdreid evaluate`: one table row per target (percent), `--json` for machines, `--out RUN` writes
-    RUN/metrics.json ({"final": {target: {mAP, rank1, rank5, rank10, rank20, mINP}}}, merged into an existing file)."""
+    RUN/metrics.json ({"final": {target: {mAP, rank1, rank5, rank10, rank20, mINP}}}, merged into an existing file).
+    With --out the folder is held for the whole command (`rundir.exclusive`): a second `evaluate --out` there, or a
+    training writing there, is refused in one line naming it, rather than both merging into one metrics.json (one
+    target's numbers lost) and removing each other's staged pictures."""
+    if not args.out:
+        return _evaluate_command(args)
+    from kdreid.rundir import LOCK_FILE, exclusive, first_missing, remove_made_folder
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvaluationError(f"--out {out} is a file, not a folder; choose another --out")
+    made = first_missing(out)  # a call that wrote nothing removes the folder (and parents) it made
+    with exclusive(out):
+        try:
+            return _evaluate_command(args)
+        finally:
+            if made is not None and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+                remove_made_folder(out, made)  # still held: the lock goes with the folder
+
+
+def _evaluate_command(args) -> int:
     import json
 
     from kdreid.data.check import parse_problems_note
@@ -620,7 +640,6 @@ class _StagedPictures:
         self.out = out
         self.staging = out / ".evaluate.new" if out is not None else None
         self.drawn: list[tuple[str, str, str, list[Path]]] = []  # (folder, target, what, staged files)
-        self.made_out = out is not None and not out.exists()  # a failed call removes the folder it made
         if out is None:
             return
         for folder in self.FOLDERS:  # checked before any work: the move at the end must not fail
@@ -657,8 +676,6 @@ class _StagedPictures:
     def discard(self) -> None:
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
-            if self.made_out and self.out.is_dir() and not any(self.out.iterdir()):
-                self.out.rmdir()  # made by this call, which wrote nothing there
 
 
 def _aqe_setting(args) -> dict | None:

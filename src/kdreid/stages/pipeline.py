@@ -37,7 +37,10 @@ from kdreid import distributed
 from kdreid.config import flatten, read_yaml
 from kdreid.errors import ConfigError, KdreidError, sigterm_interrupts
 from kdreid.models import count_macs, load_checkpoint
-from kdreid.rundir import RunDir, absolute_path, atomic_write_bytes, atomic_write_text, exclusive, write_json
+from kdreid.rundir import (
+    RunDir, absolute_path, atomic_write_bytes, atomic_write_text, exclusive, first_missing, remove_made_folder,
+    remove_stale_temporaries, write_json,
+)
 from kdreid.stages import adapt, distill, source
 from kdreid.stages.common import (
     evaluate_datasets, how_measured, refuse_repeated_datasets, refuse_tracklets_across_cameras, trains_on_all,
@@ -610,18 +613,22 @@ def run(config: PipelineConfig) -> PipelineResult:
     distributed.init(next(iter(configs.values())).train.device)
     # The main process holds the pipeline's folder: a second pipeline there would train, or remove, the stage
     # folders this one trains in.
-    created = not Path(config.out).exists()
-    try:
-        with exclusive(config.out) if distributed.is_main() else contextlib.nullcontext(), sigterm_interrupts():
+    created = first_missing(config.out)  # the folder, or its topmost parent, that this call makes
+    # A refusal to take the folder (another pipeline holds it) is not caught below: the folder is that one's, even
+    # when it did not exist yet as this call looked (two pipelines started together).
+    with exclusive(config.out) if distributed.is_main() else contextlib.nullcontext(), sigterm_interrupts():
+        try:
             return _run_stages(config, configs, fingerprints)
-    except (KdreidError, KeyboardInterrupt):
-        # A folder this call made, where no stage kept a model or a checkpoint (each removes its own after an early
-        # failure): the pipeline's config.yaml and log alone are not a run to continue.
-        stages = Path(config.out) / "stages"
-        kept = stages.is_dir() and any(stages.rglob("*.pt"))  # a stage's model.pt or checkpoints
-        if created and distributed.is_main() and not kept:
-            shutil.rmtree(config.out, ignore_errors=True)
-        raise
+        except (KdreidError, KeyboardInterrupt):
+            # A folder this call made, where no stage kept a model or a checkpoint (each removes its own after an
+            # early failure): the pipeline's config.yaml and log alone are not a run to continue. Removed while
+            # still held, before another process can take it.
+            stages = Path(config.out) / "stages"
+            kept = stages.is_dir() and any(stages.rglob("*.pt"))  # a stage's model.pt or checkpoints
+            if created is not None and distributed.is_main() and not kept:
+                RunDir(config.out).close_logger()  # a later run there (in this process) logs to a new log.txt
+                remove_made_folder(config.out, created)
+            raise
 
 
 def _run_stages(config: PipelineConfig, configs: dict, fingerprints: DatasetFingerprints) -> PipelineResult:
@@ -629,6 +636,9 @@ def _run_stages(config: PipelineConfig, configs: dict, fingerprints: DatasetFing
     out = RunDir(config.out)
     log = out.logger() if main else distributed.worker_logger()
     if main:
+        # What a pipeline killed while it copied the final models left (as large as those models): this process
+        # holds the folder, so none is another writer's.
+        remove_stale_temporaries(out.path)
         out.save_config(config)
     log.info(f"pipeline {'+'.join(config.sources)} -> {', '.join(config.targets)}: teachers "
              f"{config.teacher_arch}, student {config.student_arch}, preset {config.preset or 'none'}; "
