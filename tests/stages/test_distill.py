@@ -650,3 +650,26 @@ def test_a_resume_takes_the_same_teachers_from_another_folder(three_domains, che
     shutil.copy(checkpoints["t_cuhk"], moved / "t_cuhk.pt")
     assert main(args) == 0
     assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2]
+
+
+def test_lda_refuses_a_student_init_of_another_source_label_space_in_one_line(three_domains, checkpoints,
+                                                                               tmp_path, capsys):
+    # --lda-weight trains the student's classifier on the sources' identities: a --student-init trained on -s B A
+    # has as many rows, but other identities in them, and was accepted silently for -s A B.
+    from kdreid.stages.data import combine_train, load_datasets
+
+    sources = ["synth_msmt", "synth_duke"]
+    classes = 1 + max(r.pid for r in combine_train(load_datasets(sources, str(three_domains))))
+    path = str(save_checkpoint(tmp_path / "two.pt", build_model("osnet_tiny", classes),
+                               config={"sources": sources, "data": {"combineall": False}},
+                               extra={"stage": "source", "input_size": [64, 32]}))
+    args = _distill_args(three_domains, checkpoints, tmp_path / "kd", "--epochs", "1", "--lda-weight", "1")
+    args[args.index("--student-init") + 1] = path
+    args[args.index("-s") + 1:args.index("-t")] = sources[::-1]
+    args[args.index("-t") + 1:args.index("-a")] = ["synth_cuhk"]
+    args[args.index("--teachers") + 1:args.index("--student-init")] = [checkpoints["t_cuhk"]]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--student-init {path} was trained with -s synth_msmt synth_duke, but this " \
+        "run has -s synth_duke synth_msmt" in err and "pass -s synth_msmt synth_duke" in err
+    assert not (tmp_path / "kd").exists()

@@ -284,8 +284,8 @@ def test_the_results_table_says_how_its_numbers_were_measured(tmp_path):
 
 
 def test_each_results_row_names_its_own_grouping_and_selection(tmp_path):
-    lines, _ = _table(tmp_path, adapt={"grouping": "oracle", "train": {"select": "target-clusters"}},
-                      blend={"grouping": "tracklet", "train": {"select": "last"}})
+    lines, configs = _table(tmp_path, adapt={"grouping": "oracle", "train": {"select": "target-clusters"}},
+                            blend={"grouping": "tracklet", "train": {"select": "last"}})
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in lines if line.startswith("| ")}
     assert rows["source only (resnet_tiny)"] == ["—", "last"]
     for target in TARGETS:
@@ -295,6 +295,10 @@ def test_each_results_row_names_its_own_grouping_and_selection(tmp_path):
     legend = lines[-1]
     assert "oracle: the targets' identity labels, an ablation" in legend
     assert "target-clusters: best label-free" in legend
+    # metrics.json says it too: its student entry said "tracklet" alone, an oracle-taught student unmarked.
+    training = pipeline.stage_training(configs, TARGETS)
+    assert training["distill"] == {"grouping": "tracklet", "select": "last", "teacher_groupings": ["oracle"] * 2}
+    assert training[f"teacher_{TARGETS[0]}"] == {"grouping": "oracle", "select": "target-clusters"}
 
 
 def test_select_target_clusters_leaves_the_source_stages_their_last_epoch(tmp_path):
@@ -614,7 +618,7 @@ def test_without_the_blend_baseline_no_blend_stage_runs_and_no_row_shows_it(thre
     assert result.metrics["training"] == {
         **{f"source_{arch}": {"grouping": None, "select": "last"} for arch in ("resnet_tiny", "osnet_tiny")},
         **{f"teacher_{t}": {"grouping": "tracklet", "select": "last"} for t in TARGETS},
-        "distill": {"grouping": "tracklet", "select": "last"}}
+        "distill": {"grouping": "tracklet", "select": "last", "teacher_groupings": ["tracklet"] * len(TARGETS)}}
     table = (tmp_path / "run" / "results.md").read_text()
     assert "blend" not in table and "KD-ReID student (osnet_tiny)" in table
     log = (tmp_path / "run" / "log.txt").read_text()

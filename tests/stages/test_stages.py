@@ -610,6 +610,36 @@ def test_adapt_bad_inputs(source_run, synth_root, tmp_path):
         adapt.run(config(dmmd_terms=["within", "var"]))
 
 
+def test_adapt_refuses_an_init_of_another_source_label_space_in_one_line(source_run, three_domains, tmp_path,
+                                                                         capsys):
+    # -s A B numbers A's identities first: an --init trained on -s B A (or on A with --combineall) has as many
+    # classes, or another count, but other identities in its classifier rows. The same count was accepted silently
+    # (CE against misaligned rows), and --combineall on one side was refused with "pass the checkpoint of a source
+    # run on the same data" without naming --combineall.
+    from kdreid.models import build_model, save_checkpoint
+    from kdreid.stages.data import combine_train, load_datasets
+
+    sources = ["synth_msmt", "synth_duke"]
+    classes = 1 + max(r.pid for r in combine_train(load_datasets(sources, str(three_domains))))
+    init = save_checkpoint(tmp_path / "two.pt", build_model("osnet_tiny", classes),
+                           config={"sources": sources, "data": {"combineall": False}},
+                           extra={"stage": "source", "input_size": [64, 32]})
+    out = tmp_path / "teacher"
+    base = ["adapt", "-t", "synth_cuhk", "--root", str(three_domains), "--out", str(out), *TINY]
+    assert main([*base, "-s", "synth_duke", "synth_msmt", "--init", str(init)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"kdreid: error: --init {init} was trained with -s synth_msmt synth_duke, but this run has -s "
+                   "synth_duke synth_msmt, another source label space (the identities are numbered in -s order); "
+                   "pass -s synth_msmt synth_duke, or the checkpoint of a source run with -s synth_duke synth_msmt\n")
+    assert not out.exists()
+    init = source_run / "model.pt"  # trained on synth_msmt without --combineall
+    assert main([*base, "-s", "synth_msmt", "--combineall", "--init", str(init)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass -s synth_msmt, or the checkpoint of a source run with -s synth_msmt " \
+        "--combineall" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", [["train-source", "-s", "synth_msmt"], ADAPT, DISTILL], ids=lambda c: c[0])
 def test_a_batch_of_one_group_is_refused_before_the_run_folder(command, synth_root, tmp_path, capsys):
     # Found by a review: --batch-size 4 --num-instances 4 trained with the triplet (and D-MMD's between-class

@@ -42,6 +42,7 @@ from kdreid.stages.common import (
     stage_evaluator,
     finish_stage,
     picture_sample,
+    refuse_other_source_label_space,
     stage_runner,
     source_label_space,
     write_picture_data,
@@ -141,6 +142,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         source_model = load_checkpoint(config.init, arch=config.arch or None)
     except CheckpointError as error:  # named as the flag the file came from
         raise CheckpointError(f"--init {error}") from None
+    refuse_other_source_label_space(source_model, "--init", config.init, config)
     source_records, validation = source_label_space(source_records, source_model)
     if validation is None and train.select == "source-val":
         raise ConfigError(

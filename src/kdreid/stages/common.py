@@ -393,6 +393,33 @@ def trains_on_all(name: str, config) -> bool:
     return config.data.combineall and name in config.sources
 
 
+def refuse_other_source_label_space(init_model, flag: str, path: str, config) -> None:
+    """A source-trained checkpoint's classifier rows are its sources' identities, combined in its `-s` order (and,
+    under --combineall, with their query/gallery identities after them): the same sources in another order, or
+    with --combineall on one side only, give another label space — silently misaligned when the identity count
+    happens to match. One line naming what the checkpoint was trained with; nothing for a file that records no
+    sources (a plain state dict of another toolkit)."""
+    recorded = (getattr(init_model, "kdreid_meta", None) or {}).get("config") or {}
+    sources = recorded.get("sources")
+    if not isinstance(sources, list) or not sources:
+        return
+    combineall = bool((recorded.get("data") or {}).get("combineall", False))
+    if list(sources) == list(config.sources) and combineall == bool(config.data.combineall):
+        return
+
+    def flags(names, all_ids):
+        return f"-s {' '.join(names)}" + (" --combineall" if all_ids else "")
+
+    raise ConfigError(
+        f"{flag} {path} was trained with {flags(sources, combineall)}, but this run has "
+        f"{flags(config.sources, config.data.combineall)}, another source label space"
+        + (" (the identities are numbered in -s order)" if sorted(sources) == sorted(config.sources)
+           != list(sources) else "")
+        + f"; pass {flags(sources, combineall)}, or the checkpoint of a source run with "
+        f"{flags(config.sources, config.data.combineall)}"
+    )
+
+
 def source_label_space(records: list[ImageRecord], init_model) -> tuple[list[ImageRecord], object]:
     """The source training records in the label space of a source-trained model: when its run held identities
     out for validation (`extra.held_out`), the same split is rebuilt, so the classifier rows line up and the

@@ -58,6 +58,7 @@ from kdreid.stages.common import (
     StageResult,
     begin_stage,
     check_loss_settings,
+    refuse_other_source_label_space,
     refuse_tracklets_across_cameras,
     stage_evaluator,
     finish_stage,
@@ -417,6 +418,10 @@ def run(config: DistillConfig, *, resume: bool = False) -> StageResult:
             student = load_checkpoint(config.student_init, arch=config.arch or None)
         except CheckpointError as error:  # named as the flag the file came from
             raise CheckpointError(f"--student-init {error}") from None
+        # Its classifier (--lda-weight's CE) and its held-out source identities must be this run's sources'.
+        held_out = (getattr(student, "kdreid_meta", None) or {}).get("extra", {}).get("held_out")
+        if config.lda_weight > 0 or held_out:
+            refuse_other_source_label_space(student, "--student-init", config.student_init, config)
         source_records, validation = source_label_space(source_records, student)
     else:
         student = None

@@ -527,6 +527,16 @@ def target_grouping(stage_config) -> str | None:
     return stage_config.grouping if isinstance(stage_config, adapt.AdaptConfig) else "tracklet"
 
 
+def stage_training(configs: Mapping[str, Any], targets: Sequence[str]) -> dict:
+    """metrics.json's `training`: how each stage trained, as the table's grouping and selection columns say it: how
+    it grouped its target batches and the rule that chose its checkpoint; for the student also its teachers'
+    groupings (one per target), which it inherits (oracle teachers make an oracle student)."""
+    training = {name: {"grouping": target_grouping(c), "select": c.train.select} for name, c in configs.items()}
+    if "distill" in training:
+        training["distill"]["teacher_groupings"] = [target_grouping(configs[f"teacher_{t}"]) for t in targets]
+    return training
+
+
 def _grouping_cell(stage_config) -> str:
     grouping = target_grouping(stage_config)
     return "—" if grouping is None else ORACLE_MARK if grouping == "oracle" else grouping
@@ -677,8 +687,7 @@ def _run_stages(config: PipelineConfig, configs: dict, fingerprints: DatasetFing
         **({"blend": on_targets(finals["blend"])} if "blend" in finals else {}),
         "student": on_targets(finals["distill"]),
         "teachers_on_all_targets": teacher_all,
-        # How each stage trained: how it grouped its target batches and the rule that chose its checkpoint.
-        "training": {name: {"grouping": target_grouping(c), "select": c.train.select} for name, c in configs.items()},
+        "training": stage_training(configs, targets),
     }
 
     run_path = Path(config.out)
