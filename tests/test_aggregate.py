@@ -215,6 +215,8 @@ def test_runs_on_other_files_under_the_same_dataset_names_are_named(tmp_path, ca
     assert "differ in datasets.synth_duke (1111/aaaa, 2222/bbbb)" in capsys.readouterr().err
     (runs[1] / "datasets.json").write_text(json.dumps({"synth_duke": "1111/aaaa", "synth_cuhk": "3333/cccc"}))
     assert aggregate_runs(runs).differing == {}  # the same files, wherever they lay
+    (runs[1] / "datasets.json").write_text('{"synth_duke": ')  # damaged: no digests to compare, not a traceback
+    assert aggregate_runs(runs).differing == {}
     pipelines = [_with_stage(_pipeline(tmp_path / f"p{seed}", seed, (20.0 + seed, 8.0)), 7) for seed in range(2)]
     for run, digest in zip(pipelines, ("1111/aaaa", "2222/bbbb")):
         (run / "stages" / "distill" / "datasets.json").write_text(json.dumps({"synth_duke": digest}))
@@ -239,6 +241,27 @@ def test_one_model_evaluated_in_several_folders_is_named(tmp_path, capsys):
     assert "same model file" not in capsys.readouterr().err
 
 
+def test_one_model_on_several_targets_of_one_folder_is_not_a_repeat(tmp_path, capsys):
+    # Each folder evaluated its own model on two targets: no repeat. Two folders of one model on two targets: each
+    # folder named once, in one warning.
+    def evaluation(name, model):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps({
+            "final": {t: {"mAP": 30.0 + len(name)} for t in TARGETS},
+            "evaluated_with": {t: {"model": model, "metric": "euclidean"} for t in TARGETS}}))
+        return str(folder)
+
+    seeds = [evaluation("s0", "/runs/s0/model.pt"), evaluation("s1", "/runs/s1/model.pt")]
+    assert main(["aggregate", *seeds]) == 0
+    assert "warning" not in capsys.readouterr().err
+    slips = [evaluation("e0", "/runs/s0/model.pt"), evaluation("e1", "/runs/s0/model.pt")]
+    assert main(["aggregate", *slips]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "same model file" in line]
+    assert warnings == [f"kdreid: warning: {slips[0]}, {slips[1]} evaluated the same model file /runs/s0/model.pt: "
+                        "the spread over them is not the seed's; evaluate each seed's model"]
+
+
 def test_an_unfinished_run_names_aggregate_as_what_comes_after(tmp_path, capsys):
     # Found by a review: the refusal of a stopped stage (no metrics.json yet) ended "then report it".
     done = _stage(tmp_path / "a", 0, (1.0, 2.0))
@@ -257,3 +280,12 @@ def test_json_holds_the_tables_mean_map_column(tmp_path, capsys):
     row = json.loads(capsys.readouterr().out)["rows"][0]
     assert row["averaged"] == list(TARGETS) and row["mean_mAP"]["values"] == [6.0, 9.0]
     assert row["mean_mAP"]["std"] == pytest.approx(np.std([6.0, 9.0], ddof=1))
+    assert json.loads(json.dumps(aggregate_runs(runs).as_json()))["std"] == "sample (n - 1)"
+    # A stage scores its sources too; its mean mAP is the targets' alone, as the table's last column.
+    for run in runs:
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        (run / "config.yaml").write_text(yaml.safe_dump({**config, "targets": ["synth_cuhk"]}))
+    assert main(["aggregate", *map(str, runs), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["averaged"] == ["synth_cuhk"] and row["mean_mAP"]["values"] == [2.0, 4.0]
+    assert list(row["datasets"]) == list(TARGETS)

@@ -310,11 +310,18 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_and_leaves_nothing_half_written(
     assert not out.exists()
 
 
-def test_ctrl_c_while_a_library_loads_is_an_interruption_not_a_missing_package(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_while_a_library_loads_is_an_interruption_not_a_missing_package(tmp_path, capsys, monkeypatch,
+                                                                               signal_name, code):
     """A Ctrl-C that lands while onnxruntime's compiled module initialises reaches Python as pybind11's
     ImportError("initialization failed") raised from the KeyboardInterrupt: before, `kdreid export` said to
-    `pip install onnx onnxruntime` (exit 2) — a package that is installed."""
+    `pip install onnx onnxruntime` (exit 2) — a package that is installed. SIGTERM (errors.Terminated) there exits
+    143, as everywhere else."""
     import builtins
+
+    from kdreid.errors import Terminated
+
+    stop_class = KeyboardInterrupt if signal_name == "SIGINT" else Terminated
 
     model, _, _ = _model_and_gallery(tmp_path)
     real_import = builtins.__import__
@@ -322,7 +329,7 @@ def test_ctrl_c_while_a_library_loads_is_an_interruption_not_a_missing_package(t
     def interrupted_import(name, *args, **kwargs):
         if name == "onnxruntime":
             try:
-                raise KeyboardInterrupt
+                raise stop_class
             except KeyboardInterrupt as stop:
                 raise ImportError("initialization failed") from stop
         return real_import(name, *args, **kwargs)
@@ -330,7 +337,7 @@ def test_ctrl_c_while_a_library_loads_is_an_interruption_not_a_missing_package(t
     capsys.readouterr()
     monkeypatch.setattr(builtins, "__import__", interrupted_import)
     out = tmp_path / "m.onnx"
-    assert main(["export", "--model", str(model), "--format", "onnx", "--out", str(out)]) == 130
+    assert main(["export", "--model", str(model), "--format", "onnx", "--out", str(out)]) == code
     assert capsys.readouterr().err == "kdreid: interrupted\n"
     assert not out.exists()
 

@@ -171,6 +171,26 @@ def test_torchreid_state_dict_loads_into_torchreid_osnet(arch, torchreid_osnet, 
     assert torch.allclose(logits_theirs, model_logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("bnneck", [True, False])
+def test_torchreid_classifier_is_the_models_own_on_the_pre_bnneck_feature(bnneck):
+    # W·BN(x) folded as (W·diag(scale))·x + W·shift, checked against the model's own logits without torchreid: with
+    # a dead channel (running_var 0, as ReLU-dead features have), where only BatchNorm's eps keeps the scale finite,
+    # and without a BNNeck (the classifier is then copied as is, with a zero bias).
+    from kdreid.export import torchreid_state_dict
+
+    model = tiny(bnneck=bnneck)
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+        if bnneck:
+            model.bnneck.running_var[0] = 0.0
+    state = torchreid_state_dict(model)
+    with torch.no_grad():
+        out = model(images(3, seed=7), return_all=True)
+    folded = out.embedding.double() @ state["classifier.weight"].double().T + state["classifier.bias"].double()
+    assert torch.isfinite(folded).all() and out.logits.abs().max() > 1e-3
+    torch.testing.assert_close(folded, out.logits.double(), rtol=1e-4, atol=1e-4 * out.logits.abs().max().item())
+
+
 def test_torchreid_format_refuses_what_torchreid_cannot_hold(tmp_path):
     with pytest.raises(ModelError, match="OSNet"):
         export_model(tiny("resnet_tiny"), tmp_path / "r.pth", "torchreid")

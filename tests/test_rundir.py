@@ -172,6 +172,60 @@ def test_a_folder_held_by_this_process_can_be_held_again_inside(tmp_path):
             holder.wait()
 
 
+def test_held_by_names_another_training_process_only_and_creates_nothing(tmp_path):
+    # `kdreid report`/`aggregate` of an unfinished run: who trains it. Only looks (a run folder the user only reads
+    # gets no lock file), and this process's own hold, or another process's report lock, is nobody training it.
+    folder = tmp_path / "run"
+    folder.mkdir()
+    assert rundir.held_by(folder) is None and list(folder.iterdir()) == []
+    with rundir.exclusive(folder):
+        assert rundir.held_by(folder) is None
+    assert rundir.held_by(folder) is None  # its lock file stays, held by nobody
+    for lock in (rundir.REPORT_LOCK_FILE, rundir.LOCK_FILE):
+        holder = hold_in_another_process(folder, lock)
+        try:
+            line = (folder / rundir.LOCK_FILE).read_text().strip()
+            assert rundir.held_by(folder) == (line if lock == rundir.LOCK_FILE else None)
+            assert lock != rundir.LOCK_FILE or f"pid {holder.pid} " in line
+        finally:
+            holder.kill()
+            holder.wait()
+
+
+def test_the_report_lock_is_taken_inside_this_processs_hold_of_the_run(tmp_path):
+    # A script that reports a run while it holds it (a pipeline's folder) still keeps other reports out: the report
+    # lock is another lock, not a re-entry into the one held.
+    import fcntl
+
+    folder = tmp_path / "run"
+    with rundir.exclusive(folder):
+        with rundir.exclusive(folder, lock=rundir.REPORT_LOCK_FILE):
+            fd = os.open(folder / rundir.REPORT_LOCK_FILE, os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+
+
+def test_a_command_removes_the_folders_it_made_and_no_other(tmp_path):
+    # A failed or stopped command into --out runs/a/b, where the user had made an empty runs/: runs/a and runs/a/b
+    # go, runs/ (and what holds it) stays; a made parent another command wrote into meanwhile stays too.
+    (tmp_path / "runs").mkdir()
+    out = tmp_path / "runs" / "a" / "b"
+    assert rundir.first_missing(tmp_path / "runs") is None
+    made = rundir.first_missing(out)
+    assert made == tmp_path / "runs" / "a"
+    out.mkdir(parents=True)
+    (out / "log.txt").write_text("x")
+    rundir.remove_made_folder(out, made)
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"] and list((tmp_path / "runs").iterdir()) == []
+    out.mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "c").mkdir()  # another command's, made after this one looked
+    rundir.remove_made_folder(out, made)
+    assert [p.name for p in (tmp_path / "runs" / "a").iterdir()] == ["c"]
+
+
 def test_a_path_going_up_from_a_symlink_writes_where_the_system_opens_it(tmp_path):
     # `link/..` is the parent of the link's target for the system, but Python's abspath (used by logging and
     # tempfile) drops it as text: files must land where the system opens the path.

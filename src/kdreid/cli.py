@@ -597,8 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_ERROR
     succeeded = False
     # SIGTERM (`kill`, `timeout`, a scheduler) stops every command as Ctrl-C does: what it was writing is cleaned
-    # up, and it exits 143 with one line. The training commands install this themselves, on the main process only
-    # (torchrun's other processes keep the default), and hand it to the training loop's own handling.
+    # up, and it exits 143 with one line. The training commands install this themselves, where they clean up (a
+    # stage on its main process only, a pipeline on every process), and hand it to the training loop's handling.
     own_handling = getattr(args, "command", None) in _TRAINING_COMMANDS
     try:
         with contextlib.nullcontext() if own_handling else sigterm_interrupts():

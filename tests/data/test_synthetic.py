@@ -592,6 +592,27 @@ def test_a_run_stopped_before_its_first_domain_leaves_no_folder_it_made(tmp_path
     assert (tmp_path / "kept").is_dir()
 
 
+
+def test_a_run_stopped_after_its_first_domain_keeps_that_domain(tmp_path, monkeypatch):
+    """Ctrl-C during the second domain into a new --out: the folder holds a finished domain, which stays (only a
+    folder holding nothing of the run's is removed)."""
+    from kdreid.data.synthetic import writer
+
+    real_move, moved = writer.move_into_place, []
+
+    def stopped_after_the_first(staging, target):
+        if moved:
+            raise KeyboardInterrupt
+        real_move(staging, target)
+        moved.append(target)
+
+    monkeypatch.setattr(writer, "move_into_place", stopped_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path / "new", ["synth_cuhk", "synth_duke"], scale=SCALE, seed=SEED, size=SIZE)
+    assert moved == [tmp_path / "new" / "synth_cuhk"] and (tmp_path / "new" / "synth_cuhk").is_dir()
+    assert any((tmp_path / "new" / "synth_cuhk").rglob("*.jpg"))
+
+
 def test_the_sensors_blur_and_colour_mixing_are_the_matrix_products_they_stand_for():
     """The fixed-order loops of the sensor (per-diagonal blur, per-channel colour mixing) compute what the dense
     products they replaced did: pixel @ colour.T, then rows @ image @ cols.T with each axis' resample_blur_matrix

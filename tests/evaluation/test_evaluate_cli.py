@@ -333,8 +333,12 @@ def test_an_exported_model_scores_as_its_checkpoint(setup, tmp_path, capsys, fmt
     flags = ["-t", "market1501", "--root", str(root), "--json", "--flip", "--verification"]
     code, out, err = run(["evaluate", "--model", str(checkpoint), "--device", "cpu", *flags], capsys)
     assert code == 0, err
-    code, exported_out, err = run(["evaluate", "--model", str(exported), "-a", "resnet_tiny", *flags], capsys)
+    code, exported_out, err = run(["evaluate", "--model", str(exported), "-a", "resnet_tiny", *flags, "--out",
+                                   str(tmp_path / "evaluation")], capsys)
     assert code == 0 and "-a has no effect" in err
+    # the size the exported file takes (its own, recorded at export) is the size its numbers were measured at
+    recorded = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["evaluated_with"]["market1501"]
+    assert (recorded["height"], recorded["width"]) == (HEIGHT, WIDTH)
     expected, measured = json.loads(out), json.loads(exported_out)
     for key, value in expected["final"]["market1501"].items():
         assert measured["final"]["market1501"][key] == pytest.approx(value, abs=0.05), key

@@ -88,6 +88,20 @@ def test_float_tensors_outside_0_1_are_refused(model):
     mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     with pytest.raises(EvaluationError, match="normalis"):
         extractor((images - mean) / std)
+    # The slack is 0.25 either side: images scaled to [-1, 1] (another toolkit's convention) or 1.5 too bright
+    # are refused too, each with its hint.
+    with pytest.raises(EvaluationError, match=r"-1\.\.1; pass the images before ImageNet normalisation"):
+        extractor(torch.tensor([-1.0, 1.0]).repeat(2, 3, HEIGHT, WIDTH // 2))
+    with pytest.raises(EvaluationError, match=r"0\.\.1\.5; divide 0\.\.255 values by 255"):
+        extractor(torch.tensor([0.0, 1.5]).repeat(2, 3, HEIGHT, WIDTH // 2))
+
+
+def test_an_empty_batch_of_crops_gives_no_features(model):
+    # A tracker's frame without detections: an empty tensor, uint8 or float, of any size, is no features.
+    extractor = FeatureExtractor(model, height=HEIGHT, width=WIDTH, device="cpu")
+    for empty in (torch.zeros(0, 3, HEIGHT, WIDTH), torch.zeros(0, 3, 20, 10, dtype=torch.uint8),
+                  torch.zeros(0, 3, 20, 10)):
+        assert len(extractor(empty)) == 0
 
 
 def test_flip_averages_the_image_and_its_mirror(model):

@@ -222,6 +222,31 @@ def test_a_pipeline_run_again_in_this_process_after_its_folder_went_writes_its_l
     assert "pipeline synth_msmt -> synth_duke" in (tmp_path / "run" / "log.txt").read_text()
 
 
+def test_a_pipeline_stopped_after_a_stage_kept_its_model_keeps_the_folder_it_made(synth_root, tmp_path,
+                                                                                    monkeypatch):
+    # Ctrl-C after the first stage of a new --out kept its model: that model (and the folder holding it) stays, to be
+    # reused when the pipeline runs again. One stopped before any stage kept one removes what it made, parents too.
+    def trained_then_stopped(config, resume):
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+        torch.save({}, Path(config.out) / "model.pt")
+        raise KeyboardInterrupt
+
+    def stopped(config, resume):
+        raise KeyboardInterrupt
+
+    for runner, out in ((trained_then_stopped, tmp_path / "kept" / "run"), (stopped, tmp_path / "gone" / "run")):
+        for kind in list(pipeline.RUNNERS):
+            monkeypatch.setitem(pipeline.RUNNERS, kind, runner)
+        config = pipeline.PipelineConfig(sources=["synth_msmt"], targets=["synth_duke"], teacher_arch="resnet_tiny",
+                                         student_arch="osnet_tiny", root=str(synth_root), out=str(out),
+                                         preset="quick")
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(config)
+    assert len(list((tmp_path / "kept" / "run" / "stages").rglob("model.pt"))) == 1
+    assert (tmp_path / "kept" / "run" / "config.yaml").is_file()
+    assert not (tmp_path / "gone").exists()
+
+
 def test_a_missing_target_stops_the_pipeline_before_any_stage(synth_root, tmp_path, monkeypatch):
     calls = []
     for kind in list(pipeline.RUNNERS):
