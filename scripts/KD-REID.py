@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _seed_args, when imp
 
 from _seed_args import (  # noqa: E402
     SEED_ARCH,
-    arch_of,
     checkpoint_arch,
     common_overrides,
     common_parser,
@@ -95,7 +94,8 @@ def train(args) -> str:
             f"({' '.join(args.targets)}): pass one teacher per target, in the same order"
         )
     # The architectures: the flags, else what kdreid checkpoints record, else the seed's resnet50.
-    args.arch_student = arch_of(args.arch_student, args.student)
+    student_arch = checkpoint_arch(args.student) if args.student else None  # None: a plain state dict
+    args.arch_student = args.arch_student or student_arch or SEED_ARCH
     teacher_archs = [checkpoint_arch(path) for path in args.teachers]
     plain_teachers = args.stda == "SPCL" or None in teacher_archs
     if not plain_teachers and args.arch_teacher:
@@ -124,7 +124,7 @@ def train(args) -> str:
     if plain_teachers:
         config.teacher_arch = args.arch_teacher
     if args.student:
-        if checkpoint_arch(args.student):
+        if student_arch:
             config.student_init = args.student
         else:
             config.pretrained = args.student

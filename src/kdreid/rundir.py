@@ -220,6 +220,14 @@ def remove_made_folder(folder: str | Path, made: Path) -> None:
             parent.rmdir()
 
 
+def remove_made_folder_if_unused(folder: str | Path, made: Path | None) -> None:
+    """`remove_made_folder` when this command made `folder` (`made`, from `first_missing`) and it holds nothing but
+    its lock file: a command stopped or failed before it wrote anything there."""
+    folder = Path(folder)
+    if made is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= {LOCK_FILE}:
+        remove_made_folder(folder, made)  # a lock still held goes with its folder
+
+
 def json_safe(data: Any) -> Any:
     """`data` with every NaN or infinite float as None (null): JSON has neither, and the `NaN` Python's json writes
     by default makes the file unreadable to strict readers (jq, JavaScript, other languages' parsers)."""

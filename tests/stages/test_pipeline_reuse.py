@@ -25,6 +25,12 @@ from kdreid.stages.presets import PRESETS
 TARGETS = ["synth_duke", "synth_cuhk"]
 
 
+def _every_stage_runs(monkeypatch, runner) -> None:
+    """Every stage kind of the pipeline runs `runner(config, resume)` instead of training."""
+    for kind in list(pipeline.RUNNERS):
+        monkeypatch.setitem(pipeline.RUNNERS, kind, runner)
+
+
 def _config(tmp_path, **settings) -> pipeline.PipelineConfig:
     return pipeline.PipelineConfig(sources=["synth_msmt"], targets=TARGETS, teacher_arch="resnet_tiny",
                                    student_arch="osnet_tiny", root=str(tmp_path), out=str(tmp_path / "run"),
@@ -158,8 +164,7 @@ def test_a_pipeline_refused_a_folder_another_took_as_it_started_leaves_that_fold
     from kdreid.rundir import LOCK_FILE, FolderInUse
     from tests.test_rundir import hold_in_another_process
 
-    for kind in list(pipeline.RUNNERS):
-        monkeypatch.setitem(pipeline.RUNNERS, kind, lambda config, resume: pytest.fail("a stage ran"))
+    _every_stage_runs(monkeypatch, lambda config, resume: pytest.fail("a stage ran"))
     real_exclusive, holders = pipeline.exclusive, []
 
     def taken_meanwhile(folder, *args, **kwargs):
@@ -188,8 +193,7 @@ def test_a_copy_a_killed_pipeline_left_half_written_goes_when_it_runs_again(synt
     def stop(config, resume):
         raise ConfigError("stopped at the first stage")
 
-    for kind in list(pipeline.RUNNERS):
-        monkeypatch.setitem(pipeline.RUNNERS, kind, stop)
+    _every_stage_runs(monkeypatch, stop)
     run = tmp_path / "run"
     run.mkdir()
     (run / ".student.pt.k2j4x9a1.kdreid-tmp").write_bytes(b"half a model")
@@ -208,8 +212,7 @@ def test_a_pipeline_run_again_in_this_process_after_its_folder_went_writes_its_l
     def stop(config, resume):
         raise ConfigError("stopped at the first stage")
 
-    for kind in list(pipeline.RUNNERS):
-        monkeypatch.setitem(pipeline.RUNNERS, kind, stop)
+    _every_stage_runs(monkeypatch, stop)
     config = pipeline.PipelineConfig(sources=["synth_msmt"], targets=["synth_duke"], teacher_arch="resnet_tiny",
                                      student_arch="osnet_tiny", root=str(synth_root), out=str(tmp_path / "run"),
                                      preset="quick")
@@ -235,8 +238,7 @@ def test_a_pipeline_stopped_after_a_stage_kept_its_model_keeps_the_folder_it_mad
         raise KeyboardInterrupt
 
     for runner, out in ((trained_then_stopped, tmp_path / "kept" / "run"), (stopped, tmp_path / "gone" / "run")):
-        for kind in list(pipeline.RUNNERS):
-            monkeypatch.setitem(pipeline.RUNNERS, kind, runner)
+        _every_stage_runs(monkeypatch, runner)
         config = pipeline.PipelineConfig(sources=["synth_msmt"], targets=["synth_duke"], teacher_arch="resnet_tiny",
                                          student_arch="osnet_tiny", root=str(synth_root), out=str(out),
                                          preset="quick")
@@ -249,8 +251,7 @@ def test_a_pipeline_stopped_after_a_stage_kept_its_model_keeps_the_folder_it_mad
 
 def test_a_missing_target_stops_the_pipeline_before_any_stage(synth_root, tmp_path, monkeypatch):
     calls = []
-    for kind in list(pipeline.RUNNERS):
-        monkeypatch.setitem(pipeline.RUNNERS, kind, lambda config, resume: calls.append(config.out))
+    _every_stage_runs(monkeypatch, lambda config, resume: calls.append(config.out))
     config = pipeline.PipelineConfig(sources=["synth_msmt"], targets=["synth_duke", "market1501"],
                                      root=str(synth_root), out=str(tmp_path / "run"), preset="quick")
     with pytest.raises(DatasetError, match="no market1501 data under"):
@@ -550,8 +551,7 @@ def test_the_pipeline_saves_its_data_root_absolute(synth_root, tmp_path, monkeyp
     def stop(config, resume):
         raise Stop
 
-    for kind in list(pipeline.RUNNERS):
-        monkeypatch.setitem(pipeline.RUNNERS, kind, stop)
+    _every_stage_runs(monkeypatch, stop)
     monkeypatch.chdir(synth_root.parent)
     config = pipeline.PipelineConfig(sources=["synth_msmt"], targets=["synth_duke"], root=synth_root.name,
                                      out=str(tmp_path / "run"), preset="quick")
@@ -631,8 +631,7 @@ def test_without_the_blend_baseline_no_blend_stage_runs_and_no_row_shows_it(thre
         trained.append(folder.name)
         return SimpleNamespace(final={t: {"mAP": 1.0, "rank1": 2.0} for t in config.targets})
 
-    for kind in list(pipeline.RUNNERS):
-        monkeypatch.setitem(pipeline.RUNNERS, kind, stand_in)
+    _every_stage_runs(monkeypatch, stand_in)
     config = _config(three_domains, blend_baseline=False, blend={"train.epochs": 3})
     config.out = str(tmp_path / "run")
     result = pipeline.run(config)
@@ -664,8 +663,7 @@ def test_an_architecture_that_cannot_run_stops_the_pipeline_before_the_first_sta
     """Found by a review: an unknown --student-arch failed after the teachers' source stage had trained, and a
     first stage that failed left the pipeline's folder (config.yaml, log.txt) behind."""
     calls = []
-    for kind in list(pipeline.RUNNERS):
-        monkeypatch.setitem(pipeline.RUNNERS, kind, lambda config, resume: calls.append(config.out))
+    _every_stage_runs(monkeypatch, lambda config, resume: calls.append(config.out))
     common = ["pipeline", "-s", "synth_msmt", "-t", "synth_duke", "--root", str(synth_root), "--preset", "quick",
               "--teacher-arch", "resnet_tiny", "--out", str(tmp_path / "run")]
     assert main([*common, "--student-arch", "osnet_huge"]) == 2
@@ -677,16 +675,14 @@ def test_an_architecture_that_cannot_run_stops_the_pipeline_before_the_first_sta
     def failing(config, resume):
         raise DatasetError("a bad input in the first stage")
 
-    for kind in list(pipeline.RUNNERS):
-        monkeypatch.setitem(pipeline.RUNNERS, kind, failing)
+    _every_stage_runs(monkeypatch, failing)
     assert main([*common, "--student-arch", "osnet_tiny"]) == 2
     assert not (tmp_path / "run").exists()
 
     def terminated(config, resume):  # SIGTERM before the first stage's training handles signals
         signal.raise_signal(signal.SIGTERM)
 
-    for kind in list(pipeline.RUNNERS):
-        monkeypatch.setitem(pipeline.RUNNERS, kind, terminated)
+    _every_stage_runs(monkeypatch, terminated)
     assert main([*common, "--student-arch", "osnet_tiny"]) == 143
     assert not (tmp_path / "run").exists()
 
@@ -853,8 +849,7 @@ def test_a_pipeline_that_fails_in_a_folder_it_did_not_make_leaves_that_folder(sy
     def failing(config, resume):
         raise DatasetError("a bad input in the first stage")
 
-    for kind in list(pipeline.RUNNERS):
-        monkeypatch.setitem(pipeline.RUNNERS, kind, failing)
+    _every_stage_runs(monkeypatch, failing)
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")

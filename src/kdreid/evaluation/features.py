@@ -474,7 +474,7 @@ def evaluate_command(args) -> int:
     target's numbers lost) and removing each other's staged pictures."""
     if not args.out:
         return _evaluate_command(args)
-    from kdreid.rundir import LOCK_FILE, exclusive, first_missing, remove_made_folder
+    from kdreid.rundir import exclusive, first_missing, remove_made_folder_if_unused
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -484,8 +484,7 @@ def evaluate_command(args) -> int:
         try:
             return _evaluate_command(args)
         finally:
-            if made is not None and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
-                remove_made_folder(out, made)  # still held: the lock goes with the folder
+            remove_made_folder_if_unused(out, made)
 
 
 def _evaluate_command(args) -> int:

@@ -218,23 +218,18 @@ def load_teacher(path: str, arch: str = "", last_stride: int = 1) -> nn.Module:
     DSBN) even with `arch`: `arch` and `last_stride` describe the plain state dicts that may sit beside it (mixed
     teachers), and rebuilding it with them would give another network, or refuse a teacher of another
     architecture."""
-    if arch:  # with the embedding layer the file holds, if any (SpCL's and the seed's `feat`)
-        from kdreid.models.weights import CHECKPOINT_FORMAT, read_file
-
-        content = read_file(path)
-        if isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT:
-            return load_checkpoint(path)  # its metadata too: the target checks (check_teacher_targets) still apply
-        return build_model(arch, 0, pretrained=path, last_stride=last_stride,
-                           embedding_dim=embedding_dim_of(path)).eval()
     try:
-        return load_checkpoint(path)
+        return load_checkpoint(path)  # its metadata too: the target checks (check_teacher_targets) apply
     except CheckpointError as error:
-        if "not a kdreid checkpoint" in str(error):
+        if "not a kdreid checkpoint" not in str(error):
+            raise
+        if not arch:
             raise CheckpointError(
                 f"{path}: not a kdreid checkpoint; to load a plain state dict of another toolkit, pass "
                 "--teacher-arch ARCH"
             ) from None
-        raise
+    # with the embedding layer the file holds, if any (SpCL's and the seed's `feat`)
+    return build_model(arch, 0, pretrained=path, last_stride=last_stride, embedding_dim=embedding_dim_of(path)).eval()
 
 
 # RUN/teachers.json: a digest of each teacher's weights when the run began.

@@ -116,13 +116,12 @@ def generate(
 def _removed_if_left_empty(out: Path, made: Path | None):
     """A run stopped (Ctrl-C, SIGTERM) or failed before its first domain was in place leaves no --out folder behind
     that it made itself, holding nothing but its lock file (and the parents it made with it)."""
-    from kdreid.rundir import LOCK_FILE, remove_made_folder
+    from kdreid.rundir import remove_made_folder_if_unused
 
     try:
         yield
     except BaseException:
-        if made is not None and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
-            remove_made_folder(out, made)
+        remove_made_folder_if_unused(out, made)
         raise
 
 
