@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return USAGE_ERROR
-    succeeded = False
+    ended_together = False  # with the other processes under torchrun: see distributed.cleanup
     # SIGTERM (`kill`, `timeout`, a scheduler) stops every command as Ctrl-C does: what it was writing is cleaned
     # up, and it exits 143 with one line. The training commands install this themselves, where they clean up (a
     # stage on its main process only, a pipeline on every process), and hand it to the training loop's handling.
@@ -603,10 +603,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.nullcontext() if own_handling else sigterm_interrupts():
             code = int(args.run(args) or 0)
-        succeeded = code == 0
+        ended_together = code == 0
         return code
     except KdreidError as error:
-        interrupt = None if hasattr(error, "exit_code") else _interrupt_behind(error)
+        stopped_training = hasattr(error, "exit_code")  # TrainingInterrupted: after its checkpoint, at a signal
+        ended_together = stopped_training  # every process stops training at the same step
+        interrupt = None if stopped_training else _interrupt_behind(error)
         if interrupt is not None:  # Ctrl-C while a library loaded, which it reported as an ImportError
             print("kdreid: interrupted", file=sys.stderr)
             return getattr(interrupt, "exit_code", 130)
@@ -633,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_ERROR
     finally:
         if "kdreid.distributed" in sys.modules:  # a torchrun process: how it leaves the process group at exit
-            sys.modules["kdreid.distributed"].mark_succeeded(succeeded)
+            sys.modules["kdreid.distributed"].mark_ended_together(ended_together)
 
 
 # The commands whose stages handle SIGTERM themselves (kdreid.stages.common, kdreid.stages.pipeline).

@@ -76,22 +76,24 @@ def init(device: str = "auto") -> bool:
     return True
 
 
-_succeeded = False  # the last command of this process ended well (`mark_succeeded`)
+_ended_together = False  # this process's last command ended as the others' did (`mark_ended_together`)
 
 
-def mark_succeeded(succeeded: bool) -> None:
-    global _succeeded
-    _succeeded = succeeded
+def mark_ended_together(together: bool) -> None:
+    """Whether the command ended where every process ends it: it succeeded, or training stopped at a signal, which
+    the processes agree on (they stop at the same step)."""
+    global _ended_together
+    _ended_together = together
 
 
 def cleanup() -> None:
-    """Leave the process group (registered at exit by `init`). After a command that ended well, first wait for the
-    other processes: one that tore its connections down while a peer's gloo threads still used them made that peer
-    abort at exit ("terminate called without an active exception", exit -6) after a successful run. Not after a
-    failure, where the others may never come (a process that failed alone)."""
+    """Leave the process group (registered at exit by `init`). After a command that every process ended together,
+    first wait for the others: one that tore its connections down while a peer's gloo threads still used them made
+    that peer abort at exit ("terminate called without an active exception", exit -6). Not after a failure, where
+    the others may never come (a process that failed alone)."""
     if not is_distributed():
         return
-    if _succeeded:
+    if _ended_together:
         try:
             dist.barrier()
         except Exception:  # noqa: BLE001 -- a peer gone already: leaving is all that is left to do
