@@ -238,6 +238,31 @@ def test_an_empty_section_of_the_config_file_keeps_the_preset(tmp_path, monkeypa
     assert f"{settings}.train.epochs: expected an integer, got None" in capsys.readouterr().err
 
 
+def test_a_home_folder_in_the_config_file_is_expanded_as_in_the_flags(tmp_path, monkeypatch, pipeline_config_of):
+    # `out: ~/runs/x` in a --config file made a folder named `~` in the current one (`--out ~/runs/x` did not).
+    from kdreid.stages import distill
+    from kdreid.stages.pipeline import stage_configs
+    from kdreid.stages.presets import resolve_config
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = tmp_path / "home"
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("out: ~/runs/student\ndata: {root: ~/data}\nteachers: [~/t1.pt, ~/t2.pt]\n"
+                        "student_init: ~/student.pt\ntargets: [~market]\n")
+    config = resolve_config(distill.DistillConfig, "distill", preset="quick", config_file=str(settings))
+    assert (config.out, config.data.root, config.teachers, config.student_init) == (
+        str(home / "runs/student"), str(home / "data"), [str(home / "t1.pt"), str(home / "t2.pt")],
+        str(home / "student.pt"))
+    assert config.targets == ["~market"]  # a name, not a path
+    # A pipeline's file: its own folders, and a stage's section.
+    settings.write_text("root: ~/data\nout: ~/runs/p\nsource: {pretrained: ~/r50.pth}\n"
+                        "blend: {train.optim.lr: 0.1}\n")
+    config = pipeline_config_of(["pipeline", "-s", "synth_msmt", "-t", "synth_duke", "--config", str(settings)])
+    assert (config.root, config.out) == (str(home / "data"), str(home / "runs/p"))
+    stages = stage_configs(config)
+    assert stages["source_resnet50"].pretrained == str(home / "r50.pth")
+
+
 def test_every_flag_of_the_pipeline_reaches_its_stages(tmp_path, pipeline_config_of):
     flags = [flag if flag not in ("R", "O") else str(tmp_path / flag) for flag in STAGE_FLAGS]
     config = pipeline_config_of(["pipeline", "-s", "cuhk03", "-t", "market1501", "dukemtmcreid", "--teacher-arch",

@@ -6,6 +6,7 @@ them), the preset, the --config YAML file, then each CLI flag that was given.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, TypeVar
 
 from kdreid.config import from_dict, override, read_yaml, to_dict
@@ -73,8 +74,25 @@ def resolve_config(
         data = read_yaml(config_file) or {}
         if not isinstance(data, Mapping):
             raise ConfigError(f"{config_file}: expected a mapping of settings at the top level")
-        config = _merge(config, data, where=str(config_file))
+        config = _merge(config, _expand_home(data), where=str(config_file))
     return override(config, overrides or {})
+
+
+# The settings that name files or folders (at any depth: `data: {root: ...}`, a pipeline's `source: {pretrained:
+# ...}`): `~` there is the home folder, as in the path flags, not a folder named `~` in the current one.
+PATH_SETTINGS = frozenset({"out", "root", "init", "teachers", "student_init", "pretrained"})
+
+
+def _expand_home(data: Any, key: str = "") -> Any:
+    if isinstance(data, Mapping):
+        return {name: _expand_home(value, str(name)) for name, value in data.items()}
+    if key not in PATH_SETTINGS:
+        return data
+    if isinstance(data, str):
+        return os.path.expanduser(data)
+    if isinstance(data, list):
+        return [os.path.expanduser(item) if isinstance(item, str) else item for item in data]
+    return data
 
 
 def _merge(config: T, partial: Mapping, where: str) -> T:
