@@ -297,3 +297,165 @@ def test_an_embedding_layer_in_the_file_is_loaded_or_refused_never_dropped(tmp_p
     loaded = build_model("resnet_tiny", 5, pretrained=str(path), embedding_dim=embedding_dim_of(path)).eval()
     images = torch.rand(2, 3, 32, 16)
     assert torch.allclose(loaded(images), trained.eval()(images), atol=1e-6)
+
+
+def _fastreid_spelling(state):
+    """fast-reid's Baseline: `backbone.*`, `heads.bottleneck` (with EMBEDDING_DIM > 0 a 1×1 conv without bias, then
+    the BNNeck as `.1`; else the BNNeck as `.0`), the classifier as `heads.weight`."""
+    embedding = "embed.weight" in state
+    out = {}
+    for key, value in state.items():
+        head, rest = key.split(".", 1)
+        if head == "embed":
+            if rest == "weight":
+                out["heads.bottleneck.0.weight"] = value[:, :, None, None]
+        elif head == "bnneck":
+            out[f"heads.bottleneck.{int(embedding)}.{rest}"] = value
+        elif head == "classifier":
+            out["heads.weight"] = value
+        else:
+            out["backbone." + key] = value
+    return out
+
+
+def test_fastreid_embedding_dim_head_is_loaded_not_dropped(tmp_path):
+    """fast-reid with MODEL.HEADS.EMBEDDING_DIM > 0: heads.bottleneck.0 is a 1×1 conv (the embedding), .1 the BNNeck.
+    A review found both discarded: the pooled 2048-d feature was evaluated through a fresh BNNeck, silently."""
+    from kdreid.models.weights import embedding_dim_of
+    from tests.reference import randomise_batchnorm
+
+    torch.manual_seed(0)
+    trained = build_model("resnet_tiny", 5, embedding_dim=24)
+    randomise_batchnorm(trained)
+    torch.nn.init.zeros_(trained.embed.bias)  # fast-reid's conv has no bias
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": _fastreid_spelling(trained.state_dict()), "iteration": 100, "optimizer": {}}, path)
+    assert embedding_dim_of(path) == 24
+    with pytest.raises(ModelError, match=r"holds an embedding layer \(\d+ -> 24\) .* build it with embedding_dim=24"):
+        build_model("resnet_tiny", 0, pretrained=str(path))
+    loaded = build_model("resnet_tiny", 0, pretrained=str(path), embedding_dim=24).eval()
+    assert loaded.load_report.missing == [] and loaded.load_report.discarded == ["heads.weight"]
+    images = torch.rand(2, 3, 32, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded(images), trained.eval()(images), atol=1e-6)
+
+
+def _fastreid_resnet_tiny(tmp_path, extra):
+    state = _fastreid_spelling(_resnet_tiny_state())
+    state.update(extra)
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": state}, path)
+    return path
+
+
+@pytest.mark.parametrize("extra, message", [
+    # SBS configs: POOL_LAYER GeneralizedMeanPoolingP, whose exponent is learnt
+    ({"heads.pool_layer.p": torch.tensor([3.2])},
+     r"pools with generalized-mean pooling \(heads.pool_layer.p = 3.2, fast-reid's GeneralizedMeanPoolingP\) where "
+     r"resnet_tiny pools by average"),
+    # WITH_NL: non-local blocks after blocks of layer2 / layer3
+    ({f"backbone.NL_2.0.{name}.weight": torch.rand(4, 8, 1, 1) for name in ("g", "theta", "phi")},
+     r"its backbone holds 3 tensors that resnet_tiny has no place for \(e.g. backbone.NL_2.0.g.weight: fast-reid's "
+     r"non-local blocks \(MODEL.BACKBONE.WITH_NL\)\)"),
+    # WITH_SE: a squeeze-and-excitation layer inside each block
+    ({"backbone.layer1.0.se.fc.0.weight": torch.rand(2, 8)},
+     r"its backbone holds 1 tensor that resnet_tiny has no place for \(e.g. backbone.layer1.0.se.fc.0.weight: "
+     r"squeeze-and-excitation"),
+])
+def test_fastreid_layers_kdreid_lacks_are_refused_not_dropped(tmp_path, extra, message):
+    """A review found GeM's exponent, non-local blocks and SE layers discarded: the backbone 'fit', and the model
+    gave another network's features, silently."""
+    path = _fastreid_resnet_tiny(tmp_path, extra)
+    with pytest.raises(ModelError, match=message) as error:
+        build_model("resnet_tiny", 0, pretrained=str(path))
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_fastreid_ibn_is_named_as_such(tmp_path):
+    """IBN-a (fast-reid's WITH_IBN, torchreid's resnet50_ibn_a) splits bn1 into bn1.IN / bn1.BN: the refusal says so,
+    not 'pass the right -a' (no -a reads it)."""
+    state = _fastreid_spelling(_resnet_tiny_state())
+    ibn = {}
+    for key, value in state.items():
+        if key.startswith("backbone.layer1.") and ".bn1." in key:
+            stem, leaf = key.rsplit(".", 1)
+            half = value.shape[0] // 2 if value.ndim else 0
+            if leaf in ("weight", "bias"):
+                ibn[f"{stem}.IN.{leaf}"] = value[:half]
+            ibn[f"{stem}.BN.{leaf}"] = value[half:] if value.ndim else value
+        else:
+            ibn[key] = value
+    path = tmp_path / "ibn.pth"
+    torch.save({"model": ibn}, path)
+    with pytest.raises(ModelError, match=r"an IBN-Net model \(instance normalisation, e.g. backbone.layer1.0.bn1.IN."
+                                         r"weight: fast-reid's MODEL.BACKBONE.WITH_IBN"):
+        build_model("resnet_tiny", 0, pretrained=str(path))
+
+
+def test_fastreid_resnet_notes_its_stem(tmp_path):
+    """fast-reid's ResNet max-pools its stem without padding (ceil_mode): the load summary says the features are close
+    to fast-reid's, not equal."""
+    model = build_model("resnet_tiny", 0, pretrained=str(_fastreid_resnet_tiny(tmp_path, {})))
+    assert "note: fast-reid's ResNet max-pools its stem without padding" in model.load_report.summary()
+    plain = tmp_path / "plain.pth"
+    torch.save(_resnet_tiny_state(), plain)
+    assert "note:" not in build_model("resnet_tiny", 0, pretrained=str(plain)).load_report.summary()
+
+
+@pytest.mark.parametrize("wrap", ["compiled", "dataparallel+compiled"])
+def test_torch_compile_prefix_is_stripped(tmp_path, wrap):
+    """A state dict saved from torch.compile(model) spells every key `_orig_mod.…` (after `module.` under DDP)."""
+    trained = build_model("resnet_tiny", 3)
+    from tests.reference import randomise_batchnorm
+
+    randomise_batchnorm(trained)
+    state = torch.compile(trained).state_dict()
+    assert all(k.startswith("_orig_mod.") for k in state)
+    if wrap == "dataparallel+compiled":
+        state = {"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 3}
+    path = tmp_path / "compiled.pth"
+    torch.save(state, path)
+    loaded = build_model("resnet_tiny", 3, pretrained=str(path)).eval()
+    assert loaded.load_report.missing == [] and loaded.load_report.discarded == []
+    images = torch.rand(2, 3, 32, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), trained.eval()(images))
+
+
+def test_fastreid_osnet_without_fc_is_named_as_such(tmp_path):
+    """fast-reid's OSNet has no `fc` after the pooling (its head pools conv5): not 'pass the right -a', which no -a
+    satisfies."""
+    state = {"backbone." + k: v for k, v in build_model("osnet_tiny", 0).state_dict().items()
+             if not k.startswith(("fc.", "bnneck."))}
+    path = tmp_path / "osnet_fastreid.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(ModelError, match=r"an OSNet without the fc layer after the pooling \(fast-reid's OSNet"):
+        build_model("osnet_tiny", 0, pretrained=str(path))
+
+
+def test_fastreid_0x_bnneck_head_is_loaded(tmp_path):
+    """fast-reid 0.x's BNneckHead keeps its BNNeck as `heads.bnneck` and evaluates its output: it loads as ours (a
+    review found it discarded, the feature going through a fresh BNNeck)."""
+    state = _resnet_tiny_state()
+    spelled = {("heads." + k if k.startswith("bnneck.") else "backbone." + k): v for k, v in state.items()}
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": spelled}, path)
+    model = build_model("resnet_tiny", 0, pretrained=str(path))
+    assert model.load_report.missing == [] and model.load_report.discarded == []
+    assert torch.equal(model.bnneck.running_var, state["bnneck.running_var"])
+
+
+def test_fastreid_0x_reduction_head_is_refused(tmp_path):
+    """fast-reid 0.x's ReductionHead: conv, BN and LeakyReLU in heads.bottleneck, then heads.bnneck: kdreid's head
+    cannot compute it."""
+    state = {"backbone." + k: v for k, v in _resnet_tiny_state().items() if not k.startswith("bnneck.")}
+    state.update({"heads.bottleneck.0.weight": torch.rand(24, 64, 1, 1), "heads.bottleneck.1.weight": torch.rand(24),
+                  "heads.bnneck.weight": torch.rand(24), "heads.bnneck.running_var": torch.rand(24)})
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": state}, path)
+    from kdreid.models.weights import embedding_dim_of
+
+    for embedding_dim in (0, 24):
+        with pytest.raises(ModelError, match=r"fast-reid's ReductionHead \(heads.bottleneck: 1×1 conv, BN and LeakyReLU"):
+            build_model("resnet_tiny", 0, pretrained=str(path), embedding_dim=embedding_dim)
+    assert embedding_dim_of(path) == 0

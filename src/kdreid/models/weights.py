@@ -2,8 +2,8 @@
 kdreid checkpoints. Files are opened with `torch.load(weights_only=True)` only, so a file cannot run code.
 
 Containers understood: a bare state dict (torchvision), `{"state_dict": ...}` (torchreid, SpCL, OpenUnReID,
-kdreid), `{"model": ...}` (fast-reid). Key spellings understood: a `module.` prefix (DataParallel / DDP),
-fast-reid's `backbone.` and `heads.bottleneck.0`, SpCL's `base.0/1/4-7` (its ResNet as one Sequential) and
+kdreid), `{"model": ...}` (fast-reid). Key spellings understood: `module.` and `_orig_mod.` prefixes (DataParallel /
+DDP, torch.compile), fast-reid's `backbone.` and `heads.bottleneck` (BNNeck, or 1×1-conv embedding + BNNeck), SpCL's `base.0/1/4-7` (its ResNet as one Sequential) and
 `feat_bn`, OpenUnReID's `backbone.`, `head.feat_bn`, `head.feat_reduction` and mean-teacher pairs (`mean_net.`
 is kept), and domain-specific BN branches (SpCL's `BN_S` / `BN_T`, OpenUnReID's `dsbn.N`): into a DSBN model
 branch by branch, into plain BatchNorm the target one. A model's own spelling always wins.
@@ -194,20 +194,49 @@ def unwrap_state_dict(obj: object, where: str = "file") -> dict[str, torch.Tenso
 _SPCL_RESNET = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 
 
+_WRAPPERS = ("module.", "_orig_mod.")  # DataParallel / DDP, and torch.compile's wrapper (OptimizedModule)
+
+
 def _strip_wrappers(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Remove `module.` prefixes; of a mean-teacher pair (MMT / OpenUnReID: `net.` and `mean_net.`) keep the
-    mean network, the one those methods evaluate. -> (tensors by stripped key, original keys set aside)."""
+    """Remove `module.` and `_orig_mod.` prefixes; of a mean-teacher pair (MMT / OpenUnReID: `net.` and
+    `mean_net.`) keep the mean network, the one those methods evaluate; spell fast-reid's embedding head as ours.
+    -> (tensors by stripped key, original keys set aside)."""
     stripped: dict[str, tuple[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         short = key
-        while short.startswith("module."):
-            short = short[len("module."):]
+        while short.startswith(_WRAPPERS):
+            short = short.split(".", 1)[1]
         stripped[short] = (key, value)
     set_aside = []
     if any(k.startswith("mean_net.") for k in stripped):
         set_aside = [original for k, (original, _) in stripped.items() if not k.startswith("mean_net.")]
         stripped = {k[len("mean_net."):]: v for k, v in stripped.items() if k.startswith("mean_net.")}
-    return stripped, set_aside
+    return _fastreid_embedding(stripped), set_aside
+
+
+def _fastreid_embedding(tensors: dict[str, tuple[str, torch.Tensor]]) -> dict[str, tuple[str, torch.Tensor]]:
+    """fast-reid's EmbeddingHead with MODEL.HEADS.EMBEDDING_DIM > 0: `heads.bottleneck` is a 1×1 conv (no bias), the
+    embedding layer, then the BNNeck as `heads.bottleneck.1`. Its eval feature is BN(conv(pooled)): ours is
+    bnneck(embed(pooled)), so the conv is our `embed` (a Linear of the same weights, bias 0) and `.1` our BNNeck.
+    Without an embedding `heads.bottleneck.0` is the BNNeck itself (`_candidates` renames it)."""
+    if not _fastreid_conv_bottleneck(tensors) or any(k.startswith("heads.bnneck.") for k in tensors):
+        return tensors  # (with a `heads.bnneck` too: fast-reid 0.x's ReductionHead, which load_state_dict_into refuses)
+    out = {}
+    for key, (original, value) in tensors.items():
+        if key == "heads.bottleneck.0.weight":
+            out["embed.weight"] = (original, value.flatten(1))
+            out["embed.bias"] = (original, torch.zeros(value.shape[0], dtype=value.dtype))
+        elif key.startswith("heads.bottleneck.1."):
+            out["bnneck." + key[len("heads.bottleneck.1."):]] = (original, value)
+        else:
+            out[key] = (original, value)
+    return out
+
+
+def _fastreid_conv_bottleneck(tensors: Mapping[str, tuple[str, torch.Tensor]]) -> bool:
+    """Whether fast-reid's `heads.bottleneck` starts with a 1×1 conv (an embedding layer), not with the BNNeck."""
+    conv = tensors.get("heads.bottleneck.0.weight")
+    return conv is not None and conv[1].ndim == 4 and tuple(conv[1].shape[2:]) == (1, 1)
 
 
 def _last_domain(keys) -> str | None:
@@ -225,6 +254,7 @@ def _candidates(key: str, last_domain: str | None) -> list[str]:
             out.append(key[len(prefix):])
     renames = {
         "heads.bottleneck.0.": "bnneck.",  # fast-reid's BNNeck
+        "heads.bnneck.": "bnneck.",  # fast-reid 0.x's BNneckHead
         "feat_bn.": "bnneck.",  # SpCL and the original KD-ReID code
         "feat.": "embed.",  # their embedding Linear (pooled feature -> --features), before feat_bn
         "head.feat_bn.": "bnneck.",  # OpenUnReID
@@ -256,6 +286,7 @@ class LoadReport:
     matched: list[str] = field(default_factory=list)  # model keys that received a tensor
     missing: list[str] = field(default_factory=list)  # model keys left as they were
     discarded: list[str] = field(default_factory=list)  # file keys not used (unknown name or other shape)
+    notes: list[str] = field(default_factory=list)  # how the loaded model may differ from the file's own
 
     def summary(self) -> str:
         def names(keys: list[str]) -> str:
@@ -267,6 +298,8 @@ class LoadReport:
             text += f"; {len(self.missing)} missing: {names(self.missing)}"
         if self.discarded:
             text += f"; {len(self.discarded)} discarded: {names(self.discarded)}"
+        for note in self.notes:
+            text += f"; note: {note}"
         return text
 
 
@@ -280,6 +313,15 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     report = LoadReport(source)
     accepted: dict[str, torch.Tensor] = {}
     tensors, report.discarded = _strip_wrappers(state_dict)
+    arch = getattr(model, "arch", type(model).__name__)
+    if _fastreid_conv_bottleneck(tensors) and any(k.startswith("heads.bnneck.") for k in tensors):
+        # fast-reid 0.x's ReductionHead: pooled -> 1×1 conv -> BN -> LeakyReLU -> (dropout) -> BNNeck; kdreid's head
+        # has no BN and activation between its embedding and BNNeck, and its features are that chain's output.
+        raise ModelError(
+            f"{source}: fast-reid's ReductionHead (heads.bottleneck: 1×1 conv, BN and LeakyReLU before heads.bnneck), "
+            f"which {arch}'s head (embedding, BNNeck) does not have; its features would be another model's; use it "
+            "in its own toolkit"
+        )
     last_domain = str(domain) if domain is not None else _last_domain(tensors)
     for key, (original, value) in tensors.items():
         target = next((k for k in _candidates(key, last_domain) if k in own), None)
@@ -287,14 +329,26 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             report.discarded.append(original)
             continue
         accepted[target] = value
-    arch = getattr(model, "arch", type(model).__name__)
     embedding = next((value for key, (_, value) in tensors.items()
                       if "embed.weight" in _candidates(key, last_domain) and value.ndim == 2), None)
-    if embedding is not None and "embed.weight" not in own:
+    if embedding is not None and ("embed.weight" not in own or own["embed.weight"].shape != embedding.shape):
         # Dropping it would feed the pooled feature to a BNNeck whose statistics were learnt after the layer.
+        built = "was built without" if "embed.weight" not in own else \
+            f"was built with another one ({own['embed.weight'].shape[1]} -> {own['embed.weight'].shape[0]})"
         raise ModelError(
             f"{source}: holds an embedding layer ({embedding.shape[1]} -> {embedding.shape[0]}) that this {arch} "
-            f"was built without; build it with embedding_dim={embedding.shape[0]}"
+            f"{built}; build it with embedding_dim={embedding.shape[0]}"
+        )
+    pooling = next(((original, value) for key, (original, value) in tensors.items()
+                    if re.search(r"pool\w*\.p$", key, re.IGNORECASE) and value.numel() == 1), None)
+    if pooling is not None:
+        # fast-reid's GeneralizedMeanPoolingP (the SBS configs' POOL_LAYER) learns its exponent p; kdreid pools by
+        # average, so its features from these weights would be another model's.
+        raise ModelError(
+            f"{source}: pools with generalized-mean pooling ({pooling[0]} = {float(pooling[1]):.3g}, fast-reid's "
+            f"GeneralizedMeanPoolingP) where {arch} pools by average: its features would be another model's; "
+            "use it in its own toolkit, or train it with average pooling (fast-reid: MODEL.HEADS.POOL_LAYER "
+            "GlobalAvgPool)"
         )
     if not any(not head_key(k) for k in accepted):
         if str(arch).startswith("mobilenetv2") and any(k.startswith("conv9.conv.") for k in tensors):
@@ -313,12 +367,43 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     report.missing = [k for k in own if k not in accepted and not k.endswith("num_batches_tracked")]
     backbone = [k for k in own if not head_key(k) and not k.endswith("num_batches_tracked")]
     backbone_missing = [k for k in report.missing if not head_key(k)]
+    ibn = next((original for key, (original, _) in tensors.items() if re.search(r"\.IN\.(weight|bias)$", key)), None)
+    if ibn is not None:
+        # IBN-Net: instance norm on half of the channels of the first BN of each block (IBN-a); kdreid has no such
+        # layer, and no other -a would read it.
+        raise ModelError(
+            f"{source}: an IBN-Net model (instance normalisation, e.g. {ibn}: fast-reid's MODEL.BACKBONE.WITH_IBN, "
+            f"torchreid's resnet50_ibn_a), which kdreid's {arch} does not have and no kdreid architecture reads; "
+            "use it in its own toolkit, or train one without IBN"
+        )
+    if backbone_missing and str(arch).startswith("osnet") and all(k.startswith("fc.") for k in backbone_missing):
+        # fast-reid's OSNet ends at conv5 (its head pools that map); kdreid's is torchreid's, whose feature is the
+        # output of a 512-d `fc` after the pooling: without it the file is another network, not a partial one.
+        raise ModelError(
+            f"{source}: an OSNet without the fc layer after the pooling (fast-reid's OSNet, whose head pools conv5 "
+            f"directly); kdreid's {arch} is torchreid's OSNet, whose feature is that fc's output, and no kdreid "
+            "architecture reads it; use it in its own toolkit"
+        )
     if backbone_missing:
         # A partly loaded backbone still runs and gives numbers, silently wrong ones: refuse it.
         raise ModelError(
             f"{source}: {len(backbone_missing)} of {arch}'s {len(backbone)} backbone tensors are missing or of "
             f"another shape (e.g. {backbone_missing[0]}); is this a checkpoint of another architecture? "
             "pass the right -a"
+        )
+    extra = _unplaced_backbone_tensors(tensors, own, last_domain)
+    if extra:
+        # Layers inside the file's backbone that this one lacks (fast-reid's non-local blocks, SE layers): its
+        # features are computed through them; dropping them would give another model's, silently.
+        what = ("fast-reid's non-local blocks (MODEL.BACKBONE.WITH_NL)" if any(".NL_" in k or k.startswith("NL_")
+                                                                              for k in extra) else
+                "squeeze-and-excitation layers (fast-reid's MODEL.BACKBONE.WITH_SE)" if any(".se." in k for k in extra)
+                else "layers")
+        raise ModelError(
+            f"{source}: its backbone holds {len(extra)} tensor{'s' * (len(extra) > 1)} that {arch} has no place "
+            f"for (e.g. {extra[0]}: "
+            f"{what}); its features are computed through them, so {arch} would give another model's; use it in its "
+            "own toolkit, or train one without them"
         )
     fc_layer = next((value for key, (_, value) in tensors.items() if value.ndim == 2
                      and any(re.fullmatch(r"fc\.\d+\.weight", k) for k in _candidates(key, last_domain))
@@ -333,9 +418,35 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             f"features are their output. To use the {fc_layer.shape[1]}-d pooled feature anyway, re-save the "
             "state dict without its fc.* keys"
         )
+    stem = getattr(model, "maxpool", None)
+    if isinstance(stem, nn.MaxPool2d) and stem.padding == 1 and hasattr(model, "layer4") and \
+            any(k.startswith("heads.") for k in tensors) and \
+            any(k.startswith("backbone.") for k in tensors):
+        # A fast-reid file: its ResNet's stem is MaxPool2d(3, 2, ceil_mode=True) with no padding, ours (torchvision's,
+        # torchreid's) pads by 1: the pooling windows are one pixel apart, the weights the same.
+        report.notes.append("fast-reid's ResNet max-pools its stem without padding, kdreid's as torchvision's: "
+                            "features are close to fast-reid's, not equal")
     model.load_state_dict(accepted, strict=False)
     log.info(report.summary())
     return report
+
+
+def _unplaced_backbone_tensors(tensors: Mapping[str, tuple[str, torch.Tensor]], own: Mapping[str, torch.Tensor],
+                               last_domain: str | None) -> list[str]:
+    """Original keys of the file's backbone tensors that have no name in `own`: under a backbone module of the model
+    (`layer1.0.se.…`), or under a `backbone.` prefix (fast-reid, OpenUnReID: `backbone.NL_2.…`). Other domains'
+    BatchNorm branches and heads (classifiers, ImageNet `fc`) are left out: dropping those is expected."""
+    backbone_modules = {k.split(".", 1)[0] for k in own if not head_key(k)}
+    extra = []
+    for key, (original, _) in tensors.items():
+        candidates = _candidates(key, last_domain)
+        if any(k in own for k in candidates) or key.endswith("num_batches_tracked") or \
+                re.search(r"\.(BN_S|BN_T|dsbn\.\d+|bns\.\d+)\.", key):
+            continue
+        if key.startswith("backbone.") or any(k.split(".", 1)[0] in backbone_modules and "." in k
+                                              for k in candidates):
+            extra.append(original)
+    return extra
 
 
 def load_weights(model: nn.Module, path: str | Path, source: str | None = None) -> LoadReport:
