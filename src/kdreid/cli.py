@@ -601,13 +601,16 @@ def main(argv: list[str] | None = None) -> int:
     # stage on its main process only, a pipeline on every process), and hand it to the training loop's handling.
     own_handling = getattr(args, "command", None) in _TRAINING_COMMANDS
     try:
+        _refuse_other_commands_under_torchrun(args)
         with contextlib.nullcontext() if own_handling else sigterm_interrupts():
             code = int(args.run(args) or 0)
         ended_together = code == 0
         return code
     except KdreidError as error:
         stopped_training = hasattr(error, "exit_code")  # TrainingInterrupted: after its checkpoint, at a signal
-        ended_together = stopped_training  # every process stops training at the same step
+        # Every process stops training at the same step; an error that the processes agreed on (an image of one
+        # process's share of an evaluation that does not decode) is raised by all of them at the same point.
+        ended_together = stopped_training or getattr(error, "on_every_process", False)
         interrupt = None if stopped_training else _interrupt_behind(error)
         if interrupt is not None:  # Ctrl-C while a library loaded, which it reported as an ImportError
             print("kdreid: interrupted", file=sys.stderr)
@@ -640,6 +643,19 @@ def main(argv: list[str] | None = None) -> int:
 
 # The commands whose stages handle SIGTERM themselves (kdreid.stages.common, kdreid.stages.pipeline).
 _TRAINING_COMMANDS = ("train-source", "adapt", "distill", "pipeline")
+
+
+def _refuse_other_commands_under_torchrun(args) -> None:
+    """Only the training commands share their work among torchrun's processes. Any other one ran whole on every
+    process: they raced for the same output (one was refused as "in use by another kdreid process", its own twin),
+    printed everything once per process, and torchrun stopped the others when one failed. One line instead."""
+    world, command = os.environ.get("WORLD_SIZE", ""), getattr(args, "command", None)
+    if command in _TRAINING_COMMANDS or "TORCHELASTIC_RUN_ID" not in os.environ or not world.isdigit() \
+            or int(world) < 2:
+        return
+    name = " ".join(filter(None, [command, getattr(args, "data_command", None)]))
+    raise ConfigError(f"kdreid {name} runs as one process, and torchrun started {world}: run it without torchrun "
+                      f"(only {', '.join(_TRAINING_COMMANDS)} share their work among torchrun's processes)")
 
 
 def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:

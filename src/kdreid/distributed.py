@@ -282,7 +282,10 @@ def broadcast_object(value):
 # ------------------------------------------------------------------------------------------------ evaluation
 def shard(count: int) -> range:
     """This process's contiguous share of `count` items (all of them when not distributed)."""
-    size, index = world_size(), rank()
+    size = world_size()
+    # rank() is torchrun's RANK even before the process joins the group (is_main decides with it then): a process
+    # that never joins (a script under torchrun that calls no init) has all the items, not the slice past the end.
+    index = rank() if size > 1 else 0
     return range(count * index // size, count * (index + 1) // size)
 
 

@@ -371,8 +371,11 @@ def _holder(path: Path) -> str:
 class RunDir:
     """A run's folder: `config.yaml`, `log.txt`, `metrics.json` (and whatever a stage adds)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, create: bool = True):
+        """`create`: make the folder (False: a process that only reads it, one of torchrun's other processes)."""
         self.path = Path(path)
+        if not create:
+            return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except FileExistsError:

@@ -20,7 +20,7 @@ from torch import nn
 
 from kdreid import distributed
 from kdreid.cli import main
-from kdreid.errors import ConfigError
+from kdreid.errors import ConfigError, DatasetError
 from kdreid.losses import cross_entropy_label_smoothing
 from kdreid.models import build_model, load_checkpoint
 from kdreid.stages import source
@@ -182,6 +182,37 @@ def _stop_agreement(rank: int) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------ the pieces
+def _extraction_with_one_bad_image(folder: str) -> tuple:
+    """Embed four images, the last of which (in process 1's share) does not decode. -> (the error's message, True) when
+    every process raised it, marked as such; the features' shape when none was raised."""
+    from PIL import Image
+
+    from kdreid.evaluation.features import extract_features
+
+    paths = [Path(folder) / f"{index}.jpg" for index in range(4)]
+    if distributed.is_main():
+        for path in paths:
+            Image.new("RGB", (8, 16), (40, 80, 120)).save(path)
+        paths[-1].write_bytes(paths[-1].read_bytes()[:40])  # truncated
+    distributed.barrier()
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    try:
+        return tuple(extract_features(model, [str(p) for p in paths], height=16, width=8, device="cpu",
+                                      workers=1).features.shape)
+    except DatasetError as error:
+        if not getattr(error, "on_every_process", False):
+            raise  # raised by this process alone: the other waits in the gathering (or dies in it when this one exits)
+        return str(error), True
+
+
+def test_an_image_that_fails_on_one_process_fails_every_process_at_once(tmp_path):
+    # The other process waited in the gathering of the features for the one whose share held the image, and died
+    # there with gloo's "Connection closed by peer" traceback once it exited; in a training stage the main process
+    # never wrote the checkpoint (evaluation_pending) that the failed process's message said to --resume from.
+    for message, together in _on_processes(_extraction_with_one_bad_image, tmp_path):
+        assert message.startswith(f"image {tmp_path / '3.jpg'} cannot be decoded") and together
+
+
 def test_processes_together_equal_one_process_on_the_global_batch(tmp_path):
     ranks = _on_processes(_synced_step_and_collectives, tmp_path)
     reference = _tiny_model()
@@ -286,6 +317,56 @@ def _source_flags(root, out, config):
             "32", "--device", "cpu", "--seed", "0"]
 
 
+def _launched_by_torchrun(monkeypatch, rank: int, world: int) -> None:
+    for name, value in dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29500", TORCHELASTIC_RUN_ID="test").items():
+        monkeypatch.setenv(name, value)
+
+
+def test_a_process_of_torchrun_that_joins_no_group_has_every_item(monkeypatch):
+    # RANK without a process group made process 1 of 2 take the slice past the end: extract_features in a script
+    # under torchrun (or `kdreid report` there) embedded no image and failed with "need at least one array to stack".
+    _launched_by_torchrun(monkeypatch, rank=1, world=2)
+    assert not distributed.is_distributed() and distributed.rank() == 1
+    assert distributed.shard(5) == range(0, 5)
+
+
+@pytest.mark.parametrize("argv", [["models"], ["report", "run"], ["data", "check", "--root", "r", "-d", "synth_duke"]],
+                         ids=["models", "report", "data-check"])
+def test_other_commands_than_training_are_refused_under_torchrun(monkeypatch, capsys, argv):
+    # Each process ran the whole command: two `evaluate --out` or `report` processes raced for one folder (one was
+    # refused as "in use by another kdreid process", its twin) and every line was printed once per process.
+    from kdreid import cli
+
+    monkeypatch.setattr(cli, "_run_models", lambda args: pytest.fail("ran"))
+    _launched_by_torchrun(monkeypatch, rank=1, world=2)
+    assert main(argv) == 2
+    name = " ".join(argv[:2] if argv[0] == "data" else argv[:1])
+    assert capsys.readouterr().err == (
+        f"kdreid: error: kdreid {name} runs as one process, and torchrun started 2: run it without torchrun (only "
+        "train-source, adapt, distill, pipeline share their work among torchrun's processes)\n")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # `torchrun --nproc_per_node=1`: one process, which runs it
+    monkeypatch.setenv("RANK", "0")
+    if argv == ["models"]:
+        with pytest.raises(pytest.fail.Exception, match="ran"):
+            main(argv)
+
+
+def test_only_the_main_process_makes_a_stage_folder(monkeypatch, tmp_path):
+    # In a pipeline the processes have joined before a stage begins: another process that made the stage's folder
+    # before the main one looked at it made the main one keep the config.yaml, log.txt and datasets.json of a stage
+    # stopped (Ctrl-C) or failed before its first checkpoint, as if the folder had been there before.
+    from kdreid.errors import KdreidError
+    from kdreid.stages.common import begin_stage
+
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    config = resolve_config(source.SourceConfig, "source", overrides={
+        "out": str(tmp_path / "stage"), "data.root": str(tmp_path / "no-data"), "sources": ["synth_duke"]})
+    with pytest.raises(KdreidError, match="does not exist"):
+        begin_stage(config, resume=False)
+    assert not (tmp_path / "stage").exists()
+
+
 def test_torchrun_variables_left_in_a_shell_are_named_before_the_wait(monkeypatch, capsys):
     # Variables left in a shell make a plain command wait for processes that never come: it says so first.
     joined = []
@@ -315,12 +396,18 @@ def _raises(error: Exception):
     return run
 
 
+def _on_every_process(error: Exception) -> Exception:
+    error.on_every_process = True  # as extract_features marks an error the processes agreed on
+    return error
+
+
 @pytest.mark.parametrize("run, together", [
     (lambda args: 0, True),
     (lambda args: 2, False),
     (_raises(ConfigError("bad flag")), False),
     (_raises(TrainingInterrupted("stopped after its checkpoint", signal.SIGTERM)), True),
-], ids=["succeeded", "failed", "refused", "stopped-at-a-signal"])
+    (_raises(_on_every_process(DatasetError("image q.jpg cannot be decoded"))), True),
+], ids=["succeeded", "failed", "refused", "stopped-at-a-signal", "failed-on-every-process"])
 def test_processes_wait_for_each_other_at_exit_only_after_ending_together(monkeypatch, run, together):
     # Leaving without waiting made a peer whose gloo threads still used the connections abort (SIGABRT) at exit:
     # after a training stopped at a signal too, which every process reaches at the same step. After a failure

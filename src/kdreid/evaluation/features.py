@@ -195,18 +195,34 @@ def extract_features(
 
         bar = tqdm(total=len(paths), desc="extracting features", unit="img", leave=False, disable=None)
     outputs = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending = pool.submit(decode, batches[0]) if batches else None
-        for index in range(len(batches)):
-            images = pending.result()
-            if index + 1 < len(batches):
-                pending = pool.submit(decode, batches[index + 1])
-            images = images.to(device, non_blocking=True).float().div_(255)
-            outputs.append(embed_batch(model, images, flip).cpu())
-            if bar is not None:
-                bar.update(len(images))
-    if bar is not None:
-        bar.close()
+    failure = None
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            pending = pool.submit(decode, batches[0]) if batches else None
+            for index in range(len(batches)):
+                images = pending.result()
+                if index + 1 < len(batches):
+                    pending = pool.submit(decode, batches[index + 1])
+                images = images.to(device, non_blocking=True).float().div_(255)
+                outputs.append(embed_batch(model, images, flip).cpu())
+                if bar is not None:
+                    bar.update(len(images))
+    except KdreidError as error:  # an image of this process's share that does not decode
+        if distributed.world_size() == 1:
+            raise
+        failure = error
+    finally:
+        if bar is not None:
+            bar.close()
+    # Several processes: each says whether its share failed, so that every process raises the same error here
+    # together. Otherwise the others waited in the gathering below for the one that failed, and died in it with
+    # gloo's "Connection closed by peer" traceback when it exited; and a training stage's main process, not the
+    # one that failed, never wrote the checkpoint that the failed one's message told the user to --resume from.
+    failed = [f for f in distributed.all_objects(failure) if f is not None] if distributed.world_size() > 1 else []
+    if failed:
+        error = failure or failed[0]
+        error.on_every_process = True  # the processes end together (distributed.cleanup)
+        raise error
     # A process whose share is empty still takes part in the gathering.
     local = torch.cat(outputs) if outputs else torch.zeros(0, 0)
     return Features(distributed.gather_rows(local), pids, camids, paths)

@@ -309,8 +309,11 @@ def begin_stage(config, *, resume: bool) -> StageStart:
     if trained is not None:
         extended = check_resumed_settings(Path(config.out), trained, config)
         measured_otherwise = measurement_changes(trained, config)
-    run = RunDir(config.out)
-    # Only the main process writes the run's files; the others log warnings to their console.
+    # Only the main process writes the run's files, and makes the folder: another process that made it first (in a
+    # pipeline, where the processes have joined already) left the main one's stage_runner believing it existed
+    # before, and a stage stopped before its first checkpoint kept its config.yaml, log.txt and datasets.json.
+    run = RunDir(config.out, create=distributed.is_main())
+    # The other processes log warnings to their console.
     log = run.logger() if distributed.is_main() else distributed.worker_logger()
     if extended:
         log.info(extended)

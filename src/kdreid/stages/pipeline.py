@@ -618,12 +618,14 @@ def run(config: PipelineConfig) -> PipelineResult:
     check_architectures(configs)  # and every architecture that cannot be built or take its images
     fingerprints = DatasetFingerprints()
     check_datasets(configs, config.targets, fingerprints)  # and every missing dataset
+    # The folder, or its topmost parent, that this call makes: looked at before joining the other processes, which
+    # make it (RunDir below) only once every process has joined.
+    created = first_missing(config.out)
     # Under torchrun every process runs this function; the first stage's device decides the backend, and only
     # the main process writes the pipeline's own files.
     distributed.init(next(iter(configs.values())).train.device)
     # The main process holds the pipeline's folder: a second pipeline there would train, or remove, the stage
     # folders this one trains in.
-    created = first_missing(config.out)  # the folder, or its topmost parent, that this call makes
     # A refusal to take the folder (another pipeline holds it) is not caught below: the folder is that one's, even
     # when it did not exist yet as this call looked (two pipelines started together).
     with exclusive(config.out) if distributed.is_main() else contextlib.nullcontext(), sigterm_interrupts():
