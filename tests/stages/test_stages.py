@@ -1116,3 +1116,28 @@ def test_files_the_reader_left_out_are_named_by_the_commands_that_go_on_without_
     assert main(["evaluate", "--model", str(out / "model.pt"), "-t", "custom", "--root", str(folder),
                  "--device", "cpu"]) == 0
     assert f"kdreid: warning: {note}" in capsys.readouterr().err
+
+
+def test_a_stage_puts_back_the_process_wide_torch_switches_it_set(tmp_path, monkeypatch):
+    # A deterministic stage left every later one in the process deterministic: a pipeline's next stages, or the
+    # caller's own torch code (where an operation without a deterministic CUDA kernel then raises).
+    from kdreid.stages import loop, source
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen = []
+
+    def seeded(seed, deterministic):
+        real_seed(seed, deterministic)
+        torch.backends.cudnn.benchmark = True  # as tune_backends does on CUDA
+        seen.append(torch.are_deterministic_algorithms_enabled())
+
+    real_seed = loop.seed_everything
+    monkeypatch.setattr("kdreid.stages.common.seed_everything", seeded)
+    config = resolve_config(source.SourceConfig, "source", overrides={
+        "out": str(tmp_path / "run"), "data.root": str(tmp_path / "no-data"), "sources": ["synth_duke"],
+        "train.deterministic": True})
+    with pytest.raises(DatasetError):  # after seeding: the dataset is not there
+        source.run(config)
+    assert seen == [True]
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark is False

@@ -227,10 +227,12 @@ def stage_runner(run):
         out = Path(config.out)
         created = first_missing(out)  # the folder, or its topmost parent, that this call makes
         if not distributed.is_main():
-            return run(config, resume=resume)
+            with torch_settings_restored():
+                return run(config, resume=resume)
         # Ctrl-C or SIGTERM before training's own handling begins (reading datasets, building models) is cleaned
         # up like a bad input: the config.yaml, log and datasets.json of a run that never trained are not a run.
-        with exclusive(out), sigterm_interrupts():  # removed, if it must be, before another process can take it
+        # Removed, if it must be, while the folder is held: before another process can take it.
+        with exclusive(out), sigterm_interrupts(), torch_settings_restored():
             try:
                 return run(config, resume=resume)
             except (KdreidError, KeyboardInterrupt):
@@ -240,6 +242,22 @@ def stage_runner(run):
                 raise
 
     return guarded
+
+
+@contextlib.contextmanager
+def torch_settings_restored():
+    """A stage sets process-wide torch switches for itself (deterministic algorithms, cuDNN autotuning: see
+    seed_everything, tune_backends); they are put back when it ends. A deterministic stage used to leave every later
+    one in the process deterministic (a pipeline's, or the caller's own torch code, where an operation without a
+    deterministic kernel on CUDA then raises)."""
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def picture_sample(records: Sequence[ImageRecord], count: int, rng: np.random.Generator) -> list[ImageRecord]:
