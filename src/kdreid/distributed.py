@@ -80,8 +80,8 @@ _ended_together = False  # this process's last command ended as the others' did 
 
 
 def mark_ended_together(together: bool) -> None:
-    """Whether the command ended where every process ends it: it succeeded, or training stopped at a signal, which
-    the processes agree on (they stop at the same step)."""
+    """Whether the command ended where every process ends it: it succeeded, training stopped at a signal (the
+    processes agree on the step), or an error that every process raised at the same point (`on_every_process`)."""
     global _ended_together
     _ended_together = together
 
