@@ -240,7 +240,7 @@ def test_an_empty_section_of_the_config_file_keeps_the_preset(tmp_path, monkeypa
 
 def test_a_home_folder_in_the_config_file_is_expanded_as_in_the_flags(tmp_path, monkeypatch, pipeline_config_of):
     # `out: ~/runs/x` in a --config file made a folder named `~` in the current one (`--out ~/runs/x` did not).
-    from kdreid.stages import distill
+    from kdreid.stages import adapt, distill
     from kdreid.stages.pipeline import stage_configs
     from kdreid.stages.presets import resolve_config
 
@@ -248,12 +248,15 @@ def test_a_home_folder_in_the_config_file_is_expanded_as_in_the_flags(tmp_path, 
     home = tmp_path / "home"
     settings = tmp_path / "settings.yaml"
     settings.write_text("out: ~/runs/student\ndata: {root: ~/data}\nteachers: [~/t1.pt, ~/t2.pt]\n"
-                        "student_init: ~/student.pt\ntargets: [~market]\n")
+                        "student_init: ~/student.pt\ntargets: ['~/market']\n")
     config = resolve_config(distill.DistillConfig, "distill", preset="quick", config_file=str(settings))
     assert (config.out, config.data.root, config.teachers, config.student_init) == (
         str(home / "runs/student"), str(home / "data"), [str(home / "t1.pt"), str(home / "t2.pt")],
         str(home / "student.pt"))
-    assert config.targets == ["~market"]  # a name, not a path
+    assert config.targets == ["~/market"]  # a name, not a path
+    settings.write_text("init: ~/source/model.pt\n")
+    config = resolve_config(adapt.AdaptConfig, "adapt", preset="quick", config_file=str(settings))
+    assert config.init == str(home / "source/model.pt")
     # A pipeline's file: its own folders, and a stage's section.
     settings.write_text("root: ~/data\nout: ~/runs/p\nsource: {pretrained: ~/r50.pth}\n"
                         "blend: {train.optim.lr: 0.1}\n")

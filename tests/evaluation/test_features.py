@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -190,3 +193,15 @@ def test_empty_splits_are_errors(model):
     query = Features(torch.zeros(1, 4), np.ones(1, int), np.ones(1, int), ["q.jpg"])
     with pytest.raises(EvaluationError, match="empty gallery"):
         evaluate_features(query, extract_features(model, [], device="cpu"))
+
+
+def test_an_image_that_does_not_decode_stops_the_extraction_in_one_process(model, tmp_path):
+    # One process (no torchrun): the error is raised where the image is met, not kept for the processes to share
+    # (which would return the features of the images before it, one batch short of the paths).
+    from kdreid.errors import DatasetError
+
+    _, paths = write_images(tmp_path, 5)
+    Path(paths[3]).write_bytes(Path(paths[3]).read_bytes()[:40])  # truncated
+    with pytest.raises(DatasetError, match=f"image {re.escape(paths[3])} cannot be decoded") as error:
+        extract_features(model, paths, height=HEIGHT, width=WIDTH, batch_size=2, device="cpu", workers=1)
+    assert not getattr(error.value, "on_every_process", False)  # this process alone: leaving waits for no other

@@ -161,6 +161,19 @@ def test_partly_fitting_weights_of_another_architecture_are_refused(tmp_path):
         build_model("osnet_x0_25", 0, pretrained=path)
 
 
+def test_a_head_tensor_the_model_lacks_is_discarded_not_refused(tmp_path):
+    """torchreid's classifier has a bias, kdreid's none: a torchreid file to train from (num_classes > 0) loads, its
+    classifier.bias discarded; only tensors inside the backbone that the model lacks are refused."""
+    state = _resnet_tiny_state()
+    features = state["bnneck.weight"].shape[0]
+    state.update({"classifier.weight": torch.rand(5, features), "classifier.bias": torch.rand(5)})
+    path = tmp_path / "torchreid.pth.tar"
+    torch.save({"state_dict": state, "epoch": 60}, path)
+    model = build_model("resnet_tiny", 5, pretrained=str(path))
+    assert model.load_report.discarded == ["classifier.bias"] and model.load_report.missing == []
+    assert torch.equal(model.classifier.weight, state["classifier.weight"])
+
+
 def test_a_missing_head_is_not_fatal(tmp_path):
     """A backbone-only file (ImageNet weights, a toolkit without BNNeck) loads; the head keeps its init."""
     state = {k: v for k, v in _resnet_tiny_state().items() if not k.startswith("bnneck.")}
@@ -294,6 +307,10 @@ def test_an_embedding_layer_in_the_file_is_loaded_or_refused_never_dropped(tmp_p
                                          r"without; build it with embedding_dim=24"):
         build_model("resnet_tiny", 5, pretrained=str(path))
     assert embedding_dim_of(path) == 24
+    # Built with another embedding size: the layer and the BNNeck do not fit, and were discarded, silently.
+    with pytest.raises(ModelError, match=r"holds an embedding layer \((\d+) -> 24\) that this resnet_tiny was built "
+                                         r"with another one \(\1 -> 32\); build it with embedding_dim=24"):
+        build_model("resnet_tiny", 5, pretrained=str(path), embedding_dim=32)
     loaded = build_model("resnet_tiny", 5, pretrained=str(path), embedding_dim=embedding_dim_of(path)).eval()
     images = torch.rand(2, 3, 32, 16)
     assert torch.allclose(loaded(images), trained.eval()(images), atol=1e-6)
@@ -400,6 +417,13 @@ def test_fastreid_resnet_notes_its_stem(tmp_path):
     plain = tmp_path / "plain.pth"
     torch.save(_resnet_tiny_state(), plain)
     assert "note:" not in build_model("resnet_tiny", 0, pretrained=str(plain)).load_report.summary()
+    # OpenUnReID's files also spell their backbone `backbone.`; its ResNet is torchvision's, padded stem included.
+    openunreid = tmp_path / "openunreid.pth"
+    spelled = {("head.feat_bn." + k[len("bnneck."):] if k.startswith("bnneck.") else "backbone." + k): v
+               for k, v in _resnet_tiny_state().items()}
+    torch.save({"state_dict": spelled}, openunreid)
+    model = build_model("resnet_tiny", 0, pretrained=str(openunreid))
+    assert model.load_report.missing == [] and "note:" not in model.load_report.summary()
 
 
 @pytest.mark.parametrize("wrap", ["compiled", "dataparallel+compiled"])

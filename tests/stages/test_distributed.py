@@ -356,6 +356,11 @@ def test_other_commands_than_training_are_refused_under_torchrun(monkeypatch, ca
     if argv == ["models"]:
         with pytest.raises(pytest.fail.Exception, match="ran"):
             main(argv)
+        # Variables left in a shell (no torchrun: no TORCHELASTIC_RUN_ID): one process, which runs it.
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+        with pytest.raises(pytest.fail.Exception, match="ran"):
+            main(argv)
 
 
 def test_only_the_main_process_makes_a_stage_folder(monkeypatch, tmp_path):

@@ -687,6 +687,30 @@ def test_an_architecture_that_cannot_run_stops_the_pipeline_before_the_first_sta
     assert not (tmp_path / "run").exists()
 
 
+def test_a_folder_another_process_made_after_joining_is_still_one_this_pipeline_made(synth_root, tmp_path,
+                                                                                        monkeypatch):
+    # Under torchrun the other processes make the pipeline's folder (RunDir) once every process has joined: the main
+    # one looked at it after joining, found it there, and kept the config.yaml and log.txt of a pipeline whose first
+    # stage failed, as if the folder had been there before.
+    from kdreid import distributed
+
+    out = tmp_path / "run"
+
+    def joined(device):
+        out.mkdir()  # another process, faster past the join than the main one
+        return False
+
+    monkeypatch.setattr(distributed, "init", joined)
+
+    def failing(config, resume):
+        raise DatasetError("a bad input in the first stage")
+
+    _every_stage_runs(monkeypatch, failing)
+    assert main(["pipeline", "-s", "synth_msmt", "-t", "synth_duke", "--root", str(synth_root), "--preset", "quick",
+                 "--teacher-arch", "resnet_tiny", "--student-arch", "osnet_tiny", "--out", str(out)]) == 2
+    assert not out.exists()
+
+
 def test_stage_settings_the_pipeline_decides_are_named_not_silently_dropped(tmp_path, capsys):
     config = _config(tmp_path, distill={"teachers": ["a.pt", "b.pt"]}, common={"out": "/tmp/elsewhere"},
                      blend={"targets": ["synth_duke"]})

@@ -1118,13 +1118,17 @@ def test_files_the_reader_left_out_are_named_by_the_commands_that_go_on_without_
     assert f"kdreid: warning: {note}" in capsys.readouterr().err
 
 
-def test_a_stage_puts_back_the_process_wide_torch_switches_it_set(tmp_path, monkeypatch):
+@pytest.mark.parametrize("main_process", [True, False], ids=["main", "other-process"])
+@pytest.mark.parametrize("before", [(False, False), (True, True)], ids=["off", "warn-only"])
+def test_a_stage_puts_back_the_process_wide_torch_switches_it_set(tmp_path, monkeypatch, main_process, before):
     # A deterministic stage left every later one in the process deterministic: a pipeline's next stages, or the
-    # caller's own torch code (where an operation without a deterministic CUDA kernel then raises).
+    # caller's own torch code (where an operation without a deterministic CUDA kernel then raises). On every
+    # process of torchrun's: the others' next stages ran deterministic where the main one's did not.
+    from kdreid import distributed
     from kdreid.stages import loop, source
 
+    monkeypatch.setattr(distributed, "is_main", lambda: main_process)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    assert not torch.are_deterministic_algorithms_enabled()
     seen = []
 
     def seeded(seed, deterministic):
@@ -1137,7 +1141,12 @@ def test_a_stage_puts_back_the_process_wide_torch_switches_it_set(tmp_path, monk
     config = resolve_config(source.SourceConfig, "source", overrides={
         "out": str(tmp_path / "run"), "data.root": str(tmp_path / "no-data"), "sources": ["synth_duke"],
         "train.deterministic": True})
-    with pytest.raises(DatasetError):  # after seeding: the dataset is not there
-        source.run(config)
+    try:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])  # the caller's own (warn_only: warns)
+        with pytest.raises(DatasetError):  # after seeding: the dataset is not there
+            source.run(config)
+        after = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    finally:
+        torch.use_deterministic_algorithms(False)
     assert seen == [True]
-    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark is False
+    assert after == before and torch.backends.cudnn.benchmark is False
