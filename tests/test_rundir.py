@@ -373,6 +373,20 @@ def test_a_run_folder_logger_asked_for_twice_writes_each_line_once(tmp_path):
     assert (run.path / "log.txt").read_text().count("once") == 1
 
 
+def test_a_run_logger_writes_its_log_when_another_handler_is_on_its_logger(tmp_path):
+    # A caller's (or a test runner's log capture) handler on the run's logger used to stand for the run's own:
+    # no log.txt was opened, and close_logger removed the caller's handler.
+    import logging
+
+    run = RunDir(tmp_path / "run")
+    theirs = logging.NullHandler()
+    logging.getLogger(f"test_theirs.{run.path.resolve()}").addHandler(theirs)
+    run.logger("test_theirs").info("hello")
+    run.close_logger("test_theirs")
+    assert "hello" in (run.path / "log.txt").read_text()
+    assert logging.getLogger(f"test_theirs.{run.path.resolve()}").handlers == [theirs]
+
+
 def test_an_error_that_names_no_path_is_left_to_its_traceback():
     import errno
 

@@ -399,7 +399,9 @@ class RunDir:
     def logger(self, name: str = "kdreid") -> logging.Logger:
         """A logger that writes to `log.txt` in this run and to stderr."""
         log = logging.getLogger(f"{name}.{self.path.resolve()}")
-        if not log.handlers:
+        # Its own handlers, not any: one another party attached (a caller's, a test runner's log capture) left the
+        # run with no log.txt once close_logger had closed the file.
+        if not any(getattr(handler, "kdreid_run_log", False) for handler in log.handlers):
             log.setLevel(logging.INFO)
             log.propagate = False
             try:
@@ -409,13 +411,14 @@ class RunDir:
             file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
             console = logging.StreamHandler()
             console.setFormatter(logging.Formatter("%(message)s"))
-            log.addHandler(file_handler)
-            log.addHandler(console)
+            for handler in (file_handler, console):
+                handler.kdreid_run_log = True
+                log.addHandler(handler)
         return log
 
     def close_logger(self, name: str = "kdreid") -> None:
         """Close `logger(name)`'s handlers (its log.txt), so that the folder can go and a later run there logs anew."""
         log = logging.getLogger(f"{name}.{self.path.resolve()}")
-        for handler in list(log.handlers):
+        for handler in [h for h in log.handlers if getattr(h, "kdreid_run_log", False)]:
             handler.close()
             log.removeHandler(handler)

@@ -2,6 +2,7 @@
 (finished stages are skipped, an interrupted one resumes, a changed config or a retrained input reruns)."""
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def test_pipeline_end_to_end_then_stage_reuse(three_domains, tmp_path, capsys):
     config_file = _config_file(tmp_path, {"target_order": "fixed"})
     assert main(_args(three_domains, out, config_file)) == 0
     _check_outputs(out)
+    # Its log.txt and every stage's are closed as the call returns (a long-lived process keeps none open).
+    held = [h for path in [out, *(out / "stages").iterdir()]
+            for h in logging.getLogger(f"kdreid.{path.resolve()}").handlers if isinstance(h, logging.FileHandler)]
+    assert not held
 
     # The same command again: every stage is reused, no model is rewritten.
     before = _model_mtimes(out)

@@ -361,6 +361,24 @@ def test_a_stage_that_fails_before_its_first_checkpoint_leaves_no_run_folder(syn
     assert not out.exists()
 
 
+def test_a_stage_closes_its_log_as_it_returns_so_a_run_made_anew_there_logs_again(synth_root, tmp_path):
+    # From one long-lived process (a notebook, a sweep): the first run's log.txt used to stay open after the call
+    # returned, and a second run in a folder made anew at the same path logged to the deleted file, leaving none.
+    from kdreid.stages import source
+
+    out = tmp_path / "run"
+    config = resolve_config(source.SourceConfig, "source", overrides={
+        "sources": ["synth_msmt"], "arch": "osnet_tiny", "out": str(out), "data.root": str(synth_root),
+        "train.device": "cpu", "train.epochs": 1, "train.height": 32, "train.width": 16, "train.batch_size": 16,
+        "train.eval_freq": 0})
+    source.run(config)
+    held = [h for h in logging.getLogger(f"kdreid.{out.resolve()}").handlers if isinstance(h, logging.FileHandler)]
+    assert not held  # no log.txt held open
+    shutil.rmtree(out)
+    source.run(config)
+    assert "wrote" in (out / "log.txt").read_text()
+
+
 def test_a_run_folder_another_process_writes_is_refused_and_left_alone(source_run, synth_root, tmp_path, capsys):
     from tests.test_rundir import hold_in_another_process
 

@@ -240,6 +240,11 @@ def stage_runner(run):
                     RunDir(out).close_logger()
                     remove_made_folder(out, created)
                 raise
+            finally:
+                # The run's log.txt is closed as the stage ends, however it ends: a long-lived process (a notebook,
+                # a sweep) would otherwise keep one open file per run, and a later run in a folder made anew at the
+                # same path would log to the deleted file and leave no log.txt.
+                RunDir(out, create=False).close_logger()
 
     return guarded
 

@@ -641,6 +641,9 @@ def run(config: PipelineConfig) -> PipelineResult:
                 RunDir(config.out).close_logger()  # a later run there (in this process) logs to a new log.txt
                 remove_made_folder(config.out, created)
             raise
+        finally:
+            if distributed.is_main():  # its log.txt closed however it ends (see stage_runner)
+                RunDir(config.out, create=False).close_logger()
 
 
 def _run_stages(config: PipelineConfig, configs: dict, fingerprints: DatasetFingerprints) -> PipelineResult:
