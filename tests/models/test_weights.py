@@ -426,6 +426,28 @@ def test_fastreid_resnet_notes_its_stem(tmp_path):
     assert model.load_report.missing == [] and "note:" not in model.load_report.summary()
 
 
+def test_fastreid_embedding_head_without_classifier_notes_its_stem(tmp_path):
+    """A review found the note lost for a fast-reid file whose only head is the embedding (`heads.bottleneck.0/1`,
+    its classifier removed): the head was renamed to embed / bnneck before the note looked for `heads.` keys."""
+    trained = build_model("resnet_tiny", 0, embedding_dim=24)
+    state = {k: v for k, v in _fastreid_spelling(trained.state_dict()).items() if not k.startswith("heads.weight")}
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": state}, path)
+    model = build_model("resnet_tiny", 0, pretrained=str(path), embedding_dim=24)
+    assert "note: fast-reid's ResNet max-pools its stem without padding" in model.load_report.summary()
+
+
+def test_fastreid_non_local_blocks_of_a_backbone_saved_alone_are_refused(tmp_path):
+    """fast-reid's backbone state dict alone (no `backbone.` prefix): its NL_* blocks are top-level modules, which a
+    review found discarded silently, where the docs say such a file is never loaded without them."""
+    state = {**_resnet_tiny_state(), **{f"NL_2.0.{name}.weight": torch.rand(4, 8, 1, 1) for name in ("g", "phi")}}
+    path = tmp_path / "backbone.pth"
+    torch.save(state, path)
+    with pytest.raises(ModelError, match=r"its backbone holds 2 tensors that resnet_tiny has no place for \(e.g. "
+                                         r"NL_2.0.g.weight: fast-reid's non-local blocks"):
+        build_model("resnet_tiny", 0, pretrained=str(path))
+
+
 @pytest.mark.parametrize("wrap", ["compiled", "dataparallel+compiled"])
 def test_torch_compile_prefix_is_stripped(tmp_path, wrap):
     """A state dict saved from torch.compile(model) spells every key `_orig_mod.…` (after `module.` under DDP)."""

@@ -197,16 +197,19 @@ _SPCL_RESNET = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "la
 _WRAPPERS = ("module.", "_orig_mod.")  # DataParallel / DDP, and torch.compile's wrapper (OptimizedModule)
 
 
+def _without_wrappers(key: str) -> str:
+    while key.startswith(_WRAPPERS):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def _strip_wrappers(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Remove `module.` and `_orig_mod.` prefixes; of a mean-teacher pair (MMT / OpenUnReID: `net.` and
     `mean_net.`) keep the mean network, the one those methods evaluate; spell fast-reid's embedding head as ours.
     -> (tensors by stripped key, original keys set aside)."""
     stripped: dict[str, tuple[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
-        short = key
-        while short.startswith(_WRAPPERS):
-            short = short.split(".", 1)[1]
-        stripped[short] = (key, value)
+        stripped[_without_wrappers(key)] = (key, value)
     set_aside = []
     if any(k.startswith("mean_net.") for k in stripped):
         set_aside = [original for k, (original, _) in stripped.items() if not k.startswith("mean_net.")]
@@ -419,9 +422,11 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             "state dict without its fc.* keys"
         )
     stem = getattr(model, "maxpool", None)
+    # (On the keys as the file spells them: an embedding head alone, `heads.bottleneck.0/1`, is renamed by now.)
+    stripped = [_without_wrappers(original) for original, _ in tensors.values()]
     if isinstance(stem, nn.MaxPool2d) and stem.padding == 1 and hasattr(model, "layer4") and \
-            any(k.startswith("heads.") for k in tensors) and \
-            any(k.startswith("backbone.") for k in tensors):
+            any(k.startswith("heads.") for k in stripped) and \
+            any(k.startswith("backbone.") for k in stripped):
         # A fast-reid file: its ResNet's stem is MaxPool2d(3, 2, ceil_mode=True) with no padding, ours (torchvision's,
         # torchreid's) pads by 1: the pooling windows are one pixel apart, the weights the same.
         report.notes.append("fast-reid's ResNet max-pools its stem without padding, kdreid's as torchvision's: "
@@ -443,8 +448,9 @@ def _unplaced_backbone_tensors(tensors: Mapping[str, tuple[str, torch.Tensor]], 
         if any(k in own for k in candidates) or key.endswith("num_batches_tracked") or \
                 re.search(r"\.(BN_S|BN_T|dsbn\.\d+|bns\.\d+)\.", key):
             continue
-        if key.startswith("backbone.") or any(k.split(".", 1)[0] in backbone_modules and "." in k
-                                              for k in candidates):
+        # fast-reid's non-local blocks are top-level modules of its ResNet (`NL_2.0.…` in a backbone saved alone)
+        if key.startswith("backbone.") or re.match(r"NL_\d+\.", key) or \
+                any(k.split(".", 1)[0] in backbone_modules and "." in k for k in candidates):
             extra.append(original)
     return extra
 
