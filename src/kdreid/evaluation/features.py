@@ -218,7 +218,7 @@ def extract_features(
     # together. Otherwise the others waited in the gathering below for the one that failed, and died in it with
     # gloo's "Connection closed by peer" traceback when it exited; and a training stage's main process, not the
     # one that failed, never wrote the checkpoint that the failed one's message told the user to --resume from.
-    failed = [f for f in distributed.all_objects(failure) if f is not None] if distributed.world_size() > 1 else []
+    failed = [f for f in distributed.all_objects(failure) if f is not None]  # (one process: no collective)
     if failed:
         error = failure or failed[0]
         error.on_every_process = True  # the processes end together (distributed.cleanup)

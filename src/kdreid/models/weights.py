@@ -222,8 +222,8 @@ def _fastreid_embedding(tensors: dict[str, tuple[str, torch.Tensor]]) -> dict[st
     embedding layer, then the BNNeck as `heads.bottleneck.1`. Its eval feature is BN(conv(pooled)): ours is
     bnneck(embed(pooled)), so the conv is our `embed` (a Linear of the same weights, bias 0) and `.1` our BNNeck.
     Without an embedding `heads.bottleneck.0` is the BNNeck itself (`_candidates` renames it)."""
-    if not _fastreid_conv_bottleneck(tensors) or any(k.startswith("heads.bnneck.") for k in tensors):
-        return tensors  # (with a `heads.bnneck` too: fast-reid 0.x's ReductionHead, which load_state_dict_into refuses)
+    if not _fastreid_conv_bottleneck(tensors) or _fastreid_reduction_head(tensors):
+        return tensors  # (the ReductionHead: load_state_dict_into refuses it)
     out = {}
     for key, (original, value) in tensors.items():
         if key == "heads.bottleneck.0.weight":
@@ -240,6 +240,11 @@ def _fastreid_conv_bottleneck(tensors: Mapping[str, tuple[str, torch.Tensor]]) -
     """Whether fast-reid's `heads.bottleneck` starts with a 1×1 conv (an embedding layer), not with the BNNeck."""
     conv = tensors.get("heads.bottleneck.0.weight")
     return conv is not None and conv[1].ndim == 4 and tuple(conv[1].shape[2:]) == (1, 1)
+
+
+def _fastreid_reduction_head(tensors: Mapping[str, tuple[str, torch.Tensor]]) -> bool:
+    """fast-reid 0.x's ReductionHead: a conv `heads.bottleneck` (with a BN and LeakyReLU) before `heads.bnneck`."""
+    return _fastreid_conv_bottleneck(tensors) and any(k.startswith("heads.bnneck.") for k in tensors)
 
 
 def _last_domain(keys) -> str | None:
@@ -317,7 +322,7 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     accepted: dict[str, torch.Tensor] = {}
     tensors, report.discarded = _strip_wrappers(state_dict)
     arch = getattr(model, "arch", type(model).__name__)
-    if _fastreid_conv_bottleneck(tensors) and any(k.startswith("heads.bnneck.") for k in tensors):
+    if _fastreid_reduction_head(tensors):
         # fast-reid 0.x's ReductionHead: pooled -> 1×1 conv -> BN -> LeakyReLU -> (dropout) -> BNNeck; kdreid's head
         # has no BN and activation between its embedding and BNNeck, and its features are that chain's output.
         raise ModelError(
