@@ -46,6 +46,8 @@ else
 fi
 
 say() { echo "[gpu_run +$(( $(date +%s) - START ))s] $*"; }
+FAILED=()  # steps that ran and did not exit 0 (timed out included): the script's own exit status says so
+
 
 # step NAME MAX_SECONDS MIN_SECONDS COMMAND...: runs COMMAND under `timeout` for min(MAX, what is left of BUDGET);
 # skipped when less than MIN_SECONDS are left. Output goes to the console and to $OUT/NAME.log.
@@ -68,6 +70,7 @@ step() {
   # --kill-after.
   local cut=""; case $rc in 124|137) cut=" (TIMED OUT at ${limit}s)";; esac
   say "END $name: exit $rc$cut"
+  [ "$rc" -eq 0 ] || FAILED+=("$name (exit $rc$cut)")
 }
 
 say "machine: $CORES CPU cores"
@@ -119,3 +122,9 @@ step compile_r50 120 80 $PY bench/train_speed.py "${COMMON[@]}" "${COMPILE[@]}" 
 
 say "done; logs and JSON in $OUT:"
 ls -la "$OUT"
+# Every step runs whatever an earlier one did (each is measured on its own); a step that failed makes the whole
+# command fail at the end, so that a caller (a device call's rc, CI) sees it without reading every log.
+if [ "${#FAILED[@]}" -gt 0 ]; then
+  say "FAILED: ${FAILED[*]}"
+  exit 1
+fi

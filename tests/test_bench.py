@@ -3,6 +3,7 @@ ratios they mark as not measured side by side, and that they name the device the
 
 import importlib.util
 import json
+import subprocess
 import types
 from pathlib import Path
 
@@ -82,3 +83,21 @@ def test_pipeline_time_names_its_device(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert result["device"].startswith("CPU") and json.loads((tmp_path / "out.json").read_text())["device"]
     assert "## kdreid pipeline" in out and f"; {result['device']}, torch" in out
+
+
+def test_the_gpu_script_runs_every_step_and_fails_when_one_failed(tmp_path):
+    # It exited 0 whatever its steps did: a device call's rc said nothing of a step that crashed. A stand-in for
+    # python fails one step (the distillation's teacher forwards) and passes the others.
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\ncase "$1" in bench/teacher_forward.py) echo broken; exit 3;; esac\necho "ran $1"\n')
+    python.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(python), "OUT": str(tmp_path / "out"),
+           "SCRATCH": str(tmp_path / "scratch"), "TINY": "1"}
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "ran bench/pipeline_time.py" in done.stdout  # the steps after the failed one still ran
+    assert done.stdout.rstrip().splitlines()[-1].endswith("FAILED: teacher_forward (exit 3)")
+    python.write_text('#!/bin/sh\necho "ran $1"\n')
+    assert subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh")], env=env, capture_output=True,
+                          timeout=60).returncode == 0
