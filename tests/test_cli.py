@@ -198,6 +198,25 @@ def test_every_flag_of_a_stage_reaches_its_config(stage, argv, own, monkeypatch)
     assert resume is False
 
 
+@pytest.mark.parametrize("argv, dest, expected", [
+    (["data", "synth", "--out", "D", "--domains", "synth_duke", "--domains", "synth_cuhk"], "domains",
+     ["synth_duke", "synth_cuhk"]),
+    (["train-source", "-s", "a", "-s", "b", "c"], "sources", ["a", "b", "c"]),
+    (["train-source", "-s", "a", "-t", "x", "-t", "y"], "targets", ["x", "y"]),
+    (["evaluate", "--model", "m.pt", "--root", "R", "-t", "x", "-t", "y"], "targets", ["x", "y"]),
+    (["adapt", "-s", "a", "-t", "x", "--blend", "-t", "y", "--init", "i.pt", "--dmmd-terms", "within",
+      "--dmmd-terms", "between"], "dmmd_terms", ["within", "between"]),
+    (["distill", "-s", "a", "-t", "x", "-t", "y", "--teachers", "t1.pt", "--teachers", "t2.pt"], "teachers",
+     ["t1.pt", "t2.pt"]),
+    (["pipeline", "-s", "a", "-s", "b", "-t", "x", "-t", "y", "z"], "targets", ["x", "y", "z"]),
+])
+def test_a_list_flag_given_twice_adds_to_itself(argv, dest, expected):
+    # argparse kept the last one silently: `-t market1501 -t cuhk03` evaluated, adapted to or distilled cuhk03 alone.
+    from kdreid.cli import build_parser
+
+    assert getattr(build_parser().parse_args(argv), dest) == expected
+
+
 def test_a_flag_wins_over_the_config_file_which_wins_over_the_preset(tmp_path, monkeypatch):
     # Lowest first: preset < --config < flags, a --no-X flag included (it must not read as "not given").
     from kdreid.stages import adapt

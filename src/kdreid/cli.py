@@ -18,13 +18,17 @@ from kdreid import __version__
 from kdreid.errors import ConfigError, KdreidError, sigterm_interrupts
 
 USAGE_ERROR = 2
+# A list flag given twice adds to itself (`-t market1501 -t cuhk03` is both targets), where argparse's default kept
+# the last one silently.
+SEVERAL = {"nargs": "+", "action": "extend"}
+SEVERAL_OR_NONE = {"nargs": "*", "action": "extend"}
 
 
 # ---------------------------------------------------------------------------------------------- data synth
 def _add_data_synth(sub) -> None:
     p = sub.add_parser("synth", help="write the synthetic domains (synth_market, synth_duke, synth_cuhk, synth_msmt)")
     p.add_argument("--out", type=_path, required=True, help="parent folder; each domain goes to OUT/<name>/")
-    p.add_argument("--domains", nargs="+", default=None, help="domain names (default: all four)")
+    p.add_argument("--domains", **SEVERAL, help="domain names (default: all four)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="1.0 (default) = as many ids/images as the dataset it mimics")
     p.add_argument("--seed", type=int, default=0, help="default 0")
@@ -187,8 +191,9 @@ def _stage_overrides(args) -> dict:
 
 def _add_train_source(commands) -> None:
     p = commands.add_parser("train-source", help="stage 1: supervised training on the labelled source")
-    p.add_argument("-s", "--sources", nargs="+", required=True, help="source dataset name(s), combined")
-    p.add_argument("-t", "--targets", nargs="*", help="target datasets to evaluate on (the source-only rows)")
+    p.add_argument("-s", "--sources", **SEVERAL, required=True, help="source dataset name(s), combined")
+    p.add_argument("-t", "--targets", **SEVERAL_OR_NONE,
+                   help="target datasets to evaluate on (the source-only rows)")
     p.add_argument("-a", "--arch", help="architecture (see `kdreid models`)")
     p.add_argument("--pretrained", type=_path, help="none, imagenet or a weights file")
     p.add_argument("--combineall", action=argparse.BooleanOptionalAction, help="train on query/gallery ids too")
@@ -219,7 +224,7 @@ def _add_evaluate(commands) -> None:
                         "from export")
     p.add_argument("-a", "--arch", default=None, help="architecture of a plain state dict from another toolkit")
     _add_last_stride(p)
-    p.add_argument("-t", "--targets", nargs="+", required=True, help="dataset names, e.g. market1501 synth_duke")
+    p.add_argument("-t", "--targets", **SEVERAL, required=True, help="dataset names, e.g. market1501 synth_duke")
     p.add_argument("--root", type=_path, required=True, help="parent folder of the datasets")
     p.add_argument("--out", type=_path, default=None,
                    help="run folder: writes OUT/metrics.json (merged into an existing one)")
@@ -293,8 +298,8 @@ def _run_evaluate(args) -> int:
 
 def _add_adapt(commands) -> None:
     p = commands.add_parser("adapt", help="stage 2: D-MMD adaptation to one unlabelled target (a teacher)")
-    p.add_argument("-s", "--sources", nargs="+", required=True, help="labelled source dataset(s)")
-    p.add_argument("-t", "--targets", nargs="+", required=True, help="the target (several only with --blend)")
+    p.add_argument("-s", "--sources", **SEVERAL, required=True, help="labelled source dataset(s)")
+    p.add_argument("-t", "--targets", **SEVERAL, required=True, help="the target (several only with --blend)")
     p.add_argument("-a", "--arch", help="architecture; must match the --init checkpoint")
     p.add_argument("--init", type=_path, required=True,
                    help="source-trained kdreid checkpoint (train-source's model.pt)")
@@ -302,7 +307,7 @@ def _add_adapt(commands) -> None:
                    help="target groups: tracklets (default), pseudo-labels, or identity labels (oracle ablation)")
     p.add_argument("--dmmd-start", type=int, help="first epoch (0-based) with the D-MMD terms")
     p.add_argument("--dmmd-weight", type=float, help="weight of the D-MMD terms")
-    p.add_argument("--dmmd-terms", nargs="+", metavar="TERM",
+    p.add_argument("--dmmd-terms", **SEVERAL, metavar="TERM",
                    help="D-MMD terms in the loss: within between features (default all three)")
     p.add_argument("--dmmd-source-groups", choices=["identity", "tracklet"],
                    help="how the source batch's distances split into within/between classes for D-MMD: by "
@@ -338,10 +343,10 @@ def _run_adapt(args) -> int:
 
 def _add_distill(commands) -> None:
     p = commands.add_parser("distill", help="stage 3: distil one teacher per target into one student (KD-ReID)")
-    p.add_argument("-s", "--sources", nargs="+", required=True, help="labelled source dataset(s)")
-    p.add_argument("-t", "--targets", nargs="+", required=True, help="the targets, in the order of --teachers")
+    p.add_argument("-s", "--sources", **SEVERAL, required=True, help="labelled source dataset(s)")
+    p.add_argument("-t", "--targets", **SEVERAL, required=True, help="the targets, in the order of --teachers")
     p.add_argument("-a", "--arch", help="student architecture (default: that of --student-init, else osnet_x0_25)")
-    p.add_argument("--teachers", type=_path, nargs="+", required=True,
+    p.add_argument("--teachers", type=_path, **SEVERAL, required=True,
                    help="one teacher checkpoint per target, same order")
     p.add_argument("--teacher-arch",
                    help="the teachers are plain state dicts of this architecture (other toolkits); kdreid "
@@ -394,8 +399,8 @@ def _add_pipeline(commands) -> None:
     p = commands.add_parser(
         "pipeline", help="all stages: source, one D-MMD teacher per target, blend baseline, KD-ReID student (cached)"
     )
-    p.add_argument("-s", "--sources", nargs="+", required=True, help="labelled source dataset(s)")
-    p.add_argument("-t", "--targets", nargs="+", required=True, help="the unlabelled targets")
+    p.add_argument("-s", "--sources", **SEVERAL, required=True, help="labelled source dataset(s)")
+    p.add_argument("-t", "--targets", **SEVERAL, required=True, help="the unlabelled targets")
     p.add_argument("--teacher-arch", help="architecture of the source model and the teachers (default: the "
                                           "preset's: resnet50, resnet18 under --preset quick)")
     p.add_argument("--student-arch", help="architecture of the student and the blend (default osnet_x0_25)")
