@@ -116,6 +116,31 @@ def test_the_input_size_is_recorded_and_tells_evaluations_apart(setup, tmp_path,
         "market1501.height": [HEIGHT, 64], "market1501.width": [WIDTH, 32]}
 
 
+def test_the_data_evaluated_on_is_recorded_and_tells_evaluations_apart(setup, tmp_path, capsys):
+    # Evaluations of one model on other files under one dataset name (data regenerated, another seed of `kdreid
+    # data synth`) were averaged by `kdreid aggregate` without a word. The same files in another folder are the
+    # same data; a training image replaced is not what an evaluation measured on.
+    import shutil
+
+    from kdreid.aggregate import aggregate_runs
+
+    root, checkpoint, _ = setup
+    copy, other = tmp_path / "copy", tmp_path / "other"
+    shutil.copytree(root, copy)
+    write_market(other, seed=1)
+    for image in (copy / "market1501" / "bounding_box_train").iterdir():  # the same names, other pixels
+        shutil.copyfile(other / "market1501" / "bounding_box_train" / image.name, image)
+    for name, data in (("a", root), ("b", copy), ("c", other)):
+        code, _, err = run(["evaluate", "--model", str(checkpoint), "-t", "market1501", "--root", str(data),
+                            "--out", str(tmp_path / name), "--device", "cpu"], capsys)
+        assert code == 0, err
+    assert aggregate_runs([tmp_path / "a", tmp_path / "b"]).differing == {}
+    recorded = [json.loads((tmp_path / name / "metrics.json").read_text())["evaluated_with"]["market1501"]["data"]
+                for name in "ac"]
+    assert aggregate_runs([tmp_path / "a", tmp_path / "c"]).differing == {"market1501.data": recorded}
+    assert recorded[0] != recorded[1]
+
+
 def test_user_mistakes_are_one_line(setup, capsys):
     root, _, plain = setup
     code, _, err = run(["evaluate", "--model", str(plain), "-t", "market1501", "--root", str(root)], capsys)

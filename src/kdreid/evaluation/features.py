@@ -513,6 +513,7 @@ def _evaluate_command(args) -> int:
     from kdreid.models.weights import model_kind
     from kdreid.rundir import write_json
     from kdreid.stages.common import DataOptions, cuhk03_boxes_and_split, protocol_for
+    from kdreid.stages.data import evaluation_fingerprint
 
     # How every target is read and scored, as the training stages read and score it (so a run's metrics.json and
     # this agree), unless --protocol names one protocol for all.
@@ -554,6 +555,10 @@ def _evaluate_command(args) -> int:
                 raise EvaluationError(f"dataset {target} has no {split} image under {dataset.root}: it cannot be "
                                       "evaluated (an unlabelled target's training images only?); give it a query "
                                       "and a gallery, or leave it out of -t")
+    # What each target's numbers were measured on, for the folder's record: `kdreid aggregate` names evaluations
+    # of other files under one name (data regenerated, another --scale or seed of `kdreid data synth`).
+    data_digests = {target: evaluation_fingerprint(dataset, args.root)
+                    for target, dataset in datasets.items()} if args.out else {}
     note_weights()  # what the weights file gave the model, once the command can run: a mistake stays one line
     final: dict[str, dict[str, float | None]] = {}
     verification: dict[str, dict] = {}  # per target, with --verification (VerificationResult.summary())
@@ -625,7 +630,8 @@ def _evaluate_command(args) -> int:
             settings.update({target: dict(model=model_file, metric=args.metric, rerank=args.rerank, flip=args.flip,
                                           aqe=aqe or False, protocol=protocols[target],
                                           height=input_size[0], width=input_size[1],  # the numbers depend on it
-                                          **({"split": splits[target]} if target in splits else {}))
+                                          **({"split": splits[target]} if target in splits else {}),
+                                          data=data_digests[target])
                              for target in final})
             metrics["evaluated_with"] = settings
             write_json(path, metrics)

@@ -40,21 +40,35 @@ def dataset_fingerprint(dataset: ReidDataset, root: str) -> str:
     `WHOLE/TRAIN`: the digest of every split, and the one of the training split alone, so that a stage whose
     query or gallery changed (an undecodable image replaced) is evaluated again rather than trained again."""
     whole, train = hashlib.sha256(), hashlib.sha256()
-    root = str(Path(root).expanduser().absolute())  # as build_dataset made the records' paths
     for split in ("train", "query", "gallery"):
-        for record in getattr(dataset, split):
-            try:
-                size = os.stat(record.path).st_size
-            except FileNotFoundError:  # a list file or manifest names an image that is not there
-                raise DatasetError(f"image {record.path} ({dataset.name}, {split}) does not exist; restore it or take "
-                                   f"it out of the dataset's list (`kdreid data check -d {dataset.name}` lists every "
-                                   "missing file)") from None
-            line = (f"{split}\t{os.path.relpath(record.path, root)}\t{record.pid}\t{record.camid}\t{record.tracklet}"
-                    f"\t{size}\n").encode("utf-8", "surrogateescape")  # names need not be UTF-8
+        for line in _record_lines(dataset, root, split):
             whole.update(line)
             if split == "train":
                 train.update(line)
     return f"{whole.hexdigest()[:16]}/{train.hexdigest()[:16]}"
+
+
+def evaluation_fingerprint(dataset: ReidDataset, root: str) -> str:
+    """What an evaluation of `dataset` measured on, as `dataset_fingerprint` sees it: its query and gallery alone."""
+    digest = hashlib.sha256()
+    for split in ("query", "gallery"):
+        for line in _record_lines(dataset, root, split):
+            digest.update(line)
+    return digest.hexdigest()[:16]
+
+
+def _record_lines(dataset: ReidDataset, root: str, split: str) -> Iterator[bytes]:
+    """One line per image of `split`: its path relative to `root`, labels and file size."""
+    root = str(Path(root).expanduser().absolute())  # as build_dataset made the records' paths
+    for record in getattr(dataset, split):
+        try:
+            size = os.stat(record.path).st_size
+        except FileNotFoundError:  # a list file or manifest names an image that is not there
+            raise DatasetError(f"image {record.path} ({dataset.name}, {split}) does not exist; restore it or take "
+                               f"it out of the dataset's list (`kdreid data check -d {dataset.name}` lists every "
+                               "missing file)") from None
+        yield (f"{split}\t{os.path.relpath(record.path, root)}\t{record.pid}\t{record.camid}\t{record.tracklet}"
+               f"\t{size}\n").encode("utf-8", "surrogateescape")  # names need not be UTF-8
 
 
 def fingerprint_change(recorded: str, now: str, trains_on_all: bool = False) -> str | None:
