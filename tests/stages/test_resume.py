@@ -145,6 +145,29 @@ def test_adapt_with_pseudo_labels_resumes_exactly_from_inside_an_epoch(source_mo
     assert signal.getsignal(signal.SIGTERM) is handler  # the loop put the previous handler back
 
 
+def test_adapt_keeps_its_warm_up_pseudo_labels_across_a_resume(source_model, synth_root, tmp_path, monkeypatch):
+    # Before --dmmd-start no loss reads the target's groups: the first epoch's clustering serves the whole warm-up
+    # (one a warm-up epoch took minutes each at Market size), and a run resumed inside the warm-up batches the
+    # target with those labels, as the uninterrupted run did, where clustering again would group it otherwise.
+    from kdreid.stages import adapt
+
+    clustered = []
+    real = adapt.dbscan
+    monkeypatch.setattr(adapt, "dbscan", lambda distances, eps, least: clustered.append(eps) or real(
+        distances, eps, least))
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("pseudo: {eps: 0.3, min_samples: 2}\ntrain: {optim: {warmup_epochs: 0, scheduler: constant}}\n")
+    args = ["adapt", "-s", "synth_msmt", "-t", "synth_duke", "--init", str(source_model), "--root", str(synth_root),
+            "--grouping", "pseudo", "--dmmd-start", "2", "--batch-size", "16", "--num-instances", "4", "--height",
+            "32", "--width", "16", "--device", "cpu", "--seed", "0", "--eval-freq", "1", "--config", str(settings)]
+    assert main([*args, "--epochs", "3", "--out", str(tmp_path / "straight")]) == 0
+    assert len(clustered) == 2  # for the warm-up (epochs 1-2), then for epoch 3, where D-MMD starts
+    assert main([*args, "--epochs", "1", "--out", str(tmp_path / "broken")]) == 0
+    assert main([*args, "--epochs", "3", "--out", str(tmp_path / "broken"), "--resume"]) == 0
+    assert len(clustered) == 4
+    _same_run(tmp_path / "straight", tmp_path / "broken")
+
+
 def test_distill_resumes_exactly_from_inside_a_group_of_targets(three_domains, tmp_path, sigterm_at, capsys):
     # target_alt batch: the first step of each group draws every target's batch and fixes the order; a stop at
     # the group's second step must carry those batches over.

@@ -9,8 +9,8 @@ Target groups never come from cross-camera identity labels unless asked for as a
 
 - `tracklet` (default): the dataset's tracklet ids (a tracker's output; for public datasets, (pid, camera) of
   the training split, which holds no cross-camera identity);
-- `pseudo`: DBSCAN clusters of target embeddings on the k-reciprocal Jaccard distance, refreshed every epoch,
-  outliers left out (SpCL's settings);
+- `pseudo`: DBSCAN clusters of target embeddings on the k-reciprocal Jaccard distance, refreshed every epoch
+  D-MMD reads them (the warm-up before `dmmd_start` keeps its first epoch's), outliers left out (SpCL's settings);
 - `oracle`: the target's identity labels, for ablations only; every table row says so.
 
 `blend` adapts one model to the union of several targets (the baseline KD-ReID compares against).
@@ -192,12 +192,27 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
     optimizer = build_optimizer(model.parameters(), train.optim)
     _save_histograms(run_dir.path / PICTURE_DATA[0], model, source_records, target_records, config, device)
 
+    # Pseudo-labels are refreshed every epoch that D-MMD reads them. Before it starts, the target batches only move
+    # the BatchNorm statistics and no loss reads their groups: the first epoch's clustering serves the whole warm-up
+    # (the paper's 25 epochs would cluster 25 times for nothing: about two minutes each for a Market-size target on
+    # 2 CPU cores), kept in every checkpoint so that a resumed warm-up batches the target as an uninterrupted one.
+    carried: dict = {"warm_up_labels": None}
+
     def before_epoch(epoch: int) -> None:
         if config.grouping == "pseudo":
-            # The main process's clustering for all: every process must group the target the same way.
-            labels = distributed.broadcast_array(pseudo_labels(model, target_records, config, device))
+            warm_up = epoch < config.dmmd_start
+            if warm_up and carried["warm_up_labels"] is not None:
+                labels = carried["warm_up_labels"].numpy()
+            else:
+                # The main process's clustering for all: every process must group the target the same way.
+                labels = distributed.broadcast_array(pseudo_labels(model, target_records, config, device))
+                log.info(f"pseudo-labels: {labels.max() + 1} clusters, {(labels >= 0).sum()} of {len(labels)} images "
+                         "kept"
+                         + (f" (for the warm-up: clustered again from epoch {config.dmmd_start + 1}, where D-MMD "
+                            "starts)" if warm_up else ""))
+                if warm_up:
+                    carried["warm_up_labels"] = torch.as_tensor(labels)
             kept = labels >= 0
-            log.info(f"pseudo-labels: {labels.max() + 1} clusters, {kept.sum()} of {len(labels)} images kept")
             try:
                 target_batches.set_labels(
                     labels, batch_size=train.batch_size, num_instances=train.num_instances, seed=train.seed + 1,
@@ -256,6 +271,7 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
         batches_per_epoch=len(source_batches), train_step=train_step,
         evaluate=evaluate,
         before_epoch=before_epoch, resumables={"source_batches": source_batches, "target_batches": target_batches},
+        carried=carried,
         resume=resume, reevaluate=start.evaluation_changed, log=log,
     )
     finished = finish_stage(

@@ -10,8 +10,9 @@ selection without target test labels (the stage writes `metrics.json` and `resul
 Resume. A checkpoint holds everything the next step depends on: the modules, the optimiser (whose state is the
 only AMP state: bf16 autocast needs no GradScaler, unlike fp16), the position (the LR schedule is a function of
 the epoch, the P×K sampler is seeded by (seed, epoch) and augmentation by (seed, epoch, iteration), so the
-position is their state), every RNG state (Python, numpy, torch CPU and CUDA) and, for a checkpoint written
-inside an epoch, the stage's `resumables` (sampler positions, pseudo-labels, cached batches). It is written
+position is their state), every RNG state (Python, numpy, torch CPU and CUDA), the stage's `carried` state (what
+it keeps from one epoch to the next) and, for a checkpoint written inside an epoch, the stage's `resumables`
+(sampler positions, pseudo-labels, cached batches). It is written
 atomically with a sha256 header (`RUN/checkpoints/last.pt`, the one before kept as `previous.pt`), so a kill at
 any moment leaves a complete file and a damaged one is detected and skipped. With --deterministic a resumed
 run is bit-identical to an uninterrupted one. SIGINT/SIGTERM finish the current step, write a checkpoint at
@@ -186,6 +187,10 @@ def fit(**arguments) -> FitResult:
     a checkpoint written inside an epoch (SIGINT/SIGTERM); resuming there restores them instead of calling
     `before_epoch`, so the epoch goes on exactly as it would have.
 
+    `carried`: a plain dict of what a stage keeps from one epoch to the next rather than recomputing it in
+    `before_epoch` (adapt's warm-up pseudo-labels); saved in every checkpoint and restored on every resume, before
+    `before_epoch` runs.
+
     `compile_auto`: the compile mode that `--compile auto` stands for in this stage on CUDA (see
     `speed.auto_compile_mode`); on a CPU auto is always off.
 
@@ -213,6 +218,7 @@ def _train(
     evaluate: Callable[[int], dict[str, dict[str, float]]],
     before_epoch: Callable[[int], None] | None = None,
     resumables: Mapping[str, Any] | None = None,
+    carried: dict[str, Any] | None = None,
     resume: bool = False,
     reevaluate: str = "",
     log=None,
@@ -250,6 +256,8 @@ def _train(
         best.update(state["best"])
         _restore_rng(state["rng"])
         inside = state.get("inside")
+        if carried is not None:  # a checkpoint of an earlier kdreid has none: the stage recomputes it
+            carried.update(state.get("carried", {}))
         evaluation_pending = state.get("evaluation_pending", False)
         # The weights and optimiser state are in place: the loaded copy is dropped, not held while training.
         found, state = path, None
@@ -282,6 +290,8 @@ def _train(
             "rng": _capture_rng(),
             "config": to_dict(stage_config),
         }
+        if carried:
+            state["carried"] = _tensors_to(dict(carried), torch.device("cpu"))
         if position is not None:
             state["inside"] = position
         if evaluation_pending:
