@@ -335,6 +335,9 @@ def _jaccard_and_blend(stacked, normalised, v_rows, v_cols, v_vals, lambda_value
         shared.index_add_(0, target, torch.minimum(query_value, g_vals[position]))
         shared = shared.view(stop - start, num_g)  # sum_l min(V_il, V_jl)
         jaccard = 1.0 - shared / (2.0 - shared)
+        if lambda_value == 0.0:  # the clustering distance (jaccard_distance): no original-distance pass to weigh 0
+            final[start:stop] = jaccard
+            continue
         original = normalised(torch.arange(start, stop, device=device), stacked.query_gallery(start, stop))
         final[start:stop] = jaccard * (1.0 - lambda_value) + original * lambda_value
     return final
