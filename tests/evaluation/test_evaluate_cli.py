@@ -76,7 +76,7 @@ def test_table_rows_plain_state_dict_and_merge(setup, tmp_path, capsys):
                           "--root", str(root), "--height", str(HEIGHT), "--width", str(WIDTH), "--out", str(run_dir),
                           "--metric", "cosine", "--rerank", "--device", "cpu"], capsys)
     assert code == 0, err
-    assert f"kdreid: loaded " in err and f"from {plain}" in err  # what the plain file gave the model
+    assert "kdreid: loaded " in err and f"from {plain}" in err  # what the plain file gave the model
     header, row = out.strip().splitlines()
     assert header.split() == ["target", "mAP", "R1", "R5", "R10", "R20", "mINP"]
     assert row.split()[0] == "market1501" and len(row.split()) == 7

@@ -206,10 +206,9 @@ def run(config: AdaptConfig, *, resume: bool = False) -> StageResult:
             else:
                 # The main process's clustering for all: every process must group the target the same way.
                 labels = distributed.broadcast_array(pseudo_labels(model, target_records, config, device))
+                until = f" (for the warm-up: clustered again from epoch {config.dmmd_start + 1}, where D-MMD starts)"
                 log.info(f"pseudo-labels: {labels.max() + 1} clusters, {(labels >= 0).sum()} of {len(labels)} images "
-                         "kept"
-                         + (f" (for the warm-up: clustered again from epoch {config.dmmd_start + 1}, where D-MMD "
-                            "starts)" if warm_up else ""))
+                         f"kept{until if warm_up else ''}")
                 if warm_up:
                     carried["warm_up_labels"] = torch.as_tensor(labels)
             kept = labels >= 0
