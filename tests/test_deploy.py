@@ -128,6 +128,28 @@ def test_index_search_is_exact_across_chunks(metric, monkeypatch):
     assert FeatureIndex(gallery[:5], metric).search(query, k=10)[1].shape == (7, 5)
 
 
+def test_index_search_holds_two_chunks_of_candidates_at_most(monkeypatch):
+    """The chunks' top-k are merged as they come: a query file as large as the gallery (Q x k x G / chunk
+    candidates, growing with Q^2, were all held for one final merge: tens of GB at 200k x 200k) stays (Q, 2k)."""
+    gen = torch.Generator().manual_seed(3)
+    gallery, query = torch.randn(1000, 16, generator=gen), torch.randn(7, 16, generator=gen)
+    monkeypatch.setattr(deploy, "_SCORES_PER_CHUNK", 7 * 30)  # 30 gallery rows per chunk: 34 chunks
+    widest, cat = [0], torch.cat
+
+    def spy(tensors, *args, **kwargs):
+        out = cat(tensors, *args, **kwargs)
+        widest[0] = max(widest[0], out.shape[-1])
+        return out
+
+    monkeypatch.setattr(torch, "cat", spy)
+    distances, indices = FeatureIndex(gallery, "euclidean").search(query, k=10)
+    monkeypatch.undo()
+    assert widest[0] <= 20
+    want = compute_distance_matrix(query, gallery).sort(dim=1)
+    assert torch.equal(indices, want.indices[:, :10])
+    assert torch.allclose(distances, want.values[:, :10], atol=1e-4)
+
+
 def test_faiss_index_agrees_with_torch():
     pytest.importorskip("faiss", reason="faiss is optional; without it search uses the exact torch path")
     gen = torch.Generator().manual_seed(1)

@@ -350,18 +350,22 @@ class FeatureIndex:
 
     def _search_chunked(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         chunk = max(k, _SCORES_PER_CHUNK // max(1, len(query)))
-        best_scores, best_indices = [], []
+        scores = indices = None
         for start in range(0, self.size, chunk):
             block = self.gallery[start:start + chunk]  # (C, D)
             if self.metric == "cosine":
-                scores = -(query @ block.T)  # (Q, C): smaller = closer
+                block_scores = -(query @ block.T)  # (Q, C): smaller = closer
             else:  # ||g||^2 - 2 q.g; the query's own norm does not change its ranking and is added at the end
-                scores = torch.addmm(self.sq_norms[start:start + chunk][None], query, block.T, alpha=-2.0)
-            values, indices = scores.topk(min(k, scores.shape[1]), dim=1, largest=False)
-            best_scores.append(values)
-            best_indices.append(indices + start)
-        scores, order = torch.cat(best_scores, 1).topk(k, dim=1, largest=False)  # merge the chunks' candidates
-        indices = torch.cat(best_indices, 1).gather(1, order)
+                block_scores = torch.addmm(self.sq_norms[start:start + chunk][None], query, block.T, alpha=-2.0)
+            values, found = block_scores.topk(min(k, block_scores.shape[1]), dim=1, largest=False)
+            found += start
+            if scores is not None:
+                # Merged chunk by chunk: the candidates held stay (Q, 2k). Kept for a final merge, every chunk's
+                # would grow as Q x k x G / chunk, that is with Q^2 (a 20k-row query file against a 200k gallery:
+                # 0.8 GB more at peak; the gallery searched against itself: tens of GB).
+                values, order = torch.cat([scores, values], 1).topk(k, dim=1, largest=False)
+                found = torch.cat([indices, found], 1).gather(1, order)
+            scores, indices = values, found
         if self.metric == "cosine":
             return (1.0 + scores).clamp_(0.0, 2.0), indices
         return (scores + query.pow(2).sum(1, keepdim=True)).clamp_(min=0.0).sqrt_(), indices

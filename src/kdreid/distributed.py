@@ -119,6 +119,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0)) if launched() else 0
 
 
+def local_world_size() -> int:
+    """The processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launched() else 1
+
+
 def is_main() -> bool:
     """The process that writes files and logs: rank 0, or the only one."""
     return rank() == 0

@@ -319,6 +319,40 @@ def test_a_distance_matrix_too_large_for_memory_is_refused_with_its_size():
         evaluate_features(features(10**6, 1), features(10**6, 2), device="cpu")
 
 
+@pytest.mark.parametrize("layout", ["v2", "v1"])
+def test_free_memory_sees_the_limit_of_a_batch_jobs_own_cgroup(layout, tmp_path, monkeypatch):
+    # Found by a review: only /sys/fs/cgroup/memory.max (a cgroup v2 container's own) was read. A Slurm job or a
+    # systemd unit has its limit on its own group (or a parent), named in /proc/self/cgroup, and cgroup v1 keeps
+    # it in memory/memory.limit_in_bytes: there the node's whole free memory was taken for the room, and a matrix
+    # or an image cache over the job's limit met the OOM killer instead of the one-line refusal.
+    from kdreid.evaluation import features as module
+
+    gb = 10**9
+    (tmp_path / "meminfo").write_text(f"MemTotal: {64 * gb // 1024} kB\nMemAvailable: {50 * gb // 1024} kB\n")
+    mount = tmp_path / "cgroup" / ("memory" if layout == "v1" else "")
+    job, step = mount / "slurm" / "job_7", mount / "slurm" / "job_7" / "step_0"
+    step.mkdir(parents=True)
+    names = (("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file") if layout == "v1" else
+             ("memory.max", "memory.current", "inactive_file"))
+    unlimited = str(2**63 - 4096) if layout == "v1" else "max"
+    for folder, limit, used in ((mount, unlimited, 20 * gb), (job, str(8 * gb), 3 * gb), (step, unlimited, 3 * gb)):
+        (folder / names[0]).write_text(f"{limit}\n")
+        (folder / names[1]).write_text(f"{used}\n")
+        (folder / "memory.stat").write_text(f"anon {used}\n{names[2]} {gb}\n")
+    own = "4:memory:/slurm/job_7/step_0\n0::/\n" if layout == "v1" else "0::/slurm/job_7/step_0\n"
+    (tmp_path / "self_cgroup").write_text(own)
+    monkeypatch.setattr(module, "_MEMINFO", tmp_path / "meminfo")
+    monkeypatch.setattr(module, "_CGROUP_ROOT", tmp_path / "cgroup")
+    monkeypatch.setattr(module, "_SELF_CGROUP", tmp_path / "self_cgroup")
+    # The job's 8 GB less its 3 GB in use, of which 1 GB is page cache the kernel gives back: 6 GB, not the node's 50.
+    assert module.free_memory(torch.device("cpu")) == 6 * gb
+    (tmp_path / "self_cgroup").write_text("0::/\n")  # a container's own namespace: its limit is at the root
+    (mount / names[0]).write_text(f"{30 * gb}\n")
+    assert module.free_memory(torch.device("cpu")) == 11 * gb
+    with pytest.raises(module.EvaluationError, match=r"needs 40\.0 GB, but cpu has 11\.0 GB free"):
+        module.check_room_for_distances(100_000, 100_000, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("trained, flags, warned", [
     ({"cuhk03_classic_split": True, "cuhk03_split_id": 3}, ["--cuhk03-classic-split", "--split-id", "3"], None),
     ({"cuhk03_classic_split": True, "cuhk03_split_id": 3}, ["--cuhk03-classic-split"],

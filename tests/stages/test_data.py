@@ -158,6 +158,22 @@ def test_a_cache_too_large_for_the_ram_is_refused_in_one_line_before_decoding(mo
     check_room_for_cache(10**6, 256, 128)
 
 
+def test_the_cache_room_is_for_every_process_of_the_machine(monkeypatch):
+    # Found by a review: under torchrun each process decodes its own full cache at the same moment, and each
+    # compared one copy with the memory free before any had taken its share: 8 processes x MSMT17's 3.2 GB passed
+    # a check against 20 GB, then met the OOM killer.
+    monkeypatch.setattr("kdreid.stages.data.free_memory", lambda device: 20 * 10**9)
+    check_room_for_cache(32621, 256, 128)  # one process: 3.21 GB of 20
+    for name, value in {"RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8",
+                        "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(DatasetError, match=r"cache needs 25\.65 GB \(32621 images at 256x128, uint8, one copy in each "
+                                           r"of 8 processes\) but the host has 20\.00 GB available; .* or processes$"):
+        check_room_for_cache(32621, 256, 128)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 16 processes on 4 machines: 12.8 GB here
+    check_room_for_cache(32621, 256, 128)
+
+
 def test_the_cache_goes_to_the_gpu_only_when_it_fits_beside_the_training(monkeypatch):
     # DESIGN §3: "in RAM, or on the GPU when it fits" (found by a review: moved to the GPU whatever its size).
     from kdreid.stages.data import cache_device

@@ -342,27 +342,57 @@ def evaluate_features(
 
 def free_memory(device: torch.device) -> int | None:
     """Bytes that a new tensor can take on `device` now: CUDA's free memory plus what PyTorch holds cached; on the
-    CPU, the system's available memory within this process's cgroup limit (Linux). None when unknown."""
+    CPU, the system's available memory within this process's cgroup limits (Linux). None when unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     try:
-        with open("/proc/meminfo") as handle:
+        with open(_MEMINFO) as handle:
             available = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return None
-    try:  # a container's limit (cgroup v2) is often far below what the machine has
-        cgroup = Path("/sys/fs/cgroup")
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            # The page cache of the images just read counts as used there, but the kernel drops it for a new
-            # tensor: only the rest is taken (a false refusal would cost more than the traceback it replaces).
-            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
-            used = int((cgroup / "memory.current").read_text()) - int(stat.get("inactive_file", 0))
-            available = min(available, max(int(limit) - used, 0))
-    except (OSError, ValueError):
-        pass
-    return available
+    room = _cgroup_room()
+    return available if room is None else min(available, room)
+
+
+# Where Linux shows a process's memory limits. A container's are at the mount's root; a batch job's (Slurm, a
+# systemd unit) are on its own group and that group's parents, named in /proc/self/cgroup, while the root has none:
+# read there too, and in cgroup v1's layout (still common on clusters), else a job over its limit meets the OOM
+# killer instead of the one-line refusal.
+_MEMINFO = Path("/proc/meminfo")
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_SELF_CGROUP = Path("/proc/self/cgroup")
+# (folder under the mount, limit file, usage file, memory.stat key of the reclaimable page cache) for v2 and v1
+_CGROUP_LAYOUTS = (("", "memory.max", "memory.current", "inactive_file"),
+                   ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
+
+
+def _cgroup_room() -> int | None:
+    """The least room left under the memory limits of this process's cgroup and its parents; None without one."""
+    try:  # lines "0::/path" (v2) and "N:memory:/path" (v1)
+        groups = [line.split(":", 2) for line in _SELF_CGROUP.read_text().splitlines()]
+    except OSError:
+        groups = []
+    own = {"": next((g[2] for g in groups if len(g) == 3 and g[0] == "0" and not g[1]), "/"),
+           "memory": next((g[2] for g in groups if len(g) == 3 and "memory" in g[1].split(",")), "/")}
+    room = None
+    for mount, limit_name, usage_name, inactive in _CGROUP_LAYOUTS:
+        parts = Path(own[mount].strip() or "/").parts[1:]
+        for depth in range(len(parts) + 1):  # the mount's root (a container's own), then down to the own group
+            folder = _CGROUP_ROOT / mount / Path(*parts[:depth])
+            try:
+                limit = (folder / limit_name).read_text().strip()
+                if limit == "max" or int(limit) >= 1 << 62:  # v1 writes "no limit" as a huge number
+                    continue
+                # The page cache of the images just read counts as used there, but the kernel drops it for a new
+                # tensor: only the rest is taken (a false refusal would cost more than the traceback it replaces).
+                stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+                used = int((folder / usage_name).read_text()) - int(stat.get(inactive, 0))
+            except (OSError, ValueError):
+                continue
+            left = max(int(limit) - used, 0)
+            room = left if room is None else min(room, left)
+    return room
 
 
 def check_room_for_distances(num_queries: int, num_gallery: int, device: torch.device) -> None:

@@ -184,12 +184,17 @@ def _gigabytes(count: float) -> str:
 def check_room_for_cache(count: int, height: int, width: int) -> None:
     """One line before decoding when the uint8 cache of `count` images cannot fit in RAM: the allocator's traceback
     otherwise, or the kernel's OOM killer halfway through the decoding."""
-    needed = count * 3 * height * width
+    # Under torchrun every process of the machine decodes its own copy, all at once (each checks before the others
+    # have taken anything): the room is for all of them, else the checks pass and the copies meet the OOM killer.
+    processes = distributed.local_world_size()
+    needed = count * 3 * height * width * processes
     free = free_memory(torch.device("cpu"))
     if free is not None and needed > free:
+        copies = f", one copy in each of {processes} processes" if processes > 1 else ""
         raise DatasetError(
-            f"the training image cache needs {_gigabytes(needed)} ({count} images at {height}x{width}, uint8) but "
-            f"the host has {_gigabytes(free)} available; train at a smaller --height/--width or on fewer images")
+            f"the training image cache needs {_gigabytes(needed)} ({count} images at {height}x{width}, uint8"
+            f"{copies}) but the host has {_gigabytes(free)} available; train at a smaller --height/--width or on "
+            f"fewer images{' or processes' if processes > 1 else ''}")
 
 
 def cache_device(nbytes: int, device: torch.device) -> torch.device:
