@@ -18,10 +18,23 @@ from kdreid import __version__
 from kdreid.errors import ConfigError, KdreidError, sigterm_interrupts
 
 USAGE_ERROR = 2
-# A list flag given twice adds to itself (`-t market1501 -t cuhk03` is both targets), where argparse's default kept
-# the last one silently.
-SEVERAL = {"nargs": "+", "action": "extend"}
-SEVERAL_OR_NONE = {"nargs": "*", "action": "extend"}
+
+
+class _ListGivenOnce(argparse.Action):
+    """A list flag (-s, -t, --teachers, ...) given a second time is refused: argparse kept the last one, so
+    `-t market1501 -t cuhk03` dropped market1501 silently, and adding them up would silently train on both where a
+    flag appended to a command was meant to replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        earlier = getattr(namespace, self.dest, None)
+        if earlier is not None:
+            given = f"{' '.join(map(str, earlier))}; {' '.join(map(str, values))}"
+            raise argparse.ArgumentError(self, f"given twice ({given}): name all of them after one {option_string}")
+        setattr(namespace, self.dest, values)
+
+
+SEVERAL = {"nargs": "+", "action": _ListGivenOnce}
+SEVERAL_OR_NONE = {"nargs": "*", "action": _ListGivenOnce}
 
 
 # ---------------------------------------------------------------------------------------------- data synth

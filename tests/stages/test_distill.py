@@ -367,7 +367,9 @@ def test_a_multi_head_student_continues_with_its_heads_or_is_refused_in_one_line
                                extra={"stage": "distill", "targets": TARGETS}))
     args = _distill_args(three_domains, checkpoints, tmp_path / "kd", "--epochs", "1", "--lda-weight", "1")
     args[args.index("--student-init") + 1] = path
-    for refused in (args, [*args, "--multi-head", "-t", *TARGETS[::-1]]):  # no heads asked for; other targets
+    other_order = [*args, "--multi-head"]
+    other_order[other_order.index("-t") + 1:other_order.index("-t") + 1 + len(TARGETS)] = TARGETS[::-1]
+    for refused in (args, other_order):  # no heads asked for; other targets
         assert main(refused) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{path} has 2 classifiers, one per target of a --multi-head distillation " \

@@ -220,15 +220,15 @@ def test_stage_settings_layer_over_the_preset():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["-t", "synth_duke", "synth_duke"], "-t names synth_duke twice; name each dataset once"),
-    (["-s", "synth_msmt", "synth_msmt"], "-s names synth_msmt twice"),
-    (["-t", "synth_duke", "synth_msmt"], "-s and -t both name synth_msmt: a target is a dataset other than the "
-                                         "source (the source is evaluated too); leave it out of -t"),
-    (["--preset", "fast"], "unknown preset"),
+    (["-s", "synth_msmt", "-t", "synth_duke", "synth_duke"], "-t names synth_duke twice; name each dataset once"),
+    (["-s", "synth_msmt", "synth_msmt", "-t", "synth_duke"], "-s names synth_msmt twice"),
+    (["-s", "synth_msmt", "-t", "synth_duke", "synth_msmt"], "-s and -t both name synth_msmt: a target is a dataset "
+                                                             "other than the source (the source is evaluated too); "
+                                                             "leave it out of -t"),
+    (["-s", "synth_msmt", "-t", "synth_duke", "--preset", "fast"], "unknown preset"),
 ])
 def test_pipeline_config_errors_are_one_line(flags, message, tmp_path, capsys):
-    code = main(["pipeline", "-s", "synth_msmt", "-t", "synth_duke", "--root", str(tmp_path), "--out",
-                 str(tmp_path / "run"), *flags])
+    code = main(["pipeline", "--root", str(tmp_path), "--out", str(tmp_path / "run"), *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "stages").exists()
