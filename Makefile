@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.kdreid-installed
 DATA ?= data
 # Torch is pinned here, in the install step, and kept a range in pyproject.toml so that the package also runs on
-# other torch builds (the GPU machine has torch 2.11).
+# other torch builds (the GPU machine has torch 2.11; the range's floor, torch 2.4.1 with torchvision 0.19.1, passes
+# the test suite on the CPU: kdreid falls back where torch 2.4 and 2.5 lack an API).
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 # torchreid's sources are a test-only reference (parity tests); fetched once from PyPI as an sdist.
 REFERENCE := .cache/reference/torchreid-0.2.5.tar.gz

@@ -199,6 +199,37 @@ def test_torchreid_checkpoint_with_numpy_metrics(tmp_path, numpy_module):
     assert torch.equal(model.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
 
 
+@pytest.mark.parametrize("old_torch", ["2.4", "2.5"])
+def test_numpy_metrics_load_on_the_oldest_torch(tmp_path, monkeypatch, old_torch):
+    """pyproject allows torch 2.4. Torch 2.4 has no torch.serialization.safe_globals context, only the
+    process-wide add_safe_globals, and refuses `_codecs.encode` (bytes in the legacy format); 2.4 and 2.5 know an
+    allowed global by its own __module__.__name__, no `(object, name)` pairs. A torchreid file with numpy metrics
+    loads there too, a code-running global is still refused in one line, and the allow-list is as it was."""
+    import numpy as np
+    from torch import _weights_only_unpickler as unpickler
+
+    from kdreid.models.weights import UnsafeCheckpointError
+
+    if old_torch == "2.4":
+        monkeypatch.delattr(torch.serialization, "safe_globals", raising=False)
+    else:
+        monkeypatch.setattr(unpickler, "_get_user_allowed_globals",
+                            lambda: {f"{f.__module__}.{f.__name__}": f for f in unpickler._get_safe_globals()})
+    before = set(torch.serialization.get_safe_globals())  # a set on later torch: its order is not kept
+    state = _resnet_tiny_state()
+    path = tmp_path / "model.pth.tar"
+    torch.save({"state_dict": state, "rank1": np.float32(0.87), "cmc": np.arange(3, dtype=np.float32)}, path,
+               _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    model = build_model("resnet_tiny", 0, pretrained=path)
+    assert torch.equal(model.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+    assert set(torch.serialization.get_safe_globals()) == before
+    torch.save({"state_dict": state, "hook": logging.getLogger}, tmp_path / "code.pth")
+    with pytest.raises(UnsafeCheckpointError, match=r"refused, loading it would run code \(it needs logging.getLogger"):
+        build_model("resnet_tiny", 0, pretrained=tmp_path / "code.pth")
+    assert set(torch.serialization.get_safe_globals()) == before
+
+
 def test_openunreid_mean_teacher_with_dsbn(tmp_path):
     """OpenUnReID (MMT-style): module.{net,mean_net}.backbone.*, head.feat_bn, dsbn.N branches; the mean
     network and the last (target) domain are the ones evaluated, so those load."""

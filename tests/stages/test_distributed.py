@@ -61,7 +61,7 @@ def _worker(rank: int, world: int, port: int, function, folder: str) -> None:
 def _on_processes(function, folder: Path, world: int = WORLD) -> list:
     """Run `function(folder)` in `world` gloo processes; -> what each returned, in rank order."""
     mp.spawn(_worker, args=(world, _free_port(), function, str(folder)), nprocs=world)
-    return [torch.load(folder / f"rank{r}.pt") for r in range(world)]
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 def _tiny_model() -> nn.Module:

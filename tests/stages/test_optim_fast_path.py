@@ -238,9 +238,15 @@ def test_a_user_error_in_the_first_compiled_step_is_not_taken_for_a_compiler_fai
     compiled.release()
 
 
-def test_evaluation_bypasses_the_compiled_forward(monkeypatch):
-    # Evaluation batches vary in size: under `eager()` the forward runs as Python, never traced or recompiled.
+@pytest.mark.parametrize("set_stance", [True, False], ids=["set_stance", "torch-before-2.6"])
+def test_evaluation_bypasses_the_compiled_forward(monkeypatch, set_stance):
+    # Evaluation batches vary in size: under `eager()` the forward runs as Python, never traced or recompiled;
+    # also on torch < 2.6 (pyproject allows 2.4), which has no torch.compiler.set_stance.
     _eager_backend(monkeypatch)
+    if not set_stance:
+        monkeypatch.delattr(torch.compiler, "set_stance", raising=False)
+    elif not hasattr(torch.compiler, "set_stance"):
+        pytest.skip(f"torch {torch.__version__} has no torch.compiler.set_stance")
     traced = []
 
     class Recording(nn.Linear):
@@ -257,6 +263,8 @@ def test_evaluation_bypasses_the_compiled_forward(monkeypatch):
             expected = DATA[:7] @ model.weight.T + model.bias
             torch.testing.assert_close(model(DATA[:7]), expected)
         assert traced == [True, False]
+        model(DATA[:8])
+        assert traced == [True, False, True]  # and the compiled forward is back after it
     finally:
         compiled.release()
 

@@ -11,6 +11,7 @@ branch by branch, into plain BatchNorm the target one. A model's own spelling al
 
 from __future__ import annotations
 
+import _codecs
 import contextlib
 import logging
 import pickle
@@ -43,15 +44,47 @@ def _numpy_value_globals() -> list:
     except ImportError:  # numpy 1.x
         import numpy as np
         from numpy.core import multiarray
-    allowed: list = [np.dtype, np.ndarray]
+    # _codecs.encode: how pickle protocol 2 (torch's legacy format) spells the raw bytes of a numpy value; torch
+    # allows it by default from 2.5 on, torch 2.4 refuses it.
+    allowed: list = [np.dtype, np.ndarray, _codecs.encode]
     for function in (multiarray.scalar, multiarray._reconstruct):
         allowed.append(function)
         # files written under numpy 1.x name numpy.core.multiarray; under 2.x, numpy._core.multiarray
         for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            allowed.append((function, f"{module}.{function.__name__}"))
+            allowed.append(_named(function, f"{module}.{function.__name__}"))
     for code in "?bBhHiIlLqQefdgFD":
         allowed.append(type(np.dtype(code)))
     return allowed
+
+
+def _named(function, name: str):
+    """`function` allowed under the global name `name` ("module.attribute"). Not torch's `(function, name)` pair:
+    torch 2.4 and 2.5 know an allowed global by its own `__module__` and `__name__` (later torch by its
+    `__qualname__`), and a pair breaks every load that consults the list."""
+    def alias(*args):
+        return function(*args)
+
+    alias.__module__, alias.__name__ = name.rsplit(".", 1)
+    alias.__qualname__ = alias.__name__
+    return alias
+
+
+@contextlib.contextmanager
+def _safe_globals(allowed: list):
+    """torch.serialization.safe_globals(allowed), the globals allowed for the loads inside, on torch 2.4 too: that
+    torch has no such context (2.5 added it), only the process-wide add_safe_globals, so the list is put back
+    as it was after the load."""
+    if hasattr(torch.serialization, "safe_globals"):
+        with torch.serialization.safe_globals(allowed):
+            yield
+        return
+    before = list(torch.serialization.get_safe_globals())
+    torch.serialization.add_safe_globals(allowed)
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -122,9 +155,7 @@ def safe_load(source: str | Path | IO[bytes], where: str) -> object:
     only, so a stranger's file cannot run code. Failures: UnsafeCheckpointError (the file asks for code to run),
     CheckpointError (truncated, damaged or not a PyTorch file), each one line naming `where`."""
     try:
-        # torch < 2.5 has no allow-list context: numpy-valued metrics are then refused like any other global.
-        allow = getattr(torch.serialization, "safe_globals", None)
-        with allow(_numpy_value_globals()) if allow else contextlib.nullcontext(), warnings.catch_warnings():
+        with _safe_globals(_numpy_value_globals()), warnings.catch_warnings():
             # A foreign pickle's protocol is reported below as a refusal; torch's own warning would be a 2nd line.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(source, map_location="cpu", weights_only=True)

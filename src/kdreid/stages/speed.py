@@ -9,7 +9,7 @@ On the CPU every piece is a no-op or the same code path, so CI exercises it with
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -239,7 +239,18 @@ class CompiledStep:
             self.active = False
 
     def eager(self):
-        """Context for evaluation: the compiled forward is bypassed (torch >= 2.6), otherwise a no-op."""
-        if self.active and hasattr(torch.compiler, "set_stance"):
+        """Context for evaluation: the compiled forward is bypassed."""
+        if not self.active:
+            return nullcontext()
+        if hasattr(torch.compiler, "set_stance"):
             return torch.compiler.set_stance("force_eager")
-        return nullcontext()
+        return self._without_compiled_forward()
+
+    @contextmanager
+    def _without_compiled_forward(self):
+        # torch < 2.6 has no set_stance: the module's compiled forward is set aside (as `release` does) and put back.
+        compiled, self.model._compiled_call_impl = self.model._compiled_call_impl, None
+        try:
+            yield
+        finally:
+            self.model._compiled_call_impl = compiled
