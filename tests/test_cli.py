@@ -210,6 +210,12 @@ def test_every_flag_of_a_stage_reaches_its_config(stage, argv, own, monkeypatch)
     (["distill", "-s", "a", "-t", "x", "y", "--teachers", "t1.pt", "--teachers", "t2.pt"],
      "--teachers: given twice (t1.pt; t2.pt)"),
     (["pipeline", "-s", "a", "-t", "x", "-t", "y", "z"], "-t/--targets: given twice (x; y z)"),
+    (["pipeline", "-s", "a", "-s", "b", "-t", "x"], "-s/--sources: given twice (a; b)"),
+    (["adapt", "-s", "a", "-s", "b", "-t", "x", "--init", "i.pt"], "-s/--sources: given twice (a; b)"),
+    (["adapt", "-s", "a", "-t", "x", "--init", "i.pt", "-t", "y"], "-t/--targets: given twice (x; y)"),
+    (["distill", "-s", "a", "-t", "x", "--teachers", "t.pt", "-s", "b"], "-s/--sources: given twice (a; b)"),
+    (["distill", "-s", "a", "-t", "x", "--teachers", "t.pt", "-t", "y"], "-t/--targets: given twice (x; y)"),
+    (["train-source", "-s", "a", "-t", "-t", "x"], "-t/--targets: given twice (; x)"),
 ])
 def test_a_list_flag_given_twice_is_refused(argv, given, capsys):
     # argparse kept the last one: `-t market1501 -t cuhk03` evaluated, adapted to or distilled cuhk03 alone. Adding
@@ -217,6 +223,13 @@ def test_a_list_flag_given_twice_is_refused(argv, given, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(argv)
     assert stopped.value.code == 2 and given in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_train_source_takes_no_targets_after_a_bare_t():
+    from kdreid.cli import build_parser
+
+    assert build_parser().parse_args(["train-source", "-s", "a", "-t"]).targets == []
+    assert build_parser().parse_args(["train-source", "-s", "a"]).targets is None
 
 
 def test_a_flag_wins_over_the_config_file_which_wins_over_the_preset(tmp_path, monkeypatch):

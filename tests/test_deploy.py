@@ -124,6 +124,13 @@ def test_index_search_is_exact_across_chunks(metric, monkeypatch):
     want_distances, want_indices = full.sort(dim=1)
     assert torch.equal(indices, want_indices[:, :25])
     assert torch.allclose(distances, want_distances[:, :25], atol=1e-4)
+    # A last chunk shorter than k (970 rows = 15 x 64 + 10), and a chunk budget under k rows (chunks of k then).
+    for size, rows in ((970, 64), (1000, 8)):
+        monkeypatch.setattr(deploy, "_SCORES_PER_CHUNK", 7 * rows)
+        distances, indices = FeatureIndex(gallery[:size], metric).search(query, k=25)
+        want_distances, want_indices = full[:, :size].sort(dim=1)
+        assert torch.equal(indices, want_indices[:, :25])
+        assert torch.allclose(distances, want_distances[:, :25], atol=1e-4)
     # k larger than the gallery gives the whole gallery
     assert FeatureIndex(gallery[:5], metric).search(query, k=10)[1].shape == (7, 5)
 

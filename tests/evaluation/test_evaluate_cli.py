@@ -346,6 +346,15 @@ def test_free_memory_sees_the_limit_of_a_batch_jobs_own_cgroup(layout, tmp_path,
     monkeypatch.setattr(module, "_SELF_CGROUP", tmp_path / "self_cgroup")
     # The job's 8 GB less its 3 GB in use, of which 1 GB is page cache the kernel gives back: 6 GB, not the node's 50.
     assert module.free_memory(torch.device("cpu")) == 6 * gb
+    # A limit on the own group (a step's, a systemd unit's MemoryMax) counts as well: the least room of them all.
+    for limit, room in ((5 * gb, 3 * gb), (10 * gb, 6 * gb)):  # the step's 5 (or 10) GB less its 2 GB: 3 (or 8)
+        (step / names[0]).write_text(f"{limit}\n")
+        assert module.free_memory(torch.device("cpu")) == room
+    (step / names[0]).write_text(f"{unlimited}\n")
+    # Nor more than the machine has available, whatever the limits leave.
+    (tmp_path / "meminfo").write_text(f"MemTotal: {64 * gb // 1024} kB\nMemAvailable: {2 * gb // 1024} kB\n")
+    assert module.free_memory(torch.device("cpu")) == 2 * gb
+    (tmp_path / "meminfo").write_text(f"MemTotal: {64 * gb // 1024} kB\nMemAvailable: {50 * gb // 1024} kB\n")
     (tmp_path / "self_cgroup").write_text("0::/\n")  # a container's own namespace: its limit is at the root
     (mount / names[0]).write_text(f"{30 * gb}\n")
     assert module.free_memory(torch.device("cpu")) == 11 * gb

@@ -158,6 +158,32 @@ def test_a_cache_too_large_for_the_ram_is_refused_in_one_line_before_decoding(mo
     check_room_for_cache(10**6, 256, 128)
 
 
+def test_the_fingerprints_follow_the_splits_they_cover(tmp_path):
+    # evaluate --out records the query and gallery's digest; a stage's datasets.json the whole dataset's and the
+    # training split's: a query image replaced is another evaluation (and a stage evaluated again, not retrained).
+    from kdreid.stages.data import dataset_fingerprint, evaluation_fingerprint
+
+    splits = {split: [ImageRecord(str(tmp_path / f"{split}{i}.jpg"), i, 1 + i % 2, i) for i in range(3)]
+              for split in ("train", "query", "gallery")}
+    for records in splits.values():
+        for record in records:
+            (tmp_path / record.path).write_bytes(b"x" * 10)
+    dataset = ReidDataset("d", str(tmp_path), splits["train"], splits["query"], splits["gallery"])
+
+    def digests():
+        whole, train = dataset_fingerprint(dataset, str(tmp_path)).split("/")
+        return whole, train, evaluation_fingerprint(dataset, str(tmp_path))
+
+    before = digests()
+    for split, changed in (("query", (True, False, True)), ("gallery", (True, False, True)),
+                           ("train", (True, True, False))):
+        with open(splits[split][1].path, "ab") as handle:  # another file under the same name
+            handle.write(b"y")
+        after = digests()
+        assert tuple(a != b for a, b in zip(after, before)) == changed, split
+        before = after
+
+
 def test_the_cache_room_is_for_every_process_of_the_machine(monkeypatch):
     # Found by a review: under torchrun each process decodes its own full cache at the same moment, and each
     # compared one copy with the memory free before any had taken its share: 8 processes x MSMT17's 3.2 GB passed

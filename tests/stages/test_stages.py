@@ -155,6 +155,9 @@ STAGE_SETTINGS_NO_RUN_CAN_USE = [
     (ADAPT, "pseudo.k1", 0, "pseudo.k1 must be at least 1, got 0"),
     (ADAPT, "pseudo.k2", -1, "pseudo.k2 must be at least 1, got -1"),
     (ADAPT, "eval.batch_size", 0, "eval.batch_size must be at least 1 (images), got 0"),
+    # found by a review: a term named twice was summed twice (twice --dmmd-weight)
+    (ADAPT, "dmmd_terms", ["within", "within"],
+     "--dmmd-terms within within: choose one or more of within, between, features, each once"),
     (ADAPT, "train.optim.gamma", -1, "train.optim.gamma must be positive"),
     (DISTILL, "label_smoothing", 1.5, "label_smoothing must be in [0, 1), got 1.5"),
     (DISTILL, "triplet_margin", float("-inf"), "triplet_margin must be a finite number, got -inf"),

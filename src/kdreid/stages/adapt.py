@@ -103,9 +103,12 @@ class AdaptConfig:
         if not self.init:
             raise ConfigError("adapt starts from a source-trained model: pass --init SOURCE_RUN/model.pt")
         unknown = sorted(set(self.dmmd_terms) - set(DMMD_TERMS))
-        if unknown or not self.dmmd_terms:
+        # A term named twice (`--dmmd-terms within within`, or a --config list) would be summed twice into the loss:
+        # twice --dmmd-weight for it, without a word.
+        if unknown or not self.dmmd_terms or len(set(self.dmmd_terms)) < len(self.dmmd_terms):
             raise ConfigError(
-                f"--dmmd-terms {' '.join(self.dmmd_terms) or '(none)'}: choose one or more of {', '.join(DMMD_TERMS)}"
+                f"--dmmd-terms {' '.join(self.dmmd_terms) or '(none)'}: choose one or more of {', '.join(DMMD_TERMS)}, "
+                "each once"
             )
         if not 0 <= self.dmmd_weight < math.inf:  # a negative weight would maximise the discrepancy
             raise ConfigError(f"--dmmd-weight must be 0 (a control run) or positive, got {self.dmmd_weight}")
