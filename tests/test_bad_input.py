@@ -242,20 +242,17 @@ def _evaluate_on_a_missing_gpu(tmp, monkeypatch):
 
 
 def _evaluate_into_a_training_run(tmp, monkeypatch):
-    root, _ = _market(tmp)
     (tmp / "run").mkdir()
     model = _checkpoint(tmp / "run", "model.pt")
-    return _evaluate(tmp, model, "-t", "market1501", "--root", str(root), "--out", str(tmp / "run"))
+    return _evaluate(tmp, model, "--out", str(tmp / "run"))
 
 
 def _evaluate_into_a_foreign_metrics_file(content: bytes) -> Callable:
     def setup(tmp, monkeypatch):
-        root, _ = _market(tmp)
         (tmp / "eval").mkdir()
         (tmp / "eval" / "metrics.json").write_bytes(content)
         monkeypatch.setattr("kdreid.evaluation.features.extract_features", _no_work)
-        return _evaluate(tmp, _checkpoint(tmp, "m.pt"), "-t", "market1501", "--root", str(root), "--out",
-                         str(tmp / "eval"))
+        return _evaluate(tmp, _checkpoint(tmp, "m.pt"), "--out", str(tmp / "eval"))
     return setup
 
 
