@@ -279,8 +279,12 @@ def test_kd_title_of_one_target_fits_the_picture(rng, tmp_path, drawn_figures):
                                title="Stage distill: the student's distances against its teachers'")
     [figure] = figures
     box = figure._suptitle.get_window_extent(figure.canvas.get_renderer())
-    assert 0 <= box.x0 and box.x1 <= figure.bbox.width
-    assert Image.open(path).size[0] == round(figure.bbox.width)
+    width = Image.open(path).size[0]
+    assert 0 <= box.x0 and box.x1 <= width
+    # The PNG is the widened figure. Not `== round(...)`: the width in inches times the dpi may land just under a
+    # whole pixel (468.99999999999994), which matplotlib 3.11 rounds but 3.10 and older (the newest on Python 3.10)
+    # truncate to one pixel fewer.
+    assert abs(width - figure.bbox.width) < 1
 
 
 def test_bars_draw_each_rows_values_and_their_mean_per_target(tmp_path, drawn_figures):
