@@ -90,6 +90,14 @@ def test_bad_input_is_one_line():
         re_ranking(-q_g, q_q, g_g)
     with pytest.raises(EvaluationError, match="k2 <= k1 \\+ 1"):
         re_ranking(q_g, q_q, g_g, k1=3, k2=6)
+    # From features: the features are checked once, before the first block of distances (no longer by
+    # compute_distance_matrix, block by block).
+    qf, gf = torch.randn(7, 8), torch.randn(20, 8)
+    gf[4, 1] = float("inf")
+    with pytest.raises(EvaluationError, match="^re-ranking features hold NaN or inf"):
+        re_ranking_features(qf, gf)
+    with pytest.raises(EvaluationError, match="^unknown distance metric 'manhattan'; use one of euclidean, cosine$"):
+        re_ranking_features(qf, gf[:3], metric="manhattan")
     # each bound said before any work (a lambda of 1.5 would blend with a negative weight on the Jaccard term)
     for k1, k2, lambda_value in ((0, 1, 0.3), (20, 6, 1.5), (20, 6, -0.1)):
         with pytest.raises(EvaluationError, match="re-ranking needs k1 >= 1, 1 <= k2 <= k1 \\+ 1 and 0 <= lambda <= 1"):

@@ -28,15 +28,29 @@ def compute_distance_matrix(query, gallery, metric: str = "euclidean", normalize
         raise EvaluationError(f"query features have {query.shape[1]} dimensions but gallery features "
                               f"{gallery.shape[1]}; extract both with the same model")
     gallery = gallery.to(query.device)
-    if normalize:
+    if normalize or metric == "cosine":
         query, gallery = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
+    return distances_of_prepared(query, gallery, metric)
+
+
+def distances_of_prepared(query: torch.Tensor, gallery: torch.Tensor, metric: str, query_squared=None,
+                          gallery_squared=None) -> torch.Tensor:
+    """(Q, G) distances of float32 features on one device, L2-normalised for cosine; the rows' squared norms
+    (`squared_norms`) when already known, for euclidean: re-ranking computes a thousand blocks of rows against the
+    same N features and computes their norms once."""
     # In place throughout: one (Q, G) matrix at a time (MSMT17's is 3.8 GB).
     if metric == "cosine":
         # Clamped: rounding puts identical vectors at -1e-7, and re-ranking squares distances (sign matters).
-        return (F.normalize(query, dim=1) @ F.normalize(gallery, dim=1).T).neg_().add_(1.0).clamp_(0.0, 2.0)
-    squared = query.pow(2).sum(1, keepdim=True) + gallery.pow(2).sum(1)[None, :]  # (Q, G)
+        return (query @ gallery.T).neg_().add_(1.0).clamp_(0.0, 2.0)
+    query_squared = squared_norms(query) if query_squared is None else query_squared
+    gallery_squared = squared_norms(gallery) if gallery_squared is None else gallery_squared
+    squared = query_squared[:, None] + gallery_squared[None, :]  # (Q, G)
     squared.addmm_(query, gallery.T, beta=1.0, alpha=-2.0)
     return squared.clamp_(min=0.0).sqrt_()
+
+
+def squared_norms(features: torch.Tensor) -> torch.Tensor:
+    return features.pow(2).sum(1)
 
 
 def _as_features(features, name: str) -> torch.Tensor:

@@ -29,8 +29,8 @@ from torch import nn
 from kdreid import distributed
 from kdreid.errors import CheckpointError, EvaluationError, KdreidError, why_not_a_file
 from kdreid.evaluation.distance import compute_distance_matrix
-from kdreid.evaluation.ranking import METRIC_COLUMNS, RankResult, evaluate
-from kdreid.evaluation.rerank import re_ranking_features
+from kdreid.evaluation.ranking import METRIC_COLUMNS, RankResult, evaluate, ranking_memory
+from kdreid.evaluation.rerank import re_ranking_features, re_ranking_memory
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,8 @@ def evaluate_features(
     if len(gallery) == 0:
         raise EvaluationError("empty gallery: the dataset's gallery split holds no image")
     device = pick_device(device)
-    check_room_for_distances(len(query), len(gallery), device)
+    check_room_for_evaluation(len(query), len(gallery), query.features.shape[1], device, metric=metric,
+                              normalize=normalize, rerank=rerank, copied=query.features.device != device)
     query_features, gallery_features = query.features.to(device), gallery.features.to(device)
     if normalize:
         query_features, gallery_features = F.normalize(query_features, dim=1), F.normalize(gallery_features, dim=1)
@@ -395,19 +396,43 @@ def _cgroup_room() -> int | None:
     return room
 
 
-def check_room_for_distances(num_queries: int, num_gallery: int, device: torch.device) -> None:
-    """One line, before any work, when the (Q, G) float32 distance matrix an evaluation holds cannot fit in the
-    memory `device` has free: the allocator's traceback (or the kernel's OOM killer) otherwise."""
-    needed = 4 * num_queries * num_gallery
+def evaluation_memory(num_queries: int, num_gallery: int, dim: int, device: torch.device, *,
+                      metric: str = "euclidean", normalize: bool = False, rerank: bool = False,
+                      copied: bool = False) -> int:
+    """Bytes `evaluate_features` takes on `device` beyond the features it is given, at its peak: their copy when
+    `copied` there (to a GPU) and when normalised, the (Q, G) float32 distance matrix, and the largest of its passes'
+    temporaries (the cosine distance's normalised copy or re-ranking's work, then the ranking chunks). Live tensors
+    only: glibc's heap may keep some of what was freed on top (bench/evaluation_memory.py measures both)."""
+    features = 4 * (num_queries + num_gallery) * dim
+    if rerank:
+        passes = re_ranking_memory(num_queries, num_gallery, dim)
+    else:
+        passes = features if metric == "cosine" else 0
+    passes = max(passes, ranking_memory(num_queries, num_gallery, device))
+    # Code pages and small buffers that first use brings in (10-40 MB measured).
+    held = features * (int(copied) + int(normalize))
+    return 4 * num_queries * num_gallery + held + passes + _EVALUATION_SLACK
+
+
+_EVALUATION_SLACK = 64 << 20
+
+
+def check_room_for_evaluation(num_queries: int, num_gallery: int, dim: int, device: torch.device,
+                              **options) -> None:
+    """One line, before any work, when what an evaluation holds (`evaluation_memory`, `options` its keywords)
+    cannot fit in the memory `device` has free: the allocator's traceback (or the kernel's OOM killer) otherwise."""
+    needed = evaluation_memory(num_queries, num_gallery, dim, device, **options)
     free = free_memory(device)
-    if free is None or needed <= free:  # the chunks of ranking, re-ranking and verification are small beside it
+    if free is None or needed <= free:
         return
     gigabytes = lambda count: f"{count / 1e9:.1f} GB"  # noqa: E731
     hint = ("evaluate on the CPU (--device cpu) if the host has that room" if device.type == "cuda"
             else "evaluate on a machine with more memory")
+    what = "the evaluation with re-ranking" if options.get("rerank") else "the evaluation"
     raise EvaluationError(
-        f"{num_queries} queries x {num_gallery} gallery images: the query-gallery distance matrix needs "
-        f"{gigabytes(needed)}, but {device} has {gigabytes(free)} free; {hint}")
+        f"{num_queries} queries x {num_gallery} gallery images: {what} needs {gigabytes(needed)} (the query-gallery "
+        f"distance matrix alone {gigabytes(4 * num_queries * num_gallery)}), but {device} has {gigabytes(free)} "
+        f"free; {hint}")
 
 
 def evaluate_model(

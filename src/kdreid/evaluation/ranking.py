@@ -49,6 +49,10 @@ CUHK03_SEED = 0
 # (sort keeps values + int64 indices, ~20 bytes an element) stays near 1 GB, so MSMT17 (11,659 x 82,161) fits.
 _CPU_CHUNK_ELEMENTS = 1 << 22
 _CUDA_CHUNK_ELEMENTS = 1 << 26
+# Bytes a chunk holds per distance while it is ranked: NumPy's sorted copy and the NaN mask on the CPU (9 measured
+# at Market size); torch.sort's values and int64 indices on CUDA.
+_CPU_BYTES_PER_DISTANCE = 12
+_CUDA_BYTES_PER_DISTANCE = 20
 
 
 class EvaluationWarning(UserWarning):
@@ -160,8 +164,7 @@ def evaluate(
         device = distmat.device if distmat.is_cuda else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if chunk_size is None:
-        budget = _CUDA_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS
-        chunk_size = max(1, budget // num_g)
+        chunk_size = _default_chunk_size(num_g, device)
     gallery = _GalleryIndex(g_pids, g_camids, device)
     max_rank = min(max_rank, num_g)
 
@@ -177,9 +180,10 @@ def evaluate(
             raise EvaluationError(f"the distance matrix holds NaN (first in query row {first}); check the features")
         return _rank_chunk(rows, q_pids_t[start:stop], q_camids_t[start:stop], gallery)
 
-    if device.type == "cpu" and len(starts) > 1 and torch.get_num_threads() > 1:
+    workers = _chunks_at_once(len(starts), device)
+    if workers > 1:
         # NumPy's sort releases the GIL: one chunk per core runs the O(Q*G) part in parallel.
-        with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             chunks = list(pool.map(run_chunk, starts))
     else:
         chunks = [run_chunk(start) for start in starts]
@@ -254,6 +258,25 @@ def _same_identity(rows: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Ten
     members = gallery.order[(start[:, None] + slot[None, :]).clamp_(max=len(gallery.order) - 1)]  # (C, S)
     same_camera = gallery.camids[members] == q_camids[:, None]
     return members, in_group & ~same_camera, in_group & same_camera
+
+
+def ranking_memory(num_q: int, num_g: int, device: torch.device) -> int:
+    """Bytes `evaluate` takes beside the distance matrix on `device` (its default chunks): the chunks ranked at once."""
+    chunk_size = min(_default_chunk_size(num_g, device), num_q)
+    at_once = _chunks_at_once(-(-num_q // chunk_size), device)
+    per_distance = _CUDA_BYTES_PER_DISTANCE if device.type == "cuda" else _CPU_BYTES_PER_DISTANCE
+    return at_once * chunk_size * num_g * per_distance
+
+
+def _default_chunk_size(num_g: int, device: torch.device) -> int:
+    return max(1, (_CUDA_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS) // num_g)
+
+
+def _chunks_at_once(num_chunks: int, device: torch.device) -> int:
+    """CPU chunks run one per thread (NumPy's sort releases the GIL); CUDA ones one after another."""
+    if device.type != "cpu" or num_chunks < 2:
+        return 1
+    return min(num_chunks, torch.get_num_threads())
 
 
 def _sorted_values(rows: torch.Tensor) -> torch.Tensor:

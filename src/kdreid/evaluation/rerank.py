@@ -34,6 +34,15 @@ _ROW_CHUNK_ELEMENTS = 1 << 23
 _PAIR_CHUNK = 1 << 21
 _ENCODE_CHUNK_COMPARISONS = 1 << 24
 _PAIRS_PER_GATHER = 1 << 13  # feature pairs gathered at once by re_ranking_features (2 x 8192 x D floats)
+# What re_ranking_features holds beside its (Q, G) result, in feature copies, bytes an image and bounded chunks:
+# [query; gallery] stacked (and its normalised copy for cosine), 3 x 8192 x D floats of gathered pairs of rows, the
+# nearest-neighbour lists and the sparse V with its sorted copies (~5 KB an image at ~75 non-zeros a row, random
+# features; clustered ones have ~20). Not all at once (the phases follow one another): with these, evaluation_memory
+# is 1.2-1.7x every peak measured without glibc's heap retention (bench/evaluation_memory.py: Market size and
+# 500 x 40,000, 512- and 2048-d).
+_FEATURE_COPIES = 3
+_BYTES_PER_IMAGE = 6 << 10
+_CHUNK_BYTES = 64 << 20
 
 
 def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3):
@@ -70,6 +79,12 @@ def re_ranking_features(query_features, gallery_features, k1: int = 20, k2: int 
                               f"{gallery_features.shape[1]}")
     final = _re_rank(_StackedFeatures(query_features, gallery_features, metric), k1, k2, lambda_value)
     return final
+
+
+def re_ranking_memory(num_q: int, num_g: int, dim: int) -> int:
+    """Bytes `re_ranking_features` takes for Q x G images of `dim` features beside the (Q, G) float32 result."""
+    num_all = num_q + num_g
+    return _FEATURE_COPIES * 4 * num_all * dim + _BYTES_PER_IMAGE * num_all + _CHUNK_BYTES
 
 
 def jaccard_distance(features, k1: int = 30, k2: int = 6, metric: str = "euclidean") -> torch.Tensor:
@@ -139,36 +154,50 @@ class _StackedMatrices:
 
 
 class _StackedFeatures:
-    """The same N x N distances, computed from features on demand."""
+    """The same N x N distances, computed from features on demand. The features are checked, normalised (cosine) and
+    their squared norms taken once: each of the ~N / 90 blocks of rows (about 1,000 at MSMT17 size) is one matrix
+    product, where building it as compute_distance_matrix does re-read, copied and checked all N features: a new
+    N x D buffer a block, which glibc's heap kept (1.4-1.9 GB against 0.6 GB at 500 x 40,000) and 1.8x the time."""
 
     def __init__(self, query: torch.Tensor, gallery: torch.Tensor, metric: str):
-        from kdreid.evaluation.distance import compute_distance_matrix
+        from kdreid.evaluation.distance import METRICS, squared_norms
 
-        self.distance = lambda a, b: compute_distance_matrix(a, b, metric=metric)
+        if metric not in METRICS:
+            raise EvaluationError(f"unknown distance metric {metric!r}; use one of {', '.join(METRICS)}")
+        features = torch.cat([query, gallery])  # (N, D)
+        if not bool(torch.isfinite(features).all()):
+            raise EvaluationError("re-ranking features hold NaN or inf; check the model and its checkpoint")
         self.metric = metric
-        self.features = torch.cat([query, gallery])  # (N, D)
+        self.features = F.normalize(features, dim=1) if metric == "cosine" else features
+        self.squared = None if metric == "cosine" else squared_norms(features)
         self.num_q, self.num_g = len(query), len(gallery)
         self.device = query.device
 
+    def _distances(self, rows: slice, cols: slice) -> torch.Tensor:
+        from kdreid.evaluation.distance import distances_of_prepared
+
+        squared = (None, None) if self.squared is None else (self.squared[rows], self.squared[cols])
+        return distances_of_prepared(self.features[rows], self.features[cols], self.metric, *squared)
+
     def row_blocks(self, start: int, stop: int) -> list[tuple[int, torch.Tensor]]:
-        return [(0, self.distance(self.features[start:stop], self.features))]
+        return [(0, self._distances(slice(start, stop), slice(None)))]
 
     def entries(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         rows, cols = rows.flatten(), cols.flatten()
         values = torch.empty(len(rows), dtype=torch.float32, device=self.device)
         for start in range(0, len(rows), _PAIRS_PER_GATHER):  # bounded: each pair gathers two D-wide rows
             stop = start + _PAIRS_PER_GATHER
-            a, b = self.features[rows[start:stop]], self.features[cols[start:stop]]  # (M, D)
-            if self.metric == "cosine":
-                similarity = (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1)
-                values[start:stop] = (1.0 - similarity).clamp(0.0, 2.0)
+            row, col = rows[start:stop], cols[start:stop]
+            products = (self.features[row] * self.features[col]).sum(1)  # (M,)
+            if self.squared is None:  # normalised features: the cosine distance
+                values[start:stop] = (1.0 - products).clamp(0.0, 2.0)
             else:
-                squared = (a * a).sum(1) + (b * b).sum(1) - 2.0 * (a * b).sum(1)
+                squared = self.squared[row] + self.squared[col] - 2.0 * products
                 values[start:stop] = squared.clamp(min=0.0).sqrt()
         return values
 
     def query_gallery(self, start: int, stop: int) -> torch.Tensor:
-        return self.distance(self.features[start:stop], self.features[self.num_q:])
+        return self._distances(slice(start, stop), slice(self.num_q, None))
 
 
 def _re_rank(stacked, k1: int, k2: int, lambda_value: float) -> torch.Tensor:
