@@ -409,12 +409,11 @@ def evaluation_memory(num_queries: int, num_gallery: int, dim: int, device: torc
     else:
         passes = features if metric == "cosine" else 0
     passes = max(passes, ranking_memory(num_queries, num_gallery, device))
-    # Code pages and small buffers that first use brings in (10-40 MB measured).
     held = features * (int(copied) + int(normalize))
     return 4 * num_queries * num_gallery + held + passes + _EVALUATION_SLACK
 
 
-_EVALUATION_SLACK = 64 << 20
+_EVALUATION_SLACK = 64 << 20  # code pages and small buffers that first use brings in (10-40 MB measured)
 
 
 def check_room_for_evaluation(num_queries: int, num_gallery: int, dim: int, device: torch.device,
