@@ -188,6 +188,22 @@ def test_rerank_refuses_a_gallery_over_its_bound(monkeypatch):
     assert search_features(query, gallery[:4], k=2, rerank=True)[1].shape == (1, 2)
 
 
+def test_rerank_refuses_a_search_without_the_memory_it_needs(monkeypatch):
+    # Every query's distances to the whole gallery at once, before the top-k: one line before any work, naming both
+    # sizes (it had no check: a large query file met the allocator or the OOM killer).
+    import kdreid.evaluation.features as features
+
+    monkeypatch.setattr(features, "free_memory", lambda device: 10**9)
+    gallery, query = np.zeros((20, 3), np.float32), np.zeros((2, 3), np.float32)
+    assert search_features(query, gallery, k=2, rerank=True)[1].shape == (2, 2)  # a few hundred MB at most
+    monkeypatch.setattr(features, "free_memory", lambda device: 10**7)
+    with pytest.raises(deploy.EvaluationError, match=r"^2 queries x 20 gallery images: search --rerank needs 0\.1 GB "
+                                                     r"\(the query-gallery distance matrix alone 0\.0 GB\), but cpu "
+                                                     r"has 0\.0 GB free; search without --rerank, or on a machine "
+                                                     r"with more memory$"):
+        search_features(query, gallery, k=2, rerank=True)
+
+
 def test_search_command_ranks_query_images(workdir, tmp_path, capsys):
     gallery = tmp_path / "g.npz"
     assert extract(workdir, gallery) == 0

@@ -391,11 +391,17 @@ def search_features(query: np.ndarray, gallery: np.ndarray, *, k: int = 10, metr
                               "features; extract both with the same model")
     if not rerank:
         return FeatureIndex(gallery, metric, use_faiss=use_faiss).search(query, k)
+    from kdreid.evaluation.features import check_room_for_evaluation
     from kdreid.evaluation.rerank import re_ranking_features
 
     if len(gallery) > RERANK_MAX_GALLERY:
         raise EvaluationError(f"--rerank needs gallery-gallery neighbours; {len(gallery)} gallery images is over "
                               f"{RERANK_MAX_GALLERY}: search without --rerank")
+    # Re-ranking forms every query's distances to the whole gallery (a 20,000-row query file against 50,000 images:
+    # 4 GB), and its own work beside them; the top-k is taken after.
+    check_room_for_evaluation(len(query), len(gallery), query.shape[1], torch.device("cpu"), rerank=True,
+                              metric=metric, task="search --rerank",
+                              fix="search without --rerank, or on a machine with more memory")
     distances = re_ranking_features(torch.as_tensor(query), torch.as_tensor(gallery), metric=metric)  # (Q, G)
     return torch.as_tensor(distances).topk(min(k, len(gallery)), dim=1, largest=False)
 

@@ -416,18 +416,19 @@ def evaluation_memory(num_queries: int, num_gallery: int, dim: int, device: torc
 _EVALUATION_SLACK = 64 << 20  # code pages and small buffers that first use brings in (10-40 MB measured)
 
 
-def check_room_for_evaluation(num_queries: int, num_gallery: int, dim: int, device: torch.device,
-                              **options) -> None:
+def check_room_for_evaluation(num_queries: int, num_gallery: int, dim: int, device: torch.device, *,
+                              task: str = "", fix: str = "", **options) -> None:
     """One line, before any work, when what an evaluation holds (`evaluation_memory`, `options` its keywords)
-    cannot fit in the memory `device` has free: the allocator's traceback (or the kernel's OOM killer) otherwise."""
+    cannot fit in the memory `device` has free: the allocator's traceback (or the kernel's OOM killer) otherwise.
+    `task` and `fix` name it and the way out in that line when it is not an evaluation (a re-ranked search)."""
     needed = evaluation_memory(num_queries, num_gallery, dim, device, **options)
     free = free_memory(device)
     if free is None or needed <= free:
         return
     gigabytes = lambda count: f"{count / 1e9:.1f} GB"  # noqa: E731
-    hint = ("evaluate on the CPU (--device cpu) if the host has that room" if device.type == "cuda"
-            else "evaluate on a machine with more memory")
-    what = "the evaluation with re-ranking" if options.get("rerank") else "the evaluation"
+    hint = fix or ("evaluate on the CPU (--device cpu) if the host has that room" if device.type == "cuda"
+                   else "evaluate on a machine with more memory")
+    what = task or ("the evaluation with re-ranking" if options.get("rerank") else "the evaluation")
     raise EvaluationError(
         f"{num_queries} queries x {num_gallery} gallery images: {what} needs {gigabytes(needed)} (the query-gallery "
         f"distance matrix alone {gigabytes(4 * num_queries * num_gallery)}), but {device} has {gigabytes(free)} "
