@@ -32,7 +32,7 @@ TARGETS = ["synth_market", "synth_duke", "synth_cuhk"]
 
 
 def kdreid(*args: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from kdreid.cli import main; sys.exit(main())", *args]
+    return [sys.executable, "-c", "import sys; from kdreid.cli import command; sys.exit(command())", *args]
 
 
 class Pool:

@@ -2,6 +2,6 @@
 
 import sys
 
-from kdreid.cli import main
+from kdreid.cli import command
 
-sys.exit(main())
+sys.exit(command())

@@ -659,6 +659,17 @@ def main(argv: list[str] | None = None) -> int:
             sys.modules["kdreid.distributed"].mark_ended_together(ended_together)
 
 
+def command() -> int:
+    """The `kdreid` command (its script, `python -m kdreid`, `python -m kdreid.cli`): `main`, and a process that
+    torchrun started ends by `distributed.end_process`, not through Python's teardown, where gloo aborted it now
+    and then after a command that had succeeded. `main` itself returns, so that a script can call it again."""
+    code = main()
+    distributed = sys.modules.get("kdreid.distributed")
+    if distributed is not None and distributed.is_distributed():
+        distributed.end_process(code)
+    return code
+
+
 # The commands whose stages handle SIGTERM themselves (kdreid.stages.common, kdreid.stages.pipeline).
 _TRAINING_COMMANDS = ("train-source", "adapt", "distill", "pipeline")
 
@@ -704,4 +715,4 @@ def _traceback_if_asked() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

@@ -50,12 +50,10 @@ def _worker(rank: int, world: int, port: int, function, folder: str) -> None:
         distributed.mark_ended_together(True)
     finally:
         distributed.cleanup()
-    # Its result saved and the group left: end here, without the interpreter's teardown, where gloo's threads still
-    # aborted a process now and then (SIGABRT at exit, about one full suite in five under CI's load, never in this
-    # test's own checks); a process that failed above still reports its traceback through mp.spawn.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # Its result saved and the group left: end as the kdreid command does, without the interpreter's teardown, where
+    # gloo's threads still aborted a process now and then (SIGABRT at exit, about one full suite in five under CI's
+    # load, never in this test's own checks); a process that failed above still reports its traceback to mp.spawn.
+    distributed.end_process(0)
 
 
 def _on_processes(function, folder: Path, world: int = WORLD) -> list:
@@ -310,6 +308,8 @@ common = flags[flags.index("--batch-size"):]
 assert main(["adapt", "-s", "synth_duke", "-t", "synth_msmt", "--init", os.path.join(out, "model.pt"),
              "--root", flags[flags.index("--root") + 1], "--out", out + "_adapt", "--grouping", "pseudo",
              "--config", os.path.join(os.path.dirname(copy), "pseudo.yaml"), "--epochs", "1", *common]) == 0
+from kdreid import distributed
+distributed.end_process(0)  # as the kdreid command ends a torchrun process
 """
 PSEUDO = """
 pseudo: {eps: 0.3, min_samples: 2}
@@ -435,6 +435,43 @@ def test_processes_wait_for_each_other_at_exit_only_after_ending_together(monkey
     monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: None)
     distributed.cleanup()
     assert waited == ([True] if together else [])
+
+
+def test_the_command_ends_a_torchrun_process_without_pythons_teardown(monkeypatch):
+    # Python's teardown aborted a torchrun process now and then after a command had succeeded (gloo's threads:
+    # SIGABRT, "terminate called without an active exception"), and torchrun reported the run as failed.
+    from kdreid import cli
+
+    ended = []
+    monkeypatch.setattr(sys, "argv", ["kdreid", "models"])
+    monkeypatch.setattr(cli, "_run_models", lambda args: 3)
+    monkeypatch.setattr(distributed, "end_process", ended.append)
+    assert cli.command() == 3 and ended == []  # one process: the interpreter ends it as usual
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    cli.command()
+    assert ended == [3]  # with the command's exit status
+
+
+END_PROCESS = """
+import logging, logging.handlers, sys
+from kdreid import distributed
+log = logging.getLogger("kdreid.test")
+log.addHandler(logging.handlers.MemoryHandler(100, target=logging.FileHandler(sys.argv[1])))  # writes when closed
+log.warning("written before the end")
+print("the last words", end="")  # buffered: a pipe, and no newline
+distributed.end_process(3)
+print("never printed")
+"""
+
+
+def test_ending_a_process_flushes_the_console_and_the_logs_first(tmp_path):
+    log = tmp_path / "log.txt"
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", END_PROCESS, str(log)], capture_output=True, text=True,
+                          timeout=60, env=buffered)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "the last words"
+    assert log.read_text() == "written before the end\n"
 
 
 def test_a_device_the_processes_cannot_share_is_refused_before_joining(monkeypatch):

@@ -450,6 +450,7 @@ def _train(
         if stop.requested():  # also after the last epoch (a signal in its evaluation): the stage must not go on
             where = f"after epoch {epoch + 1}" + (", the last (resuming only writes the stage's model)"
                                                   if epoch + 1 == config.epochs else "")
+            writer.close()  # its scalars so far reach the file (it writes them out every two minutes otherwise)
             raise stop.interrupted(where, checkpoint_path)
     writer.close()
     compiled.release()
