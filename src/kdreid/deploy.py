@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from kdreid.data.datasets.base import walk_files
 from kdreid.data.images import IMAGE_SUFFIXES
 from kdreid.errors import DatasetError, EvaluationError, KdreidError, why_not_a_file
-from kdreid.evaluation.distance import METRICS
+from kdreid.evaluation.distance import check_metric
 from kdreid.models.weights import model_kind
 from kdreid.rundir import atomic_write_bytes, refuse_folder, refuse_overwriting_input
 
@@ -316,8 +316,7 @@ class FeatureIndex:
     """
 
     def __init__(self, gallery: np.ndarray | torch.Tensor, metric: str = "euclidean", *, use_faiss: bool = False):
-        if metric not in METRICS:
-            raise EvaluationError(f"unknown distance metric {metric!r}; use one of {', '.join(METRICS)}")
+        check_metric(metric)
         gallery = torch.as_tensor(gallery, dtype=torch.float32)
         if gallery.dim() != 2:
             raise EvaluationError(f"gallery features must be (N, D), got shape {tuple(gallery.shape)}")

@@ -21,8 +21,7 @@ def compute_distance_matrix(query, gallery, metric: str = "euclidean", normalize
     cosine: 1 - q.g / (||q|| ||g||), clamped to [0, 2].
     normalize: L2-normalise features first (then euclidean^2 = 2 * cosine).
     """
-    if metric not in METRICS:
-        raise EvaluationError(f"unknown distance metric {metric!r}; use one of {', '.join(METRICS)}")
+    check_metric(metric)
     query, gallery = _as_features(query, "query"), _as_features(gallery, "gallery")
     if query.shape[1] != gallery.shape[1]:
         raise EvaluationError(f"query features have {query.shape[1]} dimensions but gallery features "
@@ -53,12 +52,21 @@ def squared_norms(features: torch.Tensor) -> torch.Tensor:
     return features.pow(2).sum(1)
 
 
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise EvaluationError(f"unknown distance metric {metric!r}; use one of {', '.join(METRICS)}")
+
+
+def check_finite(features: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(features).all()):
+        raise EvaluationError(f"{name} features hold NaN or inf; check the model and its checkpoint")
+
+
 def _as_features(features, name: str) -> torch.Tensor:
     features = getattr(features, "features", features)  # a `Features` from extract_features
     tensor = torch.from_numpy(features) if isinstance(features, np.ndarray) else torch.as_tensor(features)
     if tensor.dim() != 2:
         raise EvaluationError(f"{name} features must be 2-D (N, D), got shape {tuple(tensor.shape)}")
     tensor = tensor.detach().to(torch.float32)
-    if not bool(torch.isfinite(tensor).all()):
-        raise EvaluationError(f"{name} features hold NaN or inf; check the model and its checkpoint")
+    check_finite(tensor, name)
     return tensor
